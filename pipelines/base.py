@@ -1,0 +1,217 @@
+"""What every loader shares: the data listing, the epoch/shard sampler, batch assembly with mixing, and the
+``make_loader`` entry point. Backends import their heavy dependency lazily, so this module needs torch only.
+
+Epoch semantics (all backends): the epoch's order is a permutation seeded by (seed, epoch); shard r of W takes
+``perm[r::W]`` (disjoint, covering); with drop_last each shard keeps floor(len/B) full batches of
+floor(N/W)-long shards (equal step counts on every rank, as DDP needs); without it the last batch may be short.
+A short odd last batch cannot be batch-flip mixed: its mixed views are copies with lam = 1, which every SDMP
+loss treats as "no mixing" (c = 0), so the loss stays consistent.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+from dataclasses import dataclass
+from typing import Iterator, List, Optional, Protocol, Sequence, Tuple, Union, runtime_checkable
+
+import torch
+
+from sdmp_fast.batch import SDMPBatch
+from sdmp_fast.mixing import method_ids, mix_views, draw_mix_params
+
+from .recipes import Recipe, make_recipe
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp", ".JPEG")
+
+
+@dataclass(frozen=True)
+class ImageList:
+    """Files and labels of a data set, from an ImageFolder tree or a file list."""
+    files: Tuple[str, ...]
+    labels: Tuple[int, ...]
+    classes: Tuple[str, ...]
+    root: str
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+
+def list_images(data: Union[str, os.PathLike, "ImageList"]) -> ImageList:
+    """An ImageFolder tree (root/class/img.jpg) or a text file list ("relative/or/absolute/path label" lines).
+
+    Raises ValueError naming the path when it is missing or holds no images. Empty class folders are kept as
+    classes (their index stays stable) but hold no samples.
+    """
+    if isinstance(data, ImageList):
+        return data
+    path = os.fspath(data)
+    if not os.path.exists(path):
+        raise ValueError(f"data: {path!r} does not exist")
+    if os.path.isfile(path):
+        return _read_file_list(path)
+    classes = sorted(d for d in os.listdir(path) if os.path.isdir(os.path.join(path, d)))
+    if not classes:
+        raise ValueError(f"data: {path!r} has no class sub-folders (expected an ImageFolder tree root/class/img)")
+    files, labels = [], []
+    for label, cls in enumerate(classes):
+        cdir = os.path.join(path, cls)
+        for name in sorted(os.listdir(cdir)):
+            if name.lower().endswith(tuple(e.lower() for e in IMAGE_EXTENSIONS)):
+                files.append(os.path.join(cdir, name))
+                labels.append(label)
+    if not files:
+        raise ValueError(f"data: {path!r} holds no image files ({', '.join(IMAGE_EXTENSIONS[:5])}, ...)")
+    return ImageList(tuple(files), tuple(labels), tuple(classes), path)
+
+
+def _read_file_list(path: str) -> ImageList:
+    base = os.path.dirname(os.path.abspath(path))
+    files, labels = [], []
+    with open(path) as f:
+        for lineno, line in enumerate(f, 1):
+            line = line.strip()
+            if not line or line.startswith("#"):
+                continue
+            parts = line.rsplit(maxsplit=1)
+            try:
+                name, label = (parts[0], int(parts[1])) if len(parts) == 2 else (parts[0], -1)
+            except ValueError:
+                name, label = line, -1
+            files.append(name if os.path.isabs(name) else os.path.join(base, name))
+            labels.append(label)
+    if not files:
+        raise ValueError(f"data: file list {path!r} names no images")
+    n_cls = max(labels) + 1 if max(labels) >= 0 else 0
+    return ImageList(tuple(files), tuple(labels), tuple(str(i) for i in range(n_cls)), base)
+
+
+def dist_shard() -> Tuple[int, int]:
+    """(shard_id, num_shards) from torch.distributed when it is initialised, else (0, 1)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+class EpochSampler:
+    """Deterministic per-epoch, per-shard sample order (see the module docstring for the exact rules)."""
+
+    def __init__(self, num_samples: int, batch_size: int, shard_id: int = 0, num_shards: int = 1,
+                 shuffle: bool = True, seed: int = 0, drop_last: bool = True):
+        if batch_size < 1:
+            raise ValueError(f"batch_size: must be >= 1, got {batch_size}")
+        if not 0 <= shard_id < num_shards:
+            raise ValueError(f"shard_id {shard_id} out of range for num_shards {num_shards}")
+        self.num_samples, self.batch_size = num_samples, batch_size
+        self.shard_id, self.num_shards = shard_id, num_shards
+        self.shuffle, self.seed, self.drop_last = shuffle, seed, drop_last
+        self.epoch = 0
+        if drop_last and self.shard_size() < batch_size:
+            raise ValueError(
+                f"batch_size {batch_size} is larger than this shard's {self.shard_size()} samples "
+                f"({num_samples} samples over {num_shards} shards) with drop_last: an epoch would be empty")
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def shard_size(self) -> int:
+        if self.drop_last:
+            return self.num_samples // self.num_shards
+        return len(range(self.shard_id, self.num_samples, self.num_shards))
+
+    def __len__(self) -> int:
+        n = self.shard_size()
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    def indices(self) -> torch.Tensor:
+        """This shard's sample indices for the current epoch, truncated to whole batches with drop_last."""
+        if self.shuffle:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+            perm = torch.randperm(self.num_samples, generator=g)
+        else:
+            perm = torch.arange(self.num_samples)
+        if self.drop_last:
+            perm = perm[: self.shard_size() * self.num_shards]
+        mine = perm[self.shard_id:: self.num_shards]
+        if self.drop_last:
+            mine = mine[: len(self) * self.batch_size]
+        return mine
+
+    def batches(self) -> List[torch.Tensor]:
+        return list(self.indices().split(self.batch_size))
+
+
+def make_generator(seed: int, epoch: int, shard_id: int, device) -> torch.Generator:
+    """Generator for augmentation/mixing randomness, distinct per (seed, epoch, shard), on ``device``."""
+    g = torch.Generator(device=device)
+    g.manual_seed((seed * 1_000_003 + epoch) * 1_009 + shard_id)
+    return g
+
+
+def assemble_batch(views: Sequence[torch.Tensor], labels: torch.Tensor, indices: torch.Tensor,
+                   recipe: Recipe, generator: Optional[torch.Generator]) -> SDMPBatch:
+    """Apply the recipe's batch-flip mixing to augmented views (on their device) and build the SDMPBatch."""
+    views = list(views)
+    mix = recipe.mix
+    if not mix.enabled or not mix.mixed_views:
+        return SDMPBatch(views, labels, indices)
+    n = labels.shape[0]
+    sources = [views[i] for i in mix.mixed_views]
+    dev = views[0].device
+    if n >= 2 and n % 2 == 0:
+        lam, method = draw_mix_params(n, mix.alpha, mix.methods, generator, dev, mix.per_batch)
+        mixed, lams = mix_views(sources, lam, method, generator, method_ids(mix.methods))
+        lam = lams[0]
+    else:  # short odd last batch: no partner for the middle image; lam = 1 means "unmixed" to every loss
+        mixed = [s.clone() for s in sources]
+        lam = torch.ones(n, device=dev)
+        method = torch.zeros(n, dtype=torch.long, device=dev)
+    return SDMPBatch(views, labels, indices, mixed, tuple(mix.mixed_views), lam, method)
+
+
+@runtime_checkable
+class SDMPLoader(Protocol):
+    """What make_loader returns: an iterable of SDMPBatch with a length and a per-epoch reshuffle."""
+
+    def __iter__(self) -> Iterator[SDMPBatch]: ...
+
+    def __len__(self) -> int: ...
+
+    def set_epoch(self, epoch: int) -> None: ...
+
+
+# name -> "module:Class"; modules are imported only when chosen, so a missing DALI/FFCV breaks nothing else.
+BACKENDS = {
+    "torchvision": "sdmp_fast.pipelines.torchvision_loader:TorchvisionLoader",
+    "torch-gpu": "sdmp_fast.pipelines.torch_gpu:TorchGPULoader",
+    "dali": "sdmp_fast.pipelines.dali:DaliLoader",
+    "ffcv": "sdmp_fast.pipelines.ffcv_loader:FFCVLoader",
+    "memory": "sdmp_fast.pipelines.memory:MemoryLoader",
+}
+
+
+def make_loader(backend: str, data, recipe: Union[str, Recipe] = "byol2", batch_size: int = 256, *,
+                device: Optional[Union[str, torch.device]] = None, shard_id: Optional[int] = None,
+                num_shards: Optional[int] = None, shuffle: bool = True, drop_last: bool = True, seed: int = 0,
+                dtype: Optional[torch.dtype] = None, num_workers: Optional[int] = None,
+                **backend_options) -> SDMPLoader:
+    """One interface for every backend. ``device=None`` picks cuda when available, else cpu. Shards default to
+    torch.distributed's rank / world size. Settings are validated here, before any data is read."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend: unknown loader backend {backend!r}; choose among {', '.join(BACKENDS)}")
+    if not isinstance(recipe, Recipe):
+        recipe = make_recipe(recipe)
+    recipe.validate()
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size: must be a positive integer, got {batch_size!r}")
+    if recipe.mix.enabled and batch_size % 2:
+        raise ValueError(f"batch_size {batch_size}: batch-flip mixing needs an even batch size "
+                         f"(the middle image would be its own partner)")
+    if shard_id is None or num_shards is None:
+        shard_id, num_shards = dist_shard()
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    module_name, cls_name = BACKENDS[backend].split(":")
+    cls = getattr(importlib.import_module(module_name), cls_name)
+    return cls(data, recipe, batch_size, device=torch.device(device), shard_id=shard_id, num_shards=num_shards,
+               shuffle=shuffle, drop_last=drop_last, seed=seed, dtype=dtype, num_workers=num_workers,
+               **backend_options)

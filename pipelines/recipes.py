@@ -1,0 +1,136 @@
+"""Augmentation recipes as data (DALI `pipeline_def` spirit): every backend reads the same Recipe.
+
+A Recipe is a tuple of ViewSpecs (each may repeat ``count`` times) plus the mixing spec. Backends must not
+branch on the recipe *name*; they interpret the fields.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Dict, Tuple
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class ViewSpec:
+    """One augmented view (BYOL / DINO style)."""
+    size: int = 224
+    scale: Tuple[float, float] = (0.08, 1.0)
+    ratio: Tuple[float, float] = (3 / 4, 4 / 3)
+    hflip_p: float = 0.5
+    jitter_p: float = 0.8
+    brightness: float = 0.4
+    contrast: float = 0.4
+    saturation: float = 0.2
+    hue: float = 0.1
+    grayscale_p: float = 0.2
+    blur_p: float = 1.0
+    blur_sigma: Tuple[float, float] = (0.1, 2.0)
+    solarize_p: float = 0.0
+    count: int = 1
+
+
+@dataclass(frozen=True)
+class MixSpec:
+    """Batch-flip mixing: which (expanded) view indices get a mixed copy, and how lambda/method are drawn."""
+    enabled: bool = True
+    alpha: float = 1.0
+    methods: Tuple[str, ...] = ("mixup", "cutmix", "resizemix")
+    mixed_views: Tuple[int, ...] = (0, 1)
+    per_batch: bool = False
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str
+    views: Tuple[ViewSpec, ...]
+    mix: MixSpec = field(default_factory=MixSpec)
+    mean: Tuple[float, float, float] = IMAGENET_MEAN
+    std: Tuple[float, float, float] = IMAGENET_STD
+
+    def expanded_views(self) -> Tuple[ViewSpec, ...]:
+        """One ViewSpec per output view (``count`` expanded), in output order."""
+        return tuple(v for spec in self.views for v in [spec] * spec.count)
+
+    @property
+    def num_views(self) -> int:
+        return sum(v.count for v in self.views)
+
+    def without_mixing(self) -> "Recipe":
+        return replace(self, mix=replace(self.mix, enabled=False))
+
+    def validate(self) -> "Recipe":
+        """Raise ValueError naming the offending setting (cheap: run before any expensive work)."""
+        from sdmp_fast.mixing import method_ids
+
+        for j, v in enumerate(self.views):
+            where = f"recipe {self.name!r} view {j}"
+            if not (isinstance(v.size, int) and v.size >= 8):
+                raise ValueError(f"{where}: size must be an integer >= 8, got {v.size!r}")
+            lo, hi = v.scale
+            if not (0 < lo <= hi <= 1):
+                raise ValueError(f"{where}: scale must satisfy 0 < min <= max <= 1, got {v.scale}")
+            rlo, rhi = v.ratio
+            if not (0 < rlo <= rhi):
+                raise ValueError(f"{where}: ratio must satisfy 0 < min <= max, got {v.ratio}")
+            for name in ("hflip_p", "jitter_p", "grayscale_p", "blur_p", "solarize_p"):
+                p = getattr(v, name)
+                if not 0 <= p <= 1:
+                    raise ValueError(f"{where}: {name} must be a probability in [0, 1], got {p}")
+            if not (0 <= v.hue <= 0.5):
+                raise ValueError(f"{where}: hue must be in [0, 0.5], got {v.hue}")
+            for name in ("brightness", "contrast", "saturation"):
+                if getattr(v, name) < 0:
+                    raise ValueError(f"{where}: {name} must be >= 0, got {getattr(v, name)}")
+            if not (0 < v.blur_sigma[0] <= v.blur_sigma[1]):
+                raise ValueError(f"{where}: blur_sigma must satisfy 0 < min <= max, got {v.blur_sigma}")
+            if v.count < 0:
+                raise ValueError(f"{where}: count must be >= 0, got {v.count}")
+        if self.num_views < 1:
+            raise ValueError(f"recipe {self.name!r}: no views")
+        if self.mix.enabled:
+            method_ids(self.mix.methods)
+            if not self.mix.alpha > 0:
+                raise ValueError(f"recipe {self.name!r}: mix.alpha must be > 0, got {self.mix.alpha}")
+            bad = [i for i in self.mix.mixed_views if not 0 <= i < self.num_views]
+            if bad:
+                raise ValueError(f"recipe {self.name!r}: mix.mixed_views {bad} out of range for "
+                                 f"{self.num_views} views")
+        return self
+
+
+def byol2(size: int = 224, mix: bool = True) -> Recipe:
+    """BYOL's asymmetric two views (blur 1.0 / 0.1, solarize 0 / 0.2); both views get a mixed copy."""
+    v1 = ViewSpec(size=size, blur_p=1.0, solarize_p=0.0)
+    v2 = ViewSpec(size=size, blur_p=0.1, solarize_p=0.2)
+    return Recipe("byol2", (v1, v2), MixSpec(enabled=mix, mixed_views=(0, 1)))
+
+
+def dino(global_size: int = 224, local_size: int = 96, n_local: int = 8, n_local_mixed: int = 4,
+         mix: bool = True) -> Recipe:
+    """DINO multi-crop: 2 global (scale 0.4-1) + n_local local (0.05-0.4). The two global crops (seen by the
+    teacher) and the last n_local_mixed local crops (seen by the student) get mixed copies (Table 10 best:
+    2 global + 4 clean local + 4 mixed local)."""
+    if not 0 <= n_local_mixed <= n_local:
+        raise ValueError(f"n_local_mixed: must be in [0, n_local={n_local}], got {n_local_mixed}")
+    g1 = ViewSpec(size=global_size, scale=(0.4, 1.0), blur_p=1.0, solarize_p=0.0)
+    g2 = ViewSpec(size=global_size, scale=(0.4, 1.0), blur_p=0.1, solarize_p=0.2)
+    loc = ViewSpec(size=local_size, scale=(0.05, 0.4), blur_p=0.5, count=n_local)
+    mixed = (0, 1) + tuple(range(2 + n_local - n_local_mixed, 2 + n_local))
+    return Recipe("dino", (g1, g2, loc), MixSpec(enabled=mix, mixed_views=mixed))
+
+
+RECIPES: Dict[str, object] = {"byol2": byol2, "dino": dino}
+
+
+def make_recipe(name: str, **overrides) -> Recipe:
+    """Build a named recipe; overrides go to its factory (size, n_local, mix, ...). Validated."""
+    if isinstance(name, Recipe):
+        return name.validate()
+    if name not in RECIPES:
+        raise ValueError(f"recipe: unknown recipe {name!r}; choose among {', '.join(RECIPES)}")
+    try:
+        return RECIPES[name](**overrides).validate()
+    except TypeError as e:
+        raise ValueError(f"recipe {name!r}: bad option ({e})") from None

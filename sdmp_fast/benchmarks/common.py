@@ -1,0 +1,81 @@
+"""Shared benchmark plumbing: device description, timing helpers and the one JSON format.
+
+JSON: {"device": str, "date": str, "command": str, "records": [...]}; each benchmark defines its record keys.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import platform
+import statistics
+import time
+from typing import Callable, Dict, List, Optional
+
+import torch
+
+
+def device_description() -> str:
+    if torch.cuda.is_available():
+        p = torch.cuda.get_device_properties(0)
+        return f"{p.name} ({p.total_memory / 2**30:.0f} GiB), torch {torch.__version__}, CUDA {torch.version.cuda}"
+    return f"CPU {platform.processor() or platform.machine()} x{os.cpu_count()}, torch {torch.__version__}"
+
+
+def write_results(path: Optional[str], records: List[Dict], command: str) -> Dict:
+    """Write the shared bench JSON atomically (tmp + rename); returns the document."""
+    doc = {"device": device_description(), "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+           "command": command, "records": records}
+    if path:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        tmp = f"{path}.tmp.{os.getpid()}"
+        with open(tmp, "w") as f:
+            json.dump(doc, f, indent=2)
+        os.replace(tmp, path)
+    return doc
+
+
+def cuda_time_ms(fn: Callable[[], object], warmup: int = 5, iters: int = 20) -> float:
+    """Median wall time of ``fn`` in ms, CUDA-event timed on a GPU, perf_counter on CPU."""
+    for _ in range(warmup):
+        fn()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+        times = []
+        for _ in range(iters):
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            fn()
+            b.record()
+            b.synchronize()
+            times.append(a.elapsed_time(b))
+        return statistics.median(times)
+    times = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def copy_bandwidth_gbps(nbytes: int = 1 << 30) -> Optional[float]:
+    """Measured device-to-device copy bandwidth (read + write counted), the card's practical HBM ceiling."""
+    if not torch.cuda.is_available():
+        return None
+    a = torch.empty(nbytes // 2, dtype=torch.uint8, device="cuda")
+    b = torch.empty_like(a)
+    ms = cuda_time_ms(lambda: b.copy_(a), warmup=3, iters=10)
+    return 2 * a.numel() / (ms * 1e-3) / 1e9
+
+
+def print_table(rows: List[Dict], columns: List[str]) -> None:
+    widths = [max(len(c), *(len(_fmt(r.get(c))) for r in rows)) for c in columns]
+    print("  ".join(c.ljust(w) for c, w in zip(columns, widths)))
+    for r in rows:
+        print("  ".join(_fmt(r.get(c)).ljust(w) for c, w in zip(columns, widths)))
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return f"{v:,.3f}" if abs(v) < 100 else f"{v:,.0f}"
+    return "" if v is None else str(v)

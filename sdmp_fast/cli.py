@@ -1,0 +1,73 @@
+"""`sdmp-fast` command line. Each subcommand lives in its own module exposing ``add_arguments(parser)`` and
+``main(args) -> int``; modules are imported only when their command runs (so `sdmp-fast convert` does not
+import torch.compile machinery, and a missing DALI breaks only the commands that need it)."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+COMMANDS = {
+    "train": ("sdmp_fast.train_cli", "pretrain a ViT with SDMP-MoCo v3 or SDMP-DINO"),
+    "eval": ("sdmp_fast.evaluate", "k-NN / linear-probe evaluation of a checkpoint"),
+    "plot": ("sdmp_fast.plot", "draw loss and img/s curves of a run directory to PNG"),
+    "convert": ("sdmp_fast.pipelines.convert", "write an ImageFolder tree into an FFCV .beton"),
+    "show": ("sdmp_fast.pipelines.show", "PNG grid of a batch's views and mixed views"),
+    "make-data": ("sdmp_fast.benchmarks.make_data", "build a benchmark JPEG ImageFolder from scikit-image photos"),
+}
+BENCH = {
+    "loaders": ("sdmp_fast.benchmarks.loaders", "images/sec of every loader backend, same recipe and data"),
+    "losses": ("sdmp_fast.benchmarks.losses", "fused loss kernels vs eager / torch.compile references"),
+    "mixing": ("sdmp_fast.benchmarks.mixing", "fused mixing kernel vs reference and a plain copy"),
+    "e2e": ("sdmp_fast.benchmarks.e2e", "end-to-end training images/sec vs synthetic device data"),
+}
+
+
+def _add(sub, name, module, help_):
+    p = sub.add_parser(name, help=help_, description=help_)
+    p.set_defaults(_module=module)
+    return p
+
+
+def build_parser(argv) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sdmp-fast", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, (module, help_) in COMMANDS.items():
+        _add(sub, name, module, help_)
+    bench = sub.add_parser("bench", help="benchmarks (JSON to bench/results/)")
+    bsub = bench.add_subparsers(dest="bench_command", required=True)
+    for name, (module, help_) in BENCH.items():
+        _add(bsub, name, module, help_)
+    # Only the chosen command's module is imported to add its arguments.
+    chosen = _chosen_module(argv)
+    if chosen is not None:
+        for action in (sub, bsub):
+            for p in action.choices.values():
+                if p.get_default("_module") == chosen:
+                    importlib.import_module(chosen).add_arguments(p)
+    return parser
+
+
+def _chosen_module(argv):
+    if not argv:
+        return None
+    if argv[0] == "bench" and len(argv) > 1 and argv[1] in BENCH:
+        return BENCH[argv[1]][0]
+    if argv[0] in COMMANDS:
+        return COMMANDS[argv[0]][0]
+    return None
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser(argv).parse_args(argv)
+    args.command_line = "sdmp-fast " + " ".join(argv)
+    try:
+        return int(importlib.import_module(args._module).main(args) or 0)
+    except (ValueError, FileNotFoundError) as e:  # configuration / input errors: one clear line, no traceback
+        print(f"sdmp-fast {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,188 @@
+"""Reference (plain PyTorch) SDMP losses: the definitions the fused CUDA kernels must match.
+
+MoCo v3 side (sdmp.md §3): soft-label cross-entropies over the keys with two non-zero targets per row, the own
+key and the partner's key; computed from log-sum-exp and two gathers, never from a dense [n, N] label matrix.
+DINO side (sdmp.md §4): dense soft-target cross-entropies between centred/sharpened teacher distributions and
+student log-softmax over K prototypes.
+"""
+from __future__ import annotations
+
+from typing import Dict, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["mix_coefficient", "mix_mix_weights", "flip_indices", "two_hot_cross_entropy",
+           "soft_target_cross_entropy", "moco_logits", "sdmp_moco_terms", "sdmp_moco_loss",
+           "dino_teacher_probs", "dino_center_update", "sdmp_dino_terms"]
+
+
+def mix_coefficient(lam: torch.Tensor, lam_partner: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """c_i = min(lam_i, 1 - lam_p) + min(1 - lam_i, lam_p): how much image i and its partner's mixed image share.
+
+    lam_partner defaults to ``lam.flip(0)`` (the batch-flip partner). Always 0 <= c <= 1 and c_i = c_p.
+    """
+    lam_p = lam.flip(0) if lam_partner is None else lam_partner
+    return torch.minimum(lam, 1 - lam_p) + torch.minimum(1 - lam, lam_p)
+
+
+def mix_mix_weights(c: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Weights of the own and the partner's mixed key in the mix-mix term: 1/(1+c), c/(1+c)."""
+    return 1.0 / (1.0 + c), c / (1.0 + c)
+
+
+def flip_indices(n: int, rank: int = 0, device=None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Global key indices of each local sample and of its partner under the per-rank flip (sdmp.md §2)."""
+    i = torch.arange(n, device=device)
+    return rank * n + i, rank * n + (n - 1 - i)
+
+
+def _upcast(x: torch.Tensor) -> torch.Tensor:
+    """Half-precision inputs are computed in fp32; fp32/fp64 stay as they are."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
+def two_hot_cross_entropy(logits: torch.Tensor, index_a: torch.Tensor, index_b: torch.Tensor,
+                          weight_a: torch.Tensor, weight_b: torch.Tensor) -> torch.Tensor:
+    """Per-row -(w_a log p[a] + w_b log p[b]), p = softmax(logits) over the last dim; returns [n] in fp32.
+
+    The paper's soft-label CE (a weighted sum of log-probabilities), not -log(w_a p[a] + w_b p[b]).
+    """
+    x = _upcast(logits)
+    lse = torch.logsumexp(x, dim=-1)
+    la = x.gather(1, index_a[:, None]).squeeze(1)
+    lb = x.gather(1, index_b[:, None]).squeeze(1)
+    wa, wb = weight_a.to(x.dtype), weight_b.to(x.dtype)
+    return (wa + wb) * lse - wa * la - wb * lb
+
+
+def soft_target_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Per-row -sum target * log_softmax(logits), in fp32 for half inputs; returns [n]."""
+    x = _upcast(logits)
+    return -(target.to(x.dtype) * F.log_softmax(x, dim=-1)).sum(-1)
+
+
+def moco_logits(q: torch.Tensor, k: torch.Tensor, tau: float) -> torch.Tensor:
+    """normalize(q) @ normalize(k).T / tau (MoCo v3's contrastive logits)."""
+    return F.normalize(q, dim=1) @ F.normalize(k, dim=1).t() / tau
+
+
+def _key_offset(n: int, num_keys: int, rank: int, world_size: int) -> int:
+    if num_keys == n:
+        return 0  # local keys: this rank's samples only
+    if num_keys == n * world_size:
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} out of range for world_size {world_size}")
+        return rank
+    raise ValueError(f"keys: expected {n} (local) or {n * world_size} (all-gathered over world_size="
+                     f"{world_size}) rows, got {num_keys}")
+
+
+def sdmp_moco_terms(q1: torch.Tensor, q2m: torch.Tensor, k1: torch.Tensor, k2: torch.Tensor,
+                    k1m: torch.Tensor, lam: torch.Tensor, tau: float = 0.2, rank: int = 0,
+                    world_size: int = 1) -> Dict[str, torch.Tensor]:
+    """The three SDMP-MoCo v3 terms (sdmp.md §3), each a scalar already multiplied by 2*tau.
+
+    q1 = f(x1), q2m = f(x2m) (queries, local [n, d]); k1, k2, k1m = momentum-encoder keys, either local [n, d]
+    or all-gathered [world_size * n, d] in rank order. Sample i's own key is ``rank*n + i``, its partner's
+    ``rank*n + n-1-i`` (per-rank flip); lam [n] is local.
+      source     = CE(q1 vs k2, own)
+      mix_source = soft CE(q2m vs k1; lam own, 1-lam partner)
+      mix_mix    = soft CE(q2m vs k1m; 1/(1+c) own, c/(1+c) partner)
+    """
+    n = q1.shape[0]
+    r = _key_offset(n, k1.shape[0], rank, world_size)
+    own, partner = flip_indices(n, r, q1.device)
+    scale = 2.0 * tau
+    ones, zeros = torch.ones_like(lam), torch.zeros_like(lam)
+    w1, w2 = mix_mix_weights(mix_coefficient(lam))
+    source = two_hot_cross_entropy(moco_logits(q1, k2, tau), own, partner, ones, zeros)
+    mix_source = two_hot_cross_entropy(moco_logits(q2m, k1, tau), own, partner, lam, 1 - lam)
+    mix_mix = two_hot_cross_entropy(moco_logits(q2m, k1m, tau), own, partner, w1, w2)
+    return {"source": source.mean() * scale, "mix_source": mix_source.mean() * scale,
+            "mix_mix": mix_mix.mean() * scale}
+
+
+def sdmp_moco_loss(terms: Dict[str, torch.Tensor], mix_weight: float = 1.0) -> torch.Tensor:
+    """source + mix_weight * (mix_source + mix_mix); Algorithm 1 uses mix_weight = 1 (reference code 0.5)."""
+    return terms["source"] + mix_weight * (terms["mix_source"] + terms["mix_mix"])
+
+
+# ----------------------------------------------------------------------------------------------- DINO side
+
+def dino_teacher_probs(teacher_logits: torch.Tensor, center: torch.Tensor, tau_t: float) -> torch.Tensor:
+    """P_t = softmax((t - center) / tau_t), fp32, no gradient (the teacher is an EMA, never trained)."""
+    t = _upcast(teacher_logits.detach())
+    return F.softmax((t - center.to(t.dtype)) / tau_t, dim=-1)
+
+
+@torch.no_grad()
+def dino_center_update(center: torch.Tensor, teacher_logits: torch.Tensor, momentum: float = 0.9,
+                       batch_mean: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """New center = m * center + (1 - m) * mean of the clean teacher outputs (returns a new tensor).
+
+    ``batch_mean`` lets a distributed caller pass the all-reduced mean instead.
+    """
+    if batch_mean is None:
+        batch_mean = _upcast(teacher_logits.detach()).reshape(-1, teacher_logits.shape[-1]).mean(0)
+    return center * momentum + batch_mean * (1 - momentum)
+
+
+def _stack(x: Union[torch.Tensor, Sequence[torch.Tensor]]) -> torch.Tensor:
+    return x if isinstance(x, torch.Tensor) else torch.stack(list(x))
+
+
+def sdmp_dino_terms(student_clean, student_mixed, teacher_clean, teacher_mixed, center: torch.Tensor,
+                    lam: Optional[torch.Tensor], tau_s: float = 0.1, tau_t: float = 0.04,
+                    mix_weight: float = 0.5) -> Dict[str, torch.Tensor]:
+    """SDMP-DINO loss terms (sdmp.md §4, eq. 6-9).
+
+    student_clean  [Sc, B, K] logits of the clean crops; crops 0..T-1 are the global crops the teacher saw.
+    student_mixed  [Sm, B, K] logits of the mixed (local) crops, or None / empty.
+    teacher_clean  [T, B, K] teacher logits of the clean global crops (T = 2).
+    teacher_mixed  [T, B, K] teacher logits of the same global crops mixed with the same lam, or None.
+    lam            [B] area-corrected lam of the mixed crops (partner = batch flip, local to the rank).
+
+    Choices the paper leaves open, made here:
+      * every (teacher global crop, student crop) pair counts once, same-view clean pairs excluded (DINO);
+      * a mixed student crop pairs with every teacher global crop; its pair loss is
+        mix_weight * (source-teacher H, eq. 7) + mix_weight * (mix-teacher H, eq. 8);
+      * the sum is divided by the total number of pairs (clean + mixed), as DINO averages its pairs.
+    With mix_weight = 0.5 and lam = 1 (mixed crops identical to clean ones, c = 0) each mixed pair equals the
+    plain DINO pair, so the loss is exactly DINO over all crops. Without teacher_mixed the source-teacher
+    term takes the whole pair weight (2 * mix_weight).
+    Returns {"dino", "mix_source", "mix_teacher", "loss"} with loss = dino + mix_source + mix_teacher.
+    """
+    s_clean = _stack(student_clean)
+    t_clean = _stack(teacher_clean)
+    n_teacher = t_clean.shape[0]
+    p_t = dino_teacher_probs(t_clean, center, tau_t)  # [T, B, K]
+    zero = s_clean.new_zeros((), dtype=_upcast(s_clean).dtype)
+    dino_sum, n_pairs = zero, 0
+    for iq in range(n_teacher):
+        for v in range(s_clean.shape[0]):
+            if v == iq:
+                continue
+            dino_sum = dino_sum + soft_target_cross_entropy(s_clean[v] / tau_s, p_t[iq]).mean()
+            n_pairs += 1
+    src_sum, mix_sum = zero, zero
+    has_mixed = student_mixed is not None and len(student_mixed) > 0
+    if has_mixed:
+        s_mixed = _stack(student_mixed)
+        lam_ = lam.to(zero.dtype)[:, None]
+        w_src = mix_weight if teacher_mixed is not None else 2.0 * mix_weight
+        if teacher_mixed is not None:
+            p_tm = dino_teacher_probs(_stack(teacher_mixed), center, tau_t)
+            w1, w2 = mix_mix_weights(mix_coefficient(lam.to(zero.dtype)))
+        for iq in range(n_teacher):
+            source_target = lam_ * p_t[iq] + (1 - lam_) * p_t[iq].flip(0)  # eq. 7
+            for m in range(s_mixed.shape[0]):
+                logits = s_mixed[m] / tau_s
+                src_sum = src_sum + w_src * soft_target_cross_entropy(logits, source_target).mean()
+                if teacher_mixed is not None:  # eq. 8; one log-softmax shared by both targets
+                    target = w1[:, None] * p_tm[iq] + w2[:, None] * p_tm[iq].flip(0)
+                    mix_sum = mix_sum + mix_weight * soft_target_cross_entropy(logits, target).mean()
+                n_pairs += 1
+    terms = {"dino": dino_sum / n_pairs, "mix_source": src_sum / n_pairs, "mix_teacher": mix_sum / n_pairs}
+    terms["loss"] = terms["dino"] + terms["mix_source"] + terms["mix_teacher"]
+    return terms

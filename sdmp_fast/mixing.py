@@ -1,0 +1,201 @@
+"""Intra-batch ("batch-flip") mixing of SDMP (sdmp.md §1).
+
+Image i is mixed with its partner n-1-i, read from the *unmixed* batch (``x.flip(0)``). Each sample draws its
+own lambda ~ Beta(alpha, alpha) and its own method among mixup / cutmix / resizemix. For the box methods lambda
+is recomputed from the pixels actually pasted, so the returned lambda is exactly the fraction of the image that
+still comes from sample i. Every view of an image gets the same lambda, method and box size; box positions are
+drawn per view.
+
+Everything is vectorised tensor math on the views' device: no per-sample Python loop and no host
+synchronisation, so it can run on a side stream or inside a CUDA graph. Randomness comes only from the
+``torch.Generator`` passed in (it must live on the views' device).
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["METHODS", "method_ids", "sample_beta", "draw_mix_params", "box_size", "box_position",
+           "mix_view", "mix_views", "sdmp_mix", "check_batch_size"]
+
+METHODS: Tuple[str, ...] = ("mixup", "cutmix", "resizemix")
+MIXUP, CUTMIX, RESIZEMIX = 0, 1, 2
+# Candidates per sample for the Marsaglia-Tsang gamma sampler. Acceptance is >= 95% per candidate for
+# shape >= 1 (we boost shape < 1 to shape + 1), so 16 candidates all failing has probability < 1e-20.
+_GAMMA_CANDIDATES = 16
+
+
+def method_ids(methods: Sequence[str]) -> Tuple[int, ...]:
+    """Names -> ids, validated (error names the unknown method)."""
+    if isinstance(methods, str):
+        methods = (methods,)
+    if len(methods) == 0:
+        raise ValueError("methods: at least one of mixup, cutmix, resizemix is required")
+    ids = []
+    for m in methods:
+        if m not in METHODS:
+            raise ValueError(f"methods: unknown mixing method {m!r}; choose among {', '.join(METHODS)}")
+        ids.append(METHODS.index(m))
+    return tuple(dict.fromkeys(ids))
+
+
+def check_batch_size(n: int) -> None:
+    if n < 2 or n % 2:
+        raise ValueError(
+            f"batch size {n}: batch-flip mixing pairs image i with n-1-i, so the (per-rank) batch size must be "
+            f"even and >= 2 (with an odd batch the middle image would be its own partner)")
+
+
+def _log_gamma_sample(shape: float, n: int, generator, device) -> torch.Tensor:
+    """log of Gamma(shape, 1) samples, vectorised Marsaglia-Tsang with a fixed number of candidates."""
+    boost = shape < 1.0
+    a = shape + 1.0 if boost else shape
+    d = a - 1.0 / 3.0
+    c = 1.0 / (9.0 * d) ** 0.5
+    z = torch.randn(_GAMMA_CANDIDATES, n, generator=generator, device=device, dtype=torch.float64)
+    u = torch.rand(_GAMMA_CANDIDATES, n, generator=generator, device=device, dtype=torch.float64)
+    v = (1.0 + c * z) ** 3
+    ok = (v > 0) & (torch.log(u) < 0.5 * z * z + d - d * v + d * torch.log(v.clamp_min(1e-300)))
+    first = ok.to(torch.int8).argmax(0)  # first accepted candidate (0 if none: probability < 1e-20)
+    log_g = torch.log(d * v.clamp_min(1e-300)).gather(0, first[None]).squeeze(0)
+    if boost:  # Gamma(a) = Gamma(a + 1) * U^(1/a)
+        u2 = torch.rand(n, generator=generator, device=device, dtype=torch.float64)
+        log_g = log_g + torch.log(u2.clamp_min(1e-300)) / shape
+    return log_g
+
+
+def sample_beta(alpha: float, n: int, generator: Optional[torch.Generator] = None,
+                device=None) -> torch.Tensor:
+    """n samples of Beta(alpha, alpha) as float32, drawn from ``generator`` only (capturable, no sync)."""
+    if not alpha > 0:
+        raise ValueError(f"alpha: must be > 0, got {alpha}")
+    g1 = _log_gamma_sample(float(alpha), n, generator, device)
+    g2 = _log_gamma_sample(float(alpha), n, generator, device)
+    return torch.sigmoid(g1 - g2).float()  # g1 / (g1 + g2) in log space: no 0/0 for tiny alpha
+
+
+def draw_mix_params(n: int, alpha: float = 1.0, methods: Sequence[str] = METHODS,
+                    generator: Optional[torch.Generator] = None, device=None,
+                    per_batch: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Per-sample (or, with per_batch, one shared) raw lambda [n] float32 and method id [n] int64."""
+    check_batch_size(n)
+    ids = torch.tensor(method_ids(methods), dtype=torch.long, device=device)
+    draws = 1 if per_batch else n
+    lam = sample_beta(alpha, draws, generator, device)
+    pick = torch.randint(0, ids.numel(), (draws,), generator=generator, device=device)
+    method = ids[pick]
+    if per_batch:
+        lam, method = lam.expand(n).contiguous(), method.expand(n).contiguous()
+    return lam, method
+
+
+def box_size(lam: torch.Tensor, height: int, width: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Integer box side lengths covering about (1 - lam) of an H x W image (CutMix's sqrt rule)."""
+    ratio = torch.sqrt((1.0 - lam.double()).clamp(0.0, 1.0))
+    cut_h = torch.round(ratio * height).long().clamp(0, height)
+    cut_w = torch.round(ratio * width).long().clamp(0, width)
+    return cut_h, cut_w
+
+
+def box_position(cut_h: torch.Tensor, cut_w: torch.Tensor, height: int, width: int,
+                 generator: Optional[torch.Generator] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Uniform top-left corner with the box fully inside, so the pasted area is exactly cut_h * cut_w."""
+    u = torch.rand(2, cut_h.shape[0], generator=generator, device=cut_h.device, dtype=torch.float64)
+    y0 = torch.minimum((u[0] * (height - cut_h + 1)).long(), height - cut_h)
+    x0 = torch.minimum((u[1] * (width - cut_w + 1)).long(), width - cut_w)
+    return y0, x0
+
+
+def box_lam(cut_h: torch.Tensor, cut_w: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Fraction of pixels left from the own image after pasting a cut_h x cut_w box."""
+    return (1.0 - (cut_h * cut_w).double() / (height * width)).float()
+
+
+def _resized_partner(partner: torch.Tensor, y0, x0, cut_h, cut_w) -> torch.Tensor:
+    """The whole partner bilinearly resized into each sample's box (values outside the box are unused).
+
+    Output pixel y inside the box samples the partner at normalised coordinate (2(y - y0) + 1) / cut_h - 1,
+    i.e. half-pixel-centre bilinear resize (F.interpolate(..., align_corners=False) semantics).
+    """
+    n, _, h, w = partner.shape
+    dev = partner.device
+    ch = cut_h.clamp_min(1).double()[:, None]
+    cw = cut_w.clamp_min(1).double()[:, None]
+    gy = (2.0 * (torch.arange(h, device=dev, dtype=torch.float64)[None] - y0[:, None]) + 1.0) / ch - 1.0
+    gx = (2.0 * (torch.arange(w, device=dev, dtype=torch.float64)[None] - x0[:, None]) + 1.0) / cw - 1.0
+    grid = torch.stack(torch.broadcast_tensors(gx[:, None, :], gy[:, :, None]), dim=-1)  # [n, h, w, 2]
+    work = partner if partner.dtype in (torch.float32, torch.float64) else partner.float()
+    out = F.grid_sample(work, grid.to(work.dtype), mode="bilinear", padding_mode="border", align_corners=False)
+    return out.to(partner.dtype)
+
+
+def mix_view(x: torch.Tensor, lam: torch.Tensor, method: torch.Tensor,
+             generator: Optional[torch.Generator] = None,
+             method_set: Sequence[int] = (MIXUP, CUTMIX, RESIZEMIX)) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Mix one view [n, C, H, W] with its flipped self; returns (mixed, area-corrected lam [n]).
+
+    ``lam`` and ``method`` come from :func:`draw_mix_params`; ``method_set`` (static) lets the resize work
+    be skipped when resizemix cannot occur.
+    """
+    if not x.is_floating_point():
+        raise TypeError(f"mix_view: views must be floating point (normalised images), got {x.dtype}")
+    if x.dim() != 4:
+        raise ValueError(f"mix_view: expected a view of shape [n, C, H, W], got {tuple(x.shape)}")
+    n, _, h, w = x.shape
+    check_batch_size(n)
+    partner = x.flip(0)
+    cut_h, cut_w = box_size(lam, h, w)
+    y0, x0 = box_position(cut_h, cut_w, h, w, generator)
+    ys = torch.arange(h, device=x.device)[None, :, None]
+    xs = torch.arange(w, device=x.device)[None, None, :]
+    inside = ((ys >= y0[:, None, None]) & (ys < (y0 + cut_h)[:, None, None])
+              & (xs >= x0[:, None, None]) & (xs < (x0 + cut_w)[:, None, None]))[:, None]  # [n,1,H,W]
+    paste = partner
+    if RESIZEMIX in method_set:
+        resized = _resized_partner(partner, y0, x0, cut_h, cut_w)
+        paste = torch.where((method == RESIZEMIX)[:, None, None, None], resized, partner)
+    boxed = torch.where(inside, paste, x)
+    lam_x = lam.to(x.dtype)[:, None, None, None]
+    blended = lam_x * x + (1.0 - lam_x) * partner
+    is_mixup = (method == MIXUP)[:, None, None, None]
+    mixed = torch.where(is_mixup, blended, boxed)
+    lam_eff = torch.where(method == MIXUP, lam.float(), box_lam(cut_h, cut_w, h, w))
+    return mixed, lam_eff
+
+
+def mix_views(views: Sequence[torch.Tensor], lam: torch.Tensor, method: torch.Tensor,
+              generator: Optional[torch.Generator] = None,
+              method_set: Sequence[int] = (MIXUP, CUTMIX, RESIZEMIX)):
+    """Mix every view with the same per-sample lam/method; returns (mixed views, per-view lam list)."""
+    out, lams = [], []
+    for v in views:
+        m, l_eff = mix_view(v, lam, method, generator, method_set)
+        out.append(m)
+        lams.append(l_eff)
+    return out, lams
+
+
+def sdmp_mix(views: Sequence[torch.Tensor], alpha: float = 1.0, methods: Sequence[str] = METHODS,
+             generator: Optional[torch.Generator] = None, per_batch: bool = False):
+    """SDMP batch-flip mixing of all views of a batch.
+
+    Returns ``(mixed_views, lam, method)``: lam float32 [n] (area-corrected, the fraction of each mixed image
+    that comes from its own sample) and method int64 [n] (0 mixup, 1 cutmix, 2 resizemix). Views of equal size
+    share the exact same lam; with views of different sizes (DINO global + local) box rounding can differ by a
+    pixel row between sizes, and the lam returned is the first view's (``mix_views`` gives each view's).
+    """
+    if isinstance(views, torch.Tensor):
+        views = [views]
+    if len(views) == 0:
+        raise ValueError("sdmp_mix: no views given")
+    n = views[0].shape[0]
+    check_batch_size(n)
+    for j, v in enumerate(views):
+        if v.shape[0] != n:
+            raise ValueError(f"sdmp_mix: view {j} has batch size {v.shape[0]}, view 0 has {n}")
+    ids = method_ids(methods)
+    lam, method = draw_mix_params(n, alpha, methods, generator, views[0].device, per_batch)
+    mixed, lams = mix_views(views, lam, method, generator, ids)
+    return mixed, lams[0], method

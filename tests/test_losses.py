@@ -1,0 +1,199 @@
+"""Pins the SDMP loss semantics to the numbers of sdmp.md §5 (float64)."""
+import math
+
+import pytest
+import torch
+
+from sdmp_fast.losses import (flip_indices, mix_coefficient, mix_mix_weights, sdmp_dino_terms,
+                              sdmp_moco_loss, sdmp_moco_terms, two_hot_cross_entropy, moco_logits,
+                              soft_target_cross_entropy, dino_center_update)
+
+D = torch.float64
+
+
+@pytest.mark.parametrize("lam_i,lam_p,c,w1,w2", [
+    (1, 1, 0, 1, 0), (0.5, 0.5, 1, 0.5, 0.5), (0.3, 0.7, 1, 0.5, 0.5), (0.8, 0.6, 0.6, 0.625, 0.375),
+    (0.9, 0.9, 0.2, 0.833333, 0.166667), (0.2, 0.5, 0.7, 0.588235, 0.411765)])
+def test_mix_coefficient_table(lam_i, lam_p, c, w1, w2):
+    got = mix_coefficient(torch.tensor([lam_i], dtype=D), torch.tensor([lam_p], dtype=D))
+    assert got.item() == pytest.approx(c, abs=1e-12)
+    a, b = mix_mix_weights(got)
+    assert a.item() == pytest.approx(w1, abs=1e-6) and b.item() == pytest.approx(w2, abs=1e-6)
+
+
+def test_mix_coefficient_bounds_and_symmetry():
+    lam = torch.rand(1000, dtype=D, generator=torch.Generator().manual_seed(0))
+    c = mix_coefficient(lam)
+    assert (c >= 0).all() and (c <= 1 + 1e-12).all()
+    torch.testing.assert_close(c, c.flip(0))
+
+
+def _q(rows):
+    return torch.tensor(rows, dtype=D)
+
+
+def test_lam_one_is_plain_moco():
+    k = torch.eye(4, dtype=D)
+    t = sdmp_moco_terms(k, k, k, k, k, torch.ones(4, dtype=D))
+    expected = 0.4 * math.log(1 + 3 * math.exp(-5))
+    assert expected == pytest.approx(0.0080049, abs=1e-7)
+    for name in ("source", "mix_source", "mix_mix"):
+        assert t[name].item() == pytest.approx(expected, abs=1e-6)
+
+
+def test_half_half_case():
+    k = torch.eye(4, dtype=D)
+    q = k + k.flip(0)  # q_i = e_i + e_(3-i)
+    t = sdmp_moco_terms(q, q, k, k, k, torch.full((4,), 0.5, dtype=D))
+    assert t["mix_source"].item() == pytest.approx(0.2887495, abs=1e-6)
+    assert t["mix_mix"].item() == pytest.approx(0.2887495, abs=1e-6)  # c = 1 -> weights 1/2, 1/2
+
+
+def test_unequal_lam_case_paper_form_not_log_of_mixture():
+    k = torch.eye(4, dtype=D)
+    q = 0.8 * k + 0.2 * k.flip(0)
+    lam = torch.tensor([0.8, 0.6, 0.6, 0.8], dtype=D)
+    torch.testing.assert_close(mix_coefficient(lam), torch.tensor([0.4, 0.8, 0.8, 0.4], dtype=D))
+    t = sdmp_moco_terms(q, q, k, k, k, lam)
+    assert t["source"].item() == pytest.approx(0.0164374, abs=1e-6)
+    assert t["mix_source"].item() == pytest.approx(0.4530016, abs=1e-6)
+    assert t["mix_mix"].item() == pytest.approx(0.5477059, abs=1e-6)
+    # the log-of-mixture form (the reference code's defect) gives different numbers
+    p = torch.softmax(moco_logits(q, k, 0.2), 1)
+    own, partner = flip_indices(4)
+    wrong = -torch.log(lam * p[own, own] + (1 - lam) * p[own, partner]).mean() * 0.4
+    assert wrong.item() == pytest.approx(0.1584436, abs=1e-6)
+    assert abs(wrong.item() - t["mix_source"].item()) > 0.2
+
+
+def test_total_loss_weighting():
+    k = torch.eye(4, dtype=D)
+    t = sdmp_moco_terms(k, k, k, k, k, torch.ones(4, dtype=D))
+    assert sdmp_moco_loss(t, 0.5).item() == pytest.approx(2 * t["source"].item(), rel=1e-12)
+
+
+def test_two_hot_matches_dense_soft_target():
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(6, 11, dtype=D, generator=g)
+    a = torch.tensor([0, 3, 5, 10, 2, 2])
+    b = torch.tensor([1, 3, 4, 0, 9, 7])
+    wa = torch.rand(6, dtype=D, generator=g)
+    wb = 1 - wa
+    dense = torch.zeros(6, 11, dtype=D)
+    dense[torch.arange(6), a] += wa
+    dense[torch.arange(6), b] += wb
+    torch.testing.assert_close(two_hot_cross_entropy(logits, a, b, wa, wb),
+                               soft_target_cross_entropy(logits, dense))
+
+
+def test_moco_terms_gradcheck():
+    g = torch.Generator().manual_seed(2)
+    q1, q2m, k1, k2, k1m = (torch.randn(4, 5, dtype=D, generator=g, requires_grad=True) for _ in range(5))
+    lam = torch.rand(4, dtype=D, generator=g)
+
+    def f(q1, q2m, k1, k2, k1m):
+        return sdmp_moco_loss(sdmp_moco_terms(q1, q2m, k1, k2, k1m, lam))
+
+    assert torch.autograd.gradcheck(f, (q1, q2m, k1, k2, k1m))
+
+
+def test_two_rank_mean_equals_single_process():
+    """Per-rank flip (sdmp.md §2): each rank mixes locally, keys are all-gathered in rank order."""
+    g = torch.Generator().manual_seed(3)
+    n, d, world = 4, 8, 2
+    q1, q2m, k1, k2, k1m = (torch.randn(world * n, d, dtype=D, generator=g) for _ in range(5))
+    lam = torch.rand(world * n, dtype=D, generator=g)
+    per_rank = []
+    for r in range(world):
+        s = slice(r * n, (r + 1) * n)
+        t = sdmp_moco_terms(q1[s], q2m[s], k1, k2, k1m, lam[s], rank=r, world_size=world)
+        per_rank.append(sdmp_moco_loss(t))
+    # single process over all 2n samples with the same per-rank partner map
+    own = torch.arange(world * n)
+    partner = torch.cat([flip_indices(n, r)[1] for r in range(world)])
+    lam_p = lam[partner]
+    c = mix_coefficient(lam, lam_p)
+    w1, w2 = mix_mix_weights(c)
+    ones = torch.ones_like(lam)
+    single = 0.4 * (two_hot_cross_entropy(moco_logits(q1, k2, 0.2), own, partner, ones, 0 * ones).mean()
+                    + two_hot_cross_entropy(moco_logits(q2m, k1, 0.2), own, partner, lam, 1 - lam).mean()
+                    + two_hot_cross_entropy(moco_logits(q2m, k1m, 0.2), own, partner, w1, w2).mean())
+    assert torch.stack(per_rank).mean().item() == pytest.approx(single.item(), abs=1e-12)
+
+
+def test_bad_key_count_names_shapes():
+    q = torch.randn(4, 3)
+    with pytest.raises(ValueError, match="all-gathered"):
+        sdmp_moco_terms(q, q, torch.randn(6, 3), torch.randn(6, 3), torch.randn(6, 3), torch.ones(4),
+                        rank=0, world_size=2)
+
+
+# ----------------------------------------------------------------------------------------------- DINO
+
+def _plain_dino(student, teacher, center, tau_s, tau_t):
+    """DINO's own DINOLoss.forward (facebookresearch/dino), written out independently."""
+    p_t = torch.softmax((teacher - center) / tau_t, -1)
+    total, n = 0.0, 0
+    for iq in range(teacher.shape[0]):
+        for v in range(student.shape[0]):
+            if v == iq:
+                continue
+            total = total + torch.sum(-p_t[iq] * torch.log_softmax(student[v] / tau_s, -1), -1).mean()
+            n += 1
+    return total / n
+
+
+def test_dino_lam_one_reduces_to_plain_dino_over_all_crops():
+    g = torch.Generator().manual_seed(4)
+    B, K = 4, 16
+    clean = torch.randn(6, B, K, dtype=D, generator=g)  # 2 global + 4 clean local
+    mixed = torch.randn(4, B, K, dtype=D, generator=g)  # 4 "mixed" local crops, lam = 1 -> clean
+    teacher = torch.randn(2, B, K, dtype=D, generator=g)
+    center = torch.randn(K, dtype=D, generator=g) * 0.1
+    t = sdmp_dino_terms(clean, mixed, teacher, teacher, center, torch.ones(B, dtype=D), 0.1, 0.04)
+    ref = _plain_dino(torch.cat([clean, mixed]), teacher, center, 0.1, 0.04)
+    assert t["loss"].item() == pytest.approx(ref.item(), abs=1e-12)
+    no_mix = sdmp_dino_terms(clean, None, teacher, None, center, None, 0.1, 0.04)
+    assert no_mix["loss"].item() == pytest.approx(_plain_dino(clean, teacher, center, 0.1, 0.04).item(),
+                                                  abs=1e-12)
+
+
+def test_dino_mixed_terms_match_equations():
+    g = torch.Generator().manual_seed(5)
+    B, K = 4, 8
+    clean = torch.randn(2, B, K, dtype=D, generator=g)
+    mixed = torch.randn(1, B, K, dtype=D, generator=g)
+    teacher = torch.randn(2, B, K, dtype=D, generator=g)
+    teacher_m = torch.randn(2, B, K, dtype=D, generator=g)
+    center = torch.zeros(K, dtype=D)
+    lam = torch.tensor([0.8, 0.6, 0.6, 0.8], dtype=D)
+    t = sdmp_dino_terms(clean, mixed, teacher, teacher_m, center, lam, 0.1, 0.04, mix_weight=0.5)
+    log_ps = torch.log_softmax(mixed[0] / 0.1, -1)
+    pt, ptm = torch.softmax(teacher / 0.04, -1), torch.softmax(teacher_m / 0.04, -1)
+    c = mix_coefficient(lam)
+    n_pairs = 2 + 2  # (t0,s1), (t1,s0) clean; (t0,m0), (t1,m0) mixed
+    src = sum((-(lam[:, None] * pt[i] + (1 - lam[:, None]) * pt[i].flip(0)) * log_ps).sum(-1).mean()
+              for i in range(2))
+    mix = sum(((-ptm[i] * log_ps).sum(-1) / (1 + c) + (-ptm[i].flip(0) * log_ps).sum(-1) * c / (1 + c)).mean()
+              for i in range(2))
+    assert t["mix_source"].item() == pytest.approx(0.5 * src.item() / n_pairs, abs=1e-12)
+    assert t["mix_teacher"].item() == pytest.approx(0.5 * mix.item() / n_pairs, abs=1e-12)
+
+
+def test_dino_gradcheck():
+    g = torch.Generator().manual_seed(6)
+    B, K = 2, 5
+    clean = torch.randn(3, B, K, dtype=D, generator=g, requires_grad=True)
+    mixed = torch.randn(2, B, K, dtype=D, generator=g, requires_grad=True)
+    teacher = torch.randn(2, B, K, dtype=D, generator=g)
+    teacher_m = torch.randn(2, B, K, dtype=D, generator=g)
+    lam = torch.rand(B, dtype=D, generator=g)
+    center = torch.zeros(K, dtype=D)
+    f = lambda a, b: sdmp_dino_terms(a, b, teacher, teacher_m, center, lam, 0.1, 0.04)["loss"]  # noqa: E731
+    assert torch.autograd.gradcheck(f, (clean, mixed))
+
+
+def test_center_update():
+    center = torch.zeros(3, dtype=D)
+    t = torch.tensor([[[1.0, 2.0, 3.0]], [[3.0, 2.0, 1.0]]], dtype=D)
+    torch.testing.assert_close(dino_center_update(center, t, 0.9), torch.full((3,), 0.2, dtype=D))
