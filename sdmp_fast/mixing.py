@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 __all__ = ["METHODS", "method_ids", "sample_beta", "draw_mix_params", "box_size", "box_position",
-           "mix_view", "mix_views", "sdmp_mix", "check_batch_size"]
+           "box_lam", "apply_mix", "mix_view", "mix_views", "sdmp_mix", "check_batch_size"]
 
 METHODS: Tuple[str, ...] = ("mixup", "cutmix", "resizemix")
 MIXUP, CUTMIX, RESIZEMIX = 0, 1, 2
@@ -131,23 +131,17 @@ def _resized_partner(partner: torch.Tensor, y0, x0, cut_h, cut_w) -> torch.Tenso
     return out.to(partner.dtype)
 
 
-def mix_view(x: torch.Tensor, lam: torch.Tensor, method: torch.Tensor,
-             generator: Optional[torch.Generator] = None,
-             method_set: Sequence[int] = (MIXUP, CUTMIX, RESIZEMIX)) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Mix one view [n, C, H, W] with its flipped self; returns (mixed, area-corrected lam [n]).
+def apply_mix(x: torch.Tensor, lam: torch.Tensor, method: torch.Tensor, y0: torch.Tensor, x0: torch.Tensor,
+              cut_h: torch.Tensor, cut_w: torch.Tensor,
+              method_set: Sequence[int] = (MIXUP, CUTMIX, RESIZEMIX)) -> torch.Tensor:
+    """Deterministic part of the mixing (the fused CUDA kernel computes exactly this).
 
-    ``lam`` and ``method`` come from :func:`draw_mix_params`; ``method_set`` (static) lets the resize work
-    be skipped when resizemix cannot occur.
+    Sample i: mixup -> lam_i x_i + (1-lam_i) x_p; cutmix -> x_p's pixels inside the box [y0, y0+cut_h) x
+    [x0, x0+cut_w) pasted at the same place; resizemix -> the whole x_p bilinearly resized to the box and pasted
+    there. p = n-1-i, read from the unmixed x. ``method_set`` (static) skips the resize when it cannot occur.
     """
-    if not x.is_floating_point():
-        raise TypeError(f"mix_view: views must be floating point (normalised images), got {x.dtype}")
-    if x.dim() != 4:
-        raise ValueError(f"mix_view: expected a view of shape [n, C, H, W], got {tuple(x.shape)}")
-    n, _, h, w = x.shape
-    check_batch_size(n)
+    _, _, h, w = x.shape
     partner = x.flip(0)
-    cut_h, cut_w = box_size(lam, h, w)
-    y0, x0 = box_position(cut_h, cut_w, h, w, generator)
     ys = torch.arange(h, device=x.device)[None, :, None]
     xs = torch.arange(w, device=x.device)[None, None, :]
     inside = ((ys >= y0[:, None, None]) & (ys < (y0 + cut_h)[:, None, None])
@@ -159,8 +153,25 @@ def mix_view(x: torch.Tensor, lam: torch.Tensor, method: torch.Tensor,
     boxed = torch.where(inside, paste, x)
     lam_x = lam.to(x.dtype)[:, None, None, None]
     blended = lam_x * x + (1.0 - lam_x) * partner
-    is_mixup = (method == MIXUP)[:, None, None, None]
-    mixed = torch.where(is_mixup, blended, boxed)
+    return torch.where((method == MIXUP)[:, None, None, None], blended, boxed)
+
+
+def mix_view(x: torch.Tensor, lam: torch.Tensor, method: torch.Tensor,
+             generator: Optional[torch.Generator] = None,
+             method_set: Sequence[int] = (MIXUP, CUTMIX, RESIZEMIX)) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Mix one view [n, C, H, W] with its flipped self; returns (mixed, area-corrected lam [n]).
+
+    ``lam`` and ``method`` come from :func:`draw_mix_params`; the box position is drawn here, per view.
+    """
+    if not x.is_floating_point():
+        raise TypeError(f"mix_view: views must be floating point (normalised images), got {x.dtype}")
+    if x.dim() != 4:
+        raise ValueError(f"mix_view: expected a view of shape [n, C, H, W], got {tuple(x.shape)}")
+    n, _, h, w = x.shape
+    check_batch_size(n)
+    cut_h, cut_w = box_size(lam, h, w)
+    y0, x0 = box_position(cut_h, cut_w, h, w, generator)
+    mixed = apply_mix(x, lam, method, y0, x0, cut_h, cut_w, method_set)
     lam_eff = torch.where(method == MIXUP, lam.float(), box_lam(cut_h, cut_w, h, w))
     return mixed, lam_eff
 
