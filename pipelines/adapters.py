@@ -1,0 +1,249 @@
+"""Adapters: any sdmp-fast loader (an iterable of SDMPBatch with ``__len__`` / ``set_epoch``) in the batch
+format another SSL trainer's loop expects, so a user swaps our loader in with a couple of lines. Every adapter
+forwards ``len()`` and ``set_epoch()``; batches stay where the loader put them (already on the GPU for the
+device backends), so the trainer's own ``.cuda(non_blocking=True)`` calls become no-ops.
+
+DINO (``main_dino.py``) / MoCo v3 (``main_moco.py``): ``for images, _ in data_loader`` ::
+
+    from sdmp_fast.pipelines import make_loader, adapters
+    data_loader = adapters.as_dino(make_loader("dali", "/data/train", "dino", batch_size=64))
+    for it, (images, _) in enumerate(data_loader): ...   # images = [global0, global1, local0, ...]
+
+SDMP: ``with_mix_info=True`` appends the mixed views after the clean ones and yields a third item,
+``{"lam", "method", "mixed_from", "num_clean", "indices"}`` (the last batch's info is also ``.mix_info``) ::
+
+    for images, labels, mix in adapters.as_mocov3(loader, with_mix_info=True):
+        clean, mixed = images[:mix["num_clean"]], images[mix["num_clean"]:]   # mixed[j] from clean[mixed_from[j]]
+
+solo-learn (``[indexes, [crops...], targets]``, what its training_step unpacks) ::
+
+    train_loader = adapters.as_solo_learn(make_loader("dali", "/data/train", "byol2", batch_size=256))
+    trainer.fit(model, train_loader)   # training_step: indexes, crops, targets = batch
+
+lightly (``MultiViewCollate``'s ``(views, targets, filenames)``; file names are relative to the data root when
+the loader knows its file list or ``data=`` is given, else the dataset index as a string) ::
+
+    for views, targets, fnames in adapters.as_lightly(loader, data="/data/train"):
+        x0, x1 = views
+
+A torch ``DataLoader`` look-alike (``len(dl.dataset)``, ``dl.batch_size``, ``dl.sampler.set_epoch(e)``,
+``dl.drop_last``), wrapping a loader or any adapter above ::
+
+    dl = adapters.as_dataloader(adapters.as_dino(loader))
+    dl.sampler.set_epoch(epoch); for images, _ in dl: ...
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Dict, Iterator, List, Optional, Sequence
+
+import torch
+
+from sdmp_fast.batch import SDMPBatch
+
+from .base import EpochSampler, list_images
+
+__all__ = ["as_dino", "as_mocov3", "as_solo_learn", "as_lightly", "as_dataloader", "mix_info",
+           "BatchAdapter", "DataLoaderLike"]
+
+
+def mix_info(batch: SDMPBatch) -> Dict[str, Any]:
+    """What an SDMP loss needs besides the images: per-sample lam and method, which clean view each mixed view
+    came from, where the mixed views start in the appended list, and the dataset indices."""
+    return {"lam": batch.lam, "method": batch.method, "mixed_from": tuple(batch.mixed_from),
+            "num_clean": len(batch.views), "indices": batch.indices}
+
+
+def _images(batch: SDMPBatch, append_mixed: bool) -> List[torch.Tensor]:
+    return list(batch.views) + (list(batch.mixed_views) if append_mixed else [])
+
+
+class BatchAdapter:
+    """Wraps a loader; ``convert(batch)`` gives one batch in the target format. Forwards len / set_epoch and
+    any attribute it does not define (``.batch_size``, ``.recipe`` ...) to the loader."""
+
+    def __init__(self, loader, with_mix_info: bool = False, append_mixed: Optional[bool] = None):
+        self.loader = loader
+        self.with_mix_info = with_mix_info
+        # Mixed views without their lam are unusable by any loss, so by default they come only with the info.
+        self.append_mixed = with_mix_info if append_mixed is None else append_mixed
+        self.mix_info: Optional[Dict[str, Any]] = None
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.loader.set_epoch(epoch)
+
+    def __getattr__(self, name):  # only reached for attributes not found on the adapter itself
+        if name == "loader":
+            raise AttributeError(name)
+        return getattr(self.loader, name)
+
+    def __iter__(self) -> Iterator:
+        for batch in self.loader:
+            if not isinstance(batch, SDMPBatch):
+                raise TypeError(f"{type(self).__name__}: the wrapped loader yielded {type(batch).__name__}, "
+                                f"expected SDMPBatch")
+            self.mix_info = mix_info(batch)
+            yield self.convert(batch)
+
+    def convert(self, batch: SDMPBatch):
+        raise NotImplementedError
+
+
+class _DinoAdapter(BatchAdapter):
+    def convert(self, batch: SDMPBatch):
+        images = _images(batch, self.append_mixed)
+        if self.with_mix_info:
+            return images, batch.labels, self.mix_info
+        return images, batch.labels
+
+
+class _SoloLearnAdapter(BatchAdapter):
+    def convert(self, batch: SDMPBatch):
+        out = [batch.indices, _images(batch, self.append_mixed), batch.labels]
+        if self.with_mix_info:
+            out.append(self.mix_info)
+        return out
+
+
+class _LightlyAdapter(BatchAdapter):
+    def __init__(self, loader, filenames: Optional[Sequence[str]] = None, **kw):
+        super().__init__(loader, **kw)
+        self.filenames = filenames
+
+    def convert(self, batch: SDMPBatch):
+        idx = batch.indices.tolist()  # one small host copy per batch, only this format needs it
+        names = [self.filenames[i] for i in idx] if self.filenames is not None else [str(i) for i in idx]
+        out = (_images(batch, self.append_mixed), batch.labels, names)
+        return out + (self.mix_info,) if self.with_mix_info else out
+
+
+def as_dino(loader, with_mix_info: bool = False, append_mixed: Optional[bool] = None) -> BatchAdapter:
+    """``(list_of_views, labels)`` per batch, DINO's format; with ``with_mix_info`` the mixed views are appended
+    and ``(views, labels, mix_info)`` is yielded. ``append_mixed`` overrides whether mixed views are appended."""
+    return _DinoAdapter(loader, with_mix_info, append_mixed)
+
+
+def as_mocov3(loader, with_mix_info: bool = False, append_mixed: Optional[bool] = None) -> BatchAdapter:
+    """MoCo v3's ``images, _`` loop reads the same format as DINO's: ``images[0]``, ``images[1]`` are the views."""
+    return _DinoAdapter(loader, with_mix_info, append_mixed)
+
+
+def as_solo_learn(loader, with_mix_info: bool = False, append_mixed: Optional[bool] = None) -> BatchAdapter:
+    """``[indexes, [crops...], targets]`` per batch (solo-learn), ``+ [mix_info]`` with ``with_mix_info``."""
+    return _SoloLearnAdapter(loader, with_mix_info, append_mixed)
+
+
+def _loader_files(loader):
+    """The loader's ImageList, if it keeps one under a usual name."""
+    for attr in ("images", "image_list", "data"):
+        value = getattr(loader, attr, None)
+        if value is not None and hasattr(value, "files") and hasattr(value, "root"):
+            return value
+    return None
+
+
+def as_lightly(loader, data=None, with_mix_info: bool = False,
+               append_mixed: Optional[bool] = None) -> BatchAdapter:
+    """``(views, targets, filenames)`` per batch, as lightly's MultiViewCollate gives. ``data`` (the folder or
+    file list the loader reads) names the files; without it the loader's own file list is used if it exposes
+    one, else the names are the dataset indices as strings."""
+    images = list_images(data) if data is not None else _loader_files(loader)
+    names = None
+    if images is not None:
+        names = [os.path.relpath(f, images.root) for f in images.files]
+    return _LightlyAdapter(loader, filenames=names, with_mix_info=with_mix_info, append_mixed=append_mixed)
+
+
+class _SamplerView:
+    """``dl.sampler``: ``set_epoch`` reaches the loader (torch's DistributedSampler pattern); iterating gives
+    this shard's sample indices for the epoch when the loader exposes its EpochSampler."""
+
+    def __init__(self, owner: "DataLoaderLike"):
+        self._owner = owner
+
+    def set_epoch(self, epoch: int) -> None:
+        self._owner.set_epoch(epoch)
+
+    def _sampler(self) -> Optional[EpochSampler]:
+        s = getattr(_base_loader(self._owner.loader), "sampler", None)
+        return s if isinstance(s, EpochSampler) else None
+
+    def __len__(self) -> int:
+        s = self._sampler()
+        if s is not None:
+            return len(s.indices())
+        return len(self._owner) * self._owner.batch_size
+
+    def __iter__(self) -> Iterator[int]:
+        s = self._sampler()
+        if s is None:
+            raise TypeError("this loader does not expose its sample order (no EpochSampler at .sampler)")
+        return iter(s.indices().tolist())
+
+
+class _DatasetView:
+    """``dl.dataset``: only its length (the whole data set, every shard) is meaningful."""
+
+    def __init__(self, num_samples: int):
+        self.num_samples = num_samples
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+
+def _base_loader(loader):
+    while isinstance(loader, (BatchAdapter, DataLoaderLike)):
+        loader = loader.loader
+    return loader
+
+
+def _probe_int(loader, *attrs) -> Optional[int]:
+    for attr in attrs:
+        obj = loader
+        for part in attr.split("."):
+            obj = getattr(obj, part, None)
+        if obj is None:
+            continue
+        try:
+            return len(obj) if not isinstance(obj, int) else obj
+        except TypeError:
+            continue
+    return None
+
+
+class DataLoaderLike:
+    """What training scripts read off a torch DataLoader: iteration, ``len``, ``.dataset`` (length),
+    ``.batch_size``, ``.sampler.set_epoch``, ``.drop_last``, ``.num_workers``. Yields what the wrapped object
+    yields (SDMPBatch for a bare loader, the adapter's format for an adapter)."""
+
+    def __init__(self, loader, dataset_size: Optional[int] = None, batch_size: Optional[int] = None):
+        self.loader = loader
+        base = _base_loader(loader)
+        self.batch_size = batch_size or _probe_int(base, "batch_size", "sampler.batch_size")
+        if self.batch_size is None:
+            raise ValueError("as_dataloader: the loader exposes no batch_size; pass batch_size=")
+        size = dataset_size or _probe_int(base, "num_samples", "sampler.num_samples", "images", "image_list")
+        self.dataset = _DatasetView(size if size is not None else len(loader) * self.batch_size)
+        self.sampler = _SamplerView(self)
+        sampler = getattr(base, "sampler", None)
+        self.drop_last = getattr(base, "drop_last", getattr(sampler, "drop_last", True))
+        self.num_workers = getattr(base, "num_workers", 0) or 0
+        self.pin_memory = False
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.loader.set_epoch(epoch)
+
+    def __iter__(self):
+        return iter(self.loader)
+
+
+def as_dataloader(loader, dataset_size: Optional[int] = None, batch_size: Optional[int] = None) -> DataLoaderLike:
+    """A DataLoader-like view of a loader or an adapter (``dataset_size`` / ``batch_size`` only when the loader
+    does not expose them)."""
+    return DataLoaderLike(loader, dataset_size, batch_size)

@@ -1,0 +1,171 @@
+"""`sdmp-fast make-data OUT_DIR`: a benchmark ImageFolder of realistic photo JPEGs, built offline.
+
+Loader throughput depends on what is decoded: JPEG size, entropy and chroma content. Flat synthetic shapes
+decode several times faster than photos, so a loader benchmark on them flatters every backend. This command
+takes the real photographs shipped inside scikit-image (no download), and writes random crops / rescales /
+flips of them at about 500x375 (ImageNet's typical size, random aspect, some portrait), re-encoded as
+baseline JPEG at quality 75-95 with 4:2:0 chroma, as ImageNet's files are.
+
+Class c holds crops of photo ``c % len(photos)``, so labels mean something (k-NN can tell them apart).
+Image i goes to class ``i % classes``; its randomness comes from ``(seed, i)`` only, so the set is identical
+on every machine for a given seed. The tree is built in a temporary sibling folder and renamed into place:
+a finished OUT_DIR has a stamp file, and running again with the same settings does nothing.
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import time
+from typing import Dict, List, Tuple
+
+import numpy as np
+
+STAMP = ".sdmp-make-data.json"
+FORMAT_VERSION = 1
+# scikit-image photographs that are part of its wheel (no pooch / network). Grayscale ones are kept as
+# grey RGB images (ImageNet has some too); textures and synthetic drawings are left out.
+COLOR_PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field", "immunohistochemistry",
+                "retina", "motorcycle_left", "motorcycle_right")
+GRAY_PHOTOS = ("camera", "moon", "coins", "grass", "gravel", "brick")
+LONG_SIDE = 500
+ASPECT = (1.25, 1.5)        # long / short side: 500x400 .. 500x333, about 500x375
+PORTRAIT_P = 0.2
+CROP_AREA = (0.35, 1.0)     # fraction of the largest crop of the target aspect that fits the photo
+QUALITY = (75, 95)
+
+
+def load_photos() -> List[Tuple[str, np.ndarray]]:
+    """The offline scikit-image photos as (name, HxWx3 uint8). Photos that need a download are skipped, so
+    this never touches the network; raises RuntimeError when none loads (scikit-image missing)."""
+    try:
+        import skimage.data as skd
+    except ImportError as e:
+        raise RuntimeError("make-data needs scikit-image (pip install 'sdmp-fast[bench]')") from e
+    photos = []
+    for name in COLOR_PHOTOS + GRAY_PHOTOS:
+        try:
+            if name.startswith("motorcycle_"):
+                left, right, _ = skd.stereo_motorcycle()
+                img = left if name.endswith("left") else right
+            else:
+                img = getattr(skd, name)()
+        except Exception:  # a photo that needs pooch / a download in this scikit-image version
+            continue
+        img = np.asarray(img)
+        if img.dtype != np.uint8:
+            continue
+        if img.ndim == 2:
+            img = np.repeat(img[:, :, None], 3, axis=2)
+        photos.append((name, np.ascontiguousarray(img[:, :, :3])))
+    if not photos:
+        raise RuntimeError("make-data: no scikit-image photo could be loaded offline")
+    return photos
+
+
+def _target_size(rng: np.random.Generator) -> Tuple[int, int]:
+    """(width, height) around 500x375."""
+    short = int(round(LONG_SIDE / rng.uniform(*ASPECT)))
+    return (short, LONG_SIDE) if rng.random() < PORTRAIT_P else (LONG_SIDE, short)
+
+
+def render_image(photo: np.ndarray, rng: np.random.Generator) -> Tuple[bytes, Tuple[int, int]]:
+    """One random crop of ``photo`` at the target aspect, resized, maybe flipped, JPEG-encoded."""
+    from PIL import Image
+
+    w, h = _target_size(rng)
+    ph, pw = photo.shape[:2]
+    # Largest crop of aspect w/h inside the photo, then a random fraction of its area.
+    full_w = min(pw, ph * w / h)
+    scale = np.sqrt(rng.uniform(*CROP_AREA))
+    cw, ch = max(8, int(full_w * scale)), max(8, int(full_w * scale * h / w))
+    cw, ch = min(cw, pw), min(ch, ph)
+    x0, y0 = int(rng.integers(0, pw - cw + 1)), int(rng.integers(0, ph - ch + 1))
+    img = Image.fromarray(photo[y0:y0 + ch, x0:x0 + cw]).resize((w, h), Image.BICUBIC)
+    if rng.random() < 0.5:
+        img = img.transpose(Image.FLIP_LEFT_RIGHT)
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", quality=int(rng.integers(QUALITY[0], QUALITY[1] + 1)), subsampling="4:2:0")
+    return buf.getvalue(), (w, h)
+
+
+def _settings(num_images: int, classes: int, seed: int) -> Dict:
+    return {"num_images": num_images, "classes": classes, "seed": seed, "version": FORMAT_VERSION}
+
+
+def read_stamp(out_dir: str):
+    try:
+        with open(os.path.join(out_dir, STAMP)) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def make_data(out_dir: str, num_images: int = 512, classes: int = 8, seed: int = 0, force: bool = False,
+              quiet: bool = True) -> str:
+    """Build the photo ImageFolder at ``out_dir`` (see the module docstring); returns ``out_dir``.
+
+    Skips the work when ``out_dir`` already holds a finished set with the same settings. Refuses (ValueError)
+    to touch a non-empty folder it did not make, or one made with other settings unless ``force``.
+    """
+    if num_images < 1:
+        raise ValueError(f"--num-images: must be >= 1, got {num_images}")
+    if classes < 1:
+        raise ValueError(f"--classes: must be >= 1, got {classes}")
+    out_dir = os.path.abspath(os.fspath(out_dir))
+    want = _settings(num_images, classes, seed)
+    stamp = read_stamp(out_dir)
+    if stamp is not None and {k: stamp.get(k) for k in want} == want:
+        if not quiet:
+            print(f"make-data: {out_dir} already holds {num_images} images (seed {seed}); nothing to do")
+        return out_dir
+    if os.path.isdir(out_dir) and os.listdir(out_dir):
+        if stamp is None:
+            raise ValueError(f"make-data: {out_dir!r} is a non-empty folder that make-data did not build; "
+                             f"choose an empty or new OUT_DIR")
+        if not force:
+            raise ValueError(f"make-data: {out_dir!r} holds a set made with other settings "
+                             f"({ {k: stamp.get(k) for k in want} }); pass --force to rebuild it")
+
+    photos = load_photos()
+    tmp = f"{out_dir}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    names = [f"{c:03d}_{photos[c % len(photos)][0]}" for c in range(classes)]
+    for name in names:
+        os.makedirs(os.path.join(tmp, name))
+    t0, total_bytes = time.perf_counter(), 0
+    for i in range(num_images):
+        c = i % classes
+        rng = np.random.default_rng([seed, i])
+        data, _ = render_image(photos[c % len(photos)][1], rng)
+        total_bytes += len(data)
+        with open(os.path.join(tmp, names[c], f"{i:06d}.jpg"), "wb") as f:
+            f.write(data)
+    with open(os.path.join(tmp, STAMP), "w") as f:
+        json.dump({**want, "photos": [p[0] for p in photos], "bytes": total_bytes}, f, indent=1)
+    # Swap into place: a half-written set never sits under the final name.
+    if os.path.isdir(out_dir):
+        if os.listdir(out_dir):  # ours, with other settings, and force was given
+            shutil.rmtree(out_dir)
+        else:
+            os.rmdir(out_dir)
+    os.makedirs(os.path.dirname(out_dir), exist_ok=True)
+    os.replace(tmp, out_dir)
+    if not quiet:
+        print(f"make-data: wrote {num_images} JPEGs in {classes} classes from {len(photos)} photos to {out_dir} "
+              f"({total_bytes / num_images / 1e3:.0f} kB/image, {time.perf_counter() - t0:.1f} s)")
+    return out_dir
+
+
+def add_arguments(p) -> None:
+    p.add_argument("out_dir", metavar="OUT_DIR", help="folder to create (an ImageFolder tree)")
+    p.add_argument("--num-images", type=int, default=512, help="number of JPEGs (default 512)")
+    p.add_argument("--classes", type=int, default=8, help="number of class folders (default 8)")
+    p.add_argument("--seed", type=int, default=0, help="the set is a pure function of the seed (default 0)")
+    p.add_argument("--force", action="store_true", help="rebuild a set made earlier with other settings")
+
+
+def main(args) -> int:
+    make_data(args.out_dir, args.num_images, args.classes, args.seed, force=args.force, quiet=False)
+    return 0

@@ -1,0 +1,147 @@
+"""Adapters yield exactly the formats of DINO / MoCo v3 / solo-learn / lightly / torch DataLoader loops."""
+import importlib.util
+import os
+
+import pytest
+import torch
+
+from sdmp_fast.batch import SDMPBatch
+from sdmp_fast.pipelines import adapters
+from sdmp_fast.pipelines.base import EpochSampler, assemble_batch, list_images, make_generator, make_loader
+from sdmp_fast.pipelines.recipes import byol2, dino
+
+
+class FakeLoader:
+    """A minimal SDMPLoader: random views of the recipe's shapes, the real sampler and the real mixing."""
+
+    def __init__(self, recipe, num_samples=22, batch_size=4, drop_last=True, files=None):
+        self.recipe, self.batch_size = recipe, batch_size
+        self.sampler = EpochSampler(num_samples, batch_size, drop_last=drop_last, seed=1)
+        self.images = files
+        self.epochs = []
+
+    def __len__(self):
+        return len(self.sampler)
+
+    def set_epoch(self, epoch):
+        self.epochs.append(epoch)
+        self.sampler.set_epoch(epoch)
+
+    def __iter__(self):
+        g = make_generator(0, self.sampler.epoch, 0, "cpu")
+        for idx in self.sampler.batches():
+            views = [torch.rand(len(idx), 3, v.size, v.size, generator=g) for v in self.recipe.expanded_views()]
+            yield assemble_batch(views, idx % 3, idx, self.recipe, g)
+
+
+def small_dino():
+    return dino(global_size=16, local_size=8, n_local=4, n_local_mixed=2)
+
+
+def test_dino_format_is_views_and_labels_with_right_shapes():
+    loader = FakeLoader(small_dino())
+    dl = adapters.as_dino(loader)
+    assert len(dl) == len(loader) == 5
+    n = 0
+    for images, labels in dl:
+        n += 1
+        assert isinstance(images, list) and len(images) == 6
+        assert [tuple(x.shape) for x in images] == [(4, 3, 16, 16)] * 2 + [(4, 3, 8, 8)] * 4
+        assert labels.shape == (4,) and labels.dtype == torch.long
+    assert n == len(dl)
+
+
+def test_mocov3_with_mix_info_appends_mixed_views_and_reports_lam():
+    loader = FakeLoader(byol2(size=16))
+    for images, labels, info in adapters.as_mocov3(loader, with_mix_info=True):
+        assert info["num_clean"] == 2 and info["mixed_from"] == (0, 1) and len(images) == 4
+        lam = info["lam"]
+        assert lam.shape == (4,) and bool(((lam >= 0) & (lam <= 1)).all())
+        assert info["method"].shape == (4,) and info["indices"].shape == (4,)
+        # Mixed view j is clean view mixed_from[j] blended with its flipped partner.
+        assert not torch.equal(images[2], images[0])
+        assert labels.shape == (4,)
+    # The side attribute holds the last batch's info for loops that keep the 2-tuple.
+    plain = adapters.as_mocov3(loader, append_mixed=True)
+    images, _ = next(iter(plain))
+    assert len(images) == 4 and plain.mix_info["num_clean"] == 2
+
+
+def test_solo_learn_format_is_indexes_crops_targets():
+    loader = FakeLoader(byol2(size=16), num_samples=13, batch_size=4, drop_last=False)
+    batches = list(adapters.as_solo_learn(loader))
+    assert len(batches) == len(loader) == 4
+    seen = []
+    for batch in batches:
+        assert isinstance(batch, list) and len(batch) == 3
+        indexes, crops, targets = batch
+        assert isinstance(crops, list) and len(crops) == 2
+        assert crops[0].shape[0] == indexes.shape[0] == targets.shape[0]
+        seen += indexes.tolist()
+    assert sorted(seen) == list(range(13))
+    assert len(next(iter(adapters.as_solo_learn(loader, with_mix_info=True)))) == 4
+
+
+def test_lightly_format_names_files_relative_to_root(tmp_path):
+    from sdmp_fast.data import make_synthetic_image_folder
+
+    make_synthetic_image_folder(str(tmp_path), num_classes=2, per_class=5)
+    files = list_images(str(tmp_path))
+    loader = FakeLoader(byol2(size=16), num_samples=len(files), batch_size=4)
+    views, targets, fnames = next(iter(adapters.as_lightly(loader, data=str(tmp_path))))
+    assert len(views) == 2 and targets.shape == (4,) and len(fnames) == 4
+    assert all(isinstance(f, str) and not os.path.isabs(f) and f.startswith("class") for f in fnames)
+    # The loader's own file list is used when it keeps one; without any, names are dataset indices.
+    loader.images = files
+    _, _, fnames2 = next(iter(adapters.as_lightly(loader)))
+    assert all(f.startswith("class") for f in fnames2)
+    loader.images = None
+    _, _, fnames3 = next(iter(adapters.as_lightly(loader)))
+    assert all(f.isdigit() for f in fnames3)
+
+
+def test_adapters_forward_set_epoch_and_reshuffle():
+    loader = FakeLoader(byol2(size=8))
+    for make in (adapters.as_dino, adapters.as_mocov3, adapters.as_solo_learn, adapters.as_lightly):
+        a = make(loader)
+        a.set_epoch(3)
+        assert loader.epochs[-1] == 3 and loader.sampler.epoch == 3
+    dl = adapters.as_dataloader(adapters.as_dino(loader))
+    dl.sampler.set_epoch(7)
+    assert loader.epochs[-1] == 7
+    idx7 = list(dl.sampler)
+    dl.set_epoch(8)
+    assert loader.sampler.epoch == 8 and list(dl.sampler) != idx7
+
+
+def test_dataloader_like_attributes():
+    loader = FakeLoader(byol2(size=8), num_samples=22, batch_size=4)
+    dl = adapters.as_dataloader(loader)
+    assert len(dl) == 5 and len(dl.dataset) == 22 and dl.batch_size == 4 and dl.drop_last is True
+    assert len(dl.sampler) == 20 and sorted(dl.sampler) == sorted(loader.sampler.indices().tolist())
+    batches = list(dl)
+    assert len(batches) == 5 and all(isinstance(b, SDMPBatch) for b in batches)
+    # Forwarded attributes of the wrapped loader stay reachable through an adapter.
+    assert adapters.as_dino(loader).recipe.name == "byol2"
+
+
+def test_adapter_rejects_a_loader_that_yields_something_else():
+    class Bad(FakeLoader):
+        def __iter__(self):
+            yield (torch.zeros(1), torch.zeros(1))
+
+    with pytest.raises(TypeError, match="expected SDMPBatch"):
+        next(iter(adapters.as_dino(Bad(byol2(size=8)))))
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.skipif(importlib.util.find_spec("sdmp_fast.pipelines.memory") is None, reason="memory backend not built")
+def test_adapters_over_the_memory_backend(tmp_path):
+    from sdmp_fast.data import make_synthetic_image_folder
+
+    make_synthetic_image_folder(str(tmp_path), num_classes=2, per_class=6, size=(40, 48))
+    loader = make_loader("memory", str(tmp_path), byol2(size=32), 4, device="cpu", num_workers=0)
+    dl = adapters.as_dataloader(adapters.as_solo_learn(loader))
+    assert len(dl) == len(loader) == 3 and len(dl.dataset) == 12
+    for indexes, crops, targets in dl:
+        assert len(crops) == 2 and crops[0].shape == (4, 3, 32, 32) and targets.shape == (4,)

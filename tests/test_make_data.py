@@ -1,0 +1,61 @@
+"""`sdmp-fast make-data`: N decodable photo JPEGs of about 500x375, deterministic per seed, idempotent."""
+import hashlib
+import os
+
+import pytest
+from PIL import Image
+
+from sdmp_fast.benchmarks.make_data import STAMP, load_photos, make_data
+from sdmp_fast.pipelines.base import list_images
+
+
+def _digest(root):
+    h = hashlib.sha256()
+    for f in list_images(root).files:
+        h.update(os.path.relpath(f, root).encode())
+        with open(f, "rb") as fh:
+            h.update(fh.read())
+    return h.hexdigest()
+
+
+@pytest.mark.timeout(120)
+def test_make_data_writes_n_decodable_photo_jpegs_deterministically(tmp_path):
+    a = make_data(str(tmp_path / "a"), num_images=20, classes=4, seed=3)
+    images = list_images(a)
+    assert len(images) == 20 and len(images.classes) == 4
+    assert sorted(set(images.labels)) == [0, 1, 2, 3]
+    for f in images.files:
+        with Image.open(f) as im:
+            assert im.format == "JPEG" and im.mode == "RGB"
+            w, h = im.size
+            assert max(w, h) == 500 and 320 <= min(w, h) <= 400
+            im.load()  # decodes fully
+    assert _digest(a) == _digest(make_data(str(tmp_path / "b"), num_images=20, classes=4, seed=3))
+    assert _digest(a) != _digest(make_data(str(tmp_path / "c"), num_images=20, classes=4, seed=4))
+    assert not [p for p in os.listdir(tmp_path) if ".tmp-" in p]  # no partial folder left behind
+
+
+@pytest.mark.timeout(120)
+def test_make_data_is_idempotent_and_guards_foreign_folders(tmp_path):
+    out = str(tmp_path / "set")
+    make_data(out, num_images=6, classes=2, seed=0)
+    stamp_mtime = os.path.getmtime(os.path.join(out, STAMP))
+    make_data(out, num_images=6, classes=2, seed=0)  # complete stamp: nothing rewritten
+    assert os.path.getmtime(os.path.join(out, STAMP)) == stamp_mtime
+    with pytest.raises(ValueError, match="other settings"):
+        make_data(out, num_images=8, classes=2, seed=0)
+    make_data(out, num_images=8, classes=2, seed=0, force=True)
+    assert len(list_images(out)) == 8
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("keep me")
+    with pytest.raises(ValueError, match="did not build"):
+        make_data(str(foreign), num_images=4, classes=1)
+    assert (foreign / "notes.txt").read_text() == "keep me"
+
+
+def test_photos_load_offline_in_colour():
+    photos = load_photos()
+    names = [n for n, _ in photos]
+    assert len(photos) >= 5 and "astronaut" in names and "coffee" in names
+    assert all(p.ndim == 3 and p.shape[2] == 3 and p.dtype.name == "uint8" for _, p in photos)
