@@ -1,0 +1,260 @@
+"""`sdmp-fast bench loaders`: images/sec of every loader backend in one run, same recipe, same data, same batch.
+
+A sample counts once however many views it has (img/s = samples/s, each sample = all its views, mixed ones
+included). Each backend is built, warmed up for ``--warmup`` batches (worker start-up, pipeline build, JIT and
+cuDNN autotune happen there), then timed over ``--batches`` batches, running on across epochs (set_epoch) when
+the data set is smaller than that. On a GPU the run also times a synthetic "data already on the device" source
+(random device tensors of the recipe's shapes through the same ``assemble_batch`` mixing): the ceiling a loader
+can approach, and the ratio every backend is reported against. FFCV reads a .beton: the data is converted first
+(untimed) and cached under ``--cache`` (default: beside the JSON). A backend that cannot be imported or built
+is reported as unavailable with the reason; one that fails while running is reported as failed.
+
+    sdmp-fast make-data /data/photos --num-images 512
+    sdmp-fast bench loaders --data /data/photos --backends torchvision,dali,ffcv,torch-gpu --batch-size 64
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import gc
+import hashlib
+import os
+import re
+import time
+import traceback
+from typing import Dict, Iterator, List, Optional
+
+import torch
+
+from sdmp_fast.benchmarks.common import print_table, write_results
+
+REFERENCE = "torchvision"
+SYNTHETIC = "synthetic"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+COLUMNS = ["backend", "status", "img_per_s", "ratio_vs_torchvision", "ratio_vs_synthetic", "batches",
+           "startup_s", "reason"]
+
+
+def device_tag(device: torch.device) -> str:
+    """Short name for file names: the GPU model (``h100``) or ``cpu<cores>``."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device).lower()
+        m = re.search(r"\b([a-z]{1,2}\d{2,4}[a-z]?)\b", name)
+        return m.group(1) if m else re.sub(r"[^a-z0-9]+", "-", name).strip("-")
+    return f"cpu{os.cpu_count()}"
+
+
+def default_json_path(recipe: str, device: torch.device) -> str:
+    date = _dt.date.today().strftime("%Y%m%d")
+    return os.path.join("bench", "results", f"loaders-{recipe}-{device_tag(device)}-{date}.json")
+
+
+def _data_key(data: str, images) -> str:
+    """Identifies the data set's content cheaply (paths, sizes, mtimes), so a stale .beton is never reused."""
+    h = hashlib.sha256(os.path.realpath(data).encode())
+    for f in images.files:
+        st = os.stat(f)
+        h.update(f"{f}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()[:12]
+
+
+def beton_for(data: str, images, cache_dir: str, max_side: int, workers: int) -> str:
+    """The .beton of ``data`` in ``cache_dir``, converted once (not timed by the benchmark)."""
+    from sdmp_fast.pipelines.convert import convert
+
+    os.makedirs(cache_dir, exist_ok=True)
+    name = os.path.basename(os.path.normpath(data)) or "data"
+    path = os.path.join(cache_dir, f"{name}-{_data_key(data, images)}-{max_side}.beton")
+    if not os.path.exists(path):
+        print(f"bench loaders: converting {data} to {path} (not timed)")
+        convert(data, path, max_side=max_side, workers=workers, progress=False)
+    return path
+
+
+def _endless(loader) -> Iterator:
+    """Batches across epoch boundaries, reshuffling like a training loop does."""
+    if len(loader) == 0:
+        raise ValueError("the loader yields no batch per epoch (data smaller than the batch size?)")
+    epoch = 0
+    while True:
+        loader.set_epoch(epoch)
+        yield from loader
+        epoch += 1
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_batches(batches: Iterator, warmup: int, count: int, device: torch.device) -> Dict:
+    """Pull ``warmup`` then ``count`` batches; samples/s over the timed ones (device work included)."""
+    t0 = time.perf_counter()
+    first = next(batches)
+    startup = time.perf_counter() - t0
+    for _ in range(max(warmup - 1, 0)):
+        next(batches)
+    _sync(device)
+    samples = 0
+    t0 = time.perf_counter()
+    for _ in range(count):
+        samples += next(batches).batch_size
+    _sync(device)
+    seconds = time.perf_counter() - t0
+    return {"img_per_s": samples / seconds, "seconds": seconds, "samples": samples, "startup_s": startup,
+            "views": [list(v.shape[1:]) for v in first.views], "num_mixed_views": len(first.mixed_views),
+            "out_dtype": str(first.views[0].dtype).replace("torch.", ""), "out_device": str(first.labels.device)}
+
+
+def synthetic_batches(recipe, batch_size: int, device: torch.device, dtype: Optional[torch.dtype],
+                      seed: int) -> Iterator:
+    """'Data already on the device': fresh random views of the recipe's shapes, mixed by assemble_batch."""
+    from sdmp_fast.pipelines.base import assemble_batch, make_generator
+
+    g = make_generator(seed, 0, 0, device)
+    labels = torch.zeros(batch_size, dtype=torch.long, device=device)
+    indices = torch.arange(batch_size, device=device)
+    shapes = [(batch_size, 3, v.size, v.size) for v in recipe.expanded_views()]
+    while True:
+        views = [torch.randn(s, generator=g, device=device, dtype=dtype or torch.float32) for s in shapes]
+        yield assemble_batch(views, labels, indices, recipe, g)
+
+
+def _reason(e: BaseException) -> str:
+    text = f"{type(e).__name__}: {e}".strip().replace("\n", " ")
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
+def run_backend(backend: str, args, recipe, images, device: torch.device, dtype) -> Dict:
+    """One backend's record: built, warmed up and timed, or the reason it could not be."""
+    from sdmp_fast.pipelines.base import make_loader
+
+    record = {"backend": backend, "status": "ok", "reason": None}
+    try:
+        data = args.data
+        if backend == "ffcv":
+            cache = args.cache or os.path.dirname(os.path.abspath(args.json))
+            data = beton_for(args.data, images, cache, args.max_side, args.num_workers or os.cpu_count() or 1)
+        loader = make_loader(backend, data, recipe, args.batch_size, device=device, shard_id=0, num_shards=1,
+                             shuffle=True, drop_last=True, seed=args.seed, dtype=dtype, num_workers=args.num_workers)
+    except Exception as e:  # missing library, unsupported device, conversion failure: report, go on
+        record.update(status="unavailable", reason=_reason(e))
+        if args.verbose:
+            traceback.print_exc()
+        return record
+    try:
+        record.update(time_batches(_endless(loader), args.warmup, args.batches, device))
+        record["batches"] = args.batches
+    except Exception as e:
+        record.update(status="failed", reason=_reason(e))
+        if args.verbose:
+            traceback.print_exc()
+    finally:
+        del loader
+        gc.collect()  # drop worker processes / DALI pipelines before the next backend starts
+    return record
+
+
+def bar_chart(records: List[Dict], path: str, title: str) -> str:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [r["backend"] for r in records]
+    values = [r.get("img_per_s") or 0.0 for r in records]
+    fig, ax = plt.subplots(figsize=(1.3 * len(records) + 2.5, 4.2))
+    colors = ["0.55" if n == REFERENCE else "tab:purple" if n == SYNTHETIC else "tab:blue" for n in names]
+    bars = ax.bar(names, values, color=colors)
+    top = max(values) if any(values) else 1.0
+    for bar, r in zip(bars, records):
+        if r.get("img_per_s"):
+            ratio = r.get("ratio_vs_torchvision")
+            label = f"{r['img_per_s']:,.0f}" + (f"\n{ratio:.2f}x tv" if ratio is not None else "")
+        else:
+            label = r["status"]
+            bar.set_height(top * 0.02)
+            bar.set_hatch("//")
+            bar.set_color("0.85")
+        ax.text(bar.get_x() + bar.get_width() / 2, bar.get_height(), label, ha="center", va="bottom", fontsize=8)
+    ax.set_ylabel("images/s (samples, all views)")
+    ax.set_ylim(0, top * 1.22)
+    ax.set_title(title, fontsize=9)
+    ax.spines[["top", "right"]].set_visible(False)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def run(args) -> Dict:
+    from sdmp_fast.pipelines.base import BACKENDS, list_images
+    from sdmp_fast.pipelines.recipes import make_recipe
+
+    backends = [b.strip() for b in args.backends.split(",") if b.strip()]
+    unknown = [b for b in backends if b not in BACKENDS]
+    if unknown or not backends:
+        raise ValueError(f"--backends: unknown {unknown or backends}; choose among {', '.join(BACKENDS)}")
+    for name in ("batch_size", "batches"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')}: must be >= 1, got {getattr(args, name)}")
+    if args.warmup < 0:
+        raise ValueError(f"--warmup: must be >= 0, got {args.warmup}")
+    if args.dtype not in DTYPES:
+        raise ValueError(f"--dtype: choose among {', '.join(DTYPES)}, got {args.dtype!r}")
+    recipe = make_recipe(args.recipe, **({"size" if args.recipe == "byol2" else "global_size": args.size}
+                                        if args.size else {}))
+    images = list_images(args.data)  # ValueError naming --data when it is missing or empty
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = DTYPES[args.dtype] if args.dtype != "float32" else None
+    args.json = args.json or default_json_path(recipe.name, device)
+
+    records = [run_backend(b, args, recipe, images, device, dtype) for b in backends]
+    if device.type == "cuda":
+        synth = {"backend": SYNTHETIC, "status": "ok", "reason": None, "batches": args.batches}
+        synth.update(time_batches(synthetic_batches(recipe, args.batch_size, device, dtype, args.seed),
+                                  args.warmup, args.batches, device))
+        records.append(synth)
+    ref = next((r for r in records if r["backend"] == REFERENCE and r.get("img_per_s")), None)
+    synth_rate = next((r["img_per_s"] for r in records if r["backend"] == SYNTHETIC), None)
+    for r in records:
+        rate = r.get("img_per_s")
+        r.setdefault("img_per_s", None)
+        r.setdefault("batches", 0)
+        r.update(recipe=recipe.name, batch_size=args.batch_size, device=str(device), num_workers=args.num_workers,
+                 warmup=args.warmup, num_images=len(images), dtype=args.dtype,
+                 ratio_vs_torchvision=rate / ref["img_per_s"] if rate and ref else None,
+                 ratio_vs_synthetic=rate / synth_rate if rate and synth_rate else None)
+    doc = write_results(args.json, records, getattr(args, "command_line", "sdmp-fast bench loaders"))
+    png = args.png or os.path.splitext(args.json)[0] + ".png"
+    bar_chart(records, png, f"{recipe.name} · batch {args.batch_size} · {len(images)} images · "
+                            f"{doc['device']} · {doc['date'][:10]}")
+    doc["png"] = png
+    return doc
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--data", required=True, help="ImageFolder tree (see `sdmp-fast make-data`)")
+    p.add_argument("--backends", default="torchvision,dali,ffcv,torch-gpu",
+                   help="comma-separated backends (default torchvision,dali,ffcv,torch-gpu)")
+    p.add_argument("--recipe", default="byol2", choices=["byol2", "dino"])
+    p.add_argument("--size", type=int, default=None, help="view size (global size for dino); default recipe's")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--warmup", type=int, default=3, help="untimed batches per backend (default 3)")
+    p.add_argument("--batches", type=int, default=20, help="timed batches per backend (default 20)")
+    p.add_argument("--num-workers", type=int, default=None, help="loader workers/threads (default: all cores)")
+    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--dtype", default="float32", help="output image dtype: float32, bfloat16, float16")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-side", type=int, default=512, help="longest side stored in the FFCV .beton")
+    p.add_argument("--cache", default=None, help="folder for the FFCV .beton (default: beside the JSON)")
+    p.add_argument("--json", default=None, help="default bench/results/loaders-<recipe>-<device>-<date>.json")
+    p.add_argument("--png", default=None, help="bar chart (default: the JSON path with .png)")
+    p.add_argument("--verbose", action="store_true", help="print tracebacks of failing backends")
+
+
+def main(args) -> int:
+    doc = run(args)
+    print(f"{doc['device']}  ·  {doc['date']}")
+    print_table(doc["records"], COLUMNS)
+    print(f"bench loaders: wrote {args.json} and {doc['png']}")
+    return 0
