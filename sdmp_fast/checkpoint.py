@@ -1,0 +1,245 @@
+"""Checkpoints that lose nothing and never half-exist.
+
+Write: the state goes to a temporary file in the checkpoint directory, is flushed and fsync'ed, then renamed
+over the final name with os.replace (atomic on POSIX) and the directory is fsync'ed. A file named
+``ckpt-<step>.pt`` is therefore always complete; a kill -9 mid-write leaves only a ``.tmp-*`` file, which
+``--resume`` ignores and the next save removes. Old checkpoints are pruned only after the new one is durable.
+
+Read: ``torch.load(weights_only=True)``: a checkpoint cannot run code. Everything in it is a tensor or a
+primitive container: RNG states are stored as tensors, the config as a dict of primitives.
+
+Export: ``backbone.pt`` is a plain timm state dict (``timm.create_model(arch, num_classes=0, ...)
+.load_state_dict(torch.load(path))`` works); ``backbone.json`` beside it records how to rebuild the model.
+"""
+from __future__ import annotations
+
+import errno
+import json
+import os
+import random
+import re
+import time
+import warnings
+from typing import Any, Dict, List, Optional, Tuple
+
+import numpy as np
+import torch
+
+__all__ = ["CheckpointError", "checkpoint_dir", "list_checkpoints", "latest_checkpoint", "save_checkpoint",
+           "load_checkpoint", "load_latest", "rng_state", "set_rng_state", "export_backbone", "load_backbone",
+           "FORMAT_VERSION"]
+
+FORMAT_VERSION = 1
+_NAME = re.compile(r"^ckpt-(\d{9})\.pt$")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be written or read (message names the file and what is intact)."""
+
+
+def checkpoint_dir(out: str) -> str:
+    return os.path.join(out, "checkpoints")
+
+
+def _path(directory: str, step: int) -> str:
+    return os.path.join(directory, f"ckpt-{step:09d}.pt")
+
+
+def list_checkpoints(directory: str) -> List[Tuple[int, str]]:
+    """Complete checkpoints as (step, path), oldest first. Temporary files are never listed."""
+    if not os.path.isdir(directory):
+        return []
+    found = []
+    for name in os.listdir(directory):
+        m = _NAME.match(name)
+        if m:
+            found.append((int(m.group(1)), os.path.join(directory, name)))
+    return sorted(found)
+
+
+def latest_checkpoint(directory: str) -> Optional[str]:
+    ckpts = list_checkpoints(directory)
+    return ckpts[-1][1] if ckpts else None
+
+
+def _write(state: Dict[str, Any], fileobj) -> None:
+    """Serialise ``state`` into an open file (a seam tests patch to simulate a full disk)."""
+    torch.save(state, fileobj)
+
+
+def _fsync_dir(directory: str) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def remove_stale_tmp(directory: str) -> None:
+    """Delete temporary files a killed writer left behind (they are never complete checkpoints)."""
+    if os.path.isdir(directory):
+        for name in os.listdir(directory):
+            if name.startswith(".tmp-ckpt-"):
+                try:
+                    os.remove(os.path.join(directory, name))
+                except OSError:
+                    pass
+
+
+def save_checkpoint(state: Dict[str, Any], directory: str, step: int, keep: int = 3) -> str:
+    """Atomically write ``state`` as ``directory/ckpt-<step>.pt`` and keep the newest ``keep`` checkpoints.
+
+    On any OSError (disk full, permissions) the temporary file is removed, the earlier checkpoints are left
+    untouched, and CheckpointError says so."""
+    os.makedirs(directory, exist_ok=True)
+    remove_stale_tmp(directory)
+    final = _path(directory, step)
+    tmp = os.path.join(directory, f".tmp-ckpt-{step:09d}-{os.getpid()}.pt")
+    try:
+        with open(tmp, "wb") as fh:
+            _write(state, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        delay = float(os.environ.get("SDMP_DEBUG_SAVE_SLEEP", "0") or 0)
+        if delay > 0:  # fault drills: widen the window in which a kill lands mid-write
+            time.sleep(delay)
+        os.replace(tmp, final)
+        _fsync_dir(directory)
+    except OSError as e:
+        try:
+            os.remove(tmp)
+        except OSError:
+            pass
+        prev = latest_checkpoint(directory)
+        kept = f"the previous checkpoint {prev} is intact" if prev else "no earlier checkpoint exists"
+        reason = "disk full" if e.errno == errno.ENOSPC else (e.strerror or str(e))
+        raise CheckpointError(f"checkpoint: could not write step {step} to {directory} ({reason}); {kept}") from e
+    for _, old in list_checkpoints(directory)[:-max(int(keep), 1)]:
+        try:
+            os.remove(old)
+        except OSError:
+            pass
+    return final
+
+
+def load_checkpoint(path: str, map_location="cpu") -> Dict[str, Any]:
+    """Load with weights_only=True (no code can run); CheckpointError names the file when it is unreadable."""
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except FileNotFoundError:
+        raise
+    except Exception as e:  # truncated / corrupt / not a checkpoint
+        raise CheckpointError(f"checkpoint: cannot read {path} ({type(e).__name__}: {e})") from e
+    if not isinstance(state, dict) or "format" not in state:
+        raise CheckpointError(f"checkpoint: {path} is not an sdmp-fast training checkpoint")
+    return state
+
+
+def load_latest(directory: str, map_location="cpu") -> Optional[Tuple[str, Dict[str, Any]]]:
+    """(path, state) of the newest readable checkpoint, or None. A file that fails to load (only possible if
+    the storage lost data after fsync) is reported and the one before it is used."""
+    for _, path in reversed(list_checkpoints(directory)):
+        try:
+            return path, load_checkpoint(path, map_location)
+        except CheckpointError as e:
+            warnings.warn(f"{e}; trying the previous checkpoint")
+    return None
+
+
+# ------------------------------------------------------------------------------------------------ RNG states
+
+def rng_state() -> Dict[str, Any]:
+    """torch / CUDA / numpy / python RNG states as tensors and primitives (weights_only-loadable)."""
+    np_state = np.random.get_state()
+    py_version, py_internal, py_gauss = random.getstate()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": list(torch.cuda.get_rng_state_all()) if torch.cuda.is_available() and torch.cuda.is_initialized()
+        else [],
+        "numpy": {"name": str(np_state[0]), "keys": torch.from_numpy(np.asarray(np_state[1], dtype=np.int64)),
+                  "pos": int(np_state[2]), "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
+        "python": {"version": int(py_version), "state": torch.tensor(py_internal, dtype=torch.int64),
+                   "gauss_next": py_gauss},
+    }
+
+
+def set_rng_state(state: Dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    n = state["numpy"]
+    np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
+    p = state["python"]
+    random.setstate((p["version"], tuple(int(v) for v in p["state"].tolist()), p["gauss_next"]))
+
+
+# ------------------------------------------------------------------------------------------------ backbone
+
+def export_backbone(backbone: torch.nn.Module, out: str, info: Dict[str, Any]) -> str:
+    """Write ``out/backbone.pt`` (a timm-loadable state dict, atomically) and ``out/backbone.json`` (info:
+    backbone spec, mean/std, step)."""
+    path = os.path.join(out, "backbone.pt")
+    tmp = f"{path}.tmp.{os.getpid()}"
+    sd = {k: v.detach().cpu().clone() for k, v in backbone.state_dict().items()}
+    with open(tmp, "wb") as fh:
+        torch.save(sd, fh)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    jtmp = os.path.join(out, f"backbone.json.tmp.{os.getpid()}")
+    with open(jtmp, "w") as fh:
+        json.dump(info, fh, indent=1)
+    os.replace(jtmp, os.path.join(out, "backbone.json"))
+    return path
+
+
+def _find(path: str) -> str:
+    """A run directory -> its newest checkpoint (or its backbone.pt); a file -> itself."""
+    if os.path.isdir(path):
+        latest = latest_checkpoint(checkpoint_dir(path)) or latest_checkpoint(path)
+        if latest:
+            return latest
+        bb = os.path.join(path, "backbone.pt")
+        if os.path.isfile(bb):
+            return bb
+        raise FileNotFoundError(f"checkpoint: {path!r} holds no checkpoint and no backbone.pt")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint: {path!r} does not exist")
+    return path
+
+
+def load_backbone(path: str, random_init: bool = False, with_info: bool = False, map_location="cpu"):
+    """The pretrained backbone (timm ViT, eval mode, pooled features out) of a run directory, a training
+    checkpoint or an exported backbone.pt (+ backbone.json). ``random_init`` rebuilds the same architecture
+    without loading weights (the evaluation baseline). With ``with_info`` returns (model, info) where info has
+    arch, img_size, patch_size, mean, std, method, step."""
+    from sdmp_fast.models import create_backbone
+
+    path = _find(path)
+    state = torch.load(path, map_location=map_location, weights_only=True)
+    if isinstance(state, dict) and "format" in state:  # training checkpoint
+        info = dict(state["meta"])
+        prefix = info["backbone_prefix"]
+        weights = {k[len(prefix):]: v for k, v in state["model"].items() if k.startswith(prefix)}
+    else:  # exported backbone.pt: the info sits beside it
+        side = os.path.join(os.path.dirname(os.path.abspath(path)), "backbone.json")
+        if not os.path.isfile(side):
+            raise FileNotFoundError(f"checkpoint: {side} (how to rebuild {path}) is missing")
+        with open(side) as fh:
+            info = json.load(fh)
+        weights = state
+    model = create_backbone(info["backbone_spec"])
+    if not random_init:
+        model.load_state_dict(weights)
+    model.eval()
+    info.setdefault("img_size", info["backbone_spec"]["img_size"])
+    info.setdefault("patch_size", info["backbone_spec"]["patch_size"])
+    info.setdefault("arch", info["backbone_spec"]["arch"])
+    info["path"] = path
+    return (model, info) if with_info else model

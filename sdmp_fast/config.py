@@ -1,0 +1,364 @@
+"""Training configuration: one dataclass, filled from defaults < YAML file (yaml.safe_load) < command line,
+then validated as a whole *before* any data is read, any model is built or anything under ``out`` is touched.
+
+Every error is a ValueError whose message starts with the setting's name, e.g. ``batch_size: ...``.
+``None`` defaults are method-dependent and resolved by ``resolve()`` (MoCo v3 / DINO paper values).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Tuple
+
+__all__ = ["TrainConfig", "METHODS", "LOADERS", "load_config", "add_config_arguments", "config_from_args",
+           "RESUME_MUST_MATCH"]
+
+METHODS = ("mocov3", "dino")
+LOADERS = ("dali", "ffcv", "torchvision", "torch-gpu", "memory", "synthetic")
+MIX_METHODS = ("mixup", "cutmix", "resizemix")
+
+# Method defaults (MoCo v3 ViT recipe; DINO ViT-S recipe), used where the user left a setting unset.
+METHOD_DEFAULTS = {
+    "mocov3": {"base_lr": 1.5e-4, "min_lr": 0.0, "weight_decay": 0.1, "weight_decay_end": None, "momentum": 0.99,
+               "mix_weight": 1.0, "clip_grad": 0.0},
+    "dino": {"base_lr": 5e-4, "min_lr": 1e-6, "weight_decay": 0.04, "weight_decay_end": 0.4, "momentum": 0.996,
+             "mix_weight": 0.5, "clip_grad": 3.0},
+}
+
+# Settings a --resume must agree on with the checkpoint (they change the model, the data order or the math).
+RESUME_MUST_MATCH = ("method", "sdmp", "arch", "img_size", "patch_size", "depth", "embed_dim", "num_heads",
+                     "local_size", "n_local", "n_local_mixed", "batch_size", "seed", "proj_hidden_dim", "proj_dim",
+                     "dino_out_dim", "dino_hidden_dim", "dino_bottleneck_dim", "freeze_patch_embed", "loader",
+                     "alpha", "mix_methods", "mix_weight", "tau")
+
+
+def _f(default, help_, choices=None, **meta):
+    return field(default=default, metadata={"help": help_, "choices": choices, **meta})
+
+
+@dataclass
+class TrainConfig:
+    # what to train
+    method: str = _f("mocov3", "SSL method", METHODS)
+    sdmp: bool = _f(True, "SDMP mixing and its loss terms on/off (off = the same code path minus mixing)",
+                    kind="onoff")
+    arch: str = _f("vit_small_patch16_224", "timm ViT name (never pretrained)")
+    img_size: int = _f(224, "input (global crop) size")
+    patch_size: int = _f(16, "ViT patch size")
+    depth: Optional[int] = _f(None, "override the ViT depth (small CPU models)")
+    embed_dim: Optional[int] = _f(None, "override the ViT width")
+    num_heads: Optional[int] = _f(None, "override the ViT head count")
+    local_size: int = _f(96, "DINO local crop size")
+    n_local: int = _f(8, "DINO local crops per image")
+    n_local_mixed: int = _f(4, "DINO local crops replaced by mixed local crops (SDMP on)")
+    # data
+    loader: str = _f("torchvision", "loader backend ('synthetic': random tensors already on the device)", LOADERS)
+    data: Optional[str] = _f(None, "ImageFolder dir / .beton / 'fashion-mnist' (memory loader)")
+    num_workers: Optional[int] = _f(None, "loader worker processes / threads")
+    batch_size: int = _f(256, "batch size per process (global batch = batch_size x world size)")
+    # how long
+    steps: Optional[int] = _f(None, "total optimiser steps (a resumed run stops at the same total)")
+    epochs: Optional[int] = _f(None, "total epochs (alternative to --steps)")
+    # optimisation
+    lr: Optional[float] = _f(None, "peak learning rate (default: base_lr x global batch / 256)")
+    base_lr: Optional[float] = _f(None, "learning rate per 256 images (MoCo v3 1.5e-4, DINO 5e-4)")
+    min_lr: Optional[float] = _f(None, "final learning rate of the cosine")
+    warmup_steps: Optional[int] = _f(None, "linear lr warm-up steps (default 10%% of the run)")
+    weight_decay: Optional[float] = _f(None, "weight decay (MoCo v3 0.1, DINO 0.04)")
+    weight_decay_end: Optional[float] = _f(None, "final weight decay of the cosine (DINO 0.4)")
+    momentum: Optional[float] = _f(None, "EMA keep rate at step 0, cosine to 1 (MoCo v3 0.99, DINO 0.996)")
+    clip_grad: Optional[float] = _f(None, "gradient-norm clipping, 0 = off (DINO 3.0)")
+    # SDMP
+    mix_weight: Optional[float] = _f(None, "weight of the mixed-loss terms (MoCo v3 1.0 per Algorithm 1, DINO 0.5)")
+    alpha: float = _f(1.0, "Beta(alpha, alpha) of the mixing lambda")
+    mix_methods: Tuple[str, ...] = _f(MIX_METHODS, "mixing methods drawn per sample (comma-separated)",
+                                      kind="list")
+    # method details
+    tau: float = _f(0.2, "MoCo v3 temperature")
+    proj_hidden_dim: int = _f(4096, "MoCo v3 projector / predictor hidden width")
+    proj_dim: int = _f(256, "MoCo v3 output dim")
+    freeze_patch_embed: bool = _f(True, "MoCo v3 frozen random patch embedding", kind="onoff")
+    dino_out_dim: int = _f(65536, "DINO prototypes K")
+    dino_hidden_dim: int = _f(2048, "DINO head hidden width")
+    dino_bottleneck_dim: int = _f(256, "DINO head bottleneck")
+    tau_s: float = _f(0.1, "DINO student temperature")
+    tau_t: float = _f(0.04, "DINO teacher temperature at step 0")
+    tau_t_end: float = _f(0.07, "DINO teacher temperature after warm-up")
+    tau_t_warmup_steps: Optional[int] = _f(None, "DINO teacher temperature warm-up steps (default 30%% of the run)")
+    center_momentum: float = _f(0.9, "DINO center EMA")
+    freeze_last_layer_epochs: int = _f(0, "DINO: keep the prototype layer frozen for this many epochs")
+    # engineering
+    out: Optional[str] = _f(None, "run directory (metrics.jsonl, config.yaml, checkpoints/); nothing is "
+                                  "written elsewhere")
+    resume: bool = _f(False, "continue from the last complete checkpoint in --out", kind="flag")
+    seed: int = _f(0, "random seed")
+    device: str = _f("auto", "auto, cpu, cuda or cuda:N")
+    precision: str = _f("auto", "auto (bf16 autocast on GPU, fp32 on CPU), bf16 or fp32", ("auto", "bf16", "fp32"))
+    compile: bool = _f(False, "torch.compile the encoders", kind="flag")
+    cuda_graphs: bool = _f(False, "capture the whole training step in a CUDA graph (GPU only)", kind="flag")
+    kernels: str = _f("auto", "fused SDMP loss kernels when sdmp_fast.kernels provides them", ("auto", "off"))
+    deterministic: bool = _f(False, "deterministic algorithms (bit-exact resume on CPU)", kind="flag")
+    log_every: int = _f(10, "steps between metrics reads (the only host syncs; also the NaN detection delay)")
+    save_every: int = _f(1000, "steps between checkpoints (0: only at the end)")
+    keep_checkpoints: int = _f(3, "checkpoints kept (oldest deleted)")
+    nan_policy: str = _f("stop", "non-finite loss/gradient: stop the run, or skip the step", ("stop", "skip"))
+    dist_timeout: float = _f(300.0, "seconds before a collective with a dead peer fails")
+    progress: bool = _f(True, "tqdm progress bar", kind="onoff")
+    tensorboard: bool = _f(True, "TensorBoard events in out/tb when tensorboard is importable", kind="onoff")
+
+    # ------------------------------------------------------------------------------------------ derived
+    def resolve(self) -> "TrainConfig":
+        """Fill method-dependent defaults (returns a new config; call after merging sources)."""
+        c = dataclasses.replace(self)
+        for k, v in METHOD_DEFAULTS.get(c.method, {}).items():
+            if getattr(c, k) is None:
+                setattr(c, k, v)
+        if c.weight_decay_end is None:
+            c.weight_decay_end = c.weight_decay
+        return c
+
+    def to_dict(self) -> Dict[str, Any]:
+        """Primitives only (YAML / checkpoint friendly)."""
+        d = dataclasses.asdict(self)
+        d["mix_methods"] = list(self.mix_methods)
+        return d
+
+    # ------------------------------------------------------------------------------------------ validation
+    def validate(self) -> "TrainConfig":
+        """Raise ValueError naming the first bad setting. Cheap: no data read, no model built, nothing written."""
+        def need(cond: bool, name: str, msg: str):
+            if not cond:
+                raise ValueError(f"{name}: {msg}")
+
+        def positive_int(name, allow_none=False, minimum=1):
+            v = getattr(self, name)
+            if v is None and allow_none:
+                return
+            need(isinstance(v, int) and not isinstance(v, bool) and v >= minimum, name,
+                 f"must be an integer >= {minimum}, got {v!r}")
+
+        def number(name, lo=None, hi=None, lo_open=False, allow_none=True):
+            v = getattr(self, name)
+            if v is None and allow_none:
+                return
+            need(isinstance(v, (int, float)) and not isinstance(v, bool), name, f"must be a number, got {v!r}")
+            if lo is not None:
+                need(v > lo if lo_open else v >= lo, name, f"must be {'>' if lo_open else '>='} {lo}, got {v}")
+            if hi is not None:
+                need(v <= hi, name, f"must be <= {hi}, got {v}")
+
+        need(self.method in METHODS, "method", f"unknown method {self.method!r}; choose among {', '.join(METHODS)}")
+        need(self.loader in LOADERS, "loader", f"unknown loader {self.loader!r}; choose among {', '.join(LOADERS)}")
+        need(isinstance(self.arch, str) and bool(self.arch), "arch", f"must be a timm model name, got {self.arch!r}")
+        for name in ("img_size", "patch_size", "local_size", "batch_size", "log_every", "keep_checkpoints",
+                     "proj_hidden_dim", "proj_dim", "dino_out_dim", "dino_hidden_dim", "dino_bottleneck_dim"):
+            positive_int(name)
+        for name in ("depth", "embed_dim", "num_heads", "steps", "epochs", "num_workers", "warmup_steps",
+                     "tau_t_warmup_steps"):
+            positive_int(name, allow_none=True, minimum=0 if name in ("num_workers", "warmup_steps",
+                                                                      "tau_t_warmup_steps") else 1)
+        positive_int("save_every", minimum=0)
+        positive_int("freeze_last_layer_epochs", minimum=0)
+        positive_int("seed", minimum=0)
+        need(self.img_size >= 8, "img_size", f"must be >= 8, got {self.img_size}")
+        need(self.img_size % self.patch_size == 0, "img_size",
+             f"{self.img_size} is not a multiple of patch_size {self.patch_size}")
+        if self.embed_dim is not None and self.num_heads is not None:
+            need(self.embed_dim % self.num_heads == 0, "embed_dim",
+                 f"{self.embed_dim} is not divisible by num_heads {self.num_heads}")
+        # how long
+        need(self.steps is not None or self.epochs is not None, "steps", "give --steps N or --epochs N")
+        need(self.steps is None or self.epochs is None, "steps",
+             f"--steps {self.steps} and --epochs {self.epochs} both given; give one")
+        # optimisation numbers
+        number("lr", 0, lo_open=True)
+        number("base_lr", 0, lo_open=True)
+        number("min_lr", 0)
+        number("weight_decay", 0)
+        number("weight_decay_end", 0)
+        number("momentum", 0, 1)
+        number("clip_grad", 0)
+        number("mix_weight", 0)
+        number("alpha", 0, lo_open=True, allow_none=False)
+        number("tau", 0, lo_open=True, allow_none=False)
+        number("tau_s", 0, lo_open=True, allow_none=False)
+        number("tau_t", 0, lo_open=True, allow_none=False)
+        number("tau_t_end", 0, lo_open=True, allow_none=False)
+        number("center_momentum", 0, 1, allow_none=False)
+        number("dist_timeout", 0, lo_open=True, allow_none=False)
+        if self.steps is not None and self.warmup_steps is not None:
+            need(self.warmup_steps < self.steps, "warmup_steps",
+                 f"{self.warmup_steps} warm-up steps leave nothing of a {self.steps}-step run")
+        # SDMP
+        need(isinstance(self.mix_methods, (list, tuple)) and len(self.mix_methods) > 0, "mix_methods",
+             "at least one of mixup, cutmix, resizemix")
+        for m in self.mix_methods:
+            need(m in MIX_METHODS, "mix_methods", f"unknown mixing method {m!r}; choose among {', '.join(MIX_METHODS)}")
+        if self.sdmp:
+            need(self.batch_size % 2 == 0, "batch_size",
+                 f"{self.batch_size} is odd: SDMP pairs image i with n-1-i, so the per-process batch must be even "
+                 f"(the middle image would be its own partner); use an even batch or --sdmp off")
+        if self.method == "mocov3":
+            need(self.batch_size >= 2, "batch_size", "MoCo v3's BatchNorm heads need at least 2 images per batch")
+        if self.method == "dino":
+            need(self.local_size % self.patch_size == 0, "local_size",
+                 f"{self.local_size} is not a multiple of patch_size {self.patch_size}")
+            need(0 <= self.n_local_mixed <= self.n_local, "n_local_mixed",
+                 f"must be in [0, n_local={self.n_local}], got {self.n_local_mixed}")
+            if self.sdmp:
+                need(self.n_local_mixed >= 1, "n_local_mixed", "SDMP-DINO needs at least one mixed local crop")
+        need(self.nan_policy in ("stop", "skip"), "nan_policy", f"choose stop or skip, got {self.nan_policy!r}")
+        need(self.precision in ("auto", "bf16", "fp32"), "precision", f"choose auto, bf16 or fp32, got {self.precision!r}")
+        need(self.kernels in ("auto", "off"), "kernels", f"choose auto or off, got {self.kernels!r}")
+        # device and conflicting options
+        dev = self.device
+        need(dev == "auto" or dev == "cpu" or dev == "cuda" or (dev.startswith("cuda:") and dev[5:].isdigit()),
+             "device", f"expected auto, cpu, cuda or cuda:N, got {dev!r}")
+        if dev.startswith("cuda") or self.cuda_graphs:
+            import torch
+
+            if not torch.cuda.is_available():
+                need(not self.cuda_graphs, "cuda_graphs", "CUDA graphs need a GPU and none is available")
+                need(False, "device", f"{dev!r} asked for but CUDA is not available")
+        if self.cuda_graphs:
+            need(dev != "cpu", "cuda_graphs", "conflicts with --device cpu (CUDA graphs need a GPU)")
+        need(not (self.loader == "torch-gpu" and dev == "cpu"), "loader",
+             "torch-gpu augments on the GPU: it conflicts with --device cpu")
+        # data and output
+        if self.loader == "memory":
+            need(self.data is not None, "data", "the memory loader needs --data (e.g. fashion-mnist)")
+        elif self.loader != "synthetic":
+            need(bool(self.data), "data", f"the {self.loader} loader needs --data DIR")
+            need(os.path.exists(self.data), "data", f"{self.data!r} does not exist")
+            if os.path.isdir(self.data):
+                with os.scandir(self.data) as it:
+                    need(any(True for _ in it), "data", f"{self.data!r} is an empty directory")
+        need(bool(self.out), "out", "give --out DIR (the run directory)")
+        need(not os.path.isfile(self.out), "out", f"{self.out!r} is a file, expected a directory")
+        return self
+
+
+def _parse_onoff(v) -> bool:
+    if isinstance(v, bool):
+        return v
+    s = str(v).strip().lower()
+    if s in ("on", "true", "yes", "1"):
+        return True
+    if s in ("off", "false", "no", "0"):
+        return False
+    raise ValueError(f"expected on/off, got {v!r}")
+
+
+def _coerce(name: str, value: Any, f: dataclasses.Field) -> Any:
+    """YAML / CLI value -> the field's type, with an error naming the setting."""
+    if value is None:
+        return None
+    kind = f.metadata.get("kind")
+    try:
+        if kind in ("onoff", "flag"):
+            return _parse_onoff(value)
+        if kind == "list":
+            items = value.split(",") if isinstance(value, str) else list(value)
+            return tuple(str(s).strip() for s in items if str(s).strip())
+        default = f.default
+        ftype = str(f.type)
+        if "int" in ftype and "float" not in ftype:
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError(f"expected an integer, got {value!r}")
+            return int(value)
+        if "float" in ftype:
+            if isinstance(value, bool):
+                raise ValueError(f"expected a number, got {value!r}")
+            return float(value)
+        if "str" in ftype or isinstance(default, str):
+            return str(value)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{name}: {e}") from None
+    return value
+
+
+FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+
+
+def load_config(path: str) -> Dict[str, Any]:
+    """A YAML mapping of settings (yaml.safe_load: a config file cannot construct objects)."""
+    import yaml
+
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"config: {path!r} does not exist")
+    with open(path) as fh:
+        try:
+            raw = yaml.safe_load(fh)
+        except yaml.YAMLError as e:
+            raise ValueError(f"config: {path!r} is not valid YAML ({e})") from None
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ValueError(f"config: {path!r} must hold a mapping of settings, got {type(raw).__name__}")
+    out = {}
+    for k, v in raw.items():
+        name = str(k).replace("-", "_")
+        if name not in FIELDS:
+            raise ValueError(f"config: unknown setting {k!r} in {path!r}")
+        out[name] = v
+    return out
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    """One option per TrainConfig field, default None (so the merge knows what the command line set)."""
+    parser.add_argument("--config", default=None, help="YAML file of settings (command-line options override it)")
+    for f in dataclasses.fields(TrainConfig):
+        kind, help_ = f.metadata.get("kind"), f.metadata.get("help", "")
+        default = f.default if f.default is not dataclasses.MISSING else None
+        if isinstance(default, tuple):
+            default = ",".join(default)
+        help_ = f"{help_} (default: {default})"
+        if kind == "flag":
+            parser.add_argument(_flag(f.name), dest=f.name, action=argparse.BooleanOptionalAction, default=None,
+                                help=help_)
+        elif kind == "onoff":
+            parser.add_argument(_flag(f.name), dest=f.name, default=None, metavar="{on,off}", help=help_)
+        else:
+            parser.add_argument(_flag(f.name), dest=f.name, default=None, choices=f.metadata.get("choices"),
+                                help=help_)
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """defaults < --config YAML < command line; then method defaults. Not validated yet."""
+    values: Dict[str, Any] = {}
+    if getattr(args, "config", None):
+        values.update(load_config(args.config))
+    cli = {k: getattr(args, k) for k in FIELDS if getattr(args, k, None) is not None}
+    # --steps on the command line replaces a config file's epochs (and vice versa): not a conflict.
+    if "steps" in cli:
+        values.pop("epochs", None)
+    if "epochs" in cli:
+        values.pop("steps", None)
+    values.update(cli)
+    kwargs = {k: _coerce(k, v, FIELDS[k]) for k, v in values.items()}
+    return TrainConfig(**kwargs).resolve()
+
+
+def config_from_dict(d: Dict[str, Any]) -> TrainConfig:
+    """Rebuild a config stored in a checkpoint / config.yaml (unknown keys from newer versions ignored)."""
+    kwargs = {k: _coerce(k, v, FIELDS[k]) for k, v in d.items() if k in FIELDS}
+    return TrainConfig(**kwargs)
+
+
+def mismatches(saved: Dict[str, Any], current: TrainConfig) -> List[str]:
+    """Settings that differ between a checkpoint's config and the current one, among RESUME_MUST_MATCH."""
+    cur = current.to_dict()
+    bad = []
+    for k in RESUME_MUST_MATCH:
+        a, b = saved.get(k), cur.get(k)
+        if isinstance(a, (list, tuple)) or isinstance(b, (list, tuple)):
+            a, b = list(a or []), list(b or [])
+        if a != b:
+            bad.append(f"{k} (checkpoint {a!r}, now {b!r})")
+    return bad

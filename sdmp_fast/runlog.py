@@ -1,0 +1,114 @@
+"""What a run writes about itself (rank 0 only): ``out/metrics.jsonl``, a tqdm bar, TensorBoard if importable.
+
+metrics.jsonl: one JSON object per logged step, keys
+  step (optimiser steps done, 1-based), epoch (fractional), loss, each loss term (MoCo: source, mix_source,
+  mix_mix | source, source_sym; DINO: dino, mix_source, mix_teacher | dino), grad_norm, lr, wd, momentum,
+  tau_t (DINO), img_per_s (source images per second over the window, all ranks), skipped (non-finite steps in
+  the window), time_s (seconds since the run (re)started).
+Loss values are means over the steps of the window since the previous record. A resumed run first drops the
+records written after the checkpoint it resumes from, so the file never holds the same step twice.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+from typing import Dict, Optional
+
+__all__ = ["RunLogger", "read_metrics", "truncate_metrics"]
+
+
+def read_metrics(path: str):
+    """All records of a metrics.jsonl (a run directory or the file)."""
+    if os.path.isdir(path):
+        path = os.path.join(path, "metrics.jsonl")
+    with open(path) as fh:
+        return [json.loads(line) for line in fh if line.strip()]
+
+
+def truncate_metrics(path: str, last_step: int) -> None:
+    """Keep only records with step <= last_step (atomic rewrite); a torn last line is dropped."""
+    if not os.path.isfile(path):
+        return
+    kept = []
+    with open(path) as fh:
+        for line in fh:
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if rec.get("step", 0) <= last_step:
+                kept.append(line if line.endswith("\n") else line + "\n")
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "w") as fh:
+        fh.writelines(kept)
+    os.replace(tmp, path)
+
+
+def _clean(v):
+    if isinstance(v, float) and not math.isfinite(v):
+        return None  # JSON has no NaN; null marks "no finite value in this window"
+    return v
+
+
+class RunLogger:
+    def __init__(self, out: str, total_steps: int, initial_step: int = 0, enabled: bool = True,
+                 progress: bool = True, tensorboard: bool = True, log=print):
+        self.enabled, self.log = enabled, log
+        self.bar = self.tb = self.fh = None
+        if not enabled:
+            return
+        path = os.path.join(out, "metrics.jsonl")
+        truncate_metrics(path, initial_step)
+        self.fh = open(path, "a")
+        if progress:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total_steps, initial=initial_step, unit="step", dynamic_ncols=True,
+                            file=sys.stderr, mininterval=1.0)
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except Exception:  # tensorboard not installed: metrics.jsonl is the record
+                SummaryWriter = None
+            if SummaryWriter is not None:
+                self.tb = SummaryWriter(os.path.join(out, "tb"), purge_step=initial_step + 1)
+
+    def tick(self, n: int = 1) -> None:
+        if self.bar is not None:
+            self.bar.update(n)
+
+    def record(self, rec: Dict) -> None:
+        if not self.enabled:
+            return
+        rec = {k: _clean(v) for k, v in rec.items()}
+        self.fh.write(json.dumps(rec) + "\n")
+        self.fh.flush()
+        if self.bar is not None:
+            show = {k: rec[k] for k in ("loss", "img_per_s") if rec.get(k) is not None}
+            show.update({k: v for k, v in rec.items() if k.startswith(("source", "mix_", "dino"))
+                         and v is not None})
+            self.bar.set_postfix({k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in show.items()},
+                                 refresh=False)
+        if self.tb is not None:
+            for k, v in rec.items():
+                if k != "step" and isinstance(v, (int, float)):
+                    self.tb.add_scalar(f"train/{k}", v, rec["step"])
+
+    def write(self, msg: str) -> None:
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.write(msg, file=sys.stderr)
+        else:
+            self.log(msg)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        if self.tb is not None:
+            self.tb.close()
+        if self.fh is not None:
+            self.fh.close()
+        self.bar = self.tb = self.fh = None

@@ -1,0 +1,141 @@
+"""`sdmp-fast train`: pretrain a ViT with SDMP-MoCo v3 or SDMP-DINO.
+
+    sdmp-fast train --config run.yaml --batch-size 128 --out runs/a      # YAML settings, CLI overrides
+    torchrun --nproc_per_node 8 -m sdmp_fast.cli train ...               # DDP (NCCL on GPU, gloo on CPU)
+
+Order of work: merge and validate every setting (errors name the setting), check --out, build loader and
+model (data errors surface here), load the checkpoint when resuming, and only then create/touch --out.
+Everything the run writes lives under --out: config.yaml, metrics.jsonl, checkpoints/, backbone.pt (+ .json),
+tb/ (TensorBoard), .cache/ (torch.compile caches).
+
+Exit codes: 0 finished, or stopped by SIGTERM after saving a checkpoint (resumable with --resume);
+130 stopped by SIGINT (Ctrl-C) after saving a checkpoint; 2 bad configuration or input; 3 non-finite
+loss/gradient under --nan-policy stop; 1 other failures (e.g. a checkpoint that could not be written).
+A second Ctrl-C aborts at once.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+import signal
+import sys
+
+__all__ = ["add_arguments", "main", "EXIT_SIGINT", "EXIT_NONFINITE"]
+
+EXIT_SIGINT = 130
+EXIT_NONFINITE = 3
+
+
+def add_arguments(parser) -> None:
+    from sdmp_fast.config import add_config_arguments
+
+    add_config_arguments(parser)
+
+
+def _dist_env():
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    return rank, world, local
+
+
+def _check_out(cfg) -> None:
+    """Read-only checks of --out (nothing is created here)."""
+    out = cfg.out
+    if os.path.isdir(out) and os.listdir(out) and not cfg.resume:
+        raise ValueError(f"out: {out!r} already holds a run; pass --resume to continue it or choose another --out")
+
+
+def _write_config(cfg, out: str) -> None:
+    import yaml
+
+    path = os.path.join(out, "config.yaml")
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "w") as fh:
+        yaml.safe_dump(cfg.to_dict(), fh, sort_keys=False)
+    os.replace(tmp, path)
+
+
+def main(args) -> int:
+    from sdmp_fast.config import config_from_args
+
+    cfg = config_from_args(args)
+    cfg.validate()
+    _check_out(cfg)
+    if cfg.compile:  # keep torch.compile's caches inside --out (nothing written elsewhere)
+        cache = os.path.abspath(os.path.join(cfg.out, ".cache"))
+        os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(cache, "inductor"))
+        os.environ.setdefault("TRITON_CACHE_DIR", os.path.join(cache, "triton"))
+
+    import torch
+    import torch.distributed as dist
+
+    from sdmp_fast import checkpoint as ckpt
+    from sdmp_fast.runlog import RunLogger
+    from sdmp_fast.trainer import NonFiniteError, Trainer, resolve_device
+
+    rank, world, local = _dist_env()
+    if world > 1 and not dist.is_initialized():
+        device = resolve_device(cfg.device, local)
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        # NCCL: fail collectives on error instead of hanging; the timeout bounds the wait on a dead peer.
+        os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
+        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=cfg.dist_timeout))
+    log = print if rank == 0 else (lambda *a, **k: None)
+    logger = None
+    try:
+        trainer = Trainer(cfg, rank=rank, world_size=world, local_rank=local, log=log)
+        resumed_from = None
+        if cfg.resume:
+            found = ckpt.load_latest(ckpt.checkpoint_dir(cfg.out))
+            if found is not None:
+                resumed_from, state = found
+                trainer.load_state_dict(state)
+                del state
+        # ---- from here on --out is written
+        if rank == 0:
+            os.makedirs(cfg.out, exist_ok=True)
+            _write_config(cfg, cfg.out)
+        if world > 1:
+            dist.barrier()
+        logger = RunLogger(cfg.out, trainer.total_steps, trainer.step, enabled=rank == 0,
+                           progress=cfg.progress, tensorboard=cfg.tensorboard, log=log)
+        where = f"resuming from {resumed_from} at step {trainer.step}" if resumed_from else "starting"
+        logger.write(f"sdmp-fast train: {where}; {cfg.method} sdmp={'on' if cfg.sdmp else 'off'} {cfg.arch} "
+                     f"on {trainer.device} x{world}, {trainer.total_steps} steps of {trainer.global_batch} images, "
+                     f"{trainer.steps_per_epoch} steps/epoch, loss={trainer.loss_impl}")
+        _install_signal_handlers(trainer)
+        result = trainer.fit(cfg.out, logger)
+        if result == "signal":
+            name = signal.Signals(trainer.stop_signal).name if trainer.stop_signal else "a signal"
+            logger.write(f"stopped by {name} at step {trainer.step}; resume with --resume")
+            return EXIT_SIGINT if trainer.stop_signal == signal.SIGINT else 0
+        logger.write(f"done: {trainer.step} steps; backbone exported to {os.path.join(cfg.out, 'backbone.pt')}")
+        return 0
+    except NonFiniteError as e:
+        print(f"sdmp-fast train: error: {e}", file=sys.stderr)
+        return EXIT_NONFINITE
+    except ckpt.CheckpointError as e:
+        print(f"sdmp-fast train: error: {e}", file=sys.stderr)
+        return 1
+    finally:
+        if logger is not None:
+            logger.close()
+        if world > 1 and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _install_signal_handlers(trainer) -> None:
+    """SIGTERM/SIGINT: finish the current step, checkpoint, exit. A second SIGINT raises KeyboardInterrupt."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return
+
+    def handler(signum, frame):
+        if trainer.stop_signal is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        trainer.stop_signal = signum
+
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)

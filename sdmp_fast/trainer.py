@@ -1,0 +1,649 @@
+"""The lean SDMP trainer: MoCo v3 and DINO, SDMP on or off through the same code.
+
+One optimiser step (``Trainer.train_step``):
+  MoCo v3  base encoder fwd+bwd on [x1, x2m] (queries q1, q2m), momentum encoder fwd on [x1, x2, x1m]
+           (keys k1, k2, k1m), loss = source + mix_weight * (mix_source + mix_mix) (sdmp.md §3); the views swap
+           roles at random each step (host-side generator, checkpointed). SDMP off: base on [x1, x2], momentum
+           on [x1, x2], loss = ctr(q1, k2) + ctr(q2, k1) (plain symmetric MoCo v3). Under DDP the keys are
+           all-gathered without gradient and the per-rank flip of sdmp.md §2 indexes them.
+  DINO     student on 2 global + clean local + mixed local crops, teacher on the clean and the mixed global
+           crops, loss = sdmp_dino_terms (sdmp.md §4); the center is an EMA of the clean teacher outputs,
+           all-reduced across ranks. SDMP off: the student sees all local crops clean, no teacher mixed crops.
+Then gradient norm (clipped for DINO), a device-side non-finite flag, fused AdamW (which skips its update when
+the flag is set, via its ``found_inf`` input), decoupled weight decay, EMA update, metric accumulation.
+
+No host synchronisation in the steady state: lr / weight decay / momentum are host floats computed from the
+step number; the loss terms, gradient norm and non-finite flags accumulate on the device and are read every
+``log_every`` steps (one ``.tolist()``), before every checkpoint and at the end. Consequently a NaN/inf is
+*detected* up to ``log_every - 1`` steps after it happened; the flagged step's update is skipped on the device
+at once, and since every checkpoint write is preceded by a read, no checkpoint is ever written after a flagged
+step under ``nan_policy=stop``.
+
+Staged input pipeline (CUDA): batch i+1 is moved to the GPU on a side stream while step i computes; before
+use the compute stream waits on the copy stream and the batch's tensors are ``record_stream``-ed onto the
+compute stream (so the caching allocator does not recycle them while step i+1 still reads them).
+Optional ``torch.compile`` of the encoders, and optional whole-step CUDA-graph capture (single process):
+the step runs on static buffers; lr, weight decay, EMA keep rate and teacher temperature live in device
+scalars refreshed with ``fill_`` before each replay.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import os
+import time
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+from sdmp_fast import checkpoint as ckpt
+from sdmp_fast import losses as ref_losses
+from sdmp_fast.batch import SDMPBatch
+from sdmp_fast.config import TrainConfig, mismatches
+from sdmp_fast.models import (DINO, MoCoV3, backbone_spec, create_backbone, ema_update_, param_groups)
+from sdmp_fast.schedules import Schedules
+
+__all__ = ["Trainer", "NonFiniteError", "resolve_device", "build_recipe", "build_loader", "build_model",
+           "term_names", "loss_functions"]
+
+
+class NonFiniteError(RuntimeError):
+    """A loss term or the gradient became NaN/inf (message names the step and the terms)."""
+
+
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+    if name == "auto":
+        return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    if name == "cuda":
+        return torch.device(f"cuda:{local_rank}")
+    return torch.device(name)
+
+
+def build_recipe(cfg: TrainConfig):
+    from sdmp_fast.pipelines.recipes import make_recipe
+
+    if cfg.method == "mocov3":
+        recipe = make_recipe("byol2", size=cfg.img_size, mix=cfg.sdmp)
+    else:
+        recipe = make_recipe("dino", global_size=cfg.img_size, local_size=cfg.local_size, n_local=cfg.n_local,
+                             n_local_mixed=cfg.n_local_mixed if cfg.sdmp else 0, mix=cfg.sdmp)
+    mix = dataclasses.replace(recipe.mix, alpha=float(cfg.alpha), methods=tuple(cfg.mix_methods))
+    return dataclasses.replace(recipe, mix=mix).validate()
+
+
+def build_loader(cfg: TrainConfig, recipe, device: torch.device, rank: int = 0, world_size: int = 1,
+                 synthetic_length: int = 1000):
+    if cfg.loader == "synthetic":
+        from sdmp_fast.synthetic import SyntheticLoader
+
+        return SyntheticLoader(recipe, cfg.batch_size, device=device, seed=cfg.seed, shard_id=rank,
+                               length=synthetic_length)
+    from sdmp_fast.pipelines.base import make_loader
+
+    return make_loader(cfg.loader, cfg.data, recipe, cfg.batch_size, device=device, shard_id=rank,
+                       num_shards=world_size, shuffle=True, drop_last=True, seed=cfg.seed,
+                       num_workers=cfg.num_workers)
+
+
+def build_model(cfg: TrainConfig) -> Tuple[nn.Module, Dict]:
+    """The method's model on the CPU, initialised from ``cfg.seed`` (identical on every rank)."""
+    spec = backbone_spec(cfg.arch, cfg.img_size, cfg.patch_size, cfg.depth, cfg.embed_dim, cfg.num_heads,
+                         dynamic_img_size=cfg.method == "dino")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        backbone = create_backbone(spec)
+        if cfg.method == "mocov3":
+            model = MoCoV3(backbone, cfg.proj_hidden_dim, cfg.proj_dim, cfg.freeze_patch_embed)
+        else:
+            model = DINO(backbone, cfg.dino_out_dim, cfg.dino_hidden_dim, cfg.dino_bottleneck_dim)
+    return model, spec
+
+
+def term_names(cfg: TrainConfig) -> Tuple[str, ...]:
+    if cfg.method == "mocov3":
+        return ("source", "mix_source", "mix_mix") if cfg.sdmp else ("source", "source_sym")
+    return ("dino", "mix_source", "mix_teacher") if cfg.sdmp else ("dino",)
+
+
+def loss_functions(cfg: TrainConfig, device: torch.device) -> Tuple[Callable, Callable, str]:
+    """(moco_terms, dino_terms, name): the fused kernels from sdmp_fast.kernels when it exports functions
+    of the reference signatures and we are on a GPU, else the reference losses."""
+    moco, dino_fn, name = ref_losses.sdmp_moco_terms, ref_losses.sdmp_dino_terms, "reference"
+    if cfg.kernels == "auto" and device.type == "cuda":
+        try:
+            from sdmp_fast import kernels
+        except Exception:  # a broken build must not stop training: the reference path is exact
+            kernels = None
+        if kernels is not None:
+            k_moco = getattr(kernels, "sdmp_moco_terms", None)
+            k_dino = getattr(kernels, "sdmp_dino_terms", None)
+            if callable(k_moco) or callable(k_dino):
+                name = "kernels"
+            moco = k_moco if callable(k_moco) else moco
+            dino_fn = k_dino if callable(k_dino) else dino_fn
+    return moco, dino_fn, name
+
+
+def _moco_ctr(q: torch.Tensor, k: torch.Tensor, tau: float, rank: int) -> torch.Tensor:
+    """MoCo v3's contrastive loss (times 2*tau) of local queries against (all-gathered) keys."""
+    n = q.shape[0]
+    labels = torch.arange(n, device=q.device) + rank * n
+    return F.cross_entropy(ref_losses.moco_logits(q, k, tau), labels) * (2.0 * tau)
+
+
+def _gather_no_grad(x: torch.Tensor, world_size: int) -> torch.Tensor:
+    """[n, d] per rank -> [world_size * n, d] in rank order, without gradient (MoCo v3's concat_all_gather)."""
+    if world_size == 1:
+        return x
+    x = x.detach().contiguous()
+    parts = [torch.empty_like(x) for _ in range(world_size)]
+    dist.all_gather(parts, x)
+    return torch.cat(parts)
+
+
+def _debug_env() -> Dict[str, float]:
+    """Fault-injection hooks for tests and the fault drill (all off unless the variables are set)."""
+    def num(name, default=-1.0):
+        try:
+            return float(os.environ.get(name, default))
+        except ValueError:
+            return default
+    return {"step_sleep": num("SDMP_DEBUG_STEP_SLEEP", 0.0), "exit_step": num("SDMP_FAULT_EXIT_STEP"),
+            "exit_rank": num("SDMP_FAULT_RANK", 0.0), "nan_step": num("SDMP_DEBUG_NAN_STEP")}
+
+
+class _Stager:
+    """Moves host batches to the GPU on a side stream (TorchRec's copy stage); device batches pass through."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+
+    def stage(self, batch: SDMPBatch) -> SDMPBatch:
+        if self.stream is None or batch.labels.device == self.device:
+            return batch
+        with torch.cuda.stream(self.stream):
+            if not batch.views[0].is_pinned():
+                batch = batch.pin_memory()
+            return batch.to(self.device, non_blocking=True)
+
+    def wait(self, batch: SDMPBatch) -> SDMPBatch:
+        if self.stream is not None and batch.labels.device == self.device:
+            current = torch.cuda.current_stream(self.device)
+            current.wait_stream(self.stream)
+            batch.record_stream(current)  # the copy was allocated on self.stream; now step i+1 reads it here
+        return batch
+
+
+class Trainer:
+    """Builds loader, model and optimiser from a validated TrainConfig; ``fit()`` runs to ``total_steps``.
+
+    ``rank`` / ``world_size`` follow torch.distributed (already initialised by the caller when > 1)."""
+
+    def __init__(self, cfg: TrainConfig, *, rank: int = 0, world_size: int = 1, local_rank: int = 0,
+                 loader=None, log: Callable[[str], None] = print):
+        self.cfg, self.rank, self.world_size, self.log = cfg, rank, world_size, log
+        self.device = resolve_device(cfg.device, local_rank)
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and self.device.type == "cuda")
+        self.amp_dtype = torch.bfloat16 if use_bf16 else None
+        if cfg.deterministic:
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+            torch.use_deterministic_algorithms(True)
+        if cfg.cuda_graphs and world_size > 1:
+            raise ValueError("cuda_graphs: whole-step capture is single-process only (DDP capture is not supported)")
+
+        self.recipe = build_recipe(cfg)
+        self.loader = loader if loader is not None else build_loader(cfg, self.recipe, self.device, rank,
+                                                                      world_size, cfg.steps or 1000)
+        self.steps_per_epoch = len(self.loader)
+        if self.steps_per_epoch < 1:
+            raise ValueError(f"batch_size: {cfg.batch_size} per process leaves no full batch in an epoch")
+        self.total_steps = int(cfg.steps if cfg.steps is not None else cfg.epochs * self.steps_per_epoch)
+        self.global_batch = cfg.batch_size * world_size
+
+        self.model, self.spec = build_model(cfg)
+        self.model.to(self.device)
+        if cfg.method == "mocov3":
+            self.module, self.target = self.model.base, self.model.momentum
+            if world_size > 1 and self.device.type == "cuda":  # MoCo v3 uses SyncBN in its heads
+                self.model.base = self.module = nn.SyncBatchNorm.convert_sync_batchnorm(self.module)
+                self.model.momentum = self.target = nn.SyncBatchNorm.convert_sync_batchnorm(self.target)
+        else:
+            self.module, self.target = self.model.student, self.model.teacher
+        self.train_module: nn.Module = self.module
+        if world_size > 1:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            self.train_module = DDP(self.module, device_ids=[self.device.index] if self.device.type == "cuda"
+                                    else None, broadcast_buffers=False)
+        self.fwd_student, self.fwd_target = self.train_module, self.target
+        if cfg.compile:
+            self.fwd_student = torch.compile(self.train_module)
+            self.fwd_target = torch.compile(self.target)
+        self.ema_targets = [t for t, _ in self.model.ema_pairs()]
+        self.ema_sources = [s for _, s in self.model.ema_pairs()]
+
+        groups = param_groups(self.module)
+        self.decay_params = groups[0]["params"]
+        self.trainable = [p for g in groups for p in g["params"]]
+        self.last_layer_params = (list(self.model.student.head.last_layer.parameters())
+                                  if cfg.method == "dino" else [])
+        self.graph_mode = bool(cfg.cuda_graphs)
+        peak_lr = cfg.lr if cfg.lr is not None else cfg.base_lr * self.global_batch / 256
+        # Decoupled weight decay is applied by us (p *= 1 - lr*wd, exactly AdamW's first operation) so that a
+        # scheduled decay works inside a captured graph; AdamW itself runs with weight_decay=0.
+        opt_lr = torch.tensor(peak_lr, device=self.device) if self.graph_mode else peak_lr
+        self.optimizer = torch.optim.AdamW(groups, lr=opt_lr, weight_decay=0.0, fused=True,
+                                           capturable=self.graph_mode)
+        warmup = cfg.warmup_steps if cfg.warmup_steps is not None else int(round(0.1 * self.total_steps))
+        tau_warm = (cfg.tau_t_warmup_steps if cfg.tau_t_warmup_steps is not None
+                    else int(round(0.3 * self.total_steps)))
+        self.schedules = Schedules(self.total_steps, peak_lr, cfg.min_lr, min(warmup, self.total_steps),
+                                   cfg.weight_decay, cfg.weight_decay_end, cfg.momentum, cfg.tau_t, cfg.tau_t_end,
+                                   tau_warm)
+        self.freeze_last_steps = cfg.freeze_last_layer_epochs * self.steps_per_epoch
+        self.moco_terms_fn, self.dino_terms_fn, self.loss_impl = loss_functions(cfg, self.device)
+        self.names = ("loss",) + term_names(cfg) + ("grad_norm",)
+
+        # host state (checkpointed)
+        self.step, self.epoch, self.position = 0, 0, 0
+        self.swap_gen = torch.Generator().manual_seed(cfg.seed * 7919 + 17)
+        # device state: non-finite flag and metric accumulators (read every log_every steps)
+        dev = self.device
+        self._found_inf = torch.zeros((), device=dev)
+        self.optimizer.found_inf = self._found_inf
+        self._acc = torch.zeros(len(self.names), device=dev, dtype=torch.float64)
+        self._n_ok = torch.zeros((), device=dev, dtype=torch.float64)
+        self._n_bad = torch.zeros((), device=dev, dtype=torch.float64)
+        self._dev_step = torch.zeros((), device=dev, dtype=torch.float64)
+        self._first_bad_step = torch.full((), -1.0, device=dev, dtype=torch.float64)
+        self._first_bad_mask = torch.zeros(len(self.names), device=dev, dtype=torch.bool)
+        # device scalars of the schedules (used by the graph path; the eager path passes floats)
+        self._sched_t = {k: torch.zeros((), device=dev) for k in ("lr", "wd", "keep", "tau_t")}
+        self._graph = None
+        self._static: Optional[List] = None
+        self.stop_signal: Optional[int] = None
+        self.debug = _debug_env()
+        self.skipped_total = 0
+        self.meta = {"backbone_spec": self.spec, "method": cfg.method, "sdmp": cfg.sdmp,
+                     "backbone_prefix": "base.backbone." if cfg.method == "mocov3" else "teacher.backbone.",
+                     "mean": [float(v) for v in getattr(self.loader, "mean", self.recipe.mean)],
+                     "std": [float(v) for v in getattr(self.loader, "std", self.recipe.std)],
+                     "img_size": cfg.img_size, "patch_size": cfg.patch_size}
+
+    # ----------------------------------------------------------------------------------------- contexts
+    def _autocast(self):
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        # inside a CUDA graph capture the autocast weight-cast cache must be off (cached casts are not replayed)
+        return torch.autocast(self.device.type, dtype=self.amp_dtype, cache_enabled=not self.graph_mode)
+
+    # ----------------------------------------------------------------------------------------- inputs
+    def step_inputs(self, batch: SDMPBatch, swap: bool) -> List[torch.Tensor]:
+        """The flat list of tensors one step reads, in role order (the MoCo view swap is applied here)."""
+        cfg = self.cfg
+        if cfg.method == "mocov3":
+            x1, x2 = batch.views[0], batch.views[1]
+            if not cfg.sdmp:
+                return [x2, x1] if swap else [x1, x2]
+            if batch.lam is None or len(batch.mixed_views) < 2:
+                raise ValueError("loader: SDMP-MoCo needs batches with mixed views of both views (sdmp on)")
+            x1m, x2m = batch.mixed_views[0], batch.mixed_views[1]
+            return ([x2, x1, x2m, x1m] if swap else [x1, x2, x1m, x2m]) + [batch.lam]
+        n_local = cfg.n_local
+        if not cfg.sdmp:
+            return list(batch.views[: 2 + n_local])
+        n_clean = n_local - cfg.n_local_mixed
+        if batch.lam is None or len(batch.mixed_views) != 2 + cfg.n_local_mixed:
+            raise ValueError("loader: SDMP-DINO needs batches with mixed global and local crops (sdmp on)")
+        return list(batch.views[: 2 + n_clean]) + list(batch.mixed_views) + [batch.lam]
+
+    # ----------------------------------------------------------------------------------------- losses
+    def _moco_loss(self, inputs: Sequence[torch.Tensor], tau_t) -> Tuple[torch.Tensor, List[torch.Tensor]]:
+        cfg, W, r = self.cfg, self.world_size, self.rank
+        if cfg.sdmp:
+            x1, x2, x1m, x2m, lam = inputs
+            with self._autocast():
+                q1, q2m = self.fwd_student(torch.cat([x1, x2m]), 2)
+                with torch.no_grad():
+                    k1, k2, k1m = self.fwd_target(torch.cat([x1, x2, x1m]), 3)
+            n = k1.shape[0]
+            keys = _gather_no_grad(torch.cat([k1, k2, k1m]), W).float()
+            if W > 1:
+                keys = keys.view(W, 3, n, -1)
+                k1, k2, k1m = (keys[:, j].reshape(W * n, -1) for j in range(3))
+            else:
+                k1, k2, k1m = keys.chunk(3)
+            terms = self.moco_terms_fn(q1.float(), q2m.float(), k1, k2, k1m, lam, cfg.tau, r, W)
+            t = [terms["source"], terms["mix_source"], terms["mix_mix"]]
+            return t[0] + cfg.mix_weight * (t[1] + t[2]), t
+        x1, x2 = inputs
+        with self._autocast():
+            q1, q2 = self.fwd_student(torch.cat([x1, x2]), 2)
+            with torch.no_grad():
+                k1, k2 = self.fwd_target(torch.cat([x1, x2]), 2)
+        n = k1.shape[0]
+        keys = _gather_no_grad(torch.cat([k1, k2]), W).float()
+        if W > 1:
+            keys = keys.view(W, 2, n, -1)
+            k1, k2 = (keys[:, j].reshape(W * n, -1) for j in range(2))
+        else:
+            k1, k2 = keys.chunk(2)
+        t = [_moco_ctr(q1.float(), k2, cfg.tau, r), _moco_ctr(q2.float(), k1, cfg.tau, r)]
+        return t[0] + t[1], t
+
+    def _dino_loss(self, inputs: Sequence[torch.Tensor], tau_t) -> Tuple[torch.Tensor, List[torch.Tensor]]:
+        cfg = self.cfg
+        if cfg.sdmp:
+            n_clean = 2 + cfg.n_local - cfg.n_local_mixed
+            *crops, lam = inputs
+            clean, mixed = crops[:n_clean], crops[n_clean:]
+            student_crops = clean + mixed[2:]
+            teacher_crops = clean[:2] + mixed[:2]
+        else:
+            lam, clean, mixed = None, list(inputs), []
+            student_crops, teacher_crops = clean, clean[:2]
+        B = clean[0].shape[0]
+        with self._autocast():
+            s_out = self.fwd_student(student_crops)
+            with torch.no_grad():
+                t_out = self.fwd_target(teacher_crops)
+        s_out = s_out.view(len(student_crops), B, -1)
+        t_out = t_out.view(len(teacher_crops), B, -1)
+        n_sc = len(clean)
+        t_clean = t_out[:2]
+        t_mixed = t_out[2:] if cfg.sdmp else None
+        s_mixed = s_out[n_sc:] if cfg.sdmp else None
+        center = self.model.center
+        terms = self.dino_terms_fn(s_out[:n_sc], s_mixed, t_clean, t_mixed, center, lam, cfg.tau_s, tau_t,
+                                   cfg.mix_weight)
+        self._pending_center_mean = t_clean.detach().float().reshape(-1, t_clean.shape[-1]).mean(0)
+        if cfg.sdmp:
+            t = [terms["dino"], terms["mix_source"], terms["mix_teacher"]]
+        else:
+            t = [terms["dino"]]
+        return terms["loss"], t
+
+    # ----------------------------------------------------------------------------------------- one step
+    def _step_body(self, inputs: Sequence[torch.Tensor], lr, wd, keep, tau_t, freeze_last: bool) -> None:
+        """Forward, backward, update: device work only (capturable). lr/wd/keep/tau_t: floats or 0-dim tensors."""
+        cfg = self.cfg
+        loss_fn = self._moco_loss if cfg.method == "mocov3" else self._dino_loss
+        loss, terms = loss_fn(inputs, tau_t)
+        if self.debug["nan_step"] >= 0 and not self.graph_mode and self.step == int(self.debug["nan_step"]):
+            loss = loss * float("nan")  # fault injection (SDMP_DEBUG_NAN_STEP)
+        loss.backward()
+        if freeze_last:  # DINO: prototypes frozen during the first epoch(s): no gradient, no Adam update
+            for p in self.last_layer_params:
+                p.grad = None
+        with torch.no_grad():
+            self._update(loss, terms, lr, wd, keep)
+
+    def _update(self, loss, terms, lr, wd, keep) -> None:
+        """Gradient norm (clipped for DINO), non-finite flag, weight decay, AdamW, EMA, center, metrics."""
+        cfg = self.cfg
+        with_grad = [p for p in self.trainable if p.grad is not None]
+        if cfg.clip_grad and cfg.clip_grad > 0:
+            gnorm = torch.nn.utils.clip_grad_norm_(with_grad, cfg.clip_grad)
+        else:
+            gnorm = torch.nn.utils.get_total_norm([p.grad for p in with_grad])
+        vals = torch.stack([loss.detach().float()] + [t.detach().float() for t in terms] + [gnorm.float()])
+        nonfinite = ~torch.isfinite(vals)
+        bad = nonfinite.any().float()
+        if self.world_size > 1:  # every rank must skip (or not) the same step, or parameters would diverge
+            dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+        self._found_inf.copy_(bad)
+        ok = 1.0 - bad
+        # decoupled weight decay (AdamW's p *= 1 - lr*wd), skipped with the step when it is flagged
+        torch._foreach_mul_(self.decay_params, 1.0 - (lr * wd) * ok)
+        self.optimizer.step()  # fused AdamW: reads self._found_inf and skips the update when it is 1
+        self.optimizer.zero_grad(set_to_none=not self.graph_mode)
+        ema_update_(self.ema_targets, self.ema_sources, keep + (1.0 - keep) * bad)
+        if cfg.method == "dino":
+            mean = self._pending_center_mean
+            if self.world_size > 1:
+                dist.all_reduce(mean)
+                mean = mean / self.world_size
+            c = self.model.center
+            new_c = ref_losses.dino_center_update(c, None, cfg.center_momentum, batch_mean=mean)
+            c.copy_(torch.where(bad > 0, c, new_c))
+        self._dev_step += 1
+        self._acc += torch.where(nonfinite, torch.zeros_like(vals), vals).double()
+        self._n_ok += ok.double()
+        self._n_bad += bad.double()
+        record = (bad > 0) & (self._first_bad_step < 0)
+        self._first_bad_step.copy_(torch.where(record, self._dev_step - 1, self._first_bad_step))
+        self._first_bad_mask.copy_(torch.where(record, nonfinite, self._first_bad_mask))
+
+    def train_step(self, batch: SDMPBatch) -> None:
+        """One optimiser step on ``batch`` (already on the device); no host sync."""
+        swap = bool(torch.randint(0, 2, (1,), generator=self.swap_gen).item()) if self.cfg.method == "mocov3" \
+            else False
+        inputs = self.step_inputs(batch, swap)
+        s = self.schedules
+        lr, wd, keep, tau_t = s.lr(self.step), s.weight_decay(self.step), s.ema_keep(self.step), \
+            s.teacher_temp(self.step)
+        freeze_last = self.step < self.freeze_last_steps
+        for g in self.optimizer.param_groups:
+            if self.graph_mode:
+                g["lr"].fill_(lr)
+            else:
+                g["lr"] = lr
+        self.module.train()
+        self.target.train()
+        if not self.graph_mode:
+            self._step_body(inputs, lr, wd, keep, tau_t, freeze_last)
+        else:
+            self._graph_step(inputs, lr, wd, keep, tau_t, freeze_last)
+        self.step += 1
+
+    # ----------------------------------------------------------------------------------------- CUDA graph
+    def _graph_step(self, inputs, lr, wd, keep, tau_t, freeze_last) -> None:
+        """Eager warm-up steps on static buffers (also the DINO frozen-prototype period), then one capture of
+        the whole step; afterwards: copy the batch into the static buffers, refresh the schedule scalars,
+        replay."""
+        st = self._sched_t
+        for name, v in (("lr", lr), ("wd", wd), ("keep", keep), ("tau_t", tau_t)):
+            st[name].fill_(v)
+        if self._static is None:
+            self._static = [t.clone() for t in inputs]
+            self._graph_warmup = 0
+        for dst, src in zip(self._static, inputs):
+            dst.copy_(src)
+        args = (self._static, st["lr"], st["wd"], st["keep"], st["tau_t"])
+        if self._graph is not None:
+            self._graph.replay()
+            return
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        if freeze_last or self._graph_warmup < 3:
+            with torch.cuda.stream(side):
+                self._step_body(*args, freeze_last)
+            torch.cuda.current_stream(self.device).wait_stream(side)
+            self._graph_warmup += 1
+            return
+        torch.cuda.synchronize(self.device)
+        self.optimizer.zero_grad(set_to_none=True)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            self._step_body(*args, False)
+        self._graph = graph
+        graph.replay()  # capture records without running: this replay is the step itself
+
+    # ----------------------------------------------------------------------------------------- metrics
+    def read_metrics(self) -> Dict[str, float]:
+        """One host sync: the window's mean loss terms and the non-finite bookkeeping; resets the window."""
+        flat = torch.cat([self._acc, self._n_ok[None], self._n_bad[None], self._first_bad_step[None],
+                          self._first_bad_mask.double()]).tolist()
+        k = len(self.names)
+        acc, n_ok, n_bad, first_bad, mask = flat[:k], flat[k], flat[k + 1], flat[k + 2], flat[k + 3:]
+        self._acc.zero_()
+        self._n_ok.zero_()
+        self._n_bad.zero_()
+        out = {name: (a / n_ok if n_ok > 0 else float("nan")) for name, a in zip(self.names, acc)}
+        out["skipped"] = int(n_bad)
+        self.skipped_total += int(n_bad)
+        if n_bad > 0 and self.cfg.nan_policy == "stop":
+            which = [n for n, m in zip(self.names, mask) if m > 0.5]
+            raise NonFiniteError(
+                f"non-finite {' and '.join(which)} at step {int(first_bad) + 1} (of {self.total_steps}); that "
+                f"step's update was skipped and the run stopped (nan_policy=stop, detected within log_every="
+                f"{self.cfg.log_every} steps); the last checkpoint predates it. Lower the lr, check the data, or "
+                f"use --nan-policy skip")
+        if n_bad > 0:
+            self._first_bad_step.fill_(-1)
+        return out
+
+    # ----------------------------------------------------------------------------------------- state
+    def state_dict(self) -> Dict:
+        rng = ckpt.rng_state()
+        rng["swap"] = self.swap_gen.get_state()
+        if self.world_size > 1:
+            ranks_rng: List = [None] * self.world_size
+            dist.all_gather_object(ranks_rng, rng)
+        else:
+            ranks_rng = [rng]
+        return {"format": ckpt.FORMAT_VERSION, "step": self.step, "epoch": self.epoch, "position": self.position,
+                "steps_per_epoch": self.steps_per_epoch, "total_steps": self.total_steps,
+                "world_size": self.world_size, "model": self.model.state_dict(),
+                "optimizer": self.optimizer.state_dict(), "rng": ranks_rng, "config": self.cfg.to_dict(),
+                "meta": dict(self.meta, step=self.step), "skipped_total": self.skipped_total}
+
+    def load_state_dict(self, state: Dict) -> None:
+        bad = mismatches(state["config"], self.cfg)
+        if bad:
+            raise ValueError(f"resume: the checkpoint was made with other settings: {'; '.join(bad)}")
+        if state["steps_per_epoch"] != self.steps_per_epoch:
+            raise ValueError(f"resume: {self.steps_per_epoch} steps per epoch now, {state['steps_per_epoch']} in "
+                             f"the checkpoint (data or world size changed)")
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.optimizer.found_inf = self._found_inf
+        self.step, self.epoch, self.position = int(state["step"]), int(state["epoch"]), int(state["position"])
+        self.skipped_total = int(state.get("skipped_total", 0))
+        rngs = state["rng"]
+        mine = rngs[self.rank] if len(rngs) == self.world_size else rngs[0]
+        ckpt.set_rng_state(mine)
+        self.swap_gen.set_state(mine["swap"])
+
+    def save(self, out: str) -> Optional[str]:
+        """Checkpoint (rank 0 writes; all ranks take part in gathering RNG states)."""
+        state = self.state_dict()
+        path = None
+        if self.rank == 0:
+            path = ckpt.save_checkpoint(state, ckpt.checkpoint_dir(out), self.step, self.cfg.keep_checkpoints)
+        if self.world_size > 1:
+            dist.barrier()
+        return path
+
+    # ----------------------------------------------------------------------------------------- data
+    def batches(self) -> Iterator[Tuple[int, int, SDMPBatch]]:
+        """(epoch, index in epoch, batch) from the current (epoch, position) on, across epochs forever.
+        A resumed run re-reads and drops the first ``position`` batches of its epoch: the loaders draw their
+        randomness from generators seeded per (seed, epoch, shard), so the batches that follow are the same
+        ones the interrupted run would have seen."""
+        epoch, start = self.epoch, self.position
+        while True:
+            self.loader.set_epoch(epoch)
+            it = iter(self.loader)
+            skip_to = getattr(self.loader, "skip_batches", None)
+            i = 0
+            if start and callable(skip_to):
+                skip_to(start)
+                i = start
+            for batch in it:
+                if i >= start:
+                    yield epoch, i, batch
+                i += 1
+            epoch, start = epoch + 1, 0
+
+    def mark_done(self, epoch: int, index: int) -> None:
+        """Record that the batch (epoch, index) has been trained on (what a checkpoint resumes after)."""
+        if index + 1 >= self.steps_per_epoch:
+            self.epoch, self.position = epoch + 1, 0
+        else:
+            self.epoch, self.position = epoch, index + 1
+
+    # ----------------------------------------------------------------------------------------- the loop
+    def _agree_stop(self) -> bool:
+        """Whether to stop now. One process: the signal flag. Several: any rank's flag, agreed through one
+        all-reduce at sync points only (so a signal stops the run within log_every steps, on every rank at
+        the same step)."""
+        flag = self.stop_signal is not None
+        if self.world_size == 1:
+            return flag
+        t = torch.tensor([1.0 if flag else 0.0], device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item() > 0)
+
+    def fit(self, out: str, logger=None) -> str:
+        """Train until ``total_steps`` ("done") or a stop signal ("signal", after a checkpoint). Metrics are
+        read at sync points: every log_every steps, before each checkpoint, at the end."""
+        from sdmp_fast.runlog import RunLogger
+
+        cfg = self.cfg
+        logger = logger or RunLogger(out, self.total_steps, self.step, enabled=False)
+        stager = _Stager(self.device)
+        it = self.batches()
+        t_start = t_last = time.perf_counter()
+        step_last = self.step
+        nxt = None
+        if self.step < self.total_steps:
+            e, i, b = next(it)
+            nxt = (e, i, stager.stage(b))
+        result = "done"
+        while self.step < self.total_steps:
+            e, i, b = nxt
+            b = stager.wait(b)
+            self.train_step(b)
+            self.mark_done(e, i)
+            if self.step < self.total_steps:  # fetch + stage the next batch while this step computes
+                e2, i2, b2 = next(it)
+                nxt = (e2, i2, stager.stage(b2))
+            logger.tick()
+            self._debug_hooks()
+            save_due = bool(cfg.save_every) and self.step % cfg.save_every == 0
+            last = self.step >= self.total_steps
+            sync = self.step % cfg.log_every == 0 or save_due or last or \
+                (self.world_size == 1 and self.stop_signal is not None)
+            if not sync:
+                continue
+            metrics = self.read_metrics()  # raises NonFiniteError (policy stop) before any checkpoint write
+            stop = self._agree_stop() and not last
+            now = time.perf_counter()
+            rec = {"step": self.step, "epoch": round(self.epoch + self.position / self.steps_per_epoch, 4)}
+            rec.update(metrics)
+            rec.update(self.schedules.at(self.step - 1) if self.step > 0 else {})
+            if cfg.method != "dino":
+                rec.pop("tau_t", None)
+            rec["img_per_s"] = (self.step - step_last) * self.global_batch / max(now - t_last, 1e-9)
+            rec["time_s"] = round(now - t_start, 3)
+            logger.record(rec)
+            if metrics["skipped"]:
+                logger.write(f"warning: {metrics['skipped']} step(s) with a non-finite loss/gradient skipped "
+                             f"before step {self.step} (nan_policy=skip)")
+            t_last, step_last = now, self.step
+            if save_due or last or stop:
+                path = self.save(out)
+                if path and (stop or last):
+                    logger.write(f"checkpoint: {path}")
+            if stop:
+                result = "signal"
+                break
+        if result == "done" and self.rank == 0:
+            bb = self.model.base.backbone if cfg.method == "mocov3" else self.model.teacher.backbone
+            ckpt.export_backbone(bb, out, dict(self.meta, step=self.step))
+        return result
+
+    def _debug_hooks(self) -> None:
+        d = self.debug
+        if d["step_sleep"] > 0:
+            time.sleep(d["step_sleep"])
+        if d["exit_step"] >= 0 and self.step == int(d["exit_step"]) and self.rank == int(d["exit_rank"]):
+            os._exit(17)  # fault injection: this rank dies without cleanup (SDMP_FAULT_EXIT_STEP)
