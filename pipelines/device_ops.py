@@ -24,14 +24,14 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass
-from typing import List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 
 from .recipes import Recipe, ViewSpec
 
-__all__ = ["random_resized_crop_boxes", "crop_resize", "AugmentParams", "draw_augment_params",
+__all__ = ["random_resized_crop_boxes", "crop_resize", "PackedImages", "AugmentParams", "draw_augment_params",
            "apply_augment", "augment", "normalize", "make_views", "blur_kernel_size", "hflip", "color_jitter",
            "adjust_hue", "grayscale", "gaussian_blur", "solarize", "SOLARIZE_THRESHOLD"]
 
@@ -86,11 +86,12 @@ def random_resized_crop_boxes(heights: torch.Tensor, widths: torch.Tensor,
     return box.float()
 
 
-def _source_taps(start: torch.Tensor, length: torch.Tensor, size: int, limit: int):
+def _source_taps(start: torch.Tensor, length: torch.Tensor, size: int, limit):
     """Bilinear taps of a half-pixel-centre resize of [start, start+length) to ``size`` samples.
 
     Mirrors ATen's upsample_bilinear2d (align_corners=False): src = (i + 0.5) * length / size - 0.5, clamped to
-    the crop. Returns (lo index, hi index, weight of hi), each [..., size].
+    the crop. ``limit`` (int, or a tensor broadcastable to start) is the image side. Returns (lo index, hi index,
+    weight of hi), each [..., size].
     """
     i = torch.arange(size, device=start.device, dtype=torch.float32)
     local = (i + 0.5) * (length[..., None] / size) - 0.5
@@ -98,37 +99,90 @@ def _source_taps(start: torch.Tensor, length: torch.Tensor, size: int, limit: in
     src = start[..., None] + local
     lo = torch.floor(src)
     frac = src - lo
-    lo = lo.long().clamp(0, limit - 1)
-    hi = (lo + 1).clamp_max(limit - 1)  # weight is 0 whenever hi would step past the crop
+    last = (limit - 1)[..., None] if isinstance(limit, torch.Tensor) else torch.tensor(limit - 1)
+    lo = torch.minimum(lo.long().clamp_min(0), last)
+    hi = torch.minimum(lo + 1, last)  # weight is 0 whenever hi would step past the crop
     return lo, hi, frac
 
 
-def _crop_resize_multi(images: torch.Tensor, boxes: torch.Tensor, size: int) -> torch.Tensor:
-    """images [n, C, H, W], boxes [n, k, 4] -> [k * n, C, size, size] float32 (view-major: crop j of sample i
-    is row j * n + i). Gathers the 4 bilinear taps straight from the (uint8) pixels, so the full image is never
-    converted to float."""
-    n, c, hgt, wid = images.shape
-    k = boxes.shape[1]
-    boxes = boxes.to(device=images.device, dtype=torch.float32)
+@dataclass
+class PackedImages:
+    """A batch of differently sized RGB uint8 images back to back in one flat buffer, each channels-last
+    (H, W, 3), so no padding is stored (one 8000 x 8000 image does not blow up a whole batch)."""
+    data: torch.Tensor  # uint8 [total]
+    offsets: torch.Tensor  # [n] int64: first byte of each image
+    heights: torch.Tensor  # [n] int64
+    widths: torch.Tensor  # [n] int64
+
+    @classmethod
+    def from_list(cls, images: Sequence[torch.Tensor], device=None) -> "PackedImages":
+        """From [3, H, W] uint8 tensors (what torchvision.io decodes), on ``device`` (default: the images')."""
+        if len(images) == 0:
+            raise ValueError("PackedImages: no images")
+        for j, t in enumerate(images):
+            if t.dim() != 3 or t.shape[0] != 3 or t.dtype != torch.uint8:
+                raise ValueError(f"PackedImages: image {j} must be uint8 [3, H, W], got {t.dtype} "
+                                 f"{tuple(t.shape)}")
+        device = torch.device(device) if device is not None else images[0].device
+        sizes = [t.numel() for t in images]
+        starts = [0]
+        for sz in sizes[:-1]:
+            starts.append(starts[-1] + sz)
+        meta = torch.tensor([starts, [t.shape[1] for t in images], [t.shape[2] for t in images]],
+                            dtype=torch.int64)
+        meta = meta.to(device, non_blocking=True)
+        data = torch.cat([t.to(device, non_blocking=True).permute(1, 2, 0).reshape(-1) for t in images])
+        return cls(data, meta[0], meta[1], meta[2])
+
+    def __len__(self) -> int:
+        return int(self.offsets.shape[0])
+
+
+def _bilinear_crops(fetch, boxes: torch.Tensor, size: int, hgt, wid) -> torch.Tensor:
+    """Shared body: boxes [n, k, 4]; ``fetch(rows, cols)`` returns the float pixels [n, C, k, S, S] at integer
+    rows [n, k, S] x cols [n, k, S]. Returns [k * n, C, S, S] float32, view-major (crop j of sample i is row
+    j * n + i)."""
+    n, k = boxes.shape[:2]
     y_lo, y_hi, fy = _source_taps(boxes[..., 0], boxes[..., 2], size, hgt)  # [n, k, S]
     x_lo, x_hi, fx = _source_taps(boxes[..., 1], boxes[..., 3], size, wid)
+    fx_ = fx.view(n, 1, k, 1, size)
+    fy_ = fy.view(n, 1, k, size, 1)
+    top = torch.lerp(fetch(y_lo, x_lo), fetch(y_lo, x_hi), fx_)
+    bot = torch.lerp(fetch(y_hi, x_lo), fetch(y_hi, x_hi), fx_)
+    out = torch.lerp(top, bot, fy_)
+    c = out.shape[1]
+    return out.permute(2, 0, 1, 3, 4).reshape(k * n, c, size, size)
+
+
+def _crop_resize_multi(images, boxes: torch.Tensor, size: int) -> torch.Tensor:
+    """images [n, C, H, W] tensor or PackedImages, boxes [n, k, 4] -> [k * n, C, size, size] float32 in [0, 1]
+    (view-major). Gathers the 4 bilinear taps straight from the (uint8) pixels: the full image is never
+    converted to float."""
+    n, k = boxes.shape[:2]
+    if isinstance(images, PackedImages):
+        boxes = boxes.to(device=images.data.device, dtype=torch.float32)
+        pixels = images.data.view(-1, 3)  # one row per pixel
+        first = (images.offsets // 3).view(n, 1, 1, 1)
+        row_len = images.widths.view(n, 1, 1, 1)
+
+        def fetch(rows, cols):
+            idx = first + rows[..., :, None] * row_len + cols[..., None, :]  # [n, k, S, S]
+            px = pixels.index_select(0, idx.reshape(-1)).view(n, k, size, size, 3)
+            return px.permute(0, 4, 1, 2, 3).float()
+
+        out = _bilinear_crops(fetch, boxes, size, images.heights.view(n, 1), images.widths.view(n, 1))
+        return out.mul_(1.0 / 255.0)
+
+    _, c, hgt, wid = images.shape
+    boxes = boxes.to(device=images.device, dtype=torch.float32)
     flat = images.reshape(n, c, hgt * wid)
 
-    def tap(rows, cols):
+    def fetch(rows, cols):
         idx = (rows[..., :, None] * wid + cols[..., None, :]).reshape(n, 1, k * size * size)
-        return torch.gather(flat, 2, idx.expand(n, c, -1)).to(torch.float32)
+        return torch.gather(flat, 2, idx.expand(n, c, -1)).view(n, c, k, size, size).float()
 
-    fx_ = fx[:, None, :, None, :].reshape(n, 1, k, 1, size)
-    fy_ = fy[:, None, :, :, None].reshape(n, 1, k, size, 1)
-    shape = (n, c, k, size, size)
-    top_l, top_r = tap(y_lo, x_lo).view(shape), tap(y_lo, x_hi).view(shape)
-    top = torch.lerp(top_l, top_r, fx_)
-    del top_l, top_r
-    bot = torch.lerp(tap(y_hi, x_lo).view(shape), tap(y_hi, x_hi).view(shape), fx_)
-    out = torch.lerp(top, bot, fy_)
-    if not images.is_floating_point():
-        out = out.mul_(1.0 / 255.0)
-    return out.permute(2, 0, 1, 3, 4).reshape(k * n, c, size, size)
+    out = _bilinear_crops(fetch, boxes, size, hgt, wid)
+    return out if images.is_floating_point() else out.mul_(1.0 / 255.0)
 
 
 def crop_resize(images: torch.Tensor, boxes: torch.Tensor, size: int) -> torch.Tensor:
@@ -170,62 +224,43 @@ def solarize(x: torch.Tensor, mask: torch.Tensor, threshold: float = SOLARIZE_TH
 
 def _blend_step(x: torch.Tensor, op: torch.Tensor, factor: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
     """One brightness/contrast/saturation step, chosen per sample by ``op`` (0/1/2); inactive samples get
-    factor 1, which is an exact identity (x * 1 + other * 0). torchvision: (x * f + other * (1 - f)).clamp(0, 1)
-    with other = 0 (brightness), mean of the grayscale image (contrast), the grayscale image (saturation)."""
-    gray = _gray(x)
+    factor 1, an exact identity (x * 1 + 0). torchvision: (x * f + other * (1 - f)).clamp(0, 1) with
+    other = 0 (brightness), the grayscale image's mean (contrast), the grayscale image (saturation)."""
+    f = torch.where(active, factor, torch.ones_like(factor))
+    keep = 1.0 - f
+    gray = _gray(x)  # [n, 1, H, W]
     mean = gray.mean(dim=(-3, -2, -1), keepdim=True)
-    other = torch.where(_per_sample(op == CONTRAST, x), mean, gray) * _per_sample(op != BRIGHTNESS, x)
-    f = _per_sample(torch.where(active, factor, torch.ones_like(factor)), x)
-    return (x * f + other * (1.0 - f)).clamp_(0.0, 1.0)
-
-
-def _rgb_to_hsv(image: torch.Tensor) -> torch.Tensor:
-    """torchvision v2's _rgb_to_hsv (same formulas, so hue adjustment matches it to float rounding)."""
-    r, g, _ = image.unbind(dim=-3)
-    minc, maxc = torch.aminmax(image, dim=-3)
-    eqc = maxc == minc
-    channels_range = maxc - minc
-    ones = torch.ones_like(maxc)
-    s = channels_range / torch.where(eqc, ones, maxc)
-    divisor = torch.where(eqc, ones, channels_range).unsqueeze(-3)
-    rc, gc, bc = ((maxc.unsqueeze(-3) - image) / divisor).unbind(dim=-3)
-    maxc_neq_r = maxc != r
-    maxc_eq_g = maxc == g
-    hg = (rc + 2.0 - bc) * (maxc_eq_g & maxc_neq_r)
-    hr = (bc - gc) * ~maxc_neq_r
-    hb = (gc + 4.0 - rc) * (maxc_neq_r & ~maxc_eq_g)
-    h = ((hr + hg + hb) * (1.0 / 6.0) + 1.0).fmod(1.0)
-    return torch.stack((h, s, maxc), dim=-3)
-
-
-@functools.lru_cache(maxsize=8)
-def _hsv_select(device: torch.device) -> torch.Tensor:
-    # (v, p, q, t) -> (r, g, b) for each hue sextant; cached so no host->device copy happens per batch
-    return torch.tensor([[0, 2, 1, 1, 3, 0], [3, 0, 0, 2, 1, 1], [1, 1, 3, 0, 0, 2]], dtype=torch.long,
-                        device=device)
-
-
-def _hsv_to_rgb(img: torch.Tensor) -> torch.Tensor:
-    h, s, v = img.unbind(dim=-3)
-    h6 = h * 6.0
-    i = torch.floor(h6)
-    f = h6 - i
-    i = i.long().remainder(6)
-    sxf = s * f
-    one_minus_s = 1.0 - s
-    q = ((1.0 - sxf) * v).clamp(0.0, 1.0)
-    t = ((sxf + one_minus_s) * v).clamp(0.0, 1.0)
-    p = (one_minus_s * v).clamp(0.0, 1.0)
-    vpqt = torch.stack((v, p, q, t), dim=-3)
-    select = _hsv_select(img.device)[:, i].movedim(0, -3)  # [n, 3, H, W]
-    return vpqt.gather(-3, select)
+    # other * (1 - f) with other picked per sample, as two per-sample scalars instead of a select
+    w_gray = _per_sample(keep * (op == SATURATION), x)
+    w_mean = _per_sample(keep * (op == CONTRAST), x)
+    other = torch.addcmul(mean * w_mean, gray, w_gray)
+    return torch.addcmul(other, x, _per_sample(f, x)).clamp_(0.0, 1.0)
 
 
 def adjust_hue(x: torch.Tensor, hue: torch.Tensor) -> torch.Tensor:
-    """Per-sample hue shift hue [n] in [-0.5, 0.5] (torchvision adjust_hue)."""
-    h, s, v = _rgb_to_hsv(x).unbind(dim=-3)
-    h = (h + _per_sample(hue, h)).remainder(1.0)
-    return _hsv_to_rgb(torch.stack((h, s, v), dim=-3))
+    """Per-sample hue shift hue [n] in [-0.5, 0.5]: torchvision's adjust_hue (RGB -> HSV, h += hue mod 1,
+    HSV -> RGB) to float rounding, in fewer passes. The shift leaves saturation and value alone, so the image
+    goes straight back with the branchless HSV -> RGB form c = v - v s clamp(min(k, 4 - k), 0, 1),
+    k = (n_c + 6 h) mod 6, n = (5, 3, 1) for (r, g, b)."""
+    r, g, b = x.unbind(dim=-3)
+    minc, maxc = torch.aminmax(x, dim=-3)
+    delta = maxc - minc
+    flat = delta == 0  # gray pixels: hue 0, saturation 0 (torchvision's eqc)
+    sat = delta / torch.where(flat, torch.ones_like(maxc), maxc)
+    inv = torch.where(flat, torch.ones_like(delta), delta).reciprocal_()
+    # hue in sextants, in [-1, 5): max == r first, then max == g, as torchvision resolves ties
+    h6 = torch.where(maxc == r, (g - b) * inv, torch.where(maxc == g, (b - r) * inv + 2.0, (r - g) * inv + 4.0))
+    h6 = (h6 + _per_sample(hue, h6) * 6.0).remainder_(6.0).unsqueeze(-3)
+    k = (_hue_offsets(x.device) + h6).remainder_(6.0)  # [n, 3, H, W]
+    ramp = torch.minimum(k, 4.0 - k).clamp_(0.0, 1.0)
+    vs = (maxc * sat).unsqueeze(-3)
+    return torch.addcmul(maxc.unsqueeze(-3), vs, ramp, value=-1.0)
+
+
+@functools.lru_cache(maxsize=8)
+def _hue_offsets(device: torch.device) -> torch.Tensor:
+    # made once per device: no host->device copy per batch
+    return torch.tensor([5.0, 3.0, 1.0], device=device).view(1, 3, 1, 1)
 
 
 def color_jitter(x: torch.Tensor, factors: torch.Tensor, order: torch.Tensor, mask: torch.Tensor,
@@ -360,25 +395,33 @@ def normalize(x: torch.Tensor, mean: Sequence[float], std: Sequence[float],
     return out.to(dtype or (x.dtype if x.is_floating_point() else torch.float32))
 
 
-def make_views(images: torch.Tensor, heights: torch.Tensor, widths: torch.Tensor, recipe: Recipe,
-               generator: Optional[torch.Generator] = None, dtype: Optional[torch.dtype] = None
-               ) -> List[torch.Tensor]:
+def make_views(images: Union[torch.Tensor, PackedImages], heights: Optional[torch.Tensor],
+               widths: Optional[torch.Tensor], recipe: Recipe, generator: Optional[torch.Generator] = None,
+               dtype: Optional[torch.dtype] = None) -> List[torch.Tensor]:
     """All views of a recipe from a batch of decoded images (crop_resize + augment + normalize).
 
-    images [n, C, H, W] (C = 1 or 3; uint8 or float in [0, 1]; zero-padded when sizes differ), heights/widths
-    [n] the true sizes. Returns one [n, 3, S, S] tensor per ``recipe.expanded_views()`` entry, ``dtype``
-    (default float32). Repeated views of one spec (DINO's local crops) are cropped and augmented together.
+    ``images``: [n, C, H, W] (C = 1 or 3; uint8 or float in [0, 1]; zero-padded when sizes differ) with
+    heights/widths [n] the true sizes (None: the tensor's), or a PackedImages (its own sizes). Returns one
+    [n, 3, S, S] tensor per ``recipe.expanded_views()`` entry, ``dtype`` (default float32). Repeated views of one
+    spec (DINO's local crops) are cropped and augmented together as one larger batch.
     """
-    if images.dim() != 4 or images.shape[1] not in (1, 3):
-        raise ValueError(f"make_views: images must be [n, 1 or 3, H, W], got {tuple(images.shape)}")
-    n = images.shape[0]
+    if isinstance(images, PackedImages):
+        n, device = len(images), images.data.device
+        heights, widths = images.heights, images.widths
+    else:
+        if images.dim() != 4 or images.shape[1] not in (1, 3):
+            raise ValueError(f"make_views: images must be [n, 1 or 3, H, W], got {tuple(images.shape)}")
+        n, device = images.shape[0], images.device
+        if heights is None or widths is None:
+            heights = torch.full((n,), images.shape[2], device=device)
+            widths = torch.full((n,), images.shape[3], device=device)
     views: List[torch.Tensor] = []
     for spec in recipe.views:
         k = spec.count
         if k == 0:
             continue
-        hs = heights.to(images.device).repeat(k)  # view-major: row j * n + i
-        ws = widths.to(images.device).repeat(k)
+        hs = heights.to(device).repeat(k)  # view-major: row j * n + i
+        ws = widths.to(device).repeat(k)
         boxes = random_resized_crop_boxes(hs, ws, spec.scale, spec.ratio, generator)
         boxes = boxes.view(k, n, 4).transpose(0, 1)
         crops = _crop_resize_multi(images, boxes, spec.size)

@@ -238,3 +238,22 @@ def test_make_views_on_cuda_never_syncs_with_the_host():
         torch.cuda.set_sync_debug_mode("default")
     cpu = D.make_views(images.cpu(), hs.cpu(), ws.cpu(), recipe, _gen(), dtype=torch.bfloat16)
     assert [v.shape for v in views] == [v.shape for v in cpu]
+
+
+def test_packed_images_crop_like_the_padded_batch():
+    sizes = [(30, 20), (24, 41), (1, 1), (57, 9)]
+    imgs = [torch.randint(0, 256, (3, h, w), dtype=torch.uint8, generator=_gen(i)) for i, (h, w) in enumerate(sizes)]
+    packed = D.PackedImages.from_list(imgs)
+    assert packed.data.numel() == sum(3 * h * w for h, w in sizes)
+    padded = torch.zeros(4, 3, 57, 41, dtype=torch.uint8)
+    for i, t in enumerate(imgs):
+        padded[i, :, : t.shape[1], : t.shape[2]] = t
+    boxes = D.random_resized_crop_boxes(packed.heights, packed.widths, generator=_gen(7))
+    out = D._crop_resize_multi(packed, boxes[:, None], 24)
+    torch.testing.assert_close(out, D.crop_resize(padded, boxes, 24), atol=1e-6, rtol=0)
+    for i, t in enumerate(imgs):
+        y, x, h, w = (int(v) for v in boxes[i])
+        ref = TF.resized_crop(t.float() / 255, y, x, h, w, [24, 24], antialias=False)
+        torch.testing.assert_close(out[i], ref, atol=1e-5, rtol=0)
+    views = D.make_views(packed, None, None, byol2(size=16), _gen())
+    assert [tuple(v.shape) for v in views] == [(4, 3, 16, 16)] * 2
