@@ -152,6 +152,12 @@ class TrainConfig:
         need(self.method in METHODS, "method", f"unknown method {self.method!r}; choose among {', '.join(METHODS)}")
         need(self.loader in LOADERS, "loader", f"unknown loader {self.loader!r}; choose among {', '.join(LOADERS)}")
         need(isinstance(self.arch, str) and bool(self.arch), "arch", f"must be a timm model name, got {self.arch!r}")
+        import timm
+
+        need(timm.is_model(self.arch), "arch", f"unknown timm model {self.arch!r} (e.g. vit_small_patch16_224, "
+                                               f"vit_base_patch16_224, vit_tiny_patch16_224)")
+        need("vit" in self.arch or "deit" in self.arch, "arch",
+             f"{self.arch!r} is not a Vision Transformer; sdmp-fast trains timm ViTs (vit_*, deit_*)")
         for name in ("img_size", "patch_size", "local_size", "batch_size", "log_every", "keep_checkpoints",
                      "proj_hidden_dim", "proj_dim", "dino_out_dim", "dino_hidden_dim", "dino_bottleneck_dim"):
             positive_int(name)

@@ -83,6 +83,7 @@ def main(args) -> int:
         dist.init_process_group(backend, timeout=datetime.timedelta(seconds=cfg.dist_timeout))
     log = print if rank == 0 else (lambda *a, **k: None)
     logger = None
+    old_handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
         trainer = Trainer(cfg, rank=rank, world_size=world, local_rank=local, log=log)
         resumed_from = None
@@ -119,10 +120,19 @@ def main(args) -> int:
         print(f"sdmp-fast train: error: {e}", file=sys.stderr)
         return 1
     finally:
+        _restore_signal_handlers(old_handlers)
         if logger is not None:
             logger.close()
         if world > 1 and dist.is_initialized():
             dist.destroy_process_group()
+
+
+def _restore_signal_handlers(old) -> None:
+    import threading
+
+    if threading.current_thread() is threading.main_thread():
+        for sig, h in old.items():
+            signal.signal(sig, h if h is not None else signal.SIG_DFL)
 
 
 def _install_signal_handlers(trainer) -> None:

@@ -401,7 +401,8 @@ class Trainer:
         self._found_inf.copy_(bad)
         ok = 1.0 - bad
         # decoupled weight decay (AdamW's p *= 1 - lr*wd), skipped with the step when it is flagged
-        torch._foreach_mul_(self.decay_params, 1.0 - (lr * wd) * ok)
+        decay = [p for p in self.decay_params if p.grad is not None]  # frozen (grad None) params: no decay
+        torch._foreach_mul_(decay, 1.0 - (lr * wd) * ok)
         self.optimizer.step()  # fused AdamW: reads self._found_inf and skips the update when it is 1
         self.optimizer.zero_grad(set_to_none=not self.graph_mode)
         ema_update_(self.ema_targets, self.ema_sources, keep + (1.0 - keep) * bad)
@@ -588,7 +589,20 @@ class Trainer:
         from sdmp_fast.runlog import RunLogger
 
         cfg = self.cfg
-        logger = logger or RunLogger(out, self.total_steps, self.step, enabled=False)
+        own_logger = logger is None
+        if own_logger:  # in-process use: metrics.jsonl only
+            if self.rank == 0:
+                os.makedirs(out, exist_ok=True)
+            logger = RunLogger(out, self.total_steps, self.step, enabled=self.rank == 0, progress=False,
+                               tensorboard=False)
+        try:
+            return self._fit(out, logger)
+        finally:
+            if own_logger:
+                logger.close()
+
+    def _fit(self, out: str, logger) -> str:
+        cfg = self.cfg
         stager = _Stager(self.device)
         it = self.batches()
         t_start = t_last = time.perf_counter()
@@ -598,9 +612,13 @@ class Trainer:
             e, i, b = next(it)
             nxt = (e, i, stager.stage(b))
         result = "done"
+        dump = os.environ.get("SDMP_DEBUG_DUMP") == "1"  # tests: every rank dumps its parameters + indices
+        seen: List[torch.Tensor] = []
         while self.step < self.total_steps:
             e, i, b = nxt
             b = stager.wait(b)
+            if dump:
+                seen.append(b.indices.cpu())
             self.train_step(b)
             self.mark_done(e, i)
             if self.step < self.total_steps:  # fetch + stage the next batch while this step computes
@@ -636,6 +654,9 @@ class Trainer:
             if stop:
                 result = "signal"
                 break
+        if dump:
+            torch.save({"model": self.model.state_dict(), "indices": torch.cat(seen) if seen else torch.empty(0),
+                        "step": self.step}, os.path.join(out, f"debug-rank{self.rank}.pt"))
         if result == "done" and self.rank == 0:
             bb = self.model.base.backbone if cfg.method == "mocov3" else self.model.teacher.backbone
             ckpt.export_backbone(bb, out, dict(self.meta, step=self.step))

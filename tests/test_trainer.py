@@ -1,0 +1,424 @@
+"""Trainer: configuration errors, SDMP on/off through one code path, NaN policy, metrics, backbone export,
+signals, and (on a GPU) pipeline == eager, CUDA graph == eager, no host sync in the steady state."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import yaml
+
+from sdmp_fast import cli
+from sdmp_fast.config import TrainConfig
+from sdmp_fast.runlog import read_metrics
+from sdmp_fast.trainer import NonFiniteError, Trainer
+
+TINY = ["--arch", "vit_tiny_patch16_224", "--img-size", "32", "--patch-size", "8", "--depth", "2",
+        "--embed-dim", "64", "--num-heads", "2", "--proj-hidden-dim", "128", "--proj-dim", "64",
+        "--dino-out-dim", "256", "--dino-hidden-dim", "128", "--dino-bottleneck-dim", "64", "--local-size", "16",
+        "--n-local", "4", "--n-local-mixed", "2", "--progress", "off", "--tensorboard", "off"]
+TINY_KW = dict(arch="vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2, embed_dim=64, num_heads=2,
+               proj_hidden_dim=128, proj_dim=64, dino_out_dim=256, dino_hidden_dim=128, dino_bottleneck_dim=64,
+               local_size=16, n_local=4, n_local_mixed=2, progress=False, tensorboard=False)
+
+
+def tiny_cfg(tmp_path, **kw) -> TrainConfig:
+    base = dict(TINY_KW, loader="synthetic", batch_size=8, steps=6, log_every=2, save_every=0, lr=1e-3,
+                deterministic=True, out=str(tmp_path / "run"))
+    base.update(kw)
+    return TrainConfig(**base).resolve().validate()
+
+
+def run_cli(argv, capsys=None):
+    code = cli.main(["train"] + list(argv))
+    err = capsys.readouterr().err if capsys is not None else ""
+    return code, err
+
+
+# ------------------------------------------------------------------------------------------- config errors
+
+@pytest.fixture
+def image_dir(tmp_path):
+    from sdmp_fast.data import make_synthetic_image_folder
+
+    return make_synthetic_image_folder(str(tmp_path / "imgs"), num_classes=2, per_class=4, size=(20, 20))
+
+
+BAD_SETTINGS = [
+    (["--batch-size", "7"], "batch_size"),
+    (["--method", "dino", "--batch-size", "5"], "batch_size"),
+    (["--arch", "no_such_vit"], "arch"),
+    (["--arch", "resnet18"], "arch"),
+    (["--alpha", "-1"], "alpha"),
+    (["--momentum", "1.5"], "momentum"),
+    (["--img-size", "30"], "img_size"),
+    (["--mix-methods", "mixup,blend"], "mix_methods"),
+    (["--cuda-graphs", "--device", "cpu"], "cuda_graphs"),
+    (["--steps", "5", "--epochs", "2"], "steps"),
+    (["--warmup-steps", "10"], "warmup_steps"),
+    (["--lr", "0"], "lr"),
+    (["--n-local-mixed", "9", "--method", "dino"], "n_local_mixed"),
+    (["--batch-size", "abc"], "batch_size"),
+]
+
+
+@pytest.mark.parametrize("extra,setting", BAD_SETTINGS)
+def test_bad_setting_is_named_and_out_untouched(tmp_path, capsys, extra, setting):
+    out = tmp_path / "out"
+    argv = TINY + ["--loader", "synthetic", "--steps", "5", "--out", str(out)]
+    # later options win in argparse: the bad value overrides the good default above
+    code, err = run_cli(argv + extra, capsys)
+    assert code == 2
+    assert f"error: {setting}:" in err, err
+    assert not out.exists()
+
+
+def test_argparse_rejects_unknown_choices(tmp_path):
+    for extra in (["--method", "simclr"], ["--loader", "nope"], ["--nan-policy", "ignore"]):
+        with pytest.raises(SystemExit) as e:
+            cli.main(["train", "--out", str(tmp_path / "o"), "--steps", "2"] + extra)
+        assert e.value.code == 2
+    assert not (tmp_path / "o").exists()
+
+
+def test_data_errors(tmp_path, capsys, image_dir):
+    out = tmp_path / "out"
+    base = TINY + ["--steps", "2", "--out", str(out)]
+    code, err = run_cli(base + ["--loader", "torchvision", "--data", str(tmp_path / "missing")], capsys)
+    assert code == 2 and "error: data:" in err and "does not exist" in err
+    (tmp_path / "empty").mkdir()
+    code, err = run_cli(base + ["--loader", "torchvision", "--data", str(tmp_path / "empty")], capsys)
+    assert code == 2 and "error: data:" in err and "empty" in err
+    code, err = run_cli(base + ["--loader", "torchvision"], capsys)
+    assert code == 2 and "error: data:" in err
+    assert not out.exists()
+
+
+def test_existing_run_needs_resume(tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "metrics.jsonl").write_text('{"step": 1}\n')
+    code, err = run_cli(TINY + ["--loader", "synthetic", "--steps", "2", "--out", str(out)], capsys)
+    assert code == 2 and "error: out:" in err and "--resume" in err
+    assert (out / "metrics.jsonl").read_text() == '{"step": 1}\n'
+    assert sorted(os.listdir(out)) == ["metrics.jsonl"]
+
+
+def test_yaml_config_overrides_and_safety(tmp_path, capsys):
+    from sdmp_fast.config import config_from_args, load_config
+    import argparse
+
+    f = tmp_path / "c.yaml"
+    f.write_text("method: dino\nbatch-size: 16\nsdmp: off\nepochs: 3\nmix_methods: [mixup, cutmix]\n")
+    p = argparse.ArgumentParser()
+    from sdmp_fast.train_cli import add_arguments
+    add_arguments(p)
+    cfg = config_from_args(p.parse_args(["--config", str(f), "--batch-size", "32", "--steps", "7", "--out", "x"]))
+    assert (cfg.method, cfg.batch_size, cfg.sdmp, cfg.steps, cfg.epochs) == ("dino", 32, False, 7, None)
+    assert cfg.mix_methods == ("mixup", "cutmix") and cfg.mix_weight == 0.5 and cfg.base_lr == 5e-4
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("method: !!python/object/apply:os.system ['touch /tmp/sdmp_pwned']\n")
+    with pytest.raises(ValueError, match="config"):
+        load_config(str(bad))
+    unknown = tmp_path / "u.yaml"
+    unknown.write_text("bach_size: 8\n")
+    with pytest.raises(ValueError, match="unknown setting 'bach_size'"):
+        load_config(str(unknown))
+    typed = tmp_path / "t.yaml"
+    typed.write_text("batch_size: 8.5\n")
+    with pytest.raises(ValueError, match="batch_size"):
+        config_from_args(p.parse_args(["--config", str(typed), "--out", "x"]))
+
+
+# ------------------------------------------------------------------------------------------- training paths
+
+@pytest.mark.parametrize("method", ["mocov3", "dino"])
+@pytest.mark.parametrize("sdmp", [True, False])
+def test_methods_train_and_log(tmp_path, method, sdmp):
+    cfg = tiny_cfg(tmp_path, method=method, sdmp=sdmp, steps=4, log_every=2)
+    tr = Trainer(cfg)
+    before = {k: v.clone() for k, v in tr.model.state_dict().items()}
+    assert tr.fit(cfg.out) == "done"
+    after = tr.model.state_dict()
+    trained = tr.module.backbone.blocks[0].attn.qkv.weight
+    assert not torch.equal(before[[k for k in before if k.endswith("blocks.0.attn.qkv.weight")][0]],
+                           after[[k for k in after if k.endswith("blocks.0.attn.qkv.weight")][0]])
+    assert torch.isfinite(trained).all()
+    if method == "dino":
+        assert tr.model.center.abs().sum() > 0  # the center moved from the clean teacher outputs
+    assert os.path.isfile(os.path.join(cfg.out, "backbone.pt"))
+
+
+def test_sdmp_off_is_the_same_path_minus_mixing(tmp_path):
+    on = Trainer(tiny_cfg(tmp_path, sdmp=True))
+    off = Trainer(tiny_cfg(tmp_path, sdmp=False))
+    b_on, b_off = next(iter(on.loader)), next(iter(off.loader))
+    assert b_on.is_mixed and not b_off.is_mixed
+    assert len(on.step_inputs(b_on, False)) == 5 and len(off.step_inputs(b_off, False)) == 2
+    assert on.names == ("loss", "source", "mix_source", "mix_mix", "grad_norm")
+    assert off.names == ("loss", "source", "source_sym", "grad_norm")
+    # same model and optimiser construction either way
+    assert [n for n, _ in on.model.named_parameters()] == [n for n, _ in off.model.named_parameters()]
+
+
+def test_moco_step_loss_matches_reference(tmp_path):
+    """The trainer's first-step terms equal sdmp_moco_terms on the same encoders and views."""
+    from sdmp_fast.losses import sdmp_moco_terms
+
+    cfg = tiny_cfg(tmp_path, steps=1, log_every=1)
+    tr = Trainer(cfg)
+    batch = next(iter(tr.loader))
+    swap = bool(torch.randint(0, 2, (1,), generator=torch.Generator().manual_seed(cfg.seed * 7919 + 17)).item())
+    x1, x2, x1m, x2m, lam = tr.step_inputs(batch, swap)
+    tr.model.train()
+    with torch.no_grad():
+        q1, q2m = tr.model.base(torch.cat([x1, x2m]), 2)
+        k1, k2, k1m = tr.model.momentum(torch.cat([x1, x2, x1m]), 3)
+    ref = sdmp_moco_terms(q1, q2m, k1, k2, k1m, lam, cfg.tau)
+    tr.fit(cfg.out)
+    rec = read_metrics(cfg.out)[0]
+    for k in ("source", "mix_source", "mix_mix"):
+        assert rec[k] == pytest.approx(ref[k].item(), rel=1e-5)
+    assert rec["loss"] == pytest.approx(sum(ref[k].item() for k in ref), rel=1e-5)
+
+
+def test_view_swap_is_random_and_reproducible(tmp_path):
+    a = Trainer(tiny_cfg(tmp_path))
+    draws = [bool(torch.randint(0, 2, (1,), generator=a.swap_gen).item()) for _ in range(32)]
+    b = Trainer(tiny_cfg(tmp_path))
+    assert draws == [bool(torch.randint(0, 2, (1,), generator=b.swap_gen).item()) for _ in range(32)]
+    assert 4 < sum(draws) < 28
+
+
+def test_metrics_jsonl_format(tmp_path):
+    cfg = tiny_cfg(tmp_path, method="dino", steps=4, log_every=2)
+    Trainer(cfg).fit(cfg.out)
+    recs = read_metrics(cfg.out)
+    assert [r["step"] for r in recs] == [2, 4]
+    for r in recs:
+        for k in ("step", "loss", "img_per_s", "lr", "dino", "mix_source", "mix_teacher", "grad_norm", "tau_t",
+                  "epoch", "skipped"):
+            assert k in r, k
+        assert r["img_per_s"] > 0 and r["loss"] > 0
+
+
+def test_schedules():
+    from sdmp_fast.schedules import Schedules
+
+    s = Schedules(total_steps=100, peak_lr=1.0, min_lr=0.1, warmup_steps=10, wd=0.04, wd_end=0.4, momentum=0.996,
+                  tau_t=0.04, tau_t_end=0.07, tau_t_warmup_steps=30)
+    assert s.lr(0) == pytest.approx(0.1) and s.lr(9) == pytest.approx(1.0) and s.lr(10) == pytest.approx(1.0)
+    assert s.lr(100) == pytest.approx(0.1) and s.lr(55) == pytest.approx(0.55)
+    assert s.weight_decay(0) == pytest.approx(0.04) and s.weight_decay(100) == pytest.approx(0.4)
+    assert s.ema_keep(0) == pytest.approx(0.996) and s.ema_keep(100) == pytest.approx(1.0)
+    assert s.teacher_temp(0) == pytest.approx(0.04) and s.teacher_temp(15) == pytest.approx(0.055)
+    assert s.teacher_temp(30) == s.teacher_temp(99) == pytest.approx(0.07)
+
+
+def test_lr_scales_with_global_batch(tmp_path):
+    tr = Trainer(tiny_cfg(tmp_path, lr=None, base_lr=1e-3, batch_size=16))
+    assert tr.schedules.peak_lr == pytest.approx(1e-3 * 16 / 256)
+
+
+def test_dino_last_layer_frozen_first_epoch(tmp_path):
+    from sdmp_fast.synthetic import SyntheticLoader
+    from sdmp_fast.trainer import build_recipe
+
+    cfg = tiny_cfg(tmp_path, method="dino", steps=4, freeze_last_layer_epochs=1)
+    loader = SyntheticLoader(build_recipe(cfg), 8, device="cpu", length=2)
+    tr = Trainer(cfg, loader=loader)
+    w0 = tr.model.student.head.last_layer.weight_v.clone()
+    it = iter(loader)
+    tr.train_step(next(it))
+    tr.train_step(next(it))
+    assert torch.equal(tr.model.student.head.last_layer.weight_v, w0)  # frozen during epoch 0 (2 steps)
+    tr.train_step(next(iter(loader)))
+    assert not torch.equal(tr.model.student.head.last_layer.weight_v, w0)
+
+
+# ------------------------------------------------------------------------------------------- NaN / inf
+
+def test_nan_stops_with_step_and_term_keeping_last_good_checkpoint(tmp_path, monkeypatch):
+    from sdmp_fast import checkpoint as ckpt
+
+    monkeypatch.setenv("SDMP_DEBUG_NAN_STEP", "4")  # the 5th step's loss becomes NaN
+    cfg = tiny_cfg(tmp_path, steps=10, log_every=3, save_every=3)
+    tr = Trainer(cfg)
+    with pytest.raises(NonFiniteError, match=r"non-finite loss and grad_norm at step 5 "):
+        tr.fit(cfg.out)
+    steps = [s for s, _ in ckpt.list_checkpoints(ckpt.checkpoint_dir(cfg.out))]
+    assert steps == [3]  # detected at the step-6 sync point, before that step's checkpoint
+    assert tr.step == 6
+    for v in tr.model.state_dict().values():
+        assert torch.isfinite(v.float()).all()  # the flagged update was skipped on the device
+
+
+def test_nan_skip_policy_continues(tmp_path, monkeypatch):
+    monkeypatch.setenv("SDMP_DEBUG_NAN_STEP", "2")
+    cfg = tiny_cfg(tmp_path, steps=6, log_every=3, nan_policy="skip")
+    tr = Trainer(cfg)
+    assert tr.fit(cfg.out) == "done"
+    recs = read_metrics(cfg.out)
+    assert [r["skipped"] for r in recs] == [1, 0]
+    assert all(r["loss"] is not None and r["loss"] > 0 for r in recs)
+    for v in tr.model.state_dict().values():
+        assert torch.isfinite(v.float()).all()
+
+
+def test_nan_step_leaves_model_and_optimizer_unchanged(tmp_path):
+    """A flagged step changes nothing: parameters, Adam moments and step count, EMA, DINO center."""
+    from sdmp_fast.synthetic import SyntheticLoader
+    from sdmp_fast.trainer import build_recipe
+
+    cfg = tiny_cfg(tmp_path, method="dino", steps=4)
+    loader = SyntheticLoader(build_recipe(cfg), 8, device="cpu", length=2)
+    tr = Trainer(cfg, loader=loader)
+    batch = next(iter(loader))
+    tr.train_step(batch)
+    model0 = {k: v.clone() for k, v in tr.model.state_dict().items()}
+    opt0 = {id(p): {k: v.clone() for k, v in s.items()} for p, s in tr.optimizer.state.items()}
+    bad = tr.step_inputs(batch, False)
+    bad[0] = bad[0].clone()
+    bad[0][0, 0, 0, 0] = float("inf")  # an inf pixel makes the loss and the gradient non-finite
+    tr._step_body(bad, 1e-3, 0.04, 0.99, 0.04, False)
+    for k, v in tr.model.state_dict().items():
+        assert torch.equal(v, model0[k]), k
+    for p, s in tr.optimizer.state.items():
+        for k, v in s.items():
+            assert torch.equal(v, opt0[id(p)][k]), k
+    tr.cfg.nan_policy = "skip"
+    assert tr.read_metrics()["skipped"] == 1
+
+
+# ------------------------------------------------------------------------------------------- export
+
+def test_backbone_export_loads_in_timm_and_load_backbone(tmp_path):
+    import timm
+
+    from sdmp_fast.checkpoint import load_backbone
+
+    cfg = tiny_cfg(tmp_path, steps=2)
+    tr = Trainer(cfg)
+    tr.fit(cfg.out)
+    info = json.load(open(os.path.join(cfg.out, "backbone.json")))
+    spec = dict(info["backbone_spec"])
+    m = timm.create_model(spec.pop("arch"), pretrained=False, num_classes=0, **spec)
+    m.load_state_dict(torch.load(os.path.join(cfg.out, "backbone.pt"), weights_only=True))
+    x = torch.randn(2, 3, 32, 32)
+    m.eval()
+    tr.model.base.backbone.eval()
+    with torch.no_grad():
+        ref = tr.model.base.backbone(x)
+        assert torch.allclose(m(x), ref)
+        for path in (cfg.out, os.path.join(cfg.out, "backbone.pt")):
+            bb, meta = load_backbone(path, with_info=True)
+            assert meta["img_size"] == 32 and len(meta["mean"]) == 3
+            assert torch.allclose(bb(x), ref)
+        rnd = load_backbone(cfg.out, random_init=True)
+        assert not torch.allclose(rnd(x), ref)
+
+
+# ------------------------------------------------------------------------------------------- subprocess runs
+
+def _env(tmp_path, **extra):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", TMPDIR=str(tmp_path / "tmpdir"),
+               HOME=str(tmp_path / "home"))
+    (tmp_path / "tmpdir").mkdir(exist_ok=True)
+    (tmp_path / "home").mkdir(exist_ok=True)
+    env.update({k: str(v) for k, v in extra.items()})
+    return env
+
+
+@pytest.mark.timeout(180)
+def test_sigterm_checkpoints_and_exits_cleanly(tmp_path):
+    out = tmp_path / "out"
+    argv = [sys.executable, "-m", "sdmp_fast.cli", "train"] + TINY + [
+        "--loader", "synthetic", "--batch-size", "8", "--steps", "400", "--log-every", "5", "--save-every", "0",
+        "--out", str(out), "--deterministic"]
+    work = tmp_path / "cwd"
+    work.mkdir()
+    p = subprocess.Popen(argv, cwd=work, env=_env(tmp_path, SDMP_DEBUG_STEP_SLEEP=0.05), stdout=subprocess.PIPE,
+                         stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (out / "metrics.jsonl").exists():
+        time.sleep(0.2)
+    time.sleep(0.5)
+    p.send_signal(signal.SIGTERM)
+    text = p.communicate(timeout=120)[0]
+    assert p.returncode == 0, text
+    assert "stopped by SIGTERM" in text
+    from sdmp_fast.checkpoint import list_checkpoints
+
+    (step, _), = list_checkpoints(str(out / "checkpoints"))
+    assert 0 < step < 400
+    assert not (out / "backbone.pt").exists()  # not finished: no final export
+    # nothing was written outside --out: not in the working directory, TMPDIR or HOME
+    assert os.listdir(work) == [] and os.listdir(tmp_path / "tmpdir") == [] and os.listdir(tmp_path / "home") == []
+    assert sorted(os.listdir(out)) == ["checkpoints", "config.yaml", "metrics.jsonl"]
+
+
+# ------------------------------------------------------------------------------------------- GPU only
+
+@pytest.mark.cuda
+def test_staged_pipeline_equals_eager_and_no_steady_state_sync(tmp_path):
+    """Host batches staged on a side stream give the same parameters as batches already on the GPU, and
+    steady-state steps do not synchronise the host (torch.cuda.set_sync_debug_mode raises on a sync)."""
+    from sdmp_fast.synthetic import SyntheticLoader
+    from sdmp_fast.trainer import build_recipe
+
+    cfg = tiny_cfg(tmp_path, device="cuda", precision="fp32", steps=6, log_every=6, deterministic=False)
+    cpu_loader = SyntheticLoader(build_recipe(cfg), 8, device="cpu", length=6, pool=3)
+
+    class HostLoader:  # yields host batches: the trainer stages them
+        def __len__(self):
+            return 6
+
+        def set_epoch(self, e):
+            pass
+
+        def __iter__(self):
+            return iter(cpu_loader)
+
+    class DeviceLoader(HostLoader):
+        def __iter__(self):
+            return (b.to("cuda") for b in cpu_loader)
+
+    a = Trainer(cfg, loader=HostLoader())
+    a.fit(str(tmp_path / "a"))
+    b = Trainer(cfg, loader=DeviceLoader())
+    b.fit(str(tmp_path / "b"))
+    for (k, va), vb in zip(a.model.state_dict().items(), b.model.state_dict().values()):
+        assert torch.allclose(va, vb, atol=1e-5), k
+    c = Trainer(cfg, loader=DeviceLoader())
+    batches = [x.to("cuda") for x in cpu_loader]
+    c.train_step(batches[0])
+    c.train_step(batches[1])
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for x in batches[2:]:
+            c.train_step(x)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("method", ["mocov3", "dino"])
+def test_cuda_graph_matches_eager(tmp_path, method):
+    cfg = tiny_cfg(tmp_path, method=method, device="cuda", precision="fp32", steps=8, log_every=4,
+                   deterministic=False)
+    a = Trainer(cfg)
+    a.fit(str(tmp_path / "a"))
+    g = Trainer(TrainConfig(**{**cfg.to_dict(), "cuda_graphs": True}).resolve().validate())
+    g.fit(str(tmp_path / "g"))
+    assert g._graph is not None
+    ma, mg = read_metrics(str(tmp_path / "a")), read_metrics(str(tmp_path / "g"))
+    for ra, rg in zip(ma, mg):
+        assert rg["loss"] == pytest.approx(ra["loss"], rel=1e-3)
+    for (k, va), vg in zip(a.model.state_dict().items(), g.model.state_dict().values()):
+        assert torch.allclose(va.float(), vg.float(), atol=1e-4, rtol=1e-3), k
