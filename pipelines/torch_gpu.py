@@ -1,0 +1,217 @@
+"""Dependency-light GPU backend: plain PyTorch + torchvision.io, no DALI/FFCV.
+
+Per batch: a small thread pool reads the files' bytes (and, for the batches after it, keeps ``prefetch``
+batches of reads in flight while the current one is augmented); JPEGs are decoded together by nvJPEG
+(``torchvision.io.decode_jpeg(list, device="cuda")``); every view is cut, augmented and normalised by
+``device_ops.make_views`` on the device from the unpadded packed batch, then batch-flip mixed by
+``assemble_batch``. On ``device="cpu"`` (CI, machines without a GPU) the threads decode with libjpeg/libpng
+and the same device ops run on the CPU.
+
+Decoded on the CPU (in the reading threads) even with a GPU: non-JPEG files (PNG, BMP, ...), JPEGs whose EXIF
+orientation is not upright (nvJPEG ignores EXIF), and any file nvJPEG rejects (each retried alone). A file
+neither decoder can read is skipped, counted and named (``loader.skipped``, a warning at each epoch's end).
+16-bit images are scaled to 8 bits; grayscale / CMYK / palette images come out RGB.
+"""
+from __future__ import annotations
+
+import collections
+import os
+import warnings
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Iterator, List, Optional, Sequence
+
+import torch
+
+from sdmp_fast.batch import SDMPBatch
+
+from .base import EpochSampler, assemble_batch, list_images, make_generator
+from .device_ops import PackedImages, make_views
+from .recipes import Recipe
+from .skips import SkipLog, short_reason
+
+_JPEG_MAGIC = b"\xff\xd8\xff"
+
+
+def exif_orientation(data: bytes) -> int:
+    """EXIF orientation (1..8) of a JPEG, 1 when it has none (walks the markers before the image data)."""
+    i, n = 2, len(data)
+    while i + 4 <= n and data[i] == 0xFF:
+        marker = data[i + 1]
+        if marker in (0xD9, 0xDA):  # end of image / start of scan: no metadata after this
+            break
+        seg_len = int.from_bytes(data[i + 2:i + 4], "big")
+        if marker == 0xE1 and data[i + 4:i + 10] == b"Exif\x00\x00":
+            tiff = i + 10
+            order = "big" if data[tiff:tiff + 2] == b"MM" else "little"
+            ifd = tiff + int.from_bytes(data[tiff + 4:tiff + 8], order)
+            for k in range(int.from_bytes(data[ifd:ifd + 2], order)):
+                entry = ifd + 2 + 12 * k
+                if int.from_bytes(data[entry:entry + 2], order) == 0x0112:
+                    value = int.from_bytes(data[entry + 8:entry + 10], order)
+                    return value if 1 <= value <= 8 else 1
+            return 1
+        i += 2 + seg_len
+    return 1
+
+
+def decode_cpu(data: torch.Tensor) -> torch.Tensor:
+    """Any format torchvision.io reads -> upright uint8 [3, H, W]; raises on undecodable data."""
+    import torchvision.io as tio
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # torchvision 0.29 points at TorchCodec
+        img = tio.decode_image(data, mode=tio.ImageReadMode.RGB, apply_exif_orientation=True)
+    if img.dim() == 4:  # animated GIF: first frame
+        img = img[0]
+    if img.dtype == torch.uint16:  # 16-bit PNG: round to 8 bits
+        img = ((img.to(torch.int32) * 255 + 32767) // 65535).to(torch.uint8)
+    if img.dtype != torch.uint8 or img.dim() != 3 or img.shape[0] != 3 or min(img.shape[1:]) < 1:
+        raise ValueError(f"decoded to an unusable {img.dtype} {tuple(img.shape)} image")
+    return img
+
+
+class _Bad:
+    __slots__ = ("reason",)
+
+    def __init__(self, reason: str):
+        self.reason = reason
+
+
+class _Encoded:
+    """JPEG bytes left for the batched GPU decode."""
+    __slots__ = ("data",)
+
+    def __init__(self, data: torch.Tensor):
+        self.data = data
+
+
+def read_sample(path: str, gpu_jpeg: bool):
+    """Thread-pool task: a decoded uint8 [3, H, W] tensor, _Encoded JPEG bytes (GPU decode), or _Bad."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+        if not raw:
+            return _Bad("zero-byte file")
+        data = torch.frombuffer(bytearray(raw), dtype=torch.uint8)
+        if gpu_jpeg and raw.startswith(_JPEG_MAGIC) and exif_orientation(raw) == 1:
+            return _Encoded(data)
+        return decode_cpu(data)
+    except Exception as e:  # noqa: BLE001 - unreadable or undecodable: skip it, whatever the library raised
+        return _Bad(short_reason(e))
+
+
+class TorchGPULoader:
+    """Iterable of SDMPBatch on ``device``; see the module docstring. Options: ``prefetch`` (batches of file
+    reads kept in flight, default 2). ``num_workers`` is the number of reading/decoding threads (default
+    min(cpu count, 16))."""
+
+    def __init__(self, data, recipe: Recipe, batch_size: int, *, device=torch.device("cpu"), shard_id: int = 0,
+                 num_shards: int = 1, shuffle: bool = True, drop_last: bool = True, seed: int = 0,
+                 dtype: Optional[torch.dtype] = None, num_workers: Optional[int] = None, prefetch: int = 2):
+        self.recipe = recipe.validate()
+        self.images = list_images(data)
+        self.batch_size, self.device, self.dtype = batch_size, torch.device(device), dtype
+        self.shard_id, self.seed = shard_id, seed
+        self.sampler = EpochSampler(len(self.images), batch_size, shard_id, num_shards, shuffle, seed, drop_last)
+        self.num_workers = min(os.cpu_count() or 1, 16) if not num_workers else int(num_workers)
+        if prefetch < 1:
+            raise ValueError(f"prefetch: must be >= 1, got {prefetch}")
+        self.prefetch = prefetch
+        self.log = SkipLog("torch-gpu")
+        self._gpu_jpeg = self.device.type == "cuda"
+        self._pool: Optional[ThreadPoolExecutor] = None
+
+    @property
+    def skipped(self) -> List[str]:
+        return self.log.paths
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.sampler.set_epoch(epoch)
+
+    def close(self) -> None:
+        """Stop the reading threads (a later iteration starts new ones)."""
+        if getattr(self, "_pool", None) is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = None
+
+    def __del__(self):
+        self.close()
+
+    def _submit(self, batch: torch.Tensor) -> List[Future]:
+        """One task per thread-sized chunk of the batch (fewer hand-offs than one per file)."""
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self.num_workers, thread_name_prefix="sdmp-torch-gpu-read")
+        files = self.images.files
+        idx = batch.tolist()
+        step = max(1, -(-len(idx) // (2 * self.num_workers)))
+        chunks = [idx[i:i + step] for i in range(0, len(idx), step)]
+        return [self._pool.submit(lambda c=c: [read_sample(files[i], self._gpu_jpeg) for i in c]) for c in chunks]
+
+    def _decode_gpu(self, encoded: Sequence[_Encoded]) -> List[object]:
+        """Batched nvJPEG decode; if the batch fails, each file alone (nvJPEG, then libjpeg) so one bad file
+        costs only itself."""
+        import torchvision.io as tio
+
+        rgb = tio.ImageReadMode.RGB
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            try:
+                return list(tio.decode_jpeg([e.data for e in encoded], mode=rgb, device=self.device))
+            except RuntimeError:
+                pass
+            out: List[object] = []
+            for e in encoded:
+                try:
+                    out.append(tio.decode_jpeg(e.data, mode=rgb, device=self.device))
+                except RuntimeError:
+                    try:
+                        out.append(decode_cpu(e.data))
+                    except Exception as err:  # noqa: BLE001
+                        out.append(_Bad(short_reason(err)))
+            return out
+
+    def _decode_batch(self, batch: torch.Tensor, results: List[object]):
+        encoded = [j for j, r in enumerate(results) if isinstance(r, _Encoded)]
+        if encoded:
+            for j, img in zip(encoded, self._decode_gpu([results[j] for j in encoded])):
+                results[j] = img
+        files, labels = self.images.files, self.images.labels
+        keep, bad = [], []
+        for j, r in enumerate(results):
+            (bad if isinstance(r, _Bad) else keep).append(j)
+        for j in bad:
+            self.log.record(files[int(batch[j])], results[j].reason)
+        indices = batch[keep] if bad else batch
+        return [results[j] for j in keep], torch.tensor([labels[i] for i in indices.tolist()]), indices, bool(bad)
+
+    def __iter__(self) -> Iterator[SDMPBatch]:
+        epoch = self.sampler.epoch
+        gen = make_generator(self.seed, epoch, self.shard_id, self.device)
+        batches = self.sampler.batches()
+        inflight = collections.deque(self._submit(b) for b in batches[: self.prefetch])
+        try:
+            for b, batch in enumerate(batches):
+                futures = inflight.popleft()
+                if b + self.prefetch < len(batches):
+                    inflight.append(self._submit(batches[b + self.prefetch]))
+                results = [r for f in futures for r in f.result()]
+                images, labels, indices, skipped_any = self._decode_batch(batch, results)
+                if not images:
+                    continue
+                if skipped_any and self.recipe.mix.enabled and len(images) % 2:  # see skips.py
+                    self.log.record_trim()
+                    images, labels, indices = images[:-1], labels[:-1], indices[:-1]
+                    if not images:
+                        continue
+                packed = PackedImages.from_list(images, self.device)
+                views = make_views(packed, None, None, self.recipe, gen, self.dtype)
+                yield assemble_batch(views, labels.to(self.device, non_blocking=True),
+                                     indices.to(self.device, non_blocking=True), self.recipe, gen)
+        finally:
+            for futures in inflight:  # an abandoned epoch: drop the reads nobody will use
+                for f in futures:
+                    f.cancel()
+        self.log.end_epoch(epoch)

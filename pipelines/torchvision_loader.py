@@ -1,0 +1,191 @@
+"""The classic reference pipeline users compare against: a torch DataLoader whose worker processes open each
+file with PIL and run torchvision.transforms (v2) per view on the CPU, pinned batches moved to the device, and
+the batch-flip mixing done there by ``assemble_batch``.
+
+Per view (fields of the recipe's ViewSpec, in BYOL's order): RandomResizedCrop (bilinear, antialiased),
+RandomHorizontalFlip, RandomApply(ColorJitter), RandomGrayscale, RandomApply(GaussianBlur(kernel
+``blur_kernel_size``)), RandomSolarize(128), then to float and Normalize. Each sample's augmentation is seeded
+from (seed, epoch, index), so results do not depend on the number of workers.
+
+Order, shards and drop-last come from EpochSampler (the DataLoader's batch_sampler). Undecodable files are
+skipped and counted (see ``skips.py``): ``loader.skipped`` lists them and each epoch ends with a warning naming
+them.
+"""
+from __future__ import annotations
+
+import os
+from typing import Iterator, List, Optional, Sequence
+
+import torch
+
+from sdmp_fast.batch import SDMPBatch
+
+from .base import EpochSampler, assemble_batch, list_images, make_generator
+from .device_ops import blur_kernel_size
+from .recipes import Recipe, ViewSpec
+from .skips import SkipLog, short_reason
+
+_HIGH_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
+
+
+def open_rgb(path: str):
+    """Fully decoded, upright 8-bit RGB PIL image; raises on anything undecodable."""
+    import numpy as np
+    from PIL import Image, ImageOps
+
+    if os.path.getsize(path) == 0:
+        raise ValueError("zero-byte file")
+    with Image.open(path) as im:
+        im.load()  # the full decode: truncated / corrupt data raises here
+        im = ImageOps.exif_transpose(im)
+        if im.mode in _HIGH_BIT_MODES:  # PIL's convert("RGB") clips 16-bit values to white: rescale instead
+            a = np.asarray(im, dtype=np.float64)
+            a = a * 255.0 if im.mode == "F" and a.max(initial=0.0) <= 1.0 else a
+            a = a / 257.0 if a.max(initial=0.0) > 255 else a
+            im = Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8))
+        return im.convert("RGB")
+
+
+def view_transform(spec: ViewSpec, mean: Sequence[float], std: Sequence[float]):
+    """torchvision.transforms.v2 pipeline (PIL in, normalised float tensor out) for one ViewSpec."""
+    from torchvision.transforms import v2 as T
+
+    ops = [T.RandomResizedCrop(spec.size, scale=spec.scale, ratio=spec.ratio,
+                               interpolation=T.InterpolationMode.BILINEAR, antialias=True)]
+    if spec.hflip_p > 0:
+        ops.append(T.RandomHorizontalFlip(spec.hflip_p))
+    if spec.jitter_p > 0 and (spec.brightness or spec.contrast or spec.saturation or spec.hue):
+        ops.append(T.RandomApply([T.ColorJitter(spec.brightness, spec.contrast, spec.saturation, spec.hue)],
+                                 p=spec.jitter_p))
+    if spec.grayscale_p > 0:
+        ops.append(T.RandomGrayscale(spec.grayscale_p))
+    if spec.blur_p > 0:
+        k = blur_kernel_size(spec.size)
+        ops.append(T.RandomApply([T.GaussianBlur(k, sigma=spec.blur_sigma)], p=spec.blur_p))
+    if spec.solarize_p > 0:
+        ops.append(T.RandomSolarize(threshold=128, p=spec.solarize_p))  # uint8 PIL: >= 128 <=> >= 0.5
+    ops += [T.PILToTensor(), T.ToDtype(torch.float32, scale=True), T.Normalize(list(mean), list(std))]
+    return T.Compose(ops)
+
+
+class _Bad:
+    """A sample that failed to decode (picklable: it travels back from the worker process)."""
+    __slots__ = ("path", "reason")
+
+    def __init__(self, path: str, reason: str):
+        self.path, self.reason = path, reason
+
+
+class ViewDataset(torch.utils.data.Dataset):
+    """Item (index, epoch) -> (list of view tensors, label, index), or _Bad."""
+
+    def __init__(self, files: Sequence[str], labels: Sequence[int], recipe: Recipe, seed: int):
+        self.files, self.labels, self.seed = files, labels, seed
+        self.transforms = [view_transform(v, recipe.mean, recipe.std) for v in recipe.expanded_views()]
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, item):
+        index, epoch = item
+        path = self.files[index]
+        try:
+            img = open_rgb(path)
+        except Exception as e:  # noqa: BLE001 - PIL raises many kinds; any of them means "skip this file"
+            return _Bad(path, short_reason(e))
+        # per-sample seed: the same augmentation whatever the worker count; fork_rng keeps the caller's RNG
+        with torch.random.fork_rng(devices=[]):
+            torch.default_generator.manual_seed(((self.seed * 1_000_003 + epoch) * 1_000_033 + index) % 2**63)
+            views = [t(img) for t in self.transforms]
+        return views, self.labels[index], index
+
+
+def collate_views(samples):
+    """Stack the decodable samples; the undecodable ones come back as (path, reason) pairs."""
+    good = [s for s in samples if not isinstance(s, _Bad)]
+    bad = [(s.path, s.reason) for s in samples if isinstance(s, _Bad)]
+    if not good:
+        return None, None, None, bad
+    views = [torch.stack([s[0][v] for s in good]) for v in range(len(good[0][0]))]
+    labels = torch.tensor([s[1] for s in good], dtype=torch.long)
+    indices = torch.tensor([s[2] for s in good], dtype=torch.long)
+    return views, labels, indices, bad
+
+
+class _EpochBatches:
+    """EpochSampler as a DataLoader batch_sampler: lists of (index, epoch), read in the main process, so
+    set_epoch takes effect with persistent workers too."""
+
+    def __init__(self, sampler: EpochSampler):
+        self.sampler = sampler
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    def __iter__(self):
+        epoch = self.sampler.epoch
+        for b in self.sampler.batches():
+            yield [(i, epoch) for i in b.tolist()]
+
+
+def keep_even_for_mixing(views: List[torch.Tensor], labels: torch.Tensor, indices: torch.Tensor,
+                         recipe: Recipe, skipped_any: bool, log: SkipLog):
+    """Drop the last sample when skipping made a batch odd under batch-flip mixing (see skips.py)."""
+    n = labels.shape[0]
+    if skipped_any and recipe.mix.enabled and n % 2 == 1:
+        log.record_trim()
+        return [v[: n - 1] for v in views], labels[: n - 1], indices[: n - 1]
+    return views, labels, indices
+
+
+class TorchvisionLoader:
+    """Iterable of SDMPBatch on ``device``; see the module docstring. Options: ``prefetch_factor`` (batches
+    each worker prepares ahead, default 2)."""
+
+    def __init__(self, data, recipe: Recipe, batch_size: int, *, device=torch.device("cpu"), shard_id: int = 0,
+                 num_shards: int = 1, shuffle: bool = True, drop_last: bool = True, seed: int = 0,
+                 dtype: Optional[torch.dtype] = None, num_workers: Optional[int] = None, prefetch_factor: int = 2):
+        self.recipe = recipe.validate()
+        self.images = list_images(data)
+        self.batch_size, self.device, self.dtype = batch_size, torch.device(device), dtype
+        self.shard_id, self.seed = shard_id, seed
+        self.sampler = EpochSampler(len(self.images), batch_size, shard_id, num_shards, shuffle, seed, drop_last)
+        self.num_workers = min(os.cpu_count() or 1, 16) if num_workers is None else int(num_workers)
+        if self.num_workers < 0:
+            raise ValueError(f"num_workers: must be >= 0, got {num_workers}")
+        self.log = SkipLog("torchvision")
+        dataset = ViewDataset(self.images.files, self.images.labels, self.recipe, seed)
+        workers = self.num_workers > 0
+        self._loader = torch.utils.data.DataLoader(
+            dataset, batch_sampler=_EpochBatches(self.sampler), num_workers=self.num_workers,
+            collate_fn=collate_views, pin_memory=self.device.type == "cuda", persistent_workers=workers,
+            prefetch_factor=prefetch_factor if workers else None)
+
+    @property
+    def skipped(self) -> List[str]:
+        """Every file skipped so far (undecodable), in the order first met."""
+        return self.log.paths
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.sampler.set_epoch(epoch)
+
+    def __iter__(self) -> Iterator[SDMPBatch]:
+        epoch = self.sampler.epoch
+        gen = make_generator(self.seed, epoch, self.shard_id, self.device)
+        for views, labels, indices, bad in self._loader:
+            for path, reason in bad:
+                self.log.record(path, reason)
+            if views is None:
+                continue  # every file of the batch was undecodable
+            views, labels, indices = keep_even_for_mixing(views, labels, indices, self.recipe, bool(bad), self.log)
+            if labels.shape[0] == 0:
+                continue
+            views = [v.to(self.device, non_blocking=True) for v in views]
+            if self.dtype is not None:
+                views = [v.to(self.dtype) for v in views]
+            yield assemble_batch(views, labels.to(self.device, non_blocking=True),
+                                 indices.to(self.device, non_blocking=True), self.recipe, gen)
+        self.log.end_epoch(epoch)

@@ -1,0 +1,214 @@
+"""torchvision, torch-gpu (on the CPU) and memory backends: shapes / dtypes / ranges for both recipes, mixing,
+exact epochs, shards, bad files, configuration errors."""
+import io
+import os
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from sdmp_fast.data import make_synthetic_image_folder
+from sdmp_fast.pipelines.base import list_images, make_loader
+from sdmp_fast.pipelines.recipes import byol2, dino
+from sdmp_fast.pipelines.torch_gpu import decode_cpu, exif_orientation
+
+N_IMAGES = 18  # 3 classes x 6
+BACKENDS = ("torchvision", "torch-gpu", "memory")
+RECIPES = {"byol2": byol2(size=32), "dino": dino(global_size=32, local_size=16, n_local=3, n_local_mixed=2)}
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return make_synthetic_image_folder(str(tmp_path_factory.mktemp("tiny")), num_classes=3, per_class=6,
+                                       size=(40, 48))
+
+
+@pytest.fixture(scope="module")
+def arrays(folder):
+    """The same images as one channels-last uint8 tensor, for the memory backend."""
+    images = list_images(folder)
+    pixels = np.stack([np.asarray(Image.open(f).convert("RGB")) for f in images.files])
+    return torch.from_numpy(pixels), torch.tensor(images.labels)
+
+
+def _loader(backend, folder, arrays, recipe="byol2", batch_size=4, **kw):
+    data = arrays if backend == "memory" else folder
+    kw.setdefault("num_workers", 2 if backend == "torch-gpu" else 0)
+    kw.setdefault("shard_id", 0)
+    kw.setdefault("num_shards", 1)
+    rec = RECIPES[recipe] if isinstance(recipe, str) else recipe
+    return make_loader(backend, data, rec, batch_size, device="cpu", seed=3, **kw)
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("recipe", list(RECIPES))
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_views_shapes_dtypes_ranges_and_mixing(backend, recipe, folder, arrays):
+    rec = RECIPES[recipe]
+    dtype = torch.bfloat16 if recipe == "dino" else None
+    loader = _loader(backend, folder, arrays, recipe, batch_size=6, dtype=dtype)
+    assert len(loader) == N_IMAGES // 6
+    batch = next(iter(loader))
+    lo = min((0 - m) / s for m, s in zip(rec.mean, rec.std)) - 0.02
+    hi = max((1 - m) / s for m, s in zip(rec.mean, rec.std)) + 0.02
+    specs = rec.expanded_views()
+    assert len(batch.views) == len(specs) and batch.batch_size == 6
+    for v, spec in zip(batch.views + batch.mixed_views, specs + tuple(specs[j] for j in batch.mixed_from)):
+        assert v.shape == (6, 3, spec.size, spec.size) and v.dtype == (dtype or torch.float32)
+        assert lo <= v.float().min() and v.float().max() <= hi and torch.isfinite(v.float()).all()
+    assert batch.labels.dtype == torch.long and ((0 <= batch.labels) & (batch.labels < 3)).all()
+    # mixing: the configured views get mixed copies; lam in [0, 1]; a mixed image differs where lam < 1
+    assert batch.mixed_from == rec.mix.mixed_views
+    assert ((0 <= batch.lam) & (batch.lam <= 1)).all()
+    for mixed, j in zip(batch.mixed_views, batch.mixed_from):
+        changed = (mixed.float() - batch.views[j].float()).flatten(1).abs().amax(1) > 1e-3
+        assert torch.equal(changed, batch.lam < 0.999)
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_two_epochs_cover_every_sample_exactly_once(backend, folder, arrays):
+    loader = _loader(backend, folder, arrays, batch_size=4, drop_last=False)
+    assert len(loader) == 5  # 18 = 4 + 4 + 4 + 4 + 2
+    orders = []
+    for epoch in (0, 1):
+        loader.set_epoch(epoch)
+        batches = list(loader)
+        assert len(batches) == len(loader)
+        seen = torch.cat([b.indices for b in batches]).tolist()
+        assert sorted(seen) == list(range(N_IMAGES))
+        orders.append(seen)
+    assert orders[0] != orders[1]  # set_epoch reshuffles
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_two_shards_are_disjoint_and_cover_the_set(backend, folder, arrays):
+    shards = [torch.cat([b.indices for b in _loader(backend, folder, arrays, batch_size=4, drop_last=False,
+                                                    shard_id=r, num_shards=2)]).tolist() for r in (0, 1)]
+    assert not set(shards[0]) & set(shards[1])
+    assert sorted(shards[0] + shards[1]) == list(range(N_IMAGES))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_batch_larger_than_the_data_with_drop_last_is_a_clear_error(backend, folder, arrays):
+    with pytest.raises(ValueError, match="batch_size 64 is larger than"):
+        _loader(backend, folder, arrays, batch_size=64, drop_last=True)
+
+
+def test_torchvision_augmentation_does_not_depend_on_worker_count(folder, arrays):
+    a, b = (next(iter(_loader("torchvision", folder, arrays, batch_size=6, num_workers=w))) for w in (0, 2))
+    assert torch.equal(a.indices, b.indices)
+    for x, y in zip(a.views + a.mixed_views, b.views + b.mixed_views):
+        assert torch.equal(x, y)
+
+
+# ----------------------------------------------------------------------------------------------- bad files
+def _jpeg_bytes(arr, **kw):
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="JPEG", quality=90, **kw)
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def messy_folder(folder, tmp_path_factory):
+    """13 decodable files (JPEG, grayscale PNG, 16-bit PNG, CMYK JPEG, EXIF-rotated JPEG) + 3 bad ones: 16 files,
+    4 full batches of 4, so every batch stays even once its bad files are skipped."""
+    root = str(tmp_path_factory.mktemp("messy"))
+    shutil.copytree(folder, root, dirs_exist_ok=True)
+    for name in sorted(os.listdir(os.path.join(root, "class2"))):
+        os.remove(os.path.join(root, "class2", name))  # keep 12 good JPEGs in class0/1
+    rng = np.random.default_rng(0)
+    rgb = rng.integers(0, 256, (30, 20, 3), dtype=np.uint8)
+    Image.fromarray(rgb[..., 0]).save(os.path.join(root, "class2", "gray.png"))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 CW to display"
+    with open(os.path.join(root, "class2", "rotated.jpg"), "wb") as f:
+        f.write(_jpeg_bytes(rgb, exif=exif))
+    bad = {
+        "class2/empty.jpg": b"",
+        "class2/notes.jpg": b"these are not pixels\n",
+        "class2/truncated.jpg": _jpeg_bytes(rgb)[:300],
+    }
+    for rel, data in bad.items():
+        with open(os.path.join(root, rel), "wb") as f:
+            f.write(data)
+    os.remove(os.path.join(root, "class0", "0005.jpg"))
+    for name in ("0004.jpg", "0005.jpg"):
+        os.remove(os.path.join(root, "class1", name))
+    # 9 JPEGs + gray.png + rotated.jpg + deep.png + cmyk.jpg = 13 good
+    Image.fromarray((rgb[..., 1].astype(np.uint16) * 257)).save(os.path.join(root, "class1", "deep.png"))
+    Image.fromarray(rgb).convert("CMYK").save(os.path.join(root, "class1", "cmyk.jpg"))
+    return root, sorted(os.path.join(root, rel) for rel in bad)
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("backend", ["torchvision", "torch-gpu"])
+def test_bad_files_are_skipped_counted_and_named(backend, messy_folder, arrays):
+    root, bad = messy_folder
+    files = list_images(root).files
+    assert len(files) == 16
+    loader = _loader(backend, root, arrays, batch_size=4, drop_last=False, num_workers=2)
+    with pytest.warns(RuntimeWarning, match=r"skipped 3 undecodable file\(s\)") as record:
+        batches = list(loader)
+    message = str(record[0].message)
+    assert all(os.path.basename(p) in message for p in bad)
+    assert sorted(loader.skipped) == bad
+    seen = torch.cat([b.indices for b in batches]).tolist()
+    assert len(seen) == len(set(seen)) == 13 - loader.log.trimmed
+    assert not {files[i] for i in seen} & set(bad)
+    assert all(b.batch_size % 2 == 0 for b in batches)  # mixing keeps even batches
+    for b in batches:
+        assert all(torch.isfinite(v).all() for v in b.views + b.mixed_views)
+
+
+def test_exif_orientation_and_odd_formats_decode_upright_rgb(messy_folder):
+    root, _ = messy_folder
+    raw = open(os.path.join(root, "class2", "rotated.jpg"), "rb").read()
+    assert exif_orientation(raw) == 6
+    assert exif_orientation(open(list_images(root).files[0], "rb").read()) == 1
+    data = lambda name: torch.frombuffer(bytearray(open(os.path.join(root, name), "rb").read()),  # noqa: E731
+                                         dtype=torch.uint8)
+    assert decode_cpu(data("class2/rotated.jpg")).shape == (3, 20, 30)  # stored 30x20, displayed 20x30
+    deep = decode_cpu(data("class1/deep.png"))
+    assert deep.dtype == torch.uint8 and deep.shape == (3, 30, 20) and deep.float().std() > 10
+    assert decode_cpu(data("class2/gray.png")).shape == (3, 30, 20)
+    assert decode_cpu(data("class1/cmyk.jpg")).shape == (3, 30, 20)
+
+
+# ------------------------------------------------------------------------------------------------ memory
+def test_memory_accepts_grayscale_tensors_and_fashion_mnist_names():
+    imgs = torch.randint(0, 256, (10, 28, 28), dtype=torch.uint8)
+    loader = make_loader("memory", imgs, byol2(size=16), 4, device="cpu", shard_id=0, num_shards=1)
+    batch = next(iter(loader))
+    assert batch.views[0].shape == (4, 3, 16, 16) and (batch.labels == -1).all()
+    with pytest.raises(ValueError, match="4 labels"):
+        make_loader("memory", (imgs, torch.zeros(4)), byol2(size=16), 4, device="cpu", shard_id=0, num_shards=1)
+    with pytest.raises(ValueError, match="fashion-mnist"):
+        make_loader("memory", "cifar10", byol2(size=16), 4, device="cpu", shard_id=0, num_shards=1)
+    if os.path.exists("/usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz"):
+        fm = make_loader("memory", "fashion-mnist:test", byol2(size=16), 8, device="cpu", shard_id=0,
+                         num_shards=1)
+        assert len(fm) == 10_000 // 8 and fm.images.shape == (10_000, 1, 28, 28)
+
+
+# -------------------------------------------------------------------------------------------------- CUDA
+@pytest.mark.cuda
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_backends_on_cuda(backend, folder, arrays, messy_folder):
+    rec = RECIPES["dino"]
+    data = arrays if backend == "memory" else folder
+    loader = make_loader(backend, data, rec, 6, device="cuda", shard_id=0, num_shards=1, dtype=torch.bfloat16,
+                         drop_last=False, num_workers=2)
+    batches = list(loader)
+    assert sorted(torch.cat([b.indices for b in batches]).tolist()) == list(range(N_IMAGES))
+    assert all(v.is_cuda and v.dtype == torch.bfloat16 for v in batches[0].views + batches[0].mixed_views)
+    if backend == "torch-gpu":  # nvJPEG path with bad files in the batch
+        root, bad = messy_folder
+        bad_loader = make_loader(backend, root, rec, 4, device="cuda", shard_id=0, num_shards=1, drop_last=False)
+        with pytest.warns(RuntimeWarning, match="skipped 3"):
+            list(bad_loader)
+        assert sorted(bad_loader.skipped) == bad
