@@ -1,0 +1,230 @@
+"""FFCV backend: a .beton (from `sdmp-fast convert`) decoded and random-resized-cropped by FFCV's compiled
+(numba) pipeline, the rest of the recipe (flip, colour jitter, grayscale, blur, solarize, normalize) and the
+batch-flip mixing done by our device ops on ``device``.
+
+Decoding: by default one FFCV decoder (``MultiCropDecoder``) decodes each image ONCE and cuts every view's
+random resized crop from it into one flat uint8 row per sample; the views are reshaped out of that row on the
+device (views, no copy). FFCV's stock way, one ``RandomResizedCropRGBImageDecoder`` pipeline per view reading
+the same field (``multi_crop=False``), decodes the JPEG once per view and keeps a full-resolution scratch
+buffer per view and batch slot: 10 decodes per sample for DINO's 2+8 crops.
+
+Epochs: the FFCV Loader is built (and its numba code compiled, 10-40 s) once. Each epoch's exact order comes
+from ``EpochSampler`` (same shuffle / shard / drop-last rules as every backend) and is handed to FFCV's
+SEQUENTIAL traversal order, so changing epoch never recompiles.
+
+FFCV has no blur / solarize / hue / grayscale op, and its NormalizeImage placed after ToTensor hangs: the
+FFCV part of the pipeline therefore ends at uint8 (ToTensor, ToDevice) and everything else is ours.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import replace
+from typing import Callable, Iterator, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+from sdmp_fast.batch import SDMPBatch
+
+from .base import EpochSampler, assemble_batch, make_generator
+from .recipes import Recipe, ViewSpec
+
+REQUIRED_FIELDS = ("image", "label", "index")
+
+
+def _multi_crop_decoder_class():
+    """Built on first use: importing ffcv pulls in numba and opencv."""
+    from ffcv.fields.rgb_image import IMAGE_MODES, SimpleRGBImageDecoder, get_random_crop
+    from ffcv.libffcv import imdecode, resize_crop
+    from ffcv.pipeline.allocation_query import AllocationQuery
+    from ffcv.pipeline.compiler import Compiler
+
+    class MultiCropDecoder(SimpleRGBImageDecoder):
+        """Decode each RGBImageField sample once; write V random resized crops (view v: ``sizes[v]`` square,
+        area ``scales[v]``, aspect ``ratios[v]``) side by side into a uint8 row of sum(3 * size^2) bytes."""
+
+        def __init__(self, sizes: Sequence[int], scales: Sequence[Tuple[float, float]],
+                     ratios: Sequence[Tuple[float, float]]):
+            super().__init__()
+            self.sizes = np.asarray(sizes, dtype=np.int64)
+            self.scales = np.asarray(scales, dtype=np.float64).reshape(-1, 2)
+            self.ratios = np.asarray(ratios, dtype=np.float64).reshape(-1, 2)
+            self.offsets = np.concatenate([[0], np.cumsum(3 * self.sizes ** 2)]).astype(np.int64)
+
+        def declare_state_and_memory(self, previous_state):
+            # uint64 against overflow of h * w * 3 on large images (as FFCV's own decoders do)
+            max_h = np.uint64(self.metadata["height"].max())
+            max_w = np.uint64(self.metadata["width"].max())
+            out_shape = (int(self.offsets[-1]),)
+            u8 = np.dtype("<u1")
+            return (replace(previous_state, jit_mode=True, shape=out_shape, dtype=u8),
+                    (AllocationQuery(out_shape, u8), AllocationQuery((max_h * max_w * np.uint64(3),), u8)))
+
+        def generate_code(self) -> Callable:
+            jpg = IMAGE_MODES["jpg"]
+            mem_read = self.memory_read
+            my_range = Compiler.get_iterator()
+            # Jitted afresh per loader, as FFCV does: numba 0.68 fails (KeyError) to find the overload of an
+            # ``imdecode`` dispatcher reused by a second loader. Freeing one prints an ignored KeyError from
+            # numba's finalizer (FFCV's stock decoders too): harmless noise.
+            imdecode_c = Compiler.compile(imdecode)
+            resize_crop_c = Compiler.compile(resize_crop)
+            get_crop_c = Compiler.compile(get_random_crop)
+            sizes, offsets, scales, ratios = self.sizes, self.offsets, self.scales, self.ratios
+            n_views = len(sizes)
+
+            def decode(batch_indices, my_storage, metadata, storage_state):
+                destination, temp_storage = my_storage
+                for dst_ix in my_range(len(batch_indices)):
+                    field = metadata[batch_indices[dst_ix]]
+                    image_data = mem_read(field["data_ptr"], storage_state)
+                    height = np.uint32(field["height"])
+                    width = np.uint32(field["width"])
+                    if field["mode"] == jpg:
+                        temp_buffer = temp_storage[dst_ix]
+                        imdecode_c(image_data, temp_buffer, height, width, height, width, 0, 0, 1, 1,
+                                   False, False)
+                        temp_buffer = temp_buffer.reshape(-1)[: 3 * height * width].reshape(height, width, 3)
+                    else:
+                        temp_buffer = image_data.reshape(height, width, 3)
+                    for v in range(n_views):
+                        i, j, h, w = get_crop_c(height, width, scales[v], ratios[v])
+                        s = sizes[v]
+                        out = destination[dst_ix, offsets[v]: offsets[v + 1]].reshape(s, s, 3)
+                        resize_crop_c(temp_buffer, i, i + h, j, j + w, out)
+                return destination[: len(batch_indices)]
+
+            decode.is_parallel = True
+            return decode
+
+    return MultiCropDecoder
+
+
+def read_beton(path) -> int:
+    """Number of samples in the .beton at ``path``; ValueError naming it when it is not one of ours."""
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        raise ValueError(f"data: the ffcv backend reads a .beton file, {path!r} is a directory; "
+                         f"convert it first: sdmp-fast convert {path} OUT.beton")
+    if not os.path.isfile(path):
+        raise ValueError(f"data: {path!r} does not exist")
+    from ffcv.reader import Reader
+
+    try:
+        reader = Reader(path)
+    except Exception as e:  # noqa: BLE001 - a truncated / foreign file fails in many ways inside numpy
+        raise ValueError(f"data: {path!r} is not a readable FFCV .beton ({type(e).__name__}: {e})") from None
+    missing = [f for f in REQUIRED_FIELDS if f not in reader.handlers]
+    if missing:
+        raise ValueError(f"data: {path!r} lacks the field(s) {missing}; write it with `sdmp-fast convert`")
+    if reader.num_samples < 1:
+        raise ValueError(f"data: {path!r} holds no samples")
+    return int(reader.num_samples)
+
+
+class FFCVLoader:
+    """Iterable of SDMPBatch over a .beton; see the module docstring. Options: ``multi_crop`` (default True:
+    one decode per image), ``os_cache`` (FFCV: page cache vs process memory), ``batches_ahead``."""
+
+    def __init__(self, data, recipe: Recipe, batch_size: int, *, device=torch.device("cpu"), shard_id: int = 0,
+                 num_shards: int = 1, shuffle: bool = True, drop_last: bool = True, seed: int = 0,
+                 dtype: Optional[torch.dtype] = None, num_workers: Optional[int] = None,
+                 multi_crop: bool = True, os_cache: bool = True, batches_ahead: int = 3):
+        from ffcv.fields.basics import IntDecoder
+        from ffcv.loader import Loader, OrderOption
+        from ffcv.transforms import ToDevice, ToTensor
+
+        from . import device_ops  # after the ffcv import: a missing ffcv is the error users should see first
+
+        self._ops = device_ops
+        self.path = os.fspath(data)
+        self.num_samples = read_beton(self.path)
+        self.recipe = recipe.validate()
+        self.views: Tuple[ViewSpec, ...] = recipe.expanded_views()
+        self.batch_size, self.device, self.dtype = batch_size, torch.device(device), dtype
+        self.shard_id, self.seed = shard_id, seed
+        self.sampler = EpochSampler(self.num_samples, batch_size, shard_id, num_shards, shuffle, seed, drop_last)
+        self.multi_crop = multi_crop
+        workers = num_workers or os.cpu_count() or 1
+
+        on_device = [ToDevice(self.device, non_blocking=True)] if self.device.type == "cuda" else []
+        scalar = lambda: [IntDecoder(), ToTensor(), *on_device]  # noqa: E731
+        pipelines = {"label": scalar(), "index": scalar()}
+        if multi_crop:
+            decoder = _multi_crop_decoder_class()([v.size for v in self.views], [v.scale for v in self.views],
+                                                  [v.ratio for v in self.views])
+            self._offsets = decoder.offsets.tolist()
+            pipelines["image"] = [decoder, ToTensor(), *on_device]
+            self._outputs = ("image", "label", "index")
+        else:
+            from ffcv.fields.rgb_image import RandomResizedCropRGBImageDecoder
+            from ffcv.pipeline import PipelineSpec
+            from ffcv.transforms import ToTorchImage
+
+            names = ["image"] + [f"image_{k}" for k in range(1, len(self.views))]
+            for name, v in zip(names, self.views):
+                rrc = RandomResizedCropRGBImageDecoder((v.size, v.size), scale=v.scale, ratio=v.ratio)
+                pipelines[name] = PipelineSpec("image", decoder=rrc,
+                                               transforms=[ToTensor(), *on_device, ToTorchImage()])
+            # FFCV orders outputs: the file's fields first, then the extra pipelines in insertion order.
+            self._outputs = ("image", "label", "index", *names[1:])
+
+        # Our sampler truncates with drop_last already: FFCV must keep every index it is given.
+        first = self._epoch_order()
+        self._loader = Loader(self.path, batch_size=batch_size, num_workers=workers, order=OrderOption.SEQUENTIAL,
+                              indices=first, pipelines=pipelines, drop_last=False, os_cache=os_cache,
+                              batches_ahead=batches_ahead)
+
+    def _epoch_order(self) -> np.ndarray:
+        # One dtype every epoch: numba specialises the compiled pipeline on the index array's type.
+        return self.sampler.indices().numpy().astype(np.uint64)
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.sampler.set_epoch(epoch)
+
+    def _uint8_groups(self, out):
+        """(spec, uint8 [k * n, 3, S, S] on the device, view-major) per recipe view spec: the ``count`` views
+        of one spec (DINO's local crops) are augmented as one batch, as device_ops.make_views does."""
+        n = out[1].shape[0]
+        if not self.multi_crop:
+            views = [out[0]] + list(out[3:])
+        k0 = 0
+        for spec in self.recipe.views:
+            k, s = spec.count, spec.size
+            if k == 0:
+                continue
+            if self.multi_crop:  # the spec's k crops sit side by side in each sample's row
+                a, b = self._offsets[k0], self._offsets[k0 + k]
+                x = out[0][:, a:b].view(n, k, s, s, 3).permute(1, 0, 4, 2, 3)
+            else:
+                x = torch.stack(views[k0:k0 + k])
+            k0 += k
+            yield spec, x.to(self.device, non_blocking=True).reshape(k * n, 3, s, s)
+
+    def __iter__(self) -> Iterator[SDMPBatch]:
+        # Same length every epoch (EpochSampler), so FFCV's length computed at construction stays right.
+        self._loader.traversal_order.indices = self._epoch_order()
+        gen = make_generator(self.seed, self.sampler.epoch, self.shard_id, self.device)
+        mean, std = self.recipe.mean, self.recipe.std
+        epoch = iter(self._loader)
+        try:
+            for out in epoch:
+                labels = out[1].view(-1).to(self.device, non_blocking=True)
+                indices = out[2].view(-1).to(self.device, non_blocking=True)
+                views = []
+                for spec, x in self._uint8_groups(out):
+                    x = self._ops.augment(x.float().div_(255), spec, gen)
+                    views += self._ops.normalize(x, mean, std).split(labels.shape[0])
+                batch = assemble_batch(views, labels, indices, self.recipe, gen)
+                yield batch.to(self.device, dtype=self.dtype) if self.dtype is not None else batch
+        finally:
+            # An epoch left early (break, exception) would keep FFCV's prefetch thread and its memory
+            # mapping alive until garbage collection: stop it now.
+            epoch.close()
+
+    def close(self) -> None:
+        """Drop FFCV's loader (its memory map and buffers); iterating afterwards is an error."""
+        self._loader = None

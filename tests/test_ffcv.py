@@ -1,0 +1,280 @@
+"""`sdmp-fast convert` and the FFCV loader on a tiny generated ImageFolder with bad files in it.
+
+FFCV compiles a numba pipeline per loader (seconds each on 2 cores): one .beton is converted per module and
+only four loaders are built (two shards of byol2, DINO, FFCV's stock per-view decoders).
+"""
+import glob
+import os
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("ffcv", reason="ffcv is not installed")
+
+from PIL import Image  # noqa: E402
+
+from sdmp_fast.data import make_synthetic_image_folder  # noqa: E402
+from sdmp_fast.pipelines import convert as conv  # noqa: E402
+from sdmp_fast.pipelines.base import list_images, make_loader  # noqa: E402
+from sdmp_fast.pipelines.recipes import IMAGENET_MEAN, IMAGENET_STD, make_recipe  # noqa: E402
+
+BAD = ("class0/truncated.jpg", "class1/empty.jpg", "class1/notes.jpg")
+BATCH = 6
+SMALL_BYOL = dict(size=32)
+SMALL_DINO = dict(global_size=32, local_size=16, n_local=4, n_local_mixed=2)
+# A freed FFCV loader's numba ``imdecode`` dispatcher prints an ignored KeyError from numba's finalizer (FFCV's
+# stock Loader does the same); pytest reports it as a warning against whichever test runs at that moment.
+NUMBA_FINALIZER_NOISE = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("imgs"))
+    make_synthetic_image_folder(root, num_classes=3, per_class=8, size=(40, 48))
+    whole = open(os.path.join(root, "class0", "0000.jpg"), "rb").read()
+    with open(os.path.join(root, BAD[0]), "wb") as f:
+        f.write(whole[: len(whole) // 2])
+    open(os.path.join(root, BAD[1]), "wb").close()
+    with open(os.path.join(root, BAD[2]), "w") as f:
+        f.write("not an image\n")
+    gray = np.tile(np.arange(48, dtype=np.uint8) * 5, (40, 1))
+    Image.fromarray(gray, "L").save(os.path.join(root, "class2", "gray.png"))
+    return root
+
+
+@pytest.fixture(scope="module")
+def beton(folder, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("beton") / "data.beton")
+    summary = conv.convert(folder, out, max_side=64, workers=2, progress=False)
+    return summary, out
+
+
+def _stored_images(path):
+    """Decode every stored JPEG straight from the file (no FFCV pipeline, so no numba compile)."""
+    import cv2
+    from ffcv.reader import Reader
+
+    reader = Reader(path)
+    raw = np.fromfile(path, dtype=np.uint8)
+    size_of = {int(p): int(s) for _, p, s in reader.alloc_table}
+    images = []
+    for meta in reader.metadata["f0"]:
+        ptr = int(meta["data_ptr"])
+        bgr = cv2.imdecode(raw[ptr: ptr + size_of[ptr]], cv2.IMREAD_COLOR)
+        images.append(bgr[:, :, ::-1])
+    return reader, images
+
+
+# ------------------------------------------------------------------------------------------------ convert
+
+@pytest.mark.timeout(120)
+def test_convert_reports_bad_files_and_keeps_the_good_ones(beton, folder):
+    summary, out = beton
+    bad = {os.path.join(folder, b) for b in BAD}
+    assert {p for p, _ in summary.skipped} == bad
+    report = summary.report()
+    assert "skipped 3 unreadable" in report and all(p in report for p in bad)
+    with open(out + ".skipped.txt") as f:
+        assert {line.split("\t")[0] for line in f} == bad
+
+    listed = list_images(folder)
+    good = [(f, l) for f, l in zip(listed.files, listed.labels) if f not in bad]
+    reader, stored = _stored_images(out)
+    assert reader.num_samples == summary.written == len(good) == 25
+    np.testing.assert_array_equal(reader.metadata["f1"], [l for _, l in good])  # labels, in file order
+    np.testing.assert_array_equal(reader.metadata["f2"], np.arange(len(good)))  # index = position
+    for (path, _), img in zip(good, stored):
+        src = conv.load_rgb(path)
+        assert img.shape == src.shape  # 48x40 < max_side: stored at full size
+        assert np.abs(img.astype(int) - src).mean() < 4, path  # one JPEG q90 re-encode away
+    gray = stored[[p for p, _ in good].index(os.path.join(folder, "class2", "gray.png"))]
+    assert np.abs(gray[..., 0].astype(int) - gray[..., 2]).max() <= 3  # grey stays grey in RGB
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("previous", [None, b"the previous good file"])
+def test_convert_failure_leaves_no_partial_file(folder, tmp_path, monkeypatch, previous):
+    out = tmp_path / "data.beton"
+    if previous is not None:
+        out.write_bytes(previous)
+    real = conv._ImageDataset.__getitem__
+
+    def dies_midway(self, i):  # the writer processes are forked: they see this patch
+        if i == 7:
+            raise RuntimeError("simulated failure while writing")
+        return real(self, i)
+
+    monkeypatch.setattr(conv._ImageDataset, "__getitem__", dies_midway)
+    with pytest.raises(RuntimeError, match="writer process failed"):
+        conv.convert(folder, str(out), max_side=64, workers=2, chunk_size=4, progress=False)
+    if previous is None:
+        assert not out.exists()
+    else:
+        assert out.read_bytes() == previous
+    assert os.listdir(tmp_path) == (["data.beton"] if previous else [])  # no temporary left behind
+
+
+def test_convert_bad_arguments_name_the_path(tmp_path, folder):
+    with pytest.raises(ValueError, match="nowhere"):
+        conv.convert(str(tmp_path / "nowhere"), str(tmp_path / "x.beton"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="empty"):
+        conv.convert(str(tmp_path / "empty"), str(tmp_path / "x.beton"))
+    with pytest.raises(ValueError, match="no_such_dir"):
+        conv.convert(folder, str(tmp_path / "no_such_dir" / "x.beton"))
+    with pytest.raises(ValueError, match="--max-side"):
+        conv.convert(folder, str(tmp_path / "x.beton"), max_side=3)
+    assert sorted(os.listdir(tmp_path)) == ["empty"]
+
+
+def test_load_rgb_converts_modes_and_orientation(tmp_path):
+    from PIL import Image
+
+    def save(name, img, **kw):
+        img.save(tmp_path / name, **kw)
+        return str(tmp_path / name)
+
+    arr16 = (np.arange(20 * 30, dtype=np.uint16).reshape(20, 30) * 100)
+    out = conv.load_rgb(save("g16.png", Image.fromarray(arr16)))
+    assert out.dtype == np.uint8 and out.shape == (20, 30, 3)
+    np.testing.assert_allclose(out[..., 1], np.rint(arr16 / 257.0), atol=1)  # rescaled, not clipped to white
+
+    out = conv.load_rgb(save("cmyk.jpg", Image.new("CMYK", (30, 20), (0, 255, 255, 0)), quality=95))
+    assert out.shape == (20, 30, 3) and out[..., 0].mean() > 200 and out[..., 1:].mean() < 60  # red
+
+    pal = Image.new("P", (30, 20))
+    pal.putpalette([0, 0, 255] * 256)
+    assert conv.load_rgb(save("pal.png", pal))[..., 2].min() == 255
+
+    rgba = Image.new("RGBA", (30, 20), (0, 255, 0, 128))
+    assert conv.load_rgb(save("rgba.png", rgba)).shape == (20, 30, 3)
+
+    wide = Image.new("RGB", (30, 20), (255, 255, 255))
+    exif = wide.getexif()
+    exif[0x0112] = 6  # orientation: rotate 90 degrees on display
+    out = conv.load_rgb(save("rot.jpg", wide, exif=exif.tobytes()))
+    assert out.shape == (30, 20, 3)  # upright: portrait
+
+    assert conv.check_image(save("tiny.png", Image.new("RGB", (1, 1))))[0] == (1, 1)
+
+
+# ------------------------------------------------------------------------------------------------ loader
+
+def _value_bounds():
+    lo = (0 - np.array(IMAGENET_MEAN)) / np.array(IMAGENET_STD)
+    hi = (1 - np.array(IMAGENET_MEAN)) / np.array(IMAGENET_STD)
+    return lo.min() - 1e-3, hi.max() + 1e-3
+
+
+def _check_batch(batch, recipe, labels_in_file):
+    lo, hi = _value_bounds()
+    n = batch.batch_size
+    assert batch.indices.dtype == torch.int64 and batch.labels.dtype == torch.int64
+    np.testing.assert_array_equal(batch.labels.numpy(), labels_in_file[batch.indices.numpy()])
+    for v, spec in zip(batch.views, recipe.expanded_views()):
+        assert v.shape == (n, 3, spec.size, spec.size)
+        assert torch.isfinite(v.float()).all() and lo <= v.min() and v.max() <= hi
+        assert v.float().std() > 0.05  # real image content, not a constant
+    assert batch.mixed_from == recipe.mix.mixed_views
+    assert len(batch.mixed_views) == len(recipe.mix.mixed_views)
+    assert batch.lam.shape == (n,) and ((batch.lam >= 0) & (batch.lam <= 1)).all()
+
+
+@pytest.mark.timeout(150)
+@NUMBA_FINALIZER_NOISE
+def test_ffcv_byol2_two_epochs_two_shards_exact(beton):
+    _, path = beton
+    from ffcv.reader import Reader
+
+    labels = np.asarray(Reader(path).metadata["f1"])
+    recipe = make_recipe("byol2", **SMALL_BYOL)
+    loaders = [make_loader("ffcv", path, recipe, BATCH, device="cpu", shard_id=r, num_shards=2, shuffle=True,
+                           drop_last=False, seed=3, num_workers=2) for r in range(2)]
+    assert [len(ld) for ld in loaders] == [3, 2]  # 13 and 12 samples in batches of 6: 6+6+1 and 6+6
+    orders = []
+    for epoch in range(2):
+        shards = []
+        for ld in loaders:
+            ld.set_epoch(epoch)
+            got, n_batches = [], 0
+            for batch in ld:
+                _check_batch(batch, recipe, labels)
+                if batch.batch_size % 2 == 0:  # a full even batch is mixed: mixed views differ where lam < 1
+                    for j, src in enumerate(batch.mixed_from):
+                        changed = (batch.mixed_views[j] - batch.views[src]).abs().flatten(1).amax(1) > 1e-4
+                        assert changed[batch.lam < 0.999].all() and not changed[batch.lam >= 1].any()
+                    assert (batch.lam < 1).any()
+                got += batch.indices.tolist()
+                n_batches += 1
+            assert n_batches == len(ld)
+            shards.append(got)
+        assert not set(shards[0]) & set(shards[1])  # disjoint shards
+        assert sorted(shards[0] + shards[1]) == list(range(len(labels)))  # covering, each sample once
+        orders.append(shards[0])
+    assert orders[0] != orders[1]  # set_epoch reshuffles
+
+
+@pytest.mark.timeout(150)
+@NUMBA_FINALIZER_NOISE
+def test_ffcv_dino_multicrop_bf16(beton):
+    _, path = beton
+    from ffcv.reader import Reader
+
+    labels = np.asarray(Reader(path).metadata["f1"])
+    recipe = make_recipe("dino", **SMALL_DINO)
+    loader = make_loader("ffcv", path, recipe, BATCH, device="cpu", shard_id=0, num_shards=1, drop_last=True,
+                         dtype=torch.bfloat16, num_workers=2)
+    assert len(loader) == 25 // BATCH
+    batches = list(loader)
+    assert len(batches) == len(loader)
+    for batch in batches:
+        assert all(v.dtype == torch.bfloat16 for v in batch.views + batch.mixed_views)
+        _check_batch(batch, recipe, labels)
+        assert [v.shape[-1] for v in batch.views] == [32, 32, 16, 16, 16, 16]
+    seen = torch.cat([b.indices for b in batches])
+    assert seen.unique().numel() == seen.numel() == len(loader) * BATCH  # drop_last: whole batches only
+
+
+@pytest.mark.timeout(150)
+@NUMBA_FINALIZER_NOISE
+def test_ffcv_stock_per_view_decoders_match_the_interface(beton):
+    """multi_crop=False: FFCV's own RandomResizedCrop decoder, one pipeline per view on the same field."""
+    _, path = beton
+    from ffcv.reader import Reader
+
+    labels = np.asarray(Reader(path).metadata["f1"])
+    recipe = make_recipe("byol2", **SMALL_BYOL)
+    loader = make_loader("ffcv", path, recipe, BATCH, device="cpu", shard_id=0, num_shards=1, drop_last=False,
+                         shuffle=False, num_workers=2, multi_crop=False)
+    seen = []
+    for batch in loader:
+        _check_batch(batch, recipe, labels)
+        seen += batch.indices.tolist()
+    assert seen == list(range(25))  # shuffle=False: file order
+
+
+@NUMBA_FINALIZER_NOISE
+def test_ffcv_loader_rejects_a_folder_and_a_foreign_file(folder, tmp_path):
+    with pytest.raises(ValueError, match="sdmp-fast convert"):
+        make_loader("ffcv", folder, "byol2", 4, device="cpu", shard_id=0, num_shards=1)
+    junk = tmp_path / "junk.beton"
+    junk.write_bytes(b"\0" * 10)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(ValueError, match="junk.beton"):
+            make_loader("ffcv", str(junk), "byol2", 4, device="cpu", shard_id=0, num_shards=1)
+
+
+@pytest.mark.cuda
+@pytest.mark.timeout(150)
+@NUMBA_FINALIZER_NOISE
+def test_ffcv_loader_on_cuda(beton):
+    _, path = beton
+    recipe = make_recipe("byol2", **SMALL_BYOL)
+    loader = make_loader("ffcv", path, recipe, BATCH, device="cuda", shard_id=0, num_shards=1,
+                         dtype=torch.bfloat16, num_workers=2)
+    for batch in loader:
+        assert all(v.is_cuda and v.dtype == torch.bfloat16 for v in batch.views + batch.mixed_views)
+        assert batch.labels.is_cuda and batch.indices.is_cuda and batch.lam.is_cuda
