@@ -1,0 +1,204 @@
+"""Checkpoints: atomic writes, keep-last-K, disk full, weights_only safety, RNG round trip, and resume that
+reproduces an uninterrupted run bit for bit (in-process, after kill -9 of a CLI run, and the fault drill)."""
+from __future__ import annotations
+
+import errno
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from sdmp_fast import checkpoint as ckpt
+from sdmp_fast.config import TrainConfig
+from sdmp_fast.trainer import Trainer
+
+from test_trainer import TINY, _env, tiny_cfg
+
+
+def _state(step):
+    return {"format": ckpt.FORMAT_VERSION, "step": step, "w": torch.full((4,), float(step))}
+
+
+def test_atomic_names_keep_last_k_and_stale_tmp(tmp_path):
+    d = str(tmp_path / "ck")
+    os.makedirs(d)
+    stale = os.path.join(d, ".tmp-ckpt-000000007-999.pt")
+    open(stale, "wb").write(b"half a checkpoint")
+    for s in (1, 2, 3, 4):
+        ckpt.save_checkpoint(_state(s), d, s, keep=2)
+    assert [s for s, _ in ckpt.list_checkpoints(d)] == [3, 4]
+    assert sorted(os.listdir(d)) == ["ckpt-000000003.pt", "ckpt-000000004.pt"]  # the stale tmp is gone
+    path, st = ckpt.load_latest(d)
+    assert path.endswith("ckpt-000000004.pt") and st["step"] == 4
+
+
+def test_resume_ignores_partial_files(tmp_path):
+    d = str(tmp_path / "ck")
+    ckpt.save_checkpoint(_state(3), d, 3)
+    open(os.path.join(d, ".tmp-ckpt-000000006-123.pt"), "wb").write(b"\x00" * 100)  # killed mid-write
+    assert ckpt.latest_checkpoint(d).endswith("ckpt-000000003.pt")
+    # a complete-looking name whose content is damaged (storage lost data): reported, previous used
+    open(os.path.join(d, "ckpt-000000009.pt"), "wb").write(b"PK\x03\x04 truncated")
+    with pytest.warns(UserWarning, match="cannot read"):
+        path, st = ckpt.load_latest(d)
+    assert st["step"] == 3
+
+
+def test_disk_full_leaves_previous_checkpoint_intact(tmp_path, monkeypatch):
+    d = str(tmp_path / "ck")
+    ckpt.save_checkpoint(_state(5), d, 5)
+    before = open(os.path.join(d, "ckpt-000000005.pt"), "rb").read()
+
+    def full_disk(state, fh):
+        fh.write(b"x" * 1000)  # part of the file made it before the disk filled up
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(ckpt, "_write", full_disk)
+    with pytest.raises(ckpt.CheckpointError, match=r"could not write step 6 .*disk full.*ckpt-000000005.pt is "
+                                                   r"intact"):
+        ckpt.save_checkpoint(_state(6), d, 6)
+    assert os.listdir(d) == ["ckpt-000000005.pt"]
+    assert open(os.path.join(d, "ckpt-000000005.pt"), "rb").read() == before
+    assert ckpt.load_latest(d)[1]["step"] == 5
+
+
+def test_disk_full_during_training_is_a_clear_error(tmp_path, monkeypatch, capsys):
+    from sdmp_fast import cli
+
+    out = tmp_path / "out"
+    calls = {"n": 0}
+    real = ckpt._write
+
+    def fill_on_second(state, fh):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(state, fh)
+
+    monkeypatch.setattr(ckpt, "_write", fill_on_second)
+    code = cli.main(["train"] + TINY + ["--loader", "synthetic", "--batch-size", "8", "--steps", "6",
+                                        "--save-every", "2", "--log-every", "2", "--out", str(out)])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert "could not write step 4" in err and "disk full" in err and "ckpt-000000002.pt is intact" in err
+    assert ckpt.load_latest(str(out / "checkpoints"))[1]["step"] == 2
+
+
+class _Evil:
+    def __reduce__(self):
+        return (os.system, ("touch " + os.environ.get("SDMP_EVIL_MARKER", "/nonexistent/x"),))
+
+
+def test_checkpoint_cannot_run_code(tmp_path, monkeypatch):
+    marker = tmp_path / "pwned"
+    monkeypatch.setenv("SDMP_EVIL_MARKER", str(marker))
+    d = str(tmp_path / "ck")
+    ckpt.save_checkpoint(_state(1), d, 1)
+    torch.save({"format": 1, "step": 2, "payload": _Evil()}, os.path.join(d, "ckpt-000000002.pt"))
+    with pytest.raises(ckpt.CheckpointError, match="cannot read"):
+        ckpt.load_checkpoint(os.path.join(d, "ckpt-000000002.pt"))
+    with pytest.warns(UserWarning):
+        assert ckpt.load_latest(d)[1]["step"] == 1
+    assert not marker.exists()
+
+
+def test_training_checkpoint_is_weights_only_loadable(tmp_path):
+    cfg = tiny_cfg(tmp_path, method="dino", steps=2, save_every=2)
+    Trainer(cfg).fit(cfg.out)
+    path = ckpt.latest_checkpoint(ckpt.checkpoint_dir(cfg.out))
+    st = torch.load(path, weights_only=True)
+    assert st["step"] == 2 and "center" in st["model"] and st["config"]["method"] == "dino"
+    assert isinstance(st["rng"][0]["torch"], torch.Tensor)
+
+
+def test_rng_state_round_trip():
+    st = ckpt.rng_state()
+    a = (torch.rand(3), np.random.rand(3), random.random())
+    torch.rand(5), np.random.rand(5), random.random()
+    ckpt.set_rng_state(st)
+    b = (torch.rand(3), np.random.rand(3), random.random())
+    assert torch.equal(a[0], b[0]) and np.array_equal(a[1], b[1]) and a[2] == b[2]
+
+
+@pytest.mark.parametrize("method", ["mocov3", "dino"])
+def test_resume_in_process_is_bit_exact(tmp_path, method):
+    cfg = tiny_cfg(tmp_path, method=method, steps=7, log_every=7)
+    ref = Trainer(cfg)
+    ref.fit(str(tmp_path / "ref"))
+
+    first = Trainer(cfg)
+    first.total_steps = 3  # an interrupted run: 3 steps then a checkpoint
+    first.fit(str(tmp_path / "run"))
+    resumed = Trainer(cfg)
+    path, state = ckpt.load_latest(ckpt.checkpoint_dir(str(tmp_path / "run")))
+    assert state["step"] == 3
+    resumed.load_state_dict(state)
+    resumed.fit(str(tmp_path / "run"))
+    assert resumed.step == 7
+    for (k, a), b in zip(ref.model.state_dict().items(), resumed.model.state_dict().values()):
+        assert torch.equal(a, b), k
+    ra, rb = ref.optimizer.state_dict()["state"], resumed.optimizer.state_dict()["state"]
+    for i in ra:
+        for k in ra[i]:
+            assert torch.equal(ra[i][k], rb[i][k])
+
+
+def test_resume_rejects_changed_settings(tmp_path):
+    cfg = tiny_cfg(tmp_path, steps=2, save_every=2)
+    Trainer(cfg).fit(cfg.out)
+    _, state = ckpt.load_latest(ckpt.checkpoint_dir(cfg.out))
+    other = Trainer(tiny_cfg(tmp_path, steps=2, alpha=0.5))
+    with pytest.raises(ValueError, match=r"resume: .*alpha \(checkpoint 1.0, now 0.5\)"):
+        other.load_state_dict(state)
+
+
+def _run_cli(argv, tmp_path, **env):
+    return subprocess.Popen([sys.executable, "-m", "sdmp_fast.cli", "train"] + argv, env=_env(tmp_path, **env),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+@pytest.mark.timeout(300)
+def test_kill9_then_resume_reproduces_uninterrupted_run(tmp_path):
+    argv = TINY + ["--loader", "synthetic", "--batch-size", "8", "--steps", "30", "--save-every", "4",
+                   "--log-every", "4", "--deterministic", "--lr", "1e-3"]
+    ref = _run_cli(argv + ["--out", str(tmp_path / "ref")], tmp_path)
+    run = _run_cli(argv + ["--out", str(tmp_path / "run")], tmp_path, SDMP_DEBUG_STEP_SLEEP=0.1)
+    ck = str(tmp_path / "run" / "checkpoints")
+    deadline = time.time() + 200
+    while time.time() < deadline and not ckpt.list_checkpoints(ck) and run.poll() is None:
+        time.sleep(0.05)
+    time.sleep(0.45)  # mid-run, between checkpoints
+    run.send_signal(signal.SIGKILL)
+    run.communicate(timeout=60)
+    assert run.returncode == -signal.SIGKILL
+    killed_at = ckpt.list_checkpoints(ck)[-1][0]
+    assert 0 < killed_at < 30
+    assert ref.communicate(timeout=200)[0] is not None and ref.returncode == 0
+    resumed = _run_cli(argv + ["--out", str(tmp_path / "run"), "--resume"], tmp_path)
+    text = resumed.communicate(timeout=200)[0]
+    assert resumed.returncode == 0, text
+    assert f"resuming from {ck}/ckpt-{killed_at:09d}.pt at step {killed_at}" in text
+    a = ckpt.load_latest(str(tmp_path / "ref" / "checkpoints"))[1]
+    b = ckpt.load_latest(ck)[1]
+    assert a["step"] == b["step"] == 30
+    for k, v in a["model"].items():
+        assert torch.equal(v, b["model"][k]), k
+    steps = [r["step"] for r in __import__("sdmp_fast.runlog", fromlist=["x"]).read_metrics(str(tmp_path / "run"))]
+    assert steps == sorted(set(steps)) and steps[-1] == 30  # no step logged twice after the resume
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_fault_drill_all_resumes_match(tmp_path, capsys):
+    from sdmp_fast.fault_drill import run_drill
+
+    lines = []
+    matched = run_drill(trials=10, workdir=str(tmp_path / "drill"), log=lines.append)
+    assert matched == 10, "\n".join(lines)
+    assert lines[-1].startswith("10/10 resumes matched")
