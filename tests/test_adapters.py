@@ -1,5 +1,4 @@
 """Adapters yield exactly the formats of DINO / MoCo v3 / solo-learn / lightly / torch DataLoader loops."""
-import importlib.util
 import os
 
 import pytest
@@ -134,14 +133,27 @@ def test_adapter_rejects_a_loader_that_yields_something_else():
         next(iter(adapters.as_dino(Bad(byol2(size=8)))))
 
 
-@pytest.mark.timeout(120)
-@pytest.mark.skipif(importlib.util.find_spec("sdmp_fast.pipelines.memory") is None, reason="memory backend not built")
-def test_adapters_over_the_memory_backend(tmp_path):
-    from sdmp_fast.data import make_synthetic_image_folder
-
-    make_synthetic_image_folder(str(tmp_path), num_classes=2, per_class=6, size=(40, 48))
-    loader = make_loader("memory", str(tmp_path), byol2(size=32), 4, device="cpu", num_workers=0)
+def test_adapters_over_the_memory_backend():
+    images = torch.randint(0, 256, (12, 3, 40, 48), dtype=torch.uint8)
+    loader = make_loader("memory", (images, torch.arange(12) % 3), byol2(size=32), 4, device="cpu")
     dl = adapters.as_dataloader(adapters.as_solo_learn(loader))
-    assert len(dl) == len(loader) == 3 and len(dl.dataset) == 12
+    assert len(dl) == len(loader) == 3 and len(dl.dataset) == 12 and dl.batch_size == 4
+    seen = []
     for indexes, crops, targets in dl:
         assert len(crops) == 2 and crops[0].shape == (4, 3, 32, 32) and targets.shape == (4,)
+        assert torch.equal(targets, indexes % 3)  # labels travel with their samples
+        seen += indexes.tolist()
+    assert sorted(seen) == list(range(12))
+
+
+@pytest.mark.timeout(120)
+def test_lightly_names_come_from_a_file_backend(tmp_path):
+    from sdmp_fast.data import make_synthetic_image_folder
+
+    make_synthetic_image_folder(str(tmp_path), num_classes=2, per_class=4, size=(40, 48))
+    loader = make_loader("torchvision", str(tmp_path), byol2(size=32), 4, device="cpu", num_workers=0)
+    views, targets, fnames = next(iter(adapters.as_lightly(loader)))
+    files = list_images(str(tmp_path))
+    rel = [os.path.relpath(f, files.root) for f in files.files]
+    assert len(views) == 2 and len(fnames) == 4 and all(f in rel for f in fnames)
+    assert [files.labels[rel.index(f)] for f in fnames] == targets.tolist()

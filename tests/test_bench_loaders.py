@@ -1,0 +1,96 @@
+"""`sdmp-fast bench loaders` end to end on a tiny photo set (CPU), and its JSON / PNG outputs."""
+import json
+import os
+
+import pytest
+import torch
+from PIL import Image
+
+from sdmp_fast.benchmarks import loaders as bench
+from sdmp_fast.benchmarks.make_data import make_data
+from sdmp_fast.cli import main as cli_main
+from sdmp_fast.pipelines import base
+from sdmp_fast.pipelines.recipes import byol2
+
+REQUIRED = {"backend", "recipe", "batch_size", "img_per_s", "ratio_vs_torchvision", "ratio_vs_synthetic",
+            "batches", "device", "status", "reason"}
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory):
+    return make_data(str(tmp_path_factory.mktemp("bench") / "photos"), num_images=16, classes=2, seed=0)
+
+
+@pytest.mark.timeout(240)
+def test_bench_loaders_end_to_end_writes_json_png_and_reports_missing_backends(photos, tmp_path, monkeypatch,
+                                                                            capsys):
+    # A backend whose module cannot be imported must be reported, not crash the run.
+    monkeypatch.setitem(base.BACKENDS, "broken", "sdmp_fast.pipelines.no_such_backend:Loader")
+    out = tmp_path / "res" / "loaders.json"
+    rc = cli_main(["bench", "loaders", "--data", photos, "--backends", "torchvision,broken", "--recipe", "byol2",
+                   "--size", "32", "--batch-size", "4", "--warmup", "1", "--batches", "3", "--num-workers", "0",
+                   "--device", "cpu", "--json", str(out)])
+    assert rc == 0
+    doc = json.loads(out.read_text())
+    assert set(doc) >= {"device", "date", "command", "records"} and "bench loaders" in doc["command"]
+    recs = {r["backend"]: r for r in doc["records"]}
+    assert set(recs) == {"torchvision", "broken"}
+    for r in recs.values():
+        assert REQUIRED <= set(r)
+        assert r["recipe"] == "byol2" and r["batch_size"] == 4 and r["device"] == "cpu"
+    tv = recs["torchvision"]
+    assert tv["status"] == "ok", tv["reason"]
+    assert tv["img_per_s"] > 0 and tv["ratio_vs_torchvision"] == pytest.approx(1.0) and tv["batches"] == 3
+    assert tv["samples"] == 12 and tv["views"] == [[3, 32, 32]] * 2 and tv["num_mixed_views"] == 2
+    assert tv["ratio_vs_synthetic"] is None  # defined on a GPU only
+    broken = recs["broken"]
+    assert broken["status"] == "unavailable" and "no_such_backend" in broken["reason"]
+    assert broken["img_per_s"] is None and broken["ratio_vs_torchvision"] is None
+    with Image.open(out.with_suffix(".png")) as im:
+        assert im.format == "PNG" and im.size[0] > 200
+    printed = capsys.readouterr().out
+    assert "torchvision" in printed and "unavailable" in printed
+
+
+def test_bench_runs_on_across_epochs_and_counts_samples():
+    class TwoBatchLoader:
+        """2 batches per epoch: timing 5 must cross epochs via set_epoch."""
+        def __init__(self):
+            self.epochs = []
+
+        def __len__(self):
+            return 2
+
+        def set_epoch(self, e):
+            self.epochs.append(e)
+
+        def __iter__(self):
+            from sdmp_fast.batch import SDMPBatch
+            for _ in range(2):
+                yield SDMPBatch([torch.zeros(6, 3, 8, 8)], torch.zeros(6, dtype=torch.long), torch.arange(6))
+
+    loader = TwoBatchLoader()
+    rec = bench.time_batches(bench._endless(loader), warmup=2, count=5, device=torch.device("cpu"))
+    assert rec["samples"] == 30 and rec["img_per_s"] > 0 and loader.epochs == [0, 1, 2, 3]
+
+
+def test_synthetic_source_has_the_recipe_shapes_and_mixing():
+    recipe = byol2(size=16)
+    batch = next(bench.synthetic_batches(recipe, 4, torch.device("cpu"), None, seed=0))
+    assert [tuple(v.shape) for v in batch.views] == [(4, 3, 16, 16)] * 2
+    assert len(batch.mixed_views) == 2 and batch.lam.shape == (4,)
+
+
+def test_bad_settings_are_one_clear_error(photos, tmp_path, capsys):
+    common = ["bench", "loaders", "--data", photos, "--json", str(tmp_path / "x.json"), "--device", "cpu"]
+    assert cli_main(common + ["--backends", "torchvision,nope"]) == 2
+    assert "unknown ['nope']" in capsys.readouterr().err
+    assert cli_main(["bench", "loaders", "--data", str(tmp_path / "missing"), "--device", "cpu",
+                     "--backends", "torchvision"]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "x.json")
+
+
+def test_default_json_path_names_recipe_device_and_date():
+    path = bench.default_json_path("dino", torch.device("cpu"))
+    assert path.startswith(os.path.join("bench", "results", "loaders-dino-cpu")) and path.endswith(".json")
