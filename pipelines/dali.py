@@ -1,0 +1,302 @@
+"""DALI backend: the recipe's views decoded and augmented by NVIDIA DALI, then batch-flip mixed.
+
+Data flow per batch: EpochSampler's order (exact epochs, shards, drop_last) -> a reader thread pool loads
+the files' bytes and sniffs them (``image_bytes.py``) -> DALI's ``external_source`` -> one decode per image
+-> every view's per-sample augmentation (``dali_ops.py``) -> torch tensors -> mixing -> SDMPBatch.
+
+GPU mode (``device="cuda[:i]"``): decoding is ``mixed`` (nvJPEG, and the hardware JPEG decoder where the card
+has one), every augmentation runs on that GPU, outputs come back bound to torch's current stream as
+zero-copy DLPack tensors (no host synchronisation per batch), and ``assemble_batch`` mixes on the device.
+CPU mode (``device="cpu"``): ``device_id=None``, every op on DALI's CPU thread pool, the same recipe; mixing
+by ``cpu_mix.assemble_batch_cpu`` (same result as ``assemble_batch``, a fraction of its CPU cost).
+
+Why ``external_source`` and not DALI's file reader: the reader pads and shards by its own rules, while feeding
+the order ourselves gives EpochSampler's exact semantics and lets a bad file be dropped before DALI sees it.
+
+Bad data: zero-byte, truncated, non-image files are caught by the byte sniff; a file that passes the sniff but
+still fails inside DALI fails its whole batch, so the loader decodes that batch's files one by one with a probe
+decoder, marks the culprits, rebuilds the pipeline and feeds the rest again. Skipped files are counted and
+named (``loader.skipped``, one warning at each epoch's end; see ``skips.py``), and a batch that skipping left
+odd under mixing drops one more sample so batch-flip pairs stay complete.
+"""
+from __future__ import annotations
+
+import collections
+import os
+from concurrent.futures import ThreadPoolExecutor
+from typing import Deque, Dict, Iterator, List, Optional, Sequence
+
+import numpy as np
+import torch
+
+from sdmp_fast.batch import SDMPBatch
+
+from .base import EpochSampler, assemble_batch, list_images, make_generator
+from .cpu_mix import assemble_batch_cpu, one_torch_thread
+from .image_bytes import read_encoded
+from .recipes import Recipe
+from .skips import SkipLog, short_reason
+
+_DTYPES = (None, torch.float32, torch.float16, torch.bfloat16)
+_READ_CHUNK = 32  # files per reader task: amortises the thread-pool hand-off
+
+
+def dali_error_reason(err: BaseException) -> str:
+    """The line of a DALI error that says what went wrong (it follows "encountered:"), shortened."""
+    lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
+    for k, line in enumerate(lines[:-1]):
+        if line == "encountered:":
+            return short_reason(RuntimeError(lines[k + 1])).removeprefix("RuntimeError: ")
+    return short_reason(err)
+
+
+def _read_chunk(paths: Sequence[str]):
+    return [read_encoded(p) for p in paths]
+
+
+class _Feeder:
+    """The pipeline's external_source callback: hands DALI one batch of encoded images per call.
+
+    Holds the epoch's remaining batches (``pending``), the batches DALI has taken but whose outputs have not
+    come back yet (``in_flight``, oldest first: the pipeline returns them in order), and reads one batch ahead
+    on the thread pool so the file reads overlap DALI's work.
+    """
+
+    def __init__(self, files: Sequence[str], log: SkipLog, keep_even: bool, read_threads: int):
+        self.files, self.log, self.keep_even = files, log, keep_even
+        self.pending: Deque[List[int]] = collections.deque()
+        self.in_flight: Deque[List[int]] = collections.deque()
+        self.known_bad: Dict[int, str] = {}
+        self._pool = ThreadPoolExecutor(max(1, read_threads), thread_name_prefix="sdmp-dali-read")
+        self._ahead = None  # (indices, [futures]) of the batch read in advance
+
+    def start(self, batches: Sequence[List[int]]) -> None:
+        self.pending = collections.deque(batches)
+        self.in_flight.clear()
+        self._ahead = None
+
+    def clear(self) -> None:
+        """Stop feeding: DALI's next call ends the epoch."""
+        self.start([])
+
+    def requeue_in_flight(self) -> None:
+        """After a failed run: everything DALI held, and the read-ahead batch, go back to the front, in order."""
+        back = list(self.in_flight) + ([self._ahead[0]] if self._ahead is not None else [])
+        self.pending.extendleft(reversed(back))
+        self.in_flight.clear()
+        self._ahead = None
+
+    def _submit(self):
+        if not self.pending:
+            return None
+        indices = [i for i in self.pending.popleft()]
+        todo = [i for i in indices if i not in self.known_bad]
+        paths = [self.files[i] for i in todo]
+        futures = [self._pool.submit(_read_chunk, paths[k:k + _READ_CHUNK]) for k in range(0, len(paths), _READ_CHUNK)]
+        return indices, todo, futures
+
+    def __call__(self):
+        while True:
+            if self._ahead is None:
+                self._ahead = self._submit()
+            if self._ahead is None:
+                raise StopIteration
+            indices, todo, futures = self._ahead
+            self._ahead = self._submit()  # next batch's reads start now, overlapping this one's decode
+            reads = [r for f in futures for r in f.result()]
+            data, kept = [], []
+            for i in indices:
+                if i in self.known_bad:
+                    self.log.record(self.files[i], self.known_bad[i])
+            for i, (buf, reason) in zip(todo, reads):
+                if buf is None:
+                    self.known_bad[i] = reason
+                    self.log.record(self.files[i], reason)
+                else:
+                    data.append(buf)
+                    kept.append(i)
+            if self.keep_even and len(kept) % 2 and len(kept) < len(indices):
+                data.pop()
+                kept.pop()
+                self.log.record_trim()
+            if kept:
+                self.in_flight.append(kept)
+                return data, np.asarray(kept, dtype=np.int64)
+
+    def shutdown(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+class DaliLoader:
+    """Iterable of SDMPBatch built by DALI (see the module docstring).
+
+    Options (``make_loader(..., **options)``): ``num_threads`` (DALI's thread pool; default ``num_workers`` or
+    the usable CPU count), ``prefetch_queue_depth`` (batches DALI prepares ahead, default 2),
+    ``read_threads`` (file-reading threads; default 1 on CPU, 4 on GPU), ``conditionals`` (split batches
+    with DALI's ``if`` for the rarely drawn ops; default on CPU only), ``decoder_options`` (passed to
+    ``fn.decoders.image``, e.g. ``{"hw_decoder_load": 0.9}`` or ``{"use_fast_idct": True}``), ``cpu_mix``
+    (CPU mode: per-sample mixing, default True; False uses ``assemble_batch``).
+    """
+
+    def __init__(self, data, recipe: Recipe, batch_size: int, *, device=torch.device("cpu"), shard_id: int = 0,
+                 num_shards: int = 1, shuffle: bool = True, drop_last: bool = True, seed: int = 0,
+                 dtype: Optional[torch.dtype] = None, num_workers: Optional[int] = None,
+                 num_threads: Optional[int] = None, prefetch_queue_depth: int = 2,
+                 read_threads: Optional[int] = None, conditionals: Optional[bool] = None,
+                 decoder_options: Optional[dict] = None, cpu_mix: bool = True):
+        self.recipe = recipe.validate()
+        if dtype not in _DTYPES:
+            raise ValueError(f"dtype: DALI loader emits float32, float16 or bfloat16 views, got {dtype}")
+        if not isinstance(prefetch_queue_depth, int) or prefetch_queue_depth < 1:
+            raise ValueError(f"prefetch_queue_depth: must be an integer >= 1, got {prefetch_queue_depth!r}")
+        self.device = torch.device(device)
+        if self.device.type not in ("cpu", "cuda"):
+            raise ValueError(f"device: DALI runs on cpu or cuda, got {self.device}")
+        self.gpu = self.device.type == "cuda"
+        if self.gpu and self.device.index is None:
+            self.device = torch.device("cuda", torch.cuda.current_device())
+        self.images = list_images(data)
+        self.batch_size, self.dtype, self.seed, self.shard_id = batch_size, dtype, seed, shard_id
+        self.sampler = EpochSampler(len(self.images), batch_size, shard_id, num_shards, shuffle, seed, drop_last)
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        self.num_threads = int(num_threads or num_workers or cores)
+        if self.num_threads < 1:
+            raise ValueError(f"num_threads: must be >= 1, got {self.num_threads}")
+        self.prefetch_queue_depth = prefetch_queue_depth
+        self.conditionals = (not self.gpu) if conditionals is None else bool(conditionals)
+        self.decoder_options = dict(decoder_options or {})
+        self._mix = assemble_batch_cpu if (cpu_mix and not self.gpu) else assemble_batch
+        self.log = SkipLog("dali")
+        self._labels = torch.tensor(self.images.labels, dtype=torch.long, device=self.device)
+        self._feeder = _Feeder(self.images.files, self.log, self.recipe.mix.enabled,
+                               read_threads if read_threads else (4 if self.gpu else 1))
+        self._pipe = None
+        self._probe = None
+        self._active = False  # an epoch was started and not run to its end
+
+    # -- SDMPLoader protocol -------------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.sampler.set_epoch(epoch)
+
+    @property
+    def skipped(self) -> List[str]:
+        """Every file skipped so far (undecodable), in the order first met."""
+        return self.log.paths
+
+    def __iter__(self) -> Iterator[SDMPBatch]:
+        if self._active:
+            self._drain()
+        epoch = self.sampler.epoch
+        self._feeder.start([b.tolist() for b in self.sampler.batches()])
+        self._active = True
+        return self._epoch(epoch, make_generator(self.seed, epoch, self.shard_id, self.device))
+
+    # -- internals -----------------------------------------------------------------------------------------
+    def _pipeline(self):
+        if self._pipe is None:
+            from .dali_ops import build_pipeline
+
+            self._pipe = build_pipeline(
+                self._feeder, self.recipe, batch_size=self.batch_size, num_threads=self.num_threads,
+                device_id=self.device.index if self.gpu else None,
+                seed=(self.seed * 1_000_003 + self.shard_id * 7_919) % (2**31 - 1),
+                prefetch_queue_depth=self.prefetch_queue_depth, fp16=self.gpu and self.dtype == torch.float16,
+                conditionals=self.conditionals, gpu_indices=self.gpu, decoder_options=self.decoder_options)
+        return self._pipe
+
+    def _run(self):
+        pipe = self._pipeline()
+        if self.gpu:  # outputs bound to torch's stream: no host sync, consumers queue behind DALI's work
+            return pipe.run(torch.cuda.current_stream(self.device))
+        return pipe.run()
+
+    def _epoch(self, epoch: int, generator: torch.Generator) -> Iterator[SDMPBatch]:
+        while True:
+            try:
+                outs = self._run()
+            except StopIteration:
+                break
+            except RuntimeError as err:  # a file passed the sniff but DALI could not decode it
+                self._recover(err)
+                continue
+            if self.gpu:
+                yield self._batch(outs, generator)
+            else:
+                with one_torch_thread():  # DALI's threads hold the cores (see one_torch_thread)
+                    batch = self._batch(outs, generator)
+                yield batch
+        self._pipe.reset()
+        self._active = False
+        self.log.end_epoch(epoch)
+
+    def _batch(self, outs, generator: torch.Generator) -> SDMPBatch:
+        n_views = self.recipe.num_views
+        indices_cpu = torch.from_dlpack(outs[n_views].as_tensor())
+        expected = self._feeder.in_flight.popleft()
+        if indices_cpu.tolist() != expected:  # the in-flight bookkeeping is what bad-file recovery relies on
+            raise RuntimeError(f"DALI loader: batch order out of step (got {indices_cpu.tolist()[:4]}..., "
+                               f"expected {expected[:4]}...)")
+        views = [torch.from_dlpack(o.as_tensor()) for o in outs[:n_views]]
+        indices = torch.from_dlpack(outs[n_views + 1].as_tensor()) if self.gpu else indices_cpu
+        labels = self._labels[indices]
+        batch = self._mix(views, labels, indices, self.recipe, generator)
+        if self.dtype is not None and batch.views[0].dtype != self.dtype:
+            batch.views = [v.to(self.dtype) for v in batch.views]
+            batch.mixed_views = [v.to(self.dtype) for v in batch.mixed_views]
+        return batch
+
+    def _recover(self, err: RuntimeError) -> None:
+        """Find the undecodable file(s) among the batches DALI held, mark them, rebuild and re-feed."""
+        found = {}
+        for batch in list(self._feeder.in_flight):  # the failed batch is the oldest one; look further if not
+            for i in batch:
+                reason = self._probe_decode(self.images.files[i])
+                if reason is not None:
+                    found[i] = reason
+            if found:
+                break
+        if not found:
+            raise err
+        self._feeder.known_bad.update(found)
+        self._feeder.requeue_in_flight()
+        self._close_pipe()
+
+    def _probe_decode(self, path: str) -> Optional[str]:
+        """None when DALI's decoder (same device and settings) decodes ``path`` alone, else why not."""
+        buf, reason = read_encoded(path)
+        if buf is None:
+            return reason
+        from .dali_ops import build_probe_pipeline
+
+        if self._probe is None:
+            self._probe = build_probe_pipeline(self.device.index if self.gpu else None, self.decoder_options)
+        try:
+            self._probe.run(probe_bytes=[buf])
+            return None
+        except RuntimeError as e:
+            self._probe = None  # a pipeline that raised is not reused
+            return "DALI decode failed: " + dali_error_reason(e)
+
+    def _drain(self) -> None:
+        """Finish an epoch the caller stopped early: let DALI return what it holds, then reset it."""
+        self._feeder.clear()
+        if self._pipe is not None:
+            try:
+                while True:
+                    self._run()
+            except StopIteration:
+                self._pipe.reset()
+            except RuntimeError:
+                self._close_pipe()
+        self._active = False
+
+    def _close_pipe(self) -> None:
+        self._pipe = None  # DALI's pipeline shuts its threads down when collected
+
+    def __del__(self):
+        feeder = getattr(self, "_feeder", None)
+        if feeder is not None:
+            feeder.shutdown()

@@ -1,0 +1,179 @@
+"""The DALI graph of a Recipe: decode each image once, then derive every view from it with per-sample
+randomness drawn inside DALI (``fn.random.*``).
+
+Per view (BYOL / DINO order): random resized crop -> colour jitter and grayscale (one ``color_twist``: grayscale
+is saturation 0) -> Gaussian blur (per-sample sigma, radius ceil(3 sigma)) -> solarize -> flip + normalise +
+HWC->CHW + cast (one ``crop_mirror_normalize``). Flip commutes with the pixel-wise and symmetric ops before it,
+so it rides along with the normalisation for free.
+
+An augmentation that a sample does not draw (blur with p 0.1, solarize with p 0.2) is skipped in one of two ways:
+``conditionals=True`` splits the batch with DALI's ``if`` (only drawn samples are processed: the cheapest on
+CPU, where every pass over the pixels costs), ``conditionals=False`` runs the op on every sample with identity
+parameters (blur window 1, solarize threshold above 255: one fused kernel per op, best on the GPU).
+
+Only this module and ``pipelines/dali.py`` import nvidia.dali.
+"""
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+from nvidia.dali import fn, pipeline_def, types
+import nvidia.dali.math as dmath
+
+from .recipes import Recipe, ViewSpec
+
+def _coin(p: float):
+    """Per-sample Bernoulli(p) node; the Python constants True / None when p is 1 / 0 (no node at all)."""
+    if p >= 1.0:
+        return True
+    if p <= 0.0:
+        return None
+    return fn.random.coin_flip(probability=float(p), dtype=types.BOOL)
+
+
+def _jitter_factor(amount: float, flag):
+    """torchvision ColorJitter's factor U[max(0, 1 - a), 1 + a] where ``flag`` drew jitter, else 1."""
+    if amount <= 0 or flag is None:
+        return 1.0
+    u = fn.random.uniform(range=[max(0.0, 1.0 - amount), 1.0 + amount])
+    return u if flag is True else 1.0 + flag * (u - 1.0)
+
+
+def colour(v, spec: ViewSpec):
+    """Colour jitter (brightness, contrast, saturation, hue; applied with jitter_p) and grayscale (grayscale_p)
+    as one per-sample ``color_twist`` with float output, clamped to [0, 255] like torchvision's clamping jitter.
+    Differences from torchvision: the four jitter ops are applied in a fixed order with one clamp at the end,
+    contrast pivots on mid-grey instead of the image mean, and grayscale uses the YIQ luma. Returns None when
+    the view has no colour augmentation."""
+    jit, gray = _coin(spec.jitter_p), _coin(spec.grayscale_p)
+    if jit is None and gray is None:
+        return None
+    brightness = _jitter_factor(spec.brightness, jit)
+    contrast = _jitter_factor(spec.contrast, jit)
+    saturation = _jitter_factor(spec.saturation, jit)
+    hue = 0.0
+    if spec.hue > 0 and jit is not None:
+        hue = fn.random.uniform(range=[-360.0 * spec.hue, 360.0 * spec.hue])  # degrees
+        hue = hue if jit is True else jit * hue
+    if gray is True:
+        saturation = 0.0
+    elif gray is not None:
+        saturation = saturation * (1 - gray)
+    # float output: DALI's uint8 colour-twist output path costs 3x the float one on CPU; the clamp is cheap.
+    v = fn.color_twist(v, brightness=brightness, contrast=contrast, saturation=saturation, hue=hue,
+                       dtype=types.FLOAT)
+    return dmath.clamp(v, 0.0, 255.0)
+
+
+def _on(device: str, node):
+    """Move a per-sample CPU scalar next to a GPU operand of an arithmetic expression."""
+    return node.gpu() if device == "gpu" else node
+
+
+def _blur(v, sigma, window=None):
+    kw = {} if window is None else {"window_size": window}
+    return fn.gaussian_blur(v, sigma=sigma, dtype=types.FLOAT, **kw)
+
+
+def _solarize(v):
+    """x >= 128 -> 255 - x on float pixels in [0, 255]."""
+    return v + (v >= 128.0) * (255.0 - 2.0 * v)
+
+
+def blur_all(v, spec: ViewSpec, device: str):
+    """Gaussian blur with per-sample sigma ~ U(blur_sigma) (radius ceil(3 sigma)); samples that did not draw it
+    get a 1-tap window (identity)."""
+    flag = _coin(spec.blur_p)
+    if flag is None:
+        return v
+    sigma = fn.random.uniform(range=list(spec.blur_sigma))
+    if flag is True:
+        return _blur(v, sigma)
+    window = fn.cast(flag * (2 * dmath.ceil(3.0 * sigma)) + 1, dtype=types.INT32)
+    return _blur(v, sigma, window)
+
+
+def solarize_all(v, spec: ViewSpec, device: str):
+    """Solarize where drawn: threshold 128 for drawn samples, 256 (never reached) for the rest."""
+    flag = _coin(spec.solarize_p)
+    if flag is None:
+        return v
+    if flag is True:
+        return _solarize(v)
+    threshold = _on(device, 256.0 - 128.0 * flag)
+    return v + (v >= threshold) * (255.0 - 2.0 * v)
+
+
+def augment_view(images, spec: ViewSpec, *, device: str, mean: Sequence[float], std: Sequence[float],
+                 out_dtype, conditionals: bool):
+    """One view [3, S, S] per sample from decoded HWC uint8 images (see the module docstring for the order).
+
+    Pixels are uint8 out of the crop, float in [0, 255] from the colour step on (float blur and arithmetic
+    are cheaper in DALI than their uint8 forms), normalised by the final crop_mirror_normalize."""
+    v = fn.random_resized_crop(images, size=[spec.size, spec.size], random_area=list(spec.scale),
+                               random_aspect_ratio=list(spec.ratio), antialias=True)
+    coloured = colour(v, spec)
+    v = fn.cast(v, dtype=types.FLOAT) if coloured is None else coloured
+    if conditionals and 0 < spec.blur_p < 1:
+        if fn.random.coin_flip(probability=float(spec.blur_p), dtype=types.BOOL):
+            v = _blur(v, fn.random.uniform(range=list(spec.blur_sigma)))
+    else:
+        v = blur_all(v, spec, device)
+    if conditionals and 0 < spec.solarize_p < 1:
+        if fn.random.coin_flip(probability=float(spec.solarize_p), dtype=types.BOOL):
+            v = _solarize(v)
+    else:
+        v = solarize_all(v, spec, device)
+    mirror = _coin(spec.hflip_p)
+    mirror = 0 if mirror is None else (1 if mirror is True else fn.cast(mirror, dtype=types.INT32))
+    return fn.crop_mirror_normalize(v, mirror=mirror, mean=[255.0 * m for m in mean],
+                                    std=[255.0 * s for s in std], dtype=out_dtype, output_layout="CHW")
+
+
+def build_pipeline(source: Callable, recipe: Recipe, *, batch_size: int, num_threads: int, device_id,
+                   seed: int, prefetch_queue_depth: int = 2, fp16: bool = False, conditionals: bool = False,
+                   gpu_indices: bool = False, decoder_options=None):
+    """The recipe's DALI pipeline (built, not run).
+
+    ``source`` is a batch-mode external_source callback returning ``(encoded_bytes_list, indices_int64)``;
+    the pipeline's outputs are one CHW float (fp16 with ``fp16``) tensor list per expanded view, then the
+    indices on the CPU (and, with ``gpu_indices``, on the GPU too). ``device_id=None`` puts every op on the CPU; otherwise decoding is ``mixed`` (nvJPEG and the
+    hardware decoder where present) and all augmentation runs on that GPU.
+    """
+    gpu = device_id is not None
+    device = "gpu" if gpu else "cpu"
+    out_dtype = types.FLOAT16 if fp16 else types.FLOAT
+    decoder_options = dict(decoder_options or {})
+    views = recipe.expanded_views()
+
+    @pipeline_def(enable_conditionals=conditionals)
+    def graph():
+        encoded, indices = fn.external_source(source=source, num_outputs=2, batch=True, dtype=[types.UINT8,
+                                              types.INT64], ndim=[1, 0])
+        images = fn.decoders.image(encoded, device="mixed" if gpu else "cpu", output_type=types.RGB,
+                                   **decoder_options)
+        outs = [augment_view(images, spec, device=device, mean=recipe.mean, std=recipe.std, out_dtype=out_dtype,
+                             conditionals=conditionals) for spec in views]
+        return (*outs, indices, indices.gpu()) if gpu_indices else (*outs, indices)
+
+    pipe = graph(batch_size=batch_size, num_threads=num_threads, device_id=device_id, seed=seed,
+                 prefetch_queue_depth=prefetch_queue_depth, exec_dynamic=True)
+    pipe.build()
+    return pipe
+
+
+def build_probe_pipeline(device_id, decoder_options=None):
+    """A one-image decoder with the main pipeline's decoder settings: tells which file of a failed batch is
+    undecodable (the batched decoder reports an error for the batch, not the file)."""
+    gpu = device_id is not None
+    decoder_options = dict(decoder_options or {})
+
+    @pipeline_def(batch_size=1, num_threads=1, device_id=device_id, prefetch_queue_depth=1, exec_dynamic=True)
+    def probe():
+        encoded = fn.external_source(name="probe_bytes", batch=True, dtype=types.UINT8, ndim=1)
+        return fn.decoders.image(encoded, device="mixed" if gpu else "cpu", output_type=types.RGB,
+                                 **decoder_options)
+
+    pipe = probe()
+    pipe.build()
+    return pipe

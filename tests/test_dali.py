@@ -1,0 +1,218 @@
+"""DALI backend (CPU mode in CI; the GPU-mode checks are marked cuda): shapes, dtypes and value ranges of both
+recipes, mixing, exact epochs and shards, bad files skipped and named, and the CPU mixer equal to
+assemble_batch."""
+import io
+import os
+import shutil
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("nvidia.dali")
+
+from sdmp_fast.data import make_synthetic_image_folder  # noqa: E402
+from sdmp_fast.pipelines.base import assemble_batch, make_generator, make_loader  # noqa: E402
+from sdmp_fast.pipelines.cpu_mix import assemble_batch_cpu  # noqa: E402
+from sdmp_fast.pipelines.image_bytes import sniff_image  # noqa: E402
+from sdmp_fast.pipelines.recipes import IMAGENET_MEAN, IMAGENET_STD, byol2, dino  # noqa: E402
+
+N_CLASSES, PER_CLASS = 3, 8
+N = N_CLASSES * PER_CLASS
+# Normalised pixels lie in [(0 - mean) / std, (1 - mean) / std] per channel.
+LO = min((0 - m) / s for m, s in zip(IMAGENET_MEAN, IMAGENET_STD))
+HI = max((1 - m) / s for m, s in zip(IMAGENET_MEAN, IMAGENET_STD))
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return make_synthetic_image_folder(str(tmp_path_factory.mktemp("dali") / "data"), N_CLASSES, PER_CLASS)
+
+
+def small_dino(**kw):
+    return dino(global_size=32, local_size=16, n_local=4, n_local_mixed=2, **kw)
+
+
+def dali(folder, recipe, batch_size=8, **kw):
+    kw.setdefault("device", "cpu")
+    kw.setdefault("num_shards", 1)
+    kw.setdefault("shard_id", 0)
+    return make_loader("dali", folder, recipe, batch_size, **kw)
+
+
+def check_batch(batch, recipe, n, dtype=torch.float32, device="cpu", mixed=True):
+    sizes = [v.size for v in recipe.expanded_views()]
+    assert [tuple(v.shape) for v in batch.views] == [(n, 3, s, s) for s in sizes]
+    for v in batch.views + batch.mixed_views:
+        assert v.dtype == dtype and v.device.type == device
+        f = v.float()
+        assert torch.isfinite(f).all()
+        assert f.min() >= LO - 0.02 and f.max() <= HI + 0.02
+        assert f.std() > 0.05  # real image content, not a constant
+    assert batch.labels.dtype == torch.int64 and batch.indices.dtype == torch.int64
+    assert batch.labels.shape == batch.indices.shape == (n,)
+    assert batch.mixed_from == recipe.mix.mixed_views
+    assert len(batch.mixed_views) == len(recipe.mix.mixed_views)
+    for j, src in enumerate(batch.mixed_from):
+        assert batch.mixed_views[j].shape == batch.views[src].shape
+        assert torch.equal(batch.mixed_views[j], batch.views[src]) != mixed  # mixing changed the images
+    assert batch.lam.shape == (n,) and batch.lam.dtype == torch.float32
+    assert ((batch.lam >= 0) & (batch.lam <= 1)).all()
+    assert (batch.lam < 1).any() == mixed
+    assert set(batch.method.tolist()) <= {0, 1, 2}
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("recipe,dtype", [(byol2(size=32), None), (small_dino(), torch.bfloat16)],
+                         ids=["byol2", "dino-bf16"])
+def test_recipe_shapes_dtypes_ranges_and_mixing(folder, recipe, dtype):
+    loader = dali(folder, recipe, dtype=dtype)
+    assert len(loader) == N // 8
+    batches = list(loader)
+    assert len(batches) == len(loader)
+    for b in batches:
+        check_batch(b, recipe, 8, dtype or torch.float32)
+        assert torch.equal(b.labels, b.indices // PER_CLASS)  # class folders hold consecutive indices
+    # Per-sample randomness: two views of one image differ, and so do the same view of different images.
+    b = batches[0]
+    assert not torch.equal(b.views[0], b.views[1])
+
+
+@pytest.mark.timeout(120)
+def test_two_epochs_cover_every_sample_once_without_drop_last(folder):
+    loader = dali(folder, byol2(size=32), batch_size=10, drop_last=False)
+    assert len(loader) == 3  # 10 + 10 + 4
+    orders = []
+    for epoch in range(2):
+        loader.set_epoch(epoch)
+        batches = list(loader)
+        assert [b.batch_size for b in batches] == [10, 10, 4]
+        seen = torch.cat([b.indices for b in batches])
+        assert sorted(seen.tolist()) == list(range(N))
+        orders.append(seen.tolist())
+    assert orders[0] != orders[1]  # reshuffled per epoch
+    # An epoch abandoned after one batch does not leak into the next one.
+    next(iter(loader))
+    seen = torch.cat([b.indices for b in loader])
+    assert sorted(seen.tolist()) == list(range(N))
+
+
+@pytest.mark.timeout(120)
+def test_two_shards_are_disjoint_and_cover(folder):
+    seen = []
+    for rank in range(2):
+        loader = dali(folder, byol2(size=32, mix=False), batch_size=4, shard_id=rank, num_shards=2,
+                      drop_last=False, seed=3)
+        assert len(loader) == 3
+        seen.append(torch.cat([b.indices for b in loader]).tolist())
+    assert not set(seen[0]) & set(seen[1])
+    assert sorted(seen[0] + seen[1]) == list(range(N))
+
+
+def _jpeg_bytes(img) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", quality=90)
+    return buf.getvalue()
+
+
+@pytest.mark.timeout(120)
+def test_bad_files_are_skipped_named_and_odd_formats_decode(folder, tmp_path):
+    from PIL import Image
+
+    root = str(tmp_path / "bad")
+    shutil.copytree(folder, root)
+    good = open(os.path.join(root, "class0", "0000.jpg"), "rb").read()
+    garbage = bytes(np.random.default_rng(0).integers(0, 256, 400, dtype=np.uint8))
+    bad = {
+        # intact header and end marker, garbage scan data: passes the sniff, fails inside DALI
+        os.path.join(root, "class0", "corrupt.jpg"): good[: len(good) // 2] + garbage + b"\xff\xd9",
+        os.path.join(root, "class1", "truncated.jpg"): good[: len(good) // 2],
+        os.path.join(root, "class1", "empty.jpg"): b"",
+        os.path.join(root, "class2", "notes.jpg"): b"this is a text file, not an image\n" * 10,
+    }
+    for path, data in bad.items():
+        with open(path, "wb") as f:
+            f.write(data)
+    odd = {  # must decode to RGB and be used
+        "gray.png": lambda p: Image.fromarray(np.full((30, 40), 90, np.uint8)).save(p),
+        "cmyk.jpg": lambda p: open(p, "wb").write(_jpeg_bytes(Image.new("CMYK", (40, 30), (10, 200, 30, 40)))),
+        "rgba.png": lambda p: Image.new("RGBA", (40, 30), (200, 20, 30, 128)).save(p),
+    }
+    for name, write in odd.items():
+        write(os.path.join(root, "class2", name))
+
+    loader = dali(root, byol2(size=32), batch_size=8, drop_last=False)
+    files = loader.images.files
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        batches = list(loader)
+    for b in batches:  # an odd last batch (nothing skipped in it) is left unmixed, as in every backend
+        check_batch(b, byol2(size=32), b.batch_size, mixed=b.batch_size % 2 == 0)
+    assert sorted(loader.skipped) == sorted(bad)
+    messages = [str(w.message) for w in caught if "skipped" in str(w.message)]
+    assert len(messages) == 1 and all(os.path.basename(p) in messages[0] for p in bad)
+    used = [files[i] for b in batches for i in b.indices.tolist()]
+    assert len(used) == len(set(used))
+    assert not set(used) & set(bad)
+    # every decodable file is used, except the few dropped to keep mixed batches even (counted)
+    decodable = len(files) - len(bad)
+    assert len(used) == decodable - loader.log.trimmed and loader.log.trimmed <= len(bad)
+    # a second epoch skips the known-bad files without failing again, and names them again
+    trimmed = loader.log.trimmed
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        loader.set_epoch(1)
+        n2 = sum(b.batch_size for b in loader)
+    assert n2 == decodable - (loader.log.trimmed - trimmed)
+    assert sorted(loader.skipped) == sorted(bad)
+    assert any("skipped 4" in str(w.message) for w in caught)
+
+
+@pytest.mark.timeout(60)
+def test_sniff_rejects_what_no_decoder_can_use():
+    from PIL import Image
+
+    assert sniff_image(_jpeg_bytes(Image.new("RGB", (8, 8)))) is None
+    assert sniff_image(b"") == "empty file"
+    assert "not an image" in sniff_image(b"hello world")
+    assert "truncated" in sniff_image(_jpeg_bytes(Image.new("RGB", (64, 64)))[:-10])
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("recipe,sizes", [(byol2(size=40), [40, 40]), (small_dino(), [32, 32, 16, 16, 16, 16])],
+                         ids=["byol2", "dino"])
+def test_cpu_mixer_equals_assemble_batch(recipe, sizes):
+    n = 12
+    views = [torch.randn(n, 3, s, s, generator=torch.Generator().manual_seed(k)) for k, s in enumerate(sizes)]
+    labels, indices = torch.arange(n) % 3, torch.arange(n)
+    ref = assemble_batch(views, labels, indices, recipe, make_generator(5, 1, 0, "cpu"))
+    fast = assemble_batch_cpu(views, labels, indices, recipe, make_generator(5, 1, 0, "cpu"))
+    assert torch.equal(ref.lam, fast.lam) and torch.equal(ref.method, fast.method)
+    assert set(ref.method.tolist()) == {0, 1, 2}
+    for a, b in zip(ref.mixed_views, fast.mixed_views):
+        torch.testing.assert_close(b, a, rtol=0, atol=1e-6)
+    odd = assemble_batch_cpu([v[:5] for v in views], labels[:5], indices[:5], recipe, None)
+    assert (odd.lam == 1).all()  # a short odd batch is not mixed (as assemble_batch)
+
+
+@pytest.mark.timeout(60)
+def test_bad_settings_are_named(folder):
+    with pytest.raises(ValueError, match="dtype"):
+        dali(folder, byol2(size=32), dtype=torch.int8)
+    with pytest.raises(ValueError, match="prefetch_queue_depth"):
+        dali(folder, byol2(size=32), prefetch_queue_depth=0)
+
+
+@pytest.mark.cuda
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("recipe,dtype", [(byol2(size=32), torch.float16), (small_dino(), torch.bfloat16)],
+                         ids=["byol2-fp16", "dino-bf16"])
+def test_gpu_mode(folder, recipe, dtype):
+    loader = dali(folder, recipe, batch_size=8, device="cuda", drop_last=False, dtype=dtype)
+    for epoch in range(2):
+        loader.set_epoch(epoch)
+        batches = list(loader)
+        for b in batches[:-1]:
+            check_batch(b, recipe, 8, dtype, device="cuda")
+        assert sorted(torch.cat([b.indices for b in batches]).tolist()) == list(range(N))
