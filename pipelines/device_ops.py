@@ -99,9 +99,14 @@ def _source_taps(start: torch.Tensor, length: torch.Tensor, size: int, limit):
     src = start[..., None] + local
     lo = torch.floor(src)
     frac = src - lo
-    last = (limit - 1)[..., None] if isinstance(limit, torch.Tensor) else torch.tensor(limit - 1)
-    lo = torch.minimum(lo.long().clamp_min(0), last)
-    hi = torch.minimum(lo + 1, last)  # weight is 0 whenever hi would step past the crop
+    lo = lo.long().clamp_min(0)
+    if isinstance(limit, torch.Tensor):
+        last = (limit - 1)[..., None]
+        lo = torch.minimum(lo, last)
+        hi = torch.minimum(lo + 1, last)  # weight is 0 whenever hi would step past the crop
+    else:
+        lo = lo.clamp_max(limit - 1)
+        hi = (lo + 1).clamp_max(limit - 1)
     return lo, hi, frac
 
 
@@ -310,7 +315,8 @@ def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, kernel_size: int,
     over the n*C planes with that plane's own kernel."""
     n, c, hgt, wid = x.shape
     pad = kernel_size // 2
-    kern = gaussian_kernels(sigma, kernel_size).to(x.dtype).repeat_interleave(c, dim=0)  # [n*C, k]
+    kern = gaussian_kernels(sigma, kernel_size).to(x.dtype)  # [n, k] -> one row per plane, [n*C, k]
+    kern = kern[:, None, :].expand(n, c, kernel_size).reshape(n * c, kernel_size)
     planes = x.reshape(1, n * c, hgt, wid)
     planes = F.conv2d(F.pad(planes, (pad, pad, 0, 0), mode="reflect"), kern.view(n * c, 1, 1, kernel_size),
                       groups=n * c)

@@ -8,7 +8,8 @@ batches of reads in flight while the current one is augmented); JPEGs are decode
 and the same device ops run on the CPU.
 
 Decoded on the CPU (in the reading threads) even with a GPU: non-JPEG files (PNG, BMP, ...), JPEGs whose EXIF
-orientation is not upright (nvJPEG ignores EXIF), and any file nvJPEG rejects (each retried alone). A file
+orientation is not upright (nvJPEG ignores EXIF), JPEGs without an end-of-image marker (truncated: libjpeg
+rejects them, so both devices skip the same files), and any file nvJPEG rejects (each retried alone). A file
 neither decoder can read is skipped, counted and named (``loader.skipped``, a warning at each epoch's end).
 16-bit images are scaled to 8 bits; grayscale / CMYK / palette images come out RGB.
 """
@@ -30,6 +31,7 @@ from .recipes import Recipe
 from .skips import SkipLog, short_reason
 
 _JPEG_MAGIC = b"\xff\xd8\xff"
+_JPEG_END = b"\xff\xd9"
 
 
 def exif_orientation(data: bytes) -> int:
@@ -93,7 +95,10 @@ def read_sample(path: str, gpu_jpeg: bool):
         if not raw:
             return _Bad("zero-byte file")
         data = torch.frombuffer(bytearray(raw), dtype=torch.uint8)
-        if gpu_jpeg and raw.startswith(_JPEG_MAGIC) and exif_orientation(raw) == 1:
+        # nvJPEG gets whole, upright JPEGs only: a file without its end-of-image marker (truncated) goes to
+        # libjpeg, which rejects it, so both devices skip the same files
+        if (gpu_jpeg and raw.startswith(_JPEG_MAGIC) and _JPEG_END in raw[-64:]
+                and exif_orientation(raw) == 1):
             return _Encoded(data)
         return decode_cpu(data)
     except Exception as e:  # noqa: BLE001 - unreadable or undecodable: skip it, whatever the library raised
@@ -110,7 +115,10 @@ class TorchGPULoader:
                  dtype: Optional[torch.dtype] = None, num_workers: Optional[int] = None, prefetch: int = 2):
         self.recipe = recipe.validate()
         self.images = list_images(data)
-        self.batch_size, self.device, self.dtype = batch_size, torch.device(device), dtype
+        device = torch.device(device)
+        if device.type == "cuda" and device.index is None:  # nvJPEG and the generator want one fixed card
+            device = torch.device("cuda", torch.cuda.current_device())
+        self.batch_size, self.device, self.dtype = batch_size, device, dtype
         self.shard_id, self.seed = shard_id, seed
         self.sampler = EpochSampler(len(self.images), batch_size, shard_id, num_shards, shuffle, seed, drop_last)
         self.num_workers = min(os.cpu_count() or 1, 16) if not num_workers else int(num_workers)

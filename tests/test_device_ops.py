@@ -1,4 +1,5 @@
 """Each batched device op against torchvision.transforms.v2.functional with the same per-sample parameters."""
+import itertools
 import math
 
 import pytest
@@ -128,7 +129,7 @@ def _jitter_ref(img, factors, order):
 def test_color_jitter_matches_torchvision_in_per_sample_order(with_hue):
     n = 24  # every permutation of the 4 ops once
     x = _images(n=n, h=12, w=10)
-    import itertools
+
     order = torch.tensor(list(itertools.permutations(range(4))))
     g = _gen(5)
     factors = torch.stack([0.6 + 0.8 * torch.rand(n, generator=g), 0.6 + 0.8 * torch.rand(n, generator=g),

@@ -12,7 +12,7 @@ from PIL import Image
 from sdmp_fast.data import make_synthetic_image_folder
 from sdmp_fast.pipelines.base import list_images, make_loader
 from sdmp_fast.pipelines.recipes import byol2, dino
-from sdmp_fast.pipelines.torch_gpu import decode_cpu, exif_orientation
+from sdmp_fast.pipelines.torch_gpu import _Bad, _Encoded, decode_cpu, exif_orientation, read_sample
 
 N_IMAGES = 18  # 3 classes x 6
 BACKENDS = ("torchvision", "torch-gpu", "memory")
@@ -176,6 +176,34 @@ def test_exif_orientation_and_odd_formats_decode_upright_rgb(messy_folder):
     assert deep.dtype == torch.uint8 and deep.shape == (3, 30, 20) and deep.float().std() > 10
     assert decode_cpu(data("class2/gray.png")).shape == (3, 30, 20)
     assert decode_cpu(data("class1/cmyk.jpg")).shape == (3, 30, 20)
+
+
+@pytest.mark.timeout(120)
+def test_torch_gpu_batched_jpeg_route_and_its_fallback(messy_folder):
+    """The nvJPEG code path, run with decode_jpeg(list) on the CPU: routing, batching and per-file fallback."""
+    root, bad = messy_folder
+    path = lambda rel: os.path.join(root, rel)  # noqa: E731
+    good = list_images(root).files[0]
+    assert isinstance(read_sample(good, gpu_jpeg=True), _Encoded)
+    assert isinstance(read_sample(good, gpu_jpeg=False), torch.Tensor)
+    for rel in ("class2/rotated.jpg", "class2/gray.png"):  # EXIF-rotated / not JPEG: decoded in the thread
+        assert isinstance(read_sample(path(rel), gpu_jpeg=True), torch.Tensor)
+    for rel in ("class2/truncated.jpg", "class2/empty.jpg", "class2/notes.jpg"):
+        assert isinstance(read_sample(path(rel), gpu_jpeg=True), _Bad)
+
+    loader = make_loader("torch-gpu", root, RECIPES["byol2"], 4, device="cpu", drop_last=False, num_workers=2,
+                         shard_id=0, num_shards=1)
+    loader._gpu_jpeg = True
+    with pytest.warns(RuntimeWarning, match=r"skipped 3"):
+        batches = list(loader)
+    assert sorted(loader.skipped) == bad and sum(b.batch_size for b in batches) == 13 - loader.log.trimmed
+    # a corrupt JPEG that still looks whole (header, then the end marker) fails the batched call: every file
+    # is then retried alone, so only that one is lost
+    raw = open(good, "rb").read()
+    whole, broken = (torch.frombuffer(bytearray(b), dtype=torch.uint8) for b in (raw, raw[:200] + b"\xff\xd9"))
+    out = loader._decode_gpu([_Encoded(whole), _Encoded(broken), _Encoded(whole)])
+    assert [type(o) for o in out] == [torch.Tensor, _Bad, torch.Tensor]
+    assert torch.equal(out[0], decode_cpu(whole))
 
 
 # ------------------------------------------------------------------------------------------------ memory
