@@ -1,0 +1,194 @@
+"""DALI loader throughput on a GPU machine: byol2 with mixing (target >= 20,000 img/s on an H100), byol2
+without mixing, DINO multi-crop, and the device-only mixing cost, each after warm-up, in one run.
+
+    PYTHONPATH=<dali wheel dir> python bench/gpu_dali.py --out $OUT [--data DIR] [--num-images 4096]
+
+Builds a photo-like JPEG set (scikit-image photos, random crops ~500x375, q75-95, the same recipe as
+`sdmp-fast make-data`, rendered with a process pool) unless --data is given. Prints one line per
+configuration and writes the shared bench JSON (sdmp_fast.benchmarks.common.write_results) when --out/--json
+is given. Images/sec counts samples (each sample = all its views, mixed ones included).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+
+def _map_pipelines_package() -> None:
+    """Without `pip install -e .` (a bare GPU machine), point sdmp_fast.pipelines at ROOT/pipelines, as
+    pyproject's package-dir does."""
+    try:
+        import sdmp_fast.pipelines  # noqa: F401
+    except ImportError:
+        import importlib.util
+
+        spec = importlib.util.spec_from_file_location(
+            "sdmp_fast.pipelines", os.path.join(ROOT, "pipelines", "__init__.py"),
+            submodule_search_locations=[os.path.join(ROOT, "pipelines")])
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["sdmp_fast.pipelines"] = module
+        spec.loader.exec_module(module)
+
+
+_map_pipelines_package()
+
+from sdmp_fast.pipelines.base import assemble_batch, make_generator, make_loader  # noqa: E402
+from sdmp_fast.pipelines.recipes import make_recipe  # noqa: E402
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _render_range(args):
+    """Worker: render images [lo, hi) into out_dir/class/ (make_data's per-image recipe and seeding)."""
+    out_dir, lo, hi, classes, seed = args
+    from sdmp_fast.benchmarks.make_data import load_photos, render_image
+    import numpy as np
+
+    photos = load_photos()
+    for i in range(lo, hi):
+        c = i % classes
+        data, _ = render_image(photos[c % len(photos)][1], np.random.default_rng([seed, i]))
+        with open(os.path.join(out_dir, f"{c:03d}", f"{i:06d}.jpg"), "wb") as f:
+            f.write(data)
+    return hi - lo
+
+
+def build_jpegs(out_dir: str, num_images: int, classes: int = 16, seed: int = 0) -> str:
+    stamp = os.path.join(out_dir, f".gpu_dali_{num_images}_{classes}_{seed}")
+    if os.path.exists(stamp):
+        return out_dir
+    for c in range(classes):
+        os.makedirs(os.path.join(out_dir, f"{c:03d}"), exist_ok=True)
+    workers = max(1, (os.cpu_count() or 1))
+    step = -(-num_images // workers)
+    t0 = time.perf_counter()
+    with ProcessPoolExecutor(workers) as pool:
+        done = sum(pool.map(_render_range, [(out_dir, lo, min(lo + step, num_images), classes, seed)
+                                            for lo in range(0, num_images, step)]))
+    open(stamp, "w").close()
+    print(f"built {done} JPEGs in {out_dir} ({time.perf_counter() - t0:.1f} s)", flush=True)
+    return out_dir
+
+
+def time_loader(loader, warmup: int, batches: int):
+    """(img/s, batches timed) over `batches` batches after `warmup`, running on across epochs."""
+    epoch, it = 0, iter(loader)
+
+    def next_batch():
+        nonlocal epoch, it
+        while True:
+            try:
+                return next(it)
+            except StopIteration:
+                epoch += 1
+                loader.set_epoch(epoch)
+                it = iter(loader)
+
+    for _ in range(warmup):
+        next_batch()
+    torch.cuda.synchronize()
+    t0, n = time.perf_counter(), 0
+    for _ in range(batches):
+        b = next_batch()
+        n += b.batch_size
+    torch.cuda.synchronize()  # the last batch's views and mixing are finished
+    return n / (time.perf_counter() - t0), batches
+
+
+def time_mixing_only(recipe, batch_size: int, dtype, iters: int = 50) -> float:
+    """img/s of assemble_batch alone on device-resident views (the mixing share of the loader's budget)."""
+    dev = torch.device("cuda")
+    views = [torch.randn(batch_size, 3, v.size, v.size, device=dev, dtype=dtype or torch.float32)
+             for v in recipe.expanded_views()]
+    labels = torch.zeros(batch_size, dtype=torch.long, device=dev)
+    idx = torch.arange(batch_size, device=dev)
+    g = make_generator(0, 0, 0, dev)
+    for _ in range(5):
+        assemble_batch(views, labels, idx, recipe, g)
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        assemble_batch(views, labels, idx, recipe, g)
+    torch.cuda.synchronize()
+    return iters * batch_size / (time.perf_counter() - t0)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--data", help="ImageFolder of JPEGs (default: build one under --work)")
+    p.add_argument("--work", default="/tmp/sdmp_gpu_dali", help="where the JPEG set is built")
+    p.add_argument("--num-images", type=int, default=4096)
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--dino-batch-size", type=int, default=128)
+    p.add_argument("--warmup", type=int, default=8)
+    p.add_argument("--batches", type=int, default=60)
+    p.add_argument("--dtype", default="bfloat16", choices=list(DTYPES))
+    p.add_argument("--threads", type=int, default=None, help="DALI num_threads (default: all cores)")
+    p.add_argument("--hw-decoder-load", type=float, nargs="*", default=[None],
+                   help="values of fn.decoders.image's hw_decoder_load to try (default: DALI's)")
+    p.add_argument("--configs", default="byol2-mix,byol2-nomix,dino-mix,mix-only")
+    p.add_argument("--out", default=os.environ.get("OUT"), help="folder for the JSON (e.g. $OUT)")
+    p.add_argument("--json", default=None)
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("gpu_dali: no CUDA device", file=sys.stderr)
+        return 2
+
+    data = args.data or build_jpegs(os.path.join(args.work, "jpegs"), args.num_images)
+    dtype = DTYPES[args.dtype]
+    print(f"device: {torch.cuda.get_device_name(0)}, torch {torch.__version__}, cores {os.cpu_count()}", flush=True)
+    records = []
+    for config in args.configs.split(","):
+        name, _, mode = config.partition("-")
+        if name == "mix":
+            for rname in ("byol2", "dino"):
+                recipe = make_recipe(rname)
+                bs = args.batch_size if rname == "byol2" else args.dino_batch_size
+                rate = time_mixing_only(recipe, bs, dtype)
+                records.append({"config": f"mix-only-{rname}", "batch_size": bs, "img_per_s": round(rate, 1)})
+                print(f"{'mix-only-' + rname:28s} B={bs:4d}  {rate:10.0f} img/s", flush=True)
+            continue
+        recipe = make_recipe(name)
+        if mode == "nomix":
+            recipe = recipe.without_mixing()
+        bs = args.batch_size if name == "byol2" else args.dino_batch_size
+        for load in args.hw_decoder_load:
+            opts = {"decoder_options": {"hw_decoder_load": load}} if load is not None else {}
+            if args.threads:
+                opts["num_threads"] = args.threads
+            label = config + (f"-hw{load}" if load is not None else "")
+            t0 = time.perf_counter()
+            loader = make_loader("dali", data, recipe, bs, device="cuda", dtype=dtype, shard_id=0, num_shards=1,
+                                 **opts)
+            try:
+                rate, n = time_loader(loader, args.warmup, args.batches)
+            except Exception as e:  # report and go on to the next configuration
+                print(f"{label:28s} FAILED: {type(e).__name__}: {e}", flush=True)
+                records.append({"config": label, "batch_size": bs, "error": f"{type(e).__name__}: {e}"})
+                continue
+            finally:
+                del loader
+            records.append({"config": label, "recipe": name, "mixing": mode == "mix", "batch_size": bs,
+                            "dtype": args.dtype, "img_per_s": round(rate, 1), "batches": n,
+                            "total_s": round(time.perf_counter() - t0, 1), "options": {k: str(v) for k, v in opts.items()}})
+            print(f"{label:28s} B={bs:4d}  {rate:10.0f} img/s  ({n} batches after {args.warmup} warm-up)", flush=True)
+
+    path = args.json or (os.path.join(args.out, "gpu_dali.json") if args.out else None)
+    if path:
+        from sdmp_fast.benchmarks.common import write_results
+
+        write_results(path, records, "python bench/gpu_dali.py " + " ".join(argv if argv is not None else sys.argv[1:]))
+        print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
