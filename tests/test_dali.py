@@ -83,15 +83,20 @@ def test_recipe_shapes_dtypes_ranges_and_mixing(folder, recipe, dtype):
 def test_two_epochs_cover_every_sample_once_without_drop_last(folder):
     loader = dali(folder, byol2(size=32), batch_size=10, drop_last=False)
     assert len(loader) == 3  # 10 + 10 + 4
-    orders = []
+    orders, held = [], []
     for epoch in range(2):
         loader.set_epoch(epoch)
-        batches = list(loader)
+        batches = []
+        for b in loader:
+            batches.append(b)
+            held.append((b, [v.clone() for v in b.views]))
         assert [b.batch_size for b in batches] == [10, 10, 4]
         seen = torch.cat([b.indices for b in batches])
         assert sorted(seen.tolist()) == list(range(N))
         orders.append(seen.tolist())
     assert orders[0] != orders[1]  # reshuffled per epoch
+    # Views are zero-copy DALI buffers: later batches must not overwrite the ones a caller still holds.
+    assert all(torch.equal(v, c) for b, copies in held for v, c in zip(b.views, copies))
     # An epoch abandoned after one batch does not leak into the next one.
     next(iter(loader))
     seen = torch.cat([b.indices for b in loader])
