@@ -19,14 +19,15 @@ from __future__ import annotations
 
 import os
 from dataclasses import replace
-from typing import Callable, Iterator, Optional, Sequence, Tuple
+from typing import Callable, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 
 from sdmp_fast.batch import SDMPBatch
 
-from .base import EpochSampler, assemble_batch, make_generator
+from .base import EpochSampler, make_generator
+from .cpu_mix import assemble_batch_cpu
 from .recipes import Recipe, ViewSpec
 
 REQUIRED_FIELDS = ("image", "label", "index")
@@ -144,6 +145,9 @@ class FFCVLoader:
         self.batch_size, self.device, self.dtype = batch_size, torch.device(device), dtype
         self.shard_id, self.seed = shard_id, seed
         self.sampler = EpochSampler(self.num_samples, batch_size, shard_id, num_shards, shuffle, seed, drop_last)
+        if len(self.sampler) == 0:
+            raise ValueError(f"data: {self.path!r} has {self.num_samples} samples, none for shard {shard_id} of "
+                             f"{num_shards}")
         self.multi_crop = multi_crop
         workers = num_workers or os.cpu_count() or 1
 
@@ -174,6 +178,15 @@ class FFCVLoader:
         self._loader = Loader(self.path, batch_size=batch_size, num_workers=workers, order=OrderOption.SEQUENTIAL,
                               indices=first, pipelines=pipelines, drop_last=False, os_cache=os_cache,
                               batches_ahead=batches_ahead)
+
+    @property
+    def skipped(self) -> List[str]:
+        """Files `sdmp-fast convert` left out of this .beton as undecodable (from its ``.skipped.txt``)."""
+        sidecar = self.path + ".skipped.txt"
+        if not os.path.exists(sidecar):
+            return []
+        with open(sidecar) as f:
+            return [line.split("\t", 1)[0] for line in f if line.strip()]
 
     def _epoch_order(self) -> np.ndarray:
         # One dtype every epoch: numba specialises the compiled pipeline on the index array's type.
@@ -218,7 +231,8 @@ class FFCVLoader:
                 for spec, x in self._uint8_groups(out):
                     x = self._ops.augment(x.float().div_(255), spec, gen)
                     views += self._ops.normalize(x, mean, std).split(labels.shape[0])
-                batch = assemble_batch(views, labels, indices, self.recipe, gen)
+                # assemble_batch_cpu: same result as assemble_batch; per-sample work on a CPU, assemble_batch on cuda
+                batch = assemble_batch_cpu(views, labels, indices, self.recipe, gen)
                 yield batch.to(self.device, dtype=self.dtype) if self.dtype is not None else batch
         finally:
             # An epoch left early (break, exception) would keep FFCV's prefetch thread and its memory

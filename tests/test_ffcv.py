@@ -227,6 +227,7 @@ def test_ffcv_dino_multicrop_bf16(beton):
     loader = make_loader("ffcv", path, recipe, BATCH, device="cpu", shard_id=0, num_shards=1, drop_last=True,
                          dtype=torch.bfloat16, num_workers=2)
     assert len(loader) == 25 // BATCH
+    assert sorted(loader.skipped) == sorted(s for s, _ in beton[0].skipped)  # what convert left out
     batches = list(loader)
     assert len(batches) == len(loader)
     for batch in batches:
