@@ -41,6 +41,7 @@ def folder(tmp_path_factory):
         f.write("not an image\n")
     gray = np.tile(np.arange(48, dtype=np.uint8) * 5, (40, 1))
     Image.fromarray(gray, "L").save(os.path.join(root, "class2", "gray.png"))
+    Image.new("RGB", (6, 5), (200, 30, 60)).save(os.path.join(root, "class2", "tiny.png"))  # < every crop
     return root
 
 
@@ -82,12 +83,12 @@ def test_convert_reports_bad_files_and_keeps_the_good_ones(beton, folder):
     listed = list_images(folder)
     good = [(f, l) for f, l in zip(listed.files, listed.labels) if f not in bad]
     reader, stored = _stored_images(out)
-    assert reader.num_samples == summary.written == len(good) == 25
+    assert reader.num_samples == summary.written == len(good) == 26
     np.testing.assert_array_equal(reader.metadata["f1"], [l for _, l in good])  # labels, in file order
     np.testing.assert_array_equal(reader.metadata["f2"], np.arange(len(good)))  # index = position
     for (path, _), img in zip(good, stored):
         src = conv.load_rgb(path)
-        assert img.shape == src.shape  # 48x40 < max_side: stored at full size
+        assert img.shape == src.shape  # all < max_side: stored at full size
         assert np.abs(img.astype(int) - src).mean() < 4, path  # one JPEG q90 re-encode away
     gray = stored[[p for p, _ in good].index(os.path.join(folder, "class2", "gray.png"))]
     assert np.abs(gray[..., 0].astype(int) - gray[..., 2]).max() <= 3  # grey stays grey in RGB
@@ -192,7 +193,7 @@ def test_ffcv_byol2_two_epochs_two_shards_exact(beton):
     recipe = make_recipe("byol2", **SMALL_BYOL)
     loaders = [make_loader("ffcv", path, recipe, BATCH, device="cpu", shard_id=r, num_shards=2, shuffle=True,
                            drop_last=False, seed=3, num_workers=2) for r in range(2)]
-    assert [len(ld) for ld in loaders] == [3, 2]  # 13 and 12 samples in batches of 6: 6+6+1 and 6+6
+    assert [len(ld) for ld in loaders] == [3, 3]  # 13 + 13 samples in batches of 6: 6+6+1 each
     orders = []
     for epoch in range(2):
         shards = []
@@ -218,16 +219,20 @@ def test_ffcv_byol2_two_epochs_two_shards_exact(beton):
 
 @pytest.mark.timeout(150)
 @NUMBA_FINALIZER_NOISE
-def test_ffcv_dino_multicrop_bf16(beton):
-    _, path = beton
+def test_ffcv_dino_multicrop_bf16_raw_and_jpeg(folder, tmp_path):
+    """DINO's 2 + 4 crops from one decode, from a .beton holding both raw and JPEG samples."""
     from ffcv.reader import Reader
 
-    labels = np.asarray(Reader(path).metadata["f1"])
+    path = str(tmp_path / "mixed.beton")
+    summary = conv.convert(folder, path, fmt="proportion", max_side=64, workers=2, progress=False)
+    reader = Reader(path)
+    assert set(reader.metadata["f0"]["mode"]) == {0, 1}  # FFCV's modes: 0 jpg, 1 raw
+    labels = np.asarray(reader.metadata["f1"])
     recipe = make_recipe("dino", **SMALL_DINO)
     loader = make_loader("ffcv", path, recipe, BATCH, device="cpu", shard_id=0, num_shards=1, drop_last=True,
                          dtype=torch.bfloat16, num_workers=2)
-    assert len(loader) == 25 // BATCH
-    assert sorted(loader.skipped) == sorted(s for s, _ in beton[0].skipped)  # what convert left out
+    assert len(loader) == 26 // BATCH
+    assert sorted(loader.skipped) == sorted(s for s, _ in summary.skipped)  # what convert left out
     batches = list(loader)
     assert len(batches) == len(loader)
     for batch in batches:
@@ -253,7 +258,7 @@ def test_ffcv_stock_per_view_decoders_match_the_interface(beton):
     for batch in loader:
         _check_batch(batch, recipe, labels)
         seen += batch.indices.tolist()
-    assert seen == list(range(25))  # shuffle=False: file order
+    assert seen == list(range(26))  # shuffle=False: file order
 
 
 @NUMBA_FINALIZER_NOISE
