@@ -178,7 +178,8 @@ def main(argv=None) -> int:
                 del loader
             records.append({"config": label, "recipe": name, "mixing": mode == "mix", "batch_size": bs,
                             "dtype": args.dtype, "img_per_s": round(rate, 1), "batches": n,
-                            "total_s": round(time.perf_counter() - t0, 1), "options": {k: str(v) for k, v in opts.items()}})
+                            "total_s": round(time.perf_counter() - t0, 1),
+                            "options": {k: str(v) for k, v in opts.items()}})
             print(f"{label:28s} B={bs:4d}  {rate:10.0f} img/s  ({n} batches after {args.warmup} warm-up)", flush=True)
 
     path = args.json or (os.path.join(args.out, "gpu_dali.json") if args.out else None)

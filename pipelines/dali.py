@@ -68,7 +68,7 @@ class _Feeder:
         self.in_flight: Deque[List[int]] = collections.deque()
         self.known_bad: Dict[int, str] = {}
         self._pool = ThreadPoolExecutor(max(1, read_threads), thread_name_prefix="sdmp-dali-read")
-        self._ahead = None  # (indices, [futures]) of the batch read in advance
+        self._ahead = None  # (indices, indices being read, [futures]) of the batch read in advance
 
     def start(self, batches: Sequence[List[int]]) -> None:
         self.pending = collections.deque(batches)
@@ -89,11 +89,11 @@ class _Feeder:
     def _submit(self):
         if not self.pending:
             return None
-        indices = [i for i in self.pending.popleft()]
+        indices = list(self.pending.popleft())
         todo = [i for i in indices if i not in self.known_bad]
         paths = [self.files[i] for i in todo]
-        futures = [self._pool.submit(_read_chunk, paths[k:k + _READ_CHUNK]) for k in range(0, len(paths), _READ_CHUNK)]
-        return indices, todo, futures
+        chunks = [paths[k:k + _READ_CHUNK] for k in range(0, len(paths), _READ_CHUNK)]
+        return indices, todo, [self._pool.submit(_read_chunk, chunk) for chunk in chunks]
 
     def __call__(self):
         while True:

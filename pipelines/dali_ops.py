@@ -137,8 +137,9 @@ def build_pipeline(source: Callable, recipe: Recipe, *, batch_size: int, num_thr
 
     ``source`` is a batch-mode external_source callback returning ``(encoded_bytes_list, indices_int64)``;
     the pipeline's outputs are one CHW float (fp16 with ``fp16``) tensor list per expanded view, then the
-    indices on the CPU (and, with ``gpu_indices``, on the GPU too). ``device_id=None`` puts every op on the CPU; otherwise decoding is ``mixed`` (nvJPEG and the
-    hardware decoder where present) and all augmentation runs on that GPU.
+    indices on the CPU (and, with ``gpu_indices``, on the GPU too). ``device_id=None`` puts every op on the
+    CPU; otherwise decoding is ``mixed`` (nvJPEG and the hardware decoder where present) and all augmentation
+    runs on that GPU.
     """
     gpu = device_id is not None
     device = "gpu" if gpu else "cpu"
