@@ -259,6 +259,20 @@ def _replace_text(path: str, text: Optional[str]) -> None:
     os.replace(tmp, path)
 
 
+def _remove_stale_temporaries(out: str) -> None:
+    """``OUT.tmp-<pid>`` files left by a conversion that was killed (SIGKILL, power loss) are removed once
+    their process is gone; a live conversion's temporary is left alone."""
+    import glob
+
+    for path in glob.glob(glob.escape(out) + ".tmp-*"):
+        try:
+            os.kill(int(path.rsplit("-", 1)[1]), 0)
+        except ProcessLookupError:
+            os.remove(path)
+        except (ValueError, PermissionError):  # not our naming, or another user's live process
+            pass
+
+
 def validate_options(src, out, fmt, max_side, jpeg_quality, compress_probability, workers, chunk_size) -> str:
     """Raise ValueError naming the setting, before any work. Returns the absolute output path."""
     if fmt not in FORMATS:
@@ -308,6 +322,7 @@ def convert(src, out, *, fmt: str = "jpg", max_side: int = 512, jpeg_quality: in
         "index": IntField(),
     }
     dataset = _ImageDataset([images.files[i] for i in good], [images.labels[i] for i in good], max_side)
+    _remove_stale_temporaries(out)
     tmp = f"{out}.tmp-{os.getpid()}"
     try:
         writer = _make_writer(tmp, fields, _page_size(largest), min(workers, len(good)))

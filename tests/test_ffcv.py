@@ -117,6 +117,19 @@ def test_convert_failure_leaves_no_partial_file(folder, tmp_path, monkeypatch, p
     assert os.listdir(tmp_path) == (["data.beton"] if previous else [])  # no temporary left behind
 
 
+@pytest.mark.timeout(120)
+def test_convert_removes_a_killed_runs_temporary(folder, tmp_path):
+    import subprocess
+    import sys
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    out = tmp_path / "data.beton"
+    stale = tmp_path / f"data.beton.tmp-{int(dead.stdout)}"  # as a SIGKILLed conversion leaves it
+    stale.write_bytes(b"partial")
+    conv.convert(folder, str(out), max_side=64, workers=1, progress=False)
+    assert not stale.exists() and out.exists()
+
+
 def test_convert_bad_arguments_name_the_path(tmp_path, folder):
     with pytest.raises(ValueError, match="nowhere"):
         conv.convert(str(tmp_path / "nowhere"), str(tmp_path / "x.beton"))
