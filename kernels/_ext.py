@@ -1,0 +1,105 @@
+"""Which compiled extension (if any) serves a tensor: lazy CUDA build, warning once, CPU emulation for tests.
+
+Importing this module builds nothing. The CUDA extension is built (or loaded from the cache) on the first call
+that needs it for a CUDA tensor; a failure (no nvcc, compile error, ...) warns once and every public function
+falls back to the PyTorch reference from then on.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+import warnings
+from typing import Optional
+
+import torch
+
+_lock = threading.Lock()
+_cuda_ext = None
+_cuda_tried = False
+_cuda_error: Optional[str] = None
+_cpu_ext = None  # CPU emulation module (tests): serves CPU tensors when set
+_enabled = True
+
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def enabled() -> bool:
+    """Kernels may be used ($SDMP_KERNELS=0 or set_enabled(False) forces the references)."""
+    return _enabled and os.environ.get("SDMP_KERNELS", "1") != "0"
+
+
+def set_enabled(flag: bool) -> None:
+    global _enabled
+    _enabled = bool(flag)
+
+
+@contextlib.contextmanager
+def disabled():
+    """Context in which every public function runs its reference (the fused/plain toggle)."""
+    global _enabled
+    old, _enabled = _enabled, False
+    try:
+        yield
+    finally:
+        _enabled = old
+
+
+def cuda_extension():
+    """The CUDA extension module, built on first use; None (after one warning) if it cannot be built."""
+    global _cuda_ext, _cuda_tried, _cuda_error
+    if _cuda_tried:
+        return _cuda_ext
+    with _lock:
+        if not _cuda_tried:
+            try:
+                from .build import load
+                _cuda_ext = load()
+            except Exception as e:  # noqa: BLE001 - any build failure means "use the reference"
+                _cuda_error = f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"
+                warnings.warn(f"sdmp_fast.kernels: CUDA kernels unavailable ({_cuda_error}); using the PyTorch "
+                              f"reference implementations", RuntimeWarning, stacklevel=3)
+            _cuda_tried = True
+    return _cuda_ext
+
+
+def build_error() -> Optional[str]:
+    return _cuda_error
+
+
+def set_cpu_emulation(ext) -> None:
+    """Route CPU tensors to an emulated build (build.load_emulated()); None switches it off. Tests only."""
+    global _cpu_ext
+    _cpu_ext = ext
+
+
+def extension_for(t: torch.Tensor):
+    """The module that runs kernels on t's device, or None (reference path)."""
+    if not enabled():
+        return None
+    if t.device.type == "cuda":
+        return cuda_extension() if torch.cuda.is_available() else None
+    if t.device.type == "cpu" and _cpu_ext is not None:
+        return _cpu_ext
+    return None
+
+
+def require(t: torch.Tensor):
+    """Inside a custom op implementation: the module for t (the public functions checked it exists)."""
+    ext = extension_for(t)
+    if ext is None:
+        raise RuntimeError(f"sdmp_fast kernels: no compiled extension for a {t.device.type} tensor "
+                           f"(call the public functions of sdmp_fast.kernels, which fall back to the references)")
+    return ext
+
+
+def kernel_ok(*tensors: torch.Tensor) -> bool:
+    """All tensors on one device that has an extension, floating ones in a kernel dtype."""
+    if not tensors:
+        return False
+    dev = tensors[0].device
+    if any(t.device != dev for t in tensors):
+        return False
+    if any(t.is_floating_point() and t.dtype not in KERNEL_DTYPES for t in tensors):
+        return False
+    return extension_for(tensors[0]) is not None

@@ -1,0 +1,257 @@
+"""Build of the sdmp_fast CUDA kernels: JIT with ninja on first CUDA use, a compile check, and a CPU emulation.
+
+* :func:`load` compiles ``csrc/**`` with ``torch.utils.cpp_extension.load`` (ninja, persistent cache in
+  ``$SDMP_KERNELS_CACHE`` or ``~/.cache/sdmp_fast_kernels``) for ``$SDMP_KERNELS_ARCHS`` (default ``80;90``:
+  sm_80 and sm_90 cubins plus sm_90 PTX for newer cards). Nothing is built at import time.
+* ``python -m sdmp_fast.kernels.build --check`` compiles every ``.cu``/``.cpp`` with the local nvcc for both
+  architectures, without a GPU, and prints OK/FAIL per file.
+* :func:`load_emulated` builds the same kernel sources with the host compiler against ``csrc/common/emulate.h``
+  (threads + barriers stand in for the GPU) into a CPU module: tests use it to run the real kernel code on
+  CPU tensors against the PyTorch references.
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import List, Optional, Sequence, Tuple
+
+CSRC = Path(__file__).resolve().parent / "csrc"
+EXT_NAME = "sdmp_fast_kernels"
+DEFAULT_ARCHS = "80;90"
+
+
+def sources(kind: Optional[str] = None) -> List[Path]:
+    """Kernel (``.cu``) and host (``.cpp``) sources under csrc/, sorted; ``kind`` = "cu" or "cpp" filters."""
+    exts = (".cu", ".cpp") if kind is None else (f".{kind}",)
+    return sorted(p for p in CSRC.rglob("*") if p.suffix in exts)
+
+
+def archs() -> List[str]:
+    """Compute capabilities to build, from $SDMP_KERNELS_ARCHS ("80;90", "8.0 9.0" and "sm_90" all work)."""
+    raw = os.environ.get("SDMP_KERNELS_ARCHS", DEFAULT_ARCHS)
+    out = []
+    for tok in raw.replace(",", ";").replace(" ", ";").split(";"):
+        tok = tok.strip().lower().replace("sm_", "").replace(".", "").replace("+ptx", "")
+        if not tok:
+            continue
+        if not tok.isdigit():
+            raise ValueError(f"SDMP_KERNELS_ARCHS: cannot read compute capability {tok!r} in {raw!r}")
+        out.append(tok)
+    if not out:
+        raise ValueError(f"SDMP_KERNELS_ARCHS: no architecture in {raw!r}")
+    return out
+
+
+def gencode_flags(arch_list: Optional[Sequence[str]] = None) -> List[str]:
+    arch_list = list(arch_list or archs())
+    flags = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in arch_list]
+    top = max(arch_list, key=int)
+    return flags + [f"-gencode=arch=compute_{top},code=compute_{top}"]  # PTX: JIT for newer GPUs
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("SDMP_KERNELS_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "sdmp_fast_kernels")
+    return Path(root)
+
+
+def _torch_tag() -> str:
+    import torch
+    return f"torch{torch.__version__.split('+')[0]}-cu{torch.version.cuda or 'none'}-py{sys.version_info[0]}{sys.version_info[1]}"
+
+
+def _sources_digest() -> str:
+    h = hashlib.sha1()
+    for p in sorted(CSRC.rglob("*")):
+        if p.is_file():
+            h.update(p.relative_to(CSRC).as_posix().encode())
+            h.update(p.read_bytes())
+    return h.hexdigest()[:12]
+
+
+def cuda_home() -> Optional[str]:
+    from torch.utils.cpp_extension import CUDA_HOME
+    if CUDA_HOME and os.path.exists(os.path.join(CUDA_HOME, "bin", "nvcc")):
+        return CUDA_HOME
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        return str(Path(nvcc).resolve().parent.parent)
+    return CUDA_HOME
+
+
+def nvcc_path() -> Optional[str]:
+    home = cuda_home()
+    cand = os.path.join(home, "bin", "nvcc") if home else None
+    if cand and os.path.exists(cand):
+        return cand
+    return shutil.which("nvcc")
+
+
+def extra_host_includes() -> List[str]:
+    """Fallback include dirs of the pip CUDA wheels (cusparse.h, cublas_v2.h, ... that ATen's CUDA headers pull in)
+    for toolkits that ship only the compiler. Searched after everything else (-idirafter), so a full toolkit wins."""
+    home = cuda_home()
+    if home and os.path.exists(os.path.join(home, "include", "cusparse.h")):
+        return []
+    found = []
+    for site in {sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]}:
+        found += sorted(glob.glob(os.path.join(site, "nvidia", "*", "include")))
+    return [d for d in found if os.path.exists(os.path.join(d, "cusparse.h")) or os.path.exists(os.path.join(d, "cublas_v2.h"))]
+
+
+def _max_jobs() -> str:
+    """Parallel compile jobs: at most one per ~6 GB of free RAM (nvcc on torch headers is memory hungry)."""
+    if "MAX_JOBS" in os.environ:
+        return os.environ["MAX_JOBS"]
+    jobs = os.cpu_count() or 1
+    try:
+        with open("/proc/meminfo") as f:
+            avail_kb = next(int(line.split()[1]) for line in f if line.startswith("MemAvailable"))
+        jobs = max(1, min(jobs, avail_kb // (6 * 1024 * 1024)))
+    except (OSError, StopIteration, ValueError):
+        pass
+    return str(jobs)
+
+
+def load(verbose: bool = False):
+    """JIT-builds (or loads from the cache) the CUDA extension; raises on failure."""
+    from torch.utils import cpp_extension
+    arch_list = archs()
+    build_dir = cache_dir() / f"{_torch_tag()}-sm{'_'.join(arch_list)}"
+    build_dir.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("MAX_JOBS", _max_jobs())
+    host = ["-O3"] + [f"-idirafter{d}" for d in extra_host_includes()]
+    return cpp_extension.load(
+        name=EXT_NAME,
+        sources=[str(p) for p in sources()],
+        extra_include_paths=[str(CSRC / "common")],
+        extra_cflags=host,
+        extra_cuda_cflags=["-O3", "-lineinfo", *gencode_flags(arch_list)],
+        build_directory=str(build_dir),
+        verbose=verbose,
+    )
+
+
+def load_emulated(verbose: bool = False):
+    """Builds the kernels for CPU emulation (host compiler, no CUDA): a module with the same functions."""
+    from torch.utils import cpp_extension
+    build_dir = cache_dir() / f"emulated-{_torch_tag()}"
+    build_dir.mkdir(parents=True, exist_ok=True)
+    digest = _sources_digest()
+    wrappers = []
+    for cu in sources("cu"):  # compile each .cu as C++; the digest makes source edits rebuild the module
+        w = build_dir / f"{cu.stem}_emulated.cpp"
+        text = f"// generated: {cu.name} for CPU emulation, sources {digest}\n#include \"{cu}\"\n"
+        if not w.exists() or w.read_text() != text:
+            w.write_text(text)
+        wrappers.append(str(w))
+    os.environ.setdefault("MAX_JOBS", _max_jobs())
+    return cpp_extension.load(
+        name=EXT_NAME + "_emulated",
+        sources=[str(p) for p in sources("cpp")] + wrappers,
+        extra_include_paths=[str(CSRC / "common")],
+        extra_cflags=["-DSDMP_EMULATE", "-O1", "-pthread"],
+        extra_ldflags=["-pthread"],
+        build_directory=str(build_dir),
+        verbose=verbose,
+    )
+
+
+# ---------------------------------------------------------------------------------------------- compile check
+
+def _torch_cxx_std() -> str:
+    """The C++ standard torch's headers need (what cpp_extension passes): c++20 for recent torch, else c++17."""
+    import torch.utils.cpp_extension as ce
+    with open(ce.__file__) as f:
+        return "c++20" if "-std=c++20" in f.read() else "c++17"
+
+
+def _check_command(path: Path, out: str, arch_list: Sequence[str]) -> Tuple[List[str], str]:
+    import torch
+    from torch.utils.cpp_extension import COMMON_NVCC_FLAGS, include_paths
+    nvcc = nvcc_path()
+    incs = [f"-I{p}" for p in include_paths()] + [f"-I{CSRC / 'common'}"]
+    defs = [f"-DTORCH_EXTENSION_NAME={EXT_NAME}", "-DTORCH_API_INCLUDE_EXTENSION_H",
+            f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}"]
+    if path.suffix == ".cu":
+        # Kernel sources include only c10 headers: checked in C++17 (what older torch builds use).
+        std = "c++17"
+        cmd = [nvcc, "-c", str(path), "-o", out, f"-std={std}", "-O3", "-Xcompiler", "-fPIC",
+               *COMMON_NVCC_FLAGS, *gencode_flags(arch_list), *incs, *defs]
+        return cmd, f"{std}, " + " ".join(f"sm_{a}" for a in arch_list)
+    std = _torch_cxx_std()
+    host = [f"-Xcompiler=-idirafter{d}" for d in extra_host_includes()]
+    cmd = [nvcc, "-c", str(path), "-o", out, f"-std={std}", "-O3", "-Xcompiler", "-fPIC",
+           f"-I{sysconfig.get_paths()['include']}", *incs, *host, *defs]
+    return cmd, f"{std}, host"
+
+
+def compile_check(files: Optional[Sequence[Path]] = None, arch_list: Optional[Sequence[str]] = None,
+                  jobs: int = 2, stream=None) -> int:
+    """nvcc -c every source (no GPU needed); prints one OK/FAIL line per file; returns the number of failures."""
+    stream = stream or sys.stdout
+    if nvcc_path() is None:
+        print("nvcc not found (set CUDA_HOME or put nvcc on PATH)", file=stream)
+        return -1
+    files = list(files or sources())
+    arch_list = list(arch_list or archs())
+
+    def one(path: Path):
+        with tempfile.TemporaryDirectory() as tmp:
+            cmd, what = _check_command(path, os.path.join(tmp, "out.o"), arch_list)
+            t0 = time.time()
+            res = subprocess.run(cmd, capture_output=True, text=True)
+            return path, what, res, time.time() - t0
+
+    failures = 0
+    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+        for path, what, res, secs in pool.map(one, files):
+            rel = path.relative_to(CSRC.parent.parent) if CSRC.parent.parent in path.parents else path
+            if res.returncode == 0:
+                print(f"OK    {rel}  [{what}]  {secs:.1f} s", file=stream, flush=True)
+            else:
+                failures += 1
+                print(f"FAIL  {rel}  [{what}]  {secs:.1f} s", file=stream, flush=True)
+                tail = (res.stderr or res.stdout).strip().splitlines()[-40:]
+                print("\n".join("      " + line for line in tail), file=stream, flush=True)
+    return failures
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m sdmp_fast.kernels.build", description=__doc__.split("\n")[0])
+    ap.add_argument("--check", action="store_true", help="compile-check every .cu/.cpp with nvcc (no GPU needed)")
+    ap.add_argument("--build", action="store_true", help="JIT-build the CUDA extension now (into the cache)")
+    ap.add_argument("--emulated", action="store_true", help="build the CPU emulation module")
+    ap.add_argument("--jobs", type=int, default=2, help="parallel nvcc processes for --check")
+    ap.add_argument("--verbose", action="store_true")
+    args = ap.parse_args(argv)
+    if not (args.check or args.build or args.emulated):
+        ap.error("choose --check, --build and/or --emulated")
+    rc = 0
+    if args.check:
+        print(f"nvcc: {nvcc_path()}  archs: {' '.join('sm_' + a for a in archs())}", flush=True)
+        fails = compile_check(jobs=args.jobs)
+        print("compile check: " + ("nvcc missing" if fails < 0 else f"{len(sources()) - fails}/{len(sources())} OK"))
+        rc = rc or (0 if fails == 0 else 1)
+    if args.build:
+        t0 = time.time()
+        ext = load(verbose=args.verbose)
+        print(f"built {ext.__file__} in {time.time() - t0:.0f} s")
+    if args.emulated:
+        t0 = time.time()
+        ext = load_emulated(verbose=args.verbose)
+        print(f"built {ext.__file__} (CPU emulation) in {time.time() - t0:.0f} s")
+    return rc
+
+
+if __name__ == "__main__":
+    sys.exit(main())

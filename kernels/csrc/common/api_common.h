@@ -1,0 +1,96 @@
+// Host-side helpers for the *_api.cpp files: argument checks, element type tags, stream and device guard.
+// Light ATen headers only (no torch/extension.h) to keep each translation unit quick to compile.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/fill.h>
+#include <ATen/ops/ones.h>
+#include <ATen/ops/zeros.h>
+#include <c10/util/Exception.h>
+
+#include "sdmp_types.h"
+
+#include <cmath>
+#include <cstdlib>
+
+#ifdef SDMP_EMULATE
+#define SDMP_CHECK_DEVICE(x) \
+  TORCH_CHECK((x).device().is_cpu(), #x " must be a CPU tensor in the emulated (CPU) build")
+#define SDMP_CHECK_STATUS(st) TORCH_CHECK((st) == cudaSuccess, "emulated kernel launch failed")
+namespace sdmp {
+inline Stream current_stream(const at::Tensor&) { return nullptr; }
+struct DeviceGuard {
+  explicit DeviceGuard(const at::Tensor&) {}
+};
+}  // namespace sdmp
+#else
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#define SDMP_CHECK_DEVICE(x) TORCH_CHECK((x).is_cuda(), #x " must be a CUDA tensor")
+#define SDMP_CHECK_STATUS(st) C10_CUDA_CHECK(st)
+namespace sdmp {
+// Launches go on the caller's current stream of the tensor's device: graph capture and side streams work.
+inline Stream current_stream(const at::Tensor& t) {
+  return c10::cuda::getCurrentCUDAStream(t.device().index()).stream();
+}
+struct DeviceGuard {
+  explicit DeviceGuard(const at::Tensor& t) : guard(t.device()) {}
+  c10::cuda::CUDAGuard guard;
+};
+}  // namespace sdmp
+#endif
+
+#define CHECK_SHAPE(x, ...)                                                                        \
+  TORCH_CHECK((x).sizes() == at::IntArrayRef({__VA_ARGS__}), #x " must have shape (" #__VA_ARGS__ \
+              "), got ", (x).sizes())
+#define CHECK_CONTIGUOUS(x) TORCH_CHECK((x).is_contiguous(), #x " must be contiguous")
+#define CHECK_SAME_DEVICE(x, ref) \
+  TORCH_CHECK((x).device() == (ref).device(), #x " is on ", (x).device(), ", expected ", (ref).device())
+#define CHECK_DTYPE(x, dt) TORCH_CHECK((x).scalar_type() == (dt), #x " must be ", (dt), ", got ", (x).scalar_type())
+
+namespace sdmp {
+
+inline DType dtype_tag(const at::Tensor& t) {
+  switch (t.scalar_type()) {
+    case at::kFloat:
+      return DType::kFloat;
+    case at::kHalf:
+      return DType::kHalf;
+    case at::kBFloat16:
+      return DType::kBFloat16;
+    default:
+      TORCH_CHECK(false, "sdmp_fast kernels support float32, float16 and bfloat16 tensors, got ", t.scalar_type());
+  }
+}
+
+// SDMP_KERNELS_POISON=1 (tests): outputs and workspaces start NaN-filled, so any element a kernel forgets to
+// write shows up in the results.
+inline bool poison_outputs() {
+  const char* v = std::getenv("SDMP_KERNELS_POISON");
+  return v != nullptr && v[0] == '1';
+}
+
+inline at::Tensor poisoned(at::Tensor t) {
+  if (poison_outputs() && at::isFloatingType(t.scalar_type())) at::fill_(t, NAN);
+  return t;
+}
+
+// Outputs and workspaces: caching-allocator memory on the current stream (capturable), poisoned on request.
+inline at::Tensor new_buffer(at::IntArrayRef sizes, const at::TensorOptions& options) {
+  return poisoned(at::empty(sizes, options));
+}
+
+inline at::Tensor new_like(const at::Tensor& x) {
+  return poisoned(at::empty_like(x, at::MemoryFormat::Contiguous));
+}
+
+// 16-byte vector access is safe when the base is 16-byte aligned and every row starts on a 16-byte boundary.
+inline bool vec_aligned(const at::Tensor& t, int64_t row_elems) {
+  const int64_t bytes = row_elems * static_cast<int64_t>(t.element_size());
+  return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0 && bytes % 16 == 0;
+}
+
+}  // namespace sdmp

@@ -1,0 +1,168 @@
+// CPU emulation of the small CUDA subset the sdmp_fast kernels use (tests only, never shipped to a GPU).
+//
+// A launch runs its blocks one after another in blockIdx order (x fastest), each block as blockDim real
+// std::threads: __syncthreads is a block barrier, warp shuffles exchange through a per-warp slot array between
+// two warp barriers, __shared__ variables are function statics (one block is alive at a time), dynamic shared
+// memory is a per-block buffer filled with 0xFF bytes (NaN as float) to expose reads of unwritten slots.
+// Atomics map to GCC builtins. This checks indexing, reductions and the cross-block protocol of the kernels,
+// not their speed or their memory-model corner cases.
+#pragma once
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <condition_variable>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <mutex>
+#include <thread>
+#include <vector>
+
+typedef void* cudaStream_t;
+typedef int cudaError_t;
+constexpr cudaError_t cudaSuccess = 0;
+inline cudaError_t cudaGetLastError() { return cudaSuccess; }
+inline const char* cudaGetErrorString(cudaError_t) { return "emulated"; }
+
+struct dim3 {
+  unsigned x, y, z;
+  dim3(unsigned x_ = 1, unsigned y_ = 1, unsigned z_ = 1) : x(x_), y(y_), z(z_) {}
+};
+
+namespace sdmp_emu {
+
+class Barrier {
+ public:
+  explicit Barrier(int n = 1) : n_(n) {}
+  void reset(int n) { n_ = n; count_ = 0; gen_ = 0; }
+  void wait() {
+    std::unique_lock<std::mutex> lk(mu_);
+    const unsigned long gen = gen_;
+    if (++count_ == n_) {
+      count_ = 0;
+      ++gen_;
+      cv_.notify_all();
+    } else {
+      cv_.wait(lk, [&] { return gen != gen_; });
+    }
+  }
+
+ private:
+  std::mutex mu_;
+  std::condition_variable cv_;
+  int n_;
+  int count_ = 0;
+  unsigned long gen_ = 0;
+};
+
+struct Block {
+  dim3 idx, dim, grid;
+  Barrier bar;
+  std::vector<std::unique_ptr<Barrier>> warp_bar;
+  std::vector<uint64_t> slots;  // 32 per warp
+  std::vector<unsigned char> dyn_smem;
+};
+
+struct Thread {
+  Block* blk = nullptr;
+  dim3 tid;
+  int linear = 0;
+};
+
+inline Thread& ctx() {
+  static thread_local Thread t;
+  return t;
+}
+
+inline void yield() { std::this_thread::yield(); }
+
+template <typename T>
+inline T shfl(T v, int src_lane) {
+  static_assert(sizeof(T) <= 8, "shuffle of at most 8 bytes");
+  Thread& t = ctx();
+  const int warp = t.linear / 32, lane = t.linear % 32;
+  uint64_t* slots = t.blk->slots.data() + warp * 32;
+  uint64_t raw = 0;
+  std::memcpy(&raw, &v, sizeof(T));
+  slots[lane] = raw;
+  t.blk->warp_bar[warp]->wait();
+  uint64_t got = slots[src_lane & 31];
+  t.blk->warp_bar[warp]->wait();
+  T out;
+  std::memcpy(&out, &got, sizeof(T));
+  return out;
+}
+
+template <typename... KArgs, typename... Args>
+void launch(dim3 grid, dim3 block, size_t smem, void (*kernel)(KArgs...), Args... args) {
+  const int nthreads = static_cast<int>(block.x * block.y * block.z);
+  if (nthreads % 32 != 0) std::abort();  // the kernels assume whole warps
+  Block b;
+  b.dim = block;
+  b.grid = grid;
+  b.warp_bar.resize(nthreads / 32);
+  for (auto& w : b.warp_bar) w.reset(new Barrier(32));
+  b.slots.assign(nthreads, 0);
+  for (unsigned bz = 0; bz < grid.z; ++bz)
+    for (unsigned by = 0; by < grid.y; ++by)
+      for (unsigned bx = 0; bx < grid.x; ++bx) {
+        b.idx = dim3(bx, by, bz);
+        b.bar.reset(nthreads);
+        b.dyn_smem.assign(smem, 0xFF);
+        std::vector<std::thread> threads;
+        threads.reserve(nthreads);
+        for (int t = 0; t < nthreads; ++t) {
+          threads.emplace_back([&, t] {
+            Thread& c = ctx();
+            c.blk = &b;
+            c.linear = t;
+            c.tid = dim3(t % block.x, (t / block.x) % block.y, t / (block.x * block.y));
+            kernel(args...);
+          });
+        }
+        for (auto& th : threads) th.join();
+      }
+}
+
+}  // namespace sdmp_emu
+
+#define __global__
+#define __device__
+#define __host__
+#define __forceinline__ inline
+#define __launch_bounds__(...)
+#define __shared__ static
+#define __align__(n) alignas(n)
+#define threadIdx (::sdmp_emu::ctx().tid)
+#define blockIdx (::sdmp_emu::ctx().blk->idx)
+#define blockDim (::sdmp_emu::ctx().blk->dim)
+#define gridDim (::sdmp_emu::ctx().blk->grid)
+
+inline void __syncthreads() { ::sdmp_emu::ctx().blk->bar.wait(); }
+inline void __syncwarp(unsigned = 0xffffffffu) {
+  auto& t = ::sdmp_emu::ctx();
+  t.blk->warp_bar[t.linear / 32]->wait();
+}
+inline void __threadfence() { std::atomic_thread_fence(std::memory_order_seq_cst); }
+template <typename T>
+inline T __shfl_xor_sync(unsigned, T v, int mask) {
+  return ::sdmp_emu::shfl(v, (::sdmp_emu::ctx().linear % 32) ^ mask);
+}
+template <typename T>
+inline T __shfl_sync(unsigned, T v, int src) {
+  return ::sdmp_emu::shfl(v, src);
+}
+inline int atomicAdd(int* p, int v) { return __atomic_fetch_add(p, v, __ATOMIC_SEQ_CST); }
+inline float __expf(float x) { return std::exp(x); }
+inline float __logf(float x) { return std::log(x); }
+inline float __fmul_rn(float a, float b) { volatile float r = a * b; return r; }
+inline float __fadd_rn(float a, float b) { volatile float r = a + b; return r; }
+inline float __fsub_rn(float a, float b) { volatile float r = a - b; return r; }
+inline float __fdiv_rn(float a, float b) { volatile float r = a / b; return r; }
+inline double __dadd_rn(double a, double b) { volatile double r = a + b; return r; }
+inline double __dmul_rn(double a, double b) { volatile double r = a * b; return r; }
+inline double __ddiv_rn(double a, double b) { volatile double r = a / b; return r; }
+inline float __double2float_rn(double a) { return static_cast<float>(a); }
+using std::fmaxf;
+using std::fminf;

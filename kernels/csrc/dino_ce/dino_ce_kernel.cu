@@ -1,0 +1,785 @@
+// Fused SDMP-DINO soft-target cross-entropy kernels (see dino_ce.h for the layout).
+//
+// Every pair loss is H(target, student) = -sum_k target_k * log_softmax(x)_k, x = student / tau_s. For one
+// student row all its pairs collapse into at most two target vectors (linearity of H in the target):
+//   clean global crop v < T : GL_v = sum_{iq != v} P_t[iq, b]           (DINO, same-view pair excluded)
+//   clean local crop        : A    = sum_iq P_t[iq, b]
+//   mixed crop              : SRC  = lam_b A_b + (1 - lam_b) A_p        (eq. 7, summed over teacher crops)
+//                             MIX  = w1_b Am_b + w2_b Am_p              (eq. 8, Am = sum_iq P_tm[iq, .])
+// with p = B - 1 - b. A block owns the pair {b, p} and a column block: it builds these vectors once in shared
+// memory (one exp per teacher element), then streams every student row of b and p against them.
+//
+// Per row we keep m = max x, s = sum exp(x - m), and per target q = sum t, d = sum t (x - m); then
+//   H = q log(s) - d,   dH/dx = q softmax(x) - t,
+// the same expression the reference evaluates (-sum t (x - lse)), without cancelling two large numbers.
+//
+// Scalars follow PyTorch's CUDA rounding so that the kernels match the eager reference: dividing a tensor by a
+// Python float is a multiplication by the fp32 reciprocal, and student / tau_s is rounded to the logits dtype.
+#include "../common/sdmp_cuda.cuh"
+#include "dino_ce.h"
+
+#include <algorithm>
+
+namespace sdmp {
+namespace {
+
+constexpr int kTeacherPacksPerLane = 2;  // teacher-stats column tile = 32 lanes x VEC x 2
+constexpr int kTeacherRowsPerGroup = 64;
+constexpr int kAccFloats = 6;  // partial row state: m, s, d1, q1, d2, q2
+constexpr int kSlotA = 0, kSlotSrc = 1, kSlotMix = 2, kSlotGlobal = 3;
+
+__device__ __forceinline__ int imin(int a, int b) { return a < b ? a : b; }
+
+__device__ __forceinline__ int num_slots(const DinoParams& p) { return kSlotGlobal + p.T; }
+
+// Shared-memory target vector `slot` of pair row r (0: b, 1: partner).
+__device__ __forceinline__ float* target_slot(const DinoParams& p, float* tg, int r, int slot) {
+  return tg + (static_cast<int64_t>(r) * num_slots(p) + slot) * p.kb_cols;
+}
+
+template <int VEC>
+__device__ __forceinline__ void load_smem(const float* src, float (&out)[VEC]) {
+  if constexpr (VEC % 4 == 0) {
+#pragma unroll
+    for (int i = 0; i < VEC; i += 4) {
+      const Pack<float, 4> q = *reinterpret_cast<const Pack<float, 4>*>(src + i);
+#pragma unroll
+      for (int j = 0; j < 4; ++j) out[i + j] = q.v[j];
+    }
+  } else {
+#pragma unroll
+    for (int i = 0; i < VEC; ++i) out[i] = src[i];
+  }
+}
+
+template <int VEC>
+__device__ __forceinline__ void store_smem(float* dst, const float (&in)[VEC]) {
+  if constexpr (VEC % 4 == 0) {
+#pragma unroll
+    for (int i = 0; i < VEC; i += 4) {
+      Pack<float, 4> q;
+#pragma unroll
+      for (int j = 0; j < 4; ++j) q.v[j] = in[i + j];
+      *reinterpret_cast<Pack<float, 4>*>(dst + i) = q;
+    }
+  } else {
+#pragma unroll
+    for (int i = 0; i < VEC; ++i) dst[i] = in[i];
+  }
+}
+
+template <typename T>
+__device__ __forceinline__ const T* student_row(const DinoParams& p, int v, int b) {
+  if (v < p.Sc) return static_cast<const T*>(p.s_clean) + (static_cast<int64_t>(v) * p.B + b) * p.K;
+  return static_cast<const T*>(p.s_mixed) + (static_cast<int64_t>(v - p.Sc) * p.B + b) * p.K;
+}
+
+template <typename T>
+__device__ __forceinline__ T* grad_row(const DinoParams& p, int v, int b) {
+  if (v < p.Sc) {
+    if (p.g_clean == nullptr) return nullptr;
+    return static_cast<T*>(p.g_clean) + (static_cast<int64_t>(v) * p.B + b) * p.K;
+  }
+  if (p.g_mixed == nullptr) return nullptr;
+  return static_cast<T*>(p.g_mixed) + (static_cast<int64_t>(v - p.Sc) * p.B + b) * p.K;
+}
+
+// x = student / tau_s, rounded to the logits dtype as the eager reference does.
+template <typename T, int VEC>
+__device__ __forceinline__ void load_scaled_student(const DinoParams& p, const T* src, float (&x)[VEC]) {
+  load_floats<T, VEC>(src, x);
+#pragma unroll
+  for (int j = 0; j < VEC; ++j) x[j] = round_through<T>(x[j] * p.inv_tau_s);
+}
+
+// ------------------------------------------------------------------------------------------ row accumulator
+
+struct RowAcc {
+  float m, s, d1, q1, d2, q2;
+};
+
+__device__ __forceinline__ RowAcc acc_empty() { return RowAcc{-INFINITY, 0.f, 0.f, 0.f, 0.f, 0.f}; }
+
+template <int VEC, bool kTwo>
+__device__ __forceinline__ void acc_update(RowAcc& a, const float (&x)[VEC], const float (&t1)[VEC],
+                                           const float (&t2)[VEC]) {
+  float pm = x[0];
+#pragma unroll
+  for (int j = 1; j < VEC; ++j) pm = fmaxf(pm, x[j]);
+  if (pm > a.m) {
+    if (a.m != -INFINITY) {  // re-reference s and d to the new max
+      const float dm = a.m - pm;
+      a.s *= __expf(dm);
+      a.d1 += a.q1 * dm;
+      if (kTwo) a.d2 += a.q2 * dm;
+    }
+    a.m = pm;
+  }
+#pragma unroll
+  for (int j = 0; j < VEC; ++j) {
+    const float e = x[j] - a.m;
+    a.s += __expf(e);
+    a.d1 += t1[j] * e;
+    a.q1 += t1[j];
+    if (kTwo) {
+      a.d2 += t2[j] * e;
+      a.q2 += t2[j];
+    }
+  }
+}
+
+__device__ __forceinline__ void acc_fold(RowAcc& r, const RowAcc& a) {
+  if (a.m == -INFINITY) return;  // empty (no columns): s = d = q = 0
+  const float dm = a.m - r.m;
+  r.s += a.s * __expf(dm);
+  r.d1 += a.d1 + a.q1 * dm;
+  r.q1 += a.q1;
+  r.d2 += a.d2 + a.q2 * dm;
+  r.q2 += a.q2;
+}
+
+__device__ __forceinline__ RowAcc acc_merge(const RowAcc& a, const RowAcc& b) {
+  RowAcc r{fmaxf(a.m, b.m), 0.f, 0.f, 0.f, 0.f, 0.f};
+  if (r.m == -INFINITY) return acc_empty();
+  acc_fold(r, a);
+  acc_fold(r, b);
+  return r;
+}
+
+__device__ __forceinline__ RowAcc warp_acc_merge(RowAcc a) {
+#pragma unroll
+  for (int o = kWarpSize / 2; o > 0; o >>= 1) {
+    RowAcc b{__shfl_xor_sync(0xffffffffu, a.m, o),  __shfl_xor_sync(0xffffffffu, a.s, o),
+             __shfl_xor_sync(0xffffffffu, a.d1, o), __shfl_xor_sync(0xffffffffu, a.q1, o),
+             __shfl_xor_sync(0xffffffffu, a.d2, o), __shfl_xor_sync(0xffffffffu, a.q2, o)};
+    a = acc_merge(a, b);
+  }
+  return a;
+}
+
+// --------------------------------------------------------------------------------------- teacher statistics
+
+// grid (t_tiles, t_groups_clean + t_groups_mixed), 256 threads. Each warp walks rows of its group over one
+// column tile: partial (max, sum) of u = (t - center) / tau_t per (row, tile); clean groups also sum the raw
+// logits per column (the DINO center statistic) and write one partial per (group, column).
+template <typename T, int VEC>
+__global__ void __launch_bounds__(kDinoThreads) teacher_stats_kernel(DinoParams p) {
+  constexpr int U = kTeacherPacksPerLane;
+  constexpr int TILE = kWarpSize * VEC * U;
+  const int lane = threadIdx.x % kWarpSize, warp = threadIdx.x / kWarpSize, nwarps = blockDim.x / kWarpSize;
+  const int64_t tile = blockIdx.x, col0 = tile * TILE;
+  const int TB = p.T * p.B;
+  const bool clean = static_cast<int>(blockIdx.y) < p.t_groups_clean;
+  const int group = clean ? blockIdx.y : blockIdx.y - p.t_groups_clean;
+  const int row_begin = group * kTeacherRowsPerGroup;
+  const int row_end = imin(row_begin + kTeacherRowsPerGroup, TB);
+  const T* base = static_cast<const T*>(clean ? p.t_clean : p.t_mixed);
+
+  float c[U][VEC], csum[U][VEC];
+  bool in[U];
+#pragma unroll
+  for (int u = 0; u < U; ++u) {
+    const int64_t col = col0 + u * kWarpSize * VEC + lane * VEC;
+    in[u] = col < p.K;  // VEC > 1 only when K % VEC == 0: a pack is all in or all out
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) {
+      c[u][j] = in[u] ? p.center[col + j] : 0.f;
+      csum[u][j] = 0.f;
+    }
+  }
+  for (int r = row_begin + warp; r < row_end; r += nwarps) {
+    const T* row = base + static_cast<int64_t>(r) * p.K;
+    Lse st{-INFINITY, 0.f};
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      if (!in[u]) continue;
+      float v[VEC];
+      load_floats<T, VEC>(row + col0 + u * kWarpSize * VEC + lane * VEC, v);
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) {
+        csum[u][j] += v[j];
+        v[j] = (v[j] - c[u][j]) * p.inv_tau_t;
+      }
+      lse_update<VEC>(st, v);
+    }
+    st = warp_lse(st);
+    if (lane == 0) {
+      const int64_t out_row = clean ? r : TB + r;
+      p.t_part[(out_row * p.t_tiles + tile) * 2 + 0] = st.m;
+      p.t_part[(out_row * p.t_tiles + tile) * 2 + 1] = st.s;
+    }
+  }
+  if (!clean) return;  // uniform per block
+  float* sm = reinterpret_cast<float*>(dynamic_smem());  // [nwarps][TILE]
+#pragma unroll
+  for (int u = 0; u < U; ++u)
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) sm[warp * TILE + u * kWarpSize * VEC + lane * VEC + j] = csum[u][j];
+  __syncthreads();
+  for (int i = threadIdx.x; i < TILE; i += blockDim.x) {
+    const int64_t col = col0 + i;
+    if (col >= p.K) continue;
+    float s = 0.f;
+    for (int w = 0; w < nwarps; ++w) s += sm[w * TILE + i];
+    p.col_part[static_cast<int64_t>(group) * p.K + col] = s;
+  }
+}
+
+// Blocks [0, row_blocks): one warp per teacher row merges its tile partials into (max, log sum).
+// Blocks [row_blocks, ...): one thread per column sums the group partials into the center statistic.
+__global__ void __launch_bounds__(kDinoThreads) teacher_finalize_kernel(DinoParams p, int row_blocks) {
+  const int lane = threadIdx.x % kWarpSize, warp = threadIdx.x / kWarpSize, nwarps = blockDim.x / kWarpSize;
+  const int TB = p.T * p.B;
+  const int nrows = (p.t_mixed != nullptr ? 2 : 1) * TB;
+  if (static_cast<int>(blockIdx.x) < row_blocks) {
+    const int row = blockIdx.x * nwarps + warp;
+    if (row >= nrows) return;  // uniform per warp
+    Lse st{-INFINITY, 0.f};
+    for (int64_t t = lane; t < p.t_tiles; t += kWarpSize) {
+      const Lse part{p.t_part[(row * p.t_tiles + t) * 2], p.t_part[(row * p.t_tiles + t) * 2 + 1]};
+      st = lse_merge(st, part);
+    }
+    st = warp_lse(st);
+    if (lane == 0) {
+      p.lse_t[row * 2 + 0] = st.m;
+      p.lse_t[row * 2 + 1] = logf(st.s);
+    }
+    return;
+  }
+  const int64_t col = static_cast<int64_t>(blockIdx.x - row_blocks) * blockDim.x + threadIdx.x;
+  if (col >= p.K) return;
+  float s = 0.f;
+  for (int g = 0; g < p.t_groups_clean; ++g) s += p.col_part[static_cast<int64_t>(g) * p.K + col];
+  p.center_mean[col] = s / static_cast<float>(TB);
+}
+
+// ------------------------------------------------------------------------------------------ target vectors
+
+// Fills the shared target vectors of pair `pair` for columns [k0, k0 + kcount). Each thread writes and later
+// re-reads only its own columns here; the caller synchronises before other threads read them.
+template <typename T, int VEC>
+__device__ void build_targets(const DinoParams& p, int pair, int64_t k0, int64_t kcount, float* tg) {
+  const int B = p.B, TB = p.T * p.B;
+  const int rows[2] = {pair, B - 1 - pair};
+  const int ng = imin(p.T, p.Sc);
+  const bool has_mix = p.Sm > 0, has_tm = p.t_mixed != nullptr;
+  const T* tc = static_cast<const T*>(p.t_clean);
+  const T* tm = static_cast<const T*>(p.t_mixed);
+  for (int64_t lc = static_cast<int64_t>(threadIdx.x) * VEC; lc < kcount; lc += static_cast<int64_t>(blockDim.x) * VEC) {
+    const int64_t col = k0 + lc;
+    float c[VEC];
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) c[j] = p.center[col + j];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const int b = rows[r];
+      float P[kDinoMaxTeacher][VEC], A[VEC];
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) A[j] = 0.f;
+#pragma unroll
+      for (int iq = 0; iq < kDinoMaxTeacher; ++iq) {
+        if (iq >= p.T) break;
+        const int trow = iq * B + b;
+        const float tm_ = p.lse_t[trow * 2], tls = p.lse_t[trow * 2 + 1];
+        float v[VEC];
+        load_floats<T, VEC>(tc + static_cast<int64_t>(trow) * p.K + col, v);
+#pragma unroll
+        for (int j = 0; j < VEC; ++j) {
+          P[iq][j] = __expf(((v[j] - c[j]) * p.inv_tau_t - tm_) - tls);
+          A[j] += P[iq][j];
+        }
+      }
+      store_smem<VEC>(target_slot(p, tg, r, kSlotA) + lc, A);
+#pragma unroll
+      for (int v = 0; v < kDinoMaxTeacher; ++v) {
+        if (v >= ng) break;
+        float gl[VEC];
+#pragma unroll
+        for (int j = 0; j < VEC; ++j) gl[j] = 0.f;
+#pragma unroll
+        for (int iq = 0; iq < kDinoMaxTeacher; ++iq) {
+          if (iq >= p.T) break;
+          if (iq == v) continue;
+#pragma unroll
+          for (int j = 0; j < VEC; ++j) gl[j] += P[iq][j];
+        }
+        store_smem<VEC>(target_slot(p, tg, r, kSlotGlobal + v) + lc, gl);
+      }
+      if (has_mix && has_tm) {  // Am parked in the MIX slot until both rows are known
+        float am[VEC];
+#pragma unroll
+        for (int j = 0; j < VEC; ++j) am[j] = 0.f;
+#pragma unroll
+        for (int iq = 0; iq < kDinoMaxTeacher; ++iq) {
+          if (iq >= p.T) break;
+          const int trow = TB + iq * B + b;
+          const float tm_ = p.lse_t[trow * 2], tls = p.lse_t[trow * 2 + 1];
+          float v[VEC];
+          load_floats<T, VEC>(tm + static_cast<int64_t>(iq * B + b) * p.K + col, v);
+#pragma unroll
+          for (int j = 0; j < VEC; ++j) am[j] += __expf(((v[j] - c[j]) * p.inv_tau_t - tm_) - tls);
+        }
+        store_smem<VEC>(target_slot(p, tg, r, kSlotMix) + lc, am);
+      }
+    }
+    if (!has_mix) continue;
+    // Source target (eq. 7) and mix-teacher target (eq. 8) of both rows, from the same thread's A / Am.
+    const float lb = p.lam[rows[0]], lp = p.lam[rows[1]];
+    const float lam[2] = {lb, lp};
+    float a[2][VEC];
+    load_smem<VEC>(target_slot(p, tg, 0, kSlotA) + lc, a[0]);
+    load_smem<VEC>(target_slot(p, tg, 1, kSlotA) + lc, a[1]);
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      float src[VEC];
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) src[j] = lam[r] * a[r][j] + (1.f - lam[r]) * a[1 - r][j];
+      store_smem<VEC>(target_slot(p, tg, r, kSlotSrc) + lc, src);
+    }
+    if (!has_tm) continue;
+    float am[2][VEC];
+    load_smem<VEC>(target_slot(p, tg, 0, kSlotMix) + lc, am[0]);
+    load_smem<VEC>(target_slot(p, tg, 1, kSlotMix) + lc, am[1]);
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      // c = min(lam_i, 1 - lam_p) + min(1 - lam_i, lam_p); w1 = 1/(1+c), w2 = c/(1+c) (losses.mix_mix_weights)
+      const float li = lam[r], lq = lam[1 - r];
+      const float cc = fminf(li, 1.f - lq) + fminf(1.f - li, lq);
+      const float w1 = 1.f / (1.f + cc), w2 = cc / (1.f + cc);
+      float mix[VEC];
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) mix[j] = w1 * am[r][j] + w2 * am[1 - r][j];
+      store_smem<VEC>(target_slot(p, tg, r, kSlotMix) + lc, mix);
+    }
+  }
+}
+
+// Which shared vectors a student row uses: slot1 always, slot2 only for mixed rows with a mixed teacher.
+struct RowTargets {
+  int slot1, slot2;  // slot2 < 0: none
+  bool mixed;
+};
+
+__device__ __forceinline__ RowTargets row_targets(const DinoParams& p, int v) {
+  if (v >= p.Sc) return RowTargets{kSlotSrc, p.t_mixed != nullptr ? kSlotMix : -1, true};
+  if (v < p.T) return RowTargets{kSlotGlobal + v, -1, false};
+  return RowTargets{kSlotA, -1, false};
+}
+
+// ---------------------------------------------------------------------------------------------- the units
+
+// Partial statistics of every student row of `pair` over column block kb (targets already in shared memory).
+template <typename T, int VEC, bool kTwo>
+__device__ __forceinline__ RowAcc stats_row(const DinoParams& p, const T* src, const float* t1, const float* t2,
+                                            int64_t k0, int64_t kcount, int lane) {
+  RowAcc acc = acc_empty();
+  for (int64_t lc = static_cast<int64_t>(lane) * VEC; lc < kcount; lc += kWarpSize * VEC) {
+    float x[VEC], a1[VEC], a2[VEC];
+    load_scaled_student<T, VEC>(p, src + k0 + lc, x);
+    load_smem<VEC>(t1 + lc, a1);
+    if (kTwo) load_smem<VEC>(t2 + lc, a2);
+    acc_update<VEC, kTwo>(acc, x, a1, a2);
+  }
+  return warp_acc_merge(acc);
+}
+
+template <typename T, int VEC>
+__device__ void stats_unit(const DinoParams& p, int pair, int kb, float* tg) {
+  const int lane = threadIdx.x % kWarpSize, warp = threadIdx.x / kWarpSize, nwarps = blockDim.x / kWarpSize;
+  const int64_t k0 = static_cast<int64_t>(kb) * p.kb_cols;
+  const int64_t kcount = p.K - k0 < p.kb_cols ? p.K - k0 : p.kb_cols;
+  build_targets<T, VEC>(p, pair, k0, kcount, tg);
+  __syncthreads();
+  const int rows[2] = {pair, p.B - 1 - pair};
+  const int nr = rows[0] == rows[1] ? 1 : 2;
+  const int nrows = (p.Sc + p.Sm) * nr;
+  for (int rr = warp; rr < nrows; rr += nwarps) {
+    const int v = rr / nr, r = rr % nr, b = rows[r];
+    const RowTargets rt = row_targets(p, v);
+    const T* src = student_row<T>(p, v, b);
+    const float* t1 = target_slot(p, tg, r, rt.slot1);
+    RowAcc acc;
+    if (rt.slot2 >= 0) {
+      acc = stats_row<T, VEC, true>(p, src, t1, target_slot(p, tg, r, rt.slot2), k0, kcount, lane);
+    } else {
+      acc = stats_row<T, VEC, false>(p, src, t1, t1, k0, kcount, lane);
+    }
+    if (lane == 0) {
+      float* out = p.s_part + (static_cast<int64_t>(v * p.B + b) * p.n_kblocks + kb) * kAccFloats;
+      out[0] = acc.m;
+      out[1] = acc.s;
+      out[2] = acc.d1;
+      out[3] = acc.q1;
+      out[4] = acc.d2;
+      out[5] = acc.q2;
+    }
+  }
+}
+
+// One warp: merges the column-block partials of a student row into (m, log s, q1, q2) and its loss terms.
+__device__ void merge_row(const DinoParams& p, int row, int lane) {
+  RowAcc acc = acc_empty();
+  for (int kb = lane; kb < p.n_kblocks; kb += kWarpSize) {
+    const float* in = p.s_part + (static_cast<int64_t>(row) * p.n_kblocks + kb) * kAccFloats;
+    const RowAcc part{load_coherent(in + 0), load_coherent(in + 1), load_coherent(in + 2),
+                      load_coherent(in + 3), load_coherent(in + 4), load_coherent(in + 5)};
+    acc = acc_merge(acc, part);
+  }
+  acc = warp_acc_merge(acc);
+  if (lane != 0) return;
+  const float ls = logf(acc.s);
+  const float h1 = acc.q1 * ls - acc.d1, h2 = acc.q2 * ls - acc.d2;  // H = -sum t (x - lse)
+  const bool mixed = row / p.B >= p.Sc;
+  float* st = p.row_stat + static_cast<int64_t>(row) * 4;
+  st[0] = acc.m;
+  st[1] = ls;
+  st[2] = acc.q1;
+  st[3] = acc.q2;
+  float* rl = p.row_loss + static_cast<int64_t>(row) * 3;
+  rl[0] = mixed ? 0.f : h1;
+  rl[1] = mixed ? p.w_src * h1 : 0.f;
+  rl[2] = mixed ? p.w_mix * h2 : 0.f;
+}
+
+template <typename T, int VEC, bool kTwo>
+__device__ __forceinline__ void grad_row_write(const DinoParams& p, const T* src, T* dst, const float* t1,
+                                               const float* t2, float c1, float c2, const float* stat,
+                                               int64_t k0, int64_t kcount, int lane) {
+  const float m = load_coherent(stat + 0), ls = load_coherent(stat + 1);
+  const float csm = c1 * load_coherent(stat + 2) + (kTwo ? c2 * load_coherent(stat + 3) : 0.f);
+  for (int64_t lc = static_cast<int64_t>(lane) * VEC; lc < kcount; lc += kWarpSize * VEC) {
+    float x[VEC], a1[VEC], a2[VEC];
+    load_scaled_student<T, VEC>(p, src + k0 + lc, x);
+    load_smem<VEC>(t1 + lc, a1);
+    if (kTwo) load_smem<VEC>(t2 + lc, a2);
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) {
+      float g = csm * __expf((x[j] - m) - ls) - c1 * a1[j];
+      if (kTwo) g -= c2 * a2[j];
+      x[j] = g;
+    }
+    store_floats<T, VEC>(dst + k0 + lc, x);
+  }
+}
+
+// Gradient of every student row of `pair` over column block kb. With wait_pair, first waits until the pair's
+// row statistics are published by the fused forward (the targets are built meanwhile).
+template <typename T, int VEC>
+__device__ void grad_unit(const DinoParams& p, int pair, int kb, float* tg, bool wait_pair) {
+  const int lane = threadIdx.x % kWarpSize, warp = threadIdx.x / kWarpSize, nwarps = blockDim.x / kWarpSize;
+  const int64_t k0 = static_cast<int64_t>(kb) * p.kb_cols;
+  const int64_t kcount = p.K - k0 < p.kb_cols ? p.K - k0 : p.kb_cols;
+  build_targets<T, VEC>(p, pair, k0, kcount, tg);
+  if (wait_pair && threadIdx.x == 0) {
+    const int* ready = p.counters + 1 + p.npairs + pair;
+    while (load_flag(ready) == 0) backoff();
+    __threadfence();
+  }
+  __syncthreads();
+  const float base = p.inv_tau_s * p.pair_norm;
+  const float g_dino = p.gw[0] * base, g_src = p.gw[1] * base * p.w_src, g_mix = p.gw[2] * base * p.w_mix;
+  const int rows[2] = {pair, p.B - 1 - pair};
+  const int nr = rows[0] == rows[1] ? 1 : 2;
+  const int nrows = (p.Sc + p.Sm) * nr;
+  for (int rr = warp; rr < nrows; rr += nwarps) {
+    const int v = rr / nr, r = rr % nr, b = rows[r];
+    T* dst = grad_row<T>(p, v, b);
+    if (dst == nullptr) continue;
+    const RowTargets rt = row_targets(p, v);
+    const T* src = student_row<T>(p, v, b);
+    const float* stat = p.row_stat + static_cast<int64_t>(v * p.B + b) * 4;
+    const float* t1 = target_slot(p, tg, r, rt.slot1);
+    if (rt.slot2 >= 0) {
+      grad_row_write<T, VEC, true>(p, src, dst, t1, target_slot(p, tg, r, rt.slot2), g_src, g_mix, stat, k0,
+                                   kcount, lane);
+    } else {
+      grad_row_write<T, VEC, false>(p, src, dst, t1, t1, rt.mixed ? g_src : g_dino, 0.f, stat, k0, kcount,
+                                    lane);
+    }
+  }
+}
+
+// ------------------------------------------------------------------------------------------------- kernels
+
+template <typename T, int VEC>
+__global__ void __launch_bounds__(kDinoThreads) student_stats_kernel(DinoParams p) {
+  stats_unit<T, VEC>(p, blockIdx.y, blockIdx.x, reinterpret_cast<float*>(dynamic_smem()));
+}
+
+__global__ void __launch_bounds__(kDinoThreads) merge_rows_kernel(DinoParams p, int nrows) {
+  const int lane = threadIdx.x % kWarpSize, warp = threadIdx.x / kWarpSize, nwarps = blockDim.x / kWarpSize;
+  const int row = blockIdx.x * nwarps + warp;
+  if (row < nrows) merge_row(p, row, lane);
+}
+
+// One block: terms[c] = pair_norm * sum over rows of row_loss[:, c] (fixed order: deterministic).
+__global__ void __launch_bounds__(kDinoThreads) terms_kernel(DinoParams p, int nrows) {
+  for (int c = 0; c < 3; ++c) {
+    float s = 0.f;
+    for (int row = threadIdx.x; row < nrows; row += blockDim.x) s += p.row_loss[static_cast<int64_t>(row) * 3 + c];
+    s = block_sum(s);
+    if (threadIdx.x == 0) p.terms[c] = s * p.pair_norm;
+  }
+}
+
+template <typename T, int VEC>
+__global__ void __launch_bounds__(kDinoThreads) student_grad_kernel(DinoParams p) {
+  if (p.mode != nullptr && *p.mode != p.run_mode) return;
+  grad_unit<T, VEC>(p, blockIdx.y, blockIdx.x, reinterpret_cast<float*>(dynamic_smem()), false);
+}
+
+// Fused forward: every block takes a ticket (its logical unit, in launch order) from counters[0]. Units run
+// stats for pair group g, then gradients for group g - 1, so a pair's gradient pass re-reads its student rows
+// shortly after the stats pass (mostly from L2). The last stats block of a pair merges the pair's rows and
+// raises its ready flag; gradient blocks wait on that flag. A ticket is taken only by a running block, so every
+// unit a block waits for belongs to a block that is already running or done: no deadlock whatever the
+// residency.
+template <typename T, int VEC>
+__global__ void __launch_bounds__(kDinoThreads) fused_forward_kernel(DinoParams p) {
+  __shared__ int unit[3];  // kind (0 stats, 1 grad), pair, column block
+  __shared__ int is_last;
+  float* tg = reinterpret_cast<float*>(dynamic_smem());
+  if (threadIdx.x == 0) {
+    int rem = atomicAdd(p.counters, 1);
+    const int G = p.group_pairs, KS = p.n_kblocks;
+    const int ngroups = (p.npairs + G - 1) / G;
+    for (int s = 0; s <= ngroups; ++s) {
+      if (s < ngroups) {
+        const int cnt = imin(G, p.npairs - s * G) * KS;
+        if (rem < cnt) {
+          unit[0] = 0, unit[1] = s * G + rem / KS, unit[2] = rem % KS;
+          break;
+        }
+        rem -= cnt;
+      }
+      if (s >= 1) {
+        const int cnt = imin(G, p.npairs - (s - 1) * G) * KS;
+        if (rem < cnt) {
+          unit[0] = 1, unit[1] = (s - 1) * G + rem / KS, unit[2] = rem % KS;
+          break;
+        }
+        rem -= cnt;
+      }
+    }
+  }
+  __syncthreads();
+  const int kind = unit[0], pair = unit[1], kb = unit[2];
+  if (kind == 1) {
+    grad_unit<T, VEC>(p, pair, kb, tg, true);
+    return;
+  }
+  stats_unit<T, VEC>(p, pair, kb, tg);
+  __threadfence();  // publish this block's partials before counting it done
+  __syncthreads();
+  if (threadIdx.x == 0) is_last = atomicAdd(p.counters + 1 + pair, 1) == p.n_kblocks - 1;
+  __syncthreads();
+  if (!is_last) return;
+  __threadfence();
+  const int lane = threadIdx.x % kWarpSize, warp = threadIdx.x / kWarpSize, nwarps = blockDim.x / kWarpSize;
+  const int rows[2] = {pair, p.B - 1 - pair};
+  const int nr = rows[0] == rows[1] ? 1 : 2;
+  const int nrows = (p.Sc + p.Sm) * nr;
+  for (int rr = warp; rr < nrows; rr += nwarps) merge_row(p, (rr / nr) * p.B + rows[rr % nr], lane);
+  __threadfence();
+  __syncthreads();
+  if (threadIdx.x == 0) store_flag(p.counters + 1 + p.npairs + pair, 1);
+}
+
+// Backward control: mode 0 (the precomputed gradient is already right: every active upstream gradient is 1),
+// 1 (all active upstream gradients equal c: rescale by c), 2 (recompute).
+__global__ void grad_decide_kernel(DinoParams p, bool a0, bool a1, bool a2) {
+  if (threadIdx.x != 0) return;
+  const bool active[3] = {a0, a1, a2};
+  int mode = 0;
+  float factor = 1.f;
+  bool first = true;
+  for (int c = 0; c < 3; ++c) {
+    if (!active[c]) continue;
+    const float g = p.gw[c];
+    if (first) {
+      factor = g;
+      first = false;
+      mode = g == 1.f ? 0 : 1;
+    } else if (g != factor) {
+      mode = 2;
+    }
+  }
+  p.ctl[0] = mode;
+  reinterpret_cast<float*>(p.ctl)[1] = factor;
+}
+
+template <typename T, int VEC>
+__global__ void __launch_bounds__(kDinoThreads) grad_scale_kernel(DinoParams p, T* g, int64_t n) {
+  if (p.ctl[0] != 1) return;
+  const float f = reinterpret_cast<const float*>(p.ctl)[1];
+  const int64_t npack = n / VEC;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < npack;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    float v[VEC];
+    load_floats<T, VEC>(g + i * VEC, v);
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) v[j] *= f;
+    store_floats<T, VEC>(g + i * VEC, v);
+  }
+  for (int64_t i = npack * VEC + static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x)
+    g[i] = static_cast<T>(static_cast<float>(g[i]) * f);
+}
+
+// ------------------------------------------------------------------------------------------------ launchers
+
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+template <typename T>
+Status launch_teacher_stats(const DinoParams& p, Stream stream) {
+  constexpr int V = 16 / sizeof(T);
+  const dim3 grid(static_cast<unsigned>(p.t_tiles), static_cast<unsigned>(p.t_groups_clean + p.t_groups_mixed));
+  const int vec = p.vec_ok ? V : 1;
+  const size_t smem = static_cast<size_t>(kDinoThreads / kWarpSize) * kWarpSize * vec * kTeacherPacksPerLane * sizeof(float);
+  if (p.vec_ok) {
+    auto k = teacher_stats_kernel<T, V>;
+    SDMP_LAUNCH(k, grid, dim3(kDinoThreads), smem, stream, p);
+  } else {
+    auto k = teacher_stats_kernel<T, 1>;
+    SDMP_LAUNCH(k, grid, dim3(kDinoThreads), smem, stream, p);
+  }
+  Status st = cudaGetLastError();
+  if (st != cudaSuccess) return st;
+  const int nrows = (p.t_mixed != nullptr ? 2 : 1) * p.T * p.B;
+  const int row_blocks = static_cast<int>(ceil_div(nrows, kDinoThreads / kWarpSize));
+  const int col_blocks = static_cast<int>(ceil_div(p.K, kDinoThreads));
+  auto fin = teacher_finalize_kernel;
+  SDMP_LAUNCH(fin, dim3(row_blocks + col_blocks), dim3(kDinoThreads), 0, stream, p, row_blocks);
+  return cudaGetLastError();
+}
+
+template <typename T>
+Status launch_student_stats(const DinoParams& p, Stream stream) {
+  constexpr int V = 16 / sizeof(T);
+  const dim3 grid(static_cast<unsigned>(p.n_kblocks), static_cast<unsigned>(p.npairs));
+  const size_t smem = dino_smem_bytes(p);
+  if (p.vec_ok) {
+    auto k = student_stats_kernel<T, V>;
+    SDMP_LAUNCH(k, grid, dim3(kDinoThreads), smem, stream, p);
+  } else {
+    auto k = student_stats_kernel<T, 1>;
+    SDMP_LAUNCH(k, grid, dim3(kDinoThreads), smem, stream, p);
+  }
+  return cudaGetLastError();
+}
+
+Status launch_merge_and_terms(const DinoParams& p, Stream stream, bool merge) {
+  const int nrows = (p.Sc + p.Sm) * p.B;
+  if (merge) {
+    auto mk = merge_rows_kernel;
+    SDMP_LAUNCH(mk, dim3(static_cast<unsigned>(ceil_div(nrows, kDinoThreads / kWarpSize))), dim3(kDinoThreads), 0,
+                stream, p, nrows);
+    Status st = cudaGetLastError();
+    if (st != cudaSuccess) return st;
+  }
+  auto tk = terms_kernel;
+  SDMP_LAUNCH(tk, dim3(1), dim3(kDinoThreads), 0, stream, p, nrows);
+  return cudaGetLastError();
+}
+
+template <typename T>
+Status launch_fused(const DinoParams& p, Stream stream) {
+  constexpr int V = 16 / sizeof(T);
+  const dim3 grid(static_cast<unsigned>(2 * static_cast<int64_t>(p.npairs) * p.n_kblocks));
+  const size_t smem = dino_smem_bytes(p);
+  if (p.vec_ok) {
+    auto k = fused_forward_kernel<T, V>;
+    SDMP_LAUNCH(k, grid, dim3(kDinoThreads), smem, stream, p);
+  } else {
+    auto k = fused_forward_kernel<T, 1>;
+    SDMP_LAUNCH(k, grid, dim3(kDinoThreads), smem, stream, p);
+  }
+  return cudaGetLastError();
+}
+
+template <typename T>
+Status launch_grad(const DinoParams& p, Stream stream) {
+  constexpr int V = 16 / sizeof(T);
+  const dim3 grid(static_cast<unsigned>(p.n_kblocks), static_cast<unsigned>(p.npairs));
+  const size_t smem = dino_smem_bytes(p);
+  if (p.vec_ok) {
+    auto k = student_grad_kernel<T, V>;
+    SDMP_LAUNCH(k, grid, dim3(kDinoThreads), smem, stream, p);
+  } else {
+    auto k = student_grad_kernel<T, 1>;
+    SDMP_LAUNCH(k, grid, dim3(kDinoThreads), smem, stream, p);
+  }
+  return cudaGetLastError();
+}
+
+template <typename T>
+Status launch_scale(const DinoParams& p, void* g, int64_t n, Stream stream) {
+  if (g == nullptr || n == 0) return cudaSuccess;
+  constexpr int V = 16 / sizeof(T);
+  const unsigned blocks = static_cast<unsigned>(std::min<int64_t>(ceil_div(ceil_div(n, V), kDinoThreads), 4096));
+  if (p.vec_ok) {
+    auto k = grad_scale_kernel<T, V>;
+    SDMP_LAUNCH(k, dim3(blocks), dim3(kDinoThreads), 0, stream, p, static_cast<T*>(g), n);
+  } else {
+    auto k = grad_scale_kernel<T, 1>;
+    SDMP_LAUNCH(k, dim3(blocks), dim3(kDinoThreads), 0, stream, p, static_cast<T*>(g), n);
+  }
+  return cudaGetLastError();
+}
+
+}  // namespace
+
+int64_t dino_teacher_tile_cols(DType dt, bool vec_ok) {
+  const int elt = dt == DType::kFloat ? 4 : 2;
+  return static_cast<int64_t>(kWarpSize) * (vec_ok ? 16 / elt : 1) * kTeacherPacksPerLane;
+}
+
+int64_t dino_block_cols(int T) { return T <= 2 ? 1024 : 512; }
+
+size_t dino_smem_bytes(const DinoParams& p) {
+  return static_cast<size_t>(2) * (kSlotGlobal + p.T) * p.kb_cols * sizeof(float);
+}
+
+Status dino_teacher_stats(const DinoParams& p, Stream stream) {
+  Status st = cudaSuccess;
+  SDMP_DISPATCH_DTYPE(p.dtype, st = launch_teacher_stats<scalar_t>(p, stream));
+  return st;
+}
+
+Status dino_student_stats(const DinoParams& p, Stream stream) {
+  Status st = cudaSuccess;
+  SDMP_DISPATCH_DTYPE(p.dtype, st = launch_student_stats<scalar_t>(p, stream));
+  if (st != cudaSuccess) return st;
+  return launch_merge_and_terms(p, stream, true);
+}
+
+Status dino_fused_forward(const DinoParams& p, Stream stream) {
+  Status st = cudaSuccess;
+  SDMP_DISPATCH_DTYPE(p.dtype, st = launch_fused<scalar_t>(p, stream));
+  if (st != cudaSuccess) return st;
+  return launch_merge_and_terms(p, stream, false);
+}
+
+Status dino_student_grad(const DinoParams& p, Stream stream) {
+  Status st = cudaSuccess;
+  SDMP_DISPATCH_DTYPE(p.dtype, st = launch_grad<scalar_t>(p, stream));
+  return st;
+}
+
+Status dino_grad_fixup(const DinoParams& p, const bool active[3], Stream stream) {
+  auto dk = grad_decide_kernel;
+  SDMP_LAUNCH(dk, dim3(1), dim3(kWarpSize), 0, stream, p, active[0], active[1], active[2]);
+  Status st = cudaGetLastError();
+  if (st != cudaSuccess) return st;
+  const int64_t per_view = static_cast<int64_t>(p.B) * p.K;
+  SDMP_DISPATCH_DTYPE(p.dtype, st = launch_scale<scalar_t>(p, p.g_clean, p.Sc * per_view, stream));
+  if (st != cudaSuccess) return st;
+  SDMP_DISPATCH_DTYPE(p.dtype, st = launch_scale<scalar_t>(p, p.g_mixed, p.Sm * per_view, stream));
+  if (st != cudaSuccess) return st;
+  DinoParams q = p;  // recompute (mode 2) reads the control word written above
+  q.mode = p.ctl;
+  q.run_mode = 2;
+  return dino_student_grad(q, stream);
+}
+
+}  // namespace sdmp

@@ -1,0 +1,227 @@
+"""Fused SDMP-DINO soft-target cross-entropy (sdmp.md §4) as graph-capturable custom ops.
+
+``sdmp_dino_terms`` here has the signature and result of :func:`sdmp_fast.losses.sdmp_dino_terms` (the
+reference, re-exported as ``sdmp_dino_terms_ref``). On a device with the kernels it runs:
+
+* ``sdmp_fast::dino_fwd``: teacher (max, log-sum) per row and the center statistic in one read of the
+  teacher logits, then the loss terms from one read of the student logits. Teacher probabilities, the
+  lam-mixed source target and the c-weighted mix-teacher target are built once per (pair of partner rows,
+  column block) in shared memory, never as [B, K] tensors. When the student logits need a gradient, the same
+  launch also writes the gradient of ``terms.sum()`` (upstream gradient 1 per term), re-reading each pair's
+  rows right after their statistics (mostly from L2): logits read once from HBM, gradient written once.
+* backward: ``sdmp_fast::dino_grad_fixup_`` keeps that gradient when the upstream gradients are all 1 (the
+  usual ``loss.backward()``), rescales it in place when they are all equal (e.g. a loss scaler) and recomputes
+  it otherwise -- decided on the device, no host synchronisation. Without a precomputed gradient (torch.compile
+  tracing, ``SDMP_DINO_PRECOMPUTE_GRAD=0``) ``sdmp_fast::dino_grad`` computes it from the saved statistics.
+
+Calling backward twice through one graph (retain_graph) raises autograd's in-place error: the precomputed
+gradient is corrected in place by the first backward.
+"""
+from __future__ import annotations
+
+import os
+from typing import Dict, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import Tensor
+
+from sdmp_fast import losses
+
+from . import _ext
+
+__all__ = ["sdmp_dino_terms", "sdmp_dino_terms_ref", "sdmp_dino_terms_and_center",
+           "sdmp_dino_terms_and_center_ref", "dino_center_mean_ref"]
+
+sdmp_dino_terms_ref = losses.sdmp_dino_terms
+MAX_TEACHER_CROPS = 4
+TensorOrSeq = Union[Tensor, Sequence[Tensor]]
+
+
+def dino_center_mean_ref(teacher_clean: TensorOrSeq) -> Tensor:
+    """Mean of the clean teacher logits over crops and batch (fp32 [K]): the batch statistic of the DINO center."""
+    t = losses._stack(teacher_clean).detach()
+    return losses._upcast(t).reshape(-1, t.shape[-1]).mean(0)
+
+
+def sdmp_dino_terms_and_center_ref(student_clean, student_mixed, teacher_clean, teacher_mixed, center, lam,
+                                   tau_s: float = 0.1, tau_t: float = 0.04, mix_weight: float = 0.5):
+    terms = sdmp_dino_terms_ref(student_clean, student_mixed, teacher_clean, teacher_mixed, center, lam, tau_s,
+                                tau_t, mix_weight)
+    return terms, dino_center_mean_ref(teacher_clean)
+
+
+# ------------------------------------------------------------------------------------------------ custom ops
+
+@torch.library.custom_op("sdmp_fast::dino_fwd", mutates_args=())
+def _dino_fwd(s_clean: Tensor, s_mixed: Optional[Tensor], t_clean: Tensor, t_mixed: Optional[Tensor],
+              center: Tensor, lam: Optional[Tensor], tau_s: float, tau_t: float, mix_weight: float,
+              grad_clean: bool, grad_mixed: bool, fused: bool, group_pairs: int
+              ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(terms [3], center_mean [K], row_stat [V*B, 4], lse_t [2TB, 2], grad_clean, grad_mixed)."""
+    return tuple(_ext.require(s_clean).dino_fwd(s_clean, s_mixed, t_clean, t_mixed, center, lam, tau_s, tau_t,
+                                                mix_weight, grad_clean, grad_mixed, fused, group_pairs))
+
+
+def _num_mixed(s_mixed: Optional[Tensor]) -> int:
+    return 0 if s_mixed is None else s_mixed.shape[0]
+
+
+@_dino_fwd.register_fake
+def _dino_fwd_fake(s_clean, s_mixed, t_clean, t_mixed, center, lam, tau_s, tau_t, mix_weight, grad_clean,
+                   grad_mixed, fused, group_pairs):
+    sc, b, k = s_clean.shape
+    sm, t = _num_mixed(s_mixed), t_clean.shape[0]
+    f32 = dict(dtype=torch.float32)
+    g_clean = torch.empty_like(s_clean) if grad_clean else s_clean.new_empty(0)
+    g_mixed = torch.empty_like(s_mixed) if (grad_mixed and sm > 0) else s_clean.new_empty(0)
+    return (s_clean.new_empty(3, **f32), s_clean.new_empty(k, **f32), s_clean.new_empty((sc + sm) * b, 4, **f32),
+            s_clean.new_empty(2 * t * b, 2, **f32), g_clean, g_mixed)
+
+
+@torch.library.custom_op("sdmp_fast::dino_grad", mutates_args=())
+def _dino_grad(g_terms: Tensor, s_clean: Tensor, s_mixed: Optional[Tensor], t_clean: Tensor,
+               t_mixed: Optional[Tensor], center: Tensor, lam: Optional[Tensor], row_stat: Tensor, lse_t: Tensor,
+               tau_s: float, tau_t: float, mix_weight: float, grad_clean: bool, grad_mixed: bool
+               ) -> Tuple[Tensor, Tensor]:
+    return tuple(_ext.require(s_clean).dino_grad(g_terms, s_clean, s_mixed, t_clean, t_mixed, center, lam, row_stat,
+                                                 lse_t, tau_s, tau_t, mix_weight, grad_clean, grad_mixed))
+
+
+@_dino_grad.register_fake
+def _dino_grad_fake(g_terms, s_clean, s_mixed, t_clean, t_mixed, center, lam, row_stat, lse_t, tau_s, tau_t,
+                    mix_weight, grad_clean, grad_mixed):
+    g_clean = torch.empty_like(s_clean) if grad_clean else s_clean.new_empty(0)
+    g_mixed = torch.empty_like(s_mixed) if (grad_mixed and _num_mixed(s_mixed) > 0) else s_clean.new_empty(0)
+    return g_clean, g_mixed
+
+
+@torch.library.custom_op("sdmp_fast::dino_grad_fixup_", mutates_args=("grad_clean", "grad_mixed"))
+def _dino_grad_fixup(grad_clean: Tensor, grad_mixed: Tensor, g_terms: Tensor, s_clean: Tensor,
+                     s_mixed: Optional[Tensor], t_clean: Tensor, t_mixed: Optional[Tensor], center: Tensor,
+                     lam: Optional[Tensor], row_stat: Tensor, lse_t: Tensor, tau_s: float, tau_t: float,
+                     mix_weight: float) -> None:
+    _ext.require(s_clean).dino_grad_fixup(grad_clean, grad_mixed, g_terms, s_clean, s_mixed, t_clean, t_mixed,
+                                          center, lam, row_stat, lse_t, tau_s, tau_t, mix_weight)
+
+
+@_dino_grad_fixup.register_fake
+def _dino_grad_fixup_fake(grad_clean, grad_mixed, g_terms, s_clean, s_mixed, t_clean, t_mixed, center, lam,
+                          row_stat, lse_t, tau_s, tau_t, mix_weight):
+    return None
+
+
+def _setup_context(ctx, inputs, output):
+    (s_clean, s_mixed, t_clean, t_mixed, center, lam, tau_s, tau_t, mix_weight, grad_clean, grad_mixed, _fused,
+     _group_pairs) = inputs
+    _, center_mean, row_stat, lse_t, g_clean, g_mixed = output
+    ctx.mark_non_differentiable(center_mean, row_stat, lse_t, g_clean, g_mixed)
+    ctx.precomputed = bool(grad_clean or grad_mixed)
+    ctx.scalars = (tau_s, tau_t, mix_weight)
+    ctx.save_for_backward(s_clean, s_mixed, t_clean, t_mixed, center, lam, row_stat, lse_t, g_clean, g_mixed)
+
+
+def _backward(ctx, g_terms, *_unused):
+    s_clean, s_mixed, t_clean, t_mixed, center, lam, row_stat, lse_t, g_clean, g_mixed = ctx.saved_tensors
+    tau_s, tau_t, mix_weight = ctx.scalars
+    need_clean, need_mixed = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    g = g_terms.float().contiguous()
+    if ctx.precomputed:
+        _dino_grad_fixup(g_clean, g_mixed, g, s_clean, s_mixed, t_clean, t_mixed, center, lam, row_stat, lse_t,
+                         tau_s, tau_t, mix_weight)
+    else:
+        g_clean, g_mixed = _dino_grad(g, s_clean, s_mixed, t_clean, t_mixed, center, lam, row_stat, lse_t, tau_s,
+                                      tau_t, mix_weight, need_clean, need_mixed)
+    grad_clean = g_clean if need_clean and g_clean.numel() > 0 else None
+    grad_mixed = g_mixed if need_mixed and g_mixed.numel() > 0 else None
+    return (grad_clean, grad_mixed) + (None,) * 11
+
+
+_dino_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ------------------------------------------------------------------------------------------------ public API
+
+def _precompute_grad() -> bool:
+    if os.environ.get("SDMP_DINO_PRECOMPUTE_GRAD", "1") == "0":
+        return False
+    # Under torch.compile the backward graph would have to mutate a saved tensor: use the functional path.
+    return not torch.compiler.is_compiling()
+
+
+def _fused_launch() -> Tuple[bool, int]:
+    return os.environ.get("SDMP_DINO_FUSED", "1") != "0", int(os.environ.get("SDMP_DINO_GROUP_PAIRS", "4"))
+
+
+def _prepare(student_clean, student_mixed, teacher_clean, teacher_mixed, center, lam):
+    """Stacked, contiguous kernel inputs, or None when the reference must run."""
+    s_clean = losses._stack(student_clean)
+    t_clean = losses._stack(teacher_clean)
+    has_mixed = student_mixed is not None and len(student_mixed) > 0
+    s_mixed = losses._stack(student_mixed) if has_mixed else None
+    t_mixed = losses._stack(teacher_mixed) if (teacher_mixed is not None and len(teacher_mixed) > 0) else None
+    big = [x for x in (s_clean, s_mixed, t_clean, t_mixed) if x is not None]
+    if any(x.dim() != 3 for x in big) or not _ext.kernel_ok(*big, center):
+        return None
+    if any(x.dtype != s_clean.dtype for x in big) or not 1 <= t_clean.shape[0] <= MAX_TEACHER_CROPS:
+        return None
+    sc, b, k = s_clean.shape
+    t = t_clean.shape[0]
+    if t_clean.shape[1:] != (b, k) or (s_mixed is not None and s_mixed.shape[1:] != (b, k)):
+        return None
+    if t_mixed is not None and t_mixed.shape != t_clean.shape:
+        return None
+    if has_mixed and (lam is None or lam.shape != (b,) or lam.device != s_clean.device):
+        return None
+    if t * sc - min(t, sc) + t * (0 if s_mixed is None else s_mixed.shape[0]) == 0:
+        return None  # no pair: let the reference produce its NaN
+    if center.shape != (k,):
+        return None
+    lam32 = lam.detach().float().contiguous() if has_mixed else None
+    return (s_clean.contiguous(), None if s_mixed is None else s_mixed.contiguous(), t_clean.detach().contiguous(),
+            None if t_mixed is None else t_mixed.detach().contiguous(), center.detach().float().contiguous(), lam32)
+
+
+def _run(prepared, tau_s, tau_t, mix_weight) -> Tuple[Tensor, Tensor]:
+    s_clean, s_mixed, t_clean, t_mixed, center, lam = prepared
+    grad_on = torch.is_grad_enabled() and _precompute_grad()
+    grad_clean = grad_on and s_clean.requires_grad
+    grad_mixed = grad_on and s_mixed is not None and s_mixed.requires_grad
+    fused, group_pairs = _fused_launch()
+    out = _dino_fwd(s_clean, s_mixed, t_clean, t_mixed, center, lam, float(tau_s), float(tau_t), float(mix_weight),
+                    grad_clean, grad_mixed, fused, group_pairs)
+    return out[0], out[1]
+
+
+def _terms_dict(terms: Tensor) -> Dict[str, Tensor]:
+    out = {"dino": terms[0], "mix_source": terms[1], "mix_teacher": terms[2]}
+    out["loss"] = out["dino"] + out["mix_source"] + out["mix_teacher"]
+    return out
+
+
+def sdmp_dino_terms(student_clean, student_mixed, teacher_clean, teacher_mixed, center: Tensor,
+                    lam: Optional[Tensor], tau_s: float = 0.1, tau_t: float = 0.04,
+                    mix_weight: float = 0.5) -> Dict[str, Tensor]:
+    """SDMP-DINO loss terms, exactly :func:`sdmp_fast.losses.sdmp_dino_terms` (same arguments, same dict).
+
+    Gradients flow to the student logits only (the teacher is an EMA: no gradient, as in the reference).
+    Passing stacked tensors avoids a copy; sequences of [B, K] tensors are stacked first.
+    """
+    prepared = _prepare(student_clean, student_mixed, teacher_clean, teacher_mixed, center, lam)
+    if prepared is None:
+        return sdmp_dino_terms_ref(student_clean, student_mixed, teacher_clean, teacher_mixed, center, lam, tau_s,
+                                   tau_t, mix_weight)
+    return _terms_dict(_run(prepared, tau_s, tau_t, mix_weight)[0])
+
+
+def sdmp_dino_terms_and_center(student_clean, student_mixed, teacher_clean, teacher_mixed, center: Tensor,
+                               lam: Optional[Tensor], tau_s: float = 0.1, tau_t: float = 0.04,
+                               mix_weight: float = 0.5) -> Tuple[Dict[str, Tensor], Tensor]:
+    """(terms, batch mean of the clean teacher logits [K] fp32): the mean comes free with the kernel's teacher
+    pass; feed it to ``losses.dino_center_update(center, None, batch_mean=...)`` (all-reduce it first when
+    distributed)."""
+    prepared = _prepare(student_clean, student_mixed, teacher_clean, teacher_mixed, center, lam)
+    if prepared is None:
+        return sdmp_dino_terms_and_center_ref(student_clean, student_mixed, teacher_clean, teacher_mixed, center,
+                                              lam, tau_s, tau_t, mix_weight)
+    terms, center_mean = _run(prepared, tau_s, tau_t, mix_weight)
+    return _terms_dict(terms), center_mean

@@ -1,0 +1,533 @@
+"""sdmp_fast.kernels against the references.
+
+* CPU (always): the public functions fall back to exactly the references; fake impls give the right shapes;
+  importing builds nothing.
+* slow: nvcc compile check of every source; the real kernel sources built for CPU emulation (emulate.h) and
+  checked against the references, including gradients, torch.library.opcheck and torch.compile.
+* cuda: the CUDA kernels vs the references on fresh random inputs (fp32 rel. error <= 1e-5, bf16 <= 1e-2,
+  gradients included) with NaN-poisoned outputs, odd sizes, and CUDA-graph capture of forward + backward.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from contextlib import contextmanager
+
+import pytest
+import torch
+
+import sdmp_fast.kernels as K
+from sdmp_fast import losses, mixing
+from sdmp_fast.kernels import _ext, build
+from sdmp_fast.kernels import dino_ce as dino_mod
+from sdmp_fast.kernels import two_hot_ce as two_hot_mod
+
+TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}
+
+
+# ------------------------------------------------------------------------------------------------- inputs
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.detach().double(), b.detach().double()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def moco_inputs(n, d, world_size, dtype, device, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q1, q2m = (torch.randn(n, d, generator=g).to(device, dtype) for _ in range(2))
+    k1, k2, k1m = (torch.randn(n * world_size, d, generator=g).to(device, dtype) for _ in range(3))
+    lam = torch.rand(n, generator=g).to(device)
+    lam[0] = 1.0
+    return q1, q2m, k1, k2, k1m, lam
+
+
+def dino_inputs(sc, sm, t, b, k, dtype, device, teacher_mixed=True, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    mk = lambda *s: (torch.randn(*s, generator=g) * 1.5).to(device, dtype)  # noqa: E731
+    s_clean, t_clean = mk(sc, b, k), mk(t, b, k)
+    s_mixed = mk(sm, b, k) if sm else None
+    t_mixed = mk(t, b, k) if (sm and teacher_mixed) else None
+    center = (torch.randn(k, generator=g) * 0.3).to(device)
+    lam = torch.rand(b, generator=g).to(device)
+    lam[0] = 1.0
+    return s_clean, s_mixed, t_clean, t_mixed, center, lam
+
+
+def mix_inputs(n, c, h, w, dtype, device, seed=0, methods=mixing.METHODS):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, c, h, w, generator=g).to(device, dtype)
+    lam, method = mixing.draw_mix_params(n, 1.0, methods, g)
+    method = torch.arange(n) % 3 if len(methods) == 3 else method  # every method present
+    cut_h, cut_w = mixing.box_size(lam, h, w)
+    y0, x0 = mixing.box_position(cut_h, cut_w, h, w, g)
+    return [t.to(device) for t in (x, lam, method, y0, x0, cut_h, cut_w)]
+
+
+@contextmanager
+def env(**kv):
+    old = {k: os.environ.get(k) for k in kv}
+    os.environ.update({k: str(v) for k, v in kv.items()})
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def leaf(x):
+    return None if x is None else x.detach().clone().requires_grad_(True)
+
+
+# ------------------------------------------------------------------------------------------ shared checks
+
+def check_two_hot(device, dtype, n, N, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    logits = (torch.randn(n, N, generator=g) * 3).to(device, dtype)
+    ia = torch.randint(0, N, (n,), generator=g).to(device)
+    ib = torch.randint(0, N, (n,), generator=g).to(device)
+    wa, wb = torch.rand(n, generator=g).to(device), torch.rand(n, generator=g).to(device)
+    up = torch.randn(n, generator=g).to(device)
+    a, b = leaf(logits), leaf(logits)
+    out = K.two_hot_cross_entropy(a, ia, ib, wa, wb)
+    ref = K.two_hot_cross_entropy_ref(b, ia, ib, wa, wb)
+    assert out.dtype == ref.dtype == torch.float32
+    assert torch.isfinite(out).all()
+    assert rel_err(out, ref) <= TOL[dtype]
+    (out * up).sum().backward()
+    (ref * up).sum().backward()
+    assert a.grad.dtype == dtype and torch.isfinite(a.grad.float()).all()
+    assert rel_err(a.grad, b.grad) <= TOL[dtype]
+
+
+def check_moco(device, dtype, n, d, world_size, rank):
+    q1, q2m, k1, k2, k1m, lam = moco_inputs(n, d, world_size, dtype, device)
+    qa, qb = leaf(q2m), leaf(q2m)
+    got = K.sdmp_moco_terms(q1, qa, k1, k2, k1m, lam, 0.2, rank, world_size)
+    ref = K.sdmp_moco_terms_ref(q1, qb, k1, k2, k1m, lam, 0.2, rank, world_size)
+    for name in ("source", "mix_source", "mix_mix"):
+        assert rel_err(got[name], ref[name]) <= TOL[dtype], name
+    losses.sdmp_moco_loss(got).backward()
+    losses.sdmp_moco_loss(ref).backward()
+    assert rel_err(qa.grad, qb.grad) <= TOL[dtype] * (10 if dtype != torch.float32 else 1)
+
+
+def check_dino(device, dtype, sc, sm, t, b, k, teacher_mixed=True, upstream="loss", seed=0):
+    """Kernel terms, center statistic and student gradients vs the reference.
+
+    upstream: "loss" (loss.backward(): the precomputed gradient is kept), "scaled" (all terms scaled alike:
+    in-place rescale), "mixed" (different weights per term: recompute)."""
+    s_clean, s_mixed, t_clean, t_mixed, center, lam = dino_inputs(sc, sm, t, b, k, dtype, device, teacher_mixed, seed)
+    sca, scb, sma, smb = leaf(s_clean), leaf(s_clean), leaf(s_mixed), leaf(s_mixed)
+    got, mean = K.sdmp_dino_terms_and_center(sca, sma, t_clean, t_mixed, center, lam)
+    ref = K.sdmp_dino_terms_ref(scb, smb, t_clean, t_mixed, center, lam)
+    assert set(got) == set(ref)
+    for name in ref:
+        assert torch.isfinite(got[name]), name
+        assert abs(got[name].item() - ref[name].item()) <= TOL[dtype] * max(abs(ref[name].item()), 1e-3), name
+    assert rel_err(mean, K.dino_center_mean_ref(t_clean)) <= 1e-6
+    weights = {"loss": {"loss": 1.0}, "scaled": {"loss": 4.0},
+               "mixed": {"dino": 0.5, "mix_source": 2.0, "mix_teacher": -1.0}}[upstream]
+    sum(w * got[n] for n, w in weights.items()).backward()
+    sum(w * ref[n] for n, w in weights.items()).backward()
+    grad_tol = TOL[dtype] * (2 if dtype != torch.float32 else 1)
+    assert sca.grad.dtype == dtype and torch.isfinite(sca.grad.float()).all()
+    assert rel_err(sca.grad, scb.grad) <= grad_tol
+    if sm:
+        assert torch.isfinite(sma.grad.float()).all()
+        assert rel_err(sma.grad, smb.grad) <= grad_tol
+
+
+def check_mix(device, dtype, n, c, h, w, methods=mixing.METHODS):
+    x, lam, method, y0, x0, ch, cw = mix_inputs(n, c, h, w, dtype, device, methods=methods)
+    method_set = mixing.method_ids(methods)
+    got = K.apply_mix(x, lam, method, y0, x0, ch, cw, method_set)
+    ref = K.apply_mix_ref(x, lam, method, y0, x0, ch, cw, method_set)
+    assert got.dtype == ref.dtype and got.shape == ref.shape
+    assert torch.isfinite(got.float()).all()
+    if dtype == torch.float32:
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+        boxed = method != mixing.MIXUP  # cutmix boxes and the untouched parts are copies: exact
+        torch.testing.assert_close(got[boxed & (method != mixing.RESIZEMIX)], ref[boxed & (method != mixing.RESIZEMIX)],
+                                   rtol=0, atol=0)
+    else:
+        assert rel_err(got, ref) <= TOL[dtype]
+
+
+# ------------------------------------------------------------------------------------------------ CPU tests
+
+def test_import_builds_nothing_and_cpu_has_no_kernels():
+    code = ("import sdmp_fast.kernels as k, sdmp_fast.kernels._ext as e, torch; "
+            "assert not e._cuda_tried; "
+            "print(k.available() if torch.cuda.is_available() else 'cpu', e._cuda_tried)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    if not torch.cuda.is_available():
+        assert out.stdout.split() == ["cpu", "False"]
+        assert K.available() is False
+
+
+def test_fallback_two_hot_and_moco_equal_references():
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(6, 9, generator=g, dtype=torch.float64)
+    ia, ib = torch.tensor([0, 1, 2, 3, 4, 5]), torch.tensor([5, 4, 3, 2, 1, 0])
+    wa, wb = torch.rand(6, generator=g, dtype=torch.float64), torch.rand(6, generator=g, dtype=torch.float64)
+    assert torch.equal(K.two_hot_cross_entropy(logits, ia, ib, wa, wb), losses.two_hot_cross_entropy(logits, ia, ib, wa, wb))
+    for world, rank in ((1, 0), (2, 1)):
+        args = moco_inputs(4, 8, world, torch.float32, "cpu")
+        got = K.sdmp_moco_terms(*args, 0.2, rank, world)
+        ref = losses.sdmp_moco_terms(*args, 0.2, rank, world)
+        assert all(torch.equal(got[n], ref[n]) for n in ref)
+
+
+@pytest.mark.parametrize("sm,teacher_mixed", [(0, False), (2, False), (2, True)])
+def test_fallback_dino_equals_reference(sm, teacher_mixed):
+    args = dino_inputs(3, sm, 2, 4, 16, torch.float32, "cpu", teacher_mixed)
+    got = K.sdmp_dino_terms(*args)
+    ref = losses.sdmp_dino_terms(*args)
+    assert all(torch.equal(got[n], ref[n]) for n in ref)
+    terms, mean = K.sdmp_dino_terms_and_center(*args)
+    assert all(torch.equal(terms[n], ref[n]) for n in ref)
+    torch.testing.assert_close(mean, args[2].reshape(-1, 16).mean(0))
+
+
+def test_fallback_mix_equals_reference():
+    x, lam, method, y0, x0, ch, cw = mix_inputs(6, 3, 10, 12, torch.float32, "cpu")
+    assert torch.equal(K.apply_mix(x, lam, method, y0, x0, ch, cw), mixing.apply_mix(x, lam, method, y0, x0, ch, cw))
+    views = [x, torch.randn(6, 3, 5, 7)]
+    got, got_lam = K.mix_views(views, lam, method, torch.Generator().manual_seed(3))
+    ref, ref_lam = mixing.mix_views(views, lam, method, torch.Generator().manual_seed(3))
+    assert all(torch.equal(a, b) for a, b in zip(got, ref)) and all(torch.equal(a, b) for a, b in zip(got_lam, ref_lam))
+
+
+def test_disabled_toggle_forces_reference(monkeypatch):
+    monkeypatch.setenv("SDMP_KERNELS", "0")
+    assert _ext.extension_for(torch.empty(1)) is None
+    with K.disabled():
+        assert not _ext.enabled()
+    monkeypatch.delenv("SDMP_KERNELS")
+    assert _ext.enabled()
+
+
+def test_fake_impls_shapes_and_dtypes():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    ops = torch.ops.sdmp_fast
+    with FakeTensorMode():
+        logits = torch.empty(5, 7, dtype=torch.bfloat16)
+        idx, w = torch.zeros(5, dtype=torch.long), torch.ones(5)
+        loss, lse = ops.two_hot_ce(logits, idx, idx, w, w, 0.2, 0.4)
+        assert loss.shape == lse.shape == (5,) and loss.dtype == lse.dtype == torch.float32
+        g = ops.two_hot_ce_bwd(loss, logits, lse, idx, idx, w, w, 0.2, 0.4)
+        assert g.shape == (5, 7) and g.dtype == torch.bfloat16
+        sc, sm, tc = torch.empty(3, 4, 11, dtype=torch.bfloat16), torch.empty(2, 4, 11, dtype=torch.bfloat16), \
+            torch.empty(2, 4, 11, dtype=torch.bfloat16)
+        center, lam = torch.empty(11), torch.empty(4)
+        out = ops.dino_fwd(sc, sm, tc, tc, center, lam, 0.1, 0.04, 0.5, True, True, True, 4)
+        assert [tuple(o.shape) for o in out] == [(3,), (11,), (20, 4), (16, 2), (3, 4, 11), (2, 4, 11)]
+        assert [o.dtype for o in out] == [torch.float32] * 4 + [torch.bfloat16] * 2
+        out = ops.dino_fwd(sc, None, tc, None, center, None, 0.1, 0.04, 0.5, False, False, True, 4)
+        assert tuple(out[4].shape) == (0,) and tuple(out[2].shape) == (12, 4)
+        gc, gm = ops.dino_grad(torch.empty(3), sc, sm, tc, None, center, lam, out[2], out[3], 0.1, 0.04, 0.5, True, True)
+        assert gc.shape == sc.shape and gm.shape == sm.shape
+        xs = [torch.empty(4, 3, 8, 8), torch.empty(4, 3, 5, 5)]
+        i64 = torch.zeros(4, dtype=torch.long)
+        mixed = ops.batch_mix(xs, torch.empty(4), i64, [i64] * 2, [i64] * 2, [i64] * 2, [i64] * 2, True)
+        assert [m.shape for m in mixed] == [x.shape for x in xs]
+
+
+def test_custom_ops_trace_with_fake_tensors():
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    def f(logits, ia, ib, wa, wb):
+        return two_hot_mod.two_hot_ce(logits, ia, ib, wa, wb, 0.2, 0.4)
+
+    gm = make_fx(f, tracing_mode="fake")(torch.randn(4, 6), torch.zeros(4, dtype=torch.long),
+                                         torch.zeros(4, dtype=torch.long), torch.ones(4), torch.ones(4))
+    assert "sdmp_fast.two_hot_ce" in gm.code
+
+
+# ------------------------------------------------------------------------------------- slow: nvcc, emulation
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_nvcc_compile_check_all_sources(capsys):
+    if build.nvcc_path() is None:
+        pytest.skip("nvcc not installed")
+    fails = build.compile_check(jobs=2)
+    out = capsys.readouterr().out
+    assert fails == 0, out
+    assert out.count("OK ") == len(build.sources())
+
+
+@pytest.fixture(scope="module")
+def emulated():
+    ext = build.load_emulated()
+    assert ext.emulated
+    _ext.set_cpu_emulation(ext)
+    with env(SDMP_KERNELS_POISON=1):
+        yield ext
+    _ext.set_cpu_emulation(None)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1200)
+@pytest.mark.parametrize("dtype,n,N", [(torch.float32, 37, 1000), (torch.float32, 5, 999), (torch.bfloat16, 9, 1000),
+                                       (torch.float16, 3, 77)])
+def test_emulated_two_hot_matches_ref(emulated, dtype, n, N):
+    check_two_hot("cpu", dtype, n, N)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("world_size,rank", [(1, 0), (2, 1)])
+def test_emulated_moco_terms_match_ref(emulated, world_size, rank):
+    check_moco("cpu", torch.float32, 6, 16, world_size, rank)
+
+
+DINO_CASES = [  # sc, sm, t, b, k, teacher_mixed
+    (3, 2, 2, 6, 1000, True),   # vector path, 3 partner pairs
+    (3, 2, 2, 6, 999, True),    # K odd: scalar path, partial column block
+    (4, 2, 2, 4, 2100, False),  # 3 column blocks, no mixed teacher (source term takes the whole pair weight)
+    (3, 0, 2, 5, 40, False),    # plain DINO, odd batch (the middle sample is its own partner)
+    (2, 2, 1, 4, 64, True),     # one teacher crop
+    (2, 1, 3, 4, 48, True),     # three teacher crops (smaller column blocks)
+]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1200)
+@pytest.mark.parametrize("case", DINO_CASES, ids=lambda c: "sc{}-sm{}-t{}-b{}-k{}-tm{:d}".format(*c))
+def test_emulated_dino_matches_ref(emulated, case):
+    check_dino("cpu", torch.float32, *case)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1200)
+@pytest.mark.parametrize("upstream", ["loss", "scaled", "mixed"])
+@pytest.mark.parametrize("fused,precompute", [("1", "1"), ("0", "1"), ("1", "0")])
+def test_emulated_dino_gradient_paths(emulated, upstream, fused, precompute):
+    with env(SDMP_DINO_FUSED=fused, SDMP_DINO_PRECOMPUTE_GRAD=precompute, SDMP_DINO_GROUP_PAIRS=2):
+        check_dino("cpu", torch.float32, 3, 2, 2, 10, 300, True, upstream, seed=4)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_emulated_dino_bf16(emulated):
+    check_dino("cpu", torch.bfloat16, 3, 2, 2, 4, 1024, True)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("dtype,w", [(torch.float32, 16), (torch.float32, 15), (torch.bfloat16, 16), (torch.float16, 9)])
+def test_emulated_mix_matches_ref(emulated, dtype, w):
+    check_mix("cpu", dtype, 6, 3, 13, w)
+    check_mix("cpu", dtype, 4, 2, 7, w, methods=("mixup", "cutmix"))
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_emulated_mix_views_one_launch_equals_reference(emulated):
+    g = torch.Generator().manual_seed(0)
+    views = [torch.randn(4, 3, 12, 12, generator=g), torch.randn(4, 3, 6, 8, generator=g)]
+    lam, method = mixing.draw_mix_params(4, 1.0, mixing.METHODS, g)
+    got, got_lam = K.mix_views(views, lam, method, torch.Generator().manual_seed(5))
+    ref, ref_lam = mixing.mix_views(views, lam, method, torch.Generator().manual_seed(5))
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert all(torch.equal(a, b) for a, b in zip(got_lam, ref_lam))
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1200)
+def test_emulated_opcheck(emulated):
+    from torch.library import opcheck
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(4, 12, generator=g, requires_grad=True)
+    idx = torch.tensor([0, 3, 5, 11])
+    w = torch.rand(4, generator=g)
+    opcheck(torch.ops.sdmp_fast.two_hot_ce.default, (logits, idx, idx.flip(0), w, 1 - w, 0.2, 0.4))
+    sc, sm, tc, tm, center, lam = dino_inputs(3, 2, 2, 4, 40, torch.float32, "cpu")
+    sc.requires_grad_(True)
+    opcheck(torch.ops.sdmp_fast.dino_fwd.default, (sc, sm, tc, tm, center, lam, 0.1, 0.04, 0.5, False, False, True, 4))
+    out = torch.ops.sdmp_fast.dino_fwd(sc.detach(), sm, tc, tm, center, lam, 0.1, 0.04, 0.5, True, True, True, 4)
+    opcheck(torch.ops.sdmp_fast.dino_grad_fixup_.default,
+            (out[4].clone(), out[5].clone(), torch.tensor([1.0, 2.0, 3.0]), sc.detach(), sm, tc, tm, center, lam,
+             out[2], out[3], 0.1, 0.04, 0.5))
+    x, lam_m, method, y0, x0, ch, cw = mix_inputs(4, 3, 8, 8, torch.float32, "cpu")
+    opcheck(torch.ops.sdmp_fast.batch_mix.default, ([x], lam_m.float(), method, [y0], [x0], [ch], [cw], True))
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1200)
+def test_emulated_torch_compile_matches_eager(emulated):
+    sc, sm, tc, tm, center, lam = dino_inputs(3, 2, 2, 4, 64, torch.float32, "cpu")
+    logits = torch.randn(6, 20)
+    idx = torch.arange(6)
+
+    def step(s_clean, s_mixed, q):
+        terms = K.sdmp_dino_terms(s_clean, s_mixed, tc, tm, center, lam)
+        ce = K.two_hot_cross_entropy(q, idx, idx.flip(0), lam.new_ones(6), lam.new_zeros(6) + 0.5)
+        return terms["loss"] + ce.mean()
+
+    graphs = []
+
+    def backend(gm, example_inputs):  # records the Dynamo graph, then runs it through AOTAutograd
+        graphs.append(gm.code)
+        return torch._dynamo.lookup_backend("aot_eager")(gm, example_inputs)
+
+    compiled = torch.compile(step, backend=backend, fullgraph=True)
+    results = []
+    for fn in (step, compiled):
+        a, b, q = leaf(sc), leaf(sm), leaf(logits)
+        loss = fn(a, b, q)
+        loss.backward()
+        results.append((loss.detach(), a.grad, b.grad, q.grad))
+    assert len(graphs) == 1 and "sdmp_fast.dino_fwd" in graphs[0] and "sdmp_fast.two_hot_ce" in graphs[0]
+    for x, y in zip(*results):
+        torch.testing.assert_close(x, y, rtol=1e-6, atol=1e-7)
+
+
+# ------------------------------------------------------------------------------------------------ GPU tests
+
+@pytest.fixture
+def cuda_kernels(monkeypatch):
+    """The CUDA extension must really be in use (otherwise kernel-vs-reference would compare the reference with
+    itself), and outputs/workspaces start NaN-filled."""
+    assert K.available(), f"CUDA kernels failed to build: {K.build_error()}"
+    monkeypatch.setenv("SDMP_KERNELS_POISON", "1")
+    torch.manual_seed(0)
+    yield "cuda"
+
+
+@pytest.mark.cuda
+@pytest.mark.timeout(900)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("n,N", [(1024, 4096), (37, 1000), (33, 4099), (2, 8192 * 3)])
+def test_cuda_two_hot_matches_ref(cuda_kernels, dtype, n, N):
+    check_two_hot("cuda", dtype, n, N, seed=n + N)
+
+
+@pytest.mark.cuda
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("world_size,rank", [(1, 0), (4, 3)])
+def test_cuda_moco_terms_match_ref(cuda_kernels, dtype, world_size, rank):
+    check_moco("cuda", dtype, 256, 128, world_size, rank)
+
+
+CUDA_DINO_CASES = DINO_CASES + [
+    (6, 4, 2, 64, 65536, True),   # SDMP-DINO recipe shape (2 global + 4 local + 4 mixed), smaller batch
+    (6, 4, 2, 33 * 2, 4099, False),
+    (10, 0, 2, 31, 65537, False),
+]
+
+
+@pytest.mark.cuda
+@pytest.mark.timeout(900)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("case", CUDA_DINO_CASES, ids=lambda c: "sc{}-sm{}-t{}-b{}-k{}-tm{:d}".format(*c))
+def test_cuda_dino_matches_ref(cuda_kernels, dtype, case):
+    check_dino("cuda", dtype, *case, seed=sum(case))
+
+
+@pytest.mark.cuda
+@pytest.mark.timeout(900)
+@pytest.mark.parametrize("upstream", ["loss", "scaled", "mixed"])
+@pytest.mark.parametrize("fused,precompute,group", [("1", "1", "4"), ("1", "1", "1"), ("0", "1", "4"), ("1", "0", "4")])
+def test_cuda_dino_gradient_paths(cuda_kernels, upstream, fused, precompute, group):
+    with env(SDMP_DINO_FUSED=fused, SDMP_DINO_PRECOMPUTE_GRAD=precompute, SDMP_DINO_GROUP_PAIRS=group):
+        check_dino("cuda", torch.float32, 6, 4, 2, 32, 8192, True, upstream, seed=7)
+
+
+@pytest.mark.cuda
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("n,c,h,w", [(256, 3, 224, 224), (6, 3, 97, 97), (10, 3, 96, 96), (4, 1, 5, 3)])
+def test_cuda_mix_matches_ref(cuda_kernels, dtype, n, c, h, w):
+    check_mix("cuda", dtype, n, c, h, w)
+    check_mix("cuda", dtype, n, c, h, w, methods=("mixup", "cutmix"))
+
+
+def _graph_replay_matches_eager(make_inputs, step):
+    """Captures step(*static) (forward + backward) in a CUDA graph, copies new inputs into the static buffers,
+    replays, and compares every output with an eager run on the same new inputs."""
+    static = make_inputs(0)
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(2):  # warm-up outside the graph (builds, allocator pools)
+            for t in static:
+                t.grad = None
+            step(*static)
+    torch.cuda.current_stream().wait_stream(s)
+    for t in static:
+        t.grad = None
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_out = step(*static)
+    fresh = make_inputs(1)
+    with torch.no_grad():
+        for dst, src in zip(static, fresh):
+            dst.copy_(src)
+    graph.replay()
+    torch.cuda.synchronize()
+    for t in fresh:
+        t.grad = None
+    eager_out = step(*fresh)
+    for a, b in zip(static_out, eager_out):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+    for a, b in zip(static, fresh):
+        if b.grad is not None:
+            torch.testing.assert_close(a.grad, b.grad, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.cuda
+@pytest.mark.timeout(600)
+def test_cuda_graph_capture_two_hot(cuda_kernels):
+    ia = torch.arange(512, device="cuda")
+
+    def make(seed):
+        g = torch.Generator(device="cuda").manual_seed(seed)
+        return [torch.randn(512, 4096, device="cuda", generator=g).requires_grad_(True)]
+
+    def step(logits):
+        loss = K.two_hot_cross_entropy(logits, ia, ia.flip(0), torch.full_like(ia, 0.7, dtype=torch.float32),
+                                       torch.full_like(ia, 0.3, dtype=torch.float32)).mean()
+        loss.backward()
+        return [loss.detach()]
+
+    _graph_replay_matches_eager(make, step)
+
+
+@pytest.mark.cuda
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("fused", ["1", "0"])
+def test_cuda_graph_capture_dino(cuda_kernels, fused):
+    sc, sm, tc, tm, center, lam = dino_inputs(6, 4, 2, 32, 8192, torch.bfloat16, "cuda")
+
+    def make(seed):
+        s_clean, s_mixed, t_clean, t_mixed, c, l_ = dino_inputs(6, 4, 2, 32, 8192, torch.bfloat16, "cuda", seed=seed)
+        return [s_clean.requires_grad_(True), s_mixed.requires_grad_(True), t_clean, t_mixed, c, l_]
+
+    def step(s_clean, s_mixed, t_clean, t_mixed, c, l_):
+        terms, mean = K.sdmp_dino_terms_and_center(s_clean, s_mixed, t_clean, t_mixed, c, l_)
+        terms["loss"].backward()
+        return [terms["loss"].detach(), terms["dino"].detach(), mean]
+
+    with env(SDMP_DINO_FUSED=fused):
+        _graph_replay_matches_eager(make, step)
+
+
+@pytest.mark.cuda
+@pytest.mark.timeout(600)
+def test_cuda_graph_capture_mix(cuda_kernels):
+    def make(seed):
+        return mix_inputs(64, 3, 96, 96, torch.float32, "cuda", seed=seed)
+
+    def step(x, lam, method, y0, x0, ch, cw):
+        return [K.apply_mix(x, lam, method, y0, x0, ch, cw)]
+
+    _graph_replay_matches_eager(make, step)
