@@ -220,8 +220,14 @@ class Trainer:
         if world_size > 1:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
+            import inspect
+
+            # BN running statistics need no per-forward broadcast (they never feed the loss); the keyword was
+            # renamed in newer torch releases
+            no_sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in
+                       inspect.signature(DDP.__init__).parameters else {"broadcast_buffers": False})
             self.train_module = DDP(self.module, device_ids=[self.device.index] if self.device.type == "cuda"
-                                    else None, broadcast_buffers=False)
+                                    else None, **no_sync)
         self.fwd_student, self.fwd_target = self.train_module, self.target
         if cfg.compile:
             self.fwd_student = torch.compile(self.train_module)

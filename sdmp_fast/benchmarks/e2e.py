@@ -1,0 +1,126 @@
+"""`sdmp-fast bench e2e`: end-to-end training images/sec from files with the chosen loader, and in the same run
+the same trainer fed synthetic data already on the device (the model-only ceiling) in each step mode (eager,
+torch.compile, CUDA graphs). Prints the table and the ratios; JSON (benchmarks.common format) to
+bench/results/e2e.json or --json.
+
+    sdmp-fast bench e2e --loader dali --data /data/imagenet/train --arch vit_small_patch16_224 \
+        --batch-size 256 --steps 100 --modes eager,compile
+
+Timing: ``--warmup`` steps first (compilation, graph capture, loader start-up), then ``--steps`` timed steps
+ending with a device synchronisation; img/s counts source images (batch size x world size) per second, as the
+trainer's metrics do. The end-to-end run uses the step mode given by --compile / --cuda-graphs.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from typing import Dict, List
+
+__all__ = ["add_arguments", "main", "time_trainer"]
+
+MODES = ("eager", "compile", "graphs")
+
+
+def add_arguments(p) -> None:
+    from sdmp_fast.config import add_config_arguments
+
+    add_config_arguments(p)
+    p.add_argument("--warmup", type=int, default=10, help="untimed steps before timing (default 10)")
+    p.add_argument("--modes", default="eager,compile",
+                   help="step modes of the synthetic runs: eager, compile, graphs (GPU) (default eager,compile)")
+    p.add_argument("--skip-e2e", action="store_true", help="only the synthetic (model-only) runs")
+    p.add_argument("--json", default="bench/results/e2e.json", help="results file ('' to skip)")
+
+
+def _sync(device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_trainer(trainer, steps: int, warmup: int) -> Dict:
+    """Run warmup + steps through the trainer's own staged loop (no checkpoints, metrics read once at the
+    end); returns img/s over the timed steps and the final mean loss."""
+    from sdmp_fast.trainer import _Stager
+
+    stager = _Stager(trainer.device)
+    it = trainer.batches()
+    e, i, b = next(it)
+    nxt = (e, i, stager.stage(b))
+    t0 = None
+    for k in range(warmup + steps):
+        if k == warmup:
+            trainer.read_metrics()  # also a host sync: the timed window starts on an idle device
+            _sync(trainer.device)
+            t0 = time.perf_counter()
+        e, i, b = nxt
+        trainer.train_step(stager.wait(b))
+        trainer.mark_done(e, i)
+        if k + 1 < warmup + steps:
+            e, i, b = next(it)
+            nxt = (e, i, stager.stage(b))
+    metrics = trainer.read_metrics()
+    _sync(trainer.device)
+    dt = time.perf_counter() - t0
+    return {"img_per_s": steps * trainer.global_batch / dt, "step_ms": 1e3 * dt / steps, "loss": metrics["loss"]}
+
+
+def _run(cfg, steps: int, warmup: int, label: str, mode: str) -> Dict:
+    import torch
+
+    from sdmp_fast.trainer import Trainer
+
+    cfg = dataclasses.replace(cfg, compile=mode == "compile", cuda_graphs=mode == "graphs",
+                              steps=warmup + steps, epochs=None, warmup_steps=None, tau_t_warmup_steps=None)
+    cfg.validate()
+    trainer = Trainer(cfg, log=lambda *a, **k: None)
+    res = time_trainer(trainer, steps, warmup)
+    rec = {"run": label, "mode": mode, "loader": cfg.loader, "method": cfg.method, "sdmp": cfg.sdmp,
+           "arch": cfg.arch, "img_size": cfg.img_size, "batch_size": cfg.batch_size, "steps": steps,
+           "precision": "bf16" if trainer.amp_dtype is not None else "fp32", "loss_impl": trainer.loss_impl}
+    rec.update(res)
+    del trainer
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return rec
+
+
+def main(args) -> int:
+    from sdmp_fast.benchmarks.common import print_table, write_results
+    from sdmp_fast.config import config_from_args
+
+    if getattr(args, "out", None) is None:
+        args.out = os.path.join("bench", "results", "e2e-run")  # never written: the bench saves no checkpoint
+    if args.steps is None and args.epochs is None:
+        args.steps = 50
+    cfg = config_from_args(args)
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    for m in modes:
+        if m not in MODES:
+            raise ValueError(f"modes: unknown step mode {m!r}; choose among {', '.join(MODES)}")
+    steps, warmup = cfg.steps, args.warmup
+    if warmup < 0 or steps < 1:
+        raise ValueError("steps/warmup: need steps >= 1 and warmup >= 0")
+    cfg = dataclasses.replace(cfg, steps=None, epochs=1, save_every=0, resume=False, progress=False,
+                              tensorboard=False)
+    cfg_e2e_mode = "graphs" if cfg.cuda_graphs else ("compile" if cfg.compile else "eager")
+    records: List[Dict] = []
+    if not args.skip_e2e and cfg.loader != "synthetic":
+        records.append(_run(cfg, steps, warmup, "e2e", cfg_e2e_mode))
+    synth = dataclasses.replace(cfg, loader="synthetic", data=None)
+    for m in modes:
+        records.append(_run(synth, steps, warmup, "synthetic", m))
+    by = {(r["run"], r["mode"]): r["img_per_s"] for r in records}
+    for r in records:
+        ceiling = by.get(("synthetic", r["mode"]))
+        r["ratio_to_synthetic_same_mode"] = r["img_per_s"] / ceiling if ceiling else None
+        eager = by.get(("synthetic", "eager"))
+        r["speedup_vs_synthetic_eager"] = r["img_per_s"] / eager if eager else None
+    print_table(records, ["run", "mode", "loader", "method", "sdmp", "arch", "batch_size", "precision",
+                          "img_per_s", "step_ms", "ratio_to_synthetic_same_mode", "speedup_vs_synthetic_eager"])
+    if args.json:
+        write_results(args.json, records, getattr(args, "command_line", "sdmp-fast bench e2e"))
+        print(f"wrote {args.json}")
+    return 0

@@ -1,0 +1,22 @@
+"""`sdmp-fast bench e2e` runs the trainer from a loader and from synthetic device data and writes the shared JSON."""
+import json
+
+from sdmp_fast import cli
+
+from test_trainer import TINY
+
+
+def test_bench_e2e_writes_ratios(tmp_path, capsys):
+    out = tmp_path / "e2e.json"
+    code = cli.main(["bench", "e2e"] + TINY + ["--loader", "memory", "--data", "fashion-mnist", "--batch-size", "8",
+                                               "--steps", "2", "--warmup", "1", "--modes", "eager",
+                                               "--json", str(out)])
+    assert code == 0
+    doc = json.loads(out.read_text())
+    runs = {(r["run"], r["mode"]): r for r in doc["records"]}
+    assert set(runs) == {("e2e", "eager"), ("synthetic", "eager")}
+    for r in runs.values():
+        assert r["img_per_s"] > 0 and r["loss"] > 0
+    assert runs[("synthetic", "eager")]["ratio_to_synthetic_same_mode"] == 1.0
+    assert runs[("e2e", "eager")]["ratio_to_synthetic_same_mode"] > 0
+    assert "ratio_to_synthetic_same_mode" in capsys.readouterr().out

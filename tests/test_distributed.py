@@ -1,0 +1,67 @@
+"""Multi-process training through torchrun (gloo on CPU): DDP + all-gathered MoCo keys + all-reduced DINO center
+keep both ranks' parameters identical, the loaders' shards are disjoint, and a rank that dies makes the run
+fail within a bounded time instead of hanging."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from test_trainer import TINY, _env
+
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
+            "sdmp_fast.cli", "train"]
+
+
+def _torchrun(tmp_path, argv, timeout, **env):
+    t0 = time.time()
+    p = subprocess.run(TORCHRUN + argv, env=_env(tmp_path, **env), stdout=subprocess.PIPE,
+                       stderr=subprocess.STDOUT, text=True, timeout=timeout)
+    return p.returncode, p.stdout, time.time() - t0
+
+
+def _is_buffer_stat(name: str) -> bool:
+    # BatchNorm running statistics are per-rank by design (they never feed the training loss)
+    return "running_" in name or "num_batches_tracked" in name
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("method", ["mocov3", "dino"])
+def test_two_ranks_keep_identical_parameters(tmp_path, method):
+    out = tmp_path / "out"
+    argv = TINY + ["--method", method, "--loader", "memory", "--data", "fashion-mnist", "--batch-size", "8",
+                   "--steps", "4", "--log-every", "2", "--save-every", "0", "--lr", "1e-3", "--out", str(out),
+                   "--dist-timeout", "60"]
+    code, text, _ = _torchrun(tmp_path, argv, 200, SDMP_DEBUG_DUMP=1)
+    assert code == 0, text[-4000:]
+    r0 = torch.load(out / "debug-rank0.pt", weights_only=True)
+    r1 = torch.load(out / "debug-rank1.pt", weights_only=True)
+    assert r0["step"] == r1["step"] == 4
+    compared = 0
+    for k, v in r0["model"].items():
+        if _is_buffer_stat(k):
+            continue
+        assert torch.equal(v, r1["model"][k]), k
+        compared += 1
+    assert compared > 20
+    if method == "dino":
+        assert r0["model"]["center"].abs().sum() > 0  # the all-reduced center moved, identically on both ranks
+    # the two shards are disjoint: each rank trained on its own samples
+    assert len(r0["indices"]) == len(r1["indices"]) == 32
+    assert not set(r0["indices"].tolist()) & set(r1["indices"].tolist())
+    assert (out / "checkpoints" / "ckpt-000000004.pt").exists()
+
+
+@pytest.mark.timeout(120)
+def test_dead_rank_fails_the_run_within_bounded_time(tmp_path):
+    out = tmp_path / "out"
+    argv = TINY + ["--loader", "synthetic", "--batch-size", "8", "--steps", "200", "--log-every", "5",
+                   "--save-every", "0", "--out", str(out), "--dist-timeout", "20"]
+    code, text, elapsed = _torchrun(tmp_path, argv, 100, SDMP_FAULT_EXIT_STEP=3, SDMP_FAULT_RANK=1)
+    assert code != 0, text[-4000:]
+    assert elapsed < 60, f"took {elapsed:.0f} s"
+    assert "exitcode  : 17" in text or "exit code 17" in text or "17" in text
