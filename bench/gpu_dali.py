@@ -78,6 +78,11 @@ def build_jpegs(out_dir: str, num_images: int, classes: int = 16, seed: int = 0)
     return out_dir
 
 
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def time_loader(loader, warmup: int, batches: int):
     """(img/s, batches timed) over `batches` batches after `warmup`, running on across epochs."""
     epoch, it = 0, iter(loader)
@@ -94,18 +99,17 @@ def time_loader(loader, warmup: int, batches: int):
 
     for _ in range(warmup):
         next_batch()
-    torch.cuda.synchronize()
+    _sync(loader.device)
     t0, n = time.perf_counter(), 0
     for _ in range(batches):
         b = next_batch()
         n += b.batch_size
-    torch.cuda.synchronize()  # the last batch's views and mixing are finished
+    _sync(loader.device)  # the last batch's views and mixing are finished
     return n / (time.perf_counter() - t0), batches
 
 
-def time_mixing_only(recipe, batch_size: int, dtype, iters: int = 50) -> float:
+def time_mixing_only(recipe, batch_size: int, dtype, dev: torch.device, iters: int = 50) -> float:
     """img/s of assemble_batch alone on device-resident views (the mixing share of the loader's budget)."""
-    dev = torch.device("cuda")
     views = [torch.randn(batch_size, 3, v.size, v.size, device=dev, dtype=dtype or torch.float32)
              for v in recipe.expanded_views()]
     labels = torch.zeros(batch_size, dtype=torch.long, device=dev)
@@ -113,11 +117,11 @@ def time_mixing_only(recipe, batch_size: int, dtype, iters: int = 50) -> float:
     g = make_generator(0, 0, 0, dev)
     for _ in range(5):
         assemble_batch(views, labels, idx, recipe, g)
-    torch.cuda.synchronize()
+    _sync(dev)
     t0 = time.perf_counter()
     for _ in range(iters):
         assemble_batch(views, labels, idx, recipe, g)
-    torch.cuda.synchronize()
+    _sync(dev)
     return iters * batch_size / (time.perf_counter() - t0)
 
 
@@ -134,17 +138,22 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=None, help="DALI num_threads (default: all cores)")
     p.add_argument("--hw-decoder-load", type=float, nargs="*", default=[None],
                    help="values of fn.decoders.image's hw_decoder_load to try (default: DALI's)")
+    p.add_argument("--prefetch-queue-depth", type=int, nargs="*", default=[2],
+                   help="values of DALI's prefetch_queue_depth to try (default 2)")
     p.add_argument("--configs", default="byol2-mix,byol2-nomix,dino-mix,mix-only")
+    p.add_argument("--device", default="cuda", help="cuda (the point) or cpu (a smoke test of this script)")
     p.add_argument("--out", default=os.environ.get("OUT"), help="folder for the JSON (e.g. $OUT)")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("gpu_dali: no CUDA device", file=sys.stderr)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print("gpu_dali: no CUDA device (--device cpu runs a smoke test)", file=sys.stderr)
         return 2
 
     data = args.data or build_jpegs(os.path.join(args.work, "jpegs"), args.num_images)
     dtype = DTYPES[args.dtype]
-    print(f"device: {torch.cuda.get_device_name(0)}, torch {torch.__version__}, cores {os.cpu_count()}", flush=True)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    print(f"device: {name}, torch {torch.__version__}, cores {os.cpu_count()}", flush=True)
     records = []
     for config in args.configs.split(","):
         name, _, mode = config.partition("-")
@@ -152,7 +161,7 @@ def main(argv=None) -> int:
             for rname in ("byol2", "dino"):
                 recipe = make_recipe(rname)
                 bs = args.batch_size if rname == "byol2" else args.dino_batch_size
-                rate = time_mixing_only(recipe, bs, dtype)
+                rate = time_mixing_only(recipe, bs, dtype, device)
                 records.append({"config": f"mix-only-{rname}", "batch_size": bs, "img_per_s": round(rate, 1)})
                 print(f"{'mix-only-' + rname:28s} B={bs:4d}  {rate:10.0f} img/s", flush=True)
             continue
@@ -160,13 +169,14 @@ def main(argv=None) -> int:
         if mode == "nomix":
             recipe = recipe.without_mixing()
         bs = args.batch_size if name == "byol2" else args.dino_batch_size
-        for load in args.hw_decoder_load:
+        for load, depth in [(ld, d) for ld in args.hw_decoder_load for d in args.prefetch_queue_depth]:
             opts = {"decoder_options": {"hw_decoder_load": load}} if load is not None else {}
+            opts["prefetch_queue_depth"] = depth
             if args.threads:
                 opts["num_threads"] = args.threads
-            label = config + (f"-hw{load}" if load is not None else "")
+            label = config + (f"-hw{load}" if load is not None else "") + (f"-q{depth}" if depth != 2 else "")
             t0 = time.perf_counter()
-            loader = make_loader("dali", data, recipe, bs, device="cuda", dtype=dtype, shard_id=0, num_shards=1,
+            loader = make_loader("dali", data, recipe, bs, device=device, dtype=dtype, shard_id=0, num_shards=1,
                                  **opts)
             try:
                 rate, n = time_loader(loader, args.warmup, args.batches)
