@@ -1,0 +1,97 @@
+"""`sdmp-fast plot RUN_DIR`: loss (with each loss term) and images/sec against the step, from
+``RUN_DIR/metrics.jsonl``, as one two-panel PNG (matplotlib's Agg backend: no display needed)."""
+from __future__ import annotations
+
+import json
+import os
+from typing import Dict, List, Optional
+
+# Keys of a metrics record that are not loss terms (schedules, bookkeeping, throughput).
+NOT_LOSS_TERMS = {"step", "epoch", "loss", "img_per_s", "lr", "wd", "momentum", "tau_t", "skipped", "time_s",
+                  "grad_norm"}
+
+
+def read_metrics(path: str) -> List[Dict]:
+    """Records of ``path`` (a run directory or its metrics.jsonl). A torn last line (a run killed mid-write)
+    is skipped; a file without a single record is an error naming it."""
+    if os.path.isdir(path):
+        path = os.path.join(path, "metrics.jsonl")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"metrics: {path!r} does not exist (is it a run directory of sdmp-fast train?)")
+    recs = []
+    with open(path) as fh:
+        for line in fh:
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(rec, dict) and "step" in rec:
+                recs.append(rec)
+    if not recs:
+        raise ValueError(f"metrics: {path!r} holds no records with a 'step'")
+    return recs
+
+
+def loss_terms(recs: List[Dict]) -> List[str]:
+    """Numeric keys other than the total loss and bookkeeping, in first-seen order (source, mix_source, ...)."""
+    names: List[str] = []
+    for r in recs:
+        for k, v in r.items():
+            if k not in NOT_LOSS_TERMS and k not in names and isinstance(v, (int, float)) and not isinstance(v, bool):
+                names.append(k)
+    return names
+
+
+def _series(recs: List[Dict], key: str):
+    pts = [(r["step"], r[key]) for r in recs if isinstance(r.get(key), (int, float))]
+    return [p[0] for p in pts], [p[1] for p in pts]
+
+
+def plot_run(run: str, out: Optional[str] = None, title: Optional[str] = None) -> str:
+    """Write the PNG (default ``RUN_DIR/curves.png``) and return its path."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    recs = read_metrics(run)
+    if out is None:
+        out = os.path.join(run if os.path.isdir(run) else os.path.dirname(os.path.abspath(run)), "curves.png")
+    fig, (ax_loss, ax_speed) = plt.subplots(1, 2, figsize=(11, 4))
+    steps, loss = _series(recs, "loss")
+    if steps:
+        ax_loss.plot(steps, loss, color="black", lw=2, label="loss (total)")
+    for name in loss_terms(recs):
+        s, v = _series(recs, name)
+        ax_loss.plot(s, v, lw=1.2, label=name)
+    ax_loss.set_xlabel("step")
+    ax_loss.set_ylabel("loss")
+    ax_loss.set_title("loss and its terms")
+    ax_loss.grid(alpha=0.3)
+    ax_loss.legend(fontsize=8)
+    s, v = _series(recs, "img_per_s")
+    ax_speed.plot(s, v, color="tab:green", marker="o" if len(s) < 30 else None, ms=3)
+    ax_speed.set_xlabel("step")
+    ax_speed.set_ylabel("images / s")
+    ax_speed.set_title("throughput (per logging window)")
+    ax_speed.set_ylim(bottom=0)
+    ax_speed.grid(alpha=0.3)
+    fig.suptitle(title or os.path.basename(os.path.normpath(run)), fontsize=10)
+    fig.tight_layout()
+    d = os.path.dirname(os.path.abspath(out))
+    os.makedirs(d, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def add_arguments(p) -> None:
+    p.add_argument("run_dir", help="run directory (or its metrics.jsonl)")
+    p.add_argument("--out", default=None, help="PNG path (default: RUN_DIR/curves.png)")
+    p.add_argument("--title", default=None)
+
+
+def main(args) -> int:
+    path = plot_run(args.run_dir, args.out, args.title)
+    print(f"wrote {path}")
+    return 0

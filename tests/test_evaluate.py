@@ -1,0 +1,185 @@
+"""Frozen-feature evaluation (weighted k-NN, linear probe), `sdmp-fast eval` errors and `sdmp-fast plot`."""
+import json
+import math
+import os
+
+import pytest
+import torch
+import torch.nn as nn
+
+from sdmp_fast import cli
+from sdmp_fast.evaluate import (extract_features, knn_classify, knn_predict, linear_probe, raw_pixel_knn,
+                                to_float_images)
+from sdmp_fast.plot import loss_terms, plot_run, read_metrics
+
+
+def _clusters(n_per_class=100, num_classes=4, dim=16, spread=0.05, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    centers = torch.randn(num_classes, dim, generator=g)
+    y = torch.arange(num_classes).repeat_interleave(n_per_class)
+    x = centers[y] + spread * torch.randn(len(y), dim, generator=g)
+    return x, y
+
+
+def test_knn_separable_is_perfect():
+    xtr, ytr = _clusters(seed=0)
+    xte, yte = _clusters(n_per_class=50, seed=0)  # same centres, fresh noise draw
+    xte = xte + 0.01 * torch.randn(xte.shape, generator=torch.Generator().manual_seed(1))
+    assert knn_classify(xtr, ytr, xte, yte, k=20, T=0.07) == 1.0
+
+
+def test_knn_random_labels_is_chance():
+    g = torch.Generator().manual_seed(0)
+    xtr, xte = torch.randn(3000, 8, generator=g), torch.randn(2000, 8, generator=g)
+    ytr, yte = torch.randint(0, 10, (3000,), generator=g), torch.randint(0, 10, (2000,), generator=g)
+    acc = knn_classify(xtr, ytr, xte, yte, k=20)
+    assert abs(acc - 0.1) < 0.03  # 10 classes: chance is 10%, 3 sigma of 2000 draws is ~2 points
+
+
+def test_knn_weighted_vote_matches_hand_computation():
+    # One query at angle 0; train points at angles 0.1 (class 0), 0.5 and 0.6 (class 1), 3.0 (class 0).
+    # k=3 keeps the first three. Class 0 has one close neighbour, class 1 two farther ones.
+    ang = torch.tensor([0.1, 0.5, 0.6, 3.0])
+    train = torch.stack([ang.cos(), ang.sin()], 1) * torch.tensor([[1.0], [2.0], [3.0], [1.0]])  # norms ignored
+    ytr = torch.tensor([0, 1, 1, 0])
+    q = torch.tensor([[5.0, 0.0]])
+    sims = torch.tensor([math.cos(0.1), math.cos(0.5), math.cos(0.6)])
+    for T in (0.07, 1.0):
+        w = (sims / T).exp()
+        expect = 0 if w[0] > w[1] + w[2] else 1
+        assert knn_predict(train, ytr, q, k=3, T=T).item() == expect
+    # T = 0.07: exp(0.995/0.07) ~ 1.5e6 beats exp(0.878/.07) + exp(0.825/.07) ~ 4.1e5: the close one wins;
+    # T = 1: 2.70 vs 2.41 + 2.28 = 4.69: the majority wins. Pin both (the weighting, not just argmax of counts).
+    assert knn_predict(train, ytr, q, k=3, T=0.07).item() == 0
+    assert knn_predict(train, ytr, q, k=3, T=1.0).item() == 1
+    # k=1 is nearest-neighbour regardless of T
+    assert knn_predict(train, ytr, q, k=1, T=1.0).item() == 0
+
+
+def test_knn_chunking_does_not_change_predictions():
+    xtr, ytr = _clusters(n_per_class=60, spread=1.0, seed=3)
+    xte, _ = _clusters(n_per_class=30, spread=1.0, seed=4)
+    a = knn_predict(xtr, ytr, xte, k=7, chunk=17)
+    b = knn_predict(xtr, ytr, xte, k=7, chunk=100000)
+    assert torch.equal(a, b)
+
+
+def test_knn_rejects_bad_settings():
+    x, y = _clusters()
+    with pytest.raises(ValueError, match="k"):
+        knn_classify(x, y, x, y, k=0)
+    with pytest.raises(ValueError, match="temperature"):
+        knn_classify(x, y, x, y, T=0.0)
+
+
+@pytest.mark.parametrize("optimizer", ["lbfgs", "adamw"])
+def test_linear_probe_learns_separable_set(optimizer):
+    # Linearly separable but not cluster-shaped: the class is the sign pattern of two coordinates, with a
+    # large nuisance scale on the other coordinates (standardisation must handle it).
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1200, 6, generator=g)
+    x[:, 2:] *= 100.0
+    y = (x[:, 0] > 0).long() * 2 + (x[:, 1] > 0).long()
+    x[:, :2] += torch.sign(x[:, :2]) * 0.5  # margin
+    acc = linear_probe(x[:1000], y[:1000], x[1000:], y[1000:], optimizer=optimizer,
+                       epochs=50 if optimizer == "lbfgs" else 20, batch_size=100)
+    assert acc >= 0.98
+
+
+def test_linear_probe_random_labels_is_near_chance():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2000, 8, generator=g)
+    y = torch.randint(0, 4, (2000,), generator=g)
+    assert linear_probe(x[:1500], y[:1500], x[1500:], y[1500:]) < 0.35
+
+
+class _MeanPixels(nn.Module):
+    """A fixed 'backbone': per-channel means of a 2x2 grid (records the input it was given)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 1)  # in_chans probe only
+        self.seen = None
+
+    def forward(self, x):
+        self.seen = x
+        return nn.functional.adaptive_avg_pool2d(x, 2).flatten(1)
+
+
+def test_extract_features_batches_resizes_and_normalises():
+    imgs = torch.randint(0, 256, (10, 28, 28), dtype=torch.uint8)
+    m = _MeanPixels().train()
+    f, y = extract_features(m, imgs, torch.arange(10), img_size=16, mean=(0.5,), std=(0.25,), batch_size=3)
+    assert f.shape == (10, 12) and f.dtype == torch.float32 and torch.equal(y, torch.arange(10))
+    assert m.training  # mode restored
+    assert m.seen.shape == (1, 3, 16, 16)  # last batch of 10 by 3
+    ref = to_float_images(imgs, 16, 3, (0.5,), (0.25,))
+    assert torch.allclose(f, nn.functional.adaptive_avg_pool2d(ref, 2).flatten(1), atol=1e-5)
+
+
+def test_raw_pixel_knn_separates_class_patterns():
+    # class c = a bright 4x4 square in quadrant c of a noisy 8x8 image: raw pixels suffice
+    g = torch.Generator().manual_seed(0)
+    y = torch.arange(4).repeat(30)
+    imgs = torch.randint(0, 60, (120, 8, 8), generator=g, dtype=torch.uint8)
+    for i, c in enumerate(y.tolist()):
+        r, q = divmod(c, 2)
+        imgs[i, 4 * r:4 * r + 4, 4 * q:4 * q + 4] += 180
+    assert raw_pixel_knn(imgs[:80], y[:80], imgs[80:], y[80:], k=5) == 1.0
+    # and a shuffled training labelling is not learnable
+    perm = torch.randperm(80, generator=g)
+    assert raw_pixel_knn(imgs[:80], y[:80][perm], imgs[80:], y[80:], k=5) < 0.6
+
+
+def test_eval_cli_errors_clearly_on_missing_checkpoint(tmp_path, capsys):
+    missing = tmp_path / "nope"
+    rc = cli.main(["eval", "--checkpoint", str(missing), "--data", "fashion-mnist"])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "checkpoint" in err and str(missing) in err and "Traceback" not in err
+
+
+def test_eval_cli_errors_on_run_dir_without_checkpoint(tmp_path, capsys):
+    rc = cli.main(["eval", "--checkpoint", str(tmp_path)])
+    assert rc == 2
+    assert "no checkpoint" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------------- plot
+
+def _write_metrics(path, n=12, torn=False):
+    with open(path, "w") as fh:
+        for s in range(1, n + 1):
+            rec = {"step": 10 * s, "epoch": s / 5, "loss": 5.0 - 0.1 * s, "source": 3.0 - 0.05 * s,
+                   "mix_source": 1.5 - 0.03 * s, "mix_mix": 0.5 - 0.02 * s, "grad_norm": 1.0, "lr": 1e-3,
+                   "wd": 0.1, "momentum": 0.99, "img_per_s": 100.0 + s, "skipped": 0, "time_s": float(s)}
+            fh.write(json.dumps(rec) + "\n")
+        if torn:
+            fh.write('{"step": 130, "loss": 4.')
+
+
+def test_plot_writes_png(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    _write_metrics(run / "metrics.jsonl", torn=True)
+    assert loss_terms(read_metrics(str(run))) == ["source", "mix_source", "mix_mix"]
+    assert len(read_metrics(str(run))) == 12  # torn last line skipped
+    out = plot_run(str(run))
+    assert out == str(run / "curves.png")
+    with open(out, "rb") as fh:
+        assert fh.read(8) == b"\x89PNG\r\n\x1a\n"
+    assert os.path.getsize(out) > 5000
+
+
+def test_plot_cli(tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    _write_metrics(run / "metrics.jsonl", n=3)
+    png = tmp_path / "sub" / "c.png"
+    assert cli.main(["plot", str(run), "--out", str(png)]) == 0
+    assert png.is_file() and str(png) in capsys.readouterr().out
+
+
+def test_plot_cli_missing_metrics(tmp_path, capsys):
+    assert cli.main(["plot", str(tmp_path)]) == 2
+    assert "metrics.jsonl" in capsys.readouterr().err
