@@ -294,6 +294,8 @@ DINO_CASES = [  # sc, sm, t, b, k, teacher_mixed
     (3, 0, 2, 5, 40, False),    # plain DINO, odd batch (the middle sample is its own partner)
     (2, 2, 1, 4, 64, True),     # one teacher crop
     (2, 1, 3, 4, 48, True),     # three teacher crops (smaller column blocks)
+    (3, 2, 2, 34, 72, True),    # 68 teacher rows: two row groups in the teacher statistics
+    (2, 1, 2, 2, 8200, True),   # 33 teacher column tiles, 9 column blocks
 ]
 
 

@@ -41,6 +41,17 @@ struct alignas(sizeof(T) * VEC) Pack {
 };
 
 template <typename T, int VEC>
+__device__ __forceinline__ Pack<T, VEC> load_pack(const T* __restrict__ src) {
+  return *reinterpret_cast<const Pack<T, VEC>*>(src);
+}
+
+template <typename T, int VEC>
+__device__ __forceinline__ void unpack_floats(const Pack<T, VEC>& p, float (&out)[VEC]) {
+#pragma unroll
+  for (int i = 0; i < VEC; ++i) out[i] = static_cast<float>(p.v[i]);
+}
+
+template <typename T, int VEC>
 __device__ __forceinline__ void load_floats(const T* __restrict__ src, float (&out)[VEC]) {
   const Pack<T, VEC> p = *reinterpret_cast<const Pack<T, VEC>*>(src);
 #pragma unroll

@@ -11,7 +11,8 @@
 namespace sdmp {
 
 constexpr int kDinoMaxTeacher = 4;
-constexpr int kDinoThreads = 256;
+constexpr int kDinoThreads = 256;      // teacher statistics and small kernels
+constexpr int kDinoPairThreads = 384;  // most threads of a pair block (4 to 12 warps, one student row each)
 
 struct DinoParams {
   // inputs (contiguous)
@@ -64,6 +65,7 @@ struct DinoParams {
 // Host-side layout helpers (shared by the API and the launchers).
 int64_t dino_teacher_tile_cols(DType dt, bool vec_ok);
 int64_t dino_block_cols(int T);
+int dino_pair_threads(const DinoParams& p);
 size_t dino_smem_bytes(const DinoParams& p);
 
 Status dino_teacher_stats(const DinoParams& p, Stream stream);          // lse_t, center_mean

@@ -37,34 +37,56 @@ __device__ __forceinline__ float* target_slot(const DinoParams& p, float* tg, in
   return tg + (static_cast<int64_t>(r) * num_slots(p) + slot) * p.kb_cols;
 }
 
+// Position of block column lc in a target vector. With 8-wide student packs the two 4-float halves of a lane's
+// pack are stored 128 floats apart, so the 16-byte shared loads of a warp hit consecutive addresses (no bank
+// conflicts); narrower packs are consecutive already.
 template <int VEC>
-__device__ __forceinline__ void load_smem(const float* src, float (&out)[VEC]) {
+__device__ __forceinline__ int64_t tg_pos(int64_t lc) {
+  if constexpr (VEC == 8) {
+    const int64_t w = lc & 255;
+    return (lc & ~int64_t{255}) + ((w & 4) << 5) + ((w >> 3) << 2) + (w & 3);
+  } else {
+    return lc;
+  }
+}
+
+// The VEC target values of the student pack starting at block column lc (a multiple of VEC).
+template <int VEC>
+__device__ __forceinline__ void load_targets(const float* vec, int64_t lc, float (&out)[VEC]) {
   if constexpr (VEC % 4 == 0) {
 #pragma unroll
     for (int i = 0; i < VEC; i += 4) {
-      const Pack<float, 4> q = *reinterpret_cast<const Pack<float, 4>*>(src + i);
+      const Pack<float, 4> q = *reinterpret_cast<const Pack<float, 4>*>(vec + tg_pos<VEC>(lc + i));
 #pragma unroll
       for (int j = 0; j < 4; ++j) out[i + j] = q.v[j];
     }
   } else {
 #pragma unroll
-    for (int i = 0; i < VEC; ++i) out[i] = src[i];
+    for (int i = 0; i < VEC; ++i) out[i] = vec[tg_pos<VEC>(lc + i)];
   }
 }
 
-template <int VEC>
-__device__ __forceinline__ void store_smem(float* dst, const float (&in)[VEC]) {
-  if constexpr (VEC % 4 == 0) {
+// TV (1 or 4) consecutive target values from block column lc (TV == 4: lc is a multiple of 4).
+template <int VEC, int TV>
+__device__ __forceinline__ void store_targets(float* vec, int64_t lc, const float (&in)[TV]) {
+  if constexpr (TV == 4) {
+    Pack<float, 4> q;
 #pragma unroll
-    for (int i = 0; i < VEC; i += 4) {
-      Pack<float, 4> q;
-#pragma unroll
-      for (int j = 0; j < 4; ++j) q.v[j] = in[i + j];
-      *reinterpret_cast<Pack<float, 4>*>(dst + i) = q;
-    }
+    for (int j = 0; j < 4; ++j) q.v[j] = in[j];
+    *reinterpret_cast<Pack<float, 4>*>(vec + tg_pos<VEC>(lc)) = q;
   } else {
+    vec[tg_pos<VEC>(lc)] = in[0];
+  }
+}
+
+template <int VEC, int TV>
+__device__ __forceinline__ void load_targets_tv(const float* vec, int64_t lc, float (&out)[TV]) {
+  if constexpr (TV == 4) {
+    const Pack<float, 4> q = *reinterpret_cast<const Pack<float, 4>*>(vec + tg_pos<VEC>(lc));
 #pragma unroll
-    for (int i = 0; i < VEC; ++i) dst[i] = in[i];
+    for (int j = 0; j < 4; ++j) out[j] = q.v[j];
+  } else {
+    out[0] = vec[tg_pos<VEC>(lc)];
   }
 }
 
@@ -82,14 +104,6 @@ __device__ __forceinline__ T* grad_row(const DinoParams& p, int v, int b) {
   }
   if (p.g_mixed == nullptr) return nullptr;
   return static_cast<T*>(p.g_mixed) + (static_cast<int64_t>(v - p.Sc) * p.B + b) * p.K;
-}
-
-// x = student / tau_s, rounded to the logits dtype as the eager reference does.
-template <typename T, int VEC>
-__device__ __forceinline__ void load_scaled_student(const DinoParams& p, const T* src, float (&x)[VEC]) {
-  load_floats<T, VEC>(src, x);
-#pragma unroll
-  for (int j = 0; j < VEC; ++j) x[j] = round_through<T>(x[j] * p.inv_tau_s);
 }
 
 // ------------------------------------------------------------------------------------------ row accumulator
@@ -255,101 +269,102 @@ __global__ void __launch_bounds__(kDinoThreads) teacher_finalize_kernel(DinoPara
 
 // ------------------------------------------------------------------------------------------ target vectors
 
-// Fills the shared target vectors of pair `pair` for columns [k0, k0 + kcount). Each thread writes and later
-// re-reads only its own columns here; the caller synchronises before other threads read them.
+// Fills the shared target vectors of pair `pair` for block columns [0, kcount) (global k0 + lc), TV columns at
+// a time (4, or 1 on the scalar path). Each thread writes and re-reads only its own columns here; the caller
+// synchronises before other threads read them.
 template <typename T, int VEC>
 __device__ void build_targets(const DinoParams& p, int pair, int64_t k0, int64_t kcount, float* tg) {
+  constexpr int TV = VEC >= 4 ? 4 : 1;
   const int B = p.B, TB = p.T * p.B;
   const int rows[2] = {pair, B - 1 - pair};
   const int ng = imin(p.T, p.Sc);
   const bool has_mix = p.Sm > 0, has_tm = p.t_mixed != nullptr;
   const T* tc = static_cast<const T*>(p.t_clean);
   const T* tm = static_cast<const T*>(p.t_mixed);
-  for (int64_t lc = static_cast<int64_t>(threadIdx.x) * VEC; lc < kcount; lc += static_cast<int64_t>(blockDim.x) * VEC) {
+  for (int64_t lc = static_cast<int64_t>(threadIdx.x) * TV; lc < kcount; lc += static_cast<int64_t>(blockDim.x) * TV) {
     const int64_t col = k0 + lc;
-    float c[VEC];
+    float c[TV];
 #pragma unroll
-    for (int j = 0; j < VEC; ++j) c[j] = p.center[col + j];
+    for (int j = 0; j < TV; ++j) c[j] = p.center[col + j];
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
       const int b = rows[r];
-      float P[kDinoMaxTeacher][VEC], A[VEC];
+      float P[kDinoMaxTeacher][TV], A[TV];
 #pragma unroll
-      for (int j = 0; j < VEC; ++j) A[j] = 0.f;
+      for (int j = 0; j < TV; ++j) A[j] = 0.f;
 #pragma unroll
       for (int iq = 0; iq < kDinoMaxTeacher; ++iq) {
         if (iq >= p.T) break;
         const int trow = iq * B + b;
-        const float tm_ = p.lse_t[trow * 2], tls = p.lse_t[trow * 2 + 1];
-        float v[VEC];
-        load_floats<T, VEC>(tc + static_cast<int64_t>(trow) * p.K + col, v);
+        const float tmax = p.lse_t[trow * 2], tls = p.lse_t[trow * 2 + 1];
+        float v[TV];
+        load_floats<T, TV>(tc + static_cast<int64_t>(trow) * p.K + col, v);
 #pragma unroll
-        for (int j = 0; j < VEC; ++j) {
-          P[iq][j] = __expf(((v[j] - c[j]) * p.inv_tau_t - tm_) - tls);
+        for (int j = 0; j < TV; ++j) {
+          P[iq][j] = __expf(((v[j] - c[j]) * p.inv_tau_t - tmax) - tls);
           A[j] += P[iq][j];
         }
       }
-      store_smem<VEC>(target_slot(p, tg, r, kSlotA) + lc, A);
+      store_targets<VEC, TV>(target_slot(p, tg, r, kSlotA), lc, A);
 #pragma unroll
       for (int v = 0; v < kDinoMaxTeacher; ++v) {
         if (v >= ng) break;
-        float gl[VEC];
+        float gl[TV];  // DINO pairs of global crop v: every other teacher crop
 #pragma unroll
-        for (int j = 0; j < VEC; ++j) gl[j] = 0.f;
+        for (int j = 0; j < TV; ++j) gl[j] = 0.f;
 #pragma unroll
         for (int iq = 0; iq < kDinoMaxTeacher; ++iq) {
           if (iq >= p.T) break;
           if (iq == v) continue;
 #pragma unroll
-          for (int j = 0; j < VEC; ++j) gl[j] += P[iq][j];
+          for (int j = 0; j < TV; ++j) gl[j] += P[iq][j];
         }
-        store_smem<VEC>(target_slot(p, tg, r, kSlotGlobal + v) + lc, gl);
+        store_targets<VEC, TV>(target_slot(p, tg, r, kSlotGlobal + v), lc, gl);
       }
       if (has_mix && has_tm) {  // Am parked in the MIX slot until both rows are known
-        float am[VEC];
+        float am[TV];
 #pragma unroll
-        for (int j = 0; j < VEC; ++j) am[j] = 0.f;
+        for (int j = 0; j < TV; ++j) am[j] = 0.f;
 #pragma unroll
         for (int iq = 0; iq < kDinoMaxTeacher; ++iq) {
           if (iq >= p.T) break;
           const int trow = TB + iq * B + b;
-          const float tm_ = p.lse_t[trow * 2], tls = p.lse_t[trow * 2 + 1];
-          float v[VEC];
-          load_floats<T, VEC>(tm + static_cast<int64_t>(iq * B + b) * p.K + col, v);
+          const float tmax = p.lse_t[trow * 2], tls = p.lse_t[trow * 2 + 1];
+          float v[TV];
+          load_floats<T, TV>(tm + static_cast<int64_t>(iq * B + b) * p.K + col, v);
 #pragma unroll
-          for (int j = 0; j < VEC; ++j) am[j] += __expf(((v[j] - c[j]) * p.inv_tau_t - tm_) - tls);
+          for (int j = 0; j < TV; ++j) am[j] += __expf(((v[j] - c[j]) * p.inv_tau_t - tmax) - tls);
         }
-        store_smem<VEC>(target_slot(p, tg, r, kSlotMix) + lc, am);
+        store_targets<VEC, TV>(target_slot(p, tg, r, kSlotMix), lc, am);
       }
     }
     if (!has_mix) continue;
-    // Source target (eq. 7) and mix-teacher target (eq. 8) of both rows, from the same thread's A / Am.
-    const float lb = p.lam[rows[0]], lp = p.lam[rows[1]];
-    const float lam[2] = {lb, lp};
-    float a[2][VEC];
-    load_smem<VEC>(target_slot(p, tg, 0, kSlotA) + lc, a[0]);
-    load_smem<VEC>(target_slot(p, tg, 1, kSlotA) + lc, a[1]);
+    // Source target (eq. 7) and mix-teacher target (eq. 8) of both rows, from this thread's A / Am.
+    const float lam[2] = {p.lam[rows[0]], p.lam[rows[1]]};
+    float a[2][TV];
+    load_targets_tv<VEC, TV>(target_slot(p, tg, 0, kSlotA), lc, a[0]);
+    load_targets_tv<VEC, TV>(target_slot(p, tg, 1, kSlotA), lc, a[1]);
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
-      float src[VEC];
+      float src[TV];
 #pragma unroll
-      for (int j = 0; j < VEC; ++j) src[j] = lam[r] * a[r][j] + (1.f - lam[r]) * a[1 - r][j];
-      store_smem<VEC>(target_slot(p, tg, r, kSlotSrc) + lc, src);
+      for (int j = 0; j < TV; ++j) src[j] = lam[r] * a[r][j] + (1.f - lam[r]) * a[1 - r][j];
+      store_targets<VEC, TV>(target_slot(p, tg, r, kSlotSrc), lc, src);
     }
     if (!has_tm) continue;
-    float am[2][VEC];
-    load_smem<VEC>(target_slot(p, tg, 0, kSlotMix) + lc, am[0]);
-    load_smem<VEC>(target_slot(p, tg, 1, kSlotMix) + lc, am[1]);
+    float am[2][TV];
+    load_targets_tv<VEC, TV>(target_slot(p, tg, 0, kSlotMix), lc, am[0]);
+    load_targets_tv<VEC, TV>(target_slot(p, tg, 1, kSlotMix), lc, am[1]);
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
       // c = min(lam_i, 1 - lam_p) + min(1 - lam_i, lam_p); w1 = 1/(1+c), w2 = c/(1+c) (losses.mix_mix_weights)
       const float li = lam[r], lq = lam[1 - r];
       const float cc = fminf(li, 1.f - lq) + fminf(1.f - li, lq);
       const float w1 = 1.f / (1.f + cc), w2 = cc / (1.f + cc);
-      float mix[VEC];
+      float mix[TV];
 #pragma unroll
-      for (int j = 0; j < VEC; ++j) mix[j] = w1 * am[r][j] + w2 * am[1 - r][j];
-      store_smem<VEC>(target_slot(p, tg, r, kSlotMix) + lc, mix);
+      for (int j = 0; j < TV; ++j) mix[j] = w1 * am[r][j] + w2 * am[1 - r][j];
+      store_targets<VEC, TV>(target_slot(p, tg, r, kSlotMix), lc, mix);
     }
   }
 }
@@ -368,19 +383,52 @@ __device__ __forceinline__ RowTargets row_targets(const DinoParams& p, int v) {
 
 // ---------------------------------------------------------------------------------------------- the units
 
-// Partial statistics of every student row of `pair` over column block kb (targets already in shared memory).
+// Student rows stream through registers kLoadGroup packs at a time: every lane issues that many 16-byte loads
+// before using any, which keeps enough bytes in flight to cover HBM latency at modest occupancy.
+constexpr int kLoadGroup = 4;
+
+// Partial statistics of one student row over the block columns [0, kcount) (src already offset by k0).
 template <typename T, int VEC, bool kTwo>
 __device__ __forceinline__ RowAcc stats_row(const DinoParams& p, const T* src, const float* t1, const float* t2,
-                                            int64_t k0, int64_t kcount, int lane) {
+                                            int64_t kcount, int lane) {
+  constexpr int64_t kStride = static_cast<int64_t>(kWarpSize) * VEC;
   RowAcc acc = acc_empty();
-  for (int64_t lc = static_cast<int64_t>(lane) * VEC; lc < kcount; lc += kWarpSize * VEC) {
-    float x[VEC], a1[VEC], a2[VEC];
-    load_scaled_student<T, VEC>(p, src + k0 + lc, x);
-    load_smem<VEC>(t1 + lc, a1);
-    if (kTwo) load_smem<VEC>(t2 + lc, a2);
-    acc_update<VEC, kTwo>(acc, x, a1, a2);
+  for (int64_t base = static_cast<int64_t>(lane) * VEC; base < kcount; base += kLoadGroup * kStride) {
+    Pack<T, VEC> raw[kLoadGroup];
+#pragma unroll
+    for (int g = 0; g < kLoadGroup; ++g)
+      if (base + g * kStride < kcount) raw[g] = load_pack<T, VEC>(src + base + g * kStride);
+#pragma unroll
+    for (int g = 0; g < kLoadGroup; ++g) {
+      const int64_t lc = base + g * kStride;
+      if (lc >= kcount) break;
+      float x[VEC], a1[VEC], a2[VEC];
+      unpack_floats<T, VEC>(raw[g], x);
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) x[j] = round_through<T>(x[j] * p.inv_tau_s);  // student / tau_s
+      load_targets<VEC>(t1, lc, a1);
+      if (kTwo) load_targets<VEC>(t2, lc, a2);
+      acc_update<VEC, kTwo>(acc, x, a1, a2);
+    }
   }
   return warp_acc_merge(acc);
+}
+
+// Number of student rows of a pair and the (crop, batch row, pair slot) of the rr-th.
+struct PairRows {
+  int b, partner;
+  int nr;     // 1 when the pair is the middle sample of an odd batch (its own partner)
+  int count;  // (Sc + Sm) * nr
+  __device__ __forceinline__ int row(int r) const { return r == 0 ? b : partner; }  // no local-memory array
+};
+
+__device__ __forceinline__ PairRows pair_rows(const DinoParams& p, int pair) {
+  PairRows pr;
+  pr.b = pair;
+  pr.partner = p.B - 1 - pair;
+  pr.nr = pr.b == pr.partner ? 1 : 2;
+  pr.count = (p.Sc + p.Sm) * pr.nr;
+  return pr;
 }
 
 template <typename T, int VEC>
@@ -390,19 +438,17 @@ __device__ void stats_unit(const DinoParams& p, int pair, int kb, float* tg) {
   const int64_t kcount = p.K - k0 < p.kb_cols ? p.K - k0 : p.kb_cols;
   build_targets<T, VEC>(p, pair, k0, kcount, tg);
   __syncthreads();
-  const int rows[2] = {pair, p.B - 1 - pair};
-  const int nr = rows[0] == rows[1] ? 1 : 2;
-  const int nrows = (p.Sc + p.Sm) * nr;
-  for (int rr = warp; rr < nrows; rr += nwarps) {
-    const int v = rr / nr, r = rr % nr, b = rows[r];
+  const PairRows pr = pair_rows(p, pair);
+  for (int rr = warp; rr < pr.count; rr += nwarps) {
+    const int v = rr / pr.nr, r = rr % pr.nr, b = pr.row(r);
     const RowTargets rt = row_targets(p, v);
-    const T* src = student_row<T>(p, v, b);
+    const T* src = student_row<T>(p, v, b) + k0;
     const float* t1 = target_slot(p, tg, r, rt.slot1);
     RowAcc acc;
     if (rt.slot2 >= 0) {
-      acc = stats_row<T, VEC, true>(p, src, t1, target_slot(p, tg, r, rt.slot2), k0, kcount, lane);
+      acc = stats_row<T, VEC, true>(p, src, t1, target_slot(p, tg, r, rt.slot2), kcount, lane);
     } else {
-      acc = stats_row<T, VEC, false>(p, src, t1, t1, k0, kcount, lane);
+      acc = stats_row<T, VEC, false>(p, src, t1, t1, kcount, lane);
     }
     if (lane == 0) {
       float* out = p.s_part + (static_cast<int64_t>(v * p.B + b) * p.n_kblocks + kb) * kAccFloats;
@@ -441,24 +487,36 @@ __device__ void merge_row(const DinoParams& p, int row, int lane) {
   rl[2] = mixed ? p.w_mix * h2 : 0.f;
 }
 
+// Gradient of one student row over the block columns: c1 (q1 c1 + q2 c2 scaled softmax - target 1) etc.
 template <typename T, int VEC, bool kTwo>
 __device__ __forceinline__ void grad_row_write(const DinoParams& p, const T* src, T* dst, const float* t1,
                                                const float* t2, float c1, float c2, const float* stat,
-                                               int64_t k0, int64_t kcount, int lane) {
+                                               int64_t kcount, int lane) {
+  constexpr int64_t kStride = static_cast<int64_t>(kWarpSize) * VEC;
   const float m = load_coherent(stat + 0), ls = load_coherent(stat + 1);
   const float csm = c1 * load_coherent(stat + 2) + (kTwo ? c2 * load_coherent(stat + 3) : 0.f);
-  for (int64_t lc = static_cast<int64_t>(lane) * VEC; lc < kcount; lc += kWarpSize * VEC) {
-    float x[VEC], a1[VEC], a2[VEC];
-    load_scaled_student<T, VEC>(p, src + k0 + lc, x);
-    load_smem<VEC>(t1 + lc, a1);
-    if (kTwo) load_smem<VEC>(t2 + lc, a2);
+  for (int64_t base = static_cast<int64_t>(lane) * VEC; base < kcount; base += kLoadGroup * kStride) {
+    Pack<T, VEC> raw[kLoadGroup];
 #pragma unroll
-    for (int j = 0; j < VEC; ++j) {
-      float g = csm * __expf((x[j] - m) - ls) - c1 * a1[j];
-      if (kTwo) g -= c2 * a2[j];
-      x[j] = g;
+    for (int g = 0; g < kLoadGroup; ++g)
+      if (base + g * kStride < kcount) raw[g] = load_pack<T, VEC>(src + base + g * kStride);
+#pragma unroll
+    for (int g = 0; g < kLoadGroup; ++g) {
+      const int64_t lc = base + g * kStride;
+      if (lc >= kcount) break;
+      float x[VEC], a1[VEC], a2[VEC];
+      unpack_floats<T, VEC>(raw[g], x);
+      load_targets<VEC>(t1, lc, a1);
+      if (kTwo) load_targets<VEC>(t2, lc, a2);
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) {
+        const float xs = round_through<T>(x[j] * p.inv_tau_s);
+        float g_ = csm * __expf((xs - m) - ls) - c1 * a1[j];
+        if (kTwo) g_ -= c2 * a2[j];
+        x[j] = g_;
+      }
+      store_floats<T, VEC>(dst + lc, x);
     }
-    store_floats<T, VEC>(dst + k0 + lc, x);
   }
 }
 
@@ -478,23 +536,20 @@ __device__ void grad_unit(const DinoParams& p, int pair, int kb, float* tg, bool
   __syncthreads();
   const float base = p.inv_tau_s * p.pair_norm;
   const float g_dino = p.gw[0] * base, g_src = p.gw[1] * base * p.w_src, g_mix = p.gw[2] * base * p.w_mix;
-  const int rows[2] = {pair, p.B - 1 - pair};
-  const int nr = rows[0] == rows[1] ? 1 : 2;
-  const int nrows = (p.Sc + p.Sm) * nr;
-  for (int rr = warp; rr < nrows; rr += nwarps) {
-    const int v = rr / nr, r = rr % nr, b = rows[r];
+  const PairRows pr = pair_rows(p, pair);
+  for (int rr = warp; rr < pr.count; rr += nwarps) {
+    const int v = rr / pr.nr, r = rr % pr.nr, b = pr.row(r);
     T* dst = grad_row<T>(p, v, b);
     if (dst == nullptr) continue;
     const RowTargets rt = row_targets(p, v);
-    const T* src = student_row<T>(p, v, b);
+    const T* src = student_row<T>(p, v, b) + k0;
     const float* stat = p.row_stat + static_cast<int64_t>(v * p.B + b) * 4;
     const float* t1 = target_slot(p, tg, r, rt.slot1);
     if (rt.slot2 >= 0) {
-      grad_row_write<T, VEC, true>(p, src, dst, t1, target_slot(p, tg, r, rt.slot2), g_src, g_mix, stat, k0,
+      grad_row_write<T, VEC, true>(p, src, dst + k0, t1, target_slot(p, tg, r, rt.slot2), g_src, g_mix, stat,
                                    kcount, lane);
     } else {
-      grad_row_write<T, VEC, false>(p, src, dst, t1, t1, rt.mixed ? g_src : g_dino, 0.f, stat, k0, kcount,
-                                    lane);
+      grad_row_write<T, VEC, false>(p, src, dst + k0, t1, t1, rt.mixed ? g_src : g_dino, 0.f, stat, kcount, lane);
     }
   }
 }
@@ -502,7 +557,7 @@ __device__ void grad_unit(const DinoParams& p, int pair, int kb, float* tg, bool
 // ------------------------------------------------------------------------------------------------- kernels
 
 template <typename T, int VEC>
-__global__ void __launch_bounds__(kDinoThreads) student_stats_kernel(DinoParams p) {
+__global__ void __launch_bounds__(kDinoPairThreads, 2) student_stats_kernel(DinoParams p) {
   stats_unit<T, VEC>(p, blockIdx.y, blockIdx.x, reinterpret_cast<float*>(dynamic_smem()));
 }
 
@@ -523,7 +578,7 @@ __global__ void __launch_bounds__(kDinoThreads) terms_kernel(DinoParams p, int n
 }
 
 template <typename T, int VEC>
-__global__ void __launch_bounds__(kDinoThreads) student_grad_kernel(DinoParams p) {
+__global__ void __launch_bounds__(kDinoPairThreads, 2) student_grad_kernel(DinoParams p) {
   if (p.mode != nullptr && *p.mode != p.run_mode) return;
   grad_unit<T, VEC>(p, blockIdx.y, blockIdx.x, reinterpret_cast<float*>(dynamic_smem()), false);
 }
@@ -535,7 +590,7 @@ __global__ void __launch_bounds__(kDinoThreads) student_grad_kernel(DinoParams p
 // unit a block waits for belongs to a block that is already running or done: no deadlock whatever the
 // residency.
 template <typename T, int VEC>
-__global__ void __launch_bounds__(kDinoThreads) fused_forward_kernel(DinoParams p) {
+__global__ void __launch_bounds__(kDinoPairThreads, 2) fused_forward_kernel(DinoParams p) {
   __shared__ int unit[3];  // kind (0 stats, 1 grad), pair, column block
   __shared__ int is_last;
   float* tg = reinterpret_cast<float*>(dynamic_smem());
@@ -576,10 +631,8 @@ __global__ void __launch_bounds__(kDinoThreads) fused_forward_kernel(DinoParams 
   if (!is_last) return;
   __threadfence();
   const int lane = threadIdx.x % kWarpSize, warp = threadIdx.x / kWarpSize, nwarps = blockDim.x / kWarpSize;
-  const int rows[2] = {pair, p.B - 1 - pair};
-  const int nr = rows[0] == rows[1] ? 1 : 2;
-  const int nrows = (p.Sc + p.Sm) * nr;
-  for (int rr = warp; rr < nrows; rr += nwarps) merge_row(p, (rr / nr) * p.B + rows[rr % nr], lane);
+  const PairRows pr = pair_rows(p, pair);
+  for (int rr = warp; rr < pr.count; rr += nwarps) merge_row(p, (rr / pr.nr) * p.B + pr.row(rr % pr.nr), lane);
   __threadfence();
   __syncthreads();
   if (threadIdx.x == 0) store_flag(p.counters + 1 + p.npairs + pair, 1);
@@ -660,10 +713,10 @@ Status launch_student_stats(const DinoParams& p, Stream stream) {
   const size_t smem = dino_smem_bytes(p);
   if (p.vec_ok) {
     auto k = student_stats_kernel<T, V>;
-    SDMP_LAUNCH(k, grid, dim3(kDinoThreads), smem, stream, p);
+    SDMP_LAUNCH(k, grid, dim3(dino_pair_threads(p)), smem, stream, p);
   } else {
     auto k = student_stats_kernel<T, 1>;
-    SDMP_LAUNCH(k, grid, dim3(kDinoThreads), smem, stream, p);
+    SDMP_LAUNCH(k, grid, dim3(dino_pair_threads(p)), smem, stream, p);
   }
   return cudaGetLastError();
 }
@@ -689,10 +742,10 @@ Status launch_fused(const DinoParams& p, Stream stream) {
   const size_t smem = dino_smem_bytes(p);
   if (p.vec_ok) {
     auto k = fused_forward_kernel<T, V>;
-    SDMP_LAUNCH(k, grid, dim3(kDinoThreads), smem, stream, p);
+    SDMP_LAUNCH(k, grid, dim3(dino_pair_threads(p)), smem, stream, p);
   } else {
     auto k = fused_forward_kernel<T, 1>;
-    SDMP_LAUNCH(k, grid, dim3(kDinoThreads), smem, stream, p);
+    SDMP_LAUNCH(k, grid, dim3(dino_pair_threads(p)), smem, stream, p);
   }
   return cudaGetLastError();
 }
@@ -704,10 +757,10 @@ Status launch_grad(const DinoParams& p, Stream stream) {
   const size_t smem = dino_smem_bytes(p);
   if (p.vec_ok) {
     auto k = student_grad_kernel<T, V>;
-    SDMP_LAUNCH(k, grid, dim3(kDinoThreads), smem, stream, p);
+    SDMP_LAUNCH(k, grid, dim3(dino_pair_threads(p)), smem, stream, p);
   } else {
     auto k = student_grad_kernel<T, 1>;
-    SDMP_LAUNCH(k, grid, dim3(kDinoThreads), smem, stream, p);
+    SDMP_LAUNCH(k, grid, dim3(dino_pair_threads(p)), smem, stream, p);
   }
   return cudaGetLastError();
 }
@@ -735,6 +788,23 @@ int64_t dino_teacher_tile_cols(DType dt, bool vec_ok) {
 }
 
 int64_t dino_block_cols(int T) { return T <= 2 ? 1024 : 512; }
+
+// Warps per pair block (4..12, one student row at a time each): the count that leaves the fewest warps idle in
+// the last round of rows (20 rows -> 10 warps), the larger one on ties.
+int dino_pair_threads(const DinoParams& p) {
+  const int rows = 2 * (p.Sc + p.Sm);
+  int best = 8;
+  double best_eff = 0.0;
+  for (int w = kDinoPairThreads / kWarpSize; w >= 4; --w) {
+    const int rounds = (rows + w - 1) / w;
+    const double eff = static_cast<double>(rows) / (rounds * w);
+    if (eff > best_eff + 1e-9) {
+      best_eff = eff;
+      best = w;
+    }
+  }
+  return best * kWarpSize;
+}
 
 size_t dino_smem_bytes(const DinoParams& p) {
   return static_cast<size_t>(2) * (kSlotGlobal + p.T) * p.kb_cols * sizeof(float);
