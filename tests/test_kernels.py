@@ -9,10 +9,8 @@
 """
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
-from contextlib import contextmanager
 
 import pytest
 import torch
@@ -20,141 +18,9 @@ import torch
 import sdmp_fast.kernels as K
 from sdmp_fast import losses, mixing
 from sdmp_fast.kernels import _ext, build
-from sdmp_fast.kernels import dino_ce as dino_mod
 from sdmp_fast.kernels import two_hot_ce as two_hot_mod
-
-TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}
-
-
-# ------------------------------------------------------------------------------------------------- inputs
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.detach().double(), b.detach().double()
-    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
-
-
-def moco_inputs(n, d, world_size, dtype, device, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    q1, q2m = (torch.randn(n, d, generator=g).to(device, dtype) for _ in range(2))
-    k1, k2, k1m = (torch.randn(n * world_size, d, generator=g).to(device, dtype) for _ in range(3))
-    lam = torch.rand(n, generator=g).to(device)
-    lam[0] = 1.0
-    return q1, q2m, k1, k2, k1m, lam
-
-
-def dino_inputs(sc, sm, t, b, k, dtype, device, teacher_mixed=True, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    mk = lambda *s: (torch.randn(*s, generator=g) * 1.5).to(device, dtype)  # noqa: E731
-    s_clean, t_clean = mk(sc, b, k), mk(t, b, k)
-    s_mixed = mk(sm, b, k) if sm else None
-    t_mixed = mk(t, b, k) if (sm and teacher_mixed) else None
-    center = (torch.randn(k, generator=g) * 0.3).to(device)
-    lam = torch.rand(b, generator=g).to(device)
-    lam[0] = 1.0
-    return s_clean, s_mixed, t_clean, t_mixed, center, lam
-
-
-def mix_inputs(n, c, h, w, dtype, device, seed=0, methods=mixing.METHODS):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, c, h, w, generator=g).to(device, dtype)
-    lam, method = mixing.draw_mix_params(n, 1.0, methods, g)
-    method = torch.arange(n) % 3 if len(methods) == 3 else method  # every method present
-    cut_h, cut_w = mixing.box_size(lam, h, w)
-    y0, x0 = mixing.box_position(cut_h, cut_w, h, w, g)
-    return [t.to(device) for t in (x, lam, method, y0, x0, cut_h, cut_w)]
-
-
-@contextmanager
-def env(**kv):
-    old = {k: os.environ.get(k) for k in kv}
-    os.environ.update({k: str(v) for k, v in kv.items()})
-    try:
-        yield
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-
-
-def leaf(x):
-    return None if x is None else x.detach().clone().requires_grad_(True)
-
-
-# ------------------------------------------------------------------------------------------ shared checks
-
-def check_two_hot(device, dtype, n, N, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    logits = (torch.randn(n, N, generator=g) * 3).to(device, dtype)
-    ia = torch.randint(0, N, (n,), generator=g).to(device)
-    ib = torch.randint(0, N, (n,), generator=g).to(device)
-    wa, wb = torch.rand(n, generator=g).to(device), torch.rand(n, generator=g).to(device)
-    up = torch.randn(n, generator=g).to(device)
-    a, b = leaf(logits), leaf(logits)
-    out = K.two_hot_cross_entropy(a, ia, ib, wa, wb)
-    ref = K.two_hot_cross_entropy_ref(b, ia, ib, wa, wb)
-    assert out.dtype == ref.dtype == torch.float32
-    assert torch.isfinite(out).all()
-    assert rel_err(out, ref) <= TOL[dtype]
-    (out * up).sum().backward()
-    (ref * up).sum().backward()
-    assert a.grad.dtype == dtype and torch.isfinite(a.grad.float()).all()
-    assert rel_err(a.grad, b.grad) <= TOL[dtype]
-
-
-def check_moco(device, dtype, n, d, world_size, rank):
-    q1, q2m, k1, k2, k1m, lam = moco_inputs(n, d, world_size, dtype, device)
-    qa, qb = leaf(q2m), leaf(q2m)
-    got = K.sdmp_moco_terms(q1, qa, k1, k2, k1m, lam, 0.2, rank, world_size)
-    ref = K.sdmp_moco_terms_ref(q1, qb, k1, k2, k1m, lam, 0.2, rank, world_size)
-    for name in ("source", "mix_source", "mix_mix"):
-        assert rel_err(got[name], ref[name]) <= TOL[dtype], name
-    losses.sdmp_moco_loss(got).backward()
-    losses.sdmp_moco_loss(ref).backward()
-    assert rel_err(qa.grad, qb.grad) <= TOL[dtype] * (10 if dtype != torch.float32 else 1)
-
-
-def check_dino(device, dtype, sc, sm, t, b, k, teacher_mixed=True, upstream="loss", seed=0):
-    """Kernel terms, center statistic and student gradients vs the reference.
-
-    upstream: "loss" (loss.backward(): the precomputed gradient is kept), "scaled" (all terms scaled alike:
-    in-place rescale), "mixed" (different weights per term: recompute)."""
-    s_clean, s_mixed, t_clean, t_mixed, center, lam = dino_inputs(sc, sm, t, b, k, dtype, device, teacher_mixed, seed)
-    sca, scb, sma, smb = leaf(s_clean), leaf(s_clean), leaf(s_mixed), leaf(s_mixed)
-    got, mean = K.sdmp_dino_terms_and_center(sca, sma, t_clean, t_mixed, center, lam)
-    ref = K.sdmp_dino_terms_ref(scb, smb, t_clean, t_mixed, center, lam)
-    assert set(got) == set(ref)
-    for name in ref:
-        assert torch.isfinite(got[name]), name
-        assert abs(got[name].item() - ref[name].item()) <= TOL[dtype] * max(abs(ref[name].item()), 1e-3), name
-    assert rel_err(mean, K.dino_center_mean_ref(t_clean)) <= 1e-6
-    weights = {"loss": {"loss": 1.0}, "scaled": {"loss": 4.0},
-               "mixed": {"dino": 0.5, "mix_source": 2.0, "mix_teacher": -1.0}}[upstream]
-    sum(w * got[n] for n, w in weights.items()).backward()
-    sum(w * ref[n] for n, w in weights.items()).backward()
-    grad_tol = TOL[dtype] * (2 if dtype != torch.float32 else 1)
-    assert sca.grad.dtype == dtype and torch.isfinite(sca.grad.float()).all()
-    assert rel_err(sca.grad, scb.grad) <= grad_tol
-    if sm:
-        assert torch.isfinite(sma.grad.float()).all()
-        assert rel_err(sma.grad, smb.grad) <= grad_tol
-
-
-def check_mix(device, dtype, n, c, h, w, methods=mixing.METHODS):
-    x, lam, method, y0, x0, ch, cw = mix_inputs(n, c, h, w, dtype, device, methods=methods)
-    method_set = mixing.method_ids(methods)
-    got = K.apply_mix(x, lam, method, y0, x0, ch, cw, method_set)
-    ref = K.apply_mix_ref(x, lam, method, y0, x0, ch, cw, method_set)
-    assert got.dtype == ref.dtype and got.shape == ref.shape
-    assert torch.isfinite(got.float()).all()
-    if dtype == torch.float32:
-        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
-        boxed = method != mixing.MIXUP  # cutmix boxes and the untouched parts are copies: exact
-        torch.testing.assert_close(got[boxed & (method != mixing.RESIZEMIX)], ref[boxed & (method != mixing.RESIZEMIX)],
-                                   rtol=0, atol=0)
-    else:
-        assert rel_err(got, ref) <= TOL[dtype]
+from sdmp_fast.kernels.selfcheck import (check_dino, check_mix, check_moco, check_two_hot, dino_inputs, env, leaf,
+                                         mix_inputs, moco_inputs)
 
 
 # ------------------------------------------------------------------------------------------------ CPU tests
@@ -340,6 +206,13 @@ def test_emulated_mix_views_one_launch_equals_reference(emulated):
     for a, b in zip(got, ref):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
     assert all(torch.equal(a, b) for a, b in zip(got_lam, ref_lam))
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1200)
+def test_emulated_selfcheck_suite(emulated):
+    from sdmp_fast.kernels.selfcheck import run_suite
+    assert run_suite("cpu", quick=True) == 0
 
 
 @pytest.mark.slow

@@ -1,0 +1,242 @@
+"""`sdmp-fast bench losses`: the fused SDMP loss kernels against eager PyTorch and torch.compile of the reference.
+
+One run times forward + backward (``torch.autograd.grad`` w.r.t. the logits, so no gradient accumulation is
+timed) of each op with every implementation on the same inputs:
+
+* ``two_hot_ce``: SDMP-MoCo soft-label CE on [n, N] logits (default n = 1024 local queries, N = 4096 keys):
+  ``kernel`` (sdmp_fast.kernels), ``eager`` / ``compile`` (the reference, logsumexp + two gathers), and
+  ``eager_dense`` (F.cross_entropy against a dense [n, N] label matrix, built outside the timed region).
+* ``moco_terms``: the three SDMP-MoCo terms from [n, d] projections (matmuls included).
+* ``dino``: SDMP-DINO loss over clean + mixed student crops, K prototypes (default 256 images, 6 clean + 4 mixed
+  crops = 10 student crops, 2 teacher crops, K = 65,536, bf16).
+
+``gb_per_s`` divides the *least* traffic the op needs (read the logits once, write their gradient once; for
+DINO also read the teacher logits once) by the time, and ``pct_of_copy`` compares it with the measured
+device-to-device copy bandwidth. On a CPU-only machine sizes shrink and kernel rows are reported unavailable.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import os
+import traceback
+from typing import Callable, Dict, List, Optional
+
+import torch
+import torch.nn.functional as F
+
+from sdmp_fast import losses
+from sdmp_fast.benchmarks.common import copy_bandwidth_gbps, cuda_time_ms, device_description, print_table, write_results
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+COLUMNS = ["op", "impl", "status", "ms", "gb_per_s", "pct_of_copy", "speedup_vs_eager", "speedup_vs_compile",
+           "speedup_vs_eager_dense", "shape"]
+
+
+def device_tag(device: torch.device) -> str:
+    from sdmp_fast.benchmarks.loaders import device_tag as tag
+    return tag(device)
+
+
+def default_json_path(name: str, device: torch.device) -> str:
+    return os.path.join("bench", "results", f"{name}-{device_tag(device)}-{_dt.date.today():%Y%m%d}.json")
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--ops", default="two_hot_ce,moco_terms,dino", help="comma list: two_hot_ce, moco_terms, dino")
+    p.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES), help="logits dtype")
+    p.add_argument("--moco-n", type=int, default=None, help="local queries (default 1024 on GPU, 64 on CPU)")
+    p.add_argument("--moco-keys", type=int, default=None, help="keys N (default 4096 on GPU, 256 on CPU)")
+    p.add_argument("--moco-dim", type=int, default=256, help="projection dim for moco_terms")
+    p.add_argument("--dino-batch", type=int, default=None, help="images (default 256 on GPU, 8 on CPU)")
+    p.add_argument("--dino-k", type=int, default=None, help="prototypes K (default 65536 on GPU, 1024 on CPU)")
+    p.add_argument("--dino-crops", default="6,4", help="clean,mixed student crops (the first 2 clean are global)")
+    p.add_argument("--teacher-crops", type=int, default=2)
+    p.add_argument("--teacher-mixed", action="store_true",
+                   help="also feed the teacher's mixed global crops (eq. 8 with a mixed teacher)")
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--iters", type=int, default=20)
+    p.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows")
+    p.add_argument("--json", default=None, help="output JSON (default bench/results/losses-<device>-<date>.json)")
+
+
+def _grad_step(fn: Callable, inputs: List[torch.Tensor]) -> Callable[[], object]:
+    """fwd + bwd of fn(*inputs) -> scalar, gradients w.r.t. the inputs that require grad."""
+    leaves = [t for t in inputs if isinstance(t, torch.Tensor) and t.requires_grad]
+
+    def step():
+        out = fn(*inputs)
+        return torch.autograd.grad(out, leaves)
+    return step
+
+
+def _time(step: Callable, args) -> float:
+    return cuda_time_ms(step, warmup=args.warmup, iters=args.iters)
+
+
+def _record(op: str, impl: str, shape: str, min_bytes: int, ms: Optional[float], status: str = "ok",
+            reason: str = "", copy_gbps: Optional[float] = None) -> Dict:
+    gbps = (min_bytes / (ms * 1e-3) / 1e9) if ms else None
+    return {"op": op, "impl": impl, "status": status, "ms": ms, "gb_per_s": gbps, "min_bytes": min_bytes,
+            "pct_of_copy": (100.0 * gbps / copy_gbps) if (gbps and copy_gbps) else None, "shape": shape,
+            "reason": reason}
+
+
+def _run_impls(op: str, shape: str, min_bytes: int, impls: Dict[str, Callable[[], Callable]], args,
+               copy_gbps: Optional[float]) -> List[Dict]:
+    """Times each implementation; a factory that raises is reported (unavailable / failed) with the reason."""
+    rows = []
+    for impl, factory in impls.items():
+        try:
+            step = factory()
+            if step is None:
+                rows.append(_record(op, impl, shape, min_bytes, None, "unavailable", _unavailable_reason(), copy_gbps))
+                continue
+            ms = _time(step, args)
+            rows.append(_record(op, impl, shape, min_bytes, ms, copy_gbps=copy_gbps))
+        except Exception as e:  # noqa: BLE001 - a failing implementation must not hide the others
+            traceback.print_exc()
+            rows.append(_record(op, impl, shape, min_bytes, None, "failed", f"{type(e).__name__}: {e}"[:300], copy_gbps))
+        print(f"  {op:<11} {impl:<12} {rows[-1]['status']:<11} {rows[-1]['ms'] or float('nan'):8.3f} ms", flush=True)
+    _add_speedups(rows)
+    return rows
+
+
+def _unavailable_reason() -> str:
+    import sdmp_fast.kernels as K
+    if not torch.cuda.is_available():
+        return "no CUDA device (kernels run on CUDA tensors only)"
+    return f"kernels not built: {K.build_error() or 'disabled (SDMP_KERNELS=0)'}"
+
+
+def _add_speedups(rows: List[Dict]) -> None:
+    base = {r["impl"]: r["ms"] for r in rows if r["ms"]}
+    for r in rows:
+        for ref in ("eager", "compile", "eager_dense"):
+            r[f"speedup_vs_{ref}"] = (base[ref] / r["ms"]) if (r["ms"] and ref in base and r["impl"] != ref) else None
+
+
+def _kernels_ready(device: torch.device) -> bool:
+    import sdmp_fast.kernels as K
+    return device.type == "cuda" and K.available(device)
+
+
+# ------------------------------------------------------------------------------------------------------ ops
+
+def bench_two_hot(args, device, dtype, copy_gbps) -> List[Dict]:
+    import sdmp_fast.kernels as K
+    n = args.moco_n or (1024 if device.type == "cuda" else 64)
+    N = args.moco_keys or (4096 if device.type == "cuda" else 256)
+    g = torch.Generator(device=device).manual_seed(0)
+    logits = (torch.randn(n, N, device=device, generator=g) * 5).to(dtype).requires_grad_(True)
+    own, partner = losses.flip_indices(n, 0, device)
+    lam = torch.rand(n, device=device, generator=g)
+    dense = torch.zeros(n, N, device=device, dtype=torch.float32)
+    dense.scatter_(1, own[:, None], lam[:, None]).scatter_add_(1, partner[:, None], (1 - lam)[:, None])
+    min_bytes = 2 * logits.numel() * logits.element_size()
+    shape = f"n={n} N={N} {str(dtype).replace('torch.', '')}"
+
+    def ref_loss(x):
+        return losses.two_hot_cross_entropy(x, own, partner, lam, 1 - lam).mean()
+
+    impls = {
+        "kernel": lambda: _grad_step(lambda x: K.two_hot_cross_entropy(x, own, partner, lam, 1 - lam).mean(), [logits])
+        if _kernels_ready(device) else None,
+        "eager": lambda: _grad_step(ref_loss, [logits]),
+        "eager_dense": lambda: _grad_step(lambda x: F.cross_entropy(x.float(), dense), [logits]),
+    }
+    if not args.no_compile:
+        impls["compile"] = lambda: _grad_step(torch.compile(ref_loss), [logits])
+    return _run_impls("two_hot_ce", shape, min_bytes, impls, args, copy_gbps)
+
+
+def bench_moco_terms(args, device, dtype, copy_gbps) -> List[Dict]:
+    import sdmp_fast.kernels as K
+    n = args.moco_n or (1024 if device.type == "cuda" else 64)
+    N = args.moco_keys or (4096 if device.type == "cuda" else 256)
+    world = max(1, N // n)
+    g = torch.Generator(device=device).manual_seed(1)
+    mk = lambda rows, grad: torch.randn(rows, args.moco_dim, device=device, generator=g).to(dtype).requires_grad_(grad)  # noqa: E731
+    q1, q2m = mk(n, True), mk(n, True)
+    k1, k2, k1m = mk(n * world, False), mk(n * world, False), mk(n * world, False)
+    lam = torch.rand(n, device=device, generator=g)
+    min_bytes = 3 * 2 * n * n * world * q1.element_size()  # three [n, N] logits read once, gradients written once
+    shape = f"n={n} N={n * world} d={args.moco_dim} {str(dtype).replace('torch.', '')}"
+
+    def ref(a, b):
+        return losses.sdmp_moco_loss(losses.sdmp_moco_terms(a, b, k1, k2, k1m, lam, 0.2, world - 1, world))
+
+    impls = {
+        "kernel": lambda: _grad_step(lambda a, b: losses.sdmp_moco_loss(K.sdmp_moco_terms(a, b, k1, k2, k1m, lam, 0.2,
+                                                                                          world - 1, world)), [q1, q2m])
+        if _kernels_ready(device) else None,
+        "eager": lambda: _grad_step(ref, [q1, q2m]),
+    }
+    if not args.no_compile:
+        impls["compile"] = lambda: _grad_step(torch.compile(ref), [q1, q2m])
+    return _run_impls("moco_terms", shape, min_bytes, impls, args, copy_gbps)
+
+
+def bench_dino(args, device, dtype, copy_gbps) -> List[Dict]:
+    import sdmp_fast.kernels as K
+    b = args.dino_batch or (256 if device.type == "cuda" else 8)
+    k = args.dino_k or (65536 if device.type == "cuda" else 1024)
+    try:
+        sc, sm = (int(x) for x in args.dino_crops.split(","))
+    except ValueError:
+        raise ValueError(f"--dino-crops: expected 'clean,mixed' crop counts, got {args.dino_crops!r}") from None
+    t = args.teacher_crops
+    g = torch.Generator(device=device).manual_seed(2)
+    mk = lambda *s: torch.randn(*s, device=device, generator=g).to(dtype)  # noqa: E731
+    s_clean = mk(sc, b, k).requires_grad_(True)
+    s_mixed = mk(sm, b, k).requires_grad_(True) if sm else None
+    t_clean = mk(t, b, k)
+    t_mixed = mk(t, b, k) if (sm and args.teacher_mixed) else None
+    center = torch.randn(k, device=device, generator=g) * 0.1
+    lam = torch.rand(b, device=device, generator=g)
+    elt = s_clean.element_size()
+    student = (sc + sm) * b * k * elt
+    teacher = (t + (t if t_mixed is not None else 0)) * b * k * elt
+    min_bytes = 2 * student + teacher
+    shape = f"B={b} K={k} student={sc}+{sm} teacher={t}{'+mixed' if t_mixed is not None else ''} " \
+            f"{str(dtype).replace('torch.', '')}"
+    inputs = [s_clean] + ([s_mixed] if s_mixed is not None else [])
+
+    def wrap(fn):
+        def loss(*xs):
+            return fn(xs[0], xs[1] if len(xs) > 1 else None, t_clean, t_mixed, center, lam)["loss"]
+        return loss
+
+    impls = {
+        "kernel": lambda: _grad_step(wrap(K.sdmp_dino_terms), inputs) if _kernels_ready(device) else None,
+        "eager": lambda: _grad_step(wrap(losses.sdmp_dino_terms), inputs),
+    }
+    if not args.no_compile:
+        impls["compile"] = lambda: _grad_step(torch.compile(wrap(losses.sdmp_dino_terms)), inputs)
+    return _run_impls("dino", shape, min_bytes, impls, args, copy_gbps)
+
+
+OPS = {"two_hot_ce": bench_two_hot, "moco_terms": bench_moco_terms, "dino": bench_dino}
+
+
+def main(args) -> int:
+    ops = [o.strip() for o in args.ops.split(",") if o.strip()]
+    for o in ops:
+        if o not in OPS:
+            raise ValueError(f"--ops: unknown op {o!r}; choose among {', '.join(OPS)}")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = DTYPES[args.dtype]
+    copy_gbps = copy_bandwidth_gbps()
+    print(f"bench losses on {device_description()}; copy bandwidth "
+          f"{'%.0f GB/s' % copy_gbps if copy_gbps else 'n/a (CPU)'}", flush=True)
+    records: List[Dict] = []
+    for o in ops:
+        records += OPS[o](args, device, dtype, copy_gbps)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    for r in records:
+        r["copy_gb_per_s"] = copy_gbps
+    path = args.json or default_json_path("losses", device)
+    write_results(path, records, getattr(args, "command_line", "sdmp-fast bench losses"))
+    print_table(records, COLUMNS)
+    print(f"wrote {path}")
+    return 0

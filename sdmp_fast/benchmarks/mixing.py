@@ -1,0 +1,124 @@
+"""`sdmp-fast bench mixing`: the fused batch-flip mixing kernel against the reference and a plain copy.
+
+Mixes all views of a batch (default two 256 x 3 x 224 x 224 fp32 views) with given per-sample lam / method /
+boxes -- the deterministic part, ``apply_mix`` -- and times:
+
+* ``kernel``: ``sdmp_fast.kernels.apply_mix_views`` (one launch for all views);
+* ``eager`` / ``compile``: ``sdmp_fast.mixing.apply_mix`` per view, eager and under torch.compile;
+* ``copy``: ``out.copy_(view)`` for every view: the same bytes read and written, the floor to compare with.
+
+Cases: ``uniform`` (methods drawn uniformly, the SDMP default), ``mixup``, ``cutmix``, ``resizemix`` (every
+sample with the one method). ``gb_per_s`` counts one read and one write of every view; ``vs_copy`` is the time
+over the copy's time (the issue's target: kernel within 1.5x of the copy).
+"""
+from __future__ import annotations
+
+import traceback
+from typing import Dict, List
+
+import torch
+
+from sdmp_fast import mixing
+from sdmp_fast.benchmarks.common import copy_bandwidth_gbps, cuda_time_ms, device_description, print_table, write_results
+from sdmp_fast.benchmarks.losses import DTYPES, default_json_path
+
+CASES = {"uniform": mixing.METHODS, "mixup": ("mixup",), "cutmix": ("cutmix",), "resizemix": ("resizemix",)}
+COLUMNS = ["case", "impl", "status", "ms", "gb_per_s", "pct_of_copy", "vs_copy", "speedup_vs_eager",
+           "speedup_vs_compile", "shape"]
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--batch-size", type=int, default=None, help="samples (default 256 on GPU, 8 on CPU)")
+    p.add_argument("--sizes", default=None, help="view sizes, comma list (default '224,224' on GPU, '64,64' on CPU)")
+    p.add_argument("--channels", type=int, default=3)
+    p.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+    p.add_argument("--cases", default="uniform,mixup,resizemix", help=f"comma list among {', '.join(CASES)}")
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--iters", type=int, default=20)
+    p.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows")
+    p.add_argument("--json", default=None, help="output JSON (default bench/results/mixing-<device>-<date>.json)")
+
+
+def _views_and_params(args, device, dtype, methods):
+    n = args.batch_size or (256 if device.type == "cuda" else 8)
+    sizes = [int(s) for s in (args.sizes or ("224,224" if device.type == "cuda" else "64,64")).split(",")]
+    g = torch.Generator(device=device).manual_seed(0)
+    views = [torch.randn(n, args.channels, s, s, device=device, generator=g).to(dtype) for s in sizes]
+    lam, method = mixing.draw_mix_params(n, 1.0, methods, g, device)
+    boxes = []
+    for v in views:
+        h, w = v.shape[-2:]
+        cut_h, cut_w = mixing.box_size(lam, h, w)
+        y0, x0 = mixing.box_position(cut_h, cut_w, h, w, g)
+        boxes.append((y0, x0, cut_h, cut_w))
+    return views, lam, method, boxes
+
+
+def bench_case(case: str, args, device, dtype, copy_gbps) -> List[Dict]:
+    import sdmp_fast.kernels as K
+    methods = CASES[case]
+    ids = mixing.method_ids(methods)
+    views, lam, method, boxes = _views_and_params(args, device, dtype, methods)
+    nbytes = 2 * sum(v.numel() * v.element_size() for v in views)
+    shape = f"{len(views)} x {tuple(views[0].shape)} {str(dtype).replace('torch.', '')}"
+    outs = [torch.empty_like(v) for v in views]
+    cols = [list(c) for c in zip(*boxes)]  # y0s, x0s, cut_hs, cut_ws
+
+    def eager():
+        return [mixing.apply_mix(v, lam, method, *b, ids) for v, b in zip(views, boxes)]
+
+    impls = {
+        "copy": lambda: (lambda: [o.copy_(v) for o, v in zip(outs, views)]),
+        "kernel": lambda: (lambda: K.apply_mix_views(views, lam, method, *cols, method_set=ids))
+        if (device.type == "cuda" and K.available(device)) else None,
+        "eager": lambda: eager,
+    }
+    if not args.no_compile:
+        impls["compile"] = lambda: (lambda f: (lambda: [f(v, lam, method, *b, ids) for v, b in zip(views, boxes)]))(
+            torch.compile(mixing.apply_mix))
+    rows = []
+    for impl, factory in impls.items():
+        row = {"case": case, "impl": impl, "status": "ok", "ms": None, "shape": shape, "bytes": nbytes, "reason": ""}
+        try:
+            step = factory()
+            if step is None:
+                row.update(status="unavailable", reason="no CUDA device" if device.type != "cuda"
+                           else f"kernels not built: {K.build_error()}")
+            else:
+                row["ms"] = cuda_time_ms(step, warmup=args.warmup, iters=args.iters)
+        except Exception as e:  # noqa: BLE001 - report and go on with the other implementations
+            traceback.print_exc()
+            row.update(status="failed", reason=f"{type(e).__name__}: {e}"[:300])
+        row["gb_per_s"] = nbytes / (row["ms"] * 1e-3) / 1e9 if row["ms"] else None
+        row["pct_of_copy"] = 100.0 * row["gb_per_s"] / copy_gbps if (row["gb_per_s"] and copy_gbps) else None
+        rows.append(row)
+        print(f"  {case:<10} {impl:<8} {row['status']:<11} {row['ms'] or float('nan'):8.3f} ms", flush=True)
+    ms = {r["impl"]: r["ms"] for r in rows if r["ms"]}
+    for r in rows:
+        r["op"] = f"mix_{case}"
+        r["vs_copy"] = r["ms"] / ms["copy"] if (r["ms"] and "copy" in ms) else None
+        for ref in ("eager", "compile"):
+            r[f"speedup_vs_{ref}"] = ms[ref] / r["ms"] if (r["ms"] and ref in ms and r["impl"] != ref) else None
+    return rows
+
+
+def main(args) -> int:
+    cases = [c.strip() for c in args.cases.split(",") if c.strip()]
+    for c in cases:
+        if c not in CASES:
+            raise ValueError(f"--cases: unknown case {c!r}; choose among {', '.join(CASES)}")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = DTYPES[args.dtype]
+    copy_gbps = copy_bandwidth_gbps()
+    print(f"bench mixing on {device_description()}; copy bandwidth "
+          f"{'%.0f GB/s' % copy_gbps if copy_gbps else 'n/a (CPU)'}", flush=True)
+    records: List[Dict] = []
+    for c in cases:
+        records += bench_case(c, args, device, dtype, copy_gbps)
+    for r in records:
+        r["copy_gb_per_s"] = copy_gbps
+    path = args.json or default_json_path("mixing", device)
+    write_results(path, records, getattr(args, "command_line", "sdmp-fast bench mixing"))
+    print_table(records, COLUMNS)
+    print(f"wrote {path}")
+    return 0
