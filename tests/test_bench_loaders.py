@@ -29,7 +29,7 @@ def test_bench_loaders_end_to_end_writes_json_png_and_reports_missing_backends(p
     out = tmp_path / "res" / "loaders.json"
     rc = cli_main(["bench", "loaders", "--data", photos, "--backends", "torchvision,broken", "--recipe", "byol2",
                    "--size", "32", "--batch-size", "4", "--warmup", "1", "--batches", "3", "--num-workers", "0",
-                   "--device", "cpu", "--json", str(out)])
+                   "--device", "cpu", "--repeats", "2", "--json", str(out)])
     assert rc == 0
     doc = json.loads(out.read_text())
     assert set(doc) >= {"device", "date", "command", "records"} and "bench loaders" in doc["command"]
@@ -43,6 +43,7 @@ def test_bench_loaders_end_to_end_writes_json_png_and_reports_missing_backends(p
     assert tv["img_per_s"] > 0 and tv["ratio_vs_torchvision"] == pytest.approx(1.0) and tv["batches"] == 3
     assert tv["samples"] == 12 and tv["views"] == [[3, 32, 32]] * 2 and tv["num_mixed_views"] == 2
     assert tv["ratio_vs_synthetic"] is None  # defined on a GPU only
+    assert len(tv["rounds_img_per_s"]) == 2 and tv["img_per_s"] in tv["rounds_img_per_s"]
     broken = recs["broken"]
     assert broken["status"] == "unavailable" and "no_such_backend" in broken["reason"]
     assert broken["img_per_s"] is None and broken["ratio_vs_torchvision"] is None
