@@ -19,8 +19,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-FASHION_MEAN = (0.2860, 0.2860, 0.2860)  # Fashion-MNIST train-set pixel statistics
-FASHION_STD = (0.3530, 0.3530, 0.3530)
+# The trainer's recipes normalise with ImageNet statistics (grey images are expanded to RGB first); checkpoints
+# record the pair they used, and `sdmp-fast eval` takes it from there.
+DEFAULT_MEAN = (0.485, 0.456, 0.406)
+DEFAULT_STD = (0.229, 0.224, 0.225)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -88,7 +90,7 @@ def _pooled(out) -> torch.Tensor:
 
 @torch.no_grad()
 def extract_features(model: nn.Module, images_uint8: torch.Tensor, labels: Optional[torch.Tensor] = None,
-                     img_size: int = 28, mean: Sequence[float] = FASHION_MEAN, std: Sequence[float] = FASHION_STD,
+                     img_size: int = 28, mean: Sequence[float] = DEFAULT_MEAN, std: Sequence[float] = DEFAULT_STD,
                      batch_size: int = 1024, device="cpu") -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Frozen features of a backbone (eval mode, no_grad, batched on ``device``): (float32 [N, D] on the CPU,
     labels). Images are converted per batch (resize + normalise on the device), so memory stays at one batch.
@@ -289,7 +291,7 @@ def add_arguments(p) -> None:
     p.add_argument("--json", default=None, help="also write the results as JSON to this file")
 
 
-def evaluate_backbone(model: nn.Module, data, img_size: int, mean=FASHION_MEAN, std=FASHION_STD, k: int = 20,
+def evaluate_backbone(model: nn.Module, data, img_size: int, mean=DEFAULT_MEAN, std=DEFAULT_STD, k: int = 20,
                       T: float = 0.07, linear: bool = False, batch_size: int = 1024, device="cpu",
                       linear_kwargs: Optional[dict] = None) -> dict:
     """k-NN (and optionally linear-probe) accuracy of one backbone on (xtr, ytr, xte, yte), with timings."""
@@ -315,7 +317,7 @@ def main(args) -> int:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model, info = load_backbone_for_eval(args.checkpoint, random_init=args.random_init)
     img_size = args.img_size or int(info.get("img_size", 28))
-    mean, std = info.get("mean", FASHION_MEAN), info.get("std", FASHION_STD)
+    mean, std = info.get("mean", DEFAULT_MEAN), info.get("std", DEFAULT_STD)
     data = load_eval_data(args.data, args.train_limit, args.test_limit)
     res = evaluate_backbone(model, data, img_size, mean, std, args.knn_k, args.knn_t, args.linear,
                             args.batch_size, device,

@@ -59,16 +59,24 @@ def plot_run(run: str, out: Optional[str] = None, title: Optional[str] = None) -
         out = os.path.join(run if os.path.isdir(run) else os.path.dirname(os.path.abspath(run)), "curves.png")
     fig, (ax_loss, ax_speed) = plt.subplots(1, 2, figsize=(11, 4))
     steps, loss = _series(recs, "loss")
+    handles = []
     if steps:
-        ax_loss.plot(steps, loss, color="black", lw=2, label="loss (total)")
-    for name in loss_terms(recs):
+        handles += ax_loss.plot(steps, loss, color="black", lw=2, label="loss (total, left axis)")
+    terms = loss_terms(recs)
+    # The total is a sum of terms, so it sits well above each of them: the terms get their own (right) axis,
+    # otherwise their slopes flatten into lines at the bottom of the panel.
+    ax_terms = ax_loss.twinx() if terms and steps else ax_loss
+    for name in terms:
         s, v = _series(recs, name)
-        ax_loss.plot(s, v, lw=1.2, label=name)
+        handles += ax_terms.plot(s, v, lw=1.2, ls="--" if ax_terms is not ax_loss else "-",
+                                 label=name + (" (right axis)" if ax_terms is not ax_loss else ""))
     ax_loss.set_xlabel("step")
     ax_loss.set_ylabel("loss")
+    if ax_terms is not ax_loss:
+        ax_terms.set_ylabel("loss terms")
     ax_loss.set_title("loss and its terms")
     ax_loss.grid(alpha=0.3)
-    ax_loss.legend(fontsize=8)
+    ax_loss.legend(handles=handles, fontsize=8)
     s, v = _series(recs, "img_per_s")
     ax_speed.plot(s, v, color="tab:green", marker="o" if len(s) < 30 else None, ms=3)
     ax_speed.set_xlabel("step")
