@@ -151,21 +151,26 @@ def run_drill(trials: int = 10, steps: int = 24, save_every: int = 3, method: st
     return matched
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--trials", type=int, default=10)
-    ap.add_argument("--steps", type=int, default=24)
-    ap.add_argument("--save-every", type=int, default=3)
+def add_arguments(ap) -> None:
+    ap.add_argument("--trials", type=int, default=10, help="kill -9 + resume trials (default 10)")
+    ap.add_argument("--steps", type=int, default=24, help="steps of each run (default 24)")
+    ap.add_argument("--save-every", type=int, default=3, help="checkpoint interval (default 3)")
     ap.add_argument("--method", choices=("mocov3", "dino"), default="mocov3")
-    ap.add_argument("--loader", default="synthetic")
+    ap.add_argument("--loader", default="synthetic", help="synthetic (default) or memory (with --data fashion-mnist)")
     ap.add_argument("--data", default=None)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--workdir", default=None)
-    a = ap.parse_args(argv)
-    matched = run_drill(a.trials, a.steps, a.save_every, a.method, a.loader, a.data, seed=a.seed,
-                        workdir=a.workdir)
-    return 0 if matched == a.trials else 1
+    ap.add_argument("--workdir", default=None, help="where the runs go (default: a new temporary directory)")
+
+
+def main(args) -> int:
+    if args.trials < 1 or args.steps < 2 or args.save_every < 1:
+        raise ValueError("trials/steps/save_every: need trials >= 1, steps >= 2, save_every >= 1")
+    matched = run_drill(args.trials, args.steps, args.save_every, args.method, args.loader, args.data,
+                        seed=args.seed, workdir=args.workdir)
+    return 0 if matched == args.trials else 1
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    _ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    add_arguments(_ap)
+    sys.exit(main(_ap.parse_args()))

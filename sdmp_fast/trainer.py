@@ -23,8 +23,10 @@ Staged input pipeline (CUDA): batch i+1 is moved to the GPU on a side stream whi
 use the compute stream waits on the copy stream and the batch's tensors are ``record_stream``-ed onto the
 compute stream (so the caching allocator does not recycle them while step i+1 still reads them).
 Optional ``torch.compile`` of the encoders, and optional whole-step CUDA-graph capture (single process):
-the step runs on static buffers; lr, weight decay, EMA keep rate and teacher temperature live in device
-scalars refreshed with ``fill_`` before each replay.
+the step runs on static buffers; lr, weight decay and EMA keep rate live in device scalars refreshed with
+``fill_`` before each replay. Steps run eagerly (on the same static buffers) until the graph can be captured
+once and replayed unchanged: after 3 warm-up steps, the DINO frozen-prototype period and the teacher
+temperature warm-up.
 """
 from __future__ import annotations
 
@@ -109,10 +111,19 @@ def term_names(cfg: TrainConfig) -> Tuple[str, ...]:
     return ("dino", "mix_source", "mix_teacher") if cfg.sdmp else ("dino",)
 
 
+def _dino_terms_and_center_ref(student_clean, student_mixed, teacher_clean, teacher_mixed, center, lam,
+                               tau_s=0.1, tau_t=0.04, mix_weight=0.5):
+    terms = ref_losses.sdmp_dino_terms(student_clean, student_mixed, teacher_clean, teacher_mixed, center, lam,
+                                       tau_s, tau_t, mix_weight)
+    t = teacher_clean.detach().float()
+    return terms, t.reshape(-1, t.shape[-1]).mean(0)
+
+
 def loss_functions(cfg: TrainConfig, device: torch.device) -> Tuple[Callable, Callable, str]:
-    """(moco_terms, dino_terms, name): the fused kernels from sdmp_fast.kernels when it exports functions
-    of the reference signatures and we are on a GPU, else the reference losses."""
-    moco, dino_fn, name = ref_losses.sdmp_moco_terms, ref_losses.sdmp_dino_terms, "reference"
+    """(moco_terms, dino_terms_and_center, name): the fused kernels of sdmp_fast.kernels (same signatures as the
+    references in sdmp_fast.losses) on a GPU when they are importable, else the references. The DINO function
+    returns (terms, batch mean of the clean teacher logits) so the kernel's teacher pass feeds the center."""
+    moco, dino_fn, name = ref_losses.sdmp_moco_terms, _dino_terms_and_center_ref, "reference"
     if cfg.kernels == "auto" and device.type == "cuda":
         try:
             from sdmp_fast import kernels
@@ -120,7 +131,7 @@ def loss_functions(cfg: TrainConfig, device: torch.device) -> Tuple[Callable, Ca
             kernels = None
         if kernels is not None:
             k_moco = getattr(kernels, "sdmp_moco_terms", None)
-            k_dino = getattr(kernels, "sdmp_dino_terms", None)
+            k_dino = getattr(kernels, "sdmp_dino_terms_and_center", None)
             if callable(k_moco) or callable(k_dino):
                 name = "kernels"
             moco = k_moco if callable(k_moco) else moco
@@ -271,7 +282,7 @@ class Trainer:
         self._first_bad_step = torch.full((), -1.0, device=dev, dtype=torch.float64)
         self._first_bad_mask = torch.zeros(len(self.names), device=dev, dtype=torch.bool)
         # device scalars of the schedules (used by the graph path; the eager path passes floats)
-        self._sched_t = {k: torch.zeros((), device=dev) for k in ("lr", "wd", "keep", "tau_t")}
+        self._sched_t = {k: torch.zeros((), device=dev) for k in ("lr", "wd", "keep")}
         self._graph = None
         self._static: Optional[List] = None
         self.stop_signal: Optional[int] = None
@@ -367,9 +378,8 @@ class Trainer:
         t_mixed = t_out[2:] if cfg.sdmp else None
         s_mixed = s_out[n_sc:] if cfg.sdmp else None
         center = self.model.center
-        terms = self.dino_terms_fn(s_out[:n_sc], s_mixed, t_clean, t_mixed, center, lam, cfg.tau_s, tau_t,
-                                   cfg.mix_weight)
-        self._pending_center_mean = t_clean.detach().float().reshape(-1, t_clean.shape[-1]).mean(0)
+        terms, self._pending_center_mean = self.dino_terms_fn(s_out[:n_sc], s_mixed, t_clean, t_mixed, center, lam,
+                                                              cfg.tau_s, tau_t, cfg.mix_weight)
         if cfg.sdmp:
             t = [terms["dino"], terms["mix_source"], terms["mix_teacher"]]
         else:
@@ -378,7 +388,7 @@ class Trainer:
 
     # ----------------------------------------------------------------------------------------- one step
     def _step_body(self, inputs: Sequence[torch.Tensor], lr, wd, keep, tau_t, freeze_last: bool) -> None:
-        """Forward, backward, update: device work only (capturable). lr/wd/keep/tau_t: floats or 0-dim tensors."""
+        """Forward, backward, update: device work only (capturable). lr/wd/keep: floats or 0-dim tensors."""
         cfg = self.cfg
         loss_fn = self._moco_loss if cfg.method == "mocov3" else self._dino_loss
         loss, terms = loss_fn(inputs, tau_t)
@@ -456,20 +466,23 @@ class Trainer:
         the whole step; afterwards: copy the batch into the static buffers, refresh the schedule scalars,
         replay."""
         st = self._sched_t
-        for name, v in (("lr", lr), ("wd", wd), ("keep", keep), ("tau_t", tau_t)):
+        for name, v in (("lr", lr), ("wd", wd), ("keep", keep)):
             st[name].fill_(v)
         if self._static is None:
             self._static = [t.clone() for t in inputs]
             self._graph_warmup = 0
         for dst, src in zip(self._static, inputs):
             dst.copy_(src)
-        args = (self._static, st["lr"], st["wd"], st["keep"], st["tau_t"])
+        # the teacher temperature is a float argument of the loss (kernels take it as a scalar): the graph is
+        # captured once its warm-up is over, when it is constant
+        args = (self._static, st["lr"], st["wd"], st["keep"], tau_t)
         if self._graph is not None:
             self._graph.replay()
             return
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
-        if freeze_last or self._graph_warmup < 3:
+        tau_warm = self.cfg.method == "dino" and self.step < self.schedules.tau_t_warmup_steps
+        if freeze_last or tau_warm or self._graph_warmup < 3:
             with torch.cuda.stream(side):
                 self._step_body(*args, freeze_last)
             torch.cuda.current_stream(self.device).wait_stream(side)
@@ -532,6 +545,11 @@ class Trainer:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.optimizer.found_inf = self._found_inf
+        for g in self.optimizer.param_groups:  # the checkpoint may come from a run in the other step mode
+            g["capturable"] = self.graph_mode
+            if self.graph_mode:
+                g["lr"] = torch.tensor(float(g["lr"]), device=self.device)
+        self._dev_step.fill_(int(state["step"]))
         self.step, self.epoch, self.position = int(state["step"]), int(state["epoch"]), int(state["position"])
         self.skipped_total = int(state.get("skipped_total", 0))
         rngs = state["rng"]

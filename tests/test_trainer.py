@@ -422,3 +422,23 @@ def test_cuda_graph_matches_eager(tmp_path, method):
         assert rg["loss"] == pytest.approx(ra["loss"], rel=1e-3)
     for (k, va), vg in zip(a.model.state_dict().items(), g.model.state_dict().values()):
         assert torch.allclose(va.float(), vg.float(), atol=1e-4, rtol=1e-3), k
+
+
+# ------------------------------------------------------------------------------------------- learning (Must-show)
+
+FMNIST = ["--loader", "memory", "--data", "fashion-mnist", "--save-every", "0", "--seed", "0"]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_cli_sdmp_moco_loss_falls_on_fashion_mnist(tmp_path):
+    out = tmp_path / "moco"
+    code = cli.main(["train"] + TINY + FMNIST + ["--method", "mocov3", "--batch-size", "32", "--steps", "40",
+                                                 "--log-every", "10", "--lr", "2e-3", "--warmup-steps", "5",
+                                                 "--out", str(out)])
+    assert code == 0
+    recs = read_metrics(str(out))
+    assert [r["step"] for r in recs] == [10, 20, 30, 40]
+    assert recs[-1]["loss"] < 0.97 * recs[0]["loss"], [r["loss"] for r in recs]
+    assert recs[-1]["source"] < recs[0]["source"]
+
