@@ -78,13 +78,20 @@ def _sources_digest() -> str:
     return h.hexdigest()[:12]
 
 
+def _is_toolkit(root: Optional[str]) -> bool:
+    return bool(root) and os.path.exists(os.path.join(root, "include", "crt", "host_defines.h"))
+
+
 def cuda_home() -> Optional[str]:
+    """The CUDA toolkit root: $CUDA_HOME, torch's guess, the nvcc on PATH, /usr/local/cuda -- the first that holds
+    the toolkit headers (torch's guess is the parent of `which nvcc`, wrong when nvcc is a wrapper script)."""
     from torch.utils.cpp_extension import CUDA_HOME
-    if CUDA_HOME and os.path.exists(os.path.join(CUDA_HOME, "bin", "nvcc")):
-        return CUDA_HOME
     nvcc = shutil.which("nvcc")
-    if nvcc:
-        return str(Path(nvcc).resolve().parent.parent)
+    candidates = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), CUDA_HOME,
+                  str(Path(nvcc).resolve().parent.parent) if nvcc else None, "/usr/local/cuda"]
+    for root in candidates:
+        if _is_toolkit(root):
+            return root
     return CUDA_HOME
 
 
@@ -94,6 +101,16 @@ def nvcc_path() -> Optional[str]:
     if cand and os.path.exists(cand):
         return cand
     return shutil.which("nvcc")
+
+
+def _toolkit_flags() -> Tuple[List[str], List[str]]:
+    """Include dirs and link flags for the toolkit when torch's CUDA_HOME guess is not the toolkit root."""
+    from torch.utils.cpp_extension import CUDA_HOME
+    home = cuda_home()
+    if not home or home == CUDA_HOME or not _is_toolkit(home):
+        return [], []
+    lib = next((os.path.join(home, d) for d in ("lib64", "lib") if os.path.isdir(os.path.join(home, d))), None)
+    return [os.path.join(home, "include")], ([f"-L{lib}"] if lib else [])
 
 
 def extra_host_includes() -> List[str]:
@@ -130,12 +147,15 @@ def load(verbose: bool = False):
     build_dir.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("MAX_JOBS", _max_jobs())
     host = ["-O3"] + [f"-idirafter{d}" for d in extra_host_includes()]
+    toolkit_includes, toolkit_libs = _toolkit_flags()
     return cpp_extension.load(
         name=EXT_NAME,
         sources=[str(p) for p in sources()],
-        extra_include_paths=[str(CSRC / "common")],
+        extra_include_paths=[str(CSRC / "common"), *toolkit_includes],
         extra_cflags=host,
-        extra_cuda_cflags=["-O3", "-lineinfo", *gencode_flags(arch_list)],
+        extra_ldflags=toolkit_libs,
+        # --threads: nvcc compiles the architectures of a file in parallel
+        extra_cuda_cflags=["-O3", "-lineinfo", f"--threads={min(len(arch_list), 4)}", *gencode_flags(arch_list)],
         build_directory=str(build_dir),
         verbose=verbose,
     )

@@ -140,7 +140,7 @@ def emulated():
 
 @pytest.mark.slow
 @pytest.mark.timeout(1200)
-@pytest.mark.parametrize("dtype,n,N", [(torch.float32, 37, 1000), (torch.float32, 5, 999), (torch.bfloat16, 9, 1000),
+@pytest.mark.parametrize("dtype,n,N", [(torch.float32, 19, 1000), (torch.float32, 5, 999), (torch.bfloat16, 9, 1000),
                                        (torch.float16, 3, 77)])
 def test_emulated_two_hot_matches_ref(emulated, dtype, n, N):
     check_two_hot("cpu", dtype, n, N)
@@ -174,9 +174,11 @@ def test_emulated_dino_matches_ref(emulated, case):
 
 @pytest.mark.slow
 @pytest.mark.timeout(1200)
-@pytest.mark.parametrize("upstream", ["loss", "scaled", "mixed"])
-@pytest.mark.parametrize("fused,precompute", [("1", "1"), ("0", "1"), ("1", "0")])
-def test_emulated_dino_gradient_paths(emulated, upstream, fused, precompute):
+@pytest.mark.parametrize("fused,precompute,upstream", [
+    ("1", "1", "loss"), ("1", "1", "scaled"), ("1", "1", "mixed"),  # precomputed: kept / rescaled / recomputed
+    ("0", "1", "loss"),                                             # unfused forward (separate grad kernel)
+    ("1", "0", "mixed")])                                           # gradient computed in the backward only
+def test_emulated_dino_gradient_paths(emulated, fused, precompute, upstream):
     with env(SDMP_DINO_FUSED=fused, SDMP_DINO_PRECOMPUTE_GRAD=precompute, SDMP_DINO_GROUP_PAIRS=2):
         check_dino("cpu", torch.float32, 3, 2, 2, 10, 300, True, upstream, seed=4)
 

@@ -10,6 +10,9 @@ timed) of each op with every implementation on the same inputs:
 * ``dino``: SDMP-DINO loss over clean + mixed student crops, K prototypes (default 256 images, 6 clean + 4 mixed
   crops = 10 student crops, 2 teacher crops, K = 65,536, bf16).
 
+``kernel_graph`` rows replay the kernel's forward + backward from a CUDA graph: the GPU time without Python
+launch overhead, which at these sizes can exceed the GPU work of the eager ``kernel`` call.
+
 ``gb_per_s`` divides the *least* traffic the op needs (read the logits once, write their gradient once; for
 DINO also read the teacher logits once) by the time, and ``pct_of_copy`` compares it with the measured
 device-to-device copy bandwidth. On a CPU-only machine sizes shrink and kernel rows are reported unavailable.
@@ -67,6 +70,21 @@ def _grad_step(fn: Callable, inputs: List[torch.Tensor]) -> Callable[[], object]
         out = fn(*inputs)
         return torch.autograd.grad(out, leaves)
     return step
+
+
+def _graph_step(step: Callable) -> Callable[[], object]:
+    """step (fwd + bwd) captured in a CUDA graph: replays time the GPU work without Python launch overhead
+    (the kernels are capturable; this is how a CUDA-graphed training step runs them)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    return graph.replay
 
 
 def _time(step: Callable, args) -> float:
@@ -138,9 +156,12 @@ def bench_two_hot(args, device, dtype, copy_gbps) -> List[Dict]:
     def ref_loss(x):
         return losses.two_hot_cross_entropy(x, own, partner, lam, 1 - lam).mean()
 
+    def kernel():
+        return _grad_step(lambda x: K.two_hot_cross_entropy(x, own, partner, lam, 1 - lam).mean(), [logits])
+
     impls = {
-        "kernel": lambda: _grad_step(lambda x: K.two_hot_cross_entropy(x, own, partner, lam, 1 - lam).mean(), [logits])
-        if _kernels_ready(device) else None,
+        "kernel": lambda: kernel() if _kernels_ready(device) else None,
+        "kernel_graph": lambda: _graph_step(kernel()) if _kernels_ready(device) else None,
         "eager": lambda: _grad_step(ref_loss, [logits]),
         "eager_dense": lambda: _grad_step(lambda x: F.cross_entropy(x.float(), dense), [logits]),
     }
@@ -165,10 +186,13 @@ def bench_moco_terms(args, device, dtype, copy_gbps) -> List[Dict]:
     def ref(a, b):
         return losses.sdmp_moco_loss(losses.sdmp_moco_terms(a, b, k1, k2, k1m, lam, 0.2, world - 1, world))
 
+    def kernel():
+        return _grad_step(lambda a, b: losses.sdmp_moco_loss(K.sdmp_moco_terms(a, b, k1, k2, k1m, lam, 0.2, world - 1,
+                                                                               world)), [q1, q2m])
+
     impls = {
-        "kernel": lambda: _grad_step(lambda a, b: losses.sdmp_moco_loss(K.sdmp_moco_terms(a, b, k1, k2, k1m, lam, 0.2,
-                                                                                          world - 1, world)), [q1, q2m])
-        if _kernels_ready(device) else None,
+        "kernel": lambda: kernel() if _kernels_ready(device) else None,
+        "kernel_graph": lambda: _graph_step(kernel()) if _kernels_ready(device) else None,
         "eager": lambda: _grad_step(ref, [q1, q2m]),
     }
     if not args.no_compile:
@@ -208,6 +232,8 @@ def bench_dino(args, device, dtype, copy_gbps) -> List[Dict]:
 
     impls = {
         "kernel": lambda: _grad_step(wrap(K.sdmp_dino_terms), inputs) if _kernels_ready(device) else None,
+        "kernel_graph": lambda: _graph_step(_grad_step(wrap(K.sdmp_dino_terms), inputs))
+        if _kernels_ready(device) else None,
         "eager": lambda: _grad_step(wrap(losses.sdmp_dino_terms), inputs),
     }
     if not args.no_compile:

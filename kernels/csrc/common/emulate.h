@@ -1,9 +1,9 @@
 // CPU emulation of the small CUDA subset the sdmp_fast kernels use (tests only, never shipped to a GPU).
 //
-// A launch runs its blocks one after another in blockIdx order (x fastest), each block as blockDim real
-// std::threads: __syncthreads is a block barrier, warp shuffles exchange through a per-warp slot array between
-// two warp barriers, __shared__ variables are function statics (one block is alive at a time), dynamic shared
-// memory is a per-block buffer filled with 0xFF bytes (NaN as float) to expose reads of unwritten slots.
+// A launch runs its blocks one after another in blockIdx order (x fastest) on blockDim real std::threads:
+// __syncthreads is a block barrier, warp shuffles exchange through a per-warp slot array between two warp
+// barriers, __shared__ variables are function statics (one block is alive at a time), dynamic shared memory is
+// a per-block buffer filled with 0xFF bytes (NaN as float) to expose reads of unwritten slots.
 // Atomics map to GCC builtins. This checks indexing, reductions and the cross-block protocol of the kernels,
 // not their speed or their memory-model corner cases.
 #pragma once
@@ -98,31 +98,36 @@ template <typename... KArgs, typename... Args>
 void launch(dim3 grid, dim3 block, size_t smem, void (*kernel)(KArgs...), Args... args) {
   const int nthreads = static_cast<int>(block.x * block.y * block.z);
   if (nthreads % 32 != 0) std::abort();  // the kernels assume whole warps
+  const long nblocks = static_cast<long>(grid.x) * grid.y * grid.z;
   Block b;
   b.dim = block;
   b.grid = grid;
+  b.bar.reset(nthreads);
   b.warp_bar.resize(nthreads / 32);
   for (auto& w : b.warp_bar) w.reset(new Barrier(32));
   b.slots.assign(nthreads, 0);
-  for (unsigned bz = 0; bz < grid.z; ++bz)
-    for (unsigned by = 0; by < grid.y; ++by)
-      for (unsigned bx = 0; bx < grid.x; ++bx) {
-        b.idx = dim3(bx, by, bz);
-        b.bar.reset(nthreads);
-        b.dyn_smem.assign(smem, 0xFF);
-        std::vector<std::thread> threads;
-        threads.reserve(nthreads);
-        for (int t = 0; t < nthreads; ++t) {
-          threads.emplace_back([&, t] {
-            Thread& c = ctx();
-            c.blk = &b;
-            c.linear = t;
-            c.tid = dim3(t % block.x, (t / block.x) % block.y, t / (block.x * block.y));
-            kernel(args...);
-          });
+  Barrier between(nthreads);  // block boundaries: the same threads run every block, one block at a time
+  std::vector<std::thread> threads;
+  threads.reserve(nthreads);
+  for (int t = 0; t < nthreads; ++t) {
+    threads.emplace_back([&, t] {
+      Thread& c = ctx();
+      c.blk = &b;
+      c.linear = t;
+      c.tid = dim3(t % block.x, (t / block.x) % block.y, t / (block.x * block.y));
+      for (long bi = 0; bi < nblocks; ++bi) {
+        if (t == 0) {
+          b.idx = dim3(static_cast<unsigned>(bi % grid.x), static_cast<unsigned>((bi / grid.x) % grid.y),
+                       static_cast<unsigned>(bi / (static_cast<long>(grid.x) * grid.y)));
+          b.dyn_smem.assign(smem, 0xFF);
         }
-        for (auto& th : threads) th.join();
+        between.wait();
+        kernel(args...);
+        between.wait();
       }
+    });
+  }
+  for (auto& th : threads) th.join();
 }
 
 }  // namespace sdmp_emu

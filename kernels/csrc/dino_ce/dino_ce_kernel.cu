@@ -27,6 +27,7 @@ constexpr int kTeacherPacksPerLane = 2;  // teacher-stats column tile = 32 lanes
 constexpr int kTeacherRowsPerGroup = 64;
 constexpr int kAccFloats = 6;  // partial row state: m, s, d1, q1, d2, q2
 constexpr int kSlotA = 0, kSlotSrc = 1, kSlotMix = 2, kSlotGlobal = 3;
+constexpr int64_t kGatedGradBlocks = 528;  // grid of the backward's mode-gated launches (4 per SM of an H100)
 
 __device__ __forceinline__ int imin(int a, int b) { return a < b ? a : b; }
 
@@ -577,10 +578,16 @@ __global__ void __launch_bounds__(kDinoThreads) terms_kernel(DinoParams p, int n
   }
 }
 
+// Grid-strided over the (pair, column block) units: one unit per block normally; the mode-gated backward
+// launch uses a small grid so that it costs little when it has nothing to do.
 template <typename T, int VEC>
 __global__ void __launch_bounds__(kDinoPairThreads, 2) student_grad_kernel(DinoParams p) {
   if (p.mode != nullptr && *p.mode != p.run_mode) return;
-  grad_unit<T, VEC>(p, blockIdx.y, blockIdx.x, reinterpret_cast<float*>(dynamic_smem()), false);
+  const int units = p.npairs * p.n_kblocks;
+  for (int u = blockIdx.x; u < units; u += gridDim.x) {
+    grad_unit<T, VEC>(p, u / p.n_kblocks, u % p.n_kblocks, reinterpret_cast<float*>(dynamic_smem()), false);
+    __syncthreads();  // the next unit overwrites the shared targets
+  }
 }
 
 // Fused forward: every block takes a ticket (its logical unit, in launch order) from counters[0]. Units run
@@ -661,9 +668,13 @@ __global__ void grad_decide_kernel(DinoParams p, bool a0, bool a1, bool a2) {
   reinterpret_cast<float*>(p.ctl)[1] = factor;
 }
 
+// Mode 1: both gradient buffers times the factor (blockIdx.y: 0 clean, 1 mixed), grid-strided.
 template <typename T, int VEC>
-__global__ void __launch_bounds__(kDinoThreads) grad_scale_kernel(DinoParams p, T* g, int64_t n) {
+__global__ void __launch_bounds__(kDinoThreads) grad_scale_kernel(DinoParams p, int64_t n_clean, int64_t n_mixed) {
   if (p.ctl[0] != 1) return;
+  T* g = static_cast<T*>(blockIdx.y == 0 ? p.g_clean : p.g_mixed);
+  const int64_t n = blockIdx.y == 0 ? n_clean : n_mixed;
+  if (g == nullptr) return;
   const float f = reinterpret_cast<const float*>(p.ctl)[1];
   const int64_t npack = n / VEC;
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < npack;
@@ -753,7 +764,8 @@ Status launch_fused(const DinoParams& p, Stream stream) {
 template <typename T>
 Status launch_grad(const DinoParams& p, Stream stream) {
   constexpr int V = 16 / sizeof(T);
-  const dim3 grid(static_cast<unsigned>(p.n_kblocks), static_cast<unsigned>(p.npairs));
+  const int64_t units = static_cast<int64_t>(p.npairs) * p.n_kblocks;
+  const dim3 grid(static_cast<unsigned>(p.mode != nullptr ? std::min<int64_t>(units, kGatedGradBlocks) : units));
   const size_t smem = dino_smem_bytes(p);
   if (p.vec_ok) {
     auto k = student_grad_kernel<T, V>;
@@ -766,16 +778,18 @@ Status launch_grad(const DinoParams& p, Stream stream) {
 }
 
 template <typename T>
-Status launch_scale(const DinoParams& p, void* g, int64_t n, Stream stream) {
-  if (g == nullptr || n == 0) return cudaSuccess;
+Status launch_scale(const DinoParams& p, Stream stream) {
   constexpr int V = 16 / sizeof(T);
-  const unsigned blocks = static_cast<unsigned>(std::min<int64_t>(ceil_div(ceil_div(n, V), kDinoThreads), 4096));
+  const int64_t per_view = static_cast<int64_t>(p.B) * p.K;
+  const int64_t n_clean = p.g_clean != nullptr ? p.Sc * per_view : 0, n_mixed = p.g_mixed != nullptr ? p.Sm * per_view : 0;
+  const int64_t most = std::max(n_clean, n_mixed);
+  const unsigned blocks = static_cast<unsigned>(std::max<int64_t>(1, std::min<int64_t>(ceil_div(ceil_div(most, V), kDinoThreads), kGatedGradBlocks)));
   if (p.vec_ok) {
     auto k = grad_scale_kernel<T, V>;
-    SDMP_LAUNCH(k, dim3(blocks), dim3(kDinoThreads), 0, stream, p, static_cast<T*>(g), n);
+    SDMP_LAUNCH(k, dim3(blocks, 2), dim3(kDinoThreads), 0, stream, p, n_clean, n_mixed);
   } else {
     auto k = grad_scale_kernel<T, 1>;
-    SDMP_LAUNCH(k, dim3(blocks), dim3(kDinoThreads), 0, stream, p, static_cast<T*>(g), n);
+    SDMP_LAUNCH(k, dim3(blocks, 2), dim3(kDinoThreads), 0, stream, p, n_clean, n_mixed);
   }
   return cudaGetLastError();
 }
@@ -841,10 +855,7 @@ Status dino_grad_fixup(const DinoParams& p, const bool active[3], Stream stream)
   SDMP_LAUNCH(dk, dim3(1), dim3(kWarpSize), 0, stream, p, active[0], active[1], active[2]);
   Status st = cudaGetLastError();
   if (st != cudaSuccess) return st;
-  const int64_t per_view = static_cast<int64_t>(p.B) * p.K;
-  SDMP_DISPATCH_DTYPE(p.dtype, st = launch_scale<scalar_t>(p, p.g_clean, p.Sc * per_view, stream));
-  if (st != cudaSuccess) return st;
-  SDMP_DISPATCH_DTYPE(p.dtype, st = launch_scale<scalar_t>(p, p.g_mixed, p.Sm * per_view, stream));
+  SDMP_DISPATCH_DTYPE(p.dtype, st = launch_scale<scalar_t>(p, stream));
   if (st != cudaSuccess) return st;
   DinoParams q = p;  // recompute (mode 2) reads the control word written above
   q.mode = p.ctl;
