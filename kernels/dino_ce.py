@@ -57,7 +57,8 @@ def _dino_fwd(s_clean: Tensor, s_mixed: Optional[Tensor], t_clean: Tensor, t_mix
               center: Tensor, lam: Optional[Tensor], tau_s: float, tau_t: float, mix_weight: float,
               grad_clean: bool, grad_mixed: bool, fused: bool, group_pairs: int
               ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """(terms [3], center_mean [K], row_stat [V*B, 4], lse_t [2TB, 2], grad_clean, grad_mixed)."""
+    """(terms [4] = dino, mix_source, mix_teacher, loss; center_mean [K]; row_stat [V*B, 4]; lse_t [2TB, 2];
+    grad_clean; grad_mixed)."""
     return tuple(_ext.require(s_clean).dino_fwd(s_clean, s_mixed, t_clean, t_mixed, center, lam, tau_s, tau_t,
                                                 mix_weight, grad_clean, grad_mixed, fused, group_pairs))
 
@@ -74,7 +75,7 @@ def _dino_fwd_fake(s_clean, s_mixed, t_clean, t_mixed, center, lam, tau_s, tau_t
     f32 = dict(dtype=torch.float32)
     g_clean = torch.empty_like(s_clean) if grad_clean else s_clean.new_empty(0)
     g_mixed = torch.empty_like(s_mixed) if (grad_mixed and sm > 0) else s_clean.new_empty(0)
-    return (s_clean.new_empty(3, **f32), s_clean.new_empty(k, **f32), s_clean.new_empty((sc + sm) * b, 4, **f32),
+    return (s_clean.new_empty(4, **f32), s_clean.new_empty(k, **f32), s_clean.new_empty((sc + sm) * b, 4, **f32),
             s_clean.new_empty(2 * t * b, 2, **f32), g_clean, g_mixed)
 
 
@@ -124,7 +125,7 @@ def _backward(ctx, g_terms, *_unused):
     s_clean, s_mixed, t_clean, t_mixed, center, lam, row_stat, lse_t, g_clean, g_mixed = ctx.saved_tensors
     tau_s, tau_t, mix_weight = ctx.scalars
     need_clean, need_mixed = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-    g = g_terms.float().contiguous()
+    g = (g_terms[:3] + g_terms[3]).float().contiguous()  # loss = dino + mix_source + mix_teacher
     if ctx.precomputed:
         _dino_grad_fixup(g_clean, g_mixed, g, s_clean, s_mixed, t_clean, t_mixed, center, lam, row_stat, lse_t,
                          tau_s, tau_t, mix_weight)
@@ -193,9 +194,7 @@ def _run(prepared, tau_s, tau_t, mix_weight) -> Tuple[Tensor, Tensor]:
 
 
 def _terms_dict(terms: Tensor) -> Dict[str, Tensor]:
-    out = {"dino": terms[0], "mix_source": terms[1], "mix_teacher": terms[2]}
-    out["loss"] = out["dino"] + out["mix_source"] + out["mix_teacher"]
-    return out
+    return dict(zip(("dino", "mix_source", "mix_teacher", "loss"), terms.unbind()))
 
 
 def sdmp_dino_terms(student_clean, student_mixed, teacher_clean, teacher_mixed, center: Tensor,

@@ -3,6 +3,7 @@
 #include "../common/api_common.h"
 #include "batch_mix.h"
 
+#include <algorithm>
 #include <vector>
 
 namespace sdmp {
@@ -23,6 +24,7 @@ std::vector<at::Tensor> batch_mix_views(const std::vector<at::Tensor>& xs, const
   DeviceGuard guard(ref);
   TORCH_CHECK(ref.dim() == 4, "batch_mix: views must be [n, C, H, W], got ", ref.sizes());
   const int64_t n = ref.size(0);
+  TORCH_CHECK(n <= 2 * 65535, "batch_mix: batch size ", n, " above the launch limit 131070");
   MixParams p;
   p.n = static_cast<int>(n);
   p.nviews = static_cast<int>(xs.size());
@@ -66,6 +68,8 @@ std::vector<at::Tensor> batch_mix_views(const std::vector<at::Tensor>& xs, const
     v.cut_h = cut_h[k].data_ptr<int64_t>();
     v.cut_w = cut_w[k].data_ptr<int64_t>();
     p.vec_ok = p.vec_ok && vec_aligned(x, v.W) && v.W % vec == 0;
+    TORCH_CHECK(x.numel() / std::max<int64_t>(n, 1) < (int64_t{1} << 31), "batch_mix: view ", k,
+                " has more than 2^31 elements per sample");
   }
   SDMP_CHECK_STATUS(batch_mix(p, current_stream(ref)));
   return outs;

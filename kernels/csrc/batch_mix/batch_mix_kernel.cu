@@ -1,6 +1,6 @@
 // Fused batch-flip mixing: one launch mixes every sample of every view with its partner n-1-i.
 //
-// A thread owns VEC consecutive pixels of one row, channel and *pair* {i, p}: it reads x_i and x_p there once
+// A thread owns VEC consecutive pixels of one row and channel of a *pair* {i, p}: it reads x_i and x_p there once
 // and writes both mixed outputs, so mixup and cutmix move exactly the bytes of a copy. Resizemix samples the
 // whole partner, bilinearly resized into the box (grid_sample semantics: half-pixel centres, border clamp),
 // with a few extra (cached) partner reads inside the box. Arithmetic follows the eager reference
@@ -77,42 +77,37 @@ __device__ __forceinline__ float mixed_pixel(const SampleMix& s, float a, float 
   return round_through<T>(resized_pixel<T>(partner_plane, H, W, s, y, x));
 }
 
+// grid (ceil(C*H*W/VEC / threads), pairs, views): a block covers part of one pair {i, n-1-i} of one view, so the
+// per-sample parameters are block-uniform and the index math is 32-bit (the API checks C*H*W < 2^31).
 template <typename T, int VEC>
 __global__ void __launch_bounds__(kThreads) batch_mix_kernel(MixParams p) {
-  const MixView& v = p.views[blockIdx.y];
-  const int n = p.n, npairs = (n + 1) / 2;
-  const int64_t wpacks = v.W / VEC;
-  const int64_t total = static_cast<int64_t>(npairs) * v.C * v.H * wpacks;
+  const MixView& v = p.views[blockIdx.z];
+  const uint32_t wpacks = static_cast<uint32_t>(v.W / VEC);
+  const uint32_t per_sample = static_cast<uint32_t>(v.C) * static_cast<uint32_t>(v.H) * wpacks;
+  const uint32_t idx = blockIdx.x * blockDim.x + threadIdx.x;
+  if (idx >= per_sample) return;
+  const int i = blockIdx.y, q = p.n - 1 - i;
+  const uint32_t wp = idx % wpacks, rest = idx / wpacks;
+  const int y = static_cast<int>(rest % static_cast<uint32_t>(v.H));
+  const int c = static_cast<int>(rest / static_cast<uint32_t>(v.H));
   const int64_t plane = static_cast<int64_t>(v.H) * v.W;
   const T* x = static_cast<const T*>(v.x);
   T* out = static_cast<T*>(v.out);
-  for (int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; idx < total;
-       idx += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t wp = idx % wpacks;
-    int64_t rest = idx / wpacks;
-    const int y = static_cast<int>(rest % v.H);
-    rest /= v.H;
-    const int c = static_cast<int>(rest % v.C);
-    const int i = static_cast<int>(rest / v.C);
-    const int q = n - 1 - i;
-    const int64_t xoff = wp * VEC;
-    const int64_t off_i = (static_cast<int64_t>(i) * v.C + c) * plane + static_cast<int64_t>(y) * v.W + xoff;
-    const int64_t off_q = (static_cast<int64_t>(q) * v.C + c) * plane + static_cast<int64_t>(y) * v.W + xoff;
-    float xi[VEC], xq[VEC], oi[VEC], oq[VEC];
-    load_floats<T, VEC>(x + off_i, xi);
-    load_floats<T, VEC>(x + off_q, xq);
-    const SampleMix si = sample_params(p, v, i), sq = sample_params(p, v, q);
-    const T* plane_i = x + (static_cast<int64_t>(i) * v.C + c) * plane;
-    const T* plane_q = x + (static_cast<int64_t>(q) * v.C + c) * plane;
+  const int xoff = static_cast<int>(wp) * VEC;
+  const T* plane_i = x + (static_cast<int64_t>(i) * v.C + c) * plane;
+  const T* plane_q = x + (static_cast<int64_t>(q) * v.C + c) * plane;
+  const int64_t in_row = static_cast<int64_t>(y) * v.W + xoff;
+  float xi[VEC], xq[VEC], oi[VEC], oq[VEC];
+  load_floats<T, VEC>(plane_i + in_row, xi);
+  load_floats<T, VEC>(plane_q + in_row, xq);
+  const SampleMix si = sample_params(p, v, i), sq = sample_params(p, v, q);
 #pragma unroll
-    for (int j = 0; j < VEC; ++j) {
-      const int xx = static_cast<int>(xoff) + j;
-      oi[j] = mixed_pixel<T>(si, xi[j], xq[j], plane_q, v.H, v.W, y, xx);
-      oq[j] = mixed_pixel<T>(sq, xq[j], xi[j], plane_i, v.H, v.W, y, xx);
-    }
-    store_floats<T, VEC>(out + off_i, oi);
-    if (q != i) store_floats<T, VEC>(out + off_q, oq);
+  for (int j = 0; j < VEC; ++j) {
+    oi[j] = mixed_pixel<T>(si, xi[j], xq[j], plane_q, v.H, v.W, y, xoff + j);
+    oq[j] = mixed_pixel<T>(sq, xq[j], xi[j], plane_i, v.H, v.W, y, xoff + j);
   }
+  store_floats<T, VEC>(out + (plane_i - x) + in_row, oi);
+  if (q != i) store_floats<T, VEC>(out + (plane_q - x) + in_row, oq);
 }
 
 template <typename T>
@@ -121,12 +116,11 @@ Status launch(const MixParams& p, Stream stream) {
   int64_t most = 0;
   for (int k = 0; k < p.nviews; ++k) {
     const MixView& v = p.views[k];
-    const int64_t packs = static_cast<int64_t>((p.n + 1) / 2) * v.C * v.H * (p.vec_ok ? v.W / V : v.W);
-    most = std::max(most, packs);
+    most = std::max<int64_t>(most, static_cast<int64_t>(v.C) * v.H * (p.vec_ok ? v.W / V : v.W));
   }
   if (most == 0) return cudaSuccess;
-  const unsigned blocks = static_cast<unsigned>(std::min<int64_t>((most + kThreads - 1) / kThreads, 65535));
-  const dim3 grid(blocks, static_cast<unsigned>(p.nviews));
+  const dim3 grid(static_cast<unsigned>((most + kThreads - 1) / kThreads), static_cast<unsigned>((p.n + 1) / 2),
+                  static_cast<unsigned>(p.nviews));
   if (p.vec_ok) {
     auto k = batch_mix_kernel<T, V>;
     SDMP_LAUNCH(k, grid, dim3(kThreads), 0, stream, p);

@@ -47,7 +47,7 @@ struct DinoParams {
   float* s_part = nullptr;    // [V*B, n_kblocks, 4] partial (max, sum, dot1, dot2)
   float* row_stat = nullptr;  // [V*B, 4] (max, log sum) of x = student / tau_s, target masses q1, q2
   float* row_loss = nullptr;  // [V*B, 3] (dino, mix_source, mix_teacher) contribution of each row
-  float* terms = nullptr;     // [3]
+  float* terms = nullptr;     // [4] dino, mix_source, mix_teacher, their sum
 
   // gradient
   void* g_clean = nullptr;  // [Sc, B, K] or null (not wanted)

@@ -141,7 +141,7 @@ at::Tensor check_grad_terms(const at::Tensor& g_terms, const at::Tensor& ref) {
 
 }  // namespace
 
-// Returns {terms [3] = (dino, mix_source, mix_teacher), center_mean [K], row_stat [V*B, 4], lse_t [2TB, 2],
+// Returns {terms [4] = (dino, mix_source, mix_teacher, loss), center_mean [K], row_stat [V*B, 4], lse_t [2TB, 2],
 // grad_clean, grad_mixed}. With grad_* set, the gradients of terms.sum() (upstream gradient 1 for every term)
 // are computed in the same pass (`fused`: one launch that re-reads each pair's rows right after their
 // statistics, mostly from L2); the backward then only corrects them when its upstream gradient differs.
@@ -161,7 +161,7 @@ std::vector<at::Tensor> dino_fwd(const at::Tensor& s_clean, const std::optional<
   at::Tensor s_part = new_buffer({rows, p.n_kblocks, 6}, f32);
   at::Tensor row_stat = new_buffer({rows, 4}, f32);
   at::Tensor row_loss = new_buffer({rows, 3}, f32);
-  at::Tensor terms = new_buffer({3}, f32);
+  at::Tensor terms = new_buffer({4}, f32);
   p.s_part = s_part.data_ptr<float>();
   p.row_stat = row_stat.data_ptr<float>();
   p.row_loss = row_loss.data_ptr<float>();

@@ -568,18 +568,19 @@ __global__ void __launch_bounds__(kDinoThreads) merge_rows_kernel(DinoParams p, 
   if (row < nrows) merge_row(p, row, lane);
 }
 
-// One block: terms[c] = pair_norm * sum over rows of row_loss[:, c] (fixed order: deterministic).
+// One block: terms[c] = pair_norm * sum over rows of row_loss[:, c] (fixed order: deterministic), and
+// terms[3] = (terms[0] + terms[1]) + terms[2], the total in the reference's order of additions.
 __global__ void __launch_bounds__(kDinoThreads) terms_kernel(DinoParams p, int nrows) {
+  __shared__ float total[3];
   for (int c = 0; c < 3; ++c) {
     float s = 0.f;
     for (int row = threadIdx.x; row < nrows; row += blockDim.x) s += p.row_loss[static_cast<int64_t>(row) * 3 + c];
     s = block_sum(s);
-    if (threadIdx.x == 0) p.terms[c] = s * p.pair_norm;
+    if (threadIdx.x == 0) total[c] = p.terms[c] = s * p.pair_norm;
   }
+  if (threadIdx.x == 0) p.terms[3] = (total[0] + total[1]) + total[2];
 }
 
-// Grid-strided over the (pair, column block) units: one unit per block normally; the mode-gated backward
-// launch uses a small grid so that it costs little when it has nothing to do.
 template <typename T, int VEC>
 __global__ void __launch_bounds__(kDinoPairThreads, 2) student_grad_kernel(DinoParams p) {
   if (p.mode != nullptr && *p.mode != p.run_mode) return;
