@@ -124,10 +124,12 @@ sanitize() {
 
 sanitize memcheck
 if [ "${SKIP_BENCH:-0}" != 1 ]; then
-  step bench_losses 200 "$PY" -m sdmp_fast.cli bench losses --iters 10 --warmup 3 --json "$OUT/losses.json"
+  step bench_losses 200 "$PY" -m sdmp_fast.cli bench losses --iters 10 --warmup 3 --dino-variants unfused,1,2,8 \
+    --json "$OUT/losses.json"
   step bench_mixing 120 "$PY" -m sdmp_fast.cli bench mixing --iters 10 --warmup 3 --json "$OUT/mixing.json"
-  for f in losses mixing; do
-    [ -f "$OUT/$f.json" ] && cp "$OUT/$f.json" "bench/results/$f-$(date +%Y%m%d)-gpu_kernels.json"
+  TAG=$("$PY" -c "import torch; from sdmp_fast.benchmarks.loaders import device_tag; print(device_tag(torch.device('cuda' if torch.cuda.is_available() else 'cpu')))" 2>/dev/null || echo gpu)
+  for f in losses mixing; do  # same names as the benches' defaults: bench/results/<name>-<device>-<date>.json
+    [ -f "$OUT/$f.json" ] && cp "$OUT/$f.json" "bench/results/$f-$TAG-$(date +%Y%m%d).json"
   done
 fi
 sanitize racecheck

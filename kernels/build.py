@@ -210,7 +210,8 @@ def _check_command(path: Path, out: str, arch_list: Sequence[str]) -> Tuple[List
         return cmd, f"{std}, " + " ".join(f"sm_{a}" for a in arch_list)
     std = _torch_cxx_std()
     host = [f"-Xcompiler=-idirafter{d}" for d in extra_host_includes()]
-    cmd = [nvcc, "-c", str(path), "-o", out, f"-std={std}", "-O3", "-Xcompiler", "-fPIC",
+    # Host-only sources: -O0 (a compile check, not a build; torch's headers dominate the time).
+    cmd = [nvcc, "-c", str(path), "-o", out, f"-std={std}", "-O0", "-Xcompiler", "-fPIC",
            f"-I{sysconfig.get_paths()['include']}", *incs, *host, *defs]
     return cmd, f"{std}, host"
 

@@ -19,6 +19,7 @@ device-to-device copy bandwidth. On a CPU-only machine sizes shrink and kernel r
 """
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import os
 import traceback
@@ -56,6 +57,9 @@ def add_arguments(p) -> None:
     p.add_argument("--teacher-crops", type=int, default=2)
     p.add_argument("--teacher-mixed", action="store_true",
                    help="also feed the teacher's mixed global crops (eq. 8 with a mixed teacher)")
+    p.add_argument("--dino-variants", default="",
+                   help="extra CUDA-graph kernel rows for DINO: comma list of 'unfused' and/or pair-group sizes of the "
+                        "fused forward (e.g. 'unfused,1,2,8'); the default kernel uses SDMP_DINO_GROUP_PAIRS or 4")
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows")
@@ -85,6 +89,20 @@ def _graph_step(step: Callable) -> Callable[[], object]:
     with torch.cuda.graph(graph):
         step()
     return graph.replay
+
+
+@contextlib.contextmanager
+def _env(**kv):
+    old = {k: os.environ.get(k) for k in kv}
+    os.environ.update({k: str(v) for k, v in kv.items()})
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def _time(step: Callable, args) -> float:
@@ -236,6 +254,16 @@ def bench_dino(args, device, dtype, copy_gbps) -> List[Dict]:
         if _kernels_ready(device) else None,
         "eager": lambda: _grad_step(wrap(losses.sdmp_dino_terms), inputs),
     }
+    for variant in [v.strip() for v in args.dino_variants.split(",") if v.strip()]:
+        # The launch configuration is read when the graph is captured: set it for the capture only.
+        kv = {"SDMP_DINO_FUSED": "0"} if variant == "unfused" else {"SDMP_DINO_GROUP_PAIRS": int(variant)}
+
+        def variant_step(kv=kv):
+            if not _kernels_ready(device):
+                return None
+            with _env(**kv):
+                return _graph_step(_grad_step(wrap(K.sdmp_dino_terms), inputs))
+        impls[f"kernel_graph_{'unfused' if variant == 'unfused' else 'gp' + variant}"] = variant_step
     if not args.no_compile:
         impls["compile"] = lambda: _grad_step(torch.compile(wrap(losses.sdmp_dino_terms)), inputs)
     return _run_impls("dino", shape, min_bytes, impls, args, copy_gbps)

@@ -22,7 +22,7 @@ using Status = cudaError_t;
 // `kernel` is a plain function pointer variable (keeps template commas out of the macro).
 #ifdef SDMP_EMULATE
 #define SDMP_LAUNCH(kernel, grid, block, smem, stream, ...) \
-  ::sdmp_emu::launch((grid), (block), (smem), (kernel), __VA_ARGS__)
+  ((void)(stream), ::sdmp_emu::launch((grid), (block), (smem), (kernel), __VA_ARGS__))
 #else
 #define SDMP_LAUNCH(kernel, grid, block, smem, stream, ...) \
   kernel<<<(grid), (block), (smem), (stream)>>>(__VA_ARGS__)
