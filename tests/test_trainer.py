@@ -442,3 +442,18 @@ def test_cli_sdmp_moco_loss_falls_on_fashion_mnist(tmp_path):
     assert recs[-1]["loss"] < 0.97 * recs[0]["loss"], [r["loss"] for r in recs]
     assert recs[-1]["source"] < recs[0]["source"]
 
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("method", ["mocov3", "dino"])
+@pytest.mark.parametrize("sdmp", [True, False])
+def test_fused_kernels_match_reference_losses_in_training(tmp_path, method, sdmp):
+    cfg = tiny_cfg(tmp_path, method=method, sdmp=sdmp, device="cuda", precision="fp32", steps=4, log_every=2,
+                   deterministic=False)
+    ref = Trainer(TrainConfig(**{**cfg.to_dict(), "kernels": "off"}).resolve().validate())
+    ref.fit(str(tmp_path / "ref"))
+    fused = Trainer(cfg)
+    fused.fit(str(tmp_path / "fused"))
+    for a, b in zip(read_metrics(str(tmp_path / "ref")), read_metrics(str(tmp_path / "fused"))):
+        for k in ref.names:
+            assert b[k] == pytest.approx(a[k], rel=1e-3, abs=1e-5), k
