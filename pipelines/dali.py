@@ -8,7 +8,7 @@ GPU mode (``device="cuda[:i]"``): decoding is ``mixed`` (nvJPEG, and the hardwar
 has one), every augmentation runs on that GPU, outputs come back bound to torch's current stream as
 zero-copy DLPack tensors (no host synchronisation per batch), and ``assemble_batch`` mixes on the device.
 CPU mode (``device="cpu"``): ``device_id=None``, every op on DALI's CPU thread pool, the same recipe; mixing
-by ``cpu_mix.assemble_batch_cpu`` (same result as ``assemble_batch``, a fraction of its CPU cost).
+by ``assemble_batch`` (its per-sample host path on CPU tensors).
 
 Why ``external_source`` and not DALI's file reader: the reader pads and shards by its own rules, while feeding
 the order ourselves gives EpochSampler's exact semantics and lets a bad file be dropped before DALI sees it.
@@ -22,6 +22,7 @@ odd under mixing drops one more sample so batch-flip pairs stay complete.
 from __future__ import annotations
 
 import collections
+import contextlib
 import os
 from concurrent.futures import ThreadPoolExecutor
 from typing import Deque, Dict, Iterator, List, Optional, Sequence
@@ -32,10 +33,26 @@ import torch
 from sdmp_fast.batch import SDMPBatch
 
 from .base import EpochSampler, assemble_batch, list_images, make_generator
-from .cpu_mix import assemble_batch_cpu, one_torch_thread
 from .image_bytes import read_encoded
 from .recipes import Recipe
 from .skips import SkipLog, short_reason
+
+@contextlib.contextmanager
+def one_torch_thread():
+    """Run torch's CPU ops single-threaded inside the block (restored after).
+
+    Per-sample ops on one image are too small to gain from intra-op threads, and while a loader's own worker
+    threads (DALI's) keep every core busy, OpenMP's fork/join barriers stall for milliseconds per op."""
+    n = torch.get_num_threads()
+    if n == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+
 
 _DTYPES = (None, torch.float32, torch.float16, torch.bfloat16)
 _READ_CHUNK = 32  # files per reader task: amortises the thread-pool hand-off
@@ -134,8 +151,7 @@ class DaliLoader:
     the usable CPU count), ``prefetch_queue_depth`` (batches DALI prepares ahead, default 2),
     ``read_threads`` (file-reading threads; default 1 on CPU, 4 on GPU), ``conditionals`` (split batches
     with DALI's ``if`` for the rarely drawn ops; default on CPU only), ``decoder_options`` (passed to
-    ``fn.decoders.image``, e.g. ``{"hw_decoder_load": 0.9}`` or ``{"use_fast_idct": True}``), ``cpu_mix``
-    (CPU mode: per-sample mixing, default True; False uses ``assemble_batch``).
+    ``fn.decoders.image``, e.g. ``{"hw_decoder_load": 0.9}`` or ``{"use_fast_idct": True}``).
     """
 
     def __init__(self, data, recipe: Recipe, batch_size: int, *, device=torch.device("cpu"), shard_id: int = 0,
@@ -143,7 +159,7 @@ class DaliLoader:
                  dtype: Optional[torch.dtype] = None, num_workers: Optional[int] = None,
                  num_threads: Optional[int] = None, prefetch_queue_depth: int = 2,
                  read_threads: Optional[int] = None, conditionals: Optional[bool] = None,
-                 decoder_options: Optional[dict] = None, cpu_mix: bool = True):
+                 decoder_options: Optional[dict] = None):
         self.recipe = recipe.validate()
         if dtype not in _DTYPES:
             raise ValueError(f"dtype: DALI loader emits float32, float16 or bfloat16 views, got {dtype}")
@@ -165,7 +181,6 @@ class DaliLoader:
         self.prefetch_queue_depth = prefetch_queue_depth
         self.conditionals = (not self.gpu) if conditionals is None else bool(conditionals)
         self.decoder_options = dict(decoder_options or {})
-        self._mix = assemble_batch_cpu if (cpu_mix and not self.gpu) else assemble_batch
         self.log = SkipLog("dali")
         self._labels = torch.tensor(self.images.labels, dtype=torch.long, device=self.device)
         self._feeder = _Feeder(self.images.files, self.log, self.recipe.mix.enabled,
@@ -242,7 +257,7 @@ class DaliLoader:
         views = [torch.from_dlpack(o.as_tensor()) for o in outs[:n_views]]
         indices = torch.from_dlpack(outs[n_views + 1].as_tensor()) if self.gpu else indices_cpu
         labels = self._labels[indices]
-        batch = self._mix(views, labels, indices, self.recipe, generator)
+        batch = assemble_batch(views, labels, indices, self.recipe, generator)
         if self.dtype is not None and batch.views[0].dtype != self.dtype:
             batch.views = [v.to(self.dtype) for v in batch.views]
             batch.mixed_views = [v.to(self.dtype) for v in batch.mixed_views]

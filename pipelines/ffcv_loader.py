@@ -26,8 +26,7 @@ import torch
 
 from sdmp_fast.batch import SDMPBatch
 
-from .base import EpochSampler, make_generator
-from .cpu_mix import assemble_batch_cpu
+from .base import EpochSampler, assemble_batch, make_generator
 from .recipes import Recipe, ViewSpec
 
 REQUIRED_FIELDS = ("image", "label", "index")
@@ -231,8 +230,7 @@ class FFCVLoader:
                 for spec, x in self._uint8_groups(out):
                     x = self._ops.augment(x.float().div_(255), spec, gen)
                     views += self._ops.normalize(x, mean, std).split(labels.shape[0])
-                # assemble_batch_cpu: same result as assemble_batch; per-sample work on a CPU, assemble_batch on cuda
-                batch = assemble_batch_cpu(views, labels, indices, self.recipe, gen)
+                batch = assemble_batch(views, labels, indices, self.recipe, gen)
                 yield batch.to(self.device, dtype=self.dtype) if self.dtype is not None else batch
         finally:
             # An epoch left early (break, exception) would keep FFCV's prefetch thread and its memory

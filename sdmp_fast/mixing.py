@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 __all__ = ["METHODS", "method_ids", "sample_beta", "draw_mix_params", "box_size", "box_position",
-           "box_lam", "apply_mix", "mix_view", "mix_views", "sdmp_mix", "check_batch_size"]
+           "box_lam", "apply_mix", "mix_view", "mix_view_per_sample", "mix_views", "sdmp_mix", "check_batch_size"]
 
 METHODS: Tuple[str, ...] = ("mixup", "cutmix", "resizemix")
 MIXUP, CUTMIX, RESIZEMIX = 0, 1, 2
@@ -176,13 +176,62 @@ def mix_view(x: torch.Tensor, lam: torch.Tensor, method: torch.Tensor,
     return mixed, lam_eff
 
 
+def _resize_into_box(partner: torch.Tensor, cut_h: int, cut_w: int) -> torch.Tensor:
+    """``partner`` [C, H, W] bilinearly resized to [C, cut_h, cut_w]: apply_mix's grid restricted to the box."""
+    dev = partner.device
+    gy = (2.0 * torch.arange(cut_h, device=dev, dtype=torch.float64) + 1.0) / cut_h - 1.0
+    gx = (2.0 * torch.arange(cut_w, device=dev, dtype=torch.float64) + 1.0) / cut_w - 1.0
+    grid = torch.stack(torch.broadcast_tensors(gx[None, :], gy[:, None]), dim=-1)[None]  # [1, ch, cw, 2]
+    work = partner if partner.dtype in (torch.float32, torch.float64) else partner.float()
+    out = F.grid_sample(work[None], grid.to(work.dtype), mode="bilinear", padding_mode="border",
+                        align_corners=False)
+    return out[0].to(partner.dtype)
+
+
+def mix_view_per_sample(x: torch.Tensor, lam: torch.Tensor, method: torch.Tensor,
+                        generator: Optional[torch.Generator] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """:func:`mix_view` computed sample by sample on the host: same draws, same values, no autograd.
+
+    apply_mix is branch-free for the GPU: every sample pays for the blend, the paste and a full resize of its
+    partner. On a CPU those full-batch passes cost more than decoding and augmenting the images, while here a
+    sample does only its own method. Reading the box sizes to Python syncs, which is free on a CPU.
+    """
+    n, _, h, w = x.shape
+    check_batch_size(n)
+    cut_h, cut_w = box_size(lam, h, w)
+    y0, x0 = box_position(cut_h, cut_w, h, w, generator)
+    lam_x = lam.to(x.dtype)
+    out = torch.empty_like(x)
+    rows = zip(method.tolist(), y0.tolist(), x0.tolist(), cut_h.tolist(), cut_w.tolist())
+    for i, (m, top, left, ch, cw) in enumerate(rows):
+        own, partner = x[i], x[n - 1 - i]
+        if m == MIXUP:
+            torch.add(lam_x[i] * own, (1.0 - lam_x[i]) * partner, out=out[i])
+            continue
+        out[i].copy_(own)
+        if ch == 0 or cw == 0:
+            continue
+        box = out[i, :, top:top + ch, left:left + cw]
+        box.copy_(_resize_into_box(partner, ch, cw) if m == RESIZEMIX else partner[:, top:top + ch, left:left + cw])
+    lam_eff = torch.where(method == MIXUP, lam.float(), box_lam(cut_h, cut_w, h, w))
+    return out, lam_eff
+
+
 def mix_views(views: Sequence[torch.Tensor], lam: torch.Tensor, method: torch.Tensor,
               generator: Optional[torch.Generator] = None,
-              method_set: Sequence[int] = (MIXUP, CUTMIX, RESIZEMIX)):
-    """Mix every view with the same per-sample lam/method; returns (mixed views, per-view lam list)."""
+              method_set: Sequence[int] = (MIXUP, CUTMIX, RESIZEMIX), per_sample: Optional[bool] = None):
+    """Mix every view with the same per-sample lam/method; returns (mixed views, per-view lam list).
+
+    ``per_sample=None`` picks the host per-sample path for CPU tensors that need no gradient (a data loader's
+    case) and the vectorised, capturable :func:`apply_mix` otherwise; both give the same result.
+    """
     out, lams = [], []
     for v in views:
-        m, l_eff = mix_view(v, lam, method, generator, method_set)
+        host = per_sample if per_sample is not None else (v.device.type == "cpu" and not v.requires_grad)
+        if host:
+            m, l_eff = mix_view_per_sample(v, lam, method, generator)
+        else:
+            m, l_eff = mix_view(v, lam, method, generator, method_set)
         out.append(m)
         lams.append(l_eff)
     return out, lams

@@ -14,7 +14,6 @@ pytest.importorskip("nvidia.dali")
 
 from sdmp_fast.data import make_synthetic_image_folder  # noqa: E402
 from sdmp_fast.pipelines.base import assemble_batch, make_generator, make_loader  # noqa: E402
-from sdmp_fast.pipelines.cpu_mix import assemble_batch_cpu  # noqa: E402
 from sdmp_fast.pipelines.image_bytes import sniff_image  # noqa: E402
 from sdmp_fast.pipelines.recipes import IMAGENET_MEAN, IMAGENET_STD, byol2, dino  # noqa: E402
 
@@ -182,23 +181,6 @@ def test_sniff_rejects_what_no_decoder_can_use():
     assert sniff_image(b"") == "empty file"
     assert "not an image" in sniff_image(b"hello world")
     assert "truncated" in sniff_image(_jpeg_bytes(Image.new("RGB", (64, 64)))[:-10])
-
-
-@pytest.mark.timeout(60)
-@pytest.mark.parametrize("recipe,sizes", [(byol2(size=40), [40, 40]), (small_dino(), [32, 32, 16, 16, 16, 16])],
-                         ids=["byol2", "dino"])
-def test_cpu_mixer_equals_assemble_batch(recipe, sizes):
-    n = 12
-    views = [torch.randn(n, 3, s, s, generator=torch.Generator().manual_seed(k)) for k, s in enumerate(sizes)]
-    labels, indices = torch.arange(n) % 3, torch.arange(n)
-    ref = assemble_batch(views, labels, indices, recipe, make_generator(5, 1, 0, "cpu"))
-    fast = assemble_batch_cpu(views, labels, indices, recipe, make_generator(5, 1, 0, "cpu"))
-    assert torch.equal(ref.lam, fast.lam) and torch.equal(ref.method, fast.method)
-    assert set(ref.method.tolist()) == {0, 1, 2}
-    for a, b in zip(ref.mixed_views, fast.mixed_views):
-        torch.testing.assert_close(b, a, rtol=0, atol=1e-6)
-    odd = assemble_batch_cpu([v[:5] for v in views], labels[:5], indices[:5], recipe, None)
-    assert (odd.lam == 1).all()  # a short odd batch is not mixed (as assemble_batch)
 
 
 @pytest.mark.timeout(60)

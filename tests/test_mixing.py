@@ -127,3 +127,17 @@ def test_mixed_resolution_views():
     views = [torch.randn(4, 3, 32, 32), torch.randn(4, 3, 12, 12)]
     mixed, lam, _ = sdmp_mix(views, generator=g)
     assert [m.shape for m in mixed] == [v.shape for v in views]
+
+
+@pytest.mark.parametrize("sizes", [[40, 40], [32, 32, 16, 16]])
+def test_host_per_sample_path_equals_vectorised(sizes):
+    """Loaders on a CPU take the per-sample host path; it must equal the capturable apply_mix path."""
+    n = 12
+    views = [torch.randn(n, 3, s, s, generator=torch.Generator().manual_seed(k)) for k, s in enumerate(sizes)]
+    lam, meth = draw_mix_params(n, 1.0, generator=torch.Generator().manual_seed(1))
+    meth[:3] = torch.tensor([MIXUP, CUTMIX, RESIZEMIX])
+    ref, ref_lam = mix_views(views, lam, meth, torch.Generator().manual_seed(2), per_sample=False)
+    fast, fast_lam = mix_views(views, lam, meth, torch.Generator().manual_seed(2), per_sample=True)
+    for a, b, la, lb in zip(ref, fast, ref_lam, fast_lam):
+        torch.testing.assert_close(b, a, rtol=0, atol=1e-6)
+        assert torch.equal(la, lb)
