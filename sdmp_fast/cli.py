@@ -30,7 +30,7 @@ def _add(sub, name, module, help_):
 
 
 def build_parser(argv) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="sdmp-fast", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="sdmp-fast", description="SDMP self-supervised ViT pretraining: loaders, kernels, trainer, benchmarks")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (module, help_) in COMMANDS.items():
         _add(sub, name, module, help_)
