@@ -75,18 +75,17 @@ def apply_mix(x: Tensor, lam: Tensor, method: Tensor, y0: Tensor, x0: Tensor, cu
 
 
 def mix_views(views: Sequence[Tensor], lam: Tensor, method: Tensor, generator: Optional[torch.Generator] = None,
-              method_set: Sequence[int] = _ALL) -> Tuple[List[Tensor], List[Tensor]]:
-    """:func:`sdmp_fast.mixing.mix_views` with all views mixed in one launch.
+              method_set: Sequence[int] = _ALL, per_sample: Optional[bool] = None) -> Tuple[List[Tensor], List[Tensor]]:
+    """:func:`sdmp_fast.mixing.mix_views` (same signature) with all views mixed in one kernel launch.
 
-    Box positions are drawn from ``generator`` view by view exactly as the reference does, so the same
-    generator state gives the same mixed views and lams.
+    Box positions are drawn from ``generator`` view by view exactly as the reference does, so the same generator
+    state gives the same mixed views and lams. Where the kernel cannot run (CPU tensors, ``per_sample=True``,
+    ...) this is the reference itself.
     """
     views = list(views)
+    if per_sample or not _use_kernel(views):
+        return mix_views_ref(views, lam, method, generator, method_set, per_sample)
     for v in views:
-        if not v.is_floating_point():
-            raise TypeError(f"mix_view: views must be floating point (normalised images), got {v.dtype}")
-        if v.dim() != 4:
-            raise ValueError(f"mix_view: expected a view of shape [n, C, H, W], got {tuple(v.shape)}")
         check_batch_size(v.shape[0])
     boxes, lams = [], []
     for v in views:
