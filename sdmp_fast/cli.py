@@ -14,6 +14,7 @@ COMMANDS = {
     "convert": ("sdmp_fast.pipelines.convert", "write an ImageFolder tree into an FFCV .beton"),
     "show": ("sdmp_fast.pipelines.show", "PNG grid of a batch's views and mixed views"),
     "make-data": ("sdmp_fast.benchmarks.make_data", "build a benchmark JPEG ImageFolder from scikit-image photos"),
+    "drill": ("sdmp_fast.fault_drill", "kill -9 training runs at random points and check every resume matches"),
 }
 BENCH = {
     "loaders": ("sdmp_fast.benchmarks.loaders", "images/sec of every loader backend, same recipe and data"),
