@@ -25,7 +25,7 @@ import collections
 import contextlib
 import os
 from concurrent.futures import ThreadPoolExecutor
-from typing import Deque, Dict, Iterator, List, Optional, Sequence
+from typing import Deque, Dict, Iterator, List, NamedTuple, Optional, Sequence
 
 import numpy as np
 import torch
@@ -71,6 +71,16 @@ def _read_chunk(paths: Sequence[str]):
     return [read_encoded(p) for p in paths]
 
 
+class _Fed(NamedTuple):
+    """A batch DALI has taken: the sampler's ``indices``, the ``kept`` ones handed to DALI, and the skips
+    (``bad`` indices, ``trimmed``) that are logged only once DALI returns it: a batch re-fed after a failed
+    run starts again from ``indices`` (a sample trimmed on the first try may be needed on the second)."""
+    indices: List[int]
+    kept: List[int]
+    bad: List[int]
+    trimmed: bool
+
+
 class _Feeder:
     """The pipeline's external_source callback: hands DALI one batch of encoded images per call.
 
@@ -82,9 +92,10 @@ class _Feeder:
     def __init__(self, files: Sequence[str], log: SkipLog, keep_even: bool, read_threads: int):
         self.files, self.log, self.keep_even = files, log, keep_even
         self.pending: Deque[List[int]] = collections.deque()
-        self.in_flight: Deque[List[int]] = collections.deque()
+        self.in_flight: Deque[_Fed] = collections.deque()
         self.known_bad: Dict[int, str] = {}
-        self._pool = ThreadPoolExecutor(max(1, read_threads), thread_name_prefix="sdmp-dali-read")
+        self.read_threads = max(1, read_threads)
+        self._pool: Optional[ThreadPoolExecutor] = None  # started by the first read, stopped by shutdown()
         self._ahead = None  # (indices, indices being read, [futures]) of the batch read in advance
 
     def start(self, batches: Sequence[List[int]]) -> None:
@@ -98,7 +109,7 @@ class _Feeder:
 
     def requeue_in_flight(self) -> None:
         """After a failed run: everything DALI held, and the read-ahead batch, go back to the front, in order."""
-        back = list(self.in_flight) + ([self._ahead[0]] if self._ahead is not None else [])
+        back = [fed.indices for fed in self.in_flight] + ([self._ahead[0]] if self._ahead is not None else [])
         self.pending.extendleft(reversed(back))
         self.in_flight.clear()
         self._ahead = None
@@ -110,6 +121,8 @@ class _Feeder:
         todo = [i for i in indices if i not in self.known_bad]
         paths = [self.files[i] for i in todo]
         chunks = [paths[k:k + _READ_CHUNK] for k in range(0, len(paths), _READ_CHUNK)]
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self.read_threads, thread_name_prefix="sdmp-dali-read")
         return indices, todo, [self._pool.submit(_read_chunk, chunk) for chunk in chunks]
 
     def __call__(self):
@@ -122,26 +135,38 @@ class _Feeder:
             self._ahead = self._submit()  # next batch's reads start now, overlapping this one's decode
             reads = [r for f in futures for r in f.result()]
             data, kept = [], []
-            for i in indices:
-                if i in self.known_bad:
-                    self.log.record(self.files[i], self.known_bad[i])
             for i, (buf, reason) in zip(todo, reads):
                 if buf is None:
                     self.known_bad[i] = reason
-                    self.log.record(self.files[i], reason)
                 else:
                     data.append(buf)
                     kept.append(i)
-            if self.keep_even and len(kept) % 2 and len(kept) < len(indices):
+            bad = [i for i in indices if i in self.known_bad]
+            trimmed = bool(self.keep_even and len(kept) % 2 and bad)
+            if trimmed:
                 data.pop()
                 kept.pop()
-                self.log.record_trim()
             if kept:
-                self.in_flight.append(kept)
+                self.in_flight.append(_Fed(indices, kept, bad, trimmed))
                 return data, np.asarray(kept, dtype=np.int64)
+            self._log(bad, trimmed)  # nothing for DALI to return: account for the batch now
+
+    def accept(self) -> List[int]:
+        """DALI returned the oldest batch in flight: log its skips; its kept sample indices."""
+        fed = self.in_flight.popleft()
+        self._log(fed.bad, fed.trimmed)
+        return fed.kept
+
+    def _log(self, bad: Sequence[int], trimmed: bool) -> None:
+        for i in bad:
+            self.log.record(self.files[i], self.known_bad[i])
+        if trimmed:
+            self.log.record_trim()
 
     def shutdown(self) -> None:
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = None
 
 
 class DaliLoader:
@@ -250,7 +275,7 @@ class DaliLoader:
     def _batch(self, outs, generator: torch.Generator) -> SDMPBatch:
         n_views = self.recipe.num_views
         indices_cpu = torch.from_dlpack(outs[n_views].as_tensor())
-        expected = self._feeder.in_flight.popleft()
+        expected = self._feeder.accept()
         if indices_cpu.tolist() != expected:  # the in-flight bookkeeping is what bad-file recovery relies on
             raise RuntimeError(f"DALI loader: batch order out of step (got {indices_cpu.tolist()[:4]}..., "
                                f"expected {expected[:4]}...)")
@@ -266,8 +291,8 @@ class DaliLoader:
     def _recover(self, err: RuntimeError) -> None:
         """Find the undecodable file(s) among the batches DALI held, mark them, rebuild and re-feed."""
         found = {}
-        for batch in list(self._feeder.in_flight):  # the failed batch is the oldest one; look further if not
-            for i in batch:
+        for fed in list(self._feeder.in_flight):  # the failed batch is the oldest one; look further if not
+            for i in fed.kept:
                 reason = self._probe_decode(self.images.files[i])
                 if reason is not None:
                     found[i] = reason
@@ -311,7 +336,21 @@ class DaliLoader:
     def _close_pipe(self) -> None:
         self._pipe = None  # DALI's pipeline shuts its threads down when collected
 
-    def __del__(self):
+    def close(self) -> None:
+        """Release DALI's pipelines (their worker threads and memory) and the file-reading threads now instead
+        of at garbage collection. An epoch in progress ends; iterating again builds everything anew."""
         feeder = getattr(self, "_feeder", None)
         if feeder is not None:
+            feeder.clear()
             feeder.shutdown()
+        self._pipe = self._probe = None
+        self._active = False
+
+    def __del__(self):
+        self.close()
+
+    def __enter__(self) -> "DaliLoader":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
