@@ -14,10 +14,20 @@ SEQUENTIAL traversal order, so changing epoch never recompiles.
 
 FFCV has no blur / solarize / hue / grayscale op, and its NormalizeImage placed after ToTensor hangs: the
 FFCV part of the pipeline therefore ends at uint8 (ToTensor, ToDevice) and everything else is ours.
+
+Re-creating loaders: numba never frees compiled code, so every FFCV Loader built grows the process for good
+(~16 MB measured, ~28 MB with ``multi_crop=False``) besides costing the compile. A closed (or collected)
+FFCVLoader parks its compiled FFCV Loader, and the next FFCVLoader with the same file and settings takes it
+back: a loader made per evaluation or per sweep point then costs neither. Each parked Loader is owned by one
+FFCVLoader at a time, and only once its epoch thread has exited; at most ``PARKED_MAX`` are kept (the batch
+buffers belong to each epoch, not to the Loader).
 """
 from __future__ import annotations
 
+import collections
 import os
+import queue
+import time
 from dataclasses import replace
 from typing import Callable, Iterator, List, Optional, Sequence, Tuple
 
@@ -30,6 +40,45 @@ from .base import EpochSampler, assemble_batch, make_generator
 from .recipes import Recipe, ViewSpec
 
 REQUIRED_FIELDS = ("image", "label", "index")
+PARKED_MAX = 4
+# settings key -> idle FFCV Loader; no lock: __del__ may park from inside a gc pass run while this thread is
+# in the middle of taking one, and single dict operations are atomic under the GIL
+_PARKED: "collections.OrderedDict[tuple, object]" = collections.OrderedDict()
+
+
+def _park(key, loader) -> None:
+    _PARKED.pop(key, None)
+    _PARKED[key] = loader
+    while len(_PARKED) > PARKED_MAX:
+        _PARKED.popitem(last=False)
+
+
+def _drain(q) -> None:
+    while True:
+        try:
+            q.get_nowait()
+        except queue.Empty:
+            return
+
+
+def stop_epoch(epoch, timeout: float = 30.0) -> bool:
+    """Stop FFCV's epoch thread (an ``EpochIterator``) for good; True once it has exited.
+
+    FFCV's own ``close()`` only sets a flag that the thread reads when its output queue is full, and the thread
+    ends each epoch with a blocking ``put(None)``: an epoch left after its last batches were queued keeps a
+    thread (and its batch buffers) forever. Draining the queue until the thread exits avoids that; an
+    end-of-epoch marker is left so that a consumer still holding the epoch ends it instead of waiting.
+    """
+    epoch.close()
+    deadline = time.monotonic() + timeout
+    while epoch.is_alive() and time.monotonic() < deadline:
+        _drain(epoch.output_queue)
+        epoch.join(0.05)
+    _drain(epoch.output_queue)
+    if epoch.is_alive():
+        return False
+    epoch.output_queue.put_nowait(None)
+    return True
 
 
 def _multi_crop_decoder_class():
@@ -174,9 +223,17 @@ class FFCVLoader:
 
         # Our sampler truncates with drop_last already: FFCV must keep every index it is given.
         first = self._epoch_order()
-        self._loader = Loader(self.path, batch_size=batch_size, num_workers=workers, order=OrderOption.SEQUENTIAL,
-                              indices=first, pipelines=pipelines, drop_last=False, os_cache=os_cache,
-                              batches_ahead=batches_ahead)
+        self._epoch_thread = None  # FFCV's EpochIterator of the running (or last) epoch
+        # What the compiled Loader depends on; the file's identity so a rewritten .beton is never read stale
+        st = os.stat(self.path)
+        self._key = (os.path.realpath(self.path), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, len(first),
+                     batch_size, workers, str(self.device), multi_crop, os_cache, batches_ahead,
+                     tuple((v.size, tuple(v.scale), tuple(v.ratio)) for v in self.views))
+        self._loader = _PARKED.pop(self._key, None)
+        if self._loader is None:
+            self._loader = Loader(self.path, batch_size=batch_size, num_workers=workers,
+                                  order=OrderOption.SEQUENTIAL, indices=first, pipelines=pipelines, drop_last=False,
+                                  os_cache=os_cache, batches_ahead=batches_ahead)
 
     @property
     def skipped(self) -> List[str]:
@@ -217,11 +274,13 @@ class FFCVLoader:
             yield spec, x.to(self.device, non_blocking=True).reshape(k * n, 3, s, s)
 
     def __iter__(self) -> Iterator[SDMPBatch]:
+        if self._loader is None:
+            raise RuntimeError(f"FFCV loader over {self.path!r} is closed")
         # Same length every epoch (EpochSampler), so FFCV's length computed at construction stays right.
         self._loader.traversal_order.indices = self._epoch_order()
         gen = make_generator(self.seed, self.sampler.epoch, self.shard_id, self.device)
         mean, std = self.recipe.mean, self.recipe.std
-        epoch = iter(self._loader)
+        epoch = self._epoch_thread = iter(self._loader)
         try:
             for out in epoch:
                 labels = out[1].view(-1).to(self.device, non_blocking=True)
@@ -233,10 +292,28 @@ class FFCVLoader:
                 batch = assemble_batch(views, labels, indices, self.recipe, gen)
                 yield batch.to(self.device, dtype=self.dtype) if self.dtype is not None else batch
         finally:
-            # An epoch left early (break, exception) would keep FFCV's prefetch thread and its memory
-            # mapping alive until garbage collection: stop it now.
-            epoch.close()
+            # An epoch left early (break, exception) would keep FFCV's prefetch thread, its batch buffers and
+            # memory mapping alive (for good when its last batches were already queued): stop it now.
+            stop_epoch(epoch)
 
     def close(self) -> None:
-        """Drop FFCV's loader (its memory map and buffers); iterating afterwards is an error."""
-        self._loader = None
+        """Stop the running epoch and park the compiled FFCV Loader for the next FFCVLoader with the same
+        settings (module docstring); iterating afterwards is an error."""
+        loader, self._loader = getattr(self, "_loader", None), None
+        if loader is None:
+            return
+        epoch, self._epoch_thread = self._epoch_thread, None
+        if epoch is None or stop_epoch(epoch):  # a thread still running compiled code is not shared
+            _park(self._key, loader)
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 - interpreter shutdown: module globals may be gone already
+            pass
+
+    def __enter__(self) -> "FFCVLoader":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
