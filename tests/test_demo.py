@@ -1,0 +1,42 @@
+"""Smoke test of `make demo`'s entry point with a tiny budget (the real demo is checked by hand, see
+bench/results/demo-cpu-*.md): pretraining through the trainer, k-NN of pretrained and random-init backbones,
+the table, and every file the demo promises."""
+import json
+
+import pytest
+
+from sdmp_fast import demo
+
+
+@pytest.mark.timeout(180)
+def test_demo_tiny_budget(tmp_path, capsys):
+    out = tmp_path / "demo_out"
+    rc = demo.main(["--device", "cpu", "--steps", "3", "--batch-size", "16", "--train-limit", "512",
+                    "--test-limit", "200", "--out", str(out)])
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "pretrained" in text and "random init" in text and "raw pixels" in text
+    res = json.loads((out / "results.json").read_text())
+    (rec,) = res["records"]
+    assert rec["steps"] == 3 and rec["batch_size"] == 16 and res["n_test"] == 200 and res["n_train"] == 512
+    for key in ("pretrained_knn", "random_init_knn", "raw_pixel_knn"):
+        value = rec[key] if key in rec else res[key]
+        assert 10.0 <= value <= 100.0  # 10 balanced-ish classes: anything sane beats 10% chance here
+    assert rec["train_img_per_s"] > 0
+    for name in ("mixed_views.png", "loss_seed0.png", "run-seed0/metrics.jsonl", "run-seed0/backbone.pt"):
+        assert (out / name).is_file(), name
+    with open(out / "mixed_views.png", "rb") as fh:
+        assert fh.read(4) == b"\x89PNG"
+
+
+def test_demo_rejects_bad_seeds(tmp_path):
+    with pytest.raises(SystemExit):
+        demo.main(["--seeds", "a,b", "--out", str(tmp_path)])
+
+
+def test_presets_are_valid_configs(tmp_path):
+    for preset in demo.PRESETS:
+        cfg = demo._config(preset, "cpu", 0, str(tmp_path / preset), {})
+        assert cfg.method == "mocov3" and cfg.sdmp and cfg.loader == "memory"
+        assert cfg.img_size % cfg.patch_size == 0
+        assert not cfg.cuda_graphs  # forced off on the CPU
