@@ -145,6 +145,54 @@ def test_eval_cli_errors_on_run_dir_without_checkpoint(tmp_path, capsys):
     assert "no checkpoint" in capsys.readouterr().err
 
 
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """A 2-step MoCo run on 64 Fashion-MNIST images (checkpoint + backbone.pt)."""
+    from sdmp_fast.config import TrainConfig
+    from sdmp_fast.data import load_fashion_mnist
+    from sdmp_fast.pipelines.memory import MemoryLoader
+    from sdmp_fast.trainer import Trainer, build_recipe
+
+    out = str(tmp_path_factory.mktemp("evalrun") / "run")
+    cfg = TrainConfig(arch="vit_tiny_patch16_224", img_size=28, patch_size=7, depth=1, embed_dim=32, num_heads=2,
+                      proj_hidden_dim=64, proj_dim=32, loader="memory", data="fashion-mnist", batch_size=16,
+                      steps=2, log_every=1, save_every=0, lr=1e-3, device="cpu", out=out, progress=False,
+                      tensorboard=False).resolve().validate()
+    x, y = load_fashion_mnist("train")
+    tr = Trainer(cfg, loader=MemoryLoader((x[:64], y[:64]), build_recipe(cfg), 16, device=torch.device("cpu")))
+    tr.fit(out)
+    return out, tr.model.backbone
+
+
+def test_eval_cli_on_a_run(tiny_run, tmp_path, capsys):
+    run, backbone = tiny_run
+    js = tmp_path / "eval.json"
+    argv = ["eval", "--checkpoint", run, "--train-limit", "300", "--test-limit", "100", "--linear",
+            "--linear-epochs", "10", "--raw-pixels", "--device", "cpu", "--json", str(js)]
+    assert cli.main(argv) == 0
+    text = capsys.readouterr().out
+    assert "pretrained: k-NN" in text and "linear probe" in text and "raw pixels" in text
+    res = json.loads(js.read_text())
+    assert res["n_train"] == 300 and res["n_test"] == 100 and res["img_size"] == 28 and res["feature_dim"] == 32
+    for key in ("knn_top1", "linear_top1", "raw_pixel_knn_top1"):
+        assert 0.1 < res[key] <= 1.0  # 10 classes; all of these beat chance on Fashion-MNIST
+    # the CLI evaluated the trained weights: same features as the in-memory backbone
+    from sdmp_fast.data import load_fashion_mnist
+    from sdmp_fast.evaluate import load_backbone_for_eval
+
+    model, info = load_backbone_for_eval(run)
+    x, _ = load_fashion_mnist("test")
+    a, _ = extract_features(model, x[:8], None, 28, info["mean"], info["std"])
+    b, _ = extract_features(backbone, x[:8], None, 28, info["mean"], info["std"])
+    assert torch.allclose(a, b, atol=1e-5)
+    # --random-init: same architecture, other weights
+    rnd, _ = load_backbone_for_eval(os.path.join(run, "backbone.pt"), random_init=True)
+    c, _ = extract_features(rnd, x[:8], None, 28, info["mean"], info["std"])
+    assert c.shape == a.shape and not torch.allclose(a, c)
+    assert cli.main(argv[:-2] + ["--random-init"]) == 0
+    assert "random init: k-NN" in capsys.readouterr().out
+
+
 # ------------------------------------------------------------------------------------------------- plot
 
 def _write_metrics(path, n=12, torn=False):
