@@ -19,7 +19,6 @@ device-to-device copy bandwidth. On a CPU-only machine sizes shrink and kernel r
 """
 from __future__ import annotations
 
-import contextlib
 import datetime as _dt
 import os
 import traceback
@@ -29,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from sdmp_fast import losses
+from sdmp_fast.kernels.selfcheck import env
 from sdmp_fast.benchmarks.common import copy_bandwidth_gbps, cuda_time_ms, device_description, print_table, write_results
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -89,20 +89,6 @@ def _graph_step(step: Callable) -> Callable[[], object]:
     with torch.cuda.graph(graph):
         step()
     return graph.replay
-
-
-@contextlib.contextmanager
-def _env(**kv):
-    old = {k: os.environ.get(k) for k in kv}
-    os.environ.update({k: str(v) for k, v in kv.items()})
-    try:
-        yield
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def _time(step: Callable, args) -> float:
@@ -261,7 +247,7 @@ def bench_dino(args, device, dtype, copy_gbps) -> List[Dict]:
         def variant_step(kv=kv):
             if not _kernels_ready(device):
                 return None
-            with _env(**kv):
+            with env(**kv):
                 return _graph_step(_grad_step(wrap(K.sdmp_dino_terms), inputs))
         impls[f"kernel_graph_{'unfused' if variant == 'unfused' else 'gp' + variant}"] = variant_step
     if not args.no_compile:
