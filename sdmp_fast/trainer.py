@@ -139,6 +139,15 @@ def loss_functions(cfg: TrainConfig, device: torch.device) -> Tuple[Callable, Ca
     return moco, dino_fn, name
 
 
+@torch.no_grad()
+def _teacher_entropies(teacher_logits: torch.Tensor, center: torch.Tensor, tau_t) -> torch.Tensor:
+    """[mean entropy of P_t per sample, entropy of P_t averaged over the batch] in nats, on the device."""
+    p = ref_losses.dino_teacher_probs(teacher_logits, center, tau_t).reshape(-1, teacher_logits.shape[-1])
+    per_sample = -torch.special.xlogy(p, p).sum(-1).mean()
+    m = p.mean(0)
+    return torch.stack([per_sample, -torch.special.xlogy(m, m).sum()])
+
+
 def _moco_ctr(q: torch.Tensor, k: torch.Tensor, tau: float, rank: int) -> torch.Tensor:
     """MoCo v3's contrastive loss (times 2*tau) of local queries against (all-gathered) keys."""
     n = q.shape[0]
@@ -266,7 +275,10 @@ class Trainer:
                                    tau_warm)
         self.freeze_last_steps = cfg.freeze_last_layer_epochs * self.steps_per_epoch
         self.moco_terms_fn, self.dino_terms_fn, self.loss_impl = loss_functions(cfg, self.device)
-        self.names = ("loss",) + term_names(cfg) + ("grad_norm",)
+        # DINO also logs the teacher's health: mean per-sample entropy of P_t (~0: sharp, ln K: uniform
+        # collapse) and the entropy of its batch mean (~0 with a sharp P_t: one-prototype collapse)
+        self.diag_names = ("teacher_entropy", "teacher_batch_entropy") if cfg.method == "dino" else ()
+        self.names = ("loss",) + term_names(cfg) + ("grad_norm",) + self.diag_names
 
         # host state (checkpointed)
         self.step, self.epoch, self.position = 0, 0, 0
@@ -378,6 +390,7 @@ class Trainer:
         t_mixed = t_out[2:] if cfg.sdmp else None
         s_mixed = s_out[n_sc:] if cfg.sdmp else None
         center = self.model.center
+        self._pending_diag = _teacher_entropies(t_clean, center, tau_t)
         terms, self._pending_center_mean = self.dino_terms_fn(s_out[:n_sc], s_mixed, t_clean, t_mixed, center, lam,
                                                               cfg.tau_s, tau_t, cfg.mix_weight)
         if cfg.sdmp:
@@ -409,7 +422,9 @@ class Trainer:
             gnorm = torch.nn.utils.clip_grad_norm_(with_grad, cfg.clip_grad)
         else:
             gnorm = torch.nn.utils.get_total_norm([p.grad for p in with_grad])
-        vals = torch.stack([loss.detach().float()] + [t.detach().float() for t in terms] + [gnorm.float()])
+        diag = [self._pending_diag.float()] if self.diag_names else []
+        vals = torch.cat([torch.stack([loss.detach().float()] + [t.detach().float() for t in terms] +
+                                      [gnorm.float()])] + diag)
         nonfinite = ~torch.isfinite(vals)
         bad = nonfinite.any().float()
         if self.world_size > 1:  # every rank must skip (or not) the same step, or parameters would diverge

@@ -3,6 +3,7 @@ signals, and (on a GPU) pipeline == eager, CUDA graph == eager, no host sync in 
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -202,9 +203,25 @@ def test_metrics_jsonl_format(tmp_path):
     assert [r["step"] for r in recs] == [2, 4]
     for r in recs:
         for k in ("step", "loss", "img_per_s", "lr", "dino", "mix_source", "mix_teacher", "grad_norm", "tau_t",
-                  "epoch", "skipped"):
+                  "epoch", "skipped", "teacher_entropy", "teacher_batch_entropy"):
             assert k in r, k
         assert r["img_per_s"] > 0 and r["loss"] > 0
+        # entropies of softmax distributions over K = 256 prototypes; the batch mean is at least as spread out
+        assert 0 <= r["teacher_entropy"] <= r["teacher_batch_entropy"] + 1e-5 <= math.log(256) + 1e-4
+
+
+def test_teacher_entropies_match_definition():
+    from sdmp_fast.trainer import _teacher_entropies
+
+    g = torch.Generator().manual_seed(0)
+    t, c = torch.randn(2, 6, 16, generator=g), torch.randn(1, 16, generator=g)
+    h, hb = _teacher_entropies(t, c, 0.07).tolist()
+    p = torch.softmax((t - c) / 0.07, dim=-1).reshape(-1, 16)
+    assert h == pytest.approx(float(-(p * p.log()).sum(-1).mean()), rel=1e-5)
+    m = p.mean(0)
+    assert hb == pytest.approx(float(-(m * m.log()).sum()), rel=1e-5)
+    uniform = _teacher_entropies(torch.zeros(2, 4, 16), torch.zeros(1, 16), 0.04)
+    assert uniform.tolist() == pytest.approx([math.log(16)] * 2)
 
 
 def test_schedules():
