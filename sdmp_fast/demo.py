@@ -81,6 +81,7 @@ def pretrain_and_evaluate(args, seed: int, data, device: torch.device, log=print
     from sdmp_fast.evaluate import extract_features, knn_classify
     from sdmp_fast.pipelines.memory import MemoryLoader
     from sdmp_fast.plot import plot_run
+    from sdmp_fast.runlog import RunLogger
     from sdmp_fast.trainer import Trainer
 
     xtr, ytr, xte, yte, train_images = data
@@ -103,7 +104,13 @@ def pretrain_and_evaluate(args, seed: int, data, device: torch.device, log=print
     log(f"seed {seed}: SDMP-MoCo {cfg.arch} depth {cfg.depth or 12} dim {cfg.embed_dim or 192} at {cfg.img_size} px "
         f"(patch {cfg.patch_size}) on {device}, {trainer.total_steps} steps of {cfg.batch_size} images ...")
     t0, c0 = time.perf_counter(), time.process_time()
-    trainer.fit(run_dir)
+    os.makedirs(run_dir, exist_ok=True)
+    logger = RunLogger(run_dir, trainer.total_steps, 0, progress=not args.no_progress, tensorboard=False,
+                       log=log)  # tqdm bar with img/s and the loss terms on stderr
+    try:
+        trainer.fit(run_dir, logger)
+    finally:
+        logger.close()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     train_s = time.perf_counter() - t0
@@ -144,6 +151,24 @@ def print_table(records: List[Dict], raw: Optional[float], n_test: int, n_bank: 
         log(f"raw pixels (no model): {raw:.2f}%")
 
 
+def cpu_threads(setting: str = "auto") -> int:
+    """Intra-op threads for the CPU run. With other processes on the cores, OpenMP's fork/join barriers stall
+    on every one of the thousands of small ops per step: measured on the 2-core box at load average ~5, one
+    thread trained at 160-180 img/s and two at 50-90 img/s. So ``auto`` keeps torch's default only while the
+    1-minute load average is below half the cores."""
+    if setting != "auto":
+        n = int(setting)
+        if n < 1:
+            raise ValueError(f"--threads: must be >= 1 or 'auto', got {setting!r}")
+        return n
+    cores = os.cpu_count() or 1
+    try:
+        busy = os.getloadavg()[0] >= 0.5 * cores
+    except OSError:  # no load average on this platform
+        busy = False
+    return 1 if busy else torch.get_num_threads()
+
+
 def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--out", default="demo_out", help="output directory (default demo_out/)")
     ap.add_argument("--device", default="auto", help="auto (cuda when available), cpu or cuda")
@@ -160,6 +185,16 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--knn-t", type=float, default=0.07)
     ap.add_argument("--eval-batch", type=int, default=1024)
     ap.add_argument("--no-raw-pixels", action="store_true", help="skip the raw-pixel k-NN reference")
+    ap.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
+    ap.add_argument("--threads", default="auto",
+                    help="torch CPU threads; auto: all cores on an idle machine, 1 on a busy one (see cpu_threads)")
+
+
+def _load() -> float:
+    try:
+        return os.getloadavg()[0]
+    except OSError:
+        return float("nan")
 
 
 def main(argv=None) -> int:
@@ -178,6 +213,11 @@ def main(argv=None) -> int:
         ap.error(f"--seeds: expected comma-separated integers, got {args.seeds!r}")
     if not args.seed_list:
         ap.error("--seeds: give at least one seed")
+    if device.type == "cpu":
+        try:
+            torch.set_num_threads(cpu_threads(args.threads))
+        except ValueError as e:
+            ap.error(str(e))
     os.makedirs(args.out, exist_ok=True)
     t_setup = time.perf_counter()
     xtr, ytr = load_fashion_mnist("train")
@@ -187,8 +227,19 @@ def main(argv=None) -> int:
     if args.test_limit:
         xte, yte = xte[: args.test_limit], yte[: args.test_limit]
     data = (xtr, ytr, xte, yte, (xtr, ytr))
+    if device.type == "cuda":  # the fused loss kernels JIT-build on first use: part of set-up, not of training
+        t_k = time.perf_counter()
+        try:
+            from sdmp_fast import kernels
+
+            ready = kernels.available(device)
+        except Exception as e:  # a broken build only costs speed: the trainer falls back to the references
+            ready = False
+            print(f"fused kernels unavailable ({type(e).__name__}: {e})")
+        print(f"fused loss kernels: {'ready' if ready else 'not used (reference losses)'} "
+              f"({time.perf_counter() - t_k:.0f} s)")
     print(f"sdmp-fast demo: Fashion-MNIST {len(xtr)} train / {len(xte)} test images, preset {args.preset}, "
-          f"device {device}, {torch.get_num_threads()} CPU threads (set-up {time.perf_counter() - t_setup:.1f} s)")
+          f"device {device}, {torch.get_num_threads()} CPU thread(s), load average {_load():.1f} (set-up {time.perf_counter() - t_setup:.1f} s)")
     t_all = time.perf_counter()
     records = [pretrain_and_evaluate(args, s, data, device) for s in args.seed_list]
     raw = None
@@ -200,7 +251,7 @@ def main(argv=None) -> int:
     with open(os.path.join(args.out, "results.json"), "w") as fh:
         json.dump({"preset": args.preset, "config": PRESETS[args.preset], "records": records,
                    "raw_pixel_knn": raw, "n_train": len(xtr), "n_test": len(xte), "total_s": round(total_s, 1),
-                   "torch_threads": torch.get_num_threads()}, fh, indent=1)
+                   "torch_threads": torch.get_num_threads(), "load_average_end": round(_load(), 2)}, fh, indent=1)
     return 0
 
 

@@ -40,3 +40,10 @@ def test_presets_are_valid_configs(tmp_path):
         assert cfg.method == "mocov3" and cfg.sdmp and cfg.loader == "memory"
         assert cfg.img_size % cfg.patch_size == 0
         assert not cfg.cuda_graphs  # forced off on the CPU
+
+
+def test_cpu_threads_setting():
+    assert demo.cpu_threads("3") == 3
+    assert demo.cpu_threads("auto") >= 1
+    with pytest.raises(ValueError, match="threads"):
+        demo.cpu_threads("0")
