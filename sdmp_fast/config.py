@@ -68,7 +68,8 @@ class TrainConfig:
     warmup_steps: Optional[int] = _f(None, "linear lr warm-up steps (default 10%% of the run)")
     weight_decay: Optional[float] = _f(None, "weight decay (MoCo v3 0.1, DINO 0.04)")
     weight_decay_end: Optional[float] = _f(None, "final weight decay of the cosine (DINO 0.4)")
-    momentum: Optional[float] = _f(None, "EMA keep rate at step 0, cosine to 1 (MoCo v3 0.99, DINO 0.996)")
+    momentum: Optional[float] = _f(None, "EMA keep rate at step 0, cosine to momentum_end (MoCo v3 0.99, DINO 0.996)")
+    momentum_end: float = _f(1.0, "final EMA keep rate (1 as in the papers; = --momentum keeps it constant)")
     clip_grad: Optional[float] = _f(None, "gradient-norm clipping, 0 = off (DINO 3.0)")
     # SDMP
     mix_weight: Optional[float] = _f(None, "weight of the mixed-loss terms (MoCo v3 1.0 per Algorithm 1, DINO 0.5)")
@@ -185,6 +186,7 @@ class TrainConfig:
         number("weight_decay", 0)
         number("weight_decay_end", 0)
         number("momentum", 0, 1)
+        number("momentum_end", 0, 1, allow_none=False)
         number("clip_grad", 0)
         number("mix_weight", 0)
         number("alpha", 0, lo_open=True, allow_none=False)

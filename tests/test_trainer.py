@@ -57,6 +57,7 @@ BAD_SETTINGS = [
     (["--arch", "resnet18"], "arch"),
     (["--alpha", "-1"], "alpha"),
     (["--momentum", "1.5"], "momentum"),
+    (["--momentum-end", "1.5"], "momentum_end"),
     (["--img-size", "30"], "img_size"),
     (["--mix-methods", "mixup,blend"], "mix_methods"),
     (["--cuda-graphs", "--device", "cpu"], "cuda_graphs"),
@@ -235,6 +236,14 @@ def test_schedules():
     assert s.ema_keep(0) == pytest.approx(0.996) and s.ema_keep(100) == pytest.approx(1.0)
     assert s.teacher_temp(0) == pytest.approx(0.04) and s.teacher_temp(15) == pytest.approx(0.055)
     assert s.teacher_temp(30) == s.teacher_temp(99) == pytest.approx(0.07)
+
+
+def test_momentum_end_sets_final_ema_keep_rate(tmp_path):
+    tr = Trainer(tiny_cfg(tmp_path, method="dino", momentum=0.99, steps=100))
+    assert tr.schedules.ema_keep(100) == pytest.approx(1.0)          # default: cosine to 1 as in the papers
+    const = Trainer(tiny_cfg(tmp_path, method="dino", momentum=0.99, momentum_end=0.99, steps=100))
+    assert [const.schedules.ema_keep(s) for s in (0, 50, 100)] == pytest.approx([0.99] * 3)
+    assert const.schedules.lr(50) == tr.schedules.lr(50)               # the other schedules are unchanged
 
 
 def test_lr_scales_with_global_batch(tmp_path):
