@@ -33,6 +33,7 @@ class Schedules:
     tau_t: float = 0.04
     tau_t_end: float = 0.07
     tau_t_warmup_steps: int = 0
+    momentum_end: float = 1.0  # the papers' keep rate ends at 1; = momentum keeps it constant (short runs)
 
     def lr(self, step: int) -> float:
         if step < self.warmup_steps:
@@ -43,7 +44,7 @@ class Schedules:
         return cosine(step, self.total_steps, self.wd, self.wd_end)
 
     def ema_keep(self, step: int) -> float:
-        return cosine(step, self.total_steps, self.momentum, 1.0)
+        return cosine(step, self.total_steps, self.momentum, self.momentum_end)
 
     def teacher_temp(self, step: int) -> float:
         if step < self.tau_t_warmup_steps:

@@ -47,7 +47,7 @@ from sdmp_fast import losses as ref_losses
 from sdmp_fast.batch import SDMPBatch
 from sdmp_fast.config import TrainConfig, mismatches
 from sdmp_fast.models import (DINO, MoCoV3, backbone_spec, create_backbone, ema_update_, param_groups)
-from sdmp_fast.schedules import Schedules, cosine
+from sdmp_fast.schedules import Schedules
 
 __all__ = ["Trainer", "NonFiniteError", "resolve_device", "build_recipe", "build_loader", "build_model",
            "term_names", "loss_functions"]
@@ -176,16 +176,6 @@ def _debug_env() -> Dict[str, float]:
             "exit_rank": num("SDMP_FAULT_RANK", 0.0), "nan_step": num("SDMP_DEBUG_NAN_STEP")}
 
 
-@dataclasses.dataclass(frozen=True)
-class _EMAEndSchedules(Schedules):
-    """Schedules whose EMA keep rate cosines to ``momentum_end`` instead of 1 (= ``momentum``: constant), for short
-    runs where a teacher frozen by the papers' keep rate -> 1 would stop following the student."""
-    momentum_end: float = 1.0
-
-    def ema_keep(self, step: int) -> float:
-        return cosine(step, self.total_steps, self.momentum, self.momentum_end)
-
-
 class _Stager:
     """Moves host batches to the GPU on a side stream (TorchRec's copy stage); device batches pass through."""
 
@@ -282,9 +272,7 @@ class Trainer:
                     else int(round(0.3 * self.total_steps)))
         self.schedules = Schedules(self.total_steps, peak_lr, cfg.min_lr, min(warmup, self.total_steps),
                                    cfg.weight_decay, cfg.weight_decay_end, cfg.momentum, cfg.tau_t, cfg.tau_t_end,
-                                   tau_warm)
-        if cfg.momentum_end != 1.0:
-            self.schedules = _EMAEndSchedules(*dataclasses.astuple(self.schedules), momentum_end=cfg.momentum_end)
+                                   tau_warm, cfg.momentum_end)
         self.freeze_last_steps = cfg.freeze_last_layer_epochs * self.steps_per_epoch
         self.moco_terms_fn, self.dino_terms_fn, self.loss_impl = loss_functions(cfg, self.device)
         # DINO also logs the teacher's health: mean per-sample entropy of P_t (~0: sharp, ln K: uniform
