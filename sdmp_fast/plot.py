@@ -8,6 +8,7 @@ from typing import Dict, List, Optional
 
 # Keys of a metrics record that are not loss terms (schedules, bookkeeping, throughput).
 NOT_LOSS_TERMS = {"step", "epoch", "loss", "img_per_s", "lr", "wd", "momentum", "tau_t", "skipped", "time_s",
+                  "teacher_entropy", "teacher_batch_entropy",
                   "grad_norm"}
 
 
