@@ -27,19 +27,25 @@ def read_metrics(path: str):
         return [json.loads(line) for line in fh if line.strip()]
 
 
-def truncate_metrics(path: str, last_step: int) -> None:
-    """Keep only records with step <= last_step (atomic rewrite); a torn last line is dropped."""
-    if not os.path.isfile(path):
-        return
-    kept = []
+def iter_records(path: str):
+    """(line, record) for every parseable record line of a metrics.jsonl; a torn line (a run killed mid-write)
+    is skipped."""
     with open(path) as fh:
         for line in fh:
             try:
                 rec = json.loads(line)
             except json.JSONDecodeError:
                 continue
-            if rec.get("step", 0) <= last_step:
-                kept.append(line if line.endswith("\n") else line + "\n")
+            if isinstance(rec, dict):
+                yield line, rec
+
+
+def truncate_metrics(path: str, last_step: int) -> None:
+    """Keep only records with step <= last_step (atomic rewrite); a torn last line is dropped."""
+    if not os.path.isfile(path):
+        return
+    kept = [line if line.endswith("\n") else line + "\n"
+            for line, rec in iter_records(path) if rec.get("step", 0) <= last_step]
     tmp = f"{path}.tmp.{os.getpid()}"
     with open(tmp, "w") as fh:
         fh.writelines(kept)
