@@ -260,16 +260,20 @@ def _read_image_folder(root: str, size: int = 64):
     return torch.from_numpy(np.stack(imgs)), torch.tensor(lst.labels)
 
 
-def load_backbone_for_eval(path: str, random_init: bool = False):
+def load_backbone_for_eval(path: str, random_init: bool = False, seed: int = 0):
     """(backbone nn.Module, info dict with img_size / mean / std when the checkpoint records them).
 
     ``path`` is a checkpoint file or a run directory (its newest checkpoint). The trainer's loader does the
-    reading; with ``random_init`` the same architecture is rebuilt without loading the weights."""
+    reading; with ``random_init`` the same architecture is rebuilt from ``seed`` without loading the weights:
+    the trainer builds its backbone first after seeding, so with the run's ``--seed`` this is exactly the
+    run's initial backbone (the global RNG is left untouched)."""
     if not os.path.exists(path):
         raise FileNotFoundError(f"checkpoint: {path!r} does not exist (give a checkpoint file or a run directory)")
     from sdmp_fast import checkpoint as ckpt
 
-    return ckpt.load_backbone(path, random_init=random_init, with_info=True)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return ckpt.load_backbone(path, random_init=random_init, with_info=True)
 
 
 def add_arguments(p) -> None:
@@ -284,6 +288,8 @@ def add_arguments(p) -> None:
     p.add_argument("--test-limit", type=int, default=0, help="use N test images (0: all)")
     p.add_argument("--random-init", action="store_true",
                    help="evaluate the checkpoint's architecture at random init (baseline)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="--random-init weights from this seed (the run's --seed gives the run's own init)")
     p.add_argument("--raw-pixels", action="store_true", help="also report the raw-pixel k-NN baseline")
     p.add_argument("--img-size", type=int, default=None, help="input size (default: the checkpoint's)")
     p.add_argument("--batch-size", type=int, default=1024)
@@ -315,7 +321,7 @@ def main(args) -> int:
     if not args.checkpoint:
         raise ValueError("--checkpoint: give a checkpoint file or a run directory")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model, info = load_backbone_for_eval(args.checkpoint, random_init=args.random_init)
+    model, info = load_backbone_for_eval(args.checkpoint, random_init=args.random_init, seed=args.seed)
     img_size = args.img_size or int(info.get("img_size", 28))
     mean, std = info.get("mean", DEFAULT_MEAN), info.get("std", DEFAULT_STD)
     data = load_eval_data(args.data, args.train_limit, args.test_limit)

@@ -1,4 +1,5 @@
 """Frozen-feature evaluation (weighted k-NN, linear probe), `sdmp-fast eval` errors and `sdmp-fast plot`."""
+import copy
 import json
 import math
 import os
@@ -160,12 +161,13 @@ def tiny_run(tmp_path_factory):
                       tensorboard=False).resolve().validate()
     x, y = load_fashion_mnist("train")
     tr = Trainer(cfg, loader=MemoryLoader((x[:64], y[:64]), build_recipe(cfg), 16, device=torch.device("cpu")))
+    initial = copy.deepcopy(tr.model.backbone)
     tr.fit(out)
-    return out, tr.model.backbone
+    return out, tr.model.backbone, initial
 
 
 def test_eval_cli_on_a_run(tiny_run, tmp_path, capsys):
-    run, backbone = tiny_run
+    run, backbone, initial = tiny_run
     js = tmp_path / "eval.json"
     argv = ["eval", "--checkpoint", run, "--train-limit", "300", "--test-limit", "100", "--linear",
             "--linear-epochs", "10", "--raw-pixels", "--device", "cpu", "--json", str(js)]
@@ -185,10 +187,13 @@ def test_eval_cli_on_a_run(tiny_run, tmp_path, capsys):
     a, _ = extract_features(model, x[:8], None, 28, info["mean"], info["std"])
     b, _ = extract_features(backbone, x[:8], None, 28, info["mean"], info["std"])
     assert torch.allclose(a, b, atol=1e-5)
-    # --random-init: same architecture, other weights
-    rnd, _ = load_backbone_for_eval(os.path.join(run, "backbone.pt"), random_init=True)
+    # --random-init: same architecture, the run's own initial weights for the run's seed (0), others otherwise
+    rnd, _ = load_backbone_for_eval(os.path.join(run, "backbone.pt"), random_init=True, seed=0)
     c, _ = extract_features(rnd, x[:8], None, 28, info["mean"], info["std"])
-    assert c.shape == a.shape and not torch.allclose(a, c)
+    d, _ = extract_features(initial, x[:8], None, 28, info["mean"], info["std"])
+    assert c.shape == a.shape and not torch.allclose(a, c) and torch.equal(c, d)
+    other, _ = load_backbone_for_eval(run, random_init=True, seed=1)
+    assert not torch.allclose(extract_features(other, x[:8], None, 28)[0], d)
     assert cli.main(argv[:-2] + ["--random-init"]) == 0
     assert "random init: k-NN" in capsys.readouterr().out
 
