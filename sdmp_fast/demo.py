@@ -123,7 +123,8 @@ def pretrain_and_evaluate(args, seed: int, data, device: torch.device, log=print
     rec = {"seed": seed, "device": str(device), "steps": trainer.total_steps, "batch_size": cfg.batch_size,
            "train_s": round(train_s, 1), "train_cpu_s": round(train_cpu_s, 1),
            "train_img_per_s": round(images_seen / train_s, 1),
-           "loss_first": recs[0]["loss"], "loss_last": recs[-1]["loss"]}
+           "loss_first": recs[0]["loss"], "loss_last": recs[-1]["loss"], "threads": torch.get_num_threads(),
+           "config": {k: getattr(cfg, k) for k in PRESETS[args.preset]}}
     for name, model in (("pretrained", trainer.model.backbone), ("random_init", initial)):
         t1 = time.perf_counter()
         ftr, _ = extract_features(model, xtr, ytr, cfg.img_size, recipe.mean, recipe.std, args.eval_batch, device)
