@@ -198,6 +198,19 @@ def test_eval_cli_on_a_run(tiny_run, tmp_path, capsys):
     assert "random init: k-NN" in capsys.readouterr().out
 
 
+def test_eval_data_from_image_folders(tmp_path):
+    from sdmp_fast.data import make_synthetic_image_folder
+    from sdmp_fast.evaluate import load_eval_data
+
+    make_synthetic_image_folder(str(tmp_path / "train"), num_classes=3, per_class=4)
+    make_synthetic_image_folder(str(tmp_path / "val"), num_classes=3, per_class=2, seed=1)
+    xtr, ytr, xte, yte = load_eval_data(str(tmp_path))
+    assert xtr.shape == (12, 64, 64, 3) and xtr.dtype == torch.uint8 and xte.shape == (6, 64, 64, 3)
+    assert sorted(set(ytr.tolist())) == [0, 1, 2] and len(yte) == 6
+    with pytest.raises(ValueError, match="train/ and val/"):
+        load_eval_data(str(tmp_path / "train"))
+
+
 # ------------------------------------------------------------------------------------------------- plot
 
 def _write_metrics(path, n=12, torn=False):
