@@ -10,6 +10,15 @@ zero-copy DLPack tensors (no host synchronisation per batch), and ``assemble_bat
 CPU mode (``device="cpu"``): ``device_id=None``, every op on DALI's CPU thread pool, the same recipe; mixing
 by ``assemble_batch`` (its per-sample host path on CPU tensors).
 
+Mixing in the graph (``mix_in_graph=True``; issue 3 asks for both placements to be timed): the per-sample
+mixing parameters (lam, method, box sizes, per-view box positions) are drawn on the host by ``dali_mix.draw_mix``
+with the same calls, in the same order, as ``assemble_batch`` (so in CPU mode, with the same seed, both options
+give the same batches), fed with the batch's images as small per-sample arrays, and DALI mixes the pixels
+(``fn.permute_batch`` for the partner, arithmetic for mixup, ``fn.multi_paste`` / ``fn.resize`` for cutmix and
+resizemix, a DALI ``if`` per sample so each sample pays only for its own method). The mixed views come out of
+the pipeline beside the clean ones and ``assemble_batch`` is not called. With mixing disabled (or no mixed
+view) the option changes nothing.
+
 Why ``external_source`` and not DALI's file reader: the reader pads and shards by its own rules, while feeding
 the order ourselves gives EpochSampler's exact semantics and lets a bad file be dropped before DALI sees it.
 
@@ -23,6 +32,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import functools
 import os
 from concurrent.futures import ThreadPoolExecutor
 from typing import Deque, Dict, Iterator, List, NamedTuple, Optional, Sequence
@@ -74,11 +84,13 @@ def _read_chunk(paths: Sequence[str]):
 class _Fed(NamedTuple):
     """A batch DALI has taken: the sampler's ``indices``, the ``kept`` ones handed to DALI, and the skips
     (``bad`` indices, ``trimmed``) that are logged only once DALI returns it: a batch re-fed after a failed
-    run starts again from ``indices`` (a sample trimmed on the first try may be needed on the second)."""
+    run starts again from ``indices`` (a sample trimmed on the first try may be needed on the second).
+    ``mix``: the ``dali_mix.MixDraw`` fed with it (``mix_in_graph`` only)."""
     indices: List[int]
     kept: List[int]
     bad: List[int]
     trimmed: bool
+    mix: object = None
 
 
 class _Feeder:
@@ -97,9 +109,11 @@ class _Feeder:
         self.read_threads = max(1, read_threads)
         self._pool: Optional[ThreadPoolExecutor] = None  # started by the first read, stopped by shutdown()
         self._ahead = None  # (indices, indices being read, [futures]) of the batch read in advance
+        self.draw_mix = None  # mix_in_graph: n -> dali_mix.MixDraw, drawn as each batch is fed
 
-    def start(self, batches: Sequence[List[int]]) -> None:
+    def start(self, batches: Sequence[List[int]], draw_mix=None) -> None:
         self.pending = collections.deque(batches)
+        self.draw_mix = draw_mix
         self.in_flight.clear()
         self._ahead = None
 
@@ -147,15 +161,18 @@ class _Feeder:
                 data.pop()
                 kept.pop()
             if kept:
-                self.in_flight.append(_Fed(indices, kept, bad, trimmed))
-                return data, np.asarray(kept, dtype=np.int64)
+                mix = self.draw_mix(len(kept)) if self.draw_mix is not None else None
+                self.in_flight.append(_Fed(indices, kept, bad, trimmed, mix))
+                if mix is None:
+                    return data, np.asarray(kept, dtype=np.int64)
+                return (data, np.asarray(kept, dtype=np.int64), *mix.feeds)
             self._log(bad, trimmed)  # nothing for DALI to return: account for the batch now
 
-    def accept(self) -> List[int]:
-        """DALI returned the oldest batch in flight: log its skips; its kept sample indices."""
+    def accept(self) -> _Fed:
+        """DALI returned the oldest batch in flight: log its skips; its record (kept sample indices, mixing)."""
         fed = self.in_flight.popleft()
         self._log(fed.bad, fed.trimmed)
-        return fed.kept
+        return fed
 
     def _log(self, bad: Sequence[int], trimmed: bool) -> None:
         for i in bad:
@@ -176,7 +193,9 @@ class DaliLoader:
     the usable CPU count), ``prefetch_queue_depth`` (batches DALI prepares ahead, default 2),
     ``read_threads`` (file-reading threads; default 1 on CPU, 4 on GPU), ``conditionals`` (split batches
     with DALI's ``if`` for the rarely drawn ops; default on CPU only), ``decoder_options`` (passed to
-    ``fn.decoders.image``, e.g. ``{"hw_decoder_load": 0.9}`` or ``{"use_fast_idct": True}``).
+    ``fn.decoders.image``, e.g. ``{"hw_decoder_load": 0.9}`` or ``{"use_fast_idct": True}``),
+    ``mix_in_graph`` (mix inside the DALI graph instead of by ``assemble_batch``; see the module docstring;
+    ``last_mix`` then holds the last yielded batch's ``dali_mix.MixDraw``).
     """
 
     def __init__(self, data, recipe: Recipe, batch_size: int, *, device=torch.device("cpu"), shard_id: int = 0,
@@ -184,8 +203,10 @@ class DaliLoader:
                  dtype: Optional[torch.dtype] = None, num_workers: Optional[int] = None,
                  num_threads: Optional[int] = None, prefetch_queue_depth: int = 2,
                  read_threads: Optional[int] = None, conditionals: Optional[bool] = None,
-                 decoder_options: Optional[dict] = None):
+                 decoder_options: Optional[dict] = None, mix_in_graph: bool = False):
         self.recipe = recipe.validate()
+        if not isinstance(mix_in_graph, bool):
+            raise ValueError(f"mix_in_graph: must be True or False, got {mix_in_graph!r}")
         if dtype not in _DTYPES:
             raise ValueError(f"dtype: DALI loader emits float32, float16 or bfloat16 views, got {dtype}")
         if not isinstance(prefetch_queue_depth, int) or prefetch_queue_depth < 1:
@@ -206,6 +227,9 @@ class DaliLoader:
         self.prefetch_queue_depth = prefetch_queue_depth
         self.conditionals = (not self.gpu) if conditionals is None else bool(conditionals)
         self.decoder_options = dict(decoder_options or {})
+        # nothing to mix -> the plain pipeline, whatever was asked
+        self.mix_in_graph = mix_in_graph and self.recipe.mix.enabled and bool(self.recipe.mix.mixed_views)
+        self.last_mix = None
         self.log = SkipLog("dali")
         self._labels = torch.tensor(self.images.labels, dtype=torch.long, device=self.device)
         self._feeder = _Feeder(self.images.files, self.log, self.recipe.mix.enabled,
@@ -230,7 +254,13 @@ class DaliLoader:
         if self._active:
             self._drain()
         epoch = self.sampler.epoch
-        self._feeder.start([b.tolist() for b in self.sampler.batches()])
+        draw = None
+        if self.mix_in_graph:  # host draws on a CPU generator; equal to assemble_batch's on a CPU loader
+            from .dali_mix import draw_mix
+
+            mix_gen = make_generator(self.seed, epoch, self.shard_id, "cpu")
+            draw = functools.partial(draw_mix, recipe=self.recipe, generator=mix_gen)
+        self._feeder.start([b.tolist() for b in self.sampler.batches()], draw)
         self._active = True
         return self._epoch(epoch, make_generator(self.seed, epoch, self.shard_id, self.device))
 
@@ -244,7 +274,8 @@ class DaliLoader:
                 device_id=self.device.index if self.gpu else None,
                 seed=(self.seed * 1_000_003 + self.shard_id * 7_919) % (2**31 - 1),
                 prefetch_queue_depth=self.prefetch_queue_depth, fp16=self.gpu and self.dtype == torch.float16,
-                conditionals=self.conditionals, gpu_indices=self.gpu, decoder_options=self.decoder_options)
+                conditionals=self.conditionals, gpu_indices=self.gpu, decoder_options=self.decoder_options,
+                mix_in_graph=self.mix_in_graph)
         return self._pipe
 
     def _run(self):
@@ -274,15 +305,23 @@ class DaliLoader:
 
     def _batch(self, outs, generator: torch.Generator) -> SDMPBatch:
         n_views = self.recipe.num_views
-        indices_cpu = torch.from_dlpack(outs[n_views].as_tensor())
-        expected = self._feeder.accept()
-        if indices_cpu.tolist() != expected:  # the in-flight bookkeeping is what bad-file recovery relies on
+        mixed_from = tuple(self.recipe.mix.mixed_views) if self.mix_in_graph else ()
+        n_out = n_views + len(mixed_from)  # clean views, then the graph's mixed views
+        indices_cpu = torch.from_dlpack(outs[n_out].as_tensor())
+        fed = self._feeder.accept()
+        if indices_cpu.tolist() != fed.kept:  # the in-flight bookkeeping is what bad-file recovery relies on
             raise RuntimeError(f"DALI loader: batch order out of step (got {indices_cpu.tolist()[:4]}..., "
-                               f"expected {expected[:4]}...)")
-        views = [torch.from_dlpack(o.as_tensor()) for o in outs[:n_views]]
-        indices = torch.from_dlpack(outs[n_views + 1].as_tensor()) if self.gpu else indices_cpu
+                               f"expected {fed.kept[:4]}...)")
+        tensors = [torch.from_dlpack(o.as_tensor()) for o in outs[:n_out]]
+        indices = torch.from_dlpack(outs[n_out + 1].as_tensor()) if self.gpu else indices_cpu
         labels = self._labels[indices]
-        batch = assemble_batch(views, labels, indices, self.recipe, generator)
+        if self.mix_in_graph:
+            self.last_mix = fed.mix
+            lam = fed.mix.lam.to(self.device, non_blocking=True)
+            method = fed.mix.method.to(self.device, non_blocking=True)
+            batch = SDMPBatch(tensors[:n_views], labels, indices, tensors[n_views:], mixed_from, lam, method)
+        else:
+            batch = assemble_batch(tensors, labels, indices, self.recipe, generator)
         if self.dtype is not None and batch.views[0].dtype != self.dtype:
             batch.views = [v.to(self.dtype) for v in batch.views]
             batch.mixed_views = [v.to(self.dtype) for v in batch.mixed_views]

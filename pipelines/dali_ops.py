@@ -11,7 +11,10 @@ An augmentation that a sample does not draw (blur with p 0.1, solarize with p 0.
 CPU, where every pass over the pixels costs), ``conditionals=False`` runs the op on every sample with identity
 parameters (blur window 1, solarize threshold above 255: one fused kernel per op, best on the GPU).
 
-Only this module and ``pipelines/dali.py`` import nvidia.dali.
+With ``mix_in_graph`` the pipeline also batch-flip mixes the views (``dali_mix.py``) from host-drawn
+parameters fed with the images.
+
+Only this module, ``pipelines/dali_mix.py`` and ``pipelines/dali.py`` import nvidia.dali.
 """
 from __future__ import annotations
 
@@ -132,7 +135,7 @@ def augment_view(images, spec: ViewSpec, *, device: str, mean: Sequence[float], 
 
 def build_pipeline(source: Callable, recipe: Recipe, *, batch_size: int, num_threads: int, device_id,
                    seed: int, prefetch_queue_depth: int = 2, fp16: bool = False, conditionals: bool = False,
-                   gpu_indices: bool = False, decoder_options=None):
+                   gpu_indices: bool = False, decoder_options=None, mix_in_graph: bool = False):
     """The recipe's DALI pipeline (built, not run).
 
     ``source`` is a batch-mode external_source callback returning ``(encoded_bytes_list, indices_int64)``;
@@ -140,21 +143,37 @@ def build_pipeline(source: Callable, recipe: Recipe, *, batch_size: int, num_thr
     indices on the CPU (and, with ``gpu_indices``, on the GPU too). ``device_id=None`` puts every op on the
     CPU; otherwise decoding is ``mixed`` (nvJPEG and the hardware decoder where present) and all augmentation
     runs on that GPU.
+
+    ``mix_in_graph`` (the recipe must mix at least one view): ``source`` also returns the
+    ``dali_mix.MixDraw.feeds`` of the batch after the indices, and the mixed views (``recipe.mix.mixed_views``
+    order) follow the clean views in the outputs. Views are then mixed in float32 (``multi_paste`` has no
+    float16 kernel) and cast to fp16 at the end when ``fp16``.
     """
     gpu = device_id is not None
     device = "gpu" if gpu else "cpu"
     out_dtype = types.FLOAT16 if fp16 else types.FLOAT
     decoder_options = dict(decoder_options or {})
     views = recipe.expanded_views()
+    feed_dtypes, feed_ndims = [], []
+    if mix_in_graph:
+        from .dali_mix import feed_types, mix_views
 
-    @pipeline_def(enable_conditionals=conditionals)
+        feed_dtypes, feed_ndims = feed_types(len(recipe.mix.mixed_views))
+
+    @pipeline_def(enable_conditionals=conditionals or mix_in_graph)  # the mixing splits by method with ``if``
     def graph():
-        encoded, indices = fn.external_source(source=source, num_outputs=2, batch=True, dtype=[types.UINT8,
-                                              types.INT64], ndim=[1, 0])
+        encoded, indices, *mix_feeds = fn.external_source(
+            source=source, num_outputs=2 + len(feed_dtypes), batch=True,
+            dtype=[types.UINT8, types.INT64] + feed_dtypes, ndim=[1, 0] + feed_ndims)
         images = fn.decoders.image(encoded, device="mixed" if gpu else "cpu", output_type=types.RGB,
                                    **decoder_options)
-        outs = [augment_view(images, spec, device=device, mean=recipe.mean, std=recipe.std, out_dtype=out_dtype,
+        view_dtype = types.FLOAT if mix_in_graph else out_dtype
+        outs = [augment_view(images, spec, device=device, mean=recipe.mean, std=recipe.std, out_dtype=view_dtype,
                              conditionals=conditionals) for spec in views]
+        if mix_in_graph:
+            outs += mix_views(outs, mix_feeds, recipe, gpu=gpu)
+            if fp16:
+                outs = [fn.cast(o, dtype=types.FLOAT16) for o in outs]
         return (*outs, indices, indices.gpu()) if gpu_indices else (*outs, indices)
 
     pipe = graph(batch_size=batch_size, num_threads=num_threads, device_id=device_id, seed=seed,
