@@ -9,8 +9,13 @@ can approach, and the ratio every backend is reported against. FFCV reads a .bet
 (untimed) and cached under ``--cache`` (default: beside the JSON). A backend that cannot be imported or built
 is reported as unavailable with the reason; one that fails while running is reported as failed.
 
+Variants (``VARIANTS``) are extra names for a backend with options, timed like any backend and recorded under
+their own name: ``dali-graphmix`` is the DALI backend mixing inside its graph (``mix_in_graph=True``), to set
+against ``dali`` (mixing by ``assemble_batch`` on DALI's output) in the same run.
+
     sdmp-fast make-data /data/photos --num-images 512
     sdmp-fast bench loaders --data /data/photos --backends torchvision,dali,ffcv,torch-gpu --batch-size 64
+    sdmp-fast bench loaders --data /data/photos --backends dali,dali-graphmix
 """
 from __future__ import annotations
 
@@ -30,6 +35,8 @@ from sdmp_fast.benchmarks.common import print_table, write_results
 REFERENCE = "torchvision"
 SYNTHETIC = "synthetic"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# name -> (backend, options): a backend run with options, recorded under its own name.
+VARIANTS = {"dali-graphmix": ("dali", {"mix_in_graph": True})}
 COLUMNS = ["backend", "status", "img_per_s", "ratio_vs_torchvision", "ratio_vs_synthetic", "batches",
            "startup_s", "reason"]
 
@@ -129,13 +136,15 @@ def run_backend(backend: str, args, recipe, images, device: torch.device, dtype)
     from sdmp_fast.pipelines.base import make_loader
 
     record = {"backend": backend, "status": "ok", "reason": None}
+    backend, options = VARIANTS.get(backend, (backend, {}))
     try:
         data = args.data
         if backend == "ffcv":
             cache = args.cache or os.path.dirname(os.path.abspath(args.json))
             data = beton_for(args.data, images, cache, args.max_side, args.num_workers or os.cpu_count() or 1)
         loader = make_loader(backend, data, recipe, args.batch_size, device=device, shard_id=0, num_shards=1,
-                             shuffle=True, drop_last=True, seed=args.seed, dtype=dtype, num_workers=args.num_workers)
+                             shuffle=True, drop_last=True, seed=args.seed, dtype=dtype, num_workers=args.num_workers,
+                             **options)
     except Exception as e:  # missing library, unsupported device, conversion failure: report, go on
         record.update(status="unavailable", reason=_reason(e))
         if args.verbose:
@@ -213,9 +222,10 @@ def run(args) -> Dict:
     from sdmp_fast.pipelines.recipes import make_recipe
 
     backends = [b.strip() for b in args.backends.split(",") if b.strip()]
-    unknown = [b for b in backends if b not in BACKENDS]
+    unknown = [b for b in backends if b not in BACKENDS and b not in VARIANTS]
     if unknown or not backends:
-        raise ValueError(f"--backends: unknown {unknown or backends}; choose among {', '.join(BACKENDS)}")
+        raise ValueError(f"--backends: unknown {unknown or backends}; choose among "
+                         f"{', '.join(list(BACKENDS) + list(VARIANTS))}")
     for name in ("batch_size", "batches", "repeats"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')}: must be >= 1, got {getattr(args, name)}")
@@ -258,7 +268,8 @@ def run(args) -> Dict:
 def add_arguments(p) -> None:
     p.add_argument("--data", required=True, help="ImageFolder tree (see `sdmp-fast make-data`)")
     p.add_argument("--backends", default="torchvision,dali,ffcv,torch-gpu",
-                   help="comma-separated backends (default torchvision,dali,ffcv,torch-gpu)")
+                   help="comma-separated backends (default torchvision,dali,ffcv,torch-gpu; also "
+                        "dali-graphmix: DALI mixing inside its graph)")
     p.add_argument("--recipe", default="byol2", choices=["byol2", "dino"])
     p.add_argument("--size", type=int, default=None, help="view size (global size for dino); default recipe's")
     p.add_argument("--batch-size", type=int, default=64)
