@@ -161,7 +161,10 @@ class _Feeder:
                 data.pop()
                 kept.pop()
             if kept:
-                mix = self.draw_mix(len(kept)) if self.draw_mix is not None else None
+                mix = None
+                if self.draw_mix is not None:
+                    with one_torch_thread():  # tiny ops while DALI's threads hold the cores (see one_torch_thread)
+                        mix = self.draw_mix(len(kept))
                 self.in_flight.append(_Fed(indices, kept, bad, trimmed, mix))
                 if mix is None:
                     return data, np.asarray(kept, dtype=np.int64)
