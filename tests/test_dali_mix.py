@@ -7,8 +7,11 @@ Tolerances: cutmix and copies are bit-exact (pastes); mixup 1e-5 (DALI's fused a
 ops); resizemix 1e-4 (DALI's bilinear resize vs ``F.grid_sample`` with float32 grid coordinates).
 """
 import json
+import shutil
+import warnings
 from dataclasses import replace
 
+import numpy as np
 import pytest
 import torch
 
@@ -133,6 +136,31 @@ def test_no_mixing_means_the_plain_path_and_bad_values_are_named(folder):
         loader(folder, small_byol2(), mix_in_graph="yes")
     with pytest.raises(ValueError, match="even batch size"):
         make_loader("dali", folder, small_byol2(), 7, device="cpu", mix_in_graph=True)
+
+
+@pytest.mark.timeout(120)
+def test_bad_files_are_skipped_and_refed_batches_are_drawn_anew(folder, tmp_path, monkeypatch):
+    """A file that passes the byte sniff but fails inside DALI fails its batch: the loader finds it, rebuilds the
+    pipeline and re-feeds; the re-fed batches get fresh draws that still match their mixed views."""
+    root = tmp_path / "bad"
+    shutil.copytree(folder, root)
+    good = (root / "class0" / "0000.jpg").read_bytes()
+    garbage = bytes(np.random.default_rng(0).integers(0, 256, 400, dtype=np.uint8))
+    bad = {str(root / "class1" / "corrupt.jpg"): good[: len(good) // 2] + garbage + b"\xff\xd9",
+           str(root / "class2" / "empty.jpg"): b""}
+    for path, data in bad.items():
+        with open(path, "wb") as f:
+            f.write(data)
+    recipe = small_byol2()
+    dl = loader(str(root), recipe, mix_in_graph=True)
+    recoveries = []
+    real_recover = type(dl)._recover
+    monkeypatch.setattr(type(dl), "_recover", lambda self, err: recoveries.append(err) or real_recover(self, err))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the end-of-epoch "skipped" warning
+        check_graph_mixing(dl, recipe)
+    assert sorted(dl.skipped) == sorted(bad)
+    assert len(recoveries) == 1  # the corrupt JPEG failed inside DALI once, then was known
 
 
 @pytest.mark.timeout(120)
