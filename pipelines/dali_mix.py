@@ -7,19 +7,24 @@ The random draws stay on the host and follow ``assemble_batch`` call for call (`
 
 - partner: ``fn.permute_batch`` with indices n-1-i (the unmixed view, never a mixed one);
 - mixup: ``lam * x + (1 - lam) * partner`` (one arithmetic kernel);
-- cutmix: ``fn.multi_paste`` of two regions, the own image whole, then the partner's box at the same place
-  (a later region wins where they overlap: DALI's CPU and GPU kernels both paste in order);
+- cutmix: one ``fn.multi_paste``: the own image whole, then the partner's box at the same place (a later
+  region wins where they overlap: DALI's CPU and GPU kernels both paste in order);
 - resizemix: ``fn.resize`` of the whole partner to the box (bilinear, half-pixel centres, no antialias:
-  ``F.grid_sample``'s ``align_corners=False`` rule that ``apply_mix`` uses), then the same two-region paste.
+  ``F.grid_sample``'s ``align_corners=False`` rule that ``apply_mix`` uses), then the same paste.
 
 Each sample takes only its own method: a DALI ``if`` on the per-sample op id splits the batch, so no sample
 pays for a blend, a paste and a resize. A box of zero area (lam close to 1) and an odd batch (no partner) take
 a fourth branch that passes the view through unchanged (lam = 1 is reported for those).
 
-``multi_paste`` and ``resize`` take HWC / FHWC images, our views are CHW: each view is relabelled as FHWC with
-the channels as frames and C = 1 (``fn.reshape``, metadata only), so one op handles every channel plane with
-the same box. ``multi_paste`` has no float16 kernel, so with fp16 output the views are mixed in float32 and
-cast at the end (``build_pipeline`` does that).
+``multi_paste`` takes HWC images and our views are CHW: a view is relabelled as the HWC image [3H, W, 1] of
+its channel planes stacked (``fn.reshape``, metadata only) and the box is pasted once per plane (regions
+1..3). Frames-as-channels (FHWC) would be simpler but DALI 2.4's CPU ``multi_paste`` fails on sequences with
+several inputs. ``resize`` takes CHW as is. ``multi_paste`` has no float16 kernel, so with fp16 output the
+views are mixed in float32 and cast at the end (``build_pipeline`` does that).
+
+Host cost: ``draw_mix`` is about 1 ms per batch (byol2 B=256, dino B=128, one thread), run in the feeding
+callback; the loader runs it with one torch thread (OpenMP barriers stall while DALI's threads hold the
+cores).
 """
 from __future__ import annotations
 
@@ -34,7 +39,7 @@ from sdmp_fast.mixing import MIXUP, CUTMIX, RESIZEMIX, box_lam, box_position, bo
 
 from .recipes import Recipe
 
-COPY = 3  # graph-only op id: the view passes through (empty box, odd batch); reported as mixup with lam 1
+COPY = 3  # graph-only op id: the view passes through (empty box: drawn method, lam 1; odd batch: mixup, lam 1)
 CHANNELS = 3  # the decoder's RGB output
 
 # Feed layout per batch: flip indices [n], raw lam [n]; then per mixed view: op id [n], paste anchors
@@ -54,6 +59,15 @@ class MixDraw:
     method: torch.Tensor
     feeds: List[np.ndarray]
     boxes: List[tuple]
+
+    @property
+    def raw_lam(self) -> torch.Tensor:
+        """The Beta draws before area correction (what mixup blends with)."""
+        return torch.from_numpy(self.feeds[1])
+
+    def ops(self, k: int) -> torch.Tensor:
+        """Graph op ids of mixed view ``k`` (MIXUP / CUTMIX / RESIZEMIX / COPY)."""
+        return torch.from_numpy(self.feeds[2 + _PER_VIEW_FEEDS * k]).long()
 
 
 def feed_types(num_mixed: int):

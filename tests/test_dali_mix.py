@@ -58,7 +58,7 @@ def check_graph_mixing(dl, recipe, forced=None):
         n = batch.batch_size
         assert batch.mixed_from == recipe.mix.mixed_views
         assert torch.equal(batch.lam.cpu(), draw.lam) and torch.equal(batch.method.cpu(), draw.method)
-        raw_lam = torch.from_numpy(draw.feeds[1])
+        raw_lam = draw.raw_lam
         if n % 2:  # odd last batch: no partner, unmixed copies with lam 1 (assemble_batch's rule)
             assert (batch.lam == 1).all() and (batch.method == MIXUP).all()
             assert all(torch.equal(m, batch.views[j]) for m, j in zip(batch.mixed_views, batch.mixed_from))
@@ -75,7 +75,7 @@ def check_graph_mixing(dl, recipe, forced=None):
             method = draw.method.to(src.device)
             ref = apply_mix(src, raw_lam.to(src.device), method, y0, x0, ch, cw)
             got = batch.mixed_views[k].float()
-            ops = torch.from_numpy(draw.feeds[2 + 6 * k]).long()
+            ops = draw.ops(k)
             for i in range(n):
                 op = int(ops[i])
                 seen_ops.add(op)
@@ -99,6 +99,21 @@ def test_graph_mixing_equals_apply_mix_byol2(folder, methods, forced):
     assert dl.mix_in_graph
     ops = check_graph_mixing(dl, recipe, forced)
     assert forced is None or forced in ops
+
+
+@pytest.mark.timeout(120)
+def test_extreme_lams_empty_and_full_boxes(folder):
+    """Beta(0.02, 0.02) puts lam near 0 or 1: boxes of zero area (the pass-through branch) and whole-image
+    boxes both occur, and still match apply_mix."""
+    recipe = small_byol2(("cutmix", "resizemix"))
+    recipe = replace(recipe, mix=replace(recipe.mix, alpha=0.02))
+    dl = loader(folder, recipe, mix_in_graph=True, drop_last=True)
+    ops, full = set(), 0
+    for epoch in range(3):
+        dl.set_epoch(epoch)
+        ops |= check_graph_mixing(dl, recipe)
+        full += int((dl.last_mix.boxes[0][2] == 24).sum())
+    assert COPY in ops and full > 0
 
 
 @pytest.mark.timeout(120)
