@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, Dict, List, Optional, Tuple
 
 __all__ = ["TrainConfig", "METHODS", "LOADERS", "load_config", "add_config_arguments", "config_from_args",
@@ -30,7 +30,7 @@ METHOD_DEFAULTS = {
 # Settings a --resume must agree on with the checkpoint (they change the model, the data order or the math).
 RESUME_MUST_MATCH = ("method", "sdmp", "arch", "img_size", "patch_size", "depth", "embed_dim", "num_heads",
                      "local_size", "n_local", "n_local_mixed", "batch_size", "seed", "proj_hidden_dim", "proj_dim",
-                     "dino_out_dim", "dino_hidden_dim", "dino_bottleneck_dim", "freeze_patch_embed", "loader",
+                     "dino_out_dim", "dino_hidden_dim", "dino_bottleneck_dim", "dino_head_bn", "freeze_patch_embed", "loader",
                      "alpha", "mix_methods", "mix_weight", "tau")
 
 
@@ -84,6 +84,8 @@ class TrainConfig:
     dino_out_dim: int = _f(65536, "DINO prototypes K")
     dino_hidden_dim: int = _f(2048, "DINO head hidden width")
     dino_bottleneck_dim: int = _f(256, "DINO head bottleneck")
+    dino_head_bn: bool = _f(False, "DINO: BatchNorm in the head's hidden layers (DINO's use_bn_in_head; SyncBN "
+                                   "across GPUs)", kind="onoff")
     tau_s: float = _f(0.1, "DINO student temperature")
     tau_t: float = _f(0.04, "DINO teacher temperature at step 0")
     tau_t_end: float = _f(0.07, "DINO teacher temperature after warm-up")
@@ -362,9 +364,11 @@ def config_from_dict(d: Dict[str, Any]) -> TrainConfig:
 def mismatches(saved: Dict[str, Any], current: TrainConfig) -> List[str]:
     """Settings that differ between a checkpoint's config and the current one, among RESUME_MUST_MATCH."""
     cur = current.to_dict()
+    defaults = {f.name: f.default for f in fields(TrainConfig)}
     bad = []
     for k in RESUME_MUST_MATCH:
-        a, b = saved.get(k), cur.get(k)
+        # a setting newer than the checkpoint had its default then
+        a, b = saved.get(k, defaults.get(k)), cur.get(k)
         if isinstance(a, (list, tuple)) or isinstance(b, (list, tuple)):
             a, b = list(a or []), list(b or [])
         if a != b:

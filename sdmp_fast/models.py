@@ -127,16 +127,22 @@ class WeightNormLinear(nn.Module):
 
 
 class DINOHead(nn.Module):
-    """3-layer GELU MLP -> bottleneck -> L2 normalise -> weight-normed linear over ``out_dim`` prototypes."""
+    """3-layer GELU MLP -> bottleneck -> L2 normalise -> weight-normed linear over ``out_dim`` prototypes.
+
+    ``use_bn`` puts BatchNorm after each hidden linear layer (DINO's ``use_bn_in_head``): the bottleneck
+    outputs then start spread over the sphere instead of in one narrow cone, so the centred teacher starts
+    near uniform rather than on a handful of prototypes (what small models on small images need)."""
 
     def __init__(self, in_dim: int, out_dim: int = 65536, hidden_dim: int = 2048, bottleneck_dim: int = 256,
-                 num_layers: int = 3, norm_last_layer: bool = True):
+                 num_layers: int = 3, norm_last_layer: bool = True, use_bn: bool = False):
         super().__init__()
         dims = [in_dim] + [hidden_dim] * (num_layers - 1) + [bottleneck_dim]
         layers: List[nn.Module] = []
         for i in range(num_layers):
             layers.append(nn.Linear(dims[i], dims[i + 1]))
             if i < num_layers - 1:
+                if use_bn:
+                    layers.append(nn.BatchNorm1d(dims[i + 1]))
                 layers.append(nn.GELU())
         self.mlp = nn.Sequential(*layers)
         for m in self.mlp:
@@ -171,9 +177,10 @@ class DINO(nn.Module):
     """``student`` (trained), ``teacher`` (EMA, no grad), ``center`` [1, K] (EMA of clean teacher outputs)."""
 
     def __init__(self, backbone: nn.Module, out_dim: int = 65536, hidden_dim: int = 2048,
-                 bottleneck_dim: int = 256, norm_last_layer: bool = True):
+                 bottleneck_dim: int = 256, norm_last_layer: bool = True, use_bn_in_head: bool = False):
         super().__init__()
-        head = DINOHead(backbone.num_features, out_dim, hidden_dim, bottleneck_dim, norm_last_layer=norm_last_layer)
+        head = DINOHead(backbone.num_features, out_dim, hidden_dim, bottleneck_dim, norm_last_layer=norm_last_layer,
+                        use_bn=use_bn_in_head)
         self.student = MultiCropNet(backbone, head)
         self.teacher = copy.deepcopy(self.student)
         for p in self.teacher.parameters():

@@ -101,7 +101,8 @@ def build_model(cfg: TrainConfig) -> Tuple[nn.Module, Dict]:
         if cfg.method == "mocov3":
             model = MoCoV3(backbone, cfg.proj_hidden_dim, cfg.proj_dim, cfg.freeze_patch_embed)
         else:
-            model = DINO(backbone, cfg.dino_out_dim, cfg.dino_hidden_dim, cfg.dino_bottleneck_dim)
+            model = DINO(backbone, cfg.dino_out_dim, cfg.dino_hidden_dim, cfg.dino_bottleneck_dim,
+                         use_bn_in_head=cfg.dino_head_bn)
     return model, spec
 
 
@@ -236,6 +237,9 @@ class Trainer:
                 self.model.momentum = self.target = nn.SyncBatchNorm.convert_sync_batchnorm(self.target)
         else:
             self.module, self.target = self.model.student, self.model.teacher
+            if world_size > 1 and self.device.type == "cuda" and cfg.dino_head_bn:
+                self.model.student = self.module = nn.SyncBatchNorm.convert_sync_batchnorm(self.module)
+                self.model.teacher = self.target = nn.SyncBatchNorm.convert_sync_batchnorm(self.target)
         self.train_module: nn.Module = self.module
         if world_size > 1:
             from torch.nn.parallel import DistributedDataParallel as DDP

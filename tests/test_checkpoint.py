@@ -126,9 +126,9 @@ def test_rng_state_round_trip():
     assert torch.equal(a[0], b[0]) and np.array_equal(a[1], b[1]) and a[2] == b[2]
 
 
-@pytest.mark.parametrize("method", ["mocov3", "dino"])
-def test_resume_in_process_is_bit_exact(tmp_path, method):
-    cfg = tiny_cfg(tmp_path, method=method, steps=7, log_every=7)
+@pytest.mark.parametrize("method,extra", [("mocov3", {}), ("dino", {}), ("dino", {"dino_head_bn": True})])
+def test_resume_in_process_is_bit_exact(tmp_path, method, extra):
+    cfg = tiny_cfg(tmp_path, method=method, steps=7, log_every=7, **extra)
     ref = Trainer(cfg)
     ref.fit(str(tmp_path / "ref"))
 
@@ -156,6 +156,17 @@ def test_resume_rejects_changed_settings(tmp_path):
     other = Trainer(tiny_cfg(tmp_path, steps=2, alpha=0.5))
     with pytest.raises(ValueError, match=r"resume: .*alpha \(checkpoint 1.0, now 0.5\)"):
         other.load_state_dict(state)
+
+
+def test_resume_settings_newer_than_the_checkpoint_take_their_default(tmp_path):
+    from sdmp_fast.config import mismatches
+
+    cfg = tiny_cfg(tmp_path, method="dino")
+    saved = cfg.to_dict()
+    del saved["dino_head_bn"]  # a checkpoint written before the setting existed
+    assert mismatches(saved, cfg) == []
+    with_bn = tiny_cfg(tmp_path, method="dino", dino_head_bn=True)
+    assert mismatches(saved, with_bn) == ["dino_head_bn (checkpoint False, now True)"]
 
 
 def _run_cli(argv, tmp_path, **env):
