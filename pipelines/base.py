@@ -179,6 +179,25 @@ class SDMPLoader(Protocol):
     def set_epoch(self, epoch: int) -> None: ...
 
 
+class SampledLoader:
+    """The SDMPLoader bookkeeping every backend shares: ``self.sampler`` (an EpochSampler) sets the length and
+    the epoch, ``self.log`` (a SkipLog, where the backend decodes files) lists what was skipped."""
+
+    sampler: EpochSampler
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.sampler.set_epoch(epoch)
+
+    @property
+    def skipped(self) -> List[str]:
+        """Every file skipped so far (undecodable), in the order first met."""
+        log = getattr(self, "log", None)
+        return log.paths if log is not None else []
+
+
 # name -> "module:Class"; modules are imported only when chosen, so a missing DALI/FFCV breaks nothing else.
 BACKENDS = {
     "torchvision": "sdmp_fast.pipelines.torchvision_loader:TorchvisionLoader",

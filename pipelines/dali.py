@@ -42,7 +42,7 @@ import torch
 
 from sdmp_fast.batch import SDMPBatch
 
-from .base import EpochSampler, assemble_batch, list_images, make_generator
+from .base import EpochSampler, SampledLoader, assemble_batch, list_images, make_generator
 from .image_bytes import read_encoded
 from .recipes import Recipe
 from .skips import SkipLog, short_reason
@@ -189,7 +189,7 @@ class _Feeder:
             self._pool = None
 
 
-class DaliLoader:
+class DaliLoader(SampledLoader):
     """Iterable of SDMPBatch built by DALI (see the module docstring).
 
     Options (``make_loader(..., **options)``): ``num_threads`` (DALI's thread pool; default ``num_workers`` or
@@ -242,17 +242,6 @@ class DaliLoader:
         self._active = False  # an epoch was started and not run to its end
 
     # -- SDMPLoader protocol -------------------------------------------------------------------------------
-    def __len__(self) -> int:
-        return len(self.sampler)
-
-    def set_epoch(self, epoch: int) -> None:
-        self.sampler.set_epoch(epoch)
-
-    @property
-    def skipped(self) -> List[str]:
-        """Every file skipped so far (undecodable), in the order first met."""
-        return self.log.paths
-
     def __iter__(self) -> Iterator[SDMPBatch]:
         if self._active:
             self._drain()

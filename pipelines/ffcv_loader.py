@@ -36,7 +36,7 @@ import torch
 
 from sdmp_fast.batch import SDMPBatch
 
-from .base import EpochSampler, assemble_batch, make_generator
+from .base import EpochSampler, SampledLoader, assemble_batch, make_generator
 from .recipes import Recipe, ViewSpec
 
 REQUIRED_FIELDS = ("image", "label", "index")
@@ -171,7 +171,7 @@ def read_beton(path) -> int:
     return int(reader.num_samples)
 
 
-class FFCVLoader:
+class FFCVLoader(SampledLoader):
     """Iterable of SDMPBatch over a .beton; see the module docstring. Options: ``multi_crop`` (default True:
     one decode per image), ``os_cache`` (FFCV: page cache vs process memory), ``batches_ahead``."""
 
@@ -247,12 +247,6 @@ class FFCVLoader:
     def _epoch_order(self) -> np.ndarray:
         # One dtype every epoch: numba specialises the compiled pipeline on the index array's type.
         return self.sampler.indices().numpy().astype(np.uint64)
-
-    def __len__(self) -> int:
-        return len(self.sampler)
-
-    def set_epoch(self, epoch: int) -> None:
-        self.sampler.set_epoch(epoch)
 
     def _uint8_groups(self, out):
         """(spec, uint8 [k * n, 3, S, S] on the device, view-major) per recipe view spec: the ``count`` views

@@ -16,7 +16,7 @@ import torch
 
 from sdmp_fast.batch import SDMPBatch
 
-from .base import EpochSampler, assemble_batch, make_generator
+from .base import EpochSampler, SampledLoader, assemble_batch, make_generator
 from .device_ops import make_views
 from .recipes import Recipe
 
@@ -59,7 +59,7 @@ def load_memory_data(data) -> Tuple[torch.Tensor, torch.Tensor]:
     return images.contiguous(), labels
 
 
-class MemoryLoader:
+class MemoryLoader(SampledLoader):
     """Iterable of SDMPBatch; see the module docstring. ``num_workers`` is accepted and unused (no host
     work to parallelise)."""
 
@@ -73,13 +73,6 @@ class MemoryLoader:
         self.sampler = EpochSampler(images.shape[0], batch_size, shard_id, num_shards, shuffle, seed, drop_last)
         self.images = images.to(self.device)
         self.labels = labels.to(self.device)
-        self.skipped = []  # nothing is decoded here; kept for the common loader interface
-
-    def __len__(self) -> int:
-        return len(self.sampler)
-
-    def set_epoch(self, epoch: int) -> None:
-        self.sampler.set_epoch(epoch)
 
     def __iter__(self) -> Iterator[SDMPBatch]:
         gen = make_generator(self.seed, self.sampler.epoch, self.shard_id, self.device)

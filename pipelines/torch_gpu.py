@@ -25,7 +25,7 @@ import torch
 
 from sdmp_fast.batch import SDMPBatch
 
-from .base import EpochSampler, assemble_batch, list_images, make_generator
+from .base import EpochSampler, SampledLoader, assemble_batch, list_images, make_generator
 from .device_ops import PackedImages, make_views
 from .recipes import Recipe
 from .skips import SkipLog, short_reason
@@ -105,7 +105,7 @@ def read_sample(path: str, gpu_jpeg: bool):
         return _Bad(short_reason(e))
 
 
-class TorchGPULoader:
+class TorchGPULoader(SampledLoader):
     """Iterable of SDMPBatch on ``device``; see the module docstring. Options: ``prefetch`` (batches of file
     reads kept in flight, default 2). ``num_workers`` is the number of reading/decoding threads (default
     min(cpu count, 16))."""
@@ -128,16 +128,6 @@ class TorchGPULoader:
         self.log = SkipLog("torch-gpu")
         self._gpu_jpeg = self.device.type == "cuda"
         self._pool: Optional[ThreadPoolExecutor] = None
-
-    @property
-    def skipped(self) -> List[str]:
-        return self.log.paths
-
-    def __len__(self) -> int:
-        return len(self.sampler)
-
-    def set_epoch(self, epoch: int) -> None:
-        self.sampler.set_epoch(epoch)
 
     def close(self) -> None:
         """Stop the reading threads (a later iteration starts new ones)."""

@@ -20,7 +20,7 @@ import torch
 
 from sdmp_fast.batch import SDMPBatch
 
-from .base import EpochSampler, assemble_batch, list_images, make_generator
+from .base import EpochSampler, SampledLoader, assemble_batch, list_images, make_generator
 from .device_ops import blur_kernel_size
 from .recipes import Recipe, ViewSpec
 from .skips import SkipLog, short_reason
@@ -138,7 +138,7 @@ def keep_even_for_mixing(views: List[torch.Tensor], labels: torch.Tensor, indice
     return views, labels, indices
 
 
-class TorchvisionLoader:
+class TorchvisionLoader(SampledLoader):
     """Iterable of SDMPBatch on ``device``; see the module docstring. Options: ``prefetch_factor`` (batches
     each worker prepares ahead, default 2)."""
 
@@ -160,17 +160,6 @@ class TorchvisionLoader:
             dataset, batch_sampler=_EpochBatches(self.sampler), num_workers=self.num_workers,
             collate_fn=collate_views, pin_memory=self.device.type == "cuda", persistent_workers=workers,
             prefetch_factor=prefetch_factor if workers else None)
-
-    @property
-    def skipped(self) -> List[str]:
-        """Every file skipped so far (undecodable), in the order first met."""
-        return self.log.paths
-
-    def __len__(self) -> int:
-        return len(self.sampler)
-
-    def set_epoch(self, epoch: int) -> None:
-        self.sampler.set_epoch(epoch)
 
     def __iter__(self) -> Iterator[SDMPBatch]:
         epoch = self.sampler.epoch
