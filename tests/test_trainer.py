@@ -470,9 +470,10 @@ def test_cli_sdmp_moco_loss_falls_on_fashion_mnist(tmp_path):
 
 
 # The small-CPU SDMP-DINO setting of docs/training.md: BatchNorm in the head (DINO's use_bn_in_head) so the
-# centred teacher starts near uniform instead of on a few prototypes, and a constant sharp teacher (0.02).
+# centred teacher starts near uniform instead of on a few prototypes, a constant sharp teacher (0.01), lr 5e-4
+# (600 steps of it also lift k-NN 2.5-4.9 points over random init; measured, not tested here: too slow).
 DINO_CPU = ["--method", "dino", "--batch-size", "32", "--n-local", "2", "--n-local-mixed", "1",
-            "--dino-head-bn", "on", "--tau-t", "0.02", "--tau-t-end", "0.02", "--log-every", "10"]
+            "--dino-head-bn", "on", "--tau-t", "0.01", "--tau-t-end", "0.01", "--lr", "5e-4", "--log-every", "10"]
 
 
 @pytest.mark.slow
@@ -484,7 +485,7 @@ def test_cli_sdmp_dino_loss_falls_on_fashion_mnist(tmp_path):
     recs = read_metrics(str(out))
     loss = [r["loss"] for r in recs]
     n = len(loss) // 5
-    assert sum(loss[-n:]) < 0.85 * sum(loss[:n]), loss  # measured 0.71 (seed 0)
+    assert sum(loss[-n:]) < 0.85 * sum(loss[:n]), loss  # measured 0.68 (seed 0)
     for k in ("dino", "mix_source", "mix_teacher"):
         assert recs[-1][k] < recs[0][k], k
     ln_k = math.log(256)
