@@ -59,3 +59,29 @@ def test_photos_load_offline_in_colour():
     names = [n for n, _ in photos]
     assert len(photos) >= 5 and "astronaut" in names and "coffee" in names
     assert all(p.ndim == 3 and p.shape[2] == 3 and p.dtype.name == "uint8" for _, p in photos)
+
+
+def test_exported_photos_render_the_same_set(tmp_path, monkeypatch):
+    """A machine without scikit-image (SDMP_PHOTOS_DIR) builds a byte-identical benchmark set."""
+    from sdmp_fast.benchmarks.make_data import PHOTOS_ENV, export_photos
+
+    export_photos(str(tmp_path / "photos"))
+    make_data(str(tmp_path / "ref"), num_images=6, classes=3)
+    monkeypatch.setenv(PHOTOS_ENV, str(tmp_path / "photos"))
+    assert [n for n, _ in load_photos()] == [n for n, _ in _skimage_photos(monkeypatch)]
+    make_data(str(tmp_path / "exported"), num_images=6, classes=3)
+    ref, exported = list_images(str(tmp_path / "ref")).files, list_images(str(tmp_path / "exported")).files
+    assert len(ref) == 6
+    for a, b in zip(ref, exported):
+        assert open(a, "rb").read() == open(b, "rb").read(), b
+    monkeypatch.setenv(PHOTOS_ENV, str(tmp_path / "nowhere"))
+    with pytest.raises(RuntimeError, match="SDMP_PHOTOS_DIR"):
+        load_photos()
+
+
+def _skimage_photos(monkeypatch):
+    from sdmp_fast.benchmarks.make_data import PHOTOS_ENV
+
+    with monkeypatch.context() as m:
+        m.delenv(PHOTOS_ENV)
+        return load_photos()

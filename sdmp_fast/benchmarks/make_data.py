@@ -23,6 +23,9 @@ from typing import Dict, List, Tuple
 import numpy as np
 
 STAMP = ".sdmp-make-data.json"
+# A machine without scikit-image (a bare GPU box) reads the same photos from PNGs exported where it is
+# installed: lossless, so the rendered set is byte-identical.
+PHOTOS_ENV = "SDMP_PHOTOS_DIR"
 FORMAT_VERSION = 1
 # scikit-image photographs that are part of its wheel (no pooch / network). Grayscale ones are kept as
 # grey RGB images (ImageNet has some too); textures and synthetic drawings are left out.
@@ -39,10 +42,13 @@ QUALITY = (75, 95)
 def load_photos() -> List[Tuple[str, np.ndarray]]:
     """The offline scikit-image photos as (name, HxWx3 uint8). Photos that need a download are skipped, so
     this never touches the network; raises RuntimeError when none loads (scikit-image missing)."""
+    if os.environ.get(PHOTOS_ENV):
+        return load_exported_photos(os.environ[PHOTOS_ENV])
     try:
         import skimage.data as skd
     except ImportError as e:
-        raise RuntimeError("make-data needs scikit-image (pip install 'sdmp-fast[bench]')") from e
+        raise RuntimeError(f"make-data needs scikit-image (pip install 'sdmp-fast[bench]') or {PHOTOS_ENV}=DIR "
+                           f"from `python -m sdmp_fast.benchmarks.make_data --export-photos DIR`") from e
     photos = []
     for name in COLOR_PHOTOS + GRAY_PHOTOS:
         try:
@@ -62,6 +68,28 @@ def load_photos() -> List[Tuple[str, np.ndarray]]:
     if not photos:
         raise RuntimeError("make-data: no scikit-image photo could be loaded offline")
     return photos
+
+
+def export_photos(out_dir: str) -> List[str]:
+    """Write every offline scikit-image photo as ``<order>_<name>.png`` (for ``SDMP_PHOTOS_DIR``)."""
+    from PIL import Image
+
+    os.makedirs(out_dir, exist_ok=True)
+    paths = []
+    for k, (name, img) in enumerate(load_photos()):
+        paths.append(os.path.join(out_dir, f"{k:02d}_{name}.png"))
+        Image.fromarray(img).save(paths[-1], optimize=True)
+    return paths
+
+
+def load_exported_photos(photo_dir: str) -> List[Tuple[str, np.ndarray]]:
+    """The photos written by :func:`export_photos`, in their original order."""
+    from PIL import Image
+
+    names = sorted(f for f in os.listdir(photo_dir) if f.endswith(".png")) if os.path.isdir(photo_dir) else []
+    if not names:
+        raise RuntimeError(f"{PHOTOS_ENV}={photo_dir}: no exported .png photos there")
+    return [(f[3:-4], np.asarray(Image.open(os.path.join(photo_dir, f)).convert("RGB"))) for f in names]
 
 
 def _target_size(rng: np.random.Generator) -> Tuple[int, int]:
@@ -169,3 +197,12 @@ def add_arguments(p) -> None:
 def main(args) -> int:
     make_data(args.out_dir, args.num_images, args.classes, args.seed, force=args.force, quiet=False)
     return 0
+
+
+if __name__ == "__main__":  # python -m sdmp_fast.benchmarks.make_data --export-photos DIR
+    import argparse
+
+    parser = argparse.ArgumentParser(description="export scikit-image's offline photos for SDMP_PHOTOS_DIR")
+    parser.add_argument("--export-photos", metavar="DIR", required=True)
+    written = export_photos(parser.parse_args().export_photos)
+    print(f"wrote {len(written)} photos ({sum(os.path.getsize(p) for p in written) / 2**20:.1f} MiB)")
