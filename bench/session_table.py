@@ -71,7 +71,8 @@ def main(out: str) -> int:
     doc = load(out, "gpu_dali.json")
     if doc:
         dali_rows(doc)
-    for name, targets in (("e2e_vit_s", True), ("e2e_vit_b", False), ("e2e_dino_s", False)):
+    for name, targets in (("e2e_vit_s", True), ("e2e_vit_s_compile", True), ("e2e_vit_b", False),
+                          ("e2e_dino_s", False)):
         doc = load(out, f"{name}.json")
         if doc:
             e2e_rows(name, doc, targets)
