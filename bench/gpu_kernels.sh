@@ -16,33 +16,7 @@ PY=${PYTHON:-python3}
 BUDGET_S=${BUDGET_S:-480}
 export PYTHONUNBUFFERED=1
 mkdir -p "$OUT" bench/results
-SUMMARY="$OUT/summary.txt"
-: > "$SUMMARY"
-T0=$SECONDS
-
-log() { echo "[$(date +%T) +$((SECONDS - T0))s] $*" | tee -a "$SUMMARY"; }
-
-# step NAME LIMIT_S CMD...: runs CMD with a time limit (capped by what is left of the budget), output to
-# $OUT/NAME.log; returns the command's status (124 = timed out, 125 = skipped for lack of budget).
-step() {
-  local name=$1 limit=$2
-  shift 2
-  local left=$((BUDGET_S - (SECONDS - T0) - 15))
-  if [ "$left" -lt 20 ]; then
-    log "SKIP  $name (budget spent)"
-    return 125
-  fi
-  [ "$limit" -gt "$left" ] && limit=$left
-  log "run   $name (limit ${limit}s)"
-  local start=$SECONDS
-  timeout --kill-after=10 "$limit" "$@" > "$OUT/$name.log" 2>&1
-  local rc=$?
-  local status="ok"
-  [ $rc -ne 0 ] && status="FAILED rc=$rc"
-  [ $rc -eq 124 ] && status="TIMED OUT"
-  log "done  $name: $status in $((SECONDS - start))s  (log: $OUT/$name.log)"
-  return $rc
-}
+. "$(dirname "$0")/steps.sh"
 
 # ------------------------------------------------------------------------------------------- environment
 {
@@ -60,14 +34,7 @@ if [ "${SKIP_INSTALL:-0}" = 1 ]; then
 fi
 if [ "${SKIP_INSTALL:-0}" = shim ] || { [ "${SKIP_INSTALL:-0}" != 1 ] &&
     ! step install 120 "$PY" -m pip install -e . --no-deps --no-build-isolation -q; }; then
-  # Fallback: a sdmp_fast package assembled from symlinks (kernels/ and pipelines/ are its subpackages).
-  SHIM="$OUT/pyshim"
-  rm -rf "$SHIM" && mkdir -p "$SHIM/sdmp_fast"
-  for f in sdmp_fast/*; do ln -s "$PWD/$f" "$SHIM/sdmp_fast/$(basename "$f")"; done
-  ln -s "$PWD/kernels" "$SHIM/sdmp_fast/kernels"
-  ln -s "$PWD/pipelines" "$SHIM/sdmp_fast/pipelines"
-  export PYTHONPATH="$SHIM${PYTHONPATH:+:$PYTHONPATH}"
-  log "pip install failed: using PYTHONPATH=$SHIM"
+  use_shim "$OUT/pyshim"
 fi
 "$PY" -c "import sdmp_fast.kernels" 2>> "$SUMMARY" || { log "FATAL: sdmp_fast.kernels does not import"; exit 1; }
 

@@ -23,34 +23,7 @@ WORK=${WORK:-/tmp/sdmp_gpu_session}
 NUM_IMAGES=${NUM_IMAGES:-4096}
 export PYTHONUNBUFFERED=1
 mkdir -p "$OUT" "$WORK" bench/results
-SUMMARY="$OUT/summary.txt"
-: > "$SUMMARY"
-T0=$SECONDS
-
-log() { echo "[$(date +%T) +$((SECONDS - T0))s] $*" | tee -a "$SUMMARY"; }
-left() { echo $((BUDGET_S - (SECONDS - T0))); }
-
-# step NAME LIMIT_S CMD...: CMD under a time limit capped by the budget left, output to $OUT/NAME.log.
-step() {
-  local name=$1 limit=$2
-  shift 2
-  local rest=$(($(left) - 10))
-  if [ "$rest" -lt 20 ]; then
-    log "SKIP  $name (budget spent)"
-    return 125
-  fi
-  [ "$limit" -gt "$rest" ] && limit=$rest
-  log "run   $name (limit ${limit}s)"
-  local start=$SECONDS
-  timeout --kill-after=10 "$limit" "$@" > "$OUT/$name.log" 2>&1
-  local rc=$?
-  local status=ok
-  [ $rc -ne 0 ] && status="FAILED rc=$rc"
-  [ $rc -eq 124 ] && status="TIMED OUT"
-  log "done  $name: $status in $((SECONDS - start))s"
-  [ $rc -ne 0 ] && tail -5 "$OUT/$name.log" | sed 's/^/      /' | tee -a "$SUMMARY"
-  return $rc
-}
+. "$(dirname "$0")/steps.sh"
 
 # ------------------------------------------------------------------------------------------- environment
 "$PY" -c "import sys, torch; print('python', sys.version.split()[0], '| torch', torch.__version__, '| cuda', torch.version.cuda, '|', torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'NO GPU')" \
@@ -59,13 +32,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv >> "$OUT/en
 log "env: $(head -1 "$OUT/env.txt"); date $(date -u +%F)"
 if ! "$PY" -c "import sdmp_fast.pipelines, sdmp_fast.kernels" 2> /dev/null; then
   if ! "$PY" -m pip install -e . --no-deps --no-build-isolation -q > "$OUT/install.log" 2>&1; then
-    SHIM="$WORK/pyshim"  # sdmp_fast assembled from symlinks, as pyproject's package-dir maps it
-    rm -rf "$SHIM" && mkdir -p "$SHIM/sdmp_fast"
-    for f in sdmp_fast/*; do ln -s "$PWD/$f" "$SHIM/sdmp_fast/$(basename "$f")"; done
-    ln -s "$PWD/kernels" "$SHIM/sdmp_fast/kernels"
-    ln -s "$PWD/pipelines" "$SHIM/sdmp_fast/pipelines"
-    export PYTHONPATH="$SHIM${PYTHONPATH:+:$PYTHONPATH}"
-    log "pip install failed: using PYTHONPATH=$SHIM"
+    use_shim "$WORK/pyshim"
   fi
 fi
 "$PY" -c "import sdmp_fast.pipelines, sdmp_fast.kernels" || { log "FATAL: sdmp_fast does not import"; exit 1; }
@@ -92,6 +59,9 @@ LOADER=dali
 
 # ------------------------------------------------------------------------------------------- 1. kernels
 if [ "$DEVICE" != cpu ]; then
+  # build for this card only: half the nvcc time of the default sm_80 + sm_90
+  [ -n "${SDMP_KERNELS_ARCHS:-}" ] || export SDMP_KERNELS_ARCHS=$("$PY" -c "import torch; print('%d%d' % torch.cuda.get_device_capability())" 2> /dev/null || echo "80;90")
+  log "kernels for sm_$SDMP_KERNELS_ARCHS"
   step kernels_tests 230 env OUT="$OUT/kernels" BUDGET_S=220 SKIP_INSTALL=1 SKIP_BENCH=1 SKIP_SANITIZER=1 \
     PYTHON="$PY" bash bench/gpu_kernels.sh
 fi

@@ -1,0 +1,42 @@
+# Shared by the bench/gpu_*.sh scripts (sourced): budgeted steps and a sdmp_fast that imports on a bare box.
+# Needs OUT, PY, BUDGET_S set; sets SUMMARY and T0.
+SUMMARY="$OUT/summary.txt"
+: > "$SUMMARY"
+T0=$SECONDS
+
+log() { echo "[$(date +%T) +$((SECONDS - T0))s] $*" | tee -a "$SUMMARY"; }
+
+# step NAME LIMIT_S CMD...: runs CMD with a time limit (capped by what is left of the budget), output to
+# $OUT/NAME.log; returns the command's status (124 = timed out, 125 = skipped for lack of budget).
+step() {
+  local name=$1 limit=$2
+  shift 2
+  local left=$((BUDGET_S - (SECONDS - T0) - 15))
+  if [ "$left" -lt 20 ]; then
+    log "SKIP  $name (budget spent)"
+    return 125
+  fi
+  [ "$limit" -gt "$left" ] && limit=$left
+  log "run   $name (limit ${limit}s)"
+  local start=$SECONDS
+  timeout --kill-after=10 "$limit" "$@" > "$OUT/$name.log" 2>&1
+  local rc=$?
+  local status="ok"
+  [ $rc -ne 0 ] && status="FAILED rc=$rc"
+  [ $rc -eq 124 ] && status="TIMED OUT"
+  log "done  $name: $status in $((SECONDS - start))s  (log: $OUT/$name.log)"
+  [ $rc -ne 0 ] && tail -5 "$OUT/$name.log" | sed 's/^/      /' | tee -a "$SUMMARY"
+  return $rc
+}
+
+# Without `pip install -e .` working (no build backend on the box): a sdmp_fast package assembled from
+# symlinks, as pyproject's package-dir maps it (kernels/ and pipelines/ are its subpackages).
+use_shim() {
+  local shim="$1"
+  rm -rf "$shim" && mkdir -p "$shim/sdmp_fast"
+  for f in sdmp_fast/*; do ln -s "$PWD/$f" "$shim/sdmp_fast/$(basename "$f")"; done
+  ln -s "$PWD/kernels" "$shim/sdmp_fast/kernels"
+  ln -s "$PWD/pipelines" "$shim/sdmp_fast/pipelines"
+  export PYTHONPATH="$shim${PYTHONPATH:+:$PYTHONPATH}"
+  log "pip install failed: using PYTHONPATH=$shim"
+}
