@@ -1,8 +1,8 @@
 """Batch-flip mixing inside the DALI graph: the ``mix_in_graph=True`` option of the DALI backend.
 
 The random draws stay on the host and follow ``assemble_batch`` call for call (``draw_mix``): per batch
-``draw_mix_params`` (lam, method), then per mixed view ``box_size`` and ``box_position`` from the same CPU
-``torch.Generator``. They reach the graph as per-sample scalars and tiny int arrays through the pipeline's
+``draw_mix_params`` (lam, method), then per mixed view ``draw_box`` (the box draw every mixing path shares),
+from the same CPU ``torch.Generator``. They reach the graph as per-sample scalars and tiny int arrays through the pipeline's
 ``external_source`` (no per-pixel host traffic); the pixels are mixed by DALI ops on the views' device:
 
 - partner: ``fn.permute_batch`` with indices n-1-i (the unmixed view, never a mixed one);
@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from nvidia.dali import fn, types
 
-from sdmp_fast.mixing import MIXUP, CUTMIX, RESIZEMIX, box_lam, box_position, box_size, draw_mix_params
+from sdmp_fast.mixing import MIXUP, CUTMIX, RESIZEMIX, draw_box, draw_mix_params
 
 from .recipes import Recipe
 
@@ -115,13 +115,12 @@ def draw_mix(n: int, recipe: Recipe, generator: torch.Generator) -> MixDraw:
     feeds, boxes, reported = [flip, lam.numpy().astype(np.float32)], [], None
     for j in mix.mixed_views:
         s = specs[j].size
-        cut_h, cut_w = box_size(lam, s, s)
-        y0, x0 = box_position(cut_h, cut_w, s, s, generator)
+        (y0, x0, cut_h, cut_w), lam_eff = draw_box(lam, method, s, s, generator)
         op = torch.where((method != MIXUP) & (cut_h * cut_w == 0), COPY, method)
         feeds += _view_feeds(op, y0, x0, cut_h, cut_w, s)
         boxes.append((y0, x0, cut_h, cut_w))
         if reported is None:
-            reported = torch.where(method == MIXUP, lam.float(), box_lam(cut_h, cut_w, s, s))
+            reported = lam_eff
     return MixDraw(reported, method, feeds, boxes)
 
 

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 __all__ = ["METHODS", "method_ids", "sample_beta", "draw_mix_params", "box_size", "box_position",
-           "box_lam", "apply_mix", "mix_view", "mix_view_per_sample", "mix_views", "sdmp_mix", "check_batch_size"]
+           "box_lam", "draw_box", "apply_mix", "mix_view", "mix_view_per_sample", "mix_views", "sdmp_mix", "check_batch_size"]
 
 METHODS: Tuple[str, ...] = ("mixup", "cutmix", "resizemix")
 MIXUP, CUTMIX, RESIZEMIX = 0, 1, 2
@@ -113,6 +113,17 @@ def box_lam(cut_h: torch.Tensor, cut_w: torch.Tensor, height: int, width: int) -
     return (1.0 - (cut_h * cut_w).double() / (height * width)).float()
 
 
+def draw_box(lam: torch.Tensor, method: torch.Tensor, height: int, width: int,
+             generator: Optional[torch.Generator] = None):
+    """One view's boxes and the lam it really gets: ``((y0, x0, cut_h, cut_w), lam_eff)``, lam_eff being lam for
+    mixup and the exact pasted-area fraction for cutmix / resizemix. Every mixing path (vectorised, per-sample,
+    DALI graph) draws through here, so equal generator states give equal boxes."""
+    cut_h, cut_w = box_size(lam, height, width)
+    y0, x0 = box_position(cut_h, cut_w, height, width, generator)
+    lam_eff = torch.where(method == MIXUP, lam.float(), box_lam(cut_h, cut_w, height, width))
+    return (y0, x0, cut_h, cut_w), lam_eff
+
+
 def _resized_partner(partner: torch.Tensor, y0, x0, cut_h, cut_w) -> torch.Tensor:
     """The whole partner bilinearly resized into each sample's box (values outside the box are unused).
 
@@ -169,11 +180,8 @@ def mix_view(x: torch.Tensor, lam: torch.Tensor, method: torch.Tensor,
         raise ValueError(f"mix_view: expected a view of shape [n, C, H, W], got {tuple(x.shape)}")
     n, _, h, w = x.shape
     check_batch_size(n)
-    cut_h, cut_w = box_size(lam, h, w)
-    y0, x0 = box_position(cut_h, cut_w, h, w, generator)
-    mixed = apply_mix(x, lam, method, y0, x0, cut_h, cut_w, method_set)
-    lam_eff = torch.where(method == MIXUP, lam.float(), box_lam(cut_h, cut_w, h, w))
-    return mixed, lam_eff
+    (y0, x0, cut_h, cut_w), lam_eff = draw_box(lam, method, h, w, generator)
+    return apply_mix(x, lam, method, y0, x0, cut_h, cut_w, method_set), lam_eff
 
 
 def _resize_into_box(partner: torch.Tensor, cut_h: int, cut_w: int) -> torch.Tensor:
@@ -198,8 +206,7 @@ def mix_view_per_sample(x: torch.Tensor, lam: torch.Tensor, method: torch.Tensor
     """
     n, _, h, w = x.shape
     check_batch_size(n)
-    cut_h, cut_w = box_size(lam, h, w)
-    y0, x0 = box_position(cut_h, cut_w, h, w, generator)
+    (y0, x0, cut_h, cut_w), lam_eff = draw_box(lam, method, h, w, generator)
     lam_x = lam.to(x.dtype)
     out = torch.empty_like(x)
     rows = zip(method.tolist(), y0.tolist(), x0.tolist(), cut_h.tolist(), cut_w.tolist())
@@ -213,7 +220,6 @@ def mix_view_per_sample(x: torch.Tensor, lam: torch.Tensor, method: torch.Tensor
             continue
         box = out[i, :, top:top + ch, left:left + cw]
         box.copy_(_resize_into_box(partner, ch, cw) if m == RESIZEMIX else partner[:, top:top + ch, left:left + cw])
-    lam_eff = torch.where(method == MIXUP, lam.float(), box_lam(cut_h, cut_w, h, w))
     return out, lam_eff
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from typing import Dict, List, Optional
 
-from sdmp_fast.runlog import iter_records
+from sdmp_fast.runlog import read_metrics as runlog_records
 
 # Keys of a metrics record that are not loss terms (schedules, bookkeeping, throughput).
 NOT_LOSS_TERMS = {"step", "epoch", "loss", "img_per_s", "lr", "wd", "momentum", "tau_t", "skipped", "time_s",
@@ -20,7 +20,7 @@ def read_metrics(path: str) -> List[Dict]:
         path = os.path.join(path, "metrics.jsonl")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"metrics: {path!r} does not exist (is it a run directory of sdmp-fast train?)")
-    recs = [rec for _, rec in iter_records(path) if "step" in rec]
+    recs = [rec for rec in runlog_records(path) if "step" in rec]
     if not recs:
         raise ValueError(f"metrics: {path!r} holds no records with a 'step'")
     return recs

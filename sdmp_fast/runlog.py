@@ -3,7 +3,7 @@
 metrics.jsonl: one JSON object per logged step, keys
   step (optimiser steps done, 1-based), epoch (fractional), loss, each loss term (MoCo: source, mix_source,
   mix_mix | source, source_sym; DINO: dino, mix_source, mix_teacher | dino), grad_norm, lr, wd, momentum,
-  tau_t (DINO), img_per_s (source images per second over the window, all ranks), skipped (non-finite steps in
+  tau_t, teacher_entropy, teacher_batch_entropy (DINO), img_per_s (source images per second over the window, all ranks), skipped (non-finite steps in
   the window), time_s (seconds since the run (re)started).
 Loss values are means over the steps of the window since the previous record. A resumed run first drops the
 records written after the checkpoint it resumes from, so the file never holds the same step twice.
@@ -16,15 +16,14 @@ import os
 import sys
 from typing import Dict, Optional
 
-__all__ = ["RunLogger", "read_metrics", "truncate_metrics"]
+__all__ = ["RunLogger", "read_metrics", "iter_records", "truncate_metrics"]
 
 
 def read_metrics(path: str):
-    """All records of a metrics.jsonl (a run directory or the file)."""
+    """All records of a metrics.jsonl (a run directory or the file); a torn line is skipped."""
     if os.path.isdir(path):
         path = os.path.join(path, "metrics.jsonl")
-    with open(path) as fh:
-        return [json.loads(line) for line in fh if line.strip()]
+    return [rec for _, rec in iter_records(path)]
 
 
 def iter_records(path: str):

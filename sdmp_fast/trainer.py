@@ -230,16 +230,12 @@ class Trainer:
 
         self.model, self.spec = build_model(cfg)
         self.model.to(self.device)
-        if cfg.method == "mocov3":
-            self.module, self.target = self.model.base, self.model.momentum
-            if world_size > 1 and self.device.type == "cuda":  # MoCo v3 uses SyncBN in its heads
-                self.model.base = self.module = nn.SyncBatchNorm.convert_sync_batchnorm(self.module)
-                self.model.momentum = self.target = nn.SyncBatchNorm.convert_sync_batchnorm(self.target)
-        else:
-            self.module, self.target = self.model.student, self.model.teacher
-            if world_size > 1 and self.device.type == "cuda" and cfg.dino_head_bn:
-                self.model.student = self.module = nn.SyncBatchNorm.convert_sync_batchnorm(self.module)
-                self.model.teacher = self.target = nn.SyncBatchNorm.convert_sync_batchnorm(self.target)
+        names = ("base", "momentum") if cfg.method == "mocov3" else ("student", "teacher")
+        # MoCo v3's heads always hold BatchNorm, DINO's with --dino-head-bn: synchronised across GPUs
+        if world_size > 1 and self.device.type == "cuda" and (cfg.method == "mocov3" or cfg.dino_head_bn):
+            for name in names:
+                setattr(self.model, name, nn.SyncBatchNorm.convert_sync_batchnorm(getattr(self.model, name)))
+        self.module, self.target = (getattr(self.model, name) for name in names)
         self.train_module: nn.Module = self.module
         if world_size > 1:
             from torch.nn.parallel import DistributedDataParallel as DDP
