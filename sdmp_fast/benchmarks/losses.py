@@ -63,6 +63,8 @@ def add_arguments(p) -> None:
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows")
+    p.add_argument("--profile", action="store_true",
+                   help="also print the per-kernel device time of the DINO kernel, fused and unfused (torch.profiler)")
     p.add_argument("--json", default=None, help="output JSON (default bench/results/losses-<device>-<date>.json)")
 
 
@@ -133,7 +135,7 @@ def _unavailable_reason() -> str:
 def _add_speedups(rows: List[Dict]) -> None:
     base = {r["impl"]: r["ms"] for r in rows if r["ms"]}
     for r in rows:
-        for ref in ("eager", "compile", "eager_dense"):
+        for ref in ("eager", "compile", "eager_dense", "eager_dense_graph"):
             r[f"speedup_vs_{ref}"] = (base[ref] / r["ms"]) if (r["ms"] and ref in base and r["impl"] != ref) else None
 
 
@@ -168,6 +170,9 @@ def bench_two_hot(args, device, dtype, copy_gbps) -> List[Dict]:
         "kernel_graph": lambda: _graph_step(kernel()) if _kernels_ready(device) else None,
         "eager": lambda: _grad_step(ref_loss, [logits]),
         "eager_dense": lambda: _grad_step(lambda x: F.cross_entropy(x.float(), dense), [logits]),
+        # the same dense CE graph-captured: its device time alone, for a like-for-like ratio with kernel_graph
+        "eager_dense_graph": lambda: _graph_step(_grad_step(lambda x: F.cross_entropy(x.float(), dense), [logits]))
+        if device.type == "cuda" else None,
     }
     if not args.no_compile:
         impls["compile"] = lambda: _grad_step(torch.compile(ref_loss), [logits])
@@ -242,17 +247,64 @@ def bench_dino(args, device, dtype, copy_gbps) -> List[Dict]:
     }
     for variant in [v.strip() for v in args.dino_variants.split(",") if v.strip()]:
         # The launch configuration is read when the graph is captured: set it for the capture only.
-        kv = {"SDMP_DINO_FUSED": "0"} if variant == "unfused" else {"SDMP_DINO_GROUP_PAIRS": int(variant)}
+        kv, name = dino_variant_env(variant)
 
         def variant_step(kv=kv):
             if not _kernels_ready(device):
                 return None
             with env(**kv):
                 return _graph_step(_grad_step(wrap(K.sdmp_dino_terms), inputs))
-        impls[f"kernel_graph_{'unfused' if variant == 'unfused' else 'gp' + variant}"] = variant_step
+        impls[f"kernel_graph_{name}"] = variant_step
+    if getattr(args, "profile", False) and _kernels_ready(device):
+        profile_kernels("dino", {"kernel": {}, "unfused": {"SDMP_DINO_FUSED": "0"}},
+                        lambda: _grad_step(wrap(K.sdmp_dino_terms), inputs))
     if not args.no_compile:
         impls["compile"] = lambda: _grad_step(torch.compile(wrap(losses.sdmp_dino_terms)), inputs)
     return _run_impls("dino", shape, min_bytes, impls, args, copy_gbps)
+
+
+def dino_variant_env(variant: str):
+    """('unfused' | N | gN | kbN, joined by '+') -> (environment of the launch, row name): N/gN pairs per group of
+    the fused forward, kbN columns per pair block (e.g. 'unfused+kb2048')."""
+    kv = {}
+    for tok in variant.split("+"):
+        tok = tok.strip()
+        if tok == "unfused":
+            kv["SDMP_DINO_FUSED"] = "0"
+        elif tok.startswith("kb") and tok[2:].isdigit():
+            kv["SDMP_DINO_BLOCK_COLS"] = tok[2:]
+        elif tok.lstrip("g").isdigit():
+            kv["SDMP_DINO_GROUP_PAIRS"] = tok.lstrip("g")
+        else:
+            raise ValueError(f"--dino-variants: cannot read {tok!r} in {variant!r} (unfused, N, gN or kbN, joined by +)")
+    name = "+".join("unfused" if t == "unfused" else (t if t.startswith(("g", "kb")) else "gp" + t)
+                    for t in (x.strip() for x in variant.split("+")))
+    return kv, name
+
+
+def profile_kernels(op: str, configs: Dict[str, Dict[str, str]], make_step: Callable[[], Callable]) -> None:
+    """Per-kernel device time of one fwd+bwd under each launch configuration (torch.profiler, CUPTI): where the
+    time goes, printed as a small table per configuration."""
+    from torch.profiler import ProfilerActivity, profile
+    for name, kv in configs.items():
+        with env(**kv):
+            step = make_step()
+            for _ in range(3):
+                step()
+            torch.cuda.synchronize()
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                for _ in range(5):
+                    step()
+                torch.cuda.synchronize()
+        rows = []
+        for evt in prof.key_averages():
+            t = getattr(evt, "device_time_total", None) or getattr(evt, "cuda_time_total", 0)
+            if t:
+                rows.append((t / 5 / 1e3, evt.count // 5, evt.key))
+        rows.sort(reverse=True)
+        print(f"  profile {op} [{name}]: {sum(r[0] for r in rows):.3f} ms of kernels per fwd+bwd", flush=True)
+        for ms, count, key in rows[:10]:
+            print(f"    {ms:8.3f} ms  x{count:<3} {key[:110]}", flush=True)
 
 
 OPS = {"two_hot_ce": bench_two_hot, "moco_terms": bench_moco_terms, "dino": bench_dino}

@@ -33,37 +33,66 @@ __device__ __forceinline__ SampleMix sample_params(const MixParams& p, const Mix
   return s;
 }
 
-// Bilinear sample of the partner plane at output pixel (y, x) of a box: grid_sampler_2d, align_corners=False,
-// padding_mode="border". The normalised grid coordinate is computed in float64 and rounded to float32, as
-// mixing._resized_partner builds it.
+// grid_sampler's unnormalize ((g + 1) * size - 1) / 2 (align_corners=False) rounded as each reference build
+// rounds it: nvcc contracts the multiply-subtract into one FMA in PyTorch's CUDA kernel, the CPU kernel (which
+// the emulated build is compared with) rounds every operation. /2 is exact either way.
+__device__ __forceinline__ float unnormalize(float g, int size) {
+#ifdef SDMP_EMULATE
+  return __fmul_rn(__fsub_rn(__fmul_rn(__fadd_rn(g, 1.f), static_cast<float>(size)), 1.f), 0.5f);
+#else
+  return __fmul_rn(__fmaf_rn(__fadd_rn(g, 1.f), static_cast<float>(size), -1.f), 0.5f);
+#endif
+}
+
+// acc + v * w as the reference accumulates (out_acc += v * w: one FMA on CUDA).
+__device__ __forceinline__ float mul_add(float v, float w, float acc) {
+#ifdef SDMP_EMULATE
+  return __fadd_rn(acc, __fmul_rn(v, w));
+#else
+  return __fmaf_rn(v, w, acc);
+#endif
+}
+
+// Source coordinate in the partner (size `size`) of box pixel `pos` (box [start, start + len)), border-clamped:
+// the normalised grid coordinate (2 (pos - start) + 1) / len - 1 in float64 rounded to float32, as
+// mixing._resized_partner builds it, then grid_sampler's unnormalize and clip.
+__device__ __forceinline__ float source_coord(int pos, int64_t start, int64_t len, int size) {
+  const double l = static_cast<double>(len < 1 ? 1 : len);
+  const float g = __double2float_rn(__dadd_rn(__ddiv_rn(__dadd_rn(2.0 * static_cast<double>(pos - start), 1.0), l), -1.0));
+  return fminf(static_cast<float>(size - 1), fmaxf(unnormalize(g, size), 0.f));
+}
+
+// Bilinear sample of the partner plane at source coordinates (iy, ix): grid_sampler_2d, padding_mode="border"
+// (neighbours outside the image carry zero weight after the clamp), same order of accumulation.
 template <typename T>
-__device__ __forceinline__ float resized_pixel(const T* plane, int H, int W, const SampleMix& s, int y, int x) {
-  const double ch = static_cast<double>(s.ch < 1 ? 1 : s.ch), cw = static_cast<double>(s.cw < 1 ? 1 : s.cw);
-  const float gy = __double2float_rn(__dadd_rn(__ddiv_rn(__dadd_rn(2.0 * static_cast<double>(y - s.y0), 1.0), ch), -1.0));
-  const float gx = __double2float_rn(__dadd_rn(__ddiv_rn(__dadd_rn(2.0 * static_cast<double>(x - s.x0), 1.0), cw), -1.0));
-  float iy = __fdiv_rn(__fsub_rn(__fmul_rn(__fadd_rn(gy, 1.f), static_cast<float>(H)), 1.f), 2.f);
-  float ix = __fdiv_rn(__fsub_rn(__fmul_rn(__fadd_rn(gx, 1.f), static_cast<float>(W)), 1.f), 2.f);
-  iy = fminf(static_cast<float>(H - 1), fmaxf(iy, 0.f));
-  ix = fminf(static_cast<float>(W - 1), fmaxf(ix, 0.f));
+__device__ __forceinline__ float bilinear(const T* plane, int H, int W, float iy, float ix) {
   const int ix_nw = static_cast<int>(floorf(ix)), iy_nw = static_cast<int>(floorf(iy));
   const int ix_se = ix_nw + 1, iy_se = iy_nw + 1;
   const float nw = __fmul_rn(__fsub_rn(static_cast<float>(ix_se), ix), __fsub_rn(static_cast<float>(iy_se), iy));
   const float ne = __fmul_rn(__fsub_rn(ix, static_cast<float>(ix_nw)), __fsub_rn(static_cast<float>(iy_se), iy));
   const float sw = __fmul_rn(__fsub_rn(static_cast<float>(ix_se), ix), __fsub_rn(iy, static_cast<float>(iy_nw)));
   const float se = __fmul_rn(__fsub_rn(ix, static_cast<float>(ix_nw)), __fsub_rn(iy, static_cast<float>(iy_nw)));
-  float acc = 0.f;  // neighbours outside the image carry zero weight after the border clamp
-  acc = __fadd_rn(acc, __fmul_rn(static_cast<float>(plane[static_cast<int64_t>(iy_nw) * W + ix_nw]), nw));
-  if (ix_se < W) acc = __fadd_rn(acc, __fmul_rn(static_cast<float>(plane[static_cast<int64_t>(iy_nw) * W + ix_se]), ne));
-  if (iy_se < H) acc = __fadd_rn(acc, __fmul_rn(static_cast<float>(plane[static_cast<int64_t>(iy_se) * W + ix_nw]), sw));
-  if (ix_se < W && iy_se < H)
-    acc = __fadd_rn(acc, __fmul_rn(static_cast<float>(plane[static_cast<int64_t>(iy_se) * W + ix_se]), se));
+  const T* row = plane + static_cast<int64_t>(iy_nw) * W;
+  float acc = __fmul_rn(static_cast<float>(row[ix_nw]), nw);
+  if (ix_se < W) acc = mul_add(static_cast<float>(row[ix_se]), ne, acc);
+  if (iy_se < H) acc = mul_add(static_cast<float>(row[W + ix_nw]), sw, acc);
+  if (ix_se < W && iy_se < H) acc = mul_add(static_cast<float>(row[W + ix_se]), se, acc);
   return acc;
 }
 
-// Output pixel of sample s (own value a, partner value b at the same place, partner plane for resizemix).
+// What a thread needs to mix its pixels of one sample: parameters, whether its row crosses the box, and for
+// resizemix the row's source coordinate and the per-column source coordinates (block table or computed).
+struct RowMix {
+  SampleMix s;
+  bool row_inside;
+  float iy;
+  const float* col_ix;  // [W] source x per column (resizemix, table in shared memory) or null
+};
+
 template <typename T>
-__device__ __forceinline__ float mixed_pixel(const SampleMix& s, float a, float b, const T* partner_plane, int H,
-                                             int W, int y, int x) {
+__device__ __forceinline__ float mixed_pixel(const RowMix& r, float a, float b, const T* partner_plane, int H,
+                                             int W, int x) {
+  const SampleMix& s = r.s;
   if (s.method == kMixup) {
     // lam_x * x + (1.0 - lam_x) * partner with lam_x = lam.to(x.dtype): one rounding per op, as eager PyTorch.
     const float l = round_through<T>(s.lam);
@@ -71,22 +100,44 @@ __device__ __forceinline__ float mixed_pixel(const SampleMix& s, float a, float 
     const float t2 = round_through<T>(__fmul_rn(round_through<T>(__fsub_rn(1.f, l)), b));
     return round_through<T>(__fadd_rn(t1, t2));
   }
-  const bool inside = y >= s.y0 && y < s.y0 + s.ch && x >= s.x0 && x < s.x0 + s.cw;
-  if (!inside) return a;
+  if (!r.row_inside || x < s.x0 || x >= s.x0 + s.cw) return a;
   if (s.method == kCutmix) return b;
-  return round_through<T>(resized_pixel<T>(partner_plane, H, W, s, y, x));
+  const float ix = r.col_ix != nullptr ? r.col_ix[x] : source_coord(x, s.x0, s.cw, W);
+  return round_through<T>(bilinear<T>(partner_plane, H, W, r.iy, ix));
+}
+
+__device__ __forceinline__ RowMix row_mix(const SampleMix& s, int y, int H, const float* table) {
+  RowMix r;
+  r.s = s;
+  r.row_inside = y >= s.y0 && y < s.y0 + s.ch;
+  r.iy = (s.method == kResizemix && r.row_inside) ? source_coord(y, s.y0, s.ch, H) : 0.f;
+  r.col_ix = table;
+  return r;
 }
 
 // grid (ceil(C*H*W/VEC / threads), pairs, views): a block covers part of one pair {i, n-1-i} of one view, so the
 // per-sample parameters are block-uniform and the index math is 32-bit (the API checks C*H*W < 2^31).
-template <typename T, int VEC>
+// kTable: the block first writes the resizemix source x of every column of both samples to shared memory
+// ([2][W] floats), so each column's float64 coordinate is computed once per block rather than once per pixel.
+template <typename T, int VEC, bool kTable>
 __global__ void __launch_bounds__(kThreads) batch_mix_kernel(MixParams p) {
   const MixView& v = p.views[blockIdx.z];
+  const int i = blockIdx.y, q = p.n - 1 - i;
+  const SampleMix si = sample_params(p, v, i), sq = sample_params(p, v, q);
+  float* table = kTable ? reinterpret_cast<float*>(dynamic_smem()) : nullptr;
+  if (kTable) {
+    if (si.method == kResizemix || sq.method == kResizemix) {  // block-uniform
+      for (int x = threadIdx.x; x < v.W; x += blockDim.x) {
+        table[x] = si.method == kResizemix ? source_coord(x, si.x0, si.cw, v.W) : 0.f;
+        table[v.W + x] = sq.method == kResizemix ? source_coord(x, sq.x0, sq.cw, v.W) : 0.f;
+      }
+      __syncthreads();
+    }
+  }
   const uint32_t wpacks = static_cast<uint32_t>(v.W / VEC);
   const uint32_t per_sample = static_cast<uint32_t>(v.C) * static_cast<uint32_t>(v.H) * wpacks;
   const uint32_t idx = blockIdx.x * blockDim.x + threadIdx.x;
   if (idx >= per_sample) return;
-  const int i = blockIdx.y, q = p.n - 1 - i;
   const uint32_t wp = idx % wpacks, rest = idx / wpacks;
   const int y = static_cast<int>(rest % static_cast<uint32_t>(v.H));
   const int c = static_cast<int>(rest / static_cast<uint32_t>(v.H));
@@ -100,35 +151,45 @@ __global__ void __launch_bounds__(kThreads) batch_mix_kernel(MixParams p) {
   float xi[VEC], xq[VEC], oi[VEC], oq[VEC];
   load_floats<T, VEC>(plane_i + in_row, xi);
   load_floats<T, VEC>(plane_q + in_row, xq);
-  const SampleMix si = sample_params(p, v, i), sq = sample_params(p, v, q);
+  const RowMix ri = row_mix(si, y, v.H, table), rq = row_mix(sq, y, v.H, kTable ? table + v.W : nullptr);
 #pragma unroll
   for (int j = 0; j < VEC; ++j) {
-    oi[j] = mixed_pixel<T>(si, xi[j], xq[j], plane_q, v.H, v.W, y, xoff + j);
-    oq[j] = mixed_pixel<T>(sq, xq[j], xi[j], plane_i, v.H, v.W, y, xoff + j);
+    oi[j] = mixed_pixel<T>(ri, xi[j], xq[j], plane_q, v.H, v.W, xoff + j);
+    oq[j] = mixed_pixel<T>(rq, xq[j], xi[j], plane_i, v.H, v.W, xoff + j);
   }
   store_floats<T, VEC>(out + (plane_i - x) + in_row, oi);
   if (q != i) store_floats<T, VEC>(out + (plane_q - x) + in_row, oq);
+}
+
+// Column tables up to this width (2 x 6144 floats = the 48 KiB of shared memory any launch may take).
+constexpr int kMaxTableWidth = 6144;
+
+template <typename T, int VEC>
+Status launch_vec(const MixParams& p, dim3 grid, int max_w, Stream stream) {
+  if (p.allow_resize && max_w <= kMaxTableWidth) {
+    auto k = batch_mix_kernel<T, VEC, true>;
+    SDMP_LAUNCH(k, grid, dim3(kThreads), static_cast<size_t>(2) * max_w * sizeof(float), stream, p);
+  } else {
+    auto k = batch_mix_kernel<T, VEC, false>;
+    SDMP_LAUNCH(k, grid, dim3(kThreads), 0, stream, p);
+  }
+  return cudaGetLastError();
 }
 
 template <typename T>
 Status launch(const MixParams& p, Stream stream) {
   constexpr int V = 16 / sizeof(T);
   int64_t most = 0;
+  int max_w = 0;
   for (int k = 0; k < p.nviews; ++k) {
     const MixView& v = p.views[k];
     most = std::max<int64_t>(most, static_cast<int64_t>(v.C) * v.H * (p.vec_ok ? v.W / V : v.W));
+    max_w = std::max(max_w, v.W);
   }
   if (most == 0) return cudaSuccess;
   const dim3 grid(static_cast<unsigned>((most + kThreads - 1) / kThreads), static_cast<unsigned>((p.n + 1) / 2),
                   static_cast<unsigned>(p.nviews));
-  if (p.vec_ok) {
-    auto k = batch_mix_kernel<T, V>;
-    SDMP_LAUNCH(k, grid, dim3(kThreads), 0, stream, p);
-  } else {
-    auto k = batch_mix_kernel<T, 1>;
-    SDMP_LAUNCH(k, grid, dim3(kThreads), 0, stream, p);
-  }
-  return cudaGetLastError();
+  return p.vec_ok ? launch_vec<T, V>(p, grid, max_w, stream) : launch_vec<T, 1>(p, grid, max_w, stream);
 }
 
 }  // namespace

@@ -24,8 +24,11 @@ using Status = cudaError_t;
 #define SDMP_LAUNCH(kernel, grid, block, smem, stream, ...) \
   ((void)(stream), ::sdmp_emu::launch((grid), (block), (smem), (kernel), __VA_ARGS__))
 #else
-#define SDMP_LAUNCH(kernel, grid, block, smem, stream, ...) \
-  kernel<<<(grid), (block), (smem), (stream)>>>(__VA_ARGS__)
+#define SDMP_LAUNCH(kernel, grid, block, smem, stream, ...)                                               \
+  ((smem) > 48 * 1024                                                                                   \
+       ? (void)cudaFuncSetAttribute((kernel), cudaFuncAttributeMaxDynamicSharedMemorySize, (int)(smem)) \
+       : (void)0,                                                                                       \
+   kernel<<<(grid), (block), (smem), (stream)>>>(__VA_ARGS__))
 #endif
 
 // Dispatches on the element type tag: defines `scalar_t` for the body.

@@ -19,6 +19,7 @@
 #include "dino_ce.h"
 
 #include <algorithm>
+#include <cstdlib>
 
 namespace sdmp {
 namespace {
@@ -802,7 +803,15 @@ int64_t dino_teacher_tile_cols(DType dt, bool vec_ok) {
   return static_cast<int64_t>(kWarpSize) * (vec_ok ? 16 / elt : 1) * kTeacherPacksPerLane;
 }
 
-int64_t dino_block_cols(int T) { return T <= 2 ? 1024 : 512; }
+// Columns per pair block: the most whose target vectors fit the 48 KiB of shared memory any launch may take;
+// $SDMP_DINO_BLOCK_COLS (a multiple of 256, up to the card's shared memory) overrides it for tuning.
+int64_t dino_block_cols(int T) {
+  if (const char* env = std::getenv("SDMP_DINO_BLOCK_COLS")) {
+    const long v = std::strtol(env, nullptr, 10);
+    if (v >= 256 && v % 256 == 0) return v;
+  }
+  return T <= 2 ? 1024 : 512;
+}
 
 // Warps per pair block (4..12, one student row at a time each): the count that leaves the fewest warps idle in
 // the last round of rows (20 rows -> 10 warps), the larger one on ties.
