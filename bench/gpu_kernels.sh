@@ -8,7 +8,9 @@
 # would not fit is skipped and said so. Order: build, smoke, tests, memcheck, benches, then racecheck, synccheck
 # and initcheck while time is left. Logs, JUnit XML and bench JSON go to $OUT; the bench JSON also goes to
 # bench/results/. Knobs: PYTHON (default python3), BUDGET_S, SKIP_INSTALL=1 (sdmp_fast already importable),
-# SKIP_TESTS=1, SKIP_BENCH=1, SKIP_SANITIZER=1, SDMP_KERNELS_ARCHS (default "80;90", as the JIT build).
+# SKIP_TESTS=1, SKIP_BENCH=1, SKIP_SANITIZER=1, SDMP_KERNELS_ARCHS (default "80;90", as the JIT build),
+# DINO_VARIANTS (bench rows, see `bench losses --dino-variants`), PROFILE=1 (per-kernel DINO times),
+# SELFCHECK_CONFIGS (launch configurations to selfcheck, below).
 set -u -o pipefail
 
 OUT=${OUT:-bench/results/gpu_kernels-$(date +%Y%m%d-%H%M%S)}
@@ -71,6 +73,18 @@ if [ "${SKIP_TESTS:-0}" != 1 ] && [ $BUILD_OK -eq 1 ]; then
     log "pytest missing: running the full selfcheck instead"
     step tests_selfcheck 200 "$PY" -m sdmp_fast.kernels.selfcheck
   fi
+fi
+
+# ------------------------------------------------------------------------------------------- tuning configs
+# SELFCHECK_CONFIGS="A=1 B=2;C=3": the quick selfcheck again under each launch configuration (the DINO knobs
+# SDMP_DINO_FUSED / _BLOCK_COLS / _PAIR_WARPS / _PREFETCH), so a configuration the benches favour is known correct.
+if [ $BUILD_OK -eq 1 ] && [ -n "${SELFCHECK_CONFIGS:-}" ]; then
+  IFS=';' read -ra CFGS <<< "$SELFCHECK_CONFIGS"
+  for k in "${!CFGS[@]}"; do
+    # shellcheck disable=SC2086 # the configuration is a list of NAME=VALUE words
+    step "selfcheck_cfg$k" 60 env ${CFGS[$k]} "$PY" -m sdmp_fast.kernels.selfcheck --quick
+    log "      [${CFGS[$k]}] $(grep -m1 '^selfcheck:' "$OUT/selfcheck_cfg$k.log")"
+  done
 fi
 
 # ------------------------------------------------------------------------------------------- sanitizer, benches

@@ -116,6 +116,9 @@ def _setup_context(ctx, inputs, output):
      _group_pairs) = inputs
     _, center_mean, row_stat, lse_t, g_clean, g_mixed = output
     ctx.mark_non_differentiable(center_mean, row_stat, lse_t, g_clean, g_mixed)
+    # No zero-filled gradients for the outputs the loss does not use: for g_clean / g_mixed those would be two
+    # full [V, B, K] fills per backward (~0.1 ms at 10 x 256 x 65,536 on an H100, measured).
+    ctx.set_materialize_grads(False)
     ctx.precomputed = bool(grad_clean or grad_mixed)
     ctx.scalars = (tau_s, tau_t, mix_weight)
     ctx.save_for_backward(s_clean, s_mixed, t_clean, t_mixed, center, lam, row_stat, lse_t, g_clean, g_mixed)
@@ -125,6 +128,8 @@ def _backward(ctx, g_terms, *_unused):
     s_clean, s_mixed, t_clean, t_mixed, center, lam, row_stat, lse_t, g_clean, g_mixed = ctx.saved_tensors
     tau_s, tau_t, mix_weight = ctx.scalars
     need_clean, need_mixed = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    if g_terms is None:  # the loss terms were not used (grads are not materialised)
+        return (None,) * 13
     g = (g_terms[:3] + g_terms[3]).float().contiguous()  # loss = dino + mix_source + mix_teacher
     if ctx.precomputed:
         _dino_grad_fixup(g_clean, g_mixed, g, s_clean, s_mixed, t_clean, t_mixed, center, lam, row_stat, lse_t,

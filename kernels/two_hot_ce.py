@@ -54,6 +54,7 @@ def _setup_context(ctx, inputs, output):
     logits, index_a, index_b, weight_a, weight_b, logit_div, out_scale = inputs
     _, lse = output
     ctx.mark_non_differentiable(lse)
+    ctx.set_materialize_grads(False)  # no zero-filled gradient for lse
     ctx.save_for_backward(logits, lse, index_a, index_b, weight_a, weight_b)
     ctx.scales = (logit_div, out_scale)
 
@@ -61,6 +62,8 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_loss, _grad_lse):
     logits, lse, index_a, index_b, weight_a, weight_b = ctx.saved_tensors
     logit_div, out_scale = ctx.scales
+    if grad_loss is None:
+        return (None,) * 7
     grad_loss = grad_loss.float()
     g_logits = g_wa = g_wb = None
     if ctx.needs_input_grad[0]:

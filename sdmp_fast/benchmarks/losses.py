@@ -264,8 +264,9 @@ def bench_dino(args, device, dtype, copy_gbps) -> List[Dict]:
 
 
 def dino_variant_env(variant: str):
-    """('unfused' | N | gN | kbN, joined by '+') -> (environment of the launch, row name): N/gN pairs per group of
-    the fused forward, kbN columns per pair block (e.g. 'unfused+kb2048')."""
+    """('unfused' | N | gN | kbN | pwN | nopf, joined by '+') -> (environment of the launch, row name): N/gN pairs
+    per group of the fused forward, kbN columns and pwN warps per pair block, nopf without the early student loads
+    (e.g. 'unfused+kb2048+pw5')."""
     kv = {}
     for tok in variant.split("+"):
         tok = tok.strip()
@@ -273,11 +274,16 @@ def dino_variant_env(variant: str):
             kv["SDMP_DINO_FUSED"] = "0"
         elif tok.startswith("kb") and tok[2:].isdigit():
             kv["SDMP_DINO_BLOCK_COLS"] = tok[2:]
+        elif tok.startswith("pw") and tok[2:].isdigit():
+            kv["SDMP_DINO_PAIR_WARPS"] = tok[2:]
+        elif tok == "nopf":
+            kv["SDMP_DINO_PREFETCH"] = "0"
         elif tok.lstrip("g").isdigit():
             kv["SDMP_DINO_GROUP_PAIRS"] = tok.lstrip("g")
         else:
-            raise ValueError(f"--dino-variants: cannot read {tok!r} in {variant!r} (unfused, N, gN or kbN, joined by +)")
-    name = "+".join("unfused" if t == "unfused" else (t if t.startswith(("g", "kb")) else "gp" + t)
+            raise ValueError(f"--dino-variants: cannot read {tok!r} in {variant!r} "
+                             f"(unfused, N, gN, kbN, pwN or nopf, joined by +)")
+    name = "+".join(t if not t.isdigit() else "gp" + t
                     for t in (x.strip() for x in variant.split("+")))
     return kv, name
 
