@@ -77,7 +77,7 @@ fi
 
 # ------------------------------------------------------------------------------------------- tuning configs
 # SELFCHECK_CONFIGS="A=1 B=2;C=3": the quick selfcheck again under each launch configuration (the DINO knobs
-# SDMP_DINO_FUSED / _BLOCK_COLS / _PAIR_WARPS / _PREFETCH), so a configuration the benches favour is known correct.
+# SDMP_DINO_FUSED / _GROUP_PAIRS / _BLOCK_COLS / _PAIR_WARPS), so a configuration the benches favour is known correct.
 if [ $BUILD_OK -eq 1 ] && [ -n "${SELFCHECK_CONFIGS:-}" ]; then
   IFS=';' read -ra CFGS <<< "$SELFCHECK_CONFIGS"
   for k in "${!CFGS[@]}"; do
@@ -106,7 +106,7 @@ sanitize() {
 sanitize memcheck
 if [ "${SKIP_BENCH:-0}" != 1 ]; then
   step bench_losses 200 "$PY" -m sdmp_fast.cli bench losses --iters 10 --warmup 3 \
-    --dino-variants "${DINO_VARIANTS:-unfused,1,2,8}" $([ "${PROFILE:-0}" = 1 ] && echo --profile) \
+    --dino-variants "${DINO_VARIANTS:-fused,fused+g8,kb1024}" $([ "${PROFILE:-0}" = 1 ] && echo --profile) \
     --json "$OUT/losses.json"
   step bench_mixing 120 "$PY" -m sdmp_fast.cli bench mixing --iters 10 --warmup 3 --json "$OUT/mixing.json"
   TAG=$("$PY" -c "import torch; from sdmp_fast.benchmarks.loaders import device_tag; print(device_tag(torch.device('cuda' if torch.cuda.is_available() else 'cpu')))" 2>/dev/null || echo gpu)

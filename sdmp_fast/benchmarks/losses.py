@@ -58,13 +58,14 @@ def add_arguments(p) -> None:
     p.add_argument("--teacher-mixed", action="store_true",
                    help="also feed the teacher's mixed global crops (eq. 8 with a mixed teacher)")
     p.add_argument("--dino-variants", default="",
-                   help="extra CUDA-graph kernel rows for DINO: comma list of 'unfused' and/or pair-group sizes of the "
-                        "fused forward (e.g. 'unfused,1,2,8'); the default kernel uses SDMP_DINO_GROUP_PAIRS or 4")
+                   help="extra CUDA-graph kernel rows for DINO, comma-separated launch configurations: 'fused' / "
+                        "'unfused', gN pairs per group of the fused forward, kbN columns and pwN warps per pair "
+                        "block, joined by '+' (e.g. 'fused,fused+g8,kb1024')")
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows")
     p.add_argument("--profile", action="store_true",
-                   help="also print the per-kernel device time of the DINO kernel, fused and unfused (torch.profiler)")
+                   help="also print the per-kernel device time of the DINO kernel, default and fused (torch.profiler)")
     p.add_argument("--json", default=None, help="output JSON (default bench/results/losses-<device>-<date>.json)")
 
 
@@ -256,7 +257,7 @@ def bench_dino(args, device, dtype, copy_gbps) -> List[Dict]:
                 return _graph_step(_grad_step(wrap(K.sdmp_dino_terms), inputs))
         impls[f"kernel_graph_{name}"] = variant_step
     if getattr(args, "profile", False) and _kernels_ready(device):
-        profile_kernels("dino", {"kernel": {}, "unfused": {"SDMP_DINO_FUSED": "0"}},
+        profile_kernels("dino", {"kernel": {}, "fused": {"SDMP_DINO_FUSED": "1"}},
                         lambda: _grad_step(wrap(K.sdmp_dino_terms), inputs))
     if not args.no_compile:
         impls["compile"] = lambda: _grad_step(torch.compile(wrap(losses.sdmp_dino_terms)), inputs)
@@ -264,25 +265,27 @@ def bench_dino(args, device, dtype, copy_gbps) -> List[Dict]:
 
 
 def dino_variant_env(variant: str):
-    """('unfused' | N | gN | kbN | pwN | nopf, joined by '+') -> (environment of the launch, row name): N/gN pairs
-    per group of the fused forward, kbN columns and pwN warps per pair block, nopf without the early student loads
-    (e.g. 'unfused+kb2048+pw5')."""
+    """('fused' | 'unfused' | N | gN | kbN | pwN, joined by '+') -> (environment of the launch, row name): the
+    single-launch forward or not, N/gN pairs per group of the fused forward, kbN columns and pwN warps per pair
+    block (e.g. 'fused+g8+kb1024')."""
     kv = {}
     for tok in variant.split("+"):
         tok = tok.strip()
         if tok == "unfused":
             kv["SDMP_DINO_FUSED"] = "0"
+        elif tok == "fused":
+            kv["SDMP_DINO_FUSED"] = "1"
         elif tok.startswith("kb") and tok[2:].isdigit():
             kv["SDMP_DINO_BLOCK_COLS"] = tok[2:]
         elif tok.startswith("pw") and tok[2:].isdigit():
             kv["SDMP_DINO_PAIR_WARPS"] = tok[2:]
-        elif tok == "nopf":
-            kv["SDMP_DINO_PREFETCH"] = "0"
         elif tok.lstrip("g").isdigit():
             kv["SDMP_DINO_GROUP_PAIRS"] = tok.lstrip("g")
         else:
             raise ValueError(f"--dino-variants: cannot read {tok!r} in {variant!r} "
-                             f"(unfused, N, gN, kbN, pwN or nopf, joined by +)")
+                             f"(fused, unfused, N, gN, kbN or pwN, joined by +)")
+    if "SDMP_DINO_GROUP_PAIRS" in kv:  # groups exist only in the fused forward
+        kv.setdefault("SDMP_DINO_FUSED", "1")
     name = "+".join(t if not t.isdigit() else "gp" + t
                     for t in (x.strip() for x in variant.split("+")))
     return kv, name

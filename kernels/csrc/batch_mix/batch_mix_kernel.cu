@@ -62,6 +62,24 @@ __device__ __forceinline__ float source_coord(int pos, int64_t start, int64_t le
   return fminf(static_cast<float>(size - 1), fmaxf(unnormalize(g, size), 0.f));
 }
 
+// Bilinear sample of the partner plane at source coordinates (iy, ix): grid_sampler_2d, padding_mode="border"
+// (neighbours outside the image carry zero weight after the clamp), same order of accumulation.
+template <typename T>
+__device__ __forceinline__ float bilinear(const T* plane, int H, int W, float iy, float ix) {
+  const int ix_nw = static_cast<int>(floorf(ix)), iy_nw = static_cast<int>(floorf(iy));
+  const int ix_se = ix_nw + 1, iy_se = iy_nw + 1;
+  const float nw = __fmul_rn(__fsub_rn(static_cast<float>(ix_se), ix), __fsub_rn(static_cast<float>(iy_se), iy));
+  const float ne = __fmul_rn(__fsub_rn(ix, static_cast<float>(ix_nw)), __fsub_rn(static_cast<float>(iy_se), iy));
+  const float sw = __fmul_rn(__fsub_rn(static_cast<float>(ix_se), ix), __fsub_rn(iy, static_cast<float>(iy_nw)));
+  const float se = __fmul_rn(__fsub_rn(ix, static_cast<float>(ix_nw)), __fsub_rn(iy, static_cast<float>(iy_nw)));
+  const T* row = plane + static_cast<int64_t>(iy_nw) * W;
+  float acc = __fmul_rn(static_cast<float>(row[ix_nw]), nw);
+  if (ix_se < W) acc = mul_add(static_cast<float>(row[ix_se]), ne, acc);
+  if (iy_se < H) acc = mul_add(static_cast<float>(row[W + ix_nw]), sw, acc);
+  if (ix_se < W && iy_se < H) acc = mul_add(static_cast<float>(row[W + ix_se]), se, acc);
+  return acc;
+}
+
 // What a thread needs to mix its pixels of one sample: parameters, whether its row crosses the box, and for
 // resizemix the row's source coordinate and the per-column source coordinates (block table or computed).
 struct RowMix {
@@ -71,6 +89,23 @@ struct RowMix {
   const float* col_ix;  // [W] source x per column (resizemix, table in shared memory) or null
 };
 
+template <typename T>
+__device__ __forceinline__ float mixed_pixel(const RowMix& r, float a, float b, const T* partner_plane, int H,
+                                             int W, int x) {
+  const SampleMix& s = r.s;
+  if (s.method == kMixup) {
+    // lam_x * x + (1.0 - lam_x) * partner with lam_x = lam.to(x.dtype): one rounding per op, as eager PyTorch.
+    const float l = round_through<T>(s.lam);
+    const float t1 = round_through<T>(__fmul_rn(l, a));
+    const float t2 = round_through<T>(__fmul_rn(round_through<T>(__fsub_rn(1.f, l)), b));
+    return round_through<T>(__fadd_rn(t1, t2));
+  }
+  if (!r.row_inside || x < s.x0 || x >= s.x0 + s.cw) return a;
+  if (s.method == kCutmix) return b;
+  const float ix = r.col_ix != nullptr ? r.col_ix[x] : source_coord(x, s.x0, s.cw, W);
+  return round_through<T>(bilinear<T>(partner_plane, H, W, r.iy, ix));
+}
+
 __device__ __forceinline__ RowMix row_mix(const SampleMix& s, int y, int H, const float* table) {
   RowMix r;
   r.s = s;
@@ -78,86 +113,6 @@ __device__ __forceinline__ RowMix row_mix(const SampleMix& s, int y, int H, cons
   r.iy = (s.method == kResizemix && r.row_inside) ? source_coord(y, s.y0, s.ch, H) : 0.f;
   r.col_ix = table;
   return r;
-}
-
-// Bilinear resize of the partner plane at the VEC pixels [x, x + VEC) of a box row: grid_sampler_2d with
-// padding_mode="border" (a neighbour past the last row/column has zero weight after the clamp, so it is
-// skipped, as the reference skips it), the reference's order of accumulation. Every gather is issued before
-// any is used (clamped, always-valid addresses; the skips are selects), so one thread waits for one round trip
-// to L2 rather than one per pixel.
-template <typename T, int VEC>
-__device__ __forceinline__ void resize_pack(const RowMix& r, const T* plane, int H, int W, int x,
-                                            float (&res)[VEC]) {
-  const float iy = r.iy;
-  const int iy_nw = static_cast<int>(floorf(iy));
-  const bool has_s = iy_nw + 1 < H;
-  const T* row0 = plane + static_cast<int64_t>(iy_nw) * W;
-  const T* row1 = has_s ? row0 + W : row0;
-  float ix[VEC], v[4][VEC];
-  int ix_nw[VEC];
-  bool has_e[VEC];
-#pragma unroll
-  for (int j = 0; j < VEC; ++j) {
-    ix[j] = r.col_ix != nullptr ? r.col_ix[x + j] : source_coord(x + j, r.s.x0, r.s.cw, W);
-    ix_nw[j] = static_cast<int>(floorf(ix[j]));
-    has_e[j] = ix_nw[j] + 1 < W;
-  }
-#pragma unroll
-  for (int j = 0; j < VEC; ++j) {
-    const int xe = has_e[j] ? ix_nw[j] + 1 : ix_nw[j];
-    v[0][j] = static_cast<float>(row0[ix_nw[j]]);
-    v[1][j] = static_cast<float>(row0[xe]);
-    v[2][j] = static_cast<float>(row1[ix_nw[j]]);
-    v[3][j] = static_cast<float>(row1[xe]);
-  }
-  const float fy_s = __fsub_rn(static_cast<float>(iy_nw + 1), iy), fy_n = __fsub_rn(iy, static_cast<float>(iy_nw));
-#pragma unroll
-  for (int j = 0; j < VEC; ++j) {
-    const float fx_e = __fsub_rn(static_cast<float>(ix_nw[j] + 1), ix[j]);
-    const float fx_w = __fsub_rn(ix[j], static_cast<float>(ix_nw[j]));
-    const float nw = __fmul_rn(fx_e, fy_s), ne = __fmul_rn(fx_w, fy_s);
-    const float sw = __fmul_rn(fx_e, fy_n), se = __fmul_rn(fx_w, fy_n);
-    float acc = __fmul_rn(v[0][j], nw);
-    acc = has_e[j] ? mul_add(v[1][j], ne, acc) : acc;
-    acc = has_s ? mul_add(v[2][j], sw, acc) : acc;
-    acc = (has_e[j] && has_s) ? mul_add(v[3][j], se, acc) : acc;
-    res[j] = acc;
-  }
-}
-
-// The VEC output pixels [x, x + VEC) of one sample: own values a, partner values b at the same place.
-template <typename T, int VEC>
-__device__ __forceinline__ void mix_pack(const RowMix& r, const float (&a)[VEC], const float (&b)[VEC],
-                                         const T* partner_plane, int H, int W, int x, float (&out)[VEC]) {
-  const SampleMix& s = r.s;
-  if (s.method == kMixup) {
-    // lam_x * x + (1.0 - lam_x) * partner with lam_x = lam.to(x.dtype): one rounding per op, as eager PyTorch.
-    const float l = round_through<T>(s.lam);
-    const float l1 = round_through<T>(__fsub_rn(1.f, l));
-#pragma unroll
-    for (int j = 0; j < VEC; ++j)
-      out[j] = round_through<T>(__fadd_rn(round_through<T>(__fmul_rn(l, a[j])), round_through<T>(__fmul_rn(l1, b[j]))));
-    return;
-  }
-  if (!r.row_inside) {
-#pragma unroll
-    for (int j = 0; j < VEC; ++j) out[j] = a[j];
-    return;
-  }
-  if (s.method == kResizemix && x + VEC > s.x0 && x < s.x0 + s.cw) {
-    resize_pack<T, VEC>(r, partner_plane, H, W, x, out);
-#pragma unroll
-    for (int j = 0; j < VEC; ++j) {
-      const bool inside = x + j >= s.x0 && x + j < s.x0 + s.cw;
-      out[j] = inside ? round_through<T>(out[j]) : a[j];
-    }
-    return;
-  }
-#pragma unroll
-  for (int j = 0; j < VEC; ++j) {  // cutmix (resizemix pixels outside the box land here too: they keep a)
-    const bool inside = x + j >= s.x0 && x + j < s.x0 + s.cw;
-    out[j] = (inside && s.method == kCutmix) ? b[j] : a[j];
-  }
 }
 
 // grid (ceil(C*H*W/VEC / threads), pairs, views): a block covers part of one pair {i, n-1-i} of one view, so the
@@ -197,8 +152,11 @@ __global__ void __launch_bounds__(kThreads) batch_mix_kernel(MixParams p) {
   load_floats<T, VEC>(plane_i + in_row, xi);
   load_floats<T, VEC>(plane_q + in_row, xq);
   const RowMix ri = row_mix(si, y, v.H, table), rq = row_mix(sq, y, v.H, kTable ? table + v.W : nullptr);
-  mix_pack<T, VEC>(ri, xi, xq, plane_q, v.H, v.W, xoff, oi);
-  mix_pack<T, VEC>(rq, xq, xi, plane_i, v.H, v.W, xoff, oq);
+#pragma unroll
+  for (int j = 0; j < VEC; ++j) {
+    oi[j] = mixed_pixel<T>(ri, xi[j], xq[j], plane_q, v.H, v.W, xoff + j);
+    oq[j] = mixed_pixel<T>(rq, xq[j], xi[j], plane_i, v.H, v.W, xoff + j);
+  }
   store_floats<T, VEC>(out + (plane_i - x) + in_row, oi);
   if (q != i) store_floats<T, VEC>(out + (plane_q - x) + in_row, oq);
 }

@@ -60,7 +60,6 @@ struct DinoParams {
   // fused forward (stats + merge + gradient in one launch)
   int* counters = nullptr;  // [1 + 2 * npairs], zeroed: ticket, per-pair done count, per-pair ready flag
   int group_pairs = 4;
-  bool prefetch = true;  // issue each warp's first student loads before building the targets ($SDMP_DINO_PREFETCH)
 };
 
 // Host-side layout helpers (shared by the API and the launchers).

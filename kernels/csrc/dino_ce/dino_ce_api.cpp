@@ -1,8 +1,6 @@
 // Fused SDMP-DINO loss: argument checks, workspace allocation (caching allocator) and launches on the current
 // stream. No host synchronisation anywhere: forward and backward are capturable in a CUDA graph.
 #include "../common/api_common.h"
-
-#include <cstdlib>
 #include "dino_ce.h"
 
 #include <optional>
@@ -92,8 +90,6 @@ DinoInputs check_inputs(const at::Tensor& s_clean, const std::optional<at::Tenso
   p.t_groups_clean = static_cast<int>(ceil_div(T * B, 64));
   p.t_groups_mixed = has_tm ? p.t_groups_clean : 0;
   p.kb_cols = dino_block_cols(p.T);
-  const char* prefetch = std::getenv("SDMP_DINO_PREFETCH");
-  p.prefetch = prefetch == nullptr || prefetch[0] != '0';
   p.n_kblocks = static_cast<int>(ceil_div(K, p.kb_cols));
   p.npairs = static_cast<int>((B + 1) / 2);
   return in;

@@ -389,41 +389,17 @@ __device__ __forceinline__ RowTargets row_targets(const DinoParams& p, int v) {
 // before using any, which keeps enough bytes in flight to cover HBM latency at modest occupancy.
 constexpr int kLoadGroup = 4;
 
-// The first load group of a warp's first student row, issued before the block builds its target vectors so
-// that the student bytes are in flight while the teacher rows are read and exponentiated.
-template <typename T, int VEC>
-struct FirstLoads {
-  Pack<T, VEC> raw[kLoadGroup];
-  bool valid;
-};
-
-template <typename T, int VEC>
-__device__ __forceinline__ void issue_first_loads(const T* src, int64_t kcount, int lane, FirstLoads<T, VEC>& f) {
-  constexpr int64_t kStride = static_cast<int64_t>(kWarpSize) * VEC;
-  const int64_t base = static_cast<int64_t>(lane) * VEC;
-#pragma unroll
-  for (int g = 0; g < kLoadGroup; ++g)
-    if (base + g * kStride < kcount) f.raw[g] = load_pack<T, VEC>(src + base + g * kStride);
-  f.valid = true;
-}
-
-// Partial statistics of one student row over the block columns [0, kcount) (src already offset by k0); `first`
-// (when valid) holds the row's first load group already.
+// Partial statistics of one student row over the block columns [0, kcount) (src already offset by k0).
 template <typename T, int VEC, bool kTwo>
 __device__ __forceinline__ RowAcc stats_row(const DinoParams& p, const T* src, const float* t1, const float* t2,
-                                            int64_t kcount, int lane, const FirstLoads<T, VEC>& first) {
+                                            int64_t kcount, int lane) {
   constexpr int64_t kStride = static_cast<int64_t>(kWarpSize) * VEC;
   RowAcc acc = acc_empty();
   for (int64_t base = static_cast<int64_t>(lane) * VEC; base < kcount; base += kLoadGroup * kStride) {
     Pack<T, VEC> raw[kLoadGroup];
-    if (first.valid && base == static_cast<int64_t>(lane) * VEC) {
 #pragma unroll
-      for (int g = 0; g < kLoadGroup; ++g) raw[g] = first.raw[g];
-    } else {
-#pragma unroll
-      for (int g = 0; g < kLoadGroup; ++g)
-        if (base + g * kStride < kcount) raw[g] = load_pack<T, VEC>(src + base + g * kStride);
-    }
+    for (int g = 0; g < kLoadGroup; ++g)
+      if (base + g * kStride < kcount) raw[g] = load_pack<T, VEC>(src + base + g * kStride);
 #pragma unroll
     for (int g = 0; g < kLoadGroup; ++g) {
       const int64_t lc = base + g * kStride;
@@ -462,13 +438,9 @@ __device__ void stats_unit(const DinoParams& p, int pair, int kb, float* tg) {
   const int lane = threadIdx.x % kWarpSize, warp = threadIdx.x / kWarpSize, nwarps = blockDim.x / kWarpSize;
   const int64_t k0 = static_cast<int64_t>(kb) * p.kb_cols;
   const int64_t kcount = p.K - k0 < p.kb_cols ? p.K - k0 : p.kb_cols;
-  const PairRows pr = pair_rows(p, pair);
-  FirstLoads<T, VEC> first;
-  first.valid = false;
-  if (p.prefetch && warp < pr.count)
-    issue_first_loads<T, VEC>(student_row<T>(p, warp / pr.nr, pr.row(warp % pr.nr)) + k0, kcount, lane, first);
   build_targets<T, VEC>(p, pair, k0, kcount, tg);
   __syncthreads();
+  const PairRows pr = pair_rows(p, pair);
   for (int rr = warp; rr < pr.count; rr += nwarps) {
     const int v = rr / pr.nr, r = rr % pr.nr, b = pr.row(r);
     const RowTargets rt = row_targets(p, v);
@@ -476,11 +448,10 @@ __device__ void stats_unit(const DinoParams& p, int pair, int kb, float* tg) {
     const float* t1 = target_slot(p, tg, r, rt.slot1);
     RowAcc acc;
     if (rt.slot2 >= 0) {
-      acc = stats_row<T, VEC, true>(p, src, t1, target_slot(p, tg, r, rt.slot2), kcount, lane, first);
+      acc = stats_row<T, VEC, true>(p, src, t1, target_slot(p, tg, r, rt.slot2), kcount, lane);
     } else {
-      acc = stats_row<T, VEC, false>(p, src, t1, t1, kcount, lane, first);
+      acc = stats_row<T, VEC, false>(p, src, t1, t1, kcount, lane);
     }
-    first.valid = false;
     if (lane == 0) {
       float* out = p.s_part + (static_cast<int64_t>(v * p.B + b) * p.n_kblocks + kb) * kAccFloats;
       out[0] = acc.m;
@@ -522,20 +493,15 @@ __device__ void merge_row(const DinoParams& p, int row, int lane) {
 template <typename T, int VEC, bool kTwo>
 __device__ __forceinline__ void grad_row_write(const DinoParams& p, const T* src, T* dst, const float* t1,
                                                const float* t2, float c1, float c2, const float* stat,
-                                               int64_t kcount, int lane, const FirstLoads<T, VEC>& first) {
+                                               int64_t kcount, int lane) {
   constexpr int64_t kStride = static_cast<int64_t>(kWarpSize) * VEC;
   const float m = load_coherent(stat + 0), ls = load_coherent(stat + 1);
   const float csm = c1 * load_coherent(stat + 2) + (kTwo ? c2 * load_coherent(stat + 3) : 0.f);
   for (int64_t base = static_cast<int64_t>(lane) * VEC; base < kcount; base += kLoadGroup * kStride) {
     Pack<T, VEC> raw[kLoadGroup];
-    if (first.valid && base == static_cast<int64_t>(lane) * VEC) {
 #pragma unroll
-      for (int g = 0; g < kLoadGroup; ++g) raw[g] = first.raw[g];
-    } else {
-#pragma unroll
-      for (int g = 0; g < kLoadGroup; ++g)
-        if (base + g * kStride < kcount) raw[g] = load_pack<T, VEC>(src + base + g * kStride);
-    }
+    for (int g = 0; g < kLoadGroup; ++g)
+      if (base + g * kStride < kcount) raw[g] = load_pack<T, VEC>(src + base + g * kStride);
 #pragma unroll
     for (int g = 0; g < kLoadGroup; ++g) {
       const int64_t lc = base + g * kStride;
@@ -563,11 +529,6 @@ __device__ void grad_unit(const DinoParams& p, int pair, int kb, float* tg, bool
   const int lane = threadIdx.x % kWarpSize, warp = threadIdx.x / kWarpSize, nwarps = blockDim.x / kWarpSize;
   const int64_t k0 = static_cast<int64_t>(kb) * p.kb_cols;
   const int64_t kcount = p.K - k0 < p.kb_cols ? p.K - k0 : p.kb_cols;
-  const PairRows pr = pair_rows(p, pair);
-  FirstLoads<T, VEC> first;  // the student logits do not depend on the statistics: load them while waiting
-  first.valid = false;
-  if (p.prefetch && warp < pr.count && grad_row<T>(p, warp / pr.nr, pr.row(warp % pr.nr)) != nullptr)
-    issue_first_loads<T, VEC>(student_row<T>(p, warp / pr.nr, pr.row(warp % pr.nr)) + k0, kcount, lane, first);
   build_targets<T, VEC>(p, pair, k0, kcount, tg);
   if (wait_pair && threadIdx.x == 0) {
     const int* ready = p.counters + 1 + p.npairs + pair;
@@ -577,7 +538,8 @@ __device__ void grad_unit(const DinoParams& p, int pair, int kb, float* tg, bool
   __syncthreads();
   const float base = p.inv_tau_s * p.pair_norm;
   const float g_dino = p.gw[0] * base, g_src = p.gw[1] * base * p.w_src, g_mix = p.gw[2] * base * p.w_mix;
-  for (int rr = warp; rr < pr.count; rr += nwarps, first.valid = false) {
+  const PairRows pr = pair_rows(p, pair);
+  for (int rr = warp; rr < pr.count; rr += nwarps) {
     const int v = rr / pr.nr, r = rr % pr.nr, b = pr.row(r);
     T* dst = grad_row<T>(p, v, b);
     if (dst == nullptr) continue;
@@ -587,10 +549,9 @@ __device__ void grad_unit(const DinoParams& p, int pair, int kb, float* tg, bool
     const float* t1 = target_slot(p, tg, r, rt.slot1);
     if (rt.slot2 >= 0) {
       grad_row_write<T, VEC, true>(p, src, dst + k0, t1, target_slot(p, tg, r, rt.slot2), g_src, g_mix, stat,
-                                   kcount, lane, first);
+                                   kcount, lane);
     } else {
-      grad_row_write<T, VEC, false>(p, src, dst + k0, t1, t1, rt.mixed ? g_src : g_dino, 0.f, stat, kcount, lane,
-                                    first);
+      grad_row_write<T, VEC, false>(p, src, dst + k0, t1, t1, rt.mixed ? g_src : g_dino, 0.f, stat, kcount, lane);
     }
   }
 }
@@ -842,14 +803,19 @@ int64_t dino_teacher_tile_cols(DType dt, bool vec_ok) {
   return static_cast<int64_t>(kWarpSize) * (vec_ok ? 16 / elt : 1) * kTeacherPacksPerLane;
 }
 
-// Columns per pair block: the most whose target vectors fit the 48 KiB of shared memory any launch may take;
+// Columns per pair block: the most (up to 2048) whose target vectors take at most 96 KiB of shared memory, which
+// every sm_80+ card grants on request (2048 for T <= 3). Measured on an H100 (2026-11-26, 10 x 256 x 65,536, 2
+// teacher crops + mixed): 2048 columns 0.80 ms vs 1024 0.84-0.87 ms fwd+bwd, 4096 1.12 ms.
 // $SDMP_DINO_BLOCK_COLS (a multiple of 256, up to the card's shared memory) overrides it for tuning.
 int64_t dino_block_cols(int T) {
   if (const char* env = std::getenv("SDMP_DINO_BLOCK_COLS")) {
     const long v = std::strtol(env, nullptr, 10);
     if (v >= 256 && v % 256 == 0) return v;
   }
-  return T <= 2 ? 1024 : 512;
+  for (int64_t cols = 2048; cols > 256; cols /= 2) {
+    if (static_cast<int64_t>(2) * (3 + T) * cols * static_cast<int64_t>(sizeof(float)) <= 96 * 1024) return cols;
+  }
+  return 256;
 }
 
 // Warps per pair block (4..12, one student row at a time each): the count that leaves the fewest warps idle in
