@@ -79,7 +79,7 @@ def _grad_step(fn: Callable, inputs: List[torch.Tensor]) -> Callable[[], object]
     return step
 
 
-def _graph_step(step: Callable) -> Callable[[], object]:
+def graph_step(step: Callable) -> Callable[[], object]:
     """step (fwd + bwd) captured in a CUDA graph: replays time the GPU work without Python launch overhead
     (the kernels are capturable; this is how a CUDA-graphed training step runs them)."""
     side = torch.cuda.Stream()
@@ -168,11 +168,11 @@ def bench_two_hot(args, device, dtype, copy_gbps) -> List[Dict]:
 
     impls = {
         "kernel": lambda: kernel() if _kernels_ready(device) else None,
-        "kernel_graph": lambda: _graph_step(kernel()) if _kernels_ready(device) else None,
+        "kernel_graph": lambda: graph_step(kernel()) if _kernels_ready(device) else None,
         "eager": lambda: _grad_step(ref_loss, [logits]),
         "eager_dense": lambda: _grad_step(lambda x: F.cross_entropy(x.float(), dense), [logits]),
         # the same dense CE graph-captured: its device time alone, for a like-for-like ratio with kernel_graph
-        "eager_dense_graph": lambda: _graph_step(_grad_step(lambda x: F.cross_entropy(x.float(), dense), [logits]))
+        "eager_dense_graph": lambda: graph_step(_grad_step(lambda x: F.cross_entropy(x.float(), dense), [logits]))
         if device.type == "cuda" else None,
     }
     if not args.no_compile:
@@ -202,7 +202,7 @@ def bench_moco_terms(args, device, dtype, copy_gbps) -> List[Dict]:
 
     impls = {
         "kernel": lambda: kernel() if _kernels_ready(device) else None,
-        "kernel_graph": lambda: _graph_step(kernel()) if _kernels_ready(device) else None,
+        "kernel_graph": lambda: graph_step(kernel()) if _kernels_ready(device) else None,
         "eager": lambda: _grad_step(ref, [q1, q2m]),
     }
     if not args.no_compile:
@@ -242,7 +242,7 @@ def bench_dino(args, device, dtype, copy_gbps) -> List[Dict]:
 
     impls = {
         "kernel": lambda: _grad_step(wrap(K.sdmp_dino_terms), inputs) if _kernels_ready(device) else None,
-        "kernel_graph": lambda: _graph_step(_grad_step(wrap(K.sdmp_dino_terms), inputs))
+        "kernel_graph": lambda: graph_step(_grad_step(wrap(K.sdmp_dino_terms), inputs))
         if _kernels_ready(device) else None,
         "eager": lambda: _grad_step(wrap(losses.sdmp_dino_terms), inputs),
     }
@@ -254,7 +254,7 @@ def bench_dino(args, device, dtype, copy_gbps) -> List[Dict]:
             if not _kernels_ready(device):
                 return None
             with env(**kv):
-                return _graph_step(_grad_step(wrap(K.sdmp_dino_terms), inputs))
+                return graph_step(_grad_step(wrap(K.sdmp_dino_terms), inputs))
         impls[f"kernel_graph_{name}"] = variant_step
     if getattr(args, "profile", False) and _kernels_ready(device):
         profile_kernels("dino", {"kernel": {}, "fused": {"SDMP_DINO_FUSED": "1"}},

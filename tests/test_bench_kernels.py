@@ -1,0 +1,45 @@
+"""`sdmp-fast bench losses` / `bench mixing` on CPU: every row present in the shared JSON (kernel and graph rows
+"unavailable" without CUDA, never silently dropped), ratios against the right baseline, launch-variant syntax."""
+import json
+
+import pytest
+
+from sdmp_fast import cli
+from sdmp_fast.benchmarks.losses import dino_variant_env
+
+
+def _records(path):
+    return json.loads(path.read_text())["records"]
+
+
+def test_dino_variant_syntax():
+    assert dino_variant_env("fused+g8+kb1024") == (
+        {"SDMP_DINO_FUSED": "1", "SDMP_DINO_GROUP_PAIRS": "8", "SDMP_DINO_BLOCK_COLS": "1024"}, "fused+g8+kb1024")
+    assert dino_variant_env("2") == ({"SDMP_DINO_GROUP_PAIRS": "2", "SDMP_DINO_FUSED": "1"}, "gp2")  # groups: fused
+    assert dino_variant_env("unfused+pw5")[0] == {"SDMP_DINO_FUSED": "0", "SDMP_DINO_PAIR_WARPS": "5"}
+    with pytest.raises(ValueError, match="--dino-variants.*'kbx'"):
+        dino_variant_env("fused+kbx")
+
+
+def test_bench_losses_rows_on_cpu(tmp_path):
+    out = tmp_path / "losses.json"
+    code = cli.main(["bench", "losses", "--no-compile", "--iters", "1", "--warmup", "1", "--ops", "two_hot_ce,dino",
+                     "--dino-variants", "fused+g2", "--json", str(out)])
+    assert code == 0
+    rows = {(r["op"], r["impl"]): r for r in _records(out)}
+    for key in [("two_hot_ce", "kernel_graph"), ("two_hot_ce", "eager_dense_graph"), ("dino", "kernel_graph_fused+g2")]:
+        assert rows[key]["status"] == "unavailable" and "CUDA" in rows[key]["reason"]
+    dense, two_hot = rows[("two_hot_ce", "eager_dense")], rows[("two_hot_ce", "eager")]
+    assert dense["ms"] > 0 and two_hot["speedup_vs_eager_dense"] == pytest.approx(dense["ms"] / two_hot["ms"])
+
+
+def test_bench_mixing_graph_rows_compare_with_graph_copy(tmp_path):
+    out = tmp_path / "mixing.json"
+    code = cli.main(["bench", "mixing", "--no-compile", "--iters", "1", "--warmup", "1", "--cases", "resizemix",
+                     "--batch-size", "4", "--sizes", "16", "--json", str(out)])
+    assert code == 0
+    rows = {r["impl"]: r for r in _records(out)}
+    assert set(rows) == {"copy", "kernel", "copy_graph", "kernel_graph", "eager"}
+    assert rows["copy"]["vs_copy"] == 1.0
+    assert rows["eager"]["vs_copy"] == pytest.approx(rows["eager"]["ms"] / rows["copy"]["ms"])
+    assert all(rows[k]["status"] == "unavailable" for k in ("kernel", "copy_graph", "kernel_graph"))
