@@ -10,7 +10,7 @@
 # bench/results/. Knobs: PYTHON (default python3), BUDGET_S, SKIP_INSTALL=1 (sdmp_fast already importable),
 # SKIP_TESTS=1, SKIP_BENCH=1, SKIP_SANITIZER=1, SDMP_KERNELS_ARCHS (default "80;90", as the JIT build),
 # DINO_VARIANTS (bench rows, see `bench losses --dino-variants`), PROFILE=1 (per-kernel DINO times),
-# SELFCHECK_CONFIGS (launch configurations to selfcheck, below).
+# SELFCHECK_CONFIGS (launch configurations to selfcheck, below), PACK_TO (tar everything there at the end).
 set -u -o pipefail
 
 OUT=${OUT:-bench/results/gpu_kernels-$(date +%Y%m%d-%H%M%S)}
@@ -48,15 +48,9 @@ if [ $BUILD_OK -eq 0 ]; then
   tail -30 "$OUT/build.log" | tee -a "$SUMMARY"
 fi
 
-# ------------------------------------------------------------------------------------------- smoke (+ fused guard)
+# ------------------------------------------------------------------------------------------- smoke
 if [ $BUILD_OK -eq 1 ]; then
   step smoke 90 "$PY" -m sdmp_fast.kernels.selfcheck --quick
-  rc=$?
-  if [ $rc -eq 124 ]; then
-    log "smoke TIMED OUT: retrying with the unfused DINO forward (SDMP_DINO_FUSED=0)"
-    export SDMP_DINO_FUSED=0
-    step smoke_unfused 90 "$PY" -m sdmp_fast.kernels.selfcheck --quick || log "unfused smoke failed too"
-  fi
   grep -E "^(ok|FAIL)" "$OUT/smoke.log" | sed 's/^/      /' | tee -a "$SUMMARY"
 fi
 
@@ -167,3 +161,4 @@ for case in ("uniform", "mixup", "resizemix"):
                   f"{'PASS' if k['vs_copy'] <= 1.5 else 'MISS'}")
 EOF
 log "total $((SECONDS - T0))s; everything under $OUT"
+pack_results kernels

@@ -10,7 +10,8 @@
 #   export PYTHONPATH=/tmp/site                 # DALI unpacked from .dx1-3 (bench/README.md); optional
 #   OUT=$OUT SDMP_PHOTOS_DIR=.gpu_photos bash bench/gpu_session.sh
 #
-# Knobs: BUDGET_S (default 540), PYTHON, NUM_IMAGES (4096), SDMP_SESSION_DEVICE=cpu (a smoke test of this
+# Knobs: BUDGET_S (default 540), PYTHON, NUM_IMAGES (4096), PACK_TO (tar $OUT there at the end: the device
+# tool brings back 8 files at most), SDMP_SESSION_DEVICE=cpu (a smoke test of this
 # script on a CPU machine: tiny sizes, no kernels stage). Without scikit-image the JPEG set is rendered from
 # SDMP_PHOTOS_DIR (python -m sdmp_fast.benchmarks.make_data --export-photos .gpu_photos, carried along).
 set -u -o pipefail
@@ -62,7 +63,7 @@ if [ "$DEVICE" != cpu ]; then
   # build for this card only: half the nvcc time of the default sm_80 + sm_90
   [ -n "${SDMP_KERNELS_ARCHS:-}" ] || export SDMP_KERNELS_ARCHS=$("$PY" -c "import torch; print('%d%d' % torch.cuda.get_device_capability())" 2> /dev/null || echo "80;90")
   log "kernels for sm_$SDMP_KERNELS_ARCHS"
-  step kernels_tests 230 env OUT="$OUT/kernels" BUDGET_S=220 SKIP_INSTALL=1 SKIP_BENCH=1 SKIP_SANITIZER=1 \
+  step kernels_tests 230 env PACK_TO= OUT="$OUT/kernels" BUDGET_S=220 SKIP_INSTALL=1 SKIP_BENCH=1 SKIP_SANITIZER=1 \
     PYTHON="$PY" bash bench/gpu_kernels.sh
 fi
 
@@ -80,7 +81,7 @@ step e2e_vit_s 200 "$PY" -m sdmp_fast.cli bench e2e --loader $LOADER --data "$WO
 
 # ------------------------------------------------------------------------------------------- 4. kernel benches
 if [ "$DEVICE" != cpu ]; then
-  step kernels_bench 160 env OUT="$OUT/kernels_bench" BUDGET_S=150 SKIP_INSTALL=1 SKIP_TESTS=1 \
+  step kernels_bench 160 env PACK_TO= OUT="$OUT/kernels_bench" BUDGET_S=150 SKIP_INSTALL=1 SKIP_TESTS=1 \
     PYTHON="$PY" bash bench/gpu_kernels.sh
 fi
 
@@ -98,3 +99,4 @@ STAMP=$(date -u +%Y%m%d)
 [ "$DEVICE" = cpu ] || for f in "$OUT"/*.json; do [ -f "$f" ] && cp "$f" "bench/results/session-$(basename "${f%.json}")-$DEVICE-$STAMP.json"; done
 "$PY" bench/session_table.py "$OUT" 2>&1 | tee -a "$SUMMARY"
 log "total $((SECONDS - T0))s; everything under $OUT (summary.txt first)"
+pack_results session

@@ -40,3 +40,13 @@ use_shim() {
   export PYTHONPATH="$shim${PYTHONPATH:+:$PYTHONPATH}"
   log "pip install failed: using PYTHONPATH=$shim"
 }
+
+# With PACK_TO set (the device tool's $OUT: at most 8 files come back from it), everything under $OUT goes to
+# PACK_TO/<name>.tgz and the summary to PACK_TO/<name>-summary.txt.
+pack_results() {
+  local name=$1
+  [ -n "${PACK_TO:-}" ] || return 0
+  mkdir -p "$PACK_TO"
+  cp "$SUMMARY" "$PACK_TO/$name-summary.txt"
+  tar czf "$PACK_TO/$name.tgz" -C "$OUT" . && log "packed $OUT into $PACK_TO/$name.tgz"
+}
