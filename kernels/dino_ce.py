@@ -10,6 +10,11 @@ reference, re-exported as ``sdmp_dino_terms_ref``). On a device with the kernels
   forward also writes the gradient of ``terms.sum()`` (upstream gradient 1 per term) in a second pass over the
   logits. ``SDMP_DINO_FUSED=1`` does both passes in one launch, each pair's gradient right after its statistics
   (re-read mostly from L2); on an H100 it measured slower than the two launches, so it is not the default.
+  ``SDMP_DINO_CLUSTER=1`` (sm_90, K <= 16 x 4,096): one thread-block cluster per pair of partner rows keeps its
+  column slices in registers and shared memory and exchanges the row statistics through distributed shared
+  memory, so the student logits are read once and the gradient written once (``=require``: an error instead of
+  the fallback). Checked on CPU against the reference through the emulated build; not yet timed on a GPU, so
+  opt-in.
 * backward: ``sdmp_fast::dino_grad_fixup_`` keeps that gradient when the upstream gradients are all 1 (the
   usual ``loss.backward()``), rescales it in place when they are all equal (e.g. a loss scaler) and recomputes
   it otherwise -- decided on the device, no host synchronisation. Without a precomputed gradient (torch.compile

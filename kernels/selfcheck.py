@@ -161,6 +161,12 @@ def run_suite(device: str = "cuda", quick: bool = False) -> int:
         ("mix fp32 6x3x13x16", lambda: check_mix(device, torch.float32, 6, 3, 13, 16)),
         ("mix bf16 6x3x9x9", lambda: check_mix(device, torch.bfloat16, 6, 3, 9, 9)),
     ]
+    if device != "cuda" or torch.cuda.get_device_capability()[0] >= 9:  # thread-block clusters: sm_90
+        # three blocks of columns per cluster, the last one partial (CPU emulation: 32-thread blocks)
+        kv, k = (dict(SDMP_DINO_CLUSTER="require"), 9000) if device == "cuda" else \
+            (dict(SDMP_DINO_CLUSTER="require", SDMP_DINO_CLUSTER_THREADS=32), 600)
+        checks.append((f"dino cluster bf16 sc3 sm2 b7 k{k}", lambda: _with_env(
+            kv, lambda: check_dino(device, torch.bfloat16, 3, 2, 2, 7, k))))
     if not quick:
         for fused, pre in (("1", "1"), ("0", "1"), ("1", "0")):
             for up in ("loss", "scaled", "mixed"):

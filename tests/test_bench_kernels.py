@@ -17,6 +17,7 @@ def test_dino_variant_syntax():
         {"SDMP_DINO_FUSED": "1", "SDMP_DINO_GROUP_PAIRS": "8", "SDMP_DINO_BLOCK_COLS": "1024"}, "fused+g8+kb1024")
     assert dino_variant_env("2") == ({"SDMP_DINO_GROUP_PAIRS": "2", "SDMP_DINO_FUSED": "1"}, "gp2")  # groups: fused
     assert dino_variant_env("unfused+pw5")[0] == {"SDMP_DINO_FUSED": "0", "SDMP_DINO_PAIR_WARPS": "5"}
+    assert dino_variant_env("cluster") == ({"SDMP_DINO_CLUSTER": "require"}, "cluster")
     with pytest.raises(ValueError, match="--dino-variants.*'kbx'"):
         dino_variant_env("fused+kbx")
 

@@ -183,6 +183,38 @@ def test_emulated_dino_gradient_paths(emulated, fused, precompute, upstream):
         check_dino("cpu", torch.float32, 3, 2, 2, 10, 300, True, upstream, seed=4)
 
 
+# The one-read cluster forward (SDMP_DINO_CLUSTER): 32-thread blocks here, so a few hundred columns already
+# make clusters of several blocks (K 1000 -> 4 blocks, the last one partial); "require" fails rather than falls
+# back, so these really run it. Odd batch (a middle sample that is its own partner), rounds of 8 rows over 2x5
+# or 1x10 student rows, every upstream-gradient path of the backward.
+CLUSTER_CASES = [
+    (torch.float32, (3, 2, 2, 6, 1000, True), "loss", 32),
+    (torch.float32, (4, 1, 2, 5, 520, False), "scaled", 32),
+    (torch.float32, (3, 2, 2, 4, 256, True), "mixed", 32),
+    (torch.float32, (2, 2, 2, 4, 1100, True), "loss", 96),  # 3 warps per block merged in order
+    (torch.bfloat16, (3, 2, 2, 4, 1024, True), "loss", 32),
+    (torch.float16, (6, 4, 2, 3, 776, True), "loss", 32),
+]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+@pytest.mark.parametrize("dtype,case,upstream,threads", CLUSTER_CASES)
+def test_emulated_dino_cluster_matches_ref(emulated, dtype, case, upstream, threads):
+    with env(SDMP_DINO_CLUSTER="require", SDMP_DINO_CLUSTER_THREADS=threads, SDMP_KERNELS_POISON=1):
+        check_dino("cpu", dtype, *case, upstream=upstream, seed=sum(case[:5]))
+
+
+def test_emulated_dino_cluster_require_names_the_setting(emulated):
+    s_clean, s_mixed, t_clean, t_mixed, center, lam = dino_inputs(2, 0, 2, 4, 999, torch.float32, "cpu", False, 0)
+    with env(SDMP_DINO_CLUSTER="require"), pytest.raises(RuntimeError, match="SDMP_DINO_CLUSTER=require"):
+        K.sdmp_dino_terms(s_clean, None, t_clean, None, center, None)  # K = 999: no 16-byte packs
+    with env(SDMP_DINO_CLUSTER="1"):  # the same falls back quietly
+        got = K.sdmp_dino_terms(s_clean, None, t_clean, None, center, None)
+    ref = K.sdmp_dino_terms_ref(s_clean, None, t_clean, None, center, None)
+    assert abs(got["loss"].item() - ref["loss"].item()) <= 1e-5 * abs(ref["loss"].item())
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_emulated_dino_bf16(emulated):
@@ -277,6 +309,18 @@ def cuda_kernels(monkeypatch):
     monkeypatch.setenv("SDMP_KERNELS_POISON", "1")
     torch.manual_seed(0)
     yield "cuda"
+
+
+@pytest.mark.cuda
+@pytest.mark.timeout(900)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("case", [(6, 4, 2, 64, 65536, True), (6, 4, 2, 33 * 2, 4104, False), (3, 2, 2, 7, 1000, True)],
+                         ids=lambda c: "sc{}-sm{}-t{}-b{}-k{}-tm{:d}".format(*c))
+def test_cuda_dino_cluster_matches_ref(cuda_kernels, dtype, case):
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("thread-block clusters need sm_90")
+    with env(SDMP_DINO_CLUSTER="require", SDMP_KERNELS_POISON=1):
+        check_dino("cuda", dtype, *case, seed=sum(case))
 
 
 @pytest.mark.cuda

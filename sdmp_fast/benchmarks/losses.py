@@ -58,9 +58,9 @@ def add_arguments(p) -> None:
     p.add_argument("--teacher-mixed", action="store_true",
                    help="also feed the teacher's mixed global crops (eq. 8 with a mixed teacher)")
     p.add_argument("--dino-variants", default="",
-                   help="extra CUDA-graph kernel rows for DINO, comma-separated launch configurations: 'fused' / "
-                        "'unfused', gN pairs per group of the fused forward, kbN columns and pwN warps per pair "
-                        "block, joined by '+' (e.g. 'fused,fused+g8,kb1024')")
+                   help="extra CUDA-graph kernel rows for DINO, comma-separated launch configurations: 'cluster' "
+                        "(one-read forward, sm_90), 'fused' / 'unfused', gN pairs per group of the fused forward, "
+                        "kbN columns and pwN warps per pair block, joined by '+' (e.g. 'cluster,fused+g8')")
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows")
@@ -257,7 +257,8 @@ def bench_dino(args, device, dtype, copy_gbps) -> List[Dict]:
                 return graph_step(_grad_step(wrap(K.sdmp_dino_terms), inputs))
         impls[f"kernel_graph_{name}"] = variant_step
     if getattr(args, "profile", False) and _kernels_ready(device):
-        profile_kernels("dino", {"kernel": {}, "fused": {"SDMP_DINO_FUSED": "1"}},
+        profile_kernels("dino", {"kernel": {}, "fused": {"SDMP_DINO_FUSED": "1"},
+                                 "cluster": {"SDMP_DINO_CLUSTER": "require"}},
                         lambda: _grad_step(wrap(K.sdmp_dino_terms), inputs))
     if not args.no_compile:
         impls["compile"] = lambda: _grad_step(torch.compile(wrap(losses.sdmp_dino_terms)), inputs)
@@ -265,9 +266,9 @@ def bench_dino(args, device, dtype, copy_gbps) -> List[Dict]:
 
 
 def dino_variant_env(variant: str):
-    """('fused' | 'unfused' | N | gN | kbN | pwN, joined by '+') -> (environment of the launch, row name): the
-    single-launch forward or not, N/gN pairs per group of the fused forward, kbN columns and pwN warps per pair
-    block (e.g. 'fused+g8+kb1024')."""
+    """('cluster' | 'fused' | 'unfused' | N | gN | kbN | pwN, joined by '+') -> (environment of the launch, row
+    name): the one-read cluster forward (sm_90), the single-launch forward or not, N/gN pairs per group of the
+    fused forward, kbN columns and pwN warps per pair block (e.g. 'fused+g8+kb1024')."""
     kv = {}
     for tok in variant.split("+"):
         tok = tok.strip()
@@ -275,6 +276,8 @@ def dino_variant_env(variant: str):
             kv["SDMP_DINO_FUSED"] = "0"
         elif tok == "fused":
             kv["SDMP_DINO_FUSED"] = "1"
+        elif tok == "cluster":  # the one-read cluster forward, an error where it cannot run
+            kv["SDMP_DINO_CLUSTER"] = "require"
         elif tok.startswith("kb") and tok[2:].isdigit():
             kv["SDMP_DINO_BLOCK_COLS"] = tok[2:]
         elif tok.startswith("pw") and tok[2:].isdigit():
@@ -283,7 +286,7 @@ def dino_variant_env(variant: str):
             kv["SDMP_DINO_GROUP_PAIRS"] = tok.lstrip("g")
         else:
             raise ValueError(f"--dino-variants: cannot read {tok!r} in {variant!r} "
-                             f"(fused, unfused, N, gN, kbN or pwN, joined by +)")
+                             f"(cluster, fused, unfused, N, gN, kbN or pwN, joined by +)")
     if "SDMP_DINO_GROUP_PAIRS" in kv:  # groups exist only in the fused forward
         kv.setdefault("SDMP_DINO_FUSED", "1")
     name = "+".join(t if not t.isdigit() else "gp" + t
@@ -296,15 +299,19 @@ def profile_kernels(op: str, configs: Dict[str, Dict[str, str]], make_step: Call
     time goes, printed as a small table per configuration."""
     from torch.profiler import ProfilerActivity, profile
     for name, kv in configs.items():
-        with env(**kv):
-            step = make_step()
-            for _ in range(3):
-                step()
-            torch.cuda.synchronize()
-            with profile(activities=[ProfilerActivity.CUDA]) as prof:
-                for _ in range(5):
+        try:
+            with env(**kv):
+                step = make_step()
+                for _ in range(3):
                     step()
                 torch.cuda.synchronize()
+                with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                    for _ in range(5):
+                        step()
+                    torch.cuda.synchronize()
+        except Exception as e:  # noqa: BLE001 - e.g. the cluster forward on a card without clusters
+            print(f"  profile {op} [{name}]: not run ({type(e).__name__}: {str(e).splitlines()[0][:160]})", flush=True)
+            continue
         rows = []
         for evt in prof.key_averages():
             t = getattr(evt, "device_time_total", None) or getattr(evt, "cuda_time_total", 0)

@@ -64,8 +64,17 @@ struct Block {
   std::vector<unsigned char> dyn_smem;
 };
 
+// The blocks of one thread-block cluster (launch_cluster): they run at the same time, meet at one barrier and
+// see each other's dynamic shared memory.
+struct Cluster {
+  Barrier bar;
+  std::vector<Block*> blocks;  // by rank
+};
+
 struct Thread {
   Block* blk = nullptr;
+  Cluster* cluster = nullptr;
+  int rank = 0;  // block rank in its cluster
   dim3 tid;
   int linear = 0;
 };
@@ -129,6 +138,71 @@ void launch(dim3 grid, dim3 block, size_t smem, void (*kernel)(KArgs...), Args..
   }
   for (auto& th : threads) th.join();
 }
+
+// Clusters of cluster_x consecutive blocks along x (grid.x a multiple of cluster_x): the blocks of a cluster run
+// concurrently, each on its own blockDim threads; clusters run one after another. Kernels launched this way
+// must keep block-local data in dynamic shared memory (function-static __shared__ is one copy here).
+template <typename... KArgs, typename... Args>
+void launch_cluster(dim3 grid, dim3 block, size_t smem, unsigned cluster_x, void (*kernel)(KArgs...), Args... args) {
+  const int nthreads = static_cast<int>(block.x * block.y * block.z);
+  if (nthreads % 32 != 0 || cluster_x == 0 || grid.x % cluster_x != 0) std::abort();
+  const long nclusters = static_cast<long>(grid.x / cluster_x) * grid.y * grid.z;
+  const int cx = static_cast<int>(cluster_x);
+  std::vector<std::unique_ptr<Block>> blocks;
+  Cluster cl;
+  cl.bar.reset(nthreads * cx);
+  for (int r = 0; r < cx; ++r) {
+    blocks.emplace_back(new Block);
+    Block& b = *blocks.back();
+    b.dim = block;
+    b.grid = grid;
+    b.bar.reset(nthreads);
+    b.warp_bar.resize(nthreads / 32);
+    for (auto& w : b.warp_bar) w.reset(new Barrier(32));
+    b.slots.assign(nthreads, 0);
+    cl.blocks.push_back(&b);
+  }
+  Barrier between(nthreads * cx);
+  std::vector<std::thread> threads;
+  threads.reserve(static_cast<size_t>(nthreads) * cx);
+  for (int r = 0; r < cx; ++r) {
+    for (int t = 0; t < nthreads; ++t) {
+      threads.emplace_back([&, r, t] {
+        Thread& c = ctx();
+        c.blk = cl.blocks[r];
+        c.cluster = &cl;
+        c.rank = r;
+        c.linear = t;
+        c.tid = dim3(t % block.x, (t / block.x) % block.y, t / (block.x * block.y));
+        for (long ci = 0; ci < nclusters; ++ci) {
+          if (t == 0) {
+            const long gx = static_cast<long>(grid.x / cluster_x);
+            const long cxi = ci % gx, rest = ci / gx;
+            c.blk->idx = dim3(static_cast<unsigned>(cxi * cx + r), static_cast<unsigned>(rest % grid.y),
+                              static_cast<unsigned>(rest / grid.y));
+            c.blk->dyn_smem.assign(smem, 0xFF);
+          }
+          between.wait();
+          kernel(args...);
+          between.wait();
+        }
+      });
+    }
+  }
+  for (auto& th : threads) th.join();
+}
+
+inline void cluster_sync() { ctx().cluster->bar.wait(); }
+
+// The same byte of dynamic shared memory in block `rank` of the cluster.
+template <typename T>
+inline T* cluster_map(T* local, int rank) {
+  Thread& t = ctx();
+  const std::ptrdiff_t off = reinterpret_cast<unsigned char*>(local) - t.blk->dyn_smem.data();
+  return reinterpret_cast<T*>(t.cluster->blocks[rank]->dyn_smem.data() + off);
+}
+
+inline int cluster_rank() { return ctx().rank; }
 
 }  // namespace sdmp_emu
 

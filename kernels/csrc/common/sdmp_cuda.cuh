@@ -9,6 +9,7 @@
 #ifdef SDMP_EMULATE
 #include "emulate.h"
 #else
+#include <cooperative_groups.h>
 #include <cuda_runtime.h>
 #endif
 
@@ -174,6 +175,37 @@ __device__ __forceinline__ void backoff() {
   __nanosleep(64);
 #endif
 }
+
+// Thread-block clusters (sm_90; the launcher never starts a cluster kernel on an older card): rank of this
+// block in its cluster, a barrier of every thread of the cluster (with release/acquire of shared memory), and
+// the address of the same shared-memory variable in another block of the cluster.
+#ifdef SDMP_EMULATE
+inline int cluster_rank() { return sdmp_emu::cluster_rank(); }
+inline void cluster_sync() { sdmp_emu::cluster_sync(); }
+template <typename T>
+inline T* cluster_map(T* local, int rank) { return sdmp_emu::cluster_map(local, rank); }
+#else
+__device__ __forceinline__ int cluster_rank() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  return static_cast<int>(cooperative_groups::this_cluster().block_rank());
+#else
+  return 0;
+#endif
+}
+__device__ __forceinline__ void cluster_sync() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  cooperative_groups::this_cluster().sync();
+#endif
+}
+template <typename T>
+__device__ __forceinline__ T* cluster_map(T* local, int rank) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  return cooperative_groups::this_cluster().map_shared_rank(local, static_cast<unsigned>(rank));
+#else
+  return local;
+#endif
+}
+#endif
 
 // Reads data written by other blocks of the same launch (skips the non-coherent L1).
 template <typename T>

@@ -72,6 +72,9 @@ Status dino_teacher_stats(const DinoParams& p, Stream stream);          // lse_t
 Status dino_student_stats(const DinoParams& p, Stream stream);          // s_part -> lse_s, row_loss, terms
 Status dino_fused_forward(const DinoParams& p, Stream stream);          // stats + grad (gw) in one launch, terms
 Status dino_student_grad(const DinoParams& p, Stream stream);           // gradient from lse_s, lse_t, gw
+// One read of the student logits: thread-block clusters exchange the row statistics through distributed shared
+// memory (sm_90). *launched is false (and nothing ran) where the card or the shapes do not allow it.
+Status dino_cluster_forward(const DinoParams& p, Stream stream, bool* launched);
 Status dino_grad_fixup(const DinoParams& p, const bool active[3], Stream stream);  // rescale or recompute
 
 }  // namespace sdmp

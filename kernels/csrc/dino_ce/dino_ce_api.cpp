@@ -1,6 +1,9 @@
 // Fused SDMP-DINO loss: argument checks, workspace allocation (caching allocator) and launches on the current
 // stream. No host synchronisation anywhere: forward and backward are capturable in a CUDA graph.
 #include "../common/api_common.h"
+
+#include <cstdlib>
+#include <cstring>
 #include "dino_ce.h"
 
 #include <optional>
@@ -95,6 +98,17 @@ DinoInputs check_inputs(const at::Tensor& s_clean, const std::optional<at::Tenso
   return in;
 }
 
+// $SDMP_DINO_CLUSTER: "1" the one-read cluster forward where the card and shapes allow it (opt-in until timed
+// on a GPU), "require" the same but an error where it cannot run (benchmarks and tests: no silent fallback).
+int cluster_mode() {
+  const char* v = std::getenv("SDMP_DINO_CLUSTER");
+  if (v == nullptr) return 0;
+  if (std::strcmp(v, "require") == 0) return 2;
+  return v[0] == '1' ? 1 : 0;
+}
+
+bool cluster_requested() { return cluster_mode() != 0; }
+
 // Statistics both passes need: teacher (max, log sum) rows and the center statistic.
 void run_teacher_stats(DinoInputs& in, at::Tensor& lse_t, at::Tensor& center_mean, Stream stream) {
   DinoParams& p = in.p;
@@ -168,11 +182,22 @@ std::vector<at::Tensor> dino_fwd(const at::Tensor& s_clean, const std::optional<
   p.terms = terms.data_ptr<float>();
   at::Tensor g_clean, g_mixed;
   set_grad_outputs(in, grad_clean, grad_mixed, g_clean, g_mixed);
-  if (p.g_clean == nullptr && p.g_mixed == nullptr) {
+  const bool want_grad = p.g_clean != nullptr || p.g_mixed != nullptr;
+  at::Tensor ones;  // upstream gradient 1 per term for the precomputed gradient
+  if (want_grad || cluster_requested()) {
+    ones = at::ones({3}, f32);
+    p.gw = ones.data_ptr<float>();
+  }
+  bool launched = false;
+  if (cluster_requested()) SDMP_CHECK_STATUS(dino_cluster_forward(p, stream, &launched));
+  TORCH_CHECK(launched || cluster_mode() != 2, "SDMP_DINO_CLUSTER=require: the cluster forward cannot run here "
+              "(needs sm_90, K a multiple of ", 16 / s_clean.element_size(), " and at most 16 blocks of columns, "
+              "and a cluster that fits the card); unset it or set it to 1 to fall back");
+  if (launched) {
+    // statistics, terms and (when wanted) the gradient are done
+  } else if (!want_grad) {
     SDMP_CHECK_STATUS(dino_student_stats(p, stream));
   } else {
-    at::Tensor ones = at::ones({3}, f32);
-    p.gw = ones.data_ptr<float>();
     if (fused) {
       TORCH_CHECK(group_pairs >= 1, "group_pairs must be >= 1");
       at::Tensor counters = at::zeros({1 + 2 * static_cast<int64_t>(p.npairs)}, s_clean.options().dtype(at::kInt));

@@ -647,6 +647,151 @@ __global__ void __launch_bounds__(kDinoPairThreads, 2) fused_forward_kernel(Dino
   if (threadIdx.x == 0) store_flag(p.counters + 1 + p.npairs + pair, 1);
 }
 
+// ------------------------------------------------------------------------------------- cluster forward (sm_90)
+//
+// One thread-block cluster per pair {b, B-1-b}; its C blocks split the K columns (kb_cols = threads x VEC x PPT
+// each) and keep their slice of the pair's target vectors in shared memory. Student rows go through in rounds
+// of kClusterRows: every thread loads its PPT packs of each row of the round into registers, the block reduces
+// its partial row states, the cluster exchanges them through distributed shared memory (every block merges all
+// C partials in rank order, so all agree bit for bit), and the gradient is written from the registers. Student
+// logits are read from HBM once and the gradient written once: the traffic floor of the loss, where the
+// two-launch path reads the logits twice and the teacher three times.
+constexpr int kClusterRows = 8;
+
+__device__ __forceinline__ void store_acc(float* out, const RowAcc& a) {
+  out[0] = a.m, out[1] = a.s, out[2] = a.d1, out[3] = a.q1, out[4] = a.d2, out[5] = a.q2;
+}
+
+__device__ __forceinline__ RowAcc read_acc(const float* in) {
+  return RowAcc{in[0], in[1], in[2], in[3], in[4], in[5]};
+}
+
+template <typename T, int VEC, int PPT>
+__global__ void __launch_bounds__(512, 1) cluster_forward_kernel(DinoParams p) {
+  constexpr int R = kClusterRows;
+  const int lane = threadIdx.x % kWarpSize, warp = threadIdx.x / kWarpSize, nwarps = blockDim.x / kWarpSize;
+  const int C = static_cast<int>(gridDim.x);  // a cluster spans the whole x dimension
+  const int rank = cluster_rank();
+  const int pair = blockIdx.y;
+  const int64_t k0 = static_cast<int64_t>(rank) * p.kb_cols;
+  const int64_t kcount = p.K - k0 < p.kb_cols ? p.K - k0 : p.kb_cols;
+  float* tg = reinterpret_cast<float*>(dynamic_smem());
+  float* part = tg + static_cast<int64_t>(2) * num_slots(p) * p.kb_cols;  // [2 rounds][R][kAccFloats]
+  float* wpart = part + 2 * R * kAccFloats;                                 // [nwarps][R][kAccFloats]
+  float* fin = wpart + nwarps * R * kAccFloats;                             // [R][4] m, log s, q1, q2
+  build_targets<T, VEC>(p, pair, k0, kcount, tg);
+  __syncthreads();
+  const PairRows pr = pair_rows(p, pair);
+  const float base = p.inv_tau_s * p.pair_norm;
+  const float g_dino = p.gw[0] * base, g_src = p.gw[1] * base * p.w_src, g_mix = p.gw[2] * base * p.w_mix;
+  for (int r0 = 0, round = 0; r0 < pr.count; r0 += R, ++round) {
+    float* my_part = part + (round & 1) * R * kAccFloats;
+    Pack<T, VEC> raw[R][PPT];
+#pragma unroll
+    for (int i = 0; i < R; ++i) {  // every load of the round in flight before any is used
+      const int rr = r0 + i;
+      if (rr >= pr.count) break;
+      const T* src = student_row<T>(p, rr / pr.nr, pr.row(rr % pr.nr)) + k0;
+#pragma unroll
+      for (int u = 0; u < PPT; ++u) {
+        const int64_t lc = (static_cast<int64_t>(u) * blockDim.x + threadIdx.x) * VEC;
+        if (lc < kcount) raw[i][u] = load_pack<T, VEC>(src + lc);
+      }
+    }
+#pragma unroll
+    for (int i = 0; i < R; ++i) {
+      const int rr = r0 + i;
+      if (rr >= pr.count) break;
+      const int v = rr / pr.nr, r = rr % pr.nr;
+      const RowTargets rt = row_targets(p, v);
+      const float* t1 = target_slot(p, tg, r, rt.slot1);
+      const float* t2 = rt.slot2 >= 0 ? target_slot(p, tg, r, rt.slot2) : t1;
+      RowAcc acc = acc_empty();
+#pragma unroll
+      for (int u = 0; u < PPT; ++u) {
+        const int64_t lc = (static_cast<int64_t>(u) * blockDim.x + threadIdx.x) * VEC;
+        if (lc >= kcount) continue;
+        float x[VEC], a1[VEC], a2[VEC];
+        unpack_floats<T, VEC>(raw[i][u], x);
+#pragma unroll
+        for (int j = 0; j < VEC; ++j) x[j] = round_through<T>(x[j] * p.inv_tau_s);  // student / tau_s
+        load_targets<VEC>(t1, lc, a1);
+        if (rt.slot2 >= 0) {
+          load_targets<VEC>(t2, lc, a2);
+          acc_update<VEC, true>(acc, x, a1, a2);
+        } else {
+          acc_update<VEC, false>(acc, x, a1, a1);
+        }
+      }
+      acc = warp_acc_merge(acc);
+      if (lane == 0) store_acc(wpart + (warp * R + i) * kAccFloats, acc);
+    }
+    __syncthreads();
+    const int i_own = threadIdx.x;  // threads [0, R) merge one row each
+    if (i_own < R && r0 + i_own < pr.count) {
+      RowAcc a = acc_empty();
+      for (int w = 0; w < nwarps; ++w) a = acc_merge(a, read_acc(wpart + (w * R + i_own) * kAccFloats));
+      store_acc(my_part + i_own * kAccFloats, a);
+    }
+    cluster_sync();  // every block's partials of this round are written and visible
+    if (i_own < R && r0 + i_own < pr.count) {
+      RowAcc a = acc_empty();
+      for (int c = 0; c < C; ++c) a = acc_merge(a, read_acc(cluster_map(my_part, c) + i_own * kAccFloats));
+      const int rr = r0 + i_own;
+      const int v = rr / pr.nr, b = pr.row(rr % pr.nr), row = v * p.B + b;
+      const float ls = logf(a.s);
+      fin[i_own * 4 + 0] = a.m;
+      fin[i_own * 4 + 1] = ls;
+      fin[i_own * 4 + 2] = a.q1;
+      fin[i_own * 4 + 3] = a.q2;
+      if (rank == 0) {  // the statistics the backward and the terms read, as merge_row writes them
+        const float h1 = a.q1 * ls - a.d1, h2 = a.q2 * ls - a.d2;
+        const bool mixed = v >= p.Sc;
+        float* st = p.row_stat + static_cast<int64_t>(row) * 4;
+        st[0] = a.m, st[1] = ls, st[2] = a.q1, st[3] = a.q2;
+        float* rl = p.row_loss + static_cast<int64_t>(row) * 3;
+        rl[0] = mixed ? 0.f : h1;
+        rl[1] = mixed ? p.w_src * h1 : 0.f;
+        rl[2] = mixed ? p.w_mix * h2 : 0.f;
+      }
+    }
+    __syncthreads();
+#pragma unroll
+    for (int i = 0; i < R; ++i) {
+      const int rr = r0 + i;
+      if (rr >= pr.count) break;
+      const int v = rr / pr.nr, r = rr % pr.nr;
+      T* dst = grad_row<T>(p, v, pr.row(r));
+      if (dst == nullptr) continue;
+      const RowTargets rt = row_targets(p, v);
+      const bool two = rt.slot2 >= 0;
+      const float* t1 = target_slot(p, tg, r, rt.slot1);
+      const float* t2 = two ? target_slot(p, tg, r, rt.slot2) : t1;
+      const float c1 = (two || rt.mixed) ? g_src : g_dino, c2 = two ? g_mix : 0.f;
+      const float m = fin[i * 4 + 0], ls = fin[i * 4 + 1];
+      const float csm = c1 * fin[i * 4 + 2] + (two ? c2 * fin[i * 4 + 3] : 0.f);
+#pragma unroll
+      for (int u = 0; u < PPT; ++u) {
+        const int64_t lc = (static_cast<int64_t>(u) * blockDim.x + threadIdx.x) * VEC;
+        if (lc >= kcount) continue;
+        float x[VEC], a1[VEC], a2[VEC];
+        unpack_floats<T, VEC>(raw[i][u], x);
+        load_targets<VEC>(t1, lc, a1);
+        if (two) load_targets<VEC>(t2, lc, a2);
+#pragma unroll
+        for (int j = 0; j < VEC; ++j) {
+          const float xs = round_through<T>(x[j] * p.inv_tau_s);
+          float g_ = csm * __expf((xs - m) - ls) - c1 * a1[j];
+          if (two) g_ -= c2 * a2[j];
+          x[j] = g_;
+        }
+        store_floats<T, VEC>(dst + k0 + lc, x);
+      }
+    }
+  }
+  cluster_sync();  // no block leaves while another may still read its partials
+}
+
 // Backward control: mode 0 (the precomputed gradient is already right: every active upstream gradient is 1),
 // 1 (all active upstream gradients equal c: rescale by c), 2 (recompute).
 __global__ void grad_decide_kernel(DinoParams p, bool a0, bool a1, bool a2) {
@@ -796,6 +941,80 @@ Status launch_scale(const DinoParams& p, Stream stream) {
   return cudaGetLastError();
 }
 
+// Cluster forward: kClusterThreads threads x VEC x PPT columns per block ($SDMP_DINO_CLUSTER_THREADS, a multiple
+// of 32, overrides the threads: the CPU tests use small blocks to get several blocks per cluster).
+constexpr int kClusterThreads = 512;
+constexpr int kMaxClusterBlocks = 16;  // H100's non-portable cluster limit (8 is the portable one)
+
+template <typename T>
+constexpr int cluster_ppt() { return sizeof(T) == 4 ? 2 : 1; }  // 16-byte packs: 4096 columns per block
+
+int cluster_threads() {
+  if (const char* env = std::getenv("SDMP_DINO_CLUSTER_THREADS")) {
+    const long t = std::strtol(env, nullptr, 10);
+    if (t >= 32 && t <= kClusterThreads && t % 32 == 0) return static_cast<int>(t);
+  }
+  return kClusterThreads;
+}
+
+size_t cluster_smem_bytes(const DinoParams& p, int threads) {
+  const size_t floats = static_cast<size_t>(2) * (kSlotGlobal + p.T) * p.kb_cols +
+                        static_cast<size_t>(2 + threads / kWarpSize) * kClusterRows * kAccFloats + kClusterRows * 4;
+  return floats * sizeof(float);
+}
+
+// Launches the cluster forward when this card and these shapes allow it; *launched says whether it did.
+template <typename T>
+Status launch_cluster(DinoParams p, Stream stream, bool* launched) {
+  constexpr int V = 16 / sizeof(T), PPT = cluster_ppt<T>();
+  *launched = false;
+  if (!p.vec_ok) return cudaSuccess;
+  const int threads = cluster_threads();
+  p.kb_cols = static_cast<int64_t>(threads) * V * PPT;
+  const int64_t C = ceil_div(p.K, p.kb_cols);
+  if (C > kMaxClusterBlocks) return cudaSuccess;
+  const size_t smem = cluster_smem_bytes(p, threads);
+  const dim3 grid(static_cast<unsigned>(C), static_cast<unsigned>(p.npairs)), block(threads);
+  auto k = cluster_forward_kernel<T, V, PPT>;
+#ifdef SDMP_EMULATE
+  sdmp_emu::launch_cluster(grid, block, smem, static_cast<unsigned>(C), k, p);
+#else
+  int dev = 0, major = 0, optin = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess || cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) ||
+      cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev)) {
+    return cudaGetLastError();
+  }
+  if (major < 9 || smem > static_cast<size_t>(optin)) return cudaSuccess;
+  Status st = cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
+  if (st == cudaSuccess && C > 8) st = cudaFuncSetAttribute(k, cudaFuncAttributeNonPortableClusterSizeAllowed, 1);
+  if (st != cudaSuccess) {
+    (void)cudaGetLastError();  // not this card's feature: the caller takes the two-launch path
+    return cudaSuccess;
+  }
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeClusterDimension;
+  attr[0].val.clusterDim.x = static_cast<unsigned>(C);
+  attr[0].val.clusterDim.y = 1;
+  attr[0].val.clusterDim.z = 1;
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = grid;
+  cfg.blockDim = block;
+  cfg.dynamicSmemBytes = smem;
+  cfg.stream = stream;
+  cfg.attrs = attr;
+  cfg.numAttrs = 1;
+  int clusters = 0;
+  if (cudaOccupancyMaxActiveClusters(&clusters, k, &cfg) != cudaSuccess || clusters == 0) {
+    (void)cudaGetLastError();  // no GPC fits a cluster of this size with this shared memory
+    return cudaSuccess;
+  }
+  st = cudaLaunchKernelEx(&cfg, k, p);
+  if (st != cudaSuccess) return st;
+#endif
+  *launched = true;
+  return cudaGetLastError();
+}
+
 }  // namespace
 
 int64_t dino_teacher_tile_cols(DType dt, bool vec_ok) {
@@ -860,6 +1079,14 @@ Status dino_fused_forward(const DinoParams& p, Stream stream) {
   Status st = cudaSuccess;
   SDMP_DISPATCH_DTYPE(p.dtype, st = launch_fused<scalar_t>(p, stream));
   if (st != cudaSuccess) return st;
+  return launch_merge_and_terms(p, stream, false);
+}
+
+Status dino_cluster_forward(const DinoParams& p, Stream stream, bool* launched) {
+  Status st = cudaSuccess;
+  *launched = false;
+  SDMP_DISPATCH_DTYPE(p.dtype, st = launch_cluster<scalar_t>(p, stream, launched));
+  if (st != cudaSuccess || !*launched) return st;
   return launch_merge_and_terms(p, stream, false);
 }
 
