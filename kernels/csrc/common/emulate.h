@@ -103,18 +103,22 @@ inline T shfl(T v, int src_lane) {
   return out;
 }
 
-template <typename... KArgs, typename... Args>
-void launch(dim3 grid, dim3 block, size_t smem, void (*kernel)(KArgs...), Args... args) {
-  const int nthreads = static_cast<int>(block.x * block.y * block.z);
-  if (nthreads % 32 != 0) std::abort();  // the kernels assume whole warps
-  const long nblocks = static_cast<long>(grid.x) * grid.y * grid.z;
-  Block b;
+inline void init_block(Block& b, dim3 grid, dim3 block, int nthreads) {
   b.dim = block;
   b.grid = grid;
   b.bar.reset(nthreads);
   b.warp_bar.resize(nthreads / 32);
   for (auto& w : b.warp_bar) w.reset(new Barrier(32));
   b.slots.assign(nthreads, 0);
+}
+
+template <typename... KArgs, typename... Args>
+void launch(dim3 grid, dim3 block, size_t smem, void (*kernel)(KArgs...), Args... args) {
+  const int nthreads = static_cast<int>(block.x * block.y * block.z);
+  if (nthreads % 32 != 0) std::abort();  // the kernels assume whole warps
+  const long nblocks = static_cast<long>(grid.x) * grid.y * grid.z;
+  Block b;
+  init_block(b, grid, block, nthreads);
   Barrier between(nthreads);  // block boundaries: the same threads run every block, one block at a time
   std::vector<std::thread> threads;
   threads.reserve(nthreads);
@@ -153,14 +157,8 @@ void launch_cluster(dim3 grid, dim3 block, size_t smem, unsigned cluster_x, void
   cl.bar.reset(nthreads * cx);
   for (int r = 0; r < cx; ++r) {
     blocks.emplace_back(new Block);
-    Block& b = *blocks.back();
-    b.dim = block;
-    b.grid = grid;
-    b.bar.reset(nthreads);
-    b.warp_bar.resize(nthreads / 32);
-    for (auto& w : b.warp_bar) w.reset(new Barrier(32));
-    b.slots.assign(nthreads, 0);
-    cl.blocks.push_back(&b);
+    init_block(*blocks.back(), grid, block, nthreads);
+    cl.blocks.push_back(blocks.back().get());
   }
   Barrier between(nthreads * cx);
   std::vector<std::thread> threads;

@@ -489,6 +489,26 @@ __device__ void merge_row(const DinoParams& p, int row, int lane) {
   rl[2] = mixed ? p.w_mix * h2 : 0.f;
 }
 
+// Gradient of one pack of a student row (block column lc): csm softmax - c1 target1 - c2 target2, with
+// csm = c1 q1 + c2 q2 and the row's (max, log sum) of student / tau_s.
+template <typename T, int VEC, bool kTwo>
+__device__ __forceinline__ void grad_pack(const DinoParams& p, const Pack<T, VEC>& raw, const float* t1,
+                                          const float* t2, int64_t lc, float c1, float c2, float csm, float m,
+                                          float ls, T* dst) {
+  float x[VEC], a1[VEC], a2[VEC];
+  unpack_floats<T, VEC>(raw, x);
+  load_targets<VEC>(t1, lc, a1);
+  if (kTwo) load_targets<VEC>(t2, lc, a2);
+#pragma unroll
+  for (int j = 0; j < VEC; ++j) {
+    const float xs = round_through<T>(x[j] * p.inv_tau_s);
+    float g_ = csm * __expf((xs - m) - ls) - c1 * a1[j];
+    if (kTwo) g_ -= c2 * a2[j];
+    x[j] = g_;
+  }
+  store_floats<T, VEC>(dst, x);
+}
+
 // Gradient of one student row over the block columns: c1 (q1 c1 + q2 c2 scaled softmax - target 1) etc.
 template <typename T, int VEC, bool kTwo>
 __device__ __forceinline__ void grad_row_write(const DinoParams& p, const T* src, T* dst, const float* t1,
@@ -506,18 +526,7 @@ __device__ __forceinline__ void grad_row_write(const DinoParams& p, const T* src
     for (int g = 0; g < kLoadGroup; ++g) {
       const int64_t lc = base + g * kStride;
       if (lc >= kcount) break;
-      float x[VEC], a1[VEC], a2[VEC];
-      unpack_floats<T, VEC>(raw[g], x);
-      load_targets<VEC>(t1, lc, a1);
-      if (kTwo) load_targets<VEC>(t2, lc, a2);
-#pragma unroll
-      for (int j = 0; j < VEC; ++j) {
-        const float xs = round_through<T>(x[j] * p.inv_tau_s);
-        float g_ = csm * __expf((xs - m) - ls) - c1 * a1[j];
-        if (kTwo) g_ -= c2 * a2[j];
-        x[j] = g_;
-      }
-      store_floats<T, VEC>(dst + lc, x);
+      grad_pack<T, VEC, kTwo>(p, raw[g], t1, t2, lc, c1, c2, csm, m, ls, dst + lc);
     }
   }
 }
@@ -774,18 +783,11 @@ __global__ void __launch_bounds__(512, 1) cluster_forward_kernel(DinoParams p) {
       for (int u = 0; u < PPT; ++u) {
         const int64_t lc = (static_cast<int64_t>(u) * blockDim.x + threadIdx.x) * VEC;
         if (lc >= kcount) continue;
-        float x[VEC], a1[VEC], a2[VEC];
-        unpack_floats<T, VEC>(raw[i][u], x);
-        load_targets<VEC>(t1, lc, a1);
-        if (two) load_targets<VEC>(t2, lc, a2);
-#pragma unroll
-        for (int j = 0; j < VEC; ++j) {
-          const float xs = round_through<T>(x[j] * p.inv_tau_s);
-          float g_ = csm * __expf((xs - m) - ls) - c1 * a1[j];
-          if (two) g_ -= c2 * a2[j];
-          x[j] = g_;
+        if (two) {
+          grad_pack<T, VEC, true>(p, raw[i][u], t1, t2, lc, c1, c2, csm, m, ls, dst + k0 + lc);
+        } else {
+          grad_pack<T, VEC, false>(p, raw[i][u], t1, t2, lc, c1, c2, csm, m, ls, dst + k0 + lc);
         }
-        store_floats<T, VEC>(dst + k0 + lc, x);
       }
     }
   }
