@@ -100,7 +100,7 @@ sanitize() {
 sanitize memcheck
 if [ "${SKIP_BENCH:-0}" != 1 ]; then
   step bench_losses 200 "$PY" -m sdmp_fast.cli bench losses --iters 10 --warmup 3 \
-    --dino-variants "${DINO_VARIANTS:-cluster,fused,fused+g8,kb1024}" $([ "${PROFILE:-0}" = 1 ] && echo --profile) \
+    --dino-variants "${DINO_VARIANTS:-cluster,ch8,ch16,ch32,fused,kb1024}" $([ "${PROFILE:-0}" = 1 ] && echo --profile) \
     --json "$OUT/losses.json"
   step bench_mixing 120 "$PY" -m sdmp_fast.cli bench mixing --iters 10 --warmup 3 --json "$OUT/mixing.json"
   TAG=$("$PY" -c "import torch; from sdmp_fast.benchmarks.loaders import device_tag; print(device_tag(torch.device('cuda' if torch.cuda.is_available() else 'cpu')))" 2>/dev/null || echo gpu)

@@ -205,6 +205,15 @@ def test_emulated_dino_cluster_matches_ref(emulated, dtype, case, upstream, thre
         check_dino("cpu", dtype, *case, upstream=upstream, seed=sum(case[:5]))
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+@pytest.mark.parametrize("chunk,upstream", [(1, "loss"), (3, "mixed"), (2, "scaled")])
+def test_emulated_dino_chunked_matches_ref(emulated, chunk, upstream):
+    # 7 rows -> 4 pairs (the middle one its own partner): chunks of 1, 3 (+1) and 2 pairs
+    with env(SDMP_DINO_CHUNK_PAIRS=chunk, SDMP_KERNELS_POISON=1):
+        check_dino("cpu", torch.float32, 3, 2, 2, 7, 600, True, upstream, seed=chunk)
+
+
 def test_emulated_dino_cluster_require_names_the_setting(emulated):
     s_clean, s_mixed, t_clean, t_mixed, center, lam = dino_inputs(2, 0, 2, 4, 999, torch.float32, "cpu", False, 0)
     with env(SDMP_DINO_CLUSTER="require"), pytest.raises(RuntimeError, match="SDMP_DINO_CLUSTER=require"):
@@ -309,6 +318,14 @@ def cuda_kernels(monkeypatch):
     monkeypatch.setenv("SDMP_KERNELS_POISON", "1")
     torch.manual_seed(0)
     yield "cuda"
+
+
+@pytest.mark.cuda
+@pytest.mark.timeout(900)
+@pytest.mark.parametrize("chunk", [8, 5])
+def test_cuda_dino_chunked_matches_ref(cuda_kernels, chunk):
+    with env(SDMP_DINO_CHUNK_PAIRS=chunk, SDMP_KERNELS_POISON=1):
+        check_dino("cuda", torch.bfloat16, 6, 4, 2, 33, 4104, True, seed=chunk)
 
 
 @pytest.mark.cuda

@@ -60,7 +60,8 @@ def add_arguments(p) -> None:
     p.add_argument("--dino-variants", default="",
                    help="extra CUDA-graph kernel rows for DINO, comma-separated launch configurations: 'cluster' "
                         "(one-read forward, sm_90), 'fused' / 'unfused', gN pairs per group of the fused forward, "
-                        "kbN columns and pwN warps per pair block, joined by '+' (e.g. 'cluster,fused+g8')")
+                        "chN pairs per chunk, kbN columns and pwN warps per pair block, joined by '+' "
+                        "(e.g. 'cluster,fused+g8,ch16')")
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows")
@@ -268,7 +269,8 @@ def bench_dino(args, device, dtype, copy_gbps) -> List[Dict]:
 def dino_variant_env(variant: str):
     """('cluster' | 'fused' | 'unfused' | N | gN | kbN | pwN, joined by '+') -> (environment of the launch, row
     name): the one-read cluster forward (sm_90), the single-launch forward or not, N/gN pairs per group of the
-    fused forward, kbN columns and pwN warps per pair block (e.g. 'fused+g8+kb1024')."""
+    fused forward, chN pairs per chunk of the two-launch path, kbN columns and pwN warps per pair block (e.g.
+    'fused+g8+kb1024', 'ch16')."""
     kv = {}
     for tok in variant.split("+"):
         tok = tok.strip()
@@ -278,6 +280,8 @@ def dino_variant_env(variant: str):
             kv["SDMP_DINO_FUSED"] = "1"
         elif tok == "cluster":  # the one-read cluster forward, an error where it cannot run
             kv["SDMP_DINO_CLUSTER"] = "require"
+        elif tok.startswith("ch") and tok[2:].isdigit():
+            kv["SDMP_DINO_CHUNK_PAIRS"] = tok[2:]
         elif tok.startswith("kb") and tok[2:].isdigit():
             kv["SDMP_DINO_BLOCK_COLS"] = tok[2:]
         elif tok.startswith("pw") and tok[2:].isdigit():
@@ -286,7 +290,7 @@ def dino_variant_env(variant: str):
             kv["SDMP_DINO_GROUP_PAIRS"] = tok.lstrip("g")
         else:
             raise ValueError(f"--dino-variants: cannot read {tok!r} in {variant!r} "
-                             f"(cluster, fused, unfused, N, gN, kbN or pwN, joined by +)")
+                             f"(cluster, fused, unfused, N, gN, chN, kbN or pwN, joined by +)")
     if "SDMP_DINO_GROUP_PAIRS" in kv:  # groups exist only in the fused forward
         kv.setdefault("SDMP_DINO_FUSED", "1")
     name = "+".join(t if not t.isdigit() else "gp" + t

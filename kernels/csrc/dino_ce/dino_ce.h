@@ -60,6 +60,11 @@ struct DinoParams {
   // fused forward (stats + merge + gradient in one launch)
   int* counters = nullptr;  // [1 + 2 * npairs], zeroed: ticket, per-pair done count, per-pair ready flag
   int group_pairs = 4;
+
+  // chunked two-launch path: statistics, merge and gradient for pairs [pair0, pair0 + pair_count) at a time,
+  // so the gradient pass re-reads rows the statistics pass just read, from L2 (pair_count 0: every pair)
+  int pair0 = 0;
+  int pair_count = 0;
 };
 
 // Host-side layout helpers (shared by the API and the launchers).
@@ -72,6 +77,8 @@ Status dino_teacher_stats(const DinoParams& p, Stream stream);          // lse_t
 Status dino_student_stats(const DinoParams& p, Stream stream);          // s_part -> lse_s, row_loss, terms
 Status dino_fused_forward(const DinoParams& p, Stream stream);          // stats + grad (gw) in one launch, terms
 Status dino_student_grad(const DinoParams& p, Stream stream);           // gradient from lse_s, lse_t, gw
+// Statistics + gradient chunk by chunk of `chunk` pairs, then the terms ($SDMP_DINO_CHUNK_PAIRS).
+Status dino_chunked_forward(const DinoParams& p, int chunk, Stream stream);
 // One read of the student logits: thread-block clusters exchange the row statistics through distributed shared
 // memory (sm_90). *launched is false (and nothing ran) where the card or the shapes do not allow it.
 Status dino_cluster_forward(const DinoParams& p, Stream stream, bool* launched);

@@ -109,6 +109,14 @@ int cluster_mode() {
 
 bool cluster_requested() { return cluster_mode() != 0; }
 
+// $SDMP_DINO_CHUNK_PAIRS=N: the two-launch path N pairs at a time (an L2-reuse experiment; 0 or unset: off).
+int chunk_pairs() {
+  const char* v = std::getenv("SDMP_DINO_CHUNK_PAIRS");
+  if (v == nullptr) return 0;
+  const long n = std::strtol(v, nullptr, 10);
+  return n > 0 && n < (1L << 30) ? static_cast<int>(n) : 0;
+}
+
 // Statistics both passes need: teacher (max, log sum) rows and the center statistic.
 void run_teacher_stats(DinoInputs& in, at::Tensor& lse_t, at::Tensor& center_mean, Stream stream) {
   DinoParams& p = in.p;
@@ -204,6 +212,8 @@ std::vector<at::Tensor> dino_fwd(const at::Tensor& s_clean, const std::optional<
       p.counters = counters.data_ptr<int>();
       p.group_pairs = static_cast<int>(std::min<int64_t>(group_pairs, p.npairs));
       SDMP_CHECK_STATUS(dino_fused_forward(p, stream));
+    } else if (const int chunk = chunk_pairs(); chunk > 0 && chunk < p.npairs) {
+      SDMP_CHECK_STATUS(dino_chunked_forward(p, chunk, stream));
     } else {
       SDMP_CHECK_STATUS(dino_student_stats(p, stream));
       SDMP_CHECK_STATUS(dino_student_grad(p, stream));

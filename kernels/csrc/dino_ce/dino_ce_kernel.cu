@@ -34,6 +34,11 @@ __device__ __forceinline__ int imin(int a, int b) { return a < b ? a : b; }
 
 __device__ __forceinline__ int num_slots(const DinoParams& p) { return kSlotGlobal + p.T; }
 
+// Pairs of this launch (the chunked path launches a range of them).
+__host__ __device__ __forceinline__ int launch_pairs(const DinoParams& p) {
+  return p.pair_count > 0 ? p.pair_count : p.npairs;
+}
+
 // Shared-memory target vector `slot` of pair row r (0: b, 1: partner).
 __device__ __forceinline__ float* target_slot(const DinoParams& p, float* tg, int r, int slot) {
   return tg + (static_cast<int64_t>(r) * num_slots(p) + slot) * p.kb_cols;
@@ -569,7 +574,19 @@ __device__ void grad_unit(const DinoParams& p, int pair, int kb, float* tg, bool
 
 template <typename T, int VEC>
 __global__ void __launch_bounds__(kDinoPairThreads, 2) student_stats_kernel(DinoParams p) {
-  stats_unit<T, VEC>(p, blockIdx.y, blockIdx.x, reinterpret_cast<float*>(dynamic_smem()));
+  stats_unit<T, VEC>(p, p.pair0 + static_cast<int>(blockIdx.y), blockIdx.x, reinterpret_cast<float*>(dynamic_smem()));
+}
+
+// One warp per student row of the launch's pairs (row slot r of pair b: b itself, then its partner).
+__global__ void __launch_bounds__(kDinoThreads) merge_pairs_kernel(DinoParams p) {
+  const int lane = threadIdx.x % kWarpSize, warp = threadIdx.x / kWarpSize, nwarps = blockDim.x / kWarpSize;
+  const int idx = blockIdx.x * nwarps + warp;
+  const int per_view = 2 * launch_pairs(p);
+  if (idx >= (p.Sc + p.Sm) * per_view) return;  // uniform per warp
+  const int v = idx / per_view, b = p.pair0 + (idx % per_view) / 2, r = idx % 2;
+  const int partner = p.B - 1 - b;
+  if (r == 1 && partner == b) return;  // the middle sample of an odd batch has one row
+  merge_row(p, v * p.B + (r == 0 ? b : partner), lane);
 }
 
 __global__ void __launch_bounds__(kDinoThreads) merge_rows_kernel(DinoParams p, int nrows) {
@@ -594,9 +611,10 @@ __global__ void __launch_bounds__(kDinoThreads) terms_kernel(DinoParams p, int n
 template <typename T, int VEC>
 __global__ void __launch_bounds__(kDinoPairThreads, 2) student_grad_kernel(DinoParams p) {
   if (p.mode != nullptr && *p.mode != p.run_mode) return;
-  const int units = p.npairs * p.n_kblocks;
+  const int units = launch_pairs(p) * p.n_kblocks;
   for (int u = blockIdx.x; u < units; u += gridDim.x) {
-    grad_unit<T, VEC>(p, u / p.n_kblocks, u % p.n_kblocks, reinterpret_cast<float*>(dynamic_smem()), false);
+    grad_unit<T, VEC>(p, p.pair0 + u / p.n_kblocks, u % p.n_kblocks, reinterpret_cast<float*>(dynamic_smem()),
+                      false);
     __syncthreads();  // the next unit overwrites the shared targets
   }
 }
@@ -869,7 +887,7 @@ Status launch_teacher_stats(const DinoParams& p, Stream stream) {
 template <typename T>
 Status launch_student_stats(const DinoParams& p, Stream stream) {
   constexpr int V = 16 / sizeof(T);
-  const dim3 grid(static_cast<unsigned>(p.n_kblocks), static_cast<unsigned>(p.npairs));
+  const dim3 grid(static_cast<unsigned>(p.n_kblocks), static_cast<unsigned>(launch_pairs(p)));
   const size_t smem = dino_smem_bytes(p);
   if (p.vec_ok) {
     auto k = student_stats_kernel<T, V>;
@@ -913,7 +931,7 @@ Status launch_fused(const DinoParams& p, Stream stream) {
 template <typename T>
 Status launch_grad(const DinoParams& p, Stream stream) {
   constexpr int V = 16 / sizeof(T);
-  const int64_t units = static_cast<int64_t>(p.npairs) * p.n_kblocks;
+  const int64_t units = static_cast<int64_t>(launch_pairs(p)) * p.n_kblocks;
   const dim3 grid(static_cast<unsigned>(p.mode != nullptr ? std::min<int64_t>(units, kGatedGradBlocks) : units));
   const size_t smem = dino_smem_bytes(p);
   if (p.vec_ok) {
@@ -1080,6 +1098,26 @@ Status dino_student_stats(const DinoParams& p, Stream stream) {
 Status dino_fused_forward(const DinoParams& p, Stream stream) {
   Status st = cudaSuccess;
   SDMP_DISPATCH_DTYPE(p.dtype, st = launch_fused<scalar_t>(p, stream));
+  if (st != cudaSuccess) return st;
+  return launch_merge_and_terms(p, stream, false);
+}
+
+Status dino_chunked_forward(const DinoParams& p, int chunk, Stream stream) {
+  Status st = cudaSuccess;
+  for (int c0 = 0; c0 < p.npairs && st == cudaSuccess; c0 += chunk) {
+    DinoParams q = p;
+    q.pair0 = c0;
+    q.pair_count = std::min(chunk, p.npairs - c0);
+    SDMP_DISPATCH_DTYPE(q.dtype, st = launch_student_stats<scalar_t>(q, stream));
+    if (st != cudaSuccess) return st;
+    const int rows = (q.Sc + q.Sm) * 2 * q.pair_count;
+    auto mk = merge_pairs_kernel;
+    SDMP_LAUNCH(mk, dim3(static_cast<unsigned>(ceil_div(rows, kDinoThreads / kWarpSize))), dim3(kDinoThreads), 0,
+                stream, q);
+    st = cudaGetLastError();
+    if (st != cudaSuccess) return st;
+    SDMP_DISPATCH_DTYPE(q.dtype, st = launch_grad<scalar_t>(q, stream));
+  }
   if (st != cudaSuccess) return st;
   return launch_merge_and_terms(p, stream, false);
 }
