@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import os
+import re
 import traceback
 from typing import Callable, Dict, List, Optional
 
@@ -66,7 +67,8 @@ def add_arguments(p) -> None:
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows")
     p.add_argument("--profile", action="store_true",
-                   help="also print the per-kernel device time of the DINO kernel, default and fused (torch.profiler)")
+                   help="also print the per-kernel device time of the DINO loss: default, fused and cluster launches "
+                        "(torch.profiler)")
     p.add_argument("--json", default=None, help="output JSON (default bench/results/losses-<device>-<date>.json)")
 
 
@@ -266,36 +268,33 @@ def bench_dino(args, device, dtype, copy_gbps) -> List[Dict]:
     return _run_impls("dino", shape, min_bytes, impls, args, copy_gbps)
 
 
+# Launch configurations of the DINO loss as data: a named token sets one variable, a prefixed number another.
+DINO_FLAG_TOKENS = {"unfused": ("SDMP_DINO_FUSED", "0"), "fused": ("SDMP_DINO_FUSED", "1"),
+                    "cluster": ("SDMP_DINO_CLUSTER", "require")}  # require: an error where it cannot run
+DINO_NUMBER_TOKENS = {"": "SDMP_DINO_GROUP_PAIRS", "g": "SDMP_DINO_GROUP_PAIRS", "ch": "SDMP_DINO_CHUNK_PAIRS",
+                      "kb": "SDMP_DINO_BLOCK_COLS", "pw": "SDMP_DINO_PAIR_WARPS"}
+
+
 def dino_variant_env(variant: str):
-    """('cluster' | 'fused' | 'unfused' | N | gN | kbN | pwN, joined by '+') -> (environment of the launch, row
-    name): the one-read cluster forward (sm_90), the single-launch forward or not, N/gN pairs per group of the
-    fused forward, chN pairs per chunk of the two-launch path, kbN columns and pwN warps per pair block (e.g.
-    'fused+g8+kb1024', 'ch16')."""
-    kv = {}
-    for tok in variant.split("+"):
-        tok = tok.strip()
-        if tok == "unfused":
-            kv["SDMP_DINO_FUSED"] = "0"
-        elif tok == "fused":
-            kv["SDMP_DINO_FUSED"] = "1"
-        elif tok == "cluster":  # the one-read cluster forward, an error where it cannot run
-            kv["SDMP_DINO_CLUSTER"] = "require"
-        elif tok.startswith("ch") and tok[2:].isdigit():
-            kv["SDMP_DINO_CHUNK_PAIRS"] = tok[2:]
-        elif tok.startswith("kb") and tok[2:].isdigit():
-            kv["SDMP_DINO_BLOCK_COLS"] = tok[2:]
-        elif tok.startswith("pw") and tok[2:].isdigit():
-            kv["SDMP_DINO_PAIR_WARPS"] = tok[2:]
-        elif tok.lstrip("g").isdigit():
-            kv["SDMP_DINO_GROUP_PAIRS"] = tok.lstrip("g")
+    """('cluster' | 'fused' | 'unfused' | N | gN | chN | kbN | pwN, joined by '+') -> (environment of the launch,
+    row name): the one-read cluster forward (sm_90), the single-launch forward or not, N/gN pairs per group of
+    the fused forward, chN pairs per chunk of the two-launch path, kbN columns and pwN warps per pair block
+    (e.g. 'fused+g8+kb1024', 'ch16')."""
+    kv, names = {}, []
+    for tok in (t.strip() for t in variant.split("+")):
+        m = re.fullmatch(r"([a-z]*)(\d+)", tok)
+        if tok in DINO_FLAG_TOKENS:
+            key, value = DINO_FLAG_TOKENS[tok]
+        elif m and m.group(1) in DINO_NUMBER_TOKENS:
+            key, value = DINO_NUMBER_TOKENS[m.group(1)], m.group(2)
         else:
             raise ValueError(f"--dino-variants: cannot read {tok!r} in {variant!r} "
                              f"(cluster, fused, unfused, N, gN, chN, kbN or pwN, joined by +)")
+        kv[key] = value
+        names.append("gp" + tok if tok.isdigit() else tok)
     if "SDMP_DINO_GROUP_PAIRS" in kv:  # groups exist only in the fused forward
         kv.setdefault("SDMP_DINO_FUSED", "1")
-    name = "+".join(t if not t.isdigit() else "gp" + t
-                    for t in (x.strip() for x in variant.split("+")))
-    return kv, name
+    return kv, "+".join(names)
 
 
 def profile_kernels(op: str, configs: Dict[str, Dict[str, str]], make_step: Callable[[], Callable]) -> None:

@@ -4,7 +4,8 @@
 // __syncthreads is a block barrier, warp shuffles exchange through a per-warp slot array between two warp
 // barriers, __shared__ variables are function statics (one block is alive at a time), dynamic shared memory is
 // a per-block buffer filled with 0xFF bytes (NaN as float) to expose reads of unwritten slots.
-// Atomics map to GCC builtins. This checks indexing, reductions and the cross-block protocol of the kernels,
+// Atomics map to GCC builtins. Thread-block clusters (launch_cluster) run their blocks concurrently with a
+// cluster barrier and mapped dynamic shared memory. This checks indexing, reductions and the cross-block protocol of the kernels,
 // not their speed or their memory-model corner cases.
 #pragma once
 
@@ -103,46 +104,6 @@ inline T shfl(T v, int src_lane) {
   return out;
 }
 
-inline void init_block(Block& b, dim3 grid, dim3 block, int nthreads) {
-  b.dim = block;
-  b.grid = grid;
-  b.bar.reset(nthreads);
-  b.warp_bar.resize(nthreads / 32);
-  for (auto& w : b.warp_bar) w.reset(new Barrier(32));
-  b.slots.assign(nthreads, 0);
-}
-
-template <typename... KArgs, typename... Args>
-void launch(dim3 grid, dim3 block, size_t smem, void (*kernel)(KArgs...), Args... args) {
-  const int nthreads = static_cast<int>(block.x * block.y * block.z);
-  if (nthreads % 32 != 0) std::abort();  // the kernels assume whole warps
-  const long nblocks = static_cast<long>(grid.x) * grid.y * grid.z;
-  Block b;
-  init_block(b, grid, block, nthreads);
-  Barrier between(nthreads);  // block boundaries: the same threads run every block, one block at a time
-  std::vector<std::thread> threads;
-  threads.reserve(nthreads);
-  for (int t = 0; t < nthreads; ++t) {
-    threads.emplace_back([&, t] {
-      Thread& c = ctx();
-      c.blk = &b;
-      c.linear = t;
-      c.tid = dim3(t % block.x, (t / block.x) % block.y, t / (block.x * block.y));
-      for (long bi = 0; bi < nblocks; ++bi) {
-        if (t == 0) {
-          b.idx = dim3(static_cast<unsigned>(bi % grid.x), static_cast<unsigned>((bi / grid.x) % grid.y),
-                       static_cast<unsigned>(bi / (static_cast<long>(grid.x) * grid.y)));
-          b.dyn_smem.assign(smem, 0xFF);
-        }
-        between.wait();
-        kernel(args...);
-        between.wait();
-      }
-    });
-  }
-  for (auto& th : threads) th.join();
-}
-
 // Clusters of cluster_x consecutive blocks along x (grid.x a multiple of cluster_x): the blocks of a cluster run
 // concurrently, each on its own blockDim threads; clusters run one after another. Kernels launched this way
 // must keep block-local data in dynamic shared memory (function-static __shared__ is one copy here).
@@ -157,8 +118,14 @@ void launch_cluster(dim3 grid, dim3 block, size_t smem, unsigned cluster_x, void
   cl.bar.reset(nthreads * cx);
   for (int r = 0; r < cx; ++r) {
     blocks.emplace_back(new Block);
-    init_block(*blocks.back(), grid, block, nthreads);
-    cl.blocks.push_back(blocks.back().get());
+    Block& b = *blocks.back();
+    b.dim = block;
+    b.grid = grid;
+    b.bar.reset(nthreads);
+    b.warp_bar.resize(nthreads / 32);
+    for (auto& w : b.warp_bar) w.reset(new Barrier(32));
+    b.slots.assign(nthreads, 0);
+    cl.blocks.push_back(&b);
   }
   Barrier between(nthreads * cx);
   std::vector<std::thread> threads;
@@ -188,6 +155,12 @@ void launch_cluster(dim3 grid, dim3 block, size_t smem, unsigned cluster_x, void
     }
   }
   for (auto& th : threads) th.join();
+}
+
+// A plain launch: clusters of one block, i.e. every block in blockIdx order (x fastest), one at a time.
+template <typename... KArgs, typename... Args>
+void launch(dim3 grid, dim3 block, size_t smem, void (*kernel)(KArgs...), Args... args) {
+  launch_cluster(grid, block, smem, 1u, kernel, args...);
 }
 
 inline void cluster_sync() { ctx().cluster->bar.wait(); }

@@ -1,11 +1,10 @@
 // Fused SDMP-DINO loss: argument checks, workspace allocation (caching allocator) and launches on the current
 // stream. No host synchronisation anywhere: forward and backward are capturable in a CUDA graph.
 #include "../common/api_common.h"
+#include "dino_ce.h"
 
 #include <cstdlib>
 #include <cstring>
-#include "dino_ce.h"
-
 #include <optional>
 #include <vector>
 
@@ -100,14 +99,14 @@ DinoInputs check_inputs(const at::Tensor& s_clean, const std::optional<at::Tenso
 
 // $SDMP_DINO_CLUSTER: "1" the one-read cluster forward where the card and shapes allow it (opt-in until timed
 // on a GPU), "require" the same but an error where it cannot run (benchmarks and tests: no silent fallback).
-int cluster_mode() {
-  const char* v = std::getenv("SDMP_DINO_CLUSTER");
-  if (v == nullptr) return 0;
-  if (std::strcmp(v, "require") == 0) return 2;
-  return v[0] == '1' ? 1 : 0;
-}
+enum class ClusterMode { kOff, kPrefer, kRequire };
 
-bool cluster_requested() { return cluster_mode() != 0; }
+ClusterMode cluster_mode() {
+  const char* v = std::getenv("SDMP_DINO_CLUSTER");
+  if (v == nullptr) return ClusterMode::kOff;
+  if (std::strcmp(v, "require") == 0) return ClusterMode::kRequire;
+  return v[0] == '1' ? ClusterMode::kPrefer : ClusterMode::kOff;
+}
 
 // $SDMP_DINO_CHUNK_PAIRS=N: the two-launch path N pairs at a time (an L2-reuse experiment; 0 or unset: off).
 int chunk_pairs() {
@@ -191,16 +190,18 @@ std::vector<at::Tensor> dino_fwd(const at::Tensor& s_clean, const std::optional<
   at::Tensor g_clean, g_mixed;
   set_grad_outputs(in, grad_clean, grad_mixed, g_clean, g_mixed);
   const bool want_grad = p.g_clean != nullptr || p.g_mixed != nullptr;
+  const ClusterMode cluster = cluster_mode();
   at::Tensor ones;  // upstream gradient 1 per term for the precomputed gradient
-  if (want_grad || cluster_requested()) {
+  if (want_grad || cluster != ClusterMode::kOff) {
     ones = at::ones({3}, f32);
     p.gw = ones.data_ptr<float>();
   }
   bool launched = false;
-  if (cluster_requested()) SDMP_CHECK_STATUS(dino_cluster_forward(p, stream, &launched));
-  TORCH_CHECK(launched || cluster_mode() != 2, "SDMP_DINO_CLUSTER=require: the cluster forward cannot run here "
-              "(needs sm_90, K a multiple of ", 16 / s_clean.element_size(), " and at most 16 blocks of columns, "
-              "and a cluster that fits the card); unset it or set it to 1 to fall back");
+  if (cluster != ClusterMode::kOff) SDMP_CHECK_STATUS(dino_cluster_forward(p, stream, &launched));
+  TORCH_CHECK(launched || cluster != ClusterMode::kRequire,
+              "SDMP_DINO_CLUSTER=require: the cluster forward cannot run here (needs sm_90, K a multiple of ",
+              16 / s_clean.element_size(), " and at most 16 blocks of columns, and a cluster that fits the card); "
+              "unset it or set it to 1 to fall back");
   if (launched) {
     // statistics, terms and (when wanted) the gradient are done
   } else if (!want_grad) {

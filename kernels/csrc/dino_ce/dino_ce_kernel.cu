@@ -121,6 +121,14 @@ struct RowAcc {
 
 __device__ __forceinline__ RowAcc acc_empty() { return RowAcc{-INFINITY, 0.f, 0.f, 0.f, 0.f, 0.f}; }
 
+__device__ __forceinline__ void store_acc(float* out, const RowAcc& a) {
+  out[0] = a.m, out[1] = a.s, out[2] = a.d1, out[3] = a.q1, out[4] = a.d2, out[5] = a.q2;
+}
+
+__device__ __forceinline__ RowAcc read_acc(const float* in) {
+  return RowAcc{in[0], in[1], in[2], in[3], in[4], in[5]};
+}
+
 template <int VEC, bool kTwo>
 __device__ __forceinline__ void acc_update(RowAcc& a, const float (&x)[VEC], const float (&t1)[VEC],
                                            const float (&t2)[VEC]) {
@@ -394,6 +402,20 @@ __device__ __forceinline__ RowTargets row_targets(const DinoParams& p, int v) {
 // before using any, which keeps enough bytes in flight to cover HBM latency at modest occupancy.
 constexpr int kLoadGroup = 4;
 
+// Folds one pack of a student row (block column lc) into its partial state: x = student / tau_s against the
+// row's one or two target vectors.
+template <typename T, int VEC, bool kTwo>
+__device__ __forceinline__ void stats_pack(const DinoParams& p, const Pack<T, VEC>& raw, const float* t1,
+                                           const float* t2, int64_t lc, RowAcc& acc) {
+  float x[VEC], a1[VEC], a2[VEC];
+  unpack_floats<T, VEC>(raw, x);
+#pragma unroll
+  for (int j = 0; j < VEC; ++j) x[j] = round_through<T>(x[j] * p.inv_tau_s);  // student / tau_s
+  load_targets<VEC>(t1, lc, a1);
+  if (kTwo) load_targets<VEC>(t2, lc, a2);
+  acc_update<VEC, kTwo>(acc, x, a1, a2);
+}
+
 // Partial statistics of one student row over the block columns [0, kcount) (src already offset by k0).
 template <typename T, int VEC, bool kTwo>
 __device__ __forceinline__ RowAcc stats_row(const DinoParams& p, const T* src, const float* t1, const float* t2,
@@ -409,13 +431,7 @@ __device__ __forceinline__ RowAcc stats_row(const DinoParams& p, const T* src, c
     for (int g = 0; g < kLoadGroup; ++g) {
       const int64_t lc = base + g * kStride;
       if (lc >= kcount) break;
-      float x[VEC], a1[VEC], a2[VEC];
-      unpack_floats<T, VEC>(raw[g], x);
-#pragma unroll
-      for (int j = 0; j < VEC; ++j) x[j] = round_through<T>(x[j] * p.inv_tau_s);  // student / tau_s
-      load_targets<VEC>(t1, lc, a1);
-      if (kTwo) load_targets<VEC>(t2, lc, a2);
-      acc_update<VEC, kTwo>(acc, x, a1, a2);
+      stats_pack<T, VEC, kTwo>(p, raw[g], t1, t2, lc, acc);
     }
   }
   return warp_acc_merge(acc);
@@ -457,16 +473,24 @@ __device__ void stats_unit(const DinoParams& p, int pair, int kb, float* tg) {
     } else {
       acc = stats_row<T, VEC, false>(p, src, t1, t1, kcount, lane);
     }
-    if (lane == 0) {
-      float* out = p.s_part + (static_cast<int64_t>(v * p.B + b) * p.n_kblocks + kb) * kAccFloats;
-      out[0] = acc.m;
-      out[1] = acc.s;
-      out[2] = acc.d1;
-      out[3] = acc.q1;
-      out[4] = acc.d2;
-      out[5] = acc.q2;
-    }
+    if (lane == 0) store_acc(p.s_part + (static_cast<int64_t>(v * p.B + b) * p.n_kblocks + kb) * kAccFloats, acc);
   }
+}
+
+// The merged state of student row `row` with ls = log s: its statistics (m, log s, q1, q2) for the gradient
+// and the backward, and its contribution to the three loss terms.
+__device__ __forceinline__ void publish_row(const DinoParams& p, int row, const RowAcc& acc, float ls) {
+  const float h1 = acc.q1 * ls - acc.d1, h2 = acc.q2 * ls - acc.d2;  // H = -sum t (x - lse)
+  const bool mixed = row / p.B >= p.Sc;
+  float* st = p.row_stat + static_cast<int64_t>(row) * 4;
+  st[0] = acc.m;
+  st[1] = ls;
+  st[2] = acc.q1;
+  st[3] = acc.q2;
+  float* rl = p.row_loss + static_cast<int64_t>(row) * 3;
+  rl[0] = mixed ? 0.f : h1;
+  rl[1] = mixed ? p.w_src * h1 : 0.f;
+  rl[2] = mixed ? p.w_mix * h2 : 0.f;
 }
 
 // One warp: merges the column-block partials of a student row into (m, log s, q1, q2) and its loss terms.
@@ -479,19 +503,7 @@ __device__ void merge_row(const DinoParams& p, int row, int lane) {
     acc = acc_merge(acc, part);
   }
   acc = warp_acc_merge(acc);
-  if (lane != 0) return;
-  const float ls = logf(acc.s);
-  const float h1 = acc.q1 * ls - acc.d1, h2 = acc.q2 * ls - acc.d2;  // H = -sum t (x - lse)
-  const bool mixed = row / p.B >= p.Sc;
-  float* st = p.row_stat + static_cast<int64_t>(row) * 4;
-  st[0] = acc.m;
-  st[1] = ls;
-  st[2] = acc.q1;
-  st[3] = acc.q2;
-  float* rl = p.row_loss + static_cast<int64_t>(row) * 3;
-  rl[0] = mixed ? 0.f : h1;
-  rl[1] = mixed ? p.w_src * h1 : 0.f;
-  rl[2] = mixed ? p.w_mix * h2 : 0.f;
+  if (lane == 0) publish_row(p, row, acc, logf(acc.s));
 }
 
 // Gradient of one pack of a student row (block column lc): csm softmax - c1 target1 - c2 target2, with
@@ -685,14 +697,6 @@ __global__ void __launch_bounds__(kDinoPairThreads, 2) fused_forward_kernel(Dino
 // two-launch path reads the logits twice and the teacher three times.
 constexpr int kClusterRows = 8;
 
-__device__ __forceinline__ void store_acc(float* out, const RowAcc& a) {
-  out[0] = a.m, out[1] = a.s, out[2] = a.d1, out[3] = a.q1, out[4] = a.d2, out[5] = a.q2;
-}
-
-__device__ __forceinline__ RowAcc read_acc(const float* in) {
-  return RowAcc{in[0], in[1], in[2], in[3], in[4], in[5]};
-}
-
 template <typename T, int VEC, int PPT>
 __global__ void __launch_bounds__(512, 1) cluster_forward_kernel(DinoParams p) {
   constexpr int R = kClusterRows;
@@ -738,16 +742,10 @@ __global__ void __launch_bounds__(512, 1) cluster_forward_kernel(DinoParams p) {
       for (int u = 0; u < PPT; ++u) {
         const int64_t lc = (static_cast<int64_t>(u) * blockDim.x + threadIdx.x) * VEC;
         if (lc >= kcount) continue;
-        float x[VEC], a1[VEC], a2[VEC];
-        unpack_floats<T, VEC>(raw[i][u], x);
-#pragma unroll
-        for (int j = 0; j < VEC; ++j) x[j] = round_through<T>(x[j] * p.inv_tau_s);  // student / tau_s
-        load_targets<VEC>(t1, lc, a1);
         if (rt.slot2 >= 0) {
-          load_targets<VEC>(t2, lc, a2);
-          acc_update<VEC, true>(acc, x, a1, a2);
+          stats_pack<T, VEC, true>(p, raw[i][u], t1, t2, lc, acc);
         } else {
-          acc_update<VEC, false>(acc, x, a1, a1);
+          stats_pack<T, VEC, false>(p, raw[i][u], t1, t1, lc, acc);
         }
       }
       acc = warp_acc_merge(acc);
@@ -771,16 +769,7 @@ __global__ void __launch_bounds__(512, 1) cluster_forward_kernel(DinoParams p) {
       fin[i_own * 4 + 1] = ls;
       fin[i_own * 4 + 2] = a.q1;
       fin[i_own * 4 + 3] = a.q2;
-      if (rank == 0) {  // the statistics the backward and the terms read, as merge_row writes them
-        const float h1 = a.q1 * ls - a.d1, h2 = a.q2 * ls - a.d2;
-        const bool mixed = v >= p.Sc;
-        float* st = p.row_stat + static_cast<int64_t>(row) * 4;
-        st[0] = a.m, st[1] = ls, st[2] = a.q1, st[3] = a.q2;
-        float* rl = p.row_loss + static_cast<int64_t>(row) * 3;
-        rl[0] = mixed ? 0.f : h1;
-        rl[1] = mixed ? p.w_src * h1 : 0.f;
-        rl[2] = mixed ? p.w_mix * h2 : 0.f;
-      }
+      if (rank == 0) publish_row(p, row, a, ls);  // one block writes what the backward and the terms read
     }
     __syncthreads();
 #pragma unroll
