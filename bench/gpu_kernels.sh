@@ -9,8 +9,9 @@
 # and initcheck while time is left. Logs, JUnit XML and bench JSON go to $OUT; the bench JSON also goes to
 # bench/results/. Knobs: PYTHON (default python3), BUDGET_S, SKIP_INSTALL=1 (sdmp_fast already importable),
 # SKIP_TESTS=1, SKIP_BENCH=1, SKIP_SANITIZER=1, SDMP_KERNELS_ARCHS (default "80;90", as the JIT build),
-# DINO_VARIANTS (bench rows, see `bench losses --dino-variants`), PROFILE=1 (per-kernel DINO times),
-# SELFCHECK_CONFIGS (launch configurations to selfcheck, below), PACK_TO (tar everything there at the end).
+# DINO_VARIANTS / MIX_VARIANTS (bench rows, see `bench losses --dino-variants`, `bench mixing --mix-variants`),
+# PROFILE=1 (per-kernel DINO times), SELFCHECK_CONFIGS (launch configurations to selfcheck, below), PACK_TO (tar
+# everything there at the end).
 set -u -o pipefail
 
 OUT=${OUT:-bench/results/gpu_kernels-$(date +%Y%m%d-%H%M%S)}
@@ -102,7 +103,8 @@ if [ "${SKIP_BENCH:-0}" != 1 ]; then
   step bench_losses 200 "$PY" -m sdmp_fast.cli bench losses --iters 10 --warmup 3 \
     --dino-variants "${DINO_VARIANTS:-cluster,ch8,ch16,ch32,fused,kb1024}" $([ "${PROFILE:-0}" = 1 ] && echo --profile) \
     --json "$OUT/losses.json"
-  step bench_mixing 120 "$PY" -m sdmp_fast.cli bench mixing --iters 10 --warmup 3 --json "$OUT/mixing.json"
+  step bench_mixing 120 "$PY" -m sdmp_fast.cli bench mixing --iters 10 --warmup 3 \
+    --mix-variants "${MIX_VARIANTS:-p2,p4}" --json "$OUT/mixing.json"
   TAG=$("$PY" -c "import torch; from sdmp_fast.benchmarks.loaders import device_tag; print(device_tag(torch.device('cuda' if torch.cuda.is_available() else 'cpu')))" 2>/dev/null || echo gpu)
   for f in losses mixing; do  # same names as the benches' defaults: bench/results/<name>-<device>-<date>.json
     [ -f "$OUT/$f.json" ] && cp "$OUT/$f.json" "bench/results/$f-$TAG-$(date +%Y%m%d).json"
@@ -153,8 +155,10 @@ for impl in ("kernel", "kernel_graph"):
         sg = m.get("speedup_vs_eager_dense_graph")
         print(f"  two-hot MoCo CE ({impl}) x{s:.1f} vs eager dense-label CE (>= 5): {'PASS' if s >= 5 else 'MISS'}"
               + (f"; x{sg:.1f} vs the dense CE graph-captured too" if sg else ""))
+mix_impls = sorted({r["impl"] for r in (mixing or {}).get("records", []) if r["impl"].startswith("kernel")})
 for case in ("uniform", "mixup", "resizemix"):
-    for impl, base in (("kernel", "a copy"), ("kernel_graph", "a graph-captured copy")):
+    for impl in mix_impls:
+        base = "a graph-captured copy" if "_graph" in impl else "a copy"
         k = rec(mixing, f"mix_{case}", impl)
         if k and k.get("vs_copy"):
             print(f"  mixing ({case}, {impl}) {k['vs_copy']:.2f}x {base} of the same bytes (<= 1.5): "

@@ -160,6 +160,8 @@ def run_suite(device: str = "cuda", quick: bool = False) -> int:
         ("dino fp32 no teacher_mixed k999 b5", lambda: check_dino(device, torch.float32, 3, 0, 2, 5, 999, False)),
         ("mix fp32 6x3x13x16", lambda: check_mix(device, torch.float32, 6, 3, 13, 16)),
         ("mix bf16 6x3x9x9", lambda: check_mix(device, torch.bfloat16, 6, 3, 9, 9)),
+        ("mix fp32 6x3x45x64 4 packs per thread", lambda: _with_env(
+            dict(SDMP_MIX_PACKS=4), lambda: check_mix(device, torch.float32, 6, 3, 45, 64))),
     ]
     if device != "cuda" or torch.cuda.get_device_capability()[0] >= 9:  # thread-block clusters: sm_90
         # three blocks of columns per cluster, the last one partial (CPU emulation: 32-thread blocks)

@@ -224,6 +224,23 @@ def test_emulated_dino_cluster_require_names_the_setting(emulated):
     assert abs(got["loss"].item() - ref["loss"].item()) <= 1e-5 * abs(ref["loss"].item())
 
 
+@pytest.mark.parametrize("name,value", [("SDMP_DINO_BLOCK_COLS", "1000"), ("SDMP_DINO_PAIR_WARPS", "2"),
+                                        ("SDMP_DINO_CHUNK_PAIRS", "four"), ("SDMP_DINO_CLUSTER", "yes"),
+                                        ("SDMP_DINO_FUSED", "true"), ("SDMP_DINO_GROUP_PAIRS", "0"),
+                                        ("SDMP_DINO_PRECOMPUTE_GRAD", "2")])
+def test_emulated_dino_bad_tuning_setting_is_an_error_naming_it(emulated, name, value):
+    s_clean, _, t_clean, _, center, _ = dino_inputs(2, 0, 2, 4, 64, torch.float32, "cpu", False, 0)
+    with env(**{name: value}), pytest.raises((RuntimeError, ValueError), match=f"{name}={value!r}|{name}={value}"):
+        K.sdmp_dino_terms(leaf(s_clean), None, t_clean, None, center, None)
+
+
+@pytest.mark.parametrize("value", ["3", "8", "two"])
+def test_emulated_mix_bad_packs_setting_is_an_error_naming_it(emulated, value):
+    x, lam, method, y0, x0, ch, cw = mix_inputs(4, 3, 8, 8, torch.float32, "cpu")
+    with env(SDMP_MIX_PACKS=value), pytest.raises(RuntimeError, match=f"SDMP_MIX_PACKS={value}"):
+        K.apply_mix(x, lam, method, y0, x0, ch, cw)
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_emulated_dino_bf16(emulated):
@@ -236,6 +253,16 @@ def test_emulated_dino_bf16(emulated):
 def test_emulated_mix_matches_ref(emulated, dtype, w):
     check_mix("cpu", dtype, 6, 3, 13, w)
     check_mix("cpu", dtype, 4, 2, 7, w, methods=("mixup", "cutmix"))
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("packs", [2, 4])
+def test_emulated_mix_packs_per_thread(emulated, packs):
+    # 3 x 45 x 64 fp32: 2,160 packs of 4 per sample, several blocks with the last one partial; w 45: scalar packs
+    with env(SDMP_MIX_PACKS=packs):
+        check_mix("cpu", torch.float32, 6, 3, 45, 64)
+        check_mix("cpu", torch.bfloat16, 4, 3, 17, 45)
 
 
 @pytest.mark.slow
@@ -387,6 +414,15 @@ def test_cuda_dino_gradient_paths(cuda_kernels, upstream, fused, precompute, gro
 def test_cuda_mix_matches_ref(cuda_kernels, dtype, n, c, h, w):
     check_mix("cuda", dtype, n, c, h, w)
     check_mix("cuda", dtype, n, c, h, w, methods=("mixup", "cutmix"))
+
+
+@pytest.mark.cuda
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("packs", [2, 4])
+@pytest.mark.parametrize("dtype,n,c,h,w", [(torch.float32, 256, 3, 224, 224), (torch.bfloat16, 8, 3, 97, 97)])
+def test_cuda_mix_packs_per_thread_matches_ref(cuda_kernels, packs, dtype, n, c, h, w):
+    with env(SDMP_MIX_PACKS=packs, SDMP_KERNELS_POISON=1):
+        check_mix("cuda", dtype, n, c, h, w)
 
 
 def _graph_replay_matches_eager(make_inputs, step):

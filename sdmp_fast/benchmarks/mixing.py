@@ -8,7 +8,9 @@ boxes -- the deterministic part, ``apply_mix`` -- and times:
 * ``copy``: ``out.copy_(view)`` for every view: the same bytes read and written, the floor to compare with;
 * ``kernel_graph`` / ``copy_graph``: the same two captured in a CUDA graph, i.e. device time alone. Each plain
   row is timed call by call, so it also holds the host time before the launch (Python and argument checks,
-  ~0.05 ms for the kernel): that is what an ungraphed loop pays, the graph rows what a graphed step pays.
+  ~0.05 ms for the kernel): that is what an ungraphed loop pays, the graph rows what a graphed step pays;
+* ``kernel_graph_pN`` (``--mix-variants p2,p4``): the graph row with N packs of pixels per thread
+  (``SDMP_MIX_PACKS``), a launch configuration to tune.
 
 Cases: ``uniform`` (methods drawn uniformly, the SDMP default), ``mixup``, ``cutmix``, ``resizemix`` (every
 sample with the one method). ``gb_per_s`` counts one read and one write of every view; ``vs_copy`` is the time
@@ -25,6 +27,7 @@ import torch
 from sdmp_fast import mixing
 from sdmp_fast.benchmarks.common import copy_bandwidth_gbps, cuda_time_ms, device_description, print_table, write_results
 from sdmp_fast.benchmarks.losses import DTYPES, default_json_path, graph_step
+from sdmp_fast.kernels.selfcheck import env
 
 CASES = {"uniform": mixing.METHODS, "mixup": ("mixup",), "cutmix": ("cutmix",), "resizemix": ("resizemix",)}
 COLUMNS = ["case", "impl", "status", "ms", "gb_per_s", "pct_of_copy", "vs_copy", "speedup_vs_eager",
@@ -40,6 +43,8 @@ def add_arguments(p) -> None:
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows")
+    p.add_argument("--mix-variants", default="", help="extra graph rows with other launch configurations, comma "
+                   "list of pN (N = 1, 2, 4 packs of pixels per thread, SDMP_MIX_PACKS)")
     p.add_argument("--json", default=None, help="output JSON (default bench/results/mixing-<device>-<date>.json)")
 
 
@@ -85,6 +90,13 @@ def bench_case(case: str, args, device, dtype, copy_gbps) -> List[Dict]:
         "kernel_graph": lambda: graph_step(kernel) if (on_gpu and K.available(device)) else None,
         "eager": lambda: eager,
     }
+    for variant in parse_mix_variants(getattr(args, "mix_variants", "")):
+        def variant_step(kv={"SDMP_MIX_PACKS": variant[1:]}):
+            if not (on_gpu and K.available(device)):
+                return None
+            with env(**kv):  # the launch configuration is read when the graph is captured
+                return graph_step(kernel)
+        impls[f"kernel_graph_{variant}"] = variant_step
     if not args.no_compile:
         impls["compile"] = lambda: (lambda f: (lambda: [f(v, lam, method, *b, ids) for v, b in zip(views, boxes)]))(
             torch.compile(mixing.apply_mix))
@@ -108,14 +120,27 @@ def bench_case(case: str, args, device, dtype, copy_gbps) -> List[Dict]:
     ms = {r["impl"]: r["ms"] for r in rows if r["ms"]}
     for r in rows:
         r["op"] = f"mix_{case}"
-        base = "copy_graph" if r["impl"].endswith("_graph") else "copy"
+        base = "copy_graph" if "_graph" in r["impl"] else "copy"
         r["vs_copy"] = r["ms"] / ms[base] if (r["ms"] and base in ms) else None
         for ref in ("eager", "compile"):
             r[f"speedup_vs_{ref}"] = ms[ref] / r["ms"] if (r["ms"] and ref in ms and r["impl"] != ref) else None
     return rows
 
 
+def parse_mix_variants(text: str) -> List[str]:
+    """'p2,p4' -> ['p2', 'p4']: packs of pixels per thread of the mixing kernel (SDMP_MIX_PACKS)."""
+    out = []
+    for tok in (t.strip() for t in (text or "").split(",")):
+        if not tok:
+            continue
+        if tok not in ("p1", "p2", "p4"):
+            raise ValueError(f"--mix-variants: cannot read {tok!r} (p1, p2 or p4: packs of pixels per thread)")
+        out.append(tok)
+    return out
+
+
 def main(args) -> int:
+    parse_mix_variants(getattr(args, "mix_variants", ""))  # bad input fails before anything runs
     cases = [c.strip() for c in args.cases.split(",") if c.strip()]
     for c in cases:
         if c not in CASES:

@@ -26,6 +26,7 @@ struct MixParams {
   bool allow_resize = true;        // false: resizemix samples are treated as cutmix (method_set without 2)
   DType dtype = DType::kFloat;
   bool vec_ok = false;             // W % VEC == 0 and aligned bases, every view
+  int packs = 1;                   // packs of pixels per thread: 1, 2 or 4 ($SDMP_MIX_PACKS, tuning)
 };
 
 Status batch_mix(const MixParams& p, Stream stream);

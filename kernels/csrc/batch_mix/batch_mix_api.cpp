@@ -30,6 +30,8 @@ std::vector<at::Tensor> batch_mix_views(const std::vector<at::Tensor>& xs, const
   p.nviews = static_cast<int>(xs.size());
   p.dtype = dtype_tag(ref);
   p.allow_resize = allow_resize;
+  p.packs = static_cast<int>(tuning_env("SDMP_MIX_PACKS", 1, 1, 4, 1, "1, 2 or 4"));
+  TORCH_CHECK(p.packs != 3, "SDMP_MIX_PACKS=3: expected 1, 2 or 4");
   CHECK_SAME_DEVICE(lam, ref);
   CHECK_SAME_DEVICE(method, ref);
   CHECK_SHAPE(lam, n);

@@ -1,9 +1,9 @@
 // Fused batch-flip mixing: one launch mixes every sample of every view with its partner n-1-i.
 //
-// A thread owns VEC consecutive pixels of one row and channel of a *pair* {i, p}: it reads x_i and x_p there once
-// and writes both mixed outputs, so mixup and cutmix move exactly the bytes of a copy. Resizemix samples the
-// whole partner, bilinearly resized into the box (grid_sample semantics: half-pixel centres, border clamp),
-// with a few extra (cached) partner reads inside the box. Arithmetic follows the eager reference
+// A thread owns VEC consecutive pixels of one row and channel of a *pair* {i, p} (PACKS such packs): it reads x_i
+// and x_p there once and writes both mixed outputs, so mixup and cutmix move exactly the bytes of a copy.
+// Resizemix samples the whole partner, bilinearly resized into the box (grid_sample semantics: half-pixel centres,
+// border clamp), with a few extra (cached) partner reads inside the box. Arithmetic follows the eager reference
 // (sdmp_fast.mixing.apply_mix) step by step, including its per-op rounding for half-precision images.
 #include "../common/sdmp_cuda.cuh"
 #include "batch_mix.h"
@@ -58,7 +58,8 @@ __device__ __forceinline__ float mul_add(float v, float w, float acc) {
 // mixing._resized_partner builds it, then grid_sampler's unnormalize and clip.
 __device__ __forceinline__ float source_coord(int pos, int64_t start, int64_t len, int size) {
   const double l = static_cast<double>(len < 1 ? 1 : len);
-  const float g = __double2float_rn(__dadd_rn(__ddiv_rn(__dadd_rn(2.0 * static_cast<double>(pos - start), 1.0), l), -1.0));
+  const double t = __dadd_rn(2.0 * static_cast<double>(pos - start), 1.0);
+  const float g = __double2float_rn(__dadd_rn(__ddiv_rn(t, l), -1.0));
   return fminf(static_cast<float>(size - 1), fmaxf(unnormalize(g, size), 0.f));
 }
 
@@ -115,65 +116,95 @@ __device__ __forceinline__ RowMix row_mix(const SampleMix& s, int y, int H, cons
   return r;
 }
 
-// grid (ceil(C*H*W/VEC / threads), pairs, views): a block covers part of one pair {i, n-1-i} of one view, so the
-// per-sample parameters are block-uniform and the index math is 32-bit (the API checks C*H*W < 2^31).
-// kTable: the block first writes the resizemix source x of every column of both samples to shared memory
-// ([2][W] floats), so each column's float64 coordinate is computed once per block rather than once per pixel.
-template <typename T, int VEC, bool kTable>
+// grid (ceil(C*H*W/VEC / (threads * PACKS)), pairs, views): a block covers part of one pair {i, n-1-i} of one
+// view, so the per-sample parameters are block-uniform and the index math is 32-bit (the API checks C*H*W < 2^31).
+// Each thread takes PACKS packs, blockDim.x packs apart (coalesced), and issues all their loads first.
+// kTable: the block then writes the resizemix source x of every column of both samples to shared memory
+// ([2][W] floats), so each column's float64 coordinate is computed once per block rather than once per pixel;
+// the loads are already in flight meanwhile, and more packs per thread spread the table over more pixels.
+template <typename T, int VEC, int PACKS, bool kTable>
 __global__ void __launch_bounds__(kThreads) batch_mix_kernel(MixParams p) {
   const MixView& v = p.views[blockIdx.z];
   const int i = blockIdx.y, q = p.n - 1 - i;
   const SampleMix si = sample_params(p, v, i), sq = sample_params(p, v, q);
+  const uint32_t wpacks = static_cast<uint32_t>(v.W / VEC);
+  const uint32_t per_sample = static_cast<uint32_t>(v.C) * static_cast<uint32_t>(v.H) * wpacks;
+  const uint32_t first = blockIdx.x * blockDim.x * PACKS + threadIdx.x;
+  const int64_t plane = static_cast<int64_t>(v.H) * v.W;
+  const T* x = static_cast<const T*>(v.x);
+  T* out = static_cast<T*>(v.out);
+  const T* sample_i = x + static_cast<int64_t>(i) * v.C * plane;
+  const T* sample_q = x + static_cast<int64_t>(q) * v.C * plane;
+  int yy[PACKS], cc[PACKS], xoff[PACKS];
+  float xi[PACKS][VEC], xq[PACKS][VEC];
+#pragma unroll
+  for (int u = 0; u < PACKS; ++u) {
+    const uint32_t idx = first + static_cast<uint32_t>(u) * blockDim.x;
+    if (idx >= per_sample) break;  // packs beyond the sample: this thread has no more (idx grows with u)
+    const uint32_t wp = idx % wpacks, rest = idx / wpacks;
+    yy[u] = static_cast<int>(rest % static_cast<uint32_t>(v.H));
+    cc[u] = static_cast<int>(rest / static_cast<uint32_t>(v.H));
+    xoff[u] = static_cast<int>(wp) * VEC;
+    const int64_t at = cc[u] * plane + static_cast<int64_t>(yy[u]) * v.W + xoff[u];
+    load_floats<T, VEC>(sample_i + at, xi[u]);
+    load_floats<T, VEC>(sample_q + at, xq[u]);
+  }
   float* table = kTable ? reinterpret_cast<float*>(dynamic_smem()) : nullptr;
   if (kTable) {
-    if (si.method == kResizemix || sq.method == kResizemix) {  // block-uniform
-      for (int x = threadIdx.x; x < v.W; x += blockDim.x) {
-        table[x] = si.method == kResizemix ? source_coord(x, si.x0, si.cw, v.W) : 0.f;
-        table[v.W + x] = sq.method == kResizemix ? source_coord(x, sq.x0, sq.cw, v.W) : 0.f;
+    if (si.method == kResizemix || sq.method == kResizemix) {  // block-uniform: every thread reaches the barrier
+      for (int c = threadIdx.x; c < v.W; c += blockDim.x) {
+        table[c] = si.method == kResizemix ? source_coord(c, si.x0, si.cw, v.W) : 0.f;
+        table[v.W + c] = sq.method == kResizemix ? source_coord(c, sq.x0, sq.cw, v.W) : 0.f;
       }
       __syncthreads();
     }
   }
-  const uint32_t wpacks = static_cast<uint32_t>(v.W / VEC);
-  const uint32_t per_sample = static_cast<uint32_t>(v.C) * static_cast<uint32_t>(v.H) * wpacks;
-  const uint32_t idx = blockIdx.x * blockDim.x + threadIdx.x;
-  if (idx >= per_sample) return;
-  const uint32_t wp = idx % wpacks, rest = idx / wpacks;
-  const int y = static_cast<int>(rest % static_cast<uint32_t>(v.H));
-  const int c = static_cast<int>(rest / static_cast<uint32_t>(v.H));
-  const int64_t plane = static_cast<int64_t>(v.H) * v.W;
-  const T* x = static_cast<const T*>(v.x);
-  T* out = static_cast<T*>(v.out);
-  const int xoff = static_cast<int>(wp) * VEC;
-  const T* plane_i = x + (static_cast<int64_t>(i) * v.C + c) * plane;
-  const T* plane_q = x + (static_cast<int64_t>(q) * v.C + c) * plane;
-  const int64_t in_row = static_cast<int64_t>(y) * v.W + xoff;
-  float xi[VEC], xq[VEC], oi[VEC], oq[VEC];
-  load_floats<T, VEC>(plane_i + in_row, xi);
-  load_floats<T, VEC>(plane_q + in_row, xq);
-  const RowMix ri = row_mix(si, y, v.H, table), rq = row_mix(sq, y, v.H, kTable ? table + v.W : nullptr);
 #pragma unroll
-  for (int j = 0; j < VEC; ++j) {
-    oi[j] = mixed_pixel<T>(ri, xi[j], xq[j], plane_q, v.H, v.W, xoff + j);
-    oq[j] = mixed_pixel<T>(rq, xq[j], xi[j], plane_i, v.H, v.W, xoff + j);
+  for (int u = 0; u < PACKS; ++u) {
+    const uint32_t idx = first + static_cast<uint32_t>(u) * blockDim.x;
+    if (idx >= per_sample) break;
+    const T* plane_i = sample_i + cc[u] * plane;
+    const T* plane_q = sample_q + cc[u] * plane;
+    const RowMix ri = row_mix(si, yy[u], v.H, table), rq = row_mix(sq, yy[u], v.H, kTable ? table + v.W : nullptr);
+    float oi[VEC], oq[VEC];
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) {
+      oi[j] = mixed_pixel<T>(ri, xi[u][j], xq[u][j], plane_q, v.H, v.W, xoff[u] + j);
+      oq[j] = mixed_pixel<T>(rq, xq[u][j], xi[u][j], plane_i, v.H, v.W, xoff[u] + j);
+    }
+    const int64_t at = cc[u] * plane + static_cast<int64_t>(yy[u]) * v.W + xoff[u];
+    store_floats<T, VEC>(out + (sample_i - x) + at, oi);
+    if (q != i) store_floats<T, VEC>(out + (sample_q - x) + at, oq);
   }
-  store_floats<T, VEC>(out + (plane_i - x) + in_row, oi);
-  if (q != i) store_floats<T, VEC>(out + (plane_q - x) + in_row, oq);
 }
 
 // Column tables up to this width (2 x 6144 floats = the 48 KiB of shared memory any launch may take).
 constexpr int kMaxTableWidth = 6144;
 
-template <typename T, int VEC>
-Status launch_vec(const MixParams& p, dim3 grid, int max_w, Stream stream) {
+template <typename T, int VEC, int PACKS>
+Status launch_packs(const MixParams& p, int64_t most, int max_w, Stream stream) {
+  const int64_t per_block = static_cast<int64_t>(kThreads) * PACKS;
+  const dim3 grid(static_cast<unsigned>((most + per_block - 1) / per_block), static_cast<unsigned>((p.n + 1) / 2),
+                  static_cast<unsigned>(p.nviews));
   if (p.allow_resize && max_w <= kMaxTableWidth) {
-    auto k = batch_mix_kernel<T, VEC, true>;
+    auto k = batch_mix_kernel<T, VEC, PACKS, true>;
     SDMP_LAUNCH(k, grid, dim3(kThreads), static_cast<size_t>(2) * max_w * sizeof(float), stream, p);
   } else {
-    auto k = batch_mix_kernel<T, VEC, false>;
+    auto k = batch_mix_kernel<T, VEC, PACKS, false>;
     SDMP_LAUNCH(k, grid, dim3(kThreads), 0, stream, p);
   }
   return cudaGetLastError();
+}
+
+template <typename T, int VEC>
+Status launch_vec(const MixParams& p, int64_t most, int max_w, Stream stream) {
+  // Packs per thread: 1 by default (the configuration measured on an H100, 2026-11-26); 2 or 4 for tuning.
+  switch (p.packs) {
+    // 4 packs of 8 half-precision values would spill registers (ptxas, sm_90): 16 values per thread at most.
+    case 4: return launch_packs<T, VEC, VEC <= 4 ? 4 : 2>(p, most, max_w, stream);
+    case 2: return launch_packs<T, VEC, 2>(p, most, max_w, stream);
+    default: return launch_packs<T, VEC, 1>(p, most, max_w, stream);
+  }
 }
 
 template <typename T>
@@ -187,9 +218,7 @@ Status launch(const MixParams& p, Stream stream) {
     max_w = std::max(max_w, v.W);
   }
   if (most == 0) return cudaSuccess;
-  const dim3 grid(static_cast<unsigned>((most + kThreads - 1) / kThreads), static_cast<unsigned>((p.n + 1) / 2),
-                  static_cast<unsigned>(p.nviews));
-  return p.vec_ok ? launch_vec<T, V>(p, grid, max_w, stream) : launch_vec<T, 1>(p, grid, max_w, stream);
+  return p.vec_ok ? launch_vec<T, V>(p, most, max_w, stream) : launch_vec<T, 1>(p, most, max_w, stream);
 }
 
 }  // namespace

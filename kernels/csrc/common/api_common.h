@@ -14,6 +14,7 @@
 
 #include <cmath>
 #include <cstdlib>
+#include <string>
 
 #ifdef SDMP_EMULATE
 #define SDMP_CHECK_DEVICE(x) \
@@ -64,6 +65,21 @@ inline DType dtype_tag(const at::Tensor& t) {
     default:
       TORCH_CHECK(false, "sdmp_fast kernels support float32, float16 and bfloat16 tensors, got ", t.scalar_type());
   }
+}
+
+// A launch-tuning setting from the environment: unset or empty -> fallback; otherwise an integer in [lo, hi] and a
+// multiple of `step`, or an error naming the variable (a typo must not silently run, and time, the default).
+inline long tuning_env(const char* name, long fallback, long lo, long hi, long step = 1,
+                       const char* expected = nullptr) {
+  const char* v = std::getenv(name);
+  if (v == nullptr || v[0] == '\0') return fallback;
+  char* end = nullptr;
+  const long n = std::strtol(v, &end, 10);
+  const std::string want = expected != nullptr ? std::string(expected)
+                           : "an integer " + std::to_string(lo) + " to " + std::to_string(hi) +
+                                 (step > 1 ? " and a multiple of " + std::to_string(step) : std::string());
+  TORCH_CHECK(end != v && *end == '\0' && n >= lo && n <= hi && n % step == 0, name, "=", v, ": expected ", want);
+  return n;
 }
 
 // SDMP_KERNELS_POISON=1 (tests): outputs and workspaces start NaN-filled, so any element a kernel forgets to

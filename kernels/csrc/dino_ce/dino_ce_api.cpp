@@ -19,11 +19,25 @@ struct DinoInputs {
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+// The launch-tuning variables the kernels read (dino_ce_kernel.cu and below), checked on every call so that a bad
+// value is an error naming it rather than a silent fallback to the default.
+void check_tuning_env() {
+  tuning_env("SDMP_DINO_BLOCK_COLS", 0, 256, 1L << 20, 256);
+  tuning_env("SDMP_DINO_PAIR_WARPS", 0, 4, kDinoPairThreads / 32);
+  tuning_env("SDMP_DINO_CLUSTER_THREADS", 0, 32, 512, 32);
+  tuning_env("SDMP_DINO_CHUNK_PAIRS", 0, 0, (1L << 30) - 1);
+  const char* c = std::getenv("SDMP_DINO_CLUSTER");
+  TORCH_CHECK(c == nullptr || c[0] == '\0' || std::strcmp(c, "0") == 0 || std::strcmp(c, "1") == 0 ||
+                  std::strcmp(c, "require") == 0,
+              "SDMP_DINO_CLUSTER=", c, ": expected 0, 1 or require");
+}
+
 DinoInputs check_inputs(const at::Tensor& s_clean, const std::optional<at::Tensor>& s_mixed,
                         const at::Tensor& t_clean, const std::optional<at::Tensor>& t_mixed,
                         const at::Tensor& center, const std::optional<at::Tensor>& lam, double tau_s,
                         double tau_t, double mix_weight) {
   SDMP_CHECK_DEVICE(s_clean);
+  check_tuning_env();
   TORCH_CHECK(s_clean.dim() == 3, "student_clean must be [Sc, B, K], got ", s_clean.sizes());
   TORCH_CHECK(t_clean.dim() == 3, "teacher_clean must be [T, B, K], got ", t_clean.sizes());
   const int64_t Sc = s_clean.size(0), B = s_clean.size(1), K = s_clean.size(2);
@@ -105,7 +119,7 @@ ClusterMode cluster_mode() {
   const char* v = std::getenv("SDMP_DINO_CLUSTER");
   if (v == nullptr) return ClusterMode::kOff;
   if (std::strcmp(v, "require") == 0) return ClusterMode::kRequire;
-  return v[0] == '1' ? ClusterMode::kPrefer : ClusterMode::kOff;
+  return std::strcmp(v, "1") == 0 ? ClusterMode::kPrefer : ClusterMode::kOff;
 }
 
 // $SDMP_DINO_CHUNK_PAIRS=N: the two-launch path N pairs at a time (an L2-reuse experiment; 0 or unset: off).

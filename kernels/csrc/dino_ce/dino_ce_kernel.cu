@@ -994,6 +994,13 @@ Status launch_cluster(DinoParams p, Stream stream, bool* launched) {
     return cudaGetLastError();
   }
   if (major < 9 || smem > static_cast<size_t>(optin)) return cudaSuccess;
+  // The cluster calls compile to no-ops below sm_90: an sm_90 card running code JIT-compiled from older PTX (a
+  // build without arch 90) must not take this path.
+  cudaFuncAttributes fa;
+  if (cudaFuncGetAttributes(&fa, k) != cudaSuccess || fa.ptxVersion < 90) {
+    (void)cudaGetLastError();
+    return cudaSuccess;
+  }
   Status st = cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
   if (st == cudaSuccess && C > 8) st = cudaFuncSetAttribute(k, cudaFuncAttributeNonPortableClusterSizeAllowed, 1);
   if (st != cudaSuccess) {
