@@ -20,7 +20,7 @@ from sdmp_fast import losses, mixing
 from sdmp_fast.kernels import _ext, build
 from sdmp_fast.kernels import two_hot_ce as two_hot_mod
 from sdmp_fast.kernels.selfcheck import (check_dino, check_mix, check_moco, check_two_hot, dino_inputs, env, leaf,
-                                         mix_inputs, moco_inputs)
+                                         mix_inputs, moco_inputs, rel_err, TOL)
 
 
 # ------------------------------------------------------------------------------------------------ CPU tests
@@ -263,6 +263,26 @@ def test_emulated_mix_packs_per_thread(emulated, packs):
     with env(SDMP_MIX_PACKS=packs):
         check_mix("cpu", torch.float32, 6, 3, 45, 64)
         check_mix("cpu", torch.bfloat16, 4, 3, 17, 45)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_emulated_mix_rows_too_wide_for_the_coordinate_tables(emulated):
+    # 6,200 columns: 2 x (W + rows) floats exceed 48 KiB, so coordinates are computed per pixel instead. The
+    # emulation rounds the resize like the CUDA kernel (FMA), as ATen's AVX2 / AVX-512 CPU kernels do; its plain
+    # kernel (ATEN_CPU_CAPABILITY=default) rounds the product separately, which moves a source x in the thousands
+    # by one last bit (2.4e-4 px): a 1e-3 difference at most on these values.
+    exact = torch.backends.cpu.get_cpu_capability() != "DEFAULT"
+    for dtype, packs in ((torch.float32, 1), (torch.bfloat16, 2)):
+        x, lam, method, y0, x0, ch, cw = mix_inputs(4, 2, 3, 6200, dtype, "cpu")
+        assert (method == mixing.RESIZEMIX).any()
+        with env(SDMP_MIX_PACKS=packs):
+            got = K.apply_mix(x, lam, method, y0, x0, ch, cw)
+        ref = K.apply_mix_ref(x, lam, method, y0, x0, ch, cw)
+        if dtype == torch.float32:
+            torch.testing.assert_close(got, ref, rtol=1e-5 if exact else 0, atol=1e-5 if exact else 2e-3)
+        else:
+            assert rel_err(got, ref) <= TOL[dtype]
 
 
 @pytest.mark.slow

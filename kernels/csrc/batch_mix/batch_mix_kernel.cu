@@ -33,25 +33,17 @@ __device__ __forceinline__ SampleMix sample_params(const MixParams& p, const Mix
   return s;
 }
 
-// grid_sampler's unnormalize ((g + 1) * size - 1) / 2 (align_corners=False) rounded as each reference build
-// rounds it: nvcc contracts the multiply-subtract into one FMA in PyTorch's CUDA kernel, the CPU kernel (which
-// the emulated build is compared with) rounds every operation. /2 is exact either way.
+// grid_sampler's unnormalize ((g + 1) * size - 1) / 2 (align_corners=False) rounded as PyTorch's kernels round it:
+// the multiply-subtract contracted into one FMA (nvcc in the CUDA kernel; the AVX2 / AVX-512 CPU kernels too, the
+// emulated build included, which is compared with them). /2 is exact. ATen's non-vectorised CPU kernel
+// (ATEN_CPU_CAPABILITY=default) rounds the product separately: source x can then differ in its last bit, which
+// shows only for coordinates in the thousands (tests/test_kernels.py, wide rows).
 __device__ __forceinline__ float unnormalize(float g, int size) {
-#ifdef SDMP_EMULATE
-  return __fmul_rn(__fsub_rn(__fmul_rn(__fadd_rn(g, 1.f), static_cast<float>(size)), 1.f), 0.5f);
-#else
   return __fmul_rn(__fmaf_rn(__fadd_rn(g, 1.f), static_cast<float>(size), -1.f), 0.5f);
-#endif
 }
 
-// acc + v * w as the reference accumulates (out_acc += v * w: one FMA on CUDA).
-__device__ __forceinline__ float mul_add(float v, float w, float acc) {
-#ifdef SDMP_EMULATE
-  return __fadd_rn(acc, __fmul_rn(v, w));
-#else
-  return __fmaf_rn(v, w, acc);
-#endif
-}
+// acc + v * w as the reference accumulates (out_acc += v * w: one FMA).
+__device__ __forceinline__ float mul_add(float v, float w, float acc) { return __fmaf_rn(v, w, acc); }
 
 // Source coordinate in the partner (size `size`) of box pixel `pos` (box [start, start + len)), border-clamped:
 // the normalised grid coordinate (2 (pos - start) + 1) / len - 1 in float64 rounded to float32, as
@@ -107,21 +99,28 @@ __device__ __forceinline__ float mixed_pixel(const RowMix& r, float a, float b, 
   return round_through<T>(bilinear<T>(partner_plane, H, W, r.iy, ix));
 }
 
-__device__ __forceinline__ RowMix row_mix(const SampleMix& s, int y, int H, const float* table) {
+__device__ __forceinline__ bool resized_row(const SampleMix& s, int y) {
+  return s.method == kResizemix && y >= s.y0 && y < s.y0 + s.ch;
+}
+
+// row_iy: the row's source y from the block's table, or null to compute it here.
+__device__ __forceinline__ RowMix row_mix(const SampleMix& s, int y, int H, const float* row_iy,
+                                          const float* col_ix) {
   RowMix r;
   r.s = s;
   r.row_inside = y >= s.y0 && y < s.y0 + s.ch;
-  r.iy = (s.method == kResizemix && r.row_inside) ? source_coord(y, s.y0, s.ch, H) : 0.f;
-  r.col_ix = table;
+  r.iy = !resized_row(s, y) ? 0.f : (row_iy != nullptr ? *row_iy : source_coord(y, s.y0, s.ch, H));
+  r.col_ix = col_ix;
   return r;
 }
 
 // grid (ceil(C*H*W/VEC / (threads * PACKS)), pairs, views): a block covers part of one pair {i, n-1-i} of one
 // view, so the per-sample parameters are block-uniform and the index math is 32-bit (the API checks C*H*W < 2^31).
 // Each thread takes PACKS packs, blockDim.x packs apart (coalesced), and issues all their loads first.
-// kTable: the block then writes the resizemix source x of every column of both samples to shared memory
-// ([2][W] floats), so each column's float64 coordinate is computed once per block rather than once per pixel;
-// the loads are already in flight meanwhile, and more packs per thread spread the table over more pixels.
+// kTable: the block then writes to shared memory the resizemix source coordinates of both samples, x for every
+// column ([2][W]) and y for the p.row_table rows its packs can span ([2][row_table]): each float64 coordinate is
+// computed once per block instead of once per pixel or per pack (float64 division is slow on most GPUs). The
+// loads are in flight meanwhile, and more packs per thread spread the tables over more pixels.
 template <typename T, int VEC, int PACKS, bool kTable>
 __global__ void __launch_bounds__(kThreads) batch_mix_kernel(MixParams p) {
   const MixView& v = p.views[blockIdx.z];
@@ -129,66 +128,82 @@ __global__ void __launch_bounds__(kThreads) batch_mix_kernel(MixParams p) {
   const SampleMix si = sample_params(p, v, i), sq = sample_params(p, v, q);
   const uint32_t wpacks = static_cast<uint32_t>(v.W / VEC);
   const uint32_t per_sample = static_cast<uint32_t>(v.C) * static_cast<uint32_t>(v.H) * wpacks;
-  const uint32_t first = blockIdx.x * blockDim.x * PACKS + threadIdx.x;
+  const uint32_t block_first = blockIdx.x * blockDim.x * PACKS;
+  const uint32_t first = block_first + threadIdx.x;
   const int64_t plane = static_cast<int64_t>(v.H) * v.W;
   const T* x = static_cast<const T*>(v.x);
   T* out = static_cast<T*>(v.out);
   const T* sample_i = x + static_cast<int64_t>(i) * v.C * plane;
   const T* sample_q = x + static_cast<int64_t>(q) * v.C * plane;
-  int yy[PACKS], cc[PACKS], xoff[PACKS];
+  uint32_t row[PACKS];  // c * H + y
+  int xoff[PACKS];
   float xi[PACKS][VEC], xq[PACKS][VEC];
 #pragma unroll
   for (int u = 0; u < PACKS; ++u) {
     const uint32_t idx = first + static_cast<uint32_t>(u) * blockDim.x;
     if (idx >= per_sample) break;  // packs beyond the sample: this thread has no more (idx grows with u)
-    const uint32_t wp = idx % wpacks, rest = idx / wpacks;
-    yy[u] = static_cast<int>(rest % static_cast<uint32_t>(v.H));
-    cc[u] = static_cast<int>(rest / static_cast<uint32_t>(v.H));
-    xoff[u] = static_cast<int>(wp) * VEC;
-    const int64_t at = cc[u] * plane + static_cast<int64_t>(yy[u]) * v.W + xoff[u];
+    row[u] = idx / wpacks;
+    xoff[u] = static_cast<int>(idx % wpacks) * VEC;
+    const int64_t at = static_cast<int64_t>(row[u]) * v.W + xoff[u];
     load_floats<T, VEC>(sample_i + at, xi[u]);
     load_floats<T, VEC>(sample_q + at, xq[u]);
   }
-  float* table = kTable ? reinterpret_cast<float*>(dynamic_smem()) : nullptr;
-  if (kTable) {
-    if (si.method == kResizemix || sq.method == kResizemix) {  // block-uniform: every thread reaches the barrier
-      for (int c = threadIdx.x; c < v.W; c += blockDim.x) {
-        table[c] = si.method == kResizemix ? source_coord(c, si.x0, si.cw, v.W) : 0.f;
-        table[v.W + c] = sq.method == kResizemix ? source_coord(c, sq.x0, sq.cw, v.W) : 0.f;
-      }
-      __syncthreads();
+  const bool any_resize = si.method == kResizemix || sq.method == kResizemix;  // block-uniform
+  const uint32_t row0 = block_first / wpacks;
+  float* col_ix = kTable ? reinterpret_cast<float*>(dynamic_smem()) : nullptr;  // [2][W]
+  float* row_iy = kTable ? col_ix + 2 * v.W : nullptr;                           // [2][row_table]
+  if (kTable && any_resize) {  // every thread reaches the barrier
+    for (int c = threadIdx.x; c < v.W; c += blockDim.x) {
+      col_ix[c] = si.method == kResizemix ? source_coord(c, si.x0, si.cw, v.W) : 0.f;
+      col_ix[v.W + c] = sq.method == kResizemix ? source_coord(c, sq.x0, sq.cw, v.W) : 0.f;
     }
+    for (int t = threadIdx.x; t < p.row_table; t += blockDim.x) {
+      const int y = static_cast<int>((row0 + static_cast<uint32_t>(t)) % static_cast<uint32_t>(v.H));
+      row_iy[t] = resized_row(si, y) ? source_coord(y, si.y0, si.ch, v.H) : 0.f;
+      row_iy[p.row_table + t] = resized_row(sq, y) ? source_coord(y, sq.y0, sq.ch, v.H) : 0.f;
+    }
+    __syncthreads();
   }
 #pragma unroll
   for (int u = 0; u < PACKS; ++u) {
     const uint32_t idx = first + static_cast<uint32_t>(u) * blockDim.x;
     if (idx >= per_sample) break;
-    const T* plane_i = sample_i + cc[u] * plane;
-    const T* plane_q = sample_q + cc[u] * plane;
-    const RowMix ri = row_mix(si, yy[u], v.H, table), rq = row_mix(sq, yy[u], v.H, kTable ? table + v.W : nullptr);
+    const int y = static_cast<int>(row[u] % static_cast<uint32_t>(v.H));
+    const int64_t plane_off = static_cast<int64_t>(row[u] / static_cast<uint32_t>(v.H)) * plane;
+    const float* iy_i = kTable ? row_iy + (row[u] - row0) : nullptr;
+    const RowMix ri = row_mix(si, y, v.H, iy_i, col_ix);
+    const RowMix rq = row_mix(sq, y, v.H, kTable ? iy_i + p.row_table : nullptr, kTable ? col_ix + v.W : nullptr);
     float oi[VEC], oq[VEC];
 #pragma unroll
     for (int j = 0; j < VEC; ++j) {
-      oi[j] = mixed_pixel<T>(ri, xi[u][j], xq[u][j], plane_q, v.H, v.W, xoff[u] + j);
-      oq[j] = mixed_pixel<T>(rq, xq[u][j], xi[u][j], plane_i, v.H, v.W, xoff[u] + j);
+      oi[j] = mixed_pixel<T>(ri, xi[u][j], xq[u][j], sample_q + plane_off, v.H, v.W, xoff[u] + j);
+      oq[j] = mixed_pixel<T>(rq, xq[u][j], xi[u][j], sample_i + plane_off, v.H, v.W, xoff[u] + j);
     }
-    const int64_t at = cc[u] * plane + static_cast<int64_t>(yy[u]) * v.W + xoff[u];
+    const int64_t at = static_cast<int64_t>(row[u]) * v.W + xoff[u];
     store_floats<T, VEC>(out + (sample_i - x) + at, oi);
     if (q != i) store_floats<T, VEC>(out + (sample_q - x) + at, oq);
   }
 }
 
-// Column tables up to this width (2 x 6144 floats = the 48 KiB of shared memory any launch may take).
-constexpr int kMaxTableWidth = 6144;
+// Coordinate tables while they fit the 48 KiB of shared memory any launch may take.
+constexpr int64_t kMaxTableFloats = 48 * 1024 / sizeof(float);
 
 template <typename T, int VEC, int PACKS>
-Status launch_packs(const MixParams& p, int64_t most, int max_w, Stream stream) {
+Status launch_packs(MixParams p, int64_t most, int max_w, Stream stream) {
   const int64_t per_block = static_cast<int64_t>(kThreads) * PACKS;
   const dim3 grid(static_cast<unsigned>((most + per_block - 1) / per_block), static_cast<unsigned>((p.n + 1) / 2),
                   static_cast<unsigned>(p.nviews));
-  if (p.allow_resize && max_w <= kMaxTableWidth) {
+  // Rows a block's packs [a, a + per_block) can span in any view: (per_block - 1) / wpacks + 2 at most.
+  int64_t rows = 0;
+  for (int k = 0; k < p.nviews; ++k) {
+    const int64_t wpacks = std::max<int64_t>(1, p.views[k].W / VEC);
+    rows = std::max<int64_t>(rows, (per_block - 1) / wpacks + 2);
+  }
+  const int64_t table_floats = 2 * (static_cast<int64_t>(max_w) + rows);
+  if (p.allow_resize && table_floats <= kMaxTableFloats) {
+    p.row_table = static_cast<int>(rows);
     auto k = batch_mix_kernel<T, VEC, PACKS, true>;
-    SDMP_LAUNCH(k, grid, dim3(kThreads), static_cast<size_t>(2) * max_w * sizeof(float), stream, p);
+    SDMP_LAUNCH(k, grid, dim3(kThreads), static_cast<size_t>(table_floats) * sizeof(float), stream, p);
   } else {
     auto k = batch_mix_kernel<T, VEC, PACKS, false>;
     SDMP_LAUNCH(k, grid, dim3(kThreads), 0, stream, p);
