@@ -101,7 +101,7 @@ sanitize() {
 sanitize memcheck
 if [ "${SKIP_BENCH:-0}" != 1 ]; then
   step bench_losses 200 "$PY" -m sdmp_fast.cli bench losses --iters 10 --warmup 3 \
-    --dino-variants "${DINO_VARIANTS:-cluster,ch8,ch16,ch32,fused,kb1024}" $([ "${PROFILE:-0}" = 1 ] && echo --profile) \
+    --dino-variants "${DINO_VARIANTS:-cluster,cluster+tfold,ch8,ch16,ch32,fused,kb1024}" $([ "${PROFILE:-0}" = 1 ] && echo --profile) \
     --json "$OUT/losses.json"
   step bench_mixing 120 "$PY" -m sdmp_fast.cli bench mixing --iters 10 --warmup 3 \
     --mix-variants "${MIX_VARIANTS:-p2,p4}" --json "$OUT/mixing.json"

@@ -204,6 +204,14 @@ inline T __shfl_sync(unsigned, T v, int src) {
   return ::sdmp_emu::shfl(v, src);
 }
 inline int atomicAdd(int* p, int v) { return __atomic_fetch_add(p, v, __ATOMIC_SEQ_CST); }
+inline float atomicAdd(float* p, float v) {
+  float old, sum;
+  __atomic_load(p, &old, __ATOMIC_SEQ_CST);
+  do {
+    sum = old + v;
+  } while (!__atomic_compare_exchange(p, &old, &sum, false, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST));
+  return old;
+}
 inline float __expf(float x) { return std::exp(x); }
 inline float __logf(float x) { return std::log(x); }
 inline float __fmul_rn(float a, float b) { volatile float r = a * b; return r; }

@@ -65,6 +65,9 @@ struct DinoParams {
   // so the gradient pass re-reads rows the statistics pass just read, from L2 (pair_count 0: every pair)
   int pair0 = 0;
   int pair_count = 0;
+
+  // cluster forward: teacher statistics folded in (lse_t and center_mean written by it; center_mean zeroed)
+  bool fold_teacher = false;
 };
 
 // Host-side layout helpers (shared by the API and the launchers).

@@ -26,6 +26,7 @@ void check_tuning_env() {
   tuning_env("SDMP_DINO_PAIR_WARPS", 0, 4, kDinoPairThreads / 32);
   tuning_env("SDMP_DINO_CLUSTER_THREADS", 0, 32, 512, 32);
   tuning_env("SDMP_DINO_CHUNK_PAIRS", 0, 0, (1L << 30) - 1);
+  tuning_env("SDMP_DINO_CLUSTER_TEACHER", 0, 0, 1);
   const char* c = std::getenv("SDMP_DINO_CLUSTER");
   TORCH_CHECK(c == nullptr || c[0] == '\0' || std::strcmp(c, "0") == 0 || std::strcmp(c, "1") == 0 ||
                   std::strcmp(c, "require") == 0,
@@ -130,6 +131,10 @@ int chunk_pairs() {
   return n > 0 && n < (1L << 30) ? static_cast<int>(n) : 0;
 }
 
+// $SDMP_DINO_CLUSTER_TEACHER=1: the cluster forward also computes the teacher statistics (the teacher read once
+// from HBM; the center statistic summed with atomics, so not bitwise reproducible). Opt-in until timed.
+bool fold_teacher_stats() { return tuning_env("SDMP_DINO_CLUSTER_TEACHER", 0, 0, 1) == 1; }
+
 // Statistics both passes need: teacher (max, log sum) rows and the center statistic.
 void run_teacher_stats(DinoInputs& in, at::Tensor& lse_t, at::Tensor& center_mean, Stream stream) {
   DinoParams& p = in.p;
@@ -190,8 +195,18 @@ std::vector<at::Tensor> dino_fwd(const at::Tensor& s_clean, const std::optional<
   DinoParams& p = in.p;
   const Stream stream = current_stream(s_clean);
   auto f32 = s_clean.options().dtype(at::kFloat);
+  const ClusterMode cluster = cluster_mode();
   at::Tensor lse_t, center_mean;
-  run_teacher_stats(in, lse_t, center_mean, stream);
+  if (cluster != ClusterMode::kOff && fold_teacher_stats()) {
+    // the cluster forward computes them (run_teacher_stats below if it cannot run)
+    lse_t = new_buffer({2 * static_cast<int64_t>(p.T) * p.B, 2}, f32);
+    center_mean = at::zeros({p.K}, f32);  // accumulated by the clusters
+    p.lse_t = lse_t.data_ptr<float>();
+    p.center_mean = center_mean.data_ptr<float>();
+    p.fold_teacher = true;
+  } else {
+    run_teacher_stats(in, lse_t, center_mean, stream);
+  }
   const int64_t rows = static_cast<int64_t>(p.Sc + p.Sm) * p.B;
   at::Tensor s_part = new_buffer({rows, p.n_kblocks, 6}, f32);
   at::Tensor row_stat = new_buffer({rows, 4}, f32);
@@ -204,7 +219,6 @@ std::vector<at::Tensor> dino_fwd(const at::Tensor& s_clean, const std::optional<
   at::Tensor g_clean, g_mixed;
   set_grad_outputs(in, grad_clean, grad_mixed, g_clean, g_mixed);
   const bool want_grad = p.g_clean != nullptr || p.g_mixed != nullptr;
-  const ClusterMode cluster = cluster_mode();
   at::Tensor ones;  // upstream gradient 1 per term for the precomputed gradient
   if (want_grad || cluster != ClusterMode::kOff) {
     ones = at::ones({3}, f32);
@@ -216,6 +230,10 @@ std::vector<at::Tensor> dino_fwd(const at::Tensor& s_clean, const std::optional<
               "SDMP_DINO_CLUSTER=require: the cluster forward cannot run here (needs sm_90, K a multiple of ",
               16 / s_clean.element_size(), " and at most 16 blocks of columns, and a cluster that fits the card); "
               "unset it or set it to 1 to fall back");
+  if (!launched && p.fold_teacher) {
+    p.fold_teacher = false;
+    run_teacher_stats(in, lse_t, center_mean, stream);
+  }
   if (launched) {
     // statistics, terms and (when wanted) the gradient are done
   } else if (!want_grad) {

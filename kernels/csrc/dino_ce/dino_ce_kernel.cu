@@ -287,8 +287,12 @@ __global__ void __launch_bounds__(kDinoThreads) teacher_finalize_kernel(DinoPara
 // Fills the shared target vectors of pair `pair` for block columns [0, kcount) (global k0 + lc), TV columns at
 // a time (4, or 1 on the scalar path). Each thread writes and re-reads only its own columns here; the caller
 // synchronises before other threads read them.
+// local_lse (cluster forward with folded teacher statistics): the pair's teacher rows' (max, log sum) in shared
+// memory, clean row (r, iq) at r * T + iq and mixed at 2T + r * T + iq, instead of p.lse_t; it also adds the
+// pair's clean teacher logits / (T * B) to p.center_mean (zeroed before the launch).
 template <typename T, int VEC>
-__device__ void build_targets(const DinoParams& p, int pair, int64_t k0, int64_t kcount, float* tg) {
+__device__ void build_targets(const DinoParams& p, int pair, int64_t k0, int64_t kcount, float* tg,
+                              const float* local_lse = nullptr) {
   constexpr int TV = VEC >= 4 ? 4 : 1;
   const int B = p.B, TB = p.T * p.B;
   const int rows[2] = {pair, B - 1 - pair};
@@ -296,11 +300,12 @@ __device__ void build_targets(const DinoParams& p, int pair, int64_t k0, int64_t
   const bool has_mix = p.Sm > 0, has_tm = p.t_mixed != nullptr;
   const T* tc = static_cast<const T*>(p.t_clean);
   const T* tm = static_cast<const T*>(p.t_mixed);
+  const float inv_tb = 1.f / static_cast<float>(TB);
   for (int64_t lc = static_cast<int64_t>(threadIdx.x) * TV; lc < kcount; lc += static_cast<int64_t>(blockDim.x) * TV) {
     const int64_t col = k0 + lc;
-    float c[TV];
+    float c[TV], csum[TV];
 #pragma unroll
-    for (int j = 0; j < TV; ++j) c[j] = p.center[col + j];
+    for (int j = 0; j < TV; ++j) c[j] = p.center[col + j], csum[j] = 0.f;
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
       const int b = rows[r];
@@ -311,11 +316,13 @@ __device__ void build_targets(const DinoParams& p, int pair, int64_t k0, int64_t
       for (int iq = 0; iq < kDinoMaxTeacher; ++iq) {
         if (iq >= p.T) break;
         const int trow = iq * B + b;
-        const float tmax = p.lse_t[trow * 2], tls = p.lse_t[trow * 2 + 1];
+        const float* L = local_lse != nullptr ? local_lse + (r * p.T + iq) * 2 : p.lse_t + trow * 2;
+        const float tmax = L[0], tls = L[1];
         float v[TV];
         load_floats<T, TV>(tc + static_cast<int64_t>(trow) * p.K + col, v);
 #pragma unroll
         for (int j = 0; j < TV; ++j) {
+          if (r == 0 || rows[1] != rows[0]) csum[j] += v[j];  // the middle row of an odd batch counts once
           P[iq][j] = __expf(((v[j] - c[j]) * p.inv_tau_t - tmax) - tls);
           A[j] += P[iq][j];
         }
@@ -344,7 +351,8 @@ __device__ void build_targets(const DinoParams& p, int pair, int64_t k0, int64_t
         for (int iq = 0; iq < kDinoMaxTeacher; ++iq) {
           if (iq >= p.T) break;
           const int trow = TB + iq * B + b;
-          const float tmax = p.lse_t[trow * 2], tls = p.lse_t[trow * 2 + 1];
+          const float* L = local_lse != nullptr ? local_lse + (2 * p.T + r * p.T + iq) * 2 : p.lse_t + trow * 2;
+          const float tmax = L[0], tls = L[1];
           float v[TV];
           load_floats<T, TV>(tm + static_cast<int64_t>(iq * B + b) * p.K + col, v);
 #pragma unroll
@@ -352,6 +360,10 @@ __device__ void build_targets(const DinoParams& p, int pair, int64_t k0, int64_t
         }
         store_targets<VEC, TV>(target_slot(p, tg, r, kSlotMix), lc, am);
       }
+    }
+    if (local_lse != nullptr) {  // order across pairs varies: the center statistic is not bitwise reproducible
+#pragma unroll
+      for (int j = 0; j < TV; ++j) atomicAdd(p.center_mean + col + j, csum[j] * inv_tb);
     }
     if (!has_mix) continue;
     // Source target (eq. 7) and mix-teacher target (eq. 8) of both rows, from this thread's A / Am.
@@ -692,10 +704,60 @@ __global__ void __launch_bounds__(kDinoPairThreads, 2) fused_forward_kernel(Dino
 // each) and keep their slice of the pair's target vectors in shared memory. Student rows go through in rounds
 // of kClusterRows: every thread loads its PPT packs of each row of the round into registers, the block reduces
 // its partial row states, the cluster exchanges them through distributed shared memory (every block merges all
-// C partials in rank order, so all agree bit for bit), and the gradient is written from the registers. Student
+// C partials in the same order, so all agree bit for bit), and the gradient is written from the registers. Student
 // logits are read from HBM once and the gradient written once: the traffic floor of the loss, where the
 // two-launch path reads the logits twice and the teacher three times.
 constexpr int kClusterRows = 8;
+constexpr int kClusterTeacherRows = 4 * kDinoMaxTeacher;  // clean + mixed teacher rows of both rows of a pair
+
+// Folded teacher statistics (p.fold_teacher): the (max, log sum) of u = (t - center) / tau_t of the pair's
+// teacher rows, clean (r, iq) at r * T + iq and mixed at 2T + r * T + iq, merged over the cluster's column
+// blocks into tstat (every block gets the same bits); rank 0 also writes them to p.lse_t for the
+// backward. One warp per row over this block's columns; the rows are re-read right after, by build_targets,
+// mostly from L1/L2: the teacher comes from HBM once instead of twice (separate statistics launch).
+template <typename T, int VEC>
+__device__ void cluster_teacher_stats(const DinoParams& p, int pair, int64_t k0, int64_t kcount, float* tpart,
+                                      float* tstat, int C) {
+  const int lane = threadIdx.x % kWarpSize, warp = threadIdx.x / kWarpSize, nwarps = blockDim.x / kWarpSize;
+  const int rows[2] = {pair, p.B - 1 - pair};
+  const int per_kind = 2 * p.T, nrows = (p.t_mixed != nullptr ? 2 : 1) * per_kind;
+  for (int lr = warp; lr < nrows; lr += nwarps) {
+    const bool mixed = lr >= per_kind;
+    const int r = (lr % per_kind) / p.T, iq = lr % p.T;
+    const T* src = static_cast<const T*>(mixed ? p.t_mixed : p.t_clean) +
+                   (static_cast<int64_t>(iq) * p.B + rows[r]) * p.K + k0;
+    Lse st{-INFINITY, 0.f};
+    for (int64_t lc = static_cast<int64_t>(lane) * VEC; lc < kcount; lc += kWarpSize * VEC) {
+      float v[VEC];
+      load_floats<T, VEC>(src + lc, v);
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) v[j] = (v[j] - p.center[k0 + lc + j]) * p.inv_tau_t;
+      lse_update<VEC>(st, v);
+    }
+    st = warp_lse(st);
+    if (lane == 0) tpart[lr * 2] = st.m, tpart[lr * 2 + 1] = st.s;
+  }
+  cluster_sync();  // every block's partials written and visible
+  for (int lr = warp; lr < nrows; lr += nwarps) {  // lane c reads block c's partial; same bits in every block
+    Lse st{-INFINITY, 0.f};
+    if (lane < C) {
+      const float* q = cluster_map(tpart, lane) + lr * 2;
+      st = Lse{q[0], q[1]};
+    }
+    st = warp_lse(st);
+    if (lane == 0) {
+      const float ls = logf(st.s);
+      tstat[lr * 2] = st.m, tstat[lr * 2 + 1] = ls;
+      if (cluster_rank() == 0) {
+        const bool mixed = lr >= per_kind;
+        const int r = (lr % per_kind) / p.T, iq = lr % p.T;
+        const int64_t trow = (mixed ? static_cast<int64_t>(p.T) * p.B : 0) + static_cast<int64_t>(iq) * p.B + rows[r];
+        p.lse_t[trow * 2] = st.m, p.lse_t[trow * 2 + 1] = ls;
+      }
+    }
+  }
+  __syncthreads();  // tstat ready for build_targets (tpart stays untouched until the final cluster barrier)
+}
 
 template <typename T, int VEC, int PPT>
 __global__ void __launch_bounds__(512, 1) cluster_forward_kernel(DinoParams p) {
@@ -710,7 +772,14 @@ __global__ void __launch_bounds__(512, 1) cluster_forward_kernel(DinoParams p) {
   float* part = tg + static_cast<int64_t>(2) * num_slots(p) * p.kb_cols;  // [2 rounds][R][kAccFloats]
   float* wpart = part + 2 * R * kAccFloats;                                 // [nwarps][R][kAccFloats]
   float* fin = wpart + nwarps * R * kAccFloats;                             // [R][4] m, log s, q1, q2
-  build_targets<T, VEC>(p, pair, k0, kcount, tg);
+  float* tpart = fin + R * 4;                                               // [kClusterTeacherRows][2]
+  float* tstat = tpart + kClusterTeacherRows * 2;                           // [kClusterTeacherRows][2]
+  if (p.fold_teacher) {
+    cluster_teacher_stats<T, VEC>(p, pair, k0, kcount, tpart, tstat, C);
+    build_targets<T, VEC>(p, pair, k0, kcount, tg, tstat);
+  } else {
+    build_targets<T, VEC>(p, pair, k0, kcount, tg);
+  }
   __syncthreads();
   const PairRows pr = pair_rows(p, pair);
   const float base = p.inv_tau_s * p.pair_norm;
@@ -752,24 +821,28 @@ __global__ void __launch_bounds__(512, 1) cluster_forward_kernel(DinoParams p) {
       if (lane == 0) store_acc(wpart + (warp * R + i) * kAccFloats, acc);
     }
     __syncthreads();
-    const int i_own = threadIdx.x;  // threads [0, R) merge one row each
-    if (i_own < R && r0 + i_own < pr.count) {
-      RowAcc a = acc_empty();
-      for (int w = 0; w < nwarps; ++w) a = acc_merge(a, read_acc(wpart + (w * R + i_own) * kAccFloats));
-      store_acc(my_part + i_own * kAccFloats, a);
+    // Warp i merges row i: lane w takes warp w's partial, then (after the cluster barrier) lane c block c's, and
+    // the butterfly leaves the same bits in every lane and every block (acc_merge is symmetric, and merging an
+    // empty state is exact). All C remote reads of a row are in flight at once: one DSMEM round trip, not C.
+    for (int i = warp; i < R && r0 + i < pr.count; i += nwarps) {
+      const RowAcc a = lane < nwarps ? read_acc(wpart + (lane * R + i) * kAccFloats) : acc_empty();
+      const RowAcc m = warp_acc_merge(a);
+      if (lane == 0) store_acc(my_part + i * kAccFloats, m);
     }
     cluster_sync();  // every block's partials of this round are written and visible
-    if (i_own < R && r0 + i_own < pr.count) {
-      RowAcc a = acc_empty();
-      for (int c = 0; c < C; ++c) a = acc_merge(a, read_acc(cluster_map(my_part, c) + i_own * kAccFloats));
-      const int rr = r0 + i_own;
-      const int v = rr / pr.nr, b = pr.row(rr % pr.nr), row = v * p.B + b;
-      const float ls = logf(a.s);
-      fin[i_own * 4 + 0] = a.m;
-      fin[i_own * 4 + 1] = ls;
-      fin[i_own * 4 + 2] = a.q1;
-      fin[i_own * 4 + 3] = a.q2;
-      if (rank == 0) publish_row(p, row, a, ls);  // one block writes what the backward and the terms read
+    for (int i = warp; i < R && r0 + i < pr.count; i += nwarps) {
+      const RowAcc a = lane < C ? read_acc(cluster_map(my_part, lane) + i * kAccFloats) : acc_empty();
+      const RowAcc m = warp_acc_merge(a);
+      if (lane == 0) {
+        const int rr = r0 + i;
+        const int v = rr / pr.nr, b = pr.row(rr % pr.nr), row = v * p.B + b;
+        const float ls = logf(m.s);
+        fin[i * 4 + 0] = m.m;
+        fin[i * 4 + 1] = ls;
+        fin[i * 4 + 2] = m.q1;
+        fin[i * 4 + 3] = m.q2;
+        if (rank == 0) publish_row(p, row, m, ls);  // one block writes what the backward and the terms read
+      }
     }
     __syncthreads();
 #pragma unroll
@@ -968,7 +1041,8 @@ int cluster_threads() {
 
 size_t cluster_smem_bytes(const DinoParams& p, int threads) {
   const size_t floats = static_cast<size_t>(2) * (kSlotGlobal + p.T) * p.kb_cols +
-                        static_cast<size_t>(2 + threads / kWarpSize) * kClusterRows * kAccFloats + kClusterRows * 4;
+                        static_cast<size_t>(2 + threads / kWarpSize) * kClusterRows * kAccFloats + kClusterRows * 4 +
+                        4 * kClusterTeacherRows;
   return floats * sizeof(float);
 }
 
