@@ -169,8 +169,9 @@ def run_suite(device: str = "cuda", quick: bool = False) -> int:
             (dict(SDMP_DINO_CLUSTER="require", SDMP_DINO_CLUSTER_THREADS=32), 600)
         checks.append((f"dino cluster bf16 sc3 sm2 b7 k{k}", lambda: _with_env(
             kv, lambda: check_dino(device, torch.bfloat16, 3, 2, 2, 7, k))))
-        checks.append((f"dino cluster + teacher statistics fp32 sc3 sm2 b7 k{k}", lambda: _with_env(
-            dict(kv, SDMP_DINO_CLUSTER_TEACHER=1), lambda: check_dino(device, torch.float32, 3, 2, 2, 7, k))))
+        checks.append((f"dino cluster pipelined + teacher statistics fp32 sc3 sm2 b7 k{k}", lambda: _with_env(
+            dict(kv, SDMP_DINO_CLUSTER_TEACHER=1, SDMP_DINO_CLUSTER_PIPELINE=1),
+            lambda: check_dino(device, torch.float32, 3, 2, 2, 7, k))))
     if not quick:
         for fused, pre in (("1", "1"), ("0", "1"), ("1", "0")):
             for up in ("loss", "scaled", "mixed"):

@@ -18,8 +18,9 @@ def test_dino_variant_syntax():
     assert dino_variant_env("2") == ({"SDMP_DINO_GROUP_PAIRS": "2", "SDMP_DINO_FUSED": "1"}, "gp2")  # groups: fused
     assert dino_variant_env("unfused+pw5")[0] == {"SDMP_DINO_FUSED": "0", "SDMP_DINO_PAIR_WARPS": "5"}
     assert dino_variant_env("cluster") == ({"SDMP_DINO_CLUSTER": "require"}, "cluster")
-    assert dino_variant_env("cluster+tfold") == (
-        {"SDMP_DINO_CLUSTER": "require", "SDMP_DINO_CLUSTER_TEACHER": "1"}, "cluster+tfold")
+    assert dino_variant_env("cluster+tfold+cpipe") == (
+        {"SDMP_DINO_CLUSTER": "require", "SDMP_DINO_CLUSTER_TEACHER": "1", "SDMP_DINO_CLUSTER_PIPELINE": "1"},
+        "cluster+tfold+cpipe")
     assert dino_variant_env("ch16+kb1024")[0] == {"SDMP_DINO_CHUNK_PAIRS": "16", "SDMP_DINO_BLOCK_COLS": "1024"}
     with pytest.raises(ValueError, match="--dino-variants.*'kbx'"):
         dino_variant_env("fused+kbx")

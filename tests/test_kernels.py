@@ -200,12 +200,13 @@ CLUSTER_CASES = [
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-@pytest.mark.parametrize("fold", [0, 1])
+@pytest.mark.parametrize("fold,pipe", [(0, 0), (1, 0), (0, 1), (1, 1)])
 @pytest.mark.parametrize("dtype,case,upstream,threads", CLUSTER_CASES)
-def test_emulated_dino_cluster_matches_ref(emulated, dtype, case, upstream, threads, fold):
-    # fold: the teacher statistics and the center statistic computed by the clusters too
+def test_emulated_dino_cluster_matches_ref(emulated, dtype, case, upstream, threads, fold, pipe):
+    # fold: the teacher statistics and the center statistic computed by the clusters too; pipe: rounds of 4 rows,
+    # the next loaded during the current one (20 and 14 rows per pair here: odd and even round counts)
     with env(SDMP_DINO_CLUSTER="require", SDMP_DINO_CLUSTER_THREADS=threads, SDMP_DINO_CLUSTER_TEACHER=fold,
-             SDMP_KERNELS_POISON=1):
+             SDMP_DINO_CLUSTER_PIPELINE=pipe, SDMP_KERNELS_POISON=1):
         check_dino("cpu", dtype, *case, upstream=upstream, seed=sum(case[:5]))
 
 
@@ -231,7 +232,8 @@ def test_emulated_dino_cluster_require_names_the_setting(emulated):
 @pytest.mark.parametrize("name,value", [("SDMP_DINO_BLOCK_COLS", "1000"), ("SDMP_DINO_PAIR_WARPS", "2"),
                                         ("SDMP_DINO_CHUNK_PAIRS", "four"), ("SDMP_DINO_CLUSTER", "yes"),
                                         ("SDMP_DINO_FUSED", "true"), ("SDMP_DINO_GROUP_PAIRS", "0"),
-                                        ("SDMP_DINO_PRECOMPUTE_GRAD", "2"), ("SDMP_DINO_CLUSTER_TEACHER", "on")])
+                                        ("SDMP_DINO_PRECOMPUTE_GRAD", "2"), ("SDMP_DINO_CLUSTER_TEACHER", "on"),
+                                        ("SDMP_DINO_CLUSTER_PIPELINE", "2")])
 def test_emulated_dino_bad_tuning_setting_is_an_error_naming_it(emulated, name, value):
     s_clean, _, t_clean, _, center, _ = dino_inputs(2, 0, 2, 4, 64, torch.float32, "cpu", False, 0)
     with env(**{name: value}), pytest.raises((RuntimeError, ValueError), match=f"{name}={value!r}|{name}={value}"):
@@ -384,11 +386,12 @@ def test_cuda_dino_chunked_matches_ref(cuda_kernels, chunk):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("case", [(6, 4, 2, 64, 65536, True), (6, 4, 2, 33 * 2, 4104, False), (3, 2, 2, 7, 1000, True)],
                          ids=lambda c: "sc{}-sm{}-t{}-b{}-k{}-tm{:d}".format(*c))
-@pytest.mark.parametrize("fold", [0, 1])
-def test_cuda_dino_cluster_matches_ref(cuda_kernels, dtype, case, fold):
+@pytest.mark.parametrize("fold,pipe", [(0, 0), (1, 0), (1, 1)])
+def test_cuda_dino_cluster_matches_ref(cuda_kernels, dtype, case, fold, pipe):
     if torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("thread-block clusters need sm_90")
-    with env(SDMP_DINO_CLUSTER="require", SDMP_DINO_CLUSTER_TEACHER=fold, SDMP_KERNELS_POISON=1):
+    with env(SDMP_DINO_CLUSTER="require", SDMP_DINO_CLUSTER_TEACHER=fold, SDMP_DINO_CLUSTER_PIPELINE=pipe,
+             SDMP_KERNELS_POISON=1):
         check_dino("cuda", dtype, *case, seed=sum(case))
 
 

@@ -262,7 +262,9 @@ def bench_dino(args, device, dtype, copy_gbps) -> List[Dict]:
     if getattr(args, "profile", False) and _kernels_ready(device):
         profile_kernels("dino", {"kernel": {}, "fused": {"SDMP_DINO_FUSED": "1"},
                                  "cluster": {"SDMP_DINO_CLUSTER": "require"},
-                                 "cluster+tfold": {"SDMP_DINO_CLUSTER": "require", "SDMP_DINO_CLUSTER_TEACHER": "1"}},
+                                 "cluster+tfold+cpipe": {"SDMP_DINO_CLUSTER": "require",
+                                                         "SDMP_DINO_CLUSTER_TEACHER": "1",
+                                                         "SDMP_DINO_CLUSTER_PIPELINE": "1"}},
                         lambda: _grad_step(wrap(K.sdmp_dino_terms), inputs))
     if not args.no_compile:
         impls["compile"] = lambda: _grad_step(torch.compile(wrap(losses.sdmp_dino_terms)), inputs)
@@ -272,16 +274,18 @@ def bench_dino(args, device, dtype, copy_gbps) -> List[Dict]:
 # Launch configurations of the DINO loss as data: a named token sets one variable, a prefixed number another.
 DINO_FLAG_TOKENS = {"unfused": ("SDMP_DINO_FUSED", "0"), "fused": ("SDMP_DINO_FUSED", "1"),
                     "cluster": ("SDMP_DINO_CLUSTER", "require"),  # require: an error where it cannot run
-                    "tfold": ("SDMP_DINO_CLUSTER_TEACHER", "1")}  # teacher statistics inside the clusters
+                    "tfold": ("SDMP_DINO_CLUSTER_TEACHER", "1"),  # teacher statistics inside the clusters
+                    "cpipe": ("SDMP_DINO_CLUSTER_PIPELINE", "1")}  # clusters load the next rows during a round
 DINO_NUMBER_TOKENS = {"": "SDMP_DINO_GROUP_PAIRS", "g": "SDMP_DINO_GROUP_PAIRS", "ch": "SDMP_DINO_CHUNK_PAIRS",
                       "kb": "SDMP_DINO_BLOCK_COLS", "pw": "SDMP_DINO_PAIR_WARPS"}
 
 
 def dino_variant_env(variant: str):
-    """('cluster' | 'tfold' | 'fused' | 'unfused' | N | gN | chN | kbN | pwN, joined by '+') -> (environment of the
-    launch, row name): the one-read cluster forward (sm_90), with the teacher statistics folded in (tfold), the
-    single-launch forward or not, N/gN pairs per group of the fused forward, chN pairs per chunk of the two-launch
-    path, kbN columns and pwN warps per pair block (e.g. 'fused+g8+kb1024', 'ch16', 'cluster+tfold')."""
+    """('cluster' | 'tfold' | 'cpipe' | 'fused' | 'unfused' | N | gN | chN | kbN | pwN, joined by '+') ->
+    (environment of the launch, row name): the one-read cluster forward (sm_90), with the teacher statistics
+    folded in (tfold) and with the next rows loaded during each round (cpipe), the single-launch forward or not,
+    N/gN pairs per group of the fused forward, chN pairs per chunk of the two-launch path, kbN columns and pwN
+    warps per pair block (e.g. 'fused+g8+kb1024', 'ch16', 'cluster+tfold+cpipe')."""
     kv, names = {}, []
     for tok in (t.strip() for t in variant.split("+")):
         m = re.fullmatch(r"([a-z]*)(\d+)", tok)
@@ -291,7 +295,7 @@ def dino_variant_env(variant: str):
             key, value = DINO_NUMBER_TOKENS[m.group(1)], m.group(2)
         else:
             raise ValueError(f"--dino-variants: cannot read {tok!r} in {variant!r} "
-                             f"(cluster, tfold, fused, unfused, N, gN, chN, kbN or pwN, joined by +)")
+                             f"(cluster, tfold, cpipe, fused, unfused, N, gN, chN, kbN or pwN, joined by +)")
         kv[key] = value
         names.append("gp" + tok if tok.isdigit() else tok)
     if "SDMP_DINO_GROUP_PAIRS" in kv:  # groups exist only in the fused forward

@@ -27,6 +27,7 @@ void check_tuning_env() {
   tuning_env("SDMP_DINO_CLUSTER_THREADS", 0, 32, 512, 32);
   tuning_env("SDMP_DINO_CHUNK_PAIRS", 0, 0, (1L << 30) - 1);
   tuning_env("SDMP_DINO_CLUSTER_TEACHER", 0, 0, 1);
+  tuning_env("SDMP_DINO_CLUSTER_PIPELINE", 0, 0, 1);
   const char* c = std::getenv("SDMP_DINO_CLUSTER");
   TORCH_CHECK(c == nullptr || c[0] == '\0' || std::strcmp(c, "0") == 0 || std::strcmp(c, "1") == 0 ||
                   std::strcmp(c, "require") == 0,

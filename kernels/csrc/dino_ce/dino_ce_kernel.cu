@@ -20,6 +20,7 @@
 
 #include <algorithm>
 #include <cstdlib>
+#include <cstring>
 
 namespace sdmp {
 namespace {
@@ -759,34 +760,20 @@ __device__ void cluster_teacher_stats(const DinoParams& p, int pair, int64_t k0,
   __syncthreads();  // tstat ready for build_targets (tpart stays untouched until the final cluster barrier)
 }
 
-template <typename T, int VEC, int PPT>
-__global__ void __launch_bounds__(512, 1) cluster_forward_kernel(DinoParams p) {
-  constexpr int R = kClusterRows;
-  const int lane = threadIdx.x % kWarpSize, warp = threadIdx.x / kWarpSize, nwarps = blockDim.x / kWarpSize;
-  const int C = static_cast<int>(gridDim.x);  // a cluster spans the whole x dimension
-  const int rank = cluster_rank();
-  const int pair = blockIdx.y;
-  const int64_t k0 = static_cast<int64_t>(rank) * p.kb_cols;
-  const int64_t kcount = p.K - k0 < p.kb_cols ? p.K - k0 : p.kb_cols;
-  float* tg = reinterpret_cast<float*>(dynamic_smem());
-  float* part = tg + static_cast<int64_t>(2) * num_slots(p) * p.kb_cols;  // [2 rounds][R][kAccFloats]
-  float* wpart = part + 2 * R * kAccFloats;                                 // [nwarps][R][kAccFloats]
-  float* fin = wpart + nwarps * R * kAccFloats;                             // [R][4] m, log s, q1, q2
-  float* tpart = fin + R * 4;                                               // [kClusterTeacherRows][2]
-  float* tstat = tpart + kClusterTeacherRows * 2;                           // [kClusterTeacherRows][2]
-  if (p.fold_teacher) {
-    cluster_teacher_stats<T, VEC>(p, pair, k0, kcount, tpart, tstat, C);
-    build_targets<T, VEC>(p, pair, k0, kcount, tg, tstat);
-  } else {
-    build_targets<T, VEC>(p, pair, k0, kcount, tg);
-  }
-  __syncthreads();
-  const PairRows pr = pair_rows(p, pair);
-  const float base = p.inv_tau_s * p.pair_norm;
-  const float g_dino = p.gw[0] * base, g_src = p.gw[1] * base * p.w_src, g_mix = p.gw[2] * base * p.w_mix;
-  for (int r0 = 0, round = 0; r0 < pr.count; r0 += R, ++round) {
-    float* my_part = part + (round & 1) * R * kAccFloats;
-    Pack<T, VEC> raw[R][PPT];
+// One round of student rows [r0, r0 + R) of a cluster block: loads into registers, partial statistics, the
+// block and cluster merges, the gradient from the registers. Split in steps so that the pipelined kernel can
+// issue the next round's loads before this round's barriers.
+template <typename T, int VEC, int PPT, int R>
+struct ClusterRounds {
+  using Raw = Pack<T, VEC>[R][PPT];
+  const DinoParams& p;
+  PairRows pr;
+  float *tg, *part, *wpart, *fin;
+  int64_t k0, kcount;
+  int lane, warp, nwarps, C, rank;
+  float g_dino, g_src, g_mix;
+
+  __device__ __forceinline__ void load(Raw& raw, int r0) const {
 #pragma unroll
     for (int i = 0; i < R; ++i) {  // every load of the round in flight before any is used
       const int rr = r0 + i;
@@ -798,6 +785,9 @@ __global__ void __launch_bounds__(512, 1) cluster_forward_kernel(DinoParams p) {
         if (lc < kcount) raw[i][u] = load_pack<T, VEC>(src + lc);
       }
     }
+  }
+
+  __device__ __forceinline__ void stats(const Raw& raw, int r0) const {
 #pragma unroll
     for (int i = 0; i < R; ++i) {
       const int rr = r0 + i;
@@ -820,10 +810,15 @@ __global__ void __launch_bounds__(512, 1) cluster_forward_kernel(DinoParams p) {
       acc = warp_acc_merge(acc);
       if (lane == 0) store_acc(wpart + (warp * R + i) * kAccFloats, acc);
     }
+  }
+
+  // Warp i merges row i: lane w takes warp w's partial, then (after the cluster barrier) lane c block c's, and
+  // the butterfly leaves the same bits in every lane and every block (acc_merge is symmetric, and merging an
+  // empty state is exact). All C remote reads of a row are in flight at once: one DSMEM round trip, not C.
+  // Partials alternate between two buffers by round: a block can only be one round ahead of the slowest.
+  __device__ __forceinline__ void merge(int r0, int round) const {
+    float* my_part = part + (round & 1) * R * kAccFloats;
     __syncthreads();
-    // Warp i merges row i: lane w takes warp w's partial, then (after the cluster barrier) lane c block c's, and
-    // the butterfly leaves the same bits in every lane and every block (acc_merge is symmetric, and merging an
-    // empty state is exact). All C remote reads of a row are in flight at once: one DSMEM round trip, not C.
     for (int i = warp; i < R && r0 + i < pr.count; i += nwarps) {
       const RowAcc a = lane < nwarps ? read_acc(wpart + (lane * R + i) * kAccFloats) : acc_empty();
       const RowAcc m = warp_acc_merge(a);
@@ -845,6 +840,9 @@ __global__ void __launch_bounds__(512, 1) cluster_forward_kernel(DinoParams p) {
       }
     }
     __syncthreads();
+  }
+
+  __device__ __forceinline__ void grad(const Raw& raw, int r0) const {
 #pragma unroll
     for (int i = 0; i < R; ++i) {
       const int rr = r0 + i;
@@ -869,6 +867,63 @@ __global__ void __launch_bounds__(512, 1) cluster_forward_kernel(DinoParams p) {
           grad_pack<T, VEC, false>(p, raw[i][u], t1, t2, lc, c1, c2, csm, m, ls, dst + k0 + lc);
         }
       }
+    }
+  }
+
+  // Pipelined step: statistics of the round in `cur`, then the next round's loads into `next` (in flight during
+  // this round's barriers and gradient), then the merges and the gradient.
+  __device__ __forceinline__ void step(const Raw& cur, Raw& next, int r0, int round) const {
+    stats(cur, r0);
+    if (r0 + R < pr.count) load(next, r0 + R);
+    merge(r0, round);
+    grad(cur, r0);
+  }
+};
+
+// R student rows per round; kPipe: two register buffers of R rows, the next round loaded during this one.
+template <typename T, int VEC, int PPT, int R, bool kPipe>
+__global__ void __launch_bounds__(512, 1) cluster_forward_kernel(DinoParams p) {
+  static_assert(R <= kClusterRows, "shared memory is laid out for kClusterRows rows per round");
+  const int lane = threadIdx.x % kWarpSize, warp = threadIdx.x / kWarpSize, nwarps = blockDim.x / kWarpSize;
+  const int C = static_cast<int>(gridDim.x);  // a cluster spans the whole x dimension
+  const int rank = cluster_rank();
+  const int pair = blockIdx.y;
+  const int64_t k0 = static_cast<int64_t>(rank) * p.kb_cols;
+  const int64_t kcount = p.K - k0 < p.kb_cols ? p.K - k0 : p.kb_cols;
+  constexpr int RS = kClusterRows;  // shared-memory layout (the launcher's size) for any R <= RS
+  float* tg = reinterpret_cast<float*>(dynamic_smem());
+  float* part = tg + static_cast<int64_t>(2) * num_slots(p) * p.kb_cols;  // [2 rounds][RS][kAccFloats]
+  float* wpart = part + 2 * RS * kAccFloats;                                // [nwarps][RS][kAccFloats]
+  float* fin = wpart + nwarps * RS * kAccFloats;                            // [RS][4] m, log s, q1, q2
+  float* tpart = fin + RS * 4;                                              // [kClusterTeacherRows][2]
+  float* tstat = tpart + kClusterTeacherRows * 2;                           // [kClusterTeacherRows][2]
+  if (p.fold_teacher) {
+    cluster_teacher_stats<T, VEC>(p, pair, k0, kcount, tpart, tstat, C);
+    build_targets<T, VEC>(p, pair, k0, kcount, tg, tstat);
+  } else {
+    build_targets<T, VEC>(p, pair, k0, kcount, tg);
+  }
+  __syncthreads();
+  const float base = p.inv_tau_s * p.pair_norm;
+  const ClusterRounds<T, VEC, PPT, R> cr{p, pair_rows(p, pair), tg, part, wpart, fin, k0, kcount, lane, warp, nwarps,
+                                        C, rank, p.gw[0] * base, p.gw[1] * base * p.w_src,
+                                        p.gw[2] * base * p.w_mix};
+  const int count = cr.pr.count;
+  if constexpr (kPipe) {
+    Pack<T, VEC> a[R][PPT], b[R][PPT];
+    cr.load(a, 0);
+    for (int r0 = 0, round = 0; r0 < count; r0 += 2 * R, round += 2) {
+      cr.step(a, b, r0, round);
+      if (r0 + R >= count) break;
+      cr.step(b, a, r0 + R, round + 1);
+    }
+  } else {
+    for (int r0 = 0, round = 0; r0 < count; r0 += R, ++round) {
+      Pack<T, VEC> raw[R][PPT];
+      cr.load(raw, r0);
+      cr.stats(raw, r0);
+      cr.merge(r0, round);
+      cr.grad(raw, r0);
     }
   }
   cluster_sync();  // no block leaves while another may still read its partials
@@ -1058,7 +1113,11 @@ Status launch_cluster(DinoParams p, Stream stream, bool* launched) {
   if (C > kMaxClusterBlocks) return cudaSuccess;
   const size_t smem = cluster_smem_bytes(p, threads);
   const dim3 grid(static_cast<unsigned>(C), static_cast<unsigned>(p.npairs)), block(threads);
-  auto k = cluster_forward_kernel<T, V, PPT>;
+  // $SDMP_DINO_CLUSTER_PIPELINE=1: rounds of 4 rows, the next one loaded during this one's barriers (untimed).
+  const bool pipe = std::getenv("SDMP_DINO_CLUSTER_PIPELINE") != nullptr &&
+                    std::strcmp(std::getenv("SDMP_DINO_CLUSTER_PIPELINE"), "1") == 0;
+  auto k = pipe ? cluster_forward_kernel<T, V, PPT, kClusterRows / 2, true>
+                : cluster_forward_kernel<T, V, PPT, kClusterRows, false>;
 #ifdef SDMP_EMULATE
   sdmp_emu::launch_cluster(grid, block, smem, static_cast<unsigned>(C), k, p);
 #else
