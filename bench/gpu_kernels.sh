@@ -129,10 +129,10 @@ for doc in (losses, mixing):
         break
 def fmt(v, spec=".3f"):
     return "-" if v is None else format(v, spec)
-print(f"{'op':<14}{'impl':<12}{'ms':>9}{'GB/s':>9}{'%copy':>7}{'x eager':>9}{'x compile':>10}{'x dense':>9}{'x copy':>8}")
+print(f"{'op':<14}{'impl':<34}{'ms':>9}{'GB/s':>9}{'%copy':>7}{'x eager':>9}{'x compile':>10}{'x dense':>9}{'x copy':>8}")
 for doc in (losses, mixing):
     for r in (doc or {}).get("records", []):
-        print(f"{r['op']:<14}{r['impl']:<12}{fmt(r['ms']):>9}{fmt(r.get('gb_per_s'), '.0f'):>9}"
+        print(f"{r['op']:<14}{r['impl']:<34}{fmt(r['ms']):>9}{fmt(r.get('gb_per_s'), '.0f'):>9}"
               f"{fmt(r.get('pct_of_copy'), '.0f'):>7}{fmt(r.get('speedup_vs_eager'), '.1f'):>9}"
               f"{fmt(r.get('speedup_vs_compile'), '.1f'):>10}{fmt(r.get('speedup_vs_eager_dense'), '.1f'):>9}"
               f"{fmt(r.get('vs_copy'), '.2f'):>8}  {r['status'] if r['status'] != 'ok' else ''}")
