@@ -880,7 +880,8 @@ struct ClusterRounds {
   }
 };
 
-// R student rows per round; kPipe: two register buffers of R rows, the next round loaded during this one.
+// R student rows per round; kPipe: two register buffers of R rows, the next round loaded during this one (the
+// first during the target build).
 template <typename T, int VEC, int PPT, int R, bool kPipe>
 __global__ void __launch_bounds__(512, 1) cluster_forward_kernel(DinoParams p) {
   static_assert(R <= kClusterRows, "shared memory is laid out for kClusterRows rows per round");
@@ -897,6 +898,13 @@ __global__ void __launch_bounds__(512, 1) cluster_forward_kernel(DinoParams p) {
   float* fin = wpart + nwarps * RS * kAccFloats;                            // [RS][4] m, log s, q1, q2
   float* tpart = fin + RS * 4;                                              // [kClusterTeacherRows][2]
   float* tstat = tpart + kClusterTeacherRows * 2;                           // [kClusterTeacherRows][2]
+  const float base = p.inv_tau_s * p.pair_norm;
+  const ClusterRounds<T, VEC, PPT, R> cr{p, pair_rows(p, pair), tg, part, wpart, fin, k0, kcount, lane, warp, nwarps,
+                                        C, rank, p.gw[0] * base, p.gw[1] * base * p.w_src,
+                                        p.gw[2] * base * p.w_mix};
+  const int count = cr.pr.count;
+  Pack<T, VEC> a[R][PPT], b[R][PPT];  // round buffers (b: the pipelined kernel's second one)
+  if constexpr (kPipe) cr.load(a, 0);  // the first rows in flight while the targets are built
   if (p.fold_teacher) {
     cluster_teacher_stats<T, VEC>(p, pair, k0, kcount, tpart, tstat, C);
     build_targets<T, VEC>(p, pair, k0, kcount, tg, tstat);
@@ -904,14 +912,7 @@ __global__ void __launch_bounds__(512, 1) cluster_forward_kernel(DinoParams p) {
     build_targets<T, VEC>(p, pair, k0, kcount, tg);
   }
   __syncthreads();
-  const float base = p.inv_tau_s * p.pair_norm;
-  const ClusterRounds<T, VEC, PPT, R> cr{p, pair_rows(p, pair), tg, part, wpart, fin, k0, kcount, lane, warp, nwarps,
-                                        C, rank, p.gw[0] * base, p.gw[1] * base * p.w_src,
-                                        p.gw[2] * base * p.w_mix};
-  const int count = cr.pr.count;
   if constexpr (kPipe) {
-    Pack<T, VEC> a[R][PPT], b[R][PPT];
-    cr.load(a, 0);
     for (int r0 = 0, round = 0; r0 < count; r0 += 2 * R, round += 2) {
       cr.step(a, b, r0, round);
       if (r0 + R >= count) break;
@@ -919,11 +920,10 @@ __global__ void __launch_bounds__(512, 1) cluster_forward_kernel(DinoParams p) {
     }
   } else {
     for (int r0 = 0, round = 0; r0 < count; r0 += R, ++round) {
-      Pack<T, VEC> raw[R][PPT];
-      cr.load(raw, r0);
-      cr.stats(raw, r0);
+      cr.load(a, r0);
+      cr.stats(a, r0);
       cr.merge(r0, round);
-      cr.grad(raw, r0);
+      cr.grad(a, r0);
     }
   }
   cluster_sync();  // no block leaves while another may still read its partials
