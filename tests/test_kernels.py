@@ -506,9 +506,14 @@ def test_cuda_graph_capture_two_hot(cuda_kernels):
 
 @pytest.mark.cuda
 @pytest.mark.timeout(600)
-@pytest.mark.parametrize("fused", ["1", "0"])
-def test_cuda_graph_capture_dino(cuda_kernels, fused):
-    sc, sm, tc, tm, center, lam = dino_inputs(6, 4, 2, 32, 8192, torch.bfloat16, "cuda")
+@pytest.mark.parametrize("config", [dict(SDMP_DINO_FUSED="1"), dict(SDMP_DINO_FUSED="0"),
+                                    dict(SDMP_DINO_CLUSTER="require"),
+                                    dict(SDMP_DINO_CLUSTER="require", SDMP_DINO_CLUSTER_TEACHER="1",
+                                         SDMP_DINO_CLUSTER_PIPELINE="1")],
+                         ids=["fused", "two-launch", "cluster", "cluster-tfold-cpipe"])
+def test_cuda_graph_capture_dino(cuda_kernels, config):
+    if "SDMP_DINO_CLUSTER" in config and torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("thread-block clusters need sm_90")
 
     def make(seed):
         s_clean, s_mixed, t_clean, t_mixed, c, l_ = dino_inputs(6, 4, 2, 32, 8192, torch.bfloat16, "cuda", seed=seed)
@@ -519,17 +524,19 @@ def test_cuda_graph_capture_dino(cuda_kernels, fused):
         terms["loss"].backward()
         return [terms["loss"].detach(), terms["dino"].detach(), mean]
 
-    with env(SDMP_DINO_FUSED=fused):
+    with env(**config):
         _graph_replay_matches_eager(make, step)
 
 
 @pytest.mark.cuda
 @pytest.mark.timeout(600)
-def test_cuda_graph_capture_mix(cuda_kernels):
+@pytest.mark.parametrize("packs", [1, 2])
+def test_cuda_graph_capture_mix(cuda_kernels, packs):
     def make(seed):
         return mix_inputs(64, 3, 96, 96, torch.float32, "cuda", seed=seed)
 
     def step(x, lam, method, y0, x0, ch, cw):
         return [K.apply_mix(x, lam, method, y0, x0, ch, cw)]
 
-    _graph_replay_matches_eager(make, step)
+    with env(SDMP_MIX_PACKS=packs):
+        _graph_replay_matches_eager(make, step)

@@ -21,6 +21,9 @@
 #include <algorithm>
 #include <cstdlib>
 #include <cstring>
+#include <map>
+#include <mutex>
+#include <tuple>
 
 namespace sdmp {
 namespace {
@@ -1101,6 +1104,53 @@ size_t cluster_smem_bytes(const DinoParams& p, int threads) {
   return floats * sizeof(float);
 }
 
+#ifndef SDMP_EMULATE
+// Whether kernel k can run as clusters of C blocks of `threads` threads with `smem` bytes each on the current
+// device (sm_90, code compiled for sm_90, the shared memory and a GPC that fits the cluster), after setting its
+// attributes. Asked once per (kernel, size, device): not on every launch, and not inside a CUDA-graph capture
+// that follows a warm-up call.
+bool cluster_ready(const void* k, size_t smem, int C, int threads) {
+  int dev = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess) {
+    (void)cudaGetLastError();
+    return false;
+  }
+  using Key = std::tuple<const void*, size_t, int, int, int>;
+  static std::mutex mu;
+  static std::map<Key, bool> known;
+  const Key key{k, smem, C, threads, dev};
+  std::lock_guard<std::mutex> lock(mu);
+  if (auto it = known.find(key); it != known.end()) return it->second;
+  bool ok = false;
+  int major = 0, optin = 0;
+  cudaFuncAttributes fa;
+  if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) == cudaSuccess &&
+      cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev) == cudaSuccess &&
+      major >= 9 && smem <= static_cast<size_t>(optin) &&
+      // the cluster calls compile to no-ops below sm_90: code JIT-compiled from older PTX must not come here
+      cudaFuncGetAttributes(&fa, k) == cudaSuccess && fa.ptxVersion >= 90 &&
+      cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)) == cudaSuccess &&
+      (C <= 8 || cudaFuncSetAttribute(k, cudaFuncAttributeNonPortableClusterSizeAllowed, 1) == cudaSuccess)) {
+    cudaLaunchAttribute attr[1];
+    attr[0].id = cudaLaunchAttributeClusterDimension;
+    attr[0].val.clusterDim.x = static_cast<unsigned>(C);
+    attr[0].val.clusterDim.y = 1;
+    attr[0].val.clusterDim.z = 1;
+    cudaLaunchConfig_t cfg = {};
+    cfg.gridDim = dim3(static_cast<unsigned>(C));
+    cfg.blockDim = dim3(static_cast<unsigned>(threads));
+    cfg.dynamicSmemBytes = smem;
+    cfg.attrs = attr;
+    cfg.numAttrs = 1;
+    int clusters = 0;  // 0: no GPC fits a cluster of this size with this shared memory
+    ok = cudaOccupancyMaxActiveClusters(&clusters, k, &cfg) == cudaSuccess && clusters > 0;
+  }
+  (void)cudaGetLastError();  // a refusal above is "not here", not an error: the caller takes another path
+  known.emplace(key, ok);
+  return ok;
+}
+#endif
+
 // Launches the cluster forward when this card and these shapes allow it; *launched says whether it did.
 template <typename T>
 Status launch_cluster(DinoParams p, Stream stream, bool* launched) {
@@ -1121,25 +1171,7 @@ Status launch_cluster(DinoParams p, Stream stream, bool* launched) {
 #ifdef SDMP_EMULATE
   sdmp_emu::launch_cluster(grid, block, smem, static_cast<unsigned>(C), k, p);
 #else
-  int dev = 0, major = 0, optin = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess || cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) ||
-      cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev)) {
-    return cudaGetLastError();
-  }
-  if (major < 9 || smem > static_cast<size_t>(optin)) return cudaSuccess;
-  // The cluster calls compile to no-ops below sm_90: an sm_90 card running code JIT-compiled from older PTX (a
-  // build without arch 90) must not take this path.
-  cudaFuncAttributes fa;
-  if (cudaFuncGetAttributes(&fa, k) != cudaSuccess || fa.ptxVersion < 90) {
-    (void)cudaGetLastError();
-    return cudaSuccess;
-  }
-  Status st = cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
-  if (st == cudaSuccess && C > 8) st = cudaFuncSetAttribute(k, cudaFuncAttributeNonPortableClusterSizeAllowed, 1);
-  if (st != cudaSuccess) {
-    (void)cudaGetLastError();  // not this card's feature: the caller takes the two-launch path
-    return cudaSuccess;
-  }
+  if (!cluster_ready(reinterpret_cast<const void*>(k), smem, static_cast<int>(C), threads)) return cudaSuccess;
   cudaLaunchAttribute attr[1];
   attr[0].id = cudaLaunchAttributeClusterDimension;
   attr[0].val.clusterDim.x = static_cast<unsigned>(C);
@@ -1152,12 +1184,7 @@ Status launch_cluster(DinoParams p, Stream stream, bool* launched) {
   cfg.stream = stream;
   cfg.attrs = attr;
   cfg.numAttrs = 1;
-  int clusters = 0;
-  if (cudaOccupancyMaxActiveClusters(&clusters, k, &cfg) != cudaSuccess || clusters == 0) {
-    (void)cudaGetLastError();  // no GPC fits a cluster of this size with this shared memory
-    return cudaSuccess;
-  }
-  st = cudaLaunchKernelEx(&cfg, k, p);
+  const Status st = cudaLaunchKernelEx(&cfg, k, p);
   if (st != cudaSuccess) return st;
 #endif
   *launched = true;
