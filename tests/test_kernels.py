@@ -361,6 +361,28 @@ def test_emulated_torch_compile_matches_eager(emulated):
         torch.testing.assert_close(x, y, rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(1200)
+def test_emulated_mix_eager_skips_the_dispatcher_and_compile_keeps_the_op(emulated, monkeypatch):
+    from sdmp_fast.kernels import batch_mix
+    x, lam, method, y0, x0, ch, cw = mix_inputs(4, 3, 8, 8, torch.float32, "cpu")
+    ref = K.apply_mix_ref(x, lam, method, y0, x0, ch, cw)
+    calls = []
+    op = batch_mix._batch_mix
+    monkeypatch.setattr(batch_mix, "_batch_mix", lambda *a: calls.append(1) or op(*a))
+    torch.testing.assert_close(K.apply_mix(x, lam, method, y0, x0, ch, cw), ref, rtol=1e-5, atol=1e-5)
+    assert not calls  # eager: the extension directly
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm.code)
+        return gm.forward
+
+    compiled = torch.compile(lambda t: K.apply_mix(t, lam, method, y0, x0, ch, cw), backend=backend, fullgraph=True)
+    torch.testing.assert_close(compiled(x), ref, rtol=1e-5, atol=1e-5)
+    assert len(graphs) == 1 and "sdmp_fast.batch_mix" in graphs[0]
+
+
 # ------------------------------------------------------------------------------------------------ GPU tests
 
 @pytest.fixture
