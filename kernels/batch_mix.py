@@ -50,10 +50,8 @@ def _ints(t: Tensor) -> Tensor:
 
 def _launch(xs: List[Tensor], lam: Tensor, method: Tensor, y0: List[Tensor], x0: List[Tensor],
             cut_h: List[Tensor], cut_w: List[Tensor], allow_resize: bool) -> List[Tensor]:
-    # Eager calls on plain tensors go straight to the extension: the op has no autograd, and the custom op's
-    # dispatch costs ~20 us of Python per call (measured), a quarter of the device time of a 2 x 256 x 224 px
-    # batch on an H100. torch.compile and fake / functional tensors (subclasses) take the registered op.
-    if not torch.compiler.is_compiling() and all(type(x) is Tensor for x in xs):
+    # Eager: straight to the extension (no autograd here), ~20 us of Python less per call (_ext.direct).
+    if _ext.direct(*xs):
         return list(_ext.require(xs[0]).batch_mix_views(xs, lam, method, y0, x0, cut_h, cut_w, allow_resize))
     return _batch_mix(xs, lam, method, y0, x0, cut_h, cut_w, allow_resize)
 

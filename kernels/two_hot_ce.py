@@ -67,8 +67,8 @@ def _backward(ctx, grad_loss, _grad_lse):
     grad_loss = grad_loss.float()
     g_logits = g_wa = g_wb = None
     if ctx.needs_input_grad[0]:
-        g_logits = _two_hot_ce_bwd(grad_loss, logits, lse, index_a, index_b, weight_a, weight_b, logit_div,
-                                   out_scale)
+        bwd = _ext.require(logits).two_hot_ce_bwd if _ext.direct(grad_loss, logits) else _two_hot_ce_bwd
+        g_logits = bwd(grad_loss, logits, lse, index_a, index_b, weight_a, weight_b, logit_div, out_scale)
     if ctx.needs_input_grad[3] or ctx.needs_input_grad[4]:  # d loss / d w = out_scale * (lse - x[target])
         x = (logits.detach() / logit_div).float()
         g = grad_loss * out_scale
@@ -80,6 +80,20 @@ def _backward(ctx, grad_loss, _grad_lse):
 _two_hot_ce.register_autograd(_backward, setup_context=_setup_context)
 
 
+class _TwoHotEager(torch.autograd.Function):
+    """The same op and autograd formulas for eager calls, without the custom op's dispatch (_ext.direct)."""
+
+    @staticmethod
+    def forward(ctx, *inputs):
+        loss, lse = _ext.require(inputs[0]).two_hot_ce_fwd(*inputs)
+        _setup_context(ctx, inputs, (loss, lse))
+        return loss, lse
+
+    @staticmethod
+    def backward(ctx, grad_loss, grad_lse):
+        return _backward(ctx, grad_loss, grad_lse)
+
+
 def two_hot_ce(logits: Tensor, index_a: Tensor, index_b: Tensor, weight_a: Tensor, weight_b: Tensor,
                logit_div: float = 1.0, out_scale: float = 1.0) -> Tensor:
     """Kernel entry: out_scale * two_hot_cross_entropy(logits / logit_div, ...) per row, fp32 [n].
@@ -89,9 +103,9 @@ def two_hot_ce(logits: Tensor, index_a: Tensor, index_b: Tensor, weight_a: Tenso
     """
     if logits.stride(-1) != 1:
         logits = logits.contiguous()
-    return _two_hot_ce(logits, index_a.long().contiguous(), index_b.long().contiguous(),
-                       weight_a.float().contiguous(), weight_b.float().contiguous(), float(logit_div),
-                       float(out_scale))[0]
+    args = (logits, index_a.long().contiguous(), index_b.long().contiguous(), weight_a.float().contiguous(),
+            weight_b.float().contiguous(), float(logit_div), float(out_scale))
+    return (_TwoHotEager.apply if _ext.direct(*args[:5]) else _two_hot_ce)(*args)[0]
 
 
 def _use_kernel(logits: Tensor) -> bool:

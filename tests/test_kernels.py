@@ -363,15 +363,24 @@ def test_emulated_torch_compile_matches_eager(emulated):
 
 @pytest.mark.slow
 @pytest.mark.timeout(1200)
-def test_emulated_mix_eager_skips_the_dispatcher_and_compile_keeps_the_op(emulated, monkeypatch):
-    from sdmp_fast.kernels import batch_mix
+def test_emulated_eager_calls_skip_the_op_dispatcher(emulated, monkeypatch):
+    # Eager calls on plain tensors go straight to the extension (same formulas, same autograd); the registered
+    # ops stay for torch.compile (test_emulated_torch_compile_matches_eager, and below for the mixing op).
+    from sdmp_fast.kernels import batch_mix, dino_ce, two_hot_ce
+    calls = []
+    for mod, name in ((batch_mix, "_batch_mix"), (two_hot_ce, "_two_hot_ce"), (two_hot_ce, "_two_hot_ce_bwd"),
+                      (dino_ce, "_dino_fwd"), (dino_ce, "_dino_grad"), (dino_ce, "_dino_grad_fixup")):
+        op = getattr(mod, name)
+        monkeypatch.setattr(mod, name, lambda *a, op=op, name=name: calls.append(name) or op(*a))
     x, lam, method, y0, x0, ch, cw = mix_inputs(4, 3, 8, 8, torch.float32, "cpu")
     ref = K.apply_mix_ref(x, lam, method, y0, x0, ch, cw)
-    calls = []
-    op = batch_mix._batch_mix
-    monkeypatch.setattr(batch_mix, "_batch_mix", lambda *a: calls.append(1) or op(*a))
     torch.testing.assert_close(K.apply_mix(x, lam, method, y0, x0, ch, cw), ref, rtol=1e-5, atol=1e-5)
-    assert not calls  # eager: the extension directly
+    check_two_hot("cpu", torch.float32, 5, 40)
+    for upstream in ("loss", "mixed"):  # precomputed gradient kept / recomputed in the backward
+        check_dino("cpu", torch.float32, 3, 2, 2, 4, 40, True, upstream)
+    with env(SDMP_DINO_PRECOMPUTE_GRAD=0):
+        check_dino("cpu", torch.float32, 3, 2, 2, 4, 40, True, "scaled")
+    assert calls == []
     graphs = []
 
     def backend(gm, example_inputs):
