@@ -95,9 +95,14 @@ def require(t: torch.Tensor):
 
 def direct(*tensors: Optional[torch.Tensor]) -> bool:
     """An eager call on plain tensors, which may go straight to the extension: the custom ops' dispatch costs
-    ~20 us of Python per call (measured), a large share of an ungraphed step's host time. torch.compile and
-    tensor subclasses (fake, functional) take the registered ops."""
-    return not torch.compiler.is_compiling() and all(t is None or type(t) is torch.Tensor for t in tensors)
+    ~20 us of Python per call (measured), a large share of an ungraphed step's host time. torch.compile, tensor
+    subclasses (fake, functional) and torch.func transforms take the registered ops."""
+    return not torch.compiler.is_compiling() and all(
+        t is None or (type(t) is torch.Tensor and not _functorch_wrapped(t)) for t in tensors)
+
+
+def _functorch_wrapped(t: torch.Tensor) -> bool:  # torch.func transforms wrap tensors (no storage of their own)
+    return torch._C._functorch.is_functorch_wrapped_tensor(t)
 
 
 def kernel_ok(*tensors: torch.Tensor) -> bool:

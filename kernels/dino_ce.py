@@ -154,7 +154,8 @@ _dino_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
 class _DinoEager(torch.autograd.Function):
-    """The same op and autograd formulas for eager calls, without the custom op's dispatch (_ext.direct)."""
+    """The same op and autograd formulas for eager calls, without the custom op's dispatch (_ext.direct).
+    Old-style (ctx in forward): a separate setup_context costs ~13 us more per call in Function.apply (measured)."""
 
     @staticmethod
     def forward(ctx, *inputs):

@@ -81,7 +81,8 @@ _two_hot_ce.register_autograd(_backward, setup_context=_setup_context)
 
 
 class _TwoHotEager(torch.autograd.Function):
-    """The same op and autograd formulas for eager calls, without the custom op's dispatch (_ext.direct)."""
+    """The same op and autograd formulas for eager calls, without the custom op's dispatch (_ext.direct).
+    Old-style (ctx in forward): a separate setup_context costs ~13 us more per call in Function.apply (measured)."""
 
     @staticmethod
     def forward(ctx, *inputs):
