@@ -1105,6 +1105,23 @@ size_t cluster_smem_bytes(const DinoParams& p, int threads) {
 }
 
 #ifndef SDMP_EMULATE
+// Launch configuration with clusters of C blocks along x (attr: storage the configuration points to).
+cudaLaunchConfig_t cluster_config(cudaLaunchAttribute* attr, int C, dim3 grid, dim3 block, size_t smem,
+                                  Stream stream) {
+  attr->id = cudaLaunchAttributeClusterDimension;
+  attr->val.clusterDim.x = static_cast<unsigned>(C);
+  attr->val.clusterDim.y = 1;
+  attr->val.clusterDim.z = 1;
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = grid;
+  cfg.blockDim = block;
+  cfg.dynamicSmemBytes = smem;
+  cfg.stream = stream;
+  cfg.attrs = attr;
+  cfg.numAttrs = 1;
+  return cfg;
+}
+
 // Whether kernel k can run as clusters of C blocks of `threads` threads with `smem` bytes each on the current
 // device (sm_90, code compiled for sm_90, the shared memory and a GPC that fits the cluster), after setting its
 // attributes. Asked once per (kernel, size, device): not on every launch, and not inside a CUDA-graph capture
@@ -1131,17 +1148,9 @@ bool cluster_ready(const void* k, size_t smem, int C, int threads) {
       cudaFuncGetAttributes(&fa, k) == cudaSuccess && fa.ptxVersion >= 90 &&
       cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)) == cudaSuccess &&
       (C <= 8 || cudaFuncSetAttribute(k, cudaFuncAttributeNonPortableClusterSizeAllowed, 1) == cudaSuccess)) {
-    cudaLaunchAttribute attr[1];
-    attr[0].id = cudaLaunchAttributeClusterDimension;
-    attr[0].val.clusterDim.x = static_cast<unsigned>(C);
-    attr[0].val.clusterDim.y = 1;
-    attr[0].val.clusterDim.z = 1;
-    cudaLaunchConfig_t cfg = {};
-    cfg.gridDim = dim3(static_cast<unsigned>(C));
-    cfg.blockDim = dim3(static_cast<unsigned>(threads));
-    cfg.dynamicSmemBytes = smem;
-    cfg.attrs = attr;
-    cfg.numAttrs = 1;
+    cudaLaunchAttribute attr;
+    const cudaLaunchConfig_t cfg = cluster_config(&attr, C, dim3(static_cast<unsigned>(C)),
+                                                  dim3(static_cast<unsigned>(threads)), smem, nullptr);
     int clusters = 0;  // 0: no GPC fits a cluster of this size with this shared memory
     ok = cudaOccupancyMaxActiveClusters(&clusters, k, &cfg) == cudaSuccess && clusters > 0;
   }
@@ -1172,18 +1181,8 @@ Status launch_cluster(DinoParams p, Stream stream, bool* launched) {
   sdmp_emu::launch_cluster(grid, block, smem, static_cast<unsigned>(C), k, p);
 #else
   if (!cluster_ready(reinterpret_cast<const void*>(k), smem, static_cast<int>(C), threads)) return cudaSuccess;
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeClusterDimension;
-  attr[0].val.clusterDim.x = static_cast<unsigned>(C);
-  attr[0].val.clusterDim.y = 1;
-  attr[0].val.clusterDim.z = 1;
-  cudaLaunchConfig_t cfg = {};
-  cfg.gridDim = grid;
-  cfg.blockDim = block;
-  cfg.dynamicSmemBytes = smem;
-  cfg.stream = stream;
-  cfg.attrs = attr;
-  cfg.numAttrs = 1;
+  cudaLaunchAttribute attr;
+  const cudaLaunchConfig_t cfg = cluster_config(&attr, static_cast<int>(C), grid, block, smem, stream);
   const Status st = cudaLaunchKernelEx(&cfg, k, p);
   if (st != cudaSuccess) return st;
 #endif
