@@ -48,14 +48,6 @@ def _ints(t: Tensor) -> Tensor:
     return t.long().contiguous()
 
 
-def _launch(xs: List[Tensor], lam: Tensor, method: Tensor, y0: List[Tensor], x0: List[Tensor],
-            cut_h: List[Tensor], cut_w: List[Tensor], allow_resize: bool) -> List[Tensor]:
-    # Eager: straight to the extension (no autograd here), ~20 us of Python less per call (_ext.direct).
-    if _ext.direct(*xs):
-        return list(_ext.require(xs[0]).batch_mix_views(xs, lam, method, y0, x0, cut_h, cut_w, allow_resize))
-    return _batch_mix(xs, lam, method, y0, x0, cut_h, cut_w, allow_resize)
-
-
 def apply_mix_views(xs: Sequence[Tensor], lam: Tensor, method: Tensor, y0: Sequence[Tensor], x0: Sequence[Tensor],
                     cut_h: Sequence[Tensor], cut_w: Sequence[Tensor],
                     method_set: Sequence[int] = _ALL) -> List[Tensor]:
@@ -70,9 +62,10 @@ def apply_mix_views(xs: Sequence[Tensor], lam: Tensor, method: Tensor, y0: Seque
     out: List[Tensor] = []
     for s in range(0, len(xs), MAX_VIEWS_PER_LAUNCH):
         e = s + MAX_VIEWS_PER_LAUNCH
-        out += _launch([x.contiguous() for x in xs[s:e]], lam32, meth, [_ints(t) for t in y0[s:e]],
-                       [_ints(t) for t in x0[s:e]], [_ints(t) for t in cut_h[s:e]], [_ints(t) for t in cut_w[s:e]],
-                       RESIZEMIX in method_set)
+        views = [x.contiguous() for x in xs[s:e]]
+        mix = _ext.route(_batch_mix, "batch_mix_views", *views)  # no autograd: eager calls go direct
+        out += list(mix(views, lam32, meth, [_ints(t) for t in y0[s:e]], [_ints(t) for t in x0[s:e]],
+                        [_ints(t) for t in cut_h[s:e]], [_ints(t) for t in cut_w[s:e]], RESIZEMIX in method_set))
     return out
 
 

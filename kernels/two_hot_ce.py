@@ -67,7 +67,7 @@ def _backward(ctx, grad_loss, _grad_lse):
     grad_loss = grad_loss.float()
     g_logits = g_wa = g_wb = None
     if ctx.needs_input_grad[0]:
-        bwd = _ext.require(logits).two_hot_ce_bwd if _ext.direct(grad_loss, logits) else _two_hot_ce_bwd
+        bwd = _ext.route(_two_hot_ce_bwd, "two_hot_ce_bwd", logits, grad_loss)
         g_logits = bwd(grad_loss, logits, lse, index_a, index_b, weight_a, weight_b, logit_div, out_scale)
     if ctx.needs_input_grad[3] or ctx.needs_input_grad[4]:  # d loss / d w = out_scale * (lse - x[target])
         x = (logits.detach() / logit_div).float()
@@ -80,19 +80,7 @@ def _backward(ctx, grad_loss, _grad_lse):
 _two_hot_ce.register_autograd(_backward, setup_context=_setup_context)
 
 
-class _TwoHotEager(torch.autograd.Function):
-    """The same op and autograd formulas for eager calls, without the custom op's dispatch (_ext.direct).
-    Old-style (ctx in forward): a separate setup_context costs ~13 us more per call in Function.apply (measured)."""
-
-    @staticmethod
-    def forward(ctx, *inputs):
-        loss, lse = _ext.require(inputs[0]).two_hot_ce_fwd(*inputs)
-        _setup_context(ctx, inputs, (loss, lse))
-        return loss, lse
-
-    @staticmethod
-    def backward(ctx, grad_loss, grad_lse):
-        return _backward(ctx, grad_loss, grad_lse)
+_two_hot_ce_eager = _ext.eager_function("two_hot_ce_fwd", _setup_context, _backward)
 
 
 def two_hot_ce(logits: Tensor, index_a: Tensor, index_b: Tensor, weight_a: Tensor, weight_b: Tensor,
@@ -106,7 +94,7 @@ def two_hot_ce(logits: Tensor, index_a: Tensor, index_b: Tensor, weight_a: Tenso
         logits = logits.contiguous()
     args = (logits, index_a.long().contiguous(), index_b.long().contiguous(), weight_a.float().contiguous(),
             weight_b.float().contiguous(), float(logit_div), float(out_scale))
-    return (_TwoHotEager.apply if _ext.direct(*args[:5]) else _two_hot_ce)(*args)[0]
+    return (_two_hot_ce_eager.apply if _ext.direct(*args[:5]) else _two_hot_ce)(*args)[0]
 
 
 def _use_kernel(logits: Tensor) -> bool:

@@ -68,11 +68,17 @@ struct DinoParams {
 
   // cluster forward: teacher statistics folded in (lse_t and center_mean written by it; center_mean zeroed)
   bool fold_teacher = false;
+
+  // launch settings ($SDMP_DINO_*, read and checked by the API on every call; 0: automatic)
+  int64_t block_cols_setting = 0;  // columns per pair block
+  int pair_warps_setting = 0;      // warps per pair block
+  int cluster_threads = 0;         // threads per cluster block
+  bool cluster_pipeline = false;   // pipelined cluster rounds
 };
 
 // Host-side layout helpers (shared by the API and the launchers).
 int64_t dino_teacher_tile_cols(DType dt, bool vec_ok);
-int64_t dino_block_cols(int T);
+int64_t dino_block_cols(int T, int64_t setting);  // setting > 0: that many
 int dino_pair_threads(const DinoParams& p);
 size_t dino_smem_bytes(const DinoParams& p);
 

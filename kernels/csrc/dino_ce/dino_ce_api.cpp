@@ -12,26 +12,40 @@ namespace sdmp {
 
 namespace {
 
+// $SDMP_DINO_CLUSTER: "1" the one-read cluster forward where the card and shapes allow it (opt-in until timed
+// on a GPU), "require" the same but an error where it cannot run (benchmarks and tests: no silent fallback).
+enum class ClusterMode { kOff, kPrefer, kRequire };
+
+// Forward-path choices from the environment (the launch settings go into DinoParams).
+struct DinoPaths {
+  ClusterMode cluster = ClusterMode::kOff;
+  bool fold_teacher = false;  // $SDMP_DINO_CLUSTER_TEACHER=1: the clusters compute the teacher statistics too
+  int chunk_pairs = 0;        // $SDMP_DINO_CHUNK_PAIRS=N: the two-launch path N pairs at a time (L2 reuse)
+};
+
 struct DinoInputs {
   at::Tensor s_clean, s_mixed, t_clean, t_mixed, center, lam;
   DinoParams p;
+  DinoPaths paths;
 };
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-// The launch-tuning variables the kernels read (dino_ce_kernel.cu and below), checked on every call so that a bad
-// value is an error naming it rather than a silent fallback to the default.
-void check_tuning_env() {
-  tuning_env("SDMP_DINO_BLOCK_COLS", 0, 256, 1L << 20, 256);
-  tuning_env("SDMP_DINO_PAIR_WARPS", 0, 4, kDinoPairThreads / 32);
-  tuning_env("SDMP_DINO_CLUSTER_THREADS", 0, 32, 512, 32);
-  tuning_env("SDMP_DINO_CHUNK_PAIRS", 0, 0, (1L << 30) - 1);
-  tuning_env("SDMP_DINO_CLUSTER_TEACHER", 0, 0, 1);
-  tuning_env("SDMP_DINO_CLUSTER_PIPELINE", 0, 0, 1);
+// Every $SDMP_DINO_* setting the C++ side reads, read once per call and checked: a bad value is an error naming
+// it, not a silent fallback to the default.
+void read_settings(DinoInputs& in) {
+  DinoParams& p = in.p;
+  p.block_cols_setting = tuning_env("SDMP_DINO_BLOCK_COLS", 0, 256, 1L << 20, 256);
+  p.pair_warps_setting = static_cast<int>(tuning_env("SDMP_DINO_PAIR_WARPS", 0, 4, kDinoPairThreads / 32));
+  p.cluster_threads = static_cast<int>(tuning_env("SDMP_DINO_CLUSTER_THREADS", 0, 32, 512, 32));
+  p.cluster_pipeline = tuning_env("SDMP_DINO_CLUSTER_PIPELINE", 0, 0, 1) == 1;
+  in.paths.fold_teacher = tuning_env("SDMP_DINO_CLUSTER_TEACHER", 0, 0, 1) == 1;
+  in.paths.chunk_pairs = static_cast<int>(tuning_env("SDMP_DINO_CHUNK_PAIRS", 0, 0, (1L << 30) - 1));
   const char* c = std::getenv("SDMP_DINO_CLUSTER");
-  TORCH_CHECK(c == nullptr || c[0] == '\0' || std::strcmp(c, "0") == 0 || std::strcmp(c, "1") == 0 ||
-                  std::strcmp(c, "require") == 0,
-              "SDMP_DINO_CLUSTER=", c, ": expected 0, 1 or require");
+  const bool off = c == nullptr || c[0] == '\0' || std::strcmp(c, "0") == 0;
+  TORCH_CHECK(off || std::strcmp(c, "1") == 0 || std::strcmp(c, "require") == 0, "SDMP_DINO_CLUSTER=", c,
+              ": expected 0, 1 or require");
+  in.paths.cluster = off ? ClusterMode::kOff : (c[0] == '1' ? ClusterMode::kPrefer : ClusterMode::kRequire);
 }
 
 DinoInputs check_inputs(const at::Tensor& s_clean, const std::optional<at::Tensor>& s_mixed,
@@ -39,7 +53,6 @@ DinoInputs check_inputs(const at::Tensor& s_clean, const std::optional<at::Tenso
                         const at::Tensor& center, const std::optional<at::Tensor>& lam, double tau_s,
                         double tau_t, double mix_weight) {
   SDMP_CHECK_DEVICE(s_clean);
-  check_tuning_env();
   TORCH_CHECK(s_clean.dim() == 3, "student_clean must be [Sc, B, K], got ", s_clean.sizes());
   TORCH_CHECK(t_clean.dim() == 3, "teacher_clean must be [T, B, K], got ", t_clean.sizes());
   const int64_t Sc = s_clean.size(0), B = s_clean.size(1), K = s_clean.size(2);
@@ -48,6 +61,7 @@ DinoInputs check_inputs(const at::Tensor& s_clean, const std::optional<at::Tenso
   TORCH_CHECK(B >= 1 && K >= 1, "empty batch or prototype dimension");
   CHECK_SHAPE(t_clean, T, B, K);
   DinoInputs in;
+  read_settings(in);
   in.s_clean = s_clean;
   in.t_clean = t_clean;
   in.center = center;
@@ -107,34 +121,11 @@ DinoInputs check_inputs(const at::Tensor& s_clean, const std::optional<at::Tenso
   p.t_tiles = ceil_div(K, dino_teacher_tile_cols(p.dtype, p.vec_ok));
   p.t_groups_clean = static_cast<int>(ceil_div(T * B, 64));
   p.t_groups_mixed = has_tm ? p.t_groups_clean : 0;
-  p.kb_cols = dino_block_cols(p.T);
+  p.kb_cols = dino_block_cols(p.T, p.block_cols_setting);
   p.n_kblocks = static_cast<int>(ceil_div(K, p.kb_cols));
   p.npairs = static_cast<int>((B + 1) / 2);
   return in;
 }
-
-// $SDMP_DINO_CLUSTER: "1" the one-read cluster forward where the card and shapes allow it (opt-in until timed
-// on a GPU), "require" the same but an error where it cannot run (benchmarks and tests: no silent fallback).
-enum class ClusterMode { kOff, kPrefer, kRequire };
-
-ClusterMode cluster_mode() {
-  const char* v = std::getenv("SDMP_DINO_CLUSTER");
-  if (v == nullptr) return ClusterMode::kOff;
-  if (std::strcmp(v, "require") == 0) return ClusterMode::kRequire;
-  return std::strcmp(v, "1") == 0 ? ClusterMode::kPrefer : ClusterMode::kOff;
-}
-
-// $SDMP_DINO_CHUNK_PAIRS=N: the two-launch path N pairs at a time (an L2-reuse experiment; 0 or unset: off).
-int chunk_pairs() {
-  const char* v = std::getenv("SDMP_DINO_CHUNK_PAIRS");
-  if (v == nullptr) return 0;
-  const long n = std::strtol(v, nullptr, 10);
-  return n > 0 && n < (1L << 30) ? static_cast<int>(n) : 0;
-}
-
-// $SDMP_DINO_CLUSTER_TEACHER=1: the cluster forward also computes the teacher statistics (the teacher read once
-// from HBM; the center statistic summed with atomics, so not bitwise reproducible). Opt-in until timed.
-bool fold_teacher_stats() { return tuning_env("SDMP_DINO_CLUSTER_TEACHER", 0, 0, 1) == 1; }
 
 // Statistics both passes need: teacher (max, log sum) rows and the center statistic.
 void run_teacher_stats(DinoInputs& in, at::Tensor& lse_t, at::Tensor& center_mean, Stream stream) {
@@ -196,9 +187,9 @@ std::vector<at::Tensor> dino_fwd(const at::Tensor& s_clean, const std::optional<
   DinoParams& p = in.p;
   const Stream stream = current_stream(s_clean);
   auto f32 = s_clean.options().dtype(at::kFloat);
-  const ClusterMode cluster = cluster_mode();
+  const ClusterMode cluster = in.paths.cluster;
   at::Tensor lse_t, center_mean;
-  if (cluster != ClusterMode::kOff && fold_teacher_stats()) {
+  if (cluster != ClusterMode::kOff && in.paths.fold_teacher) {
     // the cluster forward computes them (run_teacher_stats below if it cannot run)
     lse_t = new_buffer({2 * static_cast<int64_t>(p.T) * p.B, 2}, f32);
     center_mean = at::zeros({p.K}, f32);  // accumulated by the clusters
@@ -246,7 +237,7 @@ std::vector<at::Tensor> dino_fwd(const at::Tensor& s_clean, const std::optional<
       p.counters = counters.data_ptr<int>();
       p.group_pairs = static_cast<int>(std::min<int64_t>(group_pairs, p.npairs));
       SDMP_CHECK_STATUS(dino_fused_forward(p, stream));
-    } else if (const int chunk = chunk_pairs(); chunk > 0 && chunk < p.npairs) {
+    } else if (const int chunk = in.paths.chunk_pairs; chunk > 0 && chunk < p.npairs) {
       SDMP_CHECK_STATUS(dino_chunked_forward(p, chunk, stream));
     } else {
       SDMP_CHECK_STATUS(dino_student_stats(p, stream));

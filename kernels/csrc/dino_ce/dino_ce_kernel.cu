@@ -20,7 +20,6 @@
 
 #include <algorithm>
 #include <cstdlib>
-#include <cstring>
 #include <map>
 #include <mutex>
 #include <tuple>
@@ -1089,13 +1088,6 @@ constexpr int kMaxClusterBlocks = 16;  // H100's non-portable cluster limit (8 i
 template <typename T>
 constexpr int cluster_ppt() { return sizeof(T) == 4 ? 2 : 1; }  // 16-byte packs: 4096 columns per block
 
-int cluster_threads() {
-  if (const char* env = std::getenv("SDMP_DINO_CLUSTER_THREADS")) {
-    const long t = std::strtol(env, nullptr, 10);
-    if (t >= 32 && t <= kClusterThreads && t % 32 == 0) return static_cast<int>(t);
-  }
-  return kClusterThreads;
-}
 
 size_t cluster_smem_bytes(const DinoParams& p, int threads) {
   const size_t floats = static_cast<size_t>(2) * (kSlotGlobal + p.T) * p.kb_cols +
@@ -1166,17 +1158,15 @@ Status launch_cluster(DinoParams p, Stream stream, bool* launched) {
   constexpr int V = 16 / sizeof(T), PPT = cluster_ppt<T>();
   *launched = false;
   if (!p.vec_ok) return cudaSuccess;
-  const int threads = cluster_threads();
+  const int threads = p.cluster_threads > 0 ? p.cluster_threads : kClusterThreads;
   p.kb_cols = static_cast<int64_t>(threads) * V * PPT;
   const int64_t C = ceil_div(p.K, p.kb_cols);
   if (C > kMaxClusterBlocks) return cudaSuccess;
   const size_t smem = cluster_smem_bytes(p, threads);
   const dim3 grid(static_cast<unsigned>(C), static_cast<unsigned>(p.npairs)), block(threads);
-  // $SDMP_DINO_CLUSTER_PIPELINE=1: rounds of 4 rows, the next one loaded during this one's barriers (untimed).
-  const bool pipe = std::getenv("SDMP_DINO_CLUSTER_PIPELINE") != nullptr &&
-                    std::strcmp(std::getenv("SDMP_DINO_CLUSTER_PIPELINE"), "1") == 0;
-  auto k = pipe ? cluster_forward_kernel<T, V, PPT, kClusterRows / 2, true>
-                : cluster_forward_kernel<T, V, PPT, kClusterRows, false>;
+  // pipelined: rounds of 4 rows, the next one loaded during this one's barriers (untimed).
+  auto k = p.cluster_pipeline ? cluster_forward_kernel<T, V, PPT, kClusterRows / 2, true>
+                              : cluster_forward_kernel<T, V, PPT, kClusterRows, false>;
 #ifdef SDMP_EMULATE
   sdmp_emu::launch_cluster(grid, block, smem, static_cast<unsigned>(C), k, p);
 #else
@@ -1201,11 +1191,8 @@ int64_t dino_teacher_tile_cols(DType dt, bool vec_ok) {
 // every sm_80+ card grants on request (2048 for T <= 3). Measured on an H100 (2026-11-26, 10 x 256 x 65,536, 2
 // teacher crops + mixed): 2048 columns 0.80 ms vs 1024 0.84-0.87 ms fwd+bwd, 4096 1.12 ms.
 // $SDMP_DINO_BLOCK_COLS (a multiple of 256, up to the card's shared memory) overrides it for tuning.
-int64_t dino_block_cols(int T) {
-  if (const char* env = std::getenv("SDMP_DINO_BLOCK_COLS")) {
-    const long v = std::strtol(env, nullptr, 10);
-    if (v >= 256 && v % 256 == 0) return v;
-  }
+int64_t dino_block_cols(int T, int64_t setting) {
+  if (setting > 0) return setting;
   for (int64_t cols = 2048; cols > 256; cols /= 2) {
     if (static_cast<int64_t>(2) * (3 + T) * cols * static_cast<int64_t>(sizeof(float)) <= 96 * 1024) return cols;
   }
@@ -1215,10 +1202,7 @@ int64_t dino_block_cols(int T) {
 // Warps per pair block (4..12, one student row at a time each): the count that leaves the fewest warps idle in
 // the last round of rows (20 rows -> 10 warps), the larger one on ties.
 int dino_pair_threads(const DinoParams& p) {
-  if (const char* env = std::getenv("SDMP_DINO_PAIR_WARPS")) {  // tuning override, 4..12
-    const long w = std::strtol(env, nullptr, 10);
-    if (w >= 4 && w <= kDinoPairThreads / kWarpSize) return static_cast<int>(w) * kWarpSize;
-  }
+  if (p.pair_warps_setting > 0) return p.pair_warps_setting * kWarpSize;  // tuning override, 4..12
   const int rows = 2 * (p.Sc + p.Sm);
   int best = 8;
   double best_eff = 0.0;
