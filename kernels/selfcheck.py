@@ -149,8 +149,12 @@ def check_mix(device, dtype, n, c, h, w, methods=mixing.METHODS):
         assert rel_err(got, ref) <= TOL[dtype]
 
 
-def run_suite(device: str = "cuda", quick: bool = False) -> int:
-    """Every op, fp32 and bf16, odd sizes, all gradient paths; returns the number of failed checks."""
+def run_suite(device: str = "cuda", quick: bool = False, cluster: str = "include") -> int:
+    """Every op, fp32 and bf16, odd sizes, all gradient paths; returns the number of failed checks.
+
+    cluster: "include", "skip" or "only" the checks of the thread-block-cluster DINO forward (sm_90), so a
+    script can run that path, the newest one, in a process of its own first: a hang or a sticky CUDA error
+    there then costs only its own checks."""
     checks = [
         ("two_hot fp32 37x1000", lambda: check_two_hot(device, torch.float32, 37, 1000)),
         ("two_hot bf16 33x4099", lambda: check_two_hot(device, torch.bfloat16, 33, 4099)),
@@ -163,13 +167,14 @@ def run_suite(device: str = "cuda", quick: bool = False) -> int:
         ("mix fp32 6x3x45x64 4 packs per thread", lambda: _with_env(
             dict(SDMP_MIX_PACKS=4), lambda: check_mix(device, torch.float32, 6, 3, 45, 64))),
     ]
+    cluster_checks = []
     if device != "cuda" or torch.cuda.get_device_capability()[0] >= 9:  # thread-block clusters: sm_90
         # three blocks of columns per cluster, the last one partial (CPU emulation: 32-thread blocks)
         kv, k = (dict(SDMP_DINO_CLUSTER="require"), 9000) if device == "cuda" else \
             (dict(SDMP_DINO_CLUSTER="require", SDMP_DINO_CLUSTER_THREADS=32), 600)
-        checks.append((f"dino cluster bf16 sc3 sm2 b7 k{k}", lambda: _with_env(
+        cluster_checks.append((f"dino cluster bf16 sc3 sm2 b7 k{k}", lambda: _with_env(
             kv, lambda: check_dino(device, torch.bfloat16, 3, 2, 2, 7, k))))
-        checks.append((f"dino cluster pipelined + teacher statistics fp32 sc3 sm2 b7 k{k}", lambda: _with_env(
+        cluster_checks.append((f"dino cluster pipelined + teacher statistics fp32 sc3 sm2 b7 k{k}", lambda: _with_env(
             dict(kv, SDMP_DINO_CLUSTER_TEACHER=1, SDMP_DINO_CLUSTER_PIPELINE=1),
             lambda: check_dino(device, torch.float32, 3, 2, 2, 7, k))))
     if not quick:
@@ -179,6 +184,10 @@ def run_suite(device: str = "cuda", quick: bool = False) -> int:
                                lambda fused=fused, pre=pre, up=up: _with_env(
                                    dict(SDMP_DINO_FUSED=fused, SDMP_DINO_PRECOMPUTE_GRAD=pre, SDMP_DINO_GROUP_PAIRS=2),
                                    lambda: check_dino(device, torch.float32, 3, 2, 2, 10, 300, True, up, seed=4))))
+    if cluster == "only":
+        checks = cluster_checks
+    elif cluster == "include":
+        checks += cluster_checks
     failed = 0
     for name, fn in checks:
         t0 = time.time()
@@ -202,6 +211,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m sdmp_fast.kernels.selfcheck", description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="one case per op (no gradient-path sweep)")
     ap.add_argument("--no-poison", action="store_true", help="leave outputs uninitialised (for initcheck)")
+    ap.add_argument("--cluster", choices=("include", "skip", "only"), default="include",
+                    help="the thread-block-cluster DINO checks (sm_90): with the others, not at all, or alone")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("selfcheck: no CUDA device", file=sys.stderr)
@@ -211,7 +222,10 @@ def main(argv=None) -> int:
         return 2
     if not args.no_poison:
         os.environ["SDMP_KERNELS_POISON"] = "1"
-    failed = run_suite("cuda", quick=args.quick)
+    if args.cluster == "only" and torch.cuda.get_device_capability()[0] < 9:
+        print("selfcheck: no cluster checks (thread-block clusters need sm_90)", file=sys.stderr)
+        return 3
+    failed = run_suite("cuda", quick=args.quick, cluster=args.cluster)
     print(f"selfcheck: {'all ok' if failed == 0 else f'{failed} FAILED'}")
     return 1 if failed else 0
 

@@ -55,3 +55,37 @@ def test_bench_mixing_rejects_unknown_variant(tmp_path, capsys):
     assert cli.main(["bench", "mixing", "--no-compile", "--mix-variants", "p3", "--json", str(out)]) == 2
     assert "--mix-variants: cannot read 'p3'" in capsys.readouterr().err
     assert not out.exists()  # rejected before anything ran
+
+
+def test_merge_variant_rows_recomputes_speedups_against_the_main_run(tmp_path):
+    # bench/gpu_kernels.sh times the cluster DINO variants in a process of their own and merges their rows
+    from sdmp_fast.benchmarks.losses import merge_variant_rows
+    main = tmp_path / "losses.json"
+    rec = lambda impl, ms, status="ok": {"op": "dino", "impl": impl, "ms": ms, "status": status}  # noqa: E731
+    main.write_text(json.dumps({"device": "d", "date": "t", "command": "main", "records": [
+        rec("eager", 10.0), rec("compile", 3.0), rec("kernel_graph", 0.8), rec("kernel_graph_cluster", None, "failed"),
+        {"op": "two_hot_ce", "impl": "eager", "ms": 1.0, "status": "ok"}]}))
+    extra = {"device": "d", "date": "t", "command": "cluster", "records": [
+        rec("eager", 11.0), rec("kernel_graph", 0.82), rec("kernel_graph_cluster", 0.4),
+        rec("kernel_graph_cluster+tfold", None, "failed")]}
+    assert merge_variant_rows(str(main), extra) == 2
+    doc = json.loads(main.read_text())
+    rows = {(r["op"], r["impl"]): r for r in doc["records"]}
+    assert len(doc["records"]) == 6  # the main run's stale cluster row replaced, not duplicated
+    cluster = rows[("dino", "kernel_graph_cluster")]
+    assert cluster["speedup_vs_compile"] == pytest.approx(3.0 / 0.4)
+    assert cluster["speedup_vs_eager"] == pytest.approx(10.0 / 0.4)  # the main run's eager, not its own
+    assert cluster["same_run_kernel_graph_ms"] == 0.82 and cluster["run"] == "separate process"
+    assert rows[("dino", "kernel_graph_cluster+tfold")]["status"] == "failed"
+    assert rows[("dino", "eager")]["ms"] == 10.0 and "merged: cluster" in doc["command"]
+    # without a main file (its bench failed), the variant run's document becomes it
+    alone = tmp_path / "alone.json"
+    assert merge_variant_rows(str(alone), extra) == 2
+    assert json.loads(alone.read_text())["records"] == extra["records"]
+
+
+def test_bench_losses_rejects_unknown_profile_config(tmp_path, capsys):
+    out = tmp_path / "losses.json"
+    assert cli.main(["bench", "losses", "--profile-configs", "default,clustr", "--json", str(out)]) == 2
+    assert "--profile-configs: cannot read 'clustr'" in capsys.readouterr().err
+    assert not out.exists()

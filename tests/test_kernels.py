@@ -306,9 +306,15 @@ def test_emulated_mix_views_one_launch_equals_reference(emulated):
 
 @pytest.mark.slow
 @pytest.mark.timeout(1200)
-def test_emulated_selfcheck_suite(emulated):
+def test_emulated_selfcheck_suite(emulated, capsys):
+    # bench/gpu_kernels.sh runs the cluster checks in a process of their own: "skip" + "only" = the whole suite
     from sdmp_fast.kernels.selfcheck import run_suite
-    assert run_suite("cpu", quick=True) == 0
+    assert run_suite("cpu", quick=True, cluster="skip") == 0
+    skipped = [line for line in capsys.readouterr().out.splitlines() if line.startswith("ok")]
+    assert run_suite("cpu", quick=True, cluster="only") == 0
+    only = [line for line in capsys.readouterr().out.splitlines() if line.startswith("ok")]
+    assert len(skipped) >= 8 and not any("cluster" in line for line in skipped)
+    assert len(only) == 2 and all("cluster" in line for line in only)
 
 
 @pytest.mark.slow

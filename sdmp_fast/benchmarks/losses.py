@@ -20,6 +20,7 @@ device-to-device copy bandwidth. On a CPU-only machine sizes shrink and kernel r
 from __future__ import annotations
 
 import datetime as _dt
+import json
 import os
 import re
 import traceback
@@ -67,9 +68,15 @@ def add_arguments(p) -> None:
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows")
     p.add_argument("--profile", action="store_true",
-                   help="also print the per-kernel device time of the DINO loss: default, fused and cluster launches "
+                   help="also print the per-kernel device time of the DINO loss under --profile-configs "
                         "(torch.profiler)")
+    p.add_argument("--profile-configs", default="default,fused,cluster,cluster+tfold+cpipe",
+                   help="launch configurations --profile times: 'default' or a --dino-variants entry, comma-separated")
     p.add_argument("--json", default=None, help="output JSON (default bench/results/losses-<device>-<date>.json)")
+    p.add_argument("--merge-into", default=None, metavar="JSON",
+                   help="also add this run's variant rows (kernel_graph_*) to the records of an earlier run's JSON, "
+                        "their speed-ups recomputed against that run's eager / compile rows (a risky variant can "
+                        "then run in its own process without losing the other rows if it fails or hangs)")
 
 
 def _grad_step(fn: Callable, inputs: List[torch.Tensor]) -> Callable[[], object]:
@@ -260,11 +267,7 @@ def bench_dino(args, device, dtype, copy_gbps) -> List[Dict]:
                 return graph_step(_grad_step(wrap(K.sdmp_dino_terms), inputs))
         impls[f"kernel_graph_{name}"] = variant_step
     if getattr(args, "profile", False) and _kernels_ready(device):
-        profile_kernels("dino", {"kernel": {}, "fused": {"SDMP_DINO_FUSED": "1"},
-                                 "cluster": {"SDMP_DINO_CLUSTER": "require"},
-                                 "cluster+tfold+cpipe": {"SDMP_DINO_CLUSTER": "require",
-                                                         "SDMP_DINO_CLUSTER_TEACHER": "1",
-                                                         "SDMP_DINO_CLUSTER_PIPELINE": "1"}},
+        profile_kernels("dino", profile_configs(args.profile_configs),
                         lambda: _grad_step(wrap(K.sdmp_dino_terms), inputs))
     if not args.no_compile:
         impls["compile"] = lambda: _grad_step(torch.compile(wrap(losses.sdmp_dino_terms)), inputs)
@@ -301,6 +304,21 @@ def dino_variant_env(variant: str):
     if "SDMP_DINO_GROUP_PAIRS" in kv:  # groups exist only in the fused forward
         kv.setdefault("SDMP_DINO_FUSED", "1")
     return kv, "+".join(names)
+
+
+def profile_configs(spec: str) -> Dict[str, Dict[str, str]]:
+    """'default,fused,cluster+tfold' -> {name: environment}: 'default' is the launch with no setting changed."""
+    configs = {}
+    for entry in (e.strip() for e in spec.split(",") if e.strip()):
+        if entry == "default":
+            configs["kernel"] = {}
+        else:
+            try:
+                kv, name = dino_variant_env(entry)
+            except ValueError as e:
+                raise ValueError(str(e).replace("--dino-variants", "--profile-configs", 1)) from None
+            configs[name] = kv
+    return configs
 
 
 def profile_kernels(op: str, configs: Dict[str, Dict[str, str]], make_step: Callable[[], Callable]) -> None:
@@ -340,6 +358,9 @@ def main(args) -> int:
     for o in ops:
         if o not in OPS:
             raise ValueError(f"--ops: unknown op {o!r}; choose among {', '.join(OPS)}")
+    for variant in (v.strip() for v in args.dino_variants.split(",") if v.strip()):
+        dino_variant_env(variant)  # bad input fails before anything runs
+    profile_configs(args.profile_configs)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = DTYPES[args.dtype]
     copy_gbps = copy_bandwidth_gbps()
@@ -353,7 +374,39 @@ def main(args) -> int:
     for r in records:
         r["copy_gb_per_s"] = copy_gbps
     path = args.json or default_json_path("losses", device)
-    write_results(path, records, getattr(args, "command_line", "sdmp-fast bench losses"))
+    doc = write_results(path, records, getattr(args, "command_line", "sdmp-fast bench losses"))
     print_table(records, COLUMNS)
     print(f"wrote {path}")
+    if args.merge_into:
+        added = merge_variant_rows(args.merge_into, doc)
+        print(f"merged {added} variant rows into {args.merge_into}")
     return 0
+
+
+def merge_variant_rows(main_path: str, extra: Dict) -> int:
+    """Add the ``kernel_graph_*`` variant rows of ``extra`` (a bench document) to the JSON at ``main_path``:
+    speed-ups recomputed against that file's eager / compile rows of the same op, and ``same_run_kernel_graph_ms``
+    (the default launch timed in the variant's own process) kept beside, so the comparison with the default
+    launch is also available within one process. Without the main file, ``extra`` becomes it. Returns the number
+    of rows added."""
+    rows = [dict(r, run="separate process", same_run_kernel_graph_ms=_ms(extra, r["op"], "kernel_graph"))
+            for r in extra["records"] if r["impl"].startswith("kernel_graph_")]
+    if not os.path.exists(main_path):
+        main = dict(extra)
+    else:
+        with open(main_path) as f:
+            main = json.load(f)
+        main["records"] = [r for r in main["records"]
+                           if (r["op"], r["impl"]) not in {(x["op"], x["impl"]) for x in rows}] + rows
+        for op in {r["op"] for r in rows}:
+            _add_speedups([r for r in main["records"] if r["op"] == op])
+        main["command"] = f"{main.get('command', '')}; merged: {extra.get('command', '')}"
+    tmp = f"{main_path}.tmp.{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(main, f, indent=2)
+    os.replace(tmp, main_path)
+    return len(rows)
+
+
+def _ms(doc: Dict, op: str, impl: str) -> Optional[float]:
+    return next((r["ms"] for r in doc["records"] if r["op"] == op and r["impl"] == impl), None)
