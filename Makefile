@@ -28,7 +28,7 @@ $(VENV)/.deps-ok: $(VENV)/.apt-ok requirements.txt
 	@touch $@
 
 # Editable install; re-run only when the packaging metadata changes.
-$(VENV)/.pkg-ok: $(VENV)/.deps-ok pyproject.toml
+$(VENV)/.pkg-ok: $(VENV)/.deps-ok pyproject.toml setup.py
 	$(VPY) -m pip install -q --no-deps --no-build-isolation -e . 2>&1 | { grep -v 'is ignored: it is neither' || true; }
 	@touch $@
 

@@ -1,6 +1,12 @@
-"""Build of the sdmp_fast CUDA kernels: JIT with ninja on first CUDA use, a compile check, and a CPU emulation.
+"""Build of the sdmp_fast CUDA kernels: ahead of time at install, else JIT with ninja on first CUDA use; a
+compile check, and a CPU emulation.
 
-* :func:`load` compiles ``csrc/**`` with ``torch.utils.cpp_extension.load`` (ninja, persistent cache in
+* At install (``setup.py``), with a CUDA toolchain and torch in the build environment
+  (``pip install --no-build-isolation``), the extension is compiled into the package as
+  ``sdmp_fast.kernels._C`` when a GPU is visible or ``SDMP_KERNELS_AOT=1`` (``0``: never); see
+  :func:`aot_decision`. :func:`load` uses that module when it was built from these very sources for this
+  torch (:func:`load_prebuilt`), else it JIT-builds.
+* :func:`load` JIT-compiles ``csrc/**`` with ``torch.utils.cpp_extension.load`` (ninja, persistent cache in
   ``$SDMP_KERNELS_CACHE`` or ``~/.cache/sdmp_fast_kernels``) for ``$SDMP_KERNELS_ARCHS`` (default ``80;90``:
   sm_80 and sm_90 cubins plus sm_90 PTX for newer cards). Nothing is built at import time.
 * ``python -m sdmp_fast.kernels.build --check`` compiles every ``.cu``/``.cpp`` with the local nvcc for both
@@ -70,9 +76,10 @@ def _torch_tag() -> str:
 
 
 def _sources_digest() -> str:
+    # the kernel sources alone: the same files in a checkout and in an installed package (its package data)
     h = hashlib.sha1()
     for p in sorted(CSRC.rglob("*")):
-        if p.is_file():
+        if p.is_file() and p.suffix in (".cu", ".cpp", ".h", ".cuh"):
             h.update(p.relative_to(CSRC).as_posix().encode())
             h.update(p.read_bytes())
     return h.hexdigest()[:12]
@@ -139,26 +146,98 @@ def _max_jobs() -> str:
     return str(jobs)
 
 
+def compile_flags(arch_list: Optional[Sequence[str]] = None) -> dict:
+    """Include dirs and compiler / linker flags of the CUDA extension, shared by the JIT build and setup.py."""
+    arch_list = list(arch_list or archs())
+    toolkit_includes, toolkit_libs = _toolkit_flags()
+    return dict(include_dirs=[str(CSRC / "common"), *toolkit_includes],
+                cflags=["-O3"] + [f"-idirafter{d}" for d in extra_host_includes()],
+                # --threads: nvcc compiles the architectures of a file in parallel
+                cuda_cflags=["-O3", "-lineinfo", f"--threads={min(len(arch_list), 4)}", *gencode_flags(arch_list)],
+                ldflags=toolkit_libs)
+
+
 def load(verbose: bool = False):
-    """JIT-builds (or loads from the cache) the CUDA extension; raises on failure."""
+    """The CUDA extension: the one built at install if it matches these sources and this torch, else JIT-built
+    (or loaded from the JIT cache); raises on failure."""
+    prebuilt, why = load_prebuilt()
+    if verbose:
+        print(f"sdmp_fast.kernels: {'using the extension built at install' if prebuilt else why}", flush=True)
+    if prebuilt is not None:
+        return prebuilt
     from torch.utils import cpp_extension
     arch_list = archs()
     build_dir = cache_dir() / f"{_torch_tag()}-sm{'_'.join(arch_list)}"
     build_dir.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("MAX_JOBS", _max_jobs())
-    host = ["-O3"] + [f"-idirafter{d}" for d in extra_host_includes()]
-    toolkit_includes, toolkit_libs = _toolkit_flags()
+    flags = compile_flags(arch_list)
     return cpp_extension.load(
         name=EXT_NAME,
         sources=[str(p) for p in sources()],
-        extra_include_paths=[str(CSRC / "common"), *toolkit_includes],
-        extra_cflags=host,
-        extra_ldflags=toolkit_libs,
-        # --threads: nvcc compiles the architectures of a file in parallel
-        extra_cuda_cflags=["-O3", "-lineinfo", f"--threads={min(len(arch_list), 4)}", *gencode_flags(arch_list)],
+        extra_include_paths=flags["include_dirs"],
+        extra_cflags=flags["cflags"],
+        extra_ldflags=flags["ldflags"],
+        extra_cuda_cflags=flags["cuda_cflags"],
         build_directory=str(build_dir),
         verbose=verbose,
     )
+
+
+# ---------------------------------------------------------------------------------------------- ahead of time
+
+AOT_ENV = "SDMP_KERNELS_AOT"
+PREBUILT_MODULE = "sdmp_fast.kernels._C"
+
+
+def build_tag() -> str:
+    """What a prebuilt extension must have been built from: these kernel sources and this torch (a C++ token)."""
+    h = hashlib.sha1(_sources_digest().encode())
+    h.update(_torch_tag().encode())
+    return "b" + h.hexdigest()[:16]
+
+
+def aot_decision(setting: Optional[str] = None) -> Tuple[bool, str]:
+    """Whether setup.py compiles the extension at install, and why. ``SDMP_KERNELS_AOT``: ``1`` always (an error
+    if torch or nvcc is missing), ``0`` never, unset: when torch (with CUDA), nvcc and a GPU are all there -- a
+    CPU-only machine with nvcc (CI) keeps its quick install and JIT-builds on a GPU later."""
+    setting = os.environ.get(AOT_ENV, "") if setting is None else setting
+    setting = setting.strip().lower()
+    if setting not in ("", "0", "1"):
+        raise ValueError(f"{AOT_ENV}={setting!r}: expected 1 (build the CUDA kernels at install), 0 (never) or unset")
+    if setting == "0":
+        return False, f"{AOT_ENV}=0"
+    try:
+        import torch
+    except ImportError:
+        missing = "torch is not importable in the build environment (pip install --no-build-isolation)"
+    else:
+        missing = None
+        if torch.version.cuda is None:
+            missing = f"torch {torch.__version__} has no CUDA"
+        elif setting == "" and not torch.cuda.is_available():
+            return False, f"no GPU visible ({AOT_ENV}=1 builds anyway)"
+        elif nvcc_path() is None:
+            missing = "no nvcc (set CUDA_HOME or put nvcc on PATH)"
+    if missing and setting == "1":
+        raise RuntimeError(f"{AOT_ENV}=1 but the CUDA kernels cannot be built at install: {missing}")
+    if missing:
+        return False, missing
+    return True, f"{AOT_ENV}=1" if setting == "1" else "torch with CUDA, nvcc and a GPU found"
+
+
+def load_prebuilt():
+    """(module, reason): the extension compiled at install, or (None, why it is not used)."""
+    import importlib
+    try:
+        mod = importlib.import_module(PREBUILT_MODULE)
+    except ImportError as e:
+        if getattr(e, "name", None) == PREBUILT_MODULE:
+            return None, "no extension built at install: JIT build"
+        return None, f"the extension built at install does not load ({e}): JIT build"
+    if getattr(mod, "build_tag", None) != build_tag():
+        return None, ("the extension built at install is stale (other kernel sources or another torch than "
+                      f"{_torch_tag()}): JIT build")
+    return mod, "built at install"
 
 
 def load_emulated(verbose: bool = False):

@@ -9,6 +9,7 @@
 """
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -47,6 +48,49 @@ def test_fallback_two_hot_and_moco_equal_references():
         got = K.sdmp_moco_terms(*args, 0.2, rank, world)
         ref = losses.sdmp_moco_terms(*args, 0.2, rank, world)
         assert all(torch.equal(got[n], ref[n]) for n in ref)
+
+
+def test_aot_decision_reads_its_setting(monkeypatch):
+    # setup.py compiles the kernels at install with SDMP_KERNELS_AOT=1, or unset when a GPU is visible
+    assert build.aot_decision("0") == (False, "SDMP_KERNELS_AOT=0")
+    with pytest.raises(ValueError, match="SDMP_KERNELS_AOT='yes'"):
+        build.aot_decision("yes")
+    if torch.version.cuda is None:
+        pytest.skip("torch without CUDA: nothing can be built")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert build.aot_decision("") == (False, "no GPU visible (SDMP_KERNELS_AOT=1 builds anyway)")
+    monkeypatch.setattr(build, "nvcc_path", lambda: "/opt/cuda/bin/nvcc")
+    assert build.aot_decision("1") == (True, "SDMP_KERNELS_AOT=1")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert build.aot_decision("")[0] is True
+    monkeypatch.setattr(build, "nvcc_path", lambda: None)
+    assert build.aot_decision("") == (False, "no nvcc (set CUDA_HOME or put nvcc on PATH)")
+    with pytest.raises(RuntimeError, match="SDMP_KERNELS_AOT=1 but .* no nvcc"):
+        build.aot_decision("1")
+
+
+def test_setup_py_install_without_gpu_builds_no_kernels(tmp_path):
+    root = build.CSRC.parent.parent
+    run = lambda aot: subprocess.run([sys.executable, "setup.py", "--version"], cwd=root, capture_output=True,  # noqa: E731
+                                     text=True, timeout=120, env={**os.environ, "SDMP_KERNELS_AOT": aot})
+    out = run("0")
+    assert out.returncode == 0 and "CUDA kernels JIT-built on first use (SDMP_KERNELS_AOT=0)" in out.stdout
+    bad = run("maybe")
+    assert bad.returncode != 0 and "SDMP_KERNELS_AOT='maybe'" in bad.stderr
+
+
+def test_prebuilt_extension_used_only_when_built_from_these_sources(monkeypatch):
+    import types
+    monkeypatch.setitem(sys.modules, build.PREBUILT_MODULE, None)  # as on a JIT-only install
+    assert build.load_prebuilt() == (None, "no extension built at install: JIT build")
+    fake = types.ModuleType(build.PREBUILT_MODULE)
+    fake.build_tag = build.build_tag()
+    monkeypatch.setitem(sys.modules, build.PREBUILT_MODULE, fake)
+    assert build.load_prebuilt() == (fake, "built at install")
+    assert build.load() is fake  # no JIT build
+    fake.build_tag = "b0000"  # other sources or another torch than the running one
+    module, why = build.load_prebuilt()
+    assert module is None and "stale" in why
 
 
 @pytest.mark.parametrize("sm,teacher_mixed", [(0, False), (2, False), (2, True)])

@@ -34,6 +34,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 #else
   m.attr("emulated") = false;
 #endif
+#ifdef SDMP_BUILD_TAG  // built at install (setup.py): which sources and torch, checked before the module is used
+#define SDMP_STRINGIFY_(x) #x
+#define SDMP_STRINGIFY(x) SDMP_STRINGIFY_(x)
+  m.attr("build_tag") = SDMP_STRINGIFY(SDMP_BUILD_TAG);
+#endif
   m.def("two_hot_ce_fwd", &sdmp::two_hot_ce_fwd, "two-hot soft-label CE forward -> (loss, lse)");
   m.def("two_hot_ce_bwd", &sdmp::two_hot_ce_bwd, "two-hot soft-label CE backward -> grad_logits");
   m.def("dino_fwd", &sdmp::dino_fwd, "fused SDMP-DINO CE forward");
