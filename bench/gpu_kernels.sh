@@ -36,7 +36,8 @@ if [ "${SKIP_INSTALL:-0}" = 1 ]; then
   "$PY" -c "import sdmp_fast.kernels" 2>/dev/null || SKIP_INSTALL=shim
 fi
 if [ "${SKIP_INSTALL:-0}" = shim ] || { [ "${SKIP_INSTALL:-0}" != 1 ] &&
-    ! step install 120 "$PY" -m pip install -e . --no-deps --no-build-isolation -q; }; then
+    # SDMP_KERNELS_AOT=0: the kernels are compiled by the timed build step below, with its log
+    ! step install 120 env SDMP_KERNELS_AOT=0 "$PY" -m pip install -e . --no-deps --no-build-isolation -q; }; then
   use_shim "$OUT/pyshim"
 fi
 "$PY" -c "import sdmp_fast.kernels" 2>> "$SUMMARY" || { log "FATAL: sdmp_fast.kernels does not import"; exit 1; }
