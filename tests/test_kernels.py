@@ -195,7 +195,8 @@ ptxas info    : Used 127 registers, used 1 barriers, 8 bytes cumulative stack si
 ptxas info    : Compiling entry function '_ZN4sdmp12_GLOBAL__N_112terms_kernelENS_10DinoParamsEi' for 'sm_90'
 ptxas info    : Used 16 registers, used 1 barriers
 """
-    assert build.parse_ptxas(text) == [
+    from sdmp_fast.kernels.ptxas import parse_ptxas
+    assert parse_ptxas(text) == [
         dict(kernel="student_grad_kernel<bf16,8>", arch="sm_90", registers=80, spill_stores=52, spill_loads=132),
         dict(kernel="cluster_forward_kernel<fp32,4,2,4,true>", arch="sm_80", registers=127, spill_stores=0,
              spill_loads=0),
