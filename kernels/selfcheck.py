@@ -169,14 +169,17 @@ def run_suite(device: str = "cuda", quick: bool = False, cluster: str = "include
     ]
     cluster_checks = []
     if device != "cuda" or torch.cuda.get_device_capability()[0] >= 9:  # thread-block clusters: sm_90
-        # three blocks of columns per cluster, the last one partial (CPU emulation: 32-thread blocks)
-        kv, k = (dict(SDMP_DINO_CLUSTER="require"), 9000) if device == "cuda" else \
-            (dict(SDMP_DINO_CLUSTER="require", SDMP_DINO_CLUSTER_THREADS=32), 600)
-        cluster_checks.append((f"dino cluster bf16 sc3 sm2 b7 k{k}", lambda: _with_env(
-            kv, lambda: check_dino(device, torch.bfloat16, 3, 2, 2, 7, k))))
-        cluster_checks.append((f"dino cluster pipelined + teacher statistics fp32 sc3 sm2 b7 k{k}", lambda: _with_env(
-            dict(kv, SDMP_DINO_CLUSTER_TEACHER=1, SDMP_DINO_CLUSTER_PIPELINE=1),
-            lambda: check_dino(device, torch.float32, 3, 2, 2, 7, k))))
+        # clusters of three blocks of columns and of 16 (the non-portable size K = 65,536 takes), the last block
+        # partial (4,096 columns per block; 256 in the CPU emulation's 32-thread blocks)
+        kv, k3, k16 = (dict(SDMP_DINO_CLUSTER="require"), 9000, 65528) if device == "cuda" else \
+            (dict(SDMP_DINO_CLUSTER="require", SDMP_DINO_CLUSTER_THREADS=32), 600, 4088)
+        cluster_checks.append((f"dino cluster bf16 sc3 sm2 b7 k{k3}", lambda: _with_env(
+            kv, lambda: check_dino(device, torch.bfloat16, 3, 2, 2, 7, k3))))
+        cluster_checks.append((f"dino cluster bf16 sc3 sm2 b3 k{k16}", lambda: _with_env(
+            kv, lambda: check_dino(device, torch.bfloat16, 3, 2, 2, 3, k16))))
+        cluster_checks.append((f"dino cluster pipelined + teacher statistics fp32 sc3 sm2 b3 k{k16}",
+                               lambda: _with_env(dict(kv, SDMP_DINO_CLUSTER_TEACHER=1, SDMP_DINO_CLUSTER_PIPELINE=1),
+                                                 lambda: check_dino(device, torch.float32, 3, 2, 2, 3, k16))))
     if not quick:
         for fused, pre in (("1", "1"), ("0", "1"), ("1", "0")):
             for up in ("loss", "scaled", "mixed"):

@@ -389,7 +389,7 @@ def test_emulated_selfcheck_suite(emulated, capsys):
     assert run_suite("cpu", quick=True, cluster="only") == 0
     only = [line for line in capsys.readouterr().out.splitlines() if line.startswith("ok")]
     assert len(skipped) >= 8 and not any("cluster" in line for line in skipped)
-    assert len(only) == 2 and all("cluster" in line for line in only)
+    assert len(only) == 3 and all("cluster" in line for line in only)
 
 
 @pytest.mark.slow
