@@ -75,7 +75,7 @@ if [ "${SKIP_TESTS:-0}" != 1 ] && [ $BUILD_OK -eq 1 ]; then
     # the cluster tests in a second process: a hang or sticky CUDA error there cannot take the others along
     for part in tests tests_cluster; do
       [ $part = tests_cluster ] && [ $CLUSTER_OK -ne 1 ] && continue
-      step $part 200 "$PY" -m pytest -m cuda tests/test_kernels.py -q -rfE -p no:cacheprovider $TIMEOUT_OPT \
+      step $part $([ $part = tests ] && echo 200 || echo 90) "$PY" -m pytest -m cuda tests/test_kernels.py -q -rfE -p no:cacheprovider $TIMEOUT_OPT \
         -k "$([ $part = tests ] && echo "not ")cluster" --junitxml="$OUT/$part.xml"
       tail -3 "$OUT/$part.log" | sed 's/^/      /' | tee -a "$SUMMARY"
       grep -E "^(FAILED|ERROR)" "$OUT/$part.log" | head -20 | sed 's/^/      /' | tee -a "$SUMMARY"
