@@ -322,6 +322,25 @@ __device__ __forceinline__ RowTargets row_targets(const DinoParams& p, int v) {
 // before using any, which keeps enough bytes in flight to cover HBM latency at modest occupancy.
 constexpr int kLoadGroup = 4;
 
+// One warp's pass over a row slice [0, kcount) (src already offset): the loads of kLoadGroup packs first, then
+// fn(pack, column) for each.
+template <typename T, int VEC, typename Fn>
+__device__ __forceinline__ void for_each_row_pack(const T* src, int64_t kcount, int lane, Fn&& fn) {
+  constexpr int64_t kStride = static_cast<int64_t>(kWarpSize) * VEC;
+  for (int64_t base = static_cast<int64_t>(lane) * VEC; base < kcount; base += kLoadGroup * kStride) {
+    Pack<T, VEC> raw[kLoadGroup];
+#pragma unroll
+    for (int g = 0; g < kLoadGroup; ++g)
+      if (base + g * kStride < kcount) raw[g] = load_pack<T, VEC>(src + base + g * kStride);
+#pragma unroll
+    for (int g = 0; g < kLoadGroup; ++g) {
+      const int64_t lc = base + g * kStride;
+      if (lc >= kcount) break;
+      fn(raw[g], lc);
+    }
+  }
+}
+
 // Folds one pack of a student row (block column lc) into its partial state: x = student / tau_s against the
 // row's one or two target vectors.
 template <typename T, int VEC, bool kTwo>
@@ -340,20 +359,10 @@ __device__ __forceinline__ void stats_pack(const DinoParams& p, const Pack<T, VE
 template <typename T, int VEC, bool kTwo>
 __device__ __forceinline__ RowAcc stats_row(const DinoParams& p, const T* src, const float* t1, const float* t2,
                                             int64_t kcount, int lane) {
-  constexpr int64_t kStride = static_cast<int64_t>(kWarpSize) * VEC;
   RowAcc acc = acc_empty();
-  for (int64_t base = static_cast<int64_t>(lane) * VEC; base < kcount; base += kLoadGroup * kStride) {
-    Pack<T, VEC> raw[kLoadGroup];
-#pragma unroll
-    for (int g = 0; g < kLoadGroup; ++g)
-      if (base + g * kStride < kcount) raw[g] = load_pack<T, VEC>(src + base + g * kStride);
-#pragma unroll
-    for (int g = 0; g < kLoadGroup; ++g) {
-      const int64_t lc = base + g * kStride;
-      if (lc >= kcount) break;
-      stats_pack<T, VEC, kTwo>(p, raw[g], t1, t2, lc, acc);
-    }
-  }
+  for_each_row_pack<T, VEC>(src, kcount, lane, [&](const Pack<T, VEC>& raw, int64_t lc) {
+    stats_pack<T, VEC, kTwo>(p, raw, t1, t2, lc, acc);
+  });
   return warp_acc_merge(acc);
 }
 
@@ -451,21 +460,11 @@ template <typename T, int VEC, bool kTwo>
 __device__ __forceinline__ void grad_row_write(const DinoParams& p, const T* src, T* dst, const float* t1,
                                                const float* t2, float c1, float c2, const float* stat,
                                                int64_t kcount, int lane) {
-  constexpr int64_t kStride = static_cast<int64_t>(kWarpSize) * VEC;
   const float m = load_coherent(stat + 0), ls = load_coherent(stat + 1);
   const float csm = c1 * load_coherent(stat + 2) + (kTwo ? c2 * load_coherent(stat + 3) : 0.f);
-  for (int64_t base = static_cast<int64_t>(lane) * VEC; base < kcount; base += kLoadGroup * kStride) {
-    Pack<T, VEC> raw[kLoadGroup];
-#pragma unroll
-    for (int g = 0; g < kLoadGroup; ++g)
-      if (base + g * kStride < kcount) raw[g] = load_pack<T, VEC>(src + base + g * kStride);
-#pragma unroll
-    for (int g = 0; g < kLoadGroup; ++g) {
-      const int64_t lc = base + g * kStride;
-      if (lc >= kcount) break;
-      grad_pack<T, VEC, kTwo>(p, raw[g], t1, t2, lc, c1, c2, csm, m, ls, dst + lc);
-    }
-  }
+  for_each_row_pack<T, VEC>(src, kcount, lane, [&](const Pack<T, VEC>& raw, int64_t lc) {
+    grad_pack<T, VEC, kTwo>(p, raw, t1, t2, lc, c1, c2, csm, m, ls, dst + lc);
+  });
 }
 
 // Gradient of every student row of `pair` over column block kb. With wait_pair, first waits until the pair's
