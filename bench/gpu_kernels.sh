@@ -6,7 +6,7 @@
 #
 # Every step has its own time limit and the whole script keeps to $BUDGET_S seconds (default 480): a step that
 # would not fit is skipped and said so. Order: build, smoke, tests, memcheck, benches, then racecheck, synccheck
-# and initcheck while time is left. Logs, JUnit XML and bench JSON go to $OUT; the bench JSON also goes to
+# and initcheck while time is left. Logs, JUnit XML and bench JSON go to $OUT; on a GPU the bench JSON also goes to
 # bench/results/. Knobs: PYTHON (default python3), BUDGET_S, SKIP_INSTALL=1 (sdmp_fast already importable),
 # SKIP_TESTS=1, SKIP_BENCH=1, SKIP_SANITIZER=1, SKIP_CLUSTER=1 (no cluster DINO step), SDMP_KERNELS_ARCHS (default "80;90", as the JIT build),
 # DINO_VARIANTS / MIX_VARIANTS (bench rows, see `bench losses --dino-variants`, `bench mixing --mix-variants`),
@@ -75,8 +75,9 @@ if [ "${SKIP_TESTS:-0}" != 1 ] && [ $BUILD_OK -eq 1 ]; then
     # the cluster tests in a second process: a hang or sticky CUDA error there cannot take the others along
     for part in tests tests_cluster; do
       [ $part = tests_cluster ] && [ $CLUSTER_OK -ne 1 ] && continue
-      step $part $([ $part = tests ] && echo 200 || echo 90) "$PY" -m pytest -m cuda tests/test_kernels.py -q -rfE -p no:cacheprovider $TIMEOUT_OPT \
-        -k "$([ $part = tests ] && echo "not ")cluster" --junitxml="$OUT/$part.xml"
+      if [ $part = tests ]; then limit=200 select="not cluster"; else limit=90 select=cluster; fi
+      step $part $limit "$PY" -m pytest -m cuda tests/test_kernels.py -q -rfE -p no:cacheprovider $TIMEOUT_OPT \
+        -k "$select" --junitxml="$OUT/$part.xml"
       tail -3 "$OUT/$part.log" | sed 's/^/      /' | tee -a "$SUMMARY"
       grep -E "^(FAILED|ERROR)" "$OUT/$part.log" | head -20 | sed 's/^/      /' | tee -a "$SUMMARY"
     done
@@ -138,8 +139,10 @@ if [ "${SKIP_BENCH:-0}" != 1 ]; then
   step bench_mixing 120 "$PY" -m sdmp_fast.cli bench mixing --iters 10 --warmup 3 \
     --mix-variants "${MIX_VARIANTS:-p2,p4}" --json "$OUT/mixing.json"
   TAG=$("$PY" -c "import torch; from sdmp_fast.benchmarks.loaders import device_tag; print(device_tag(torch.device('cuda' if torch.cuda.is_available() else 'cpu')))" 2>/dev/null || echo gpu)
-  for f in losses mixing; do  # same names as the benches' defaults: bench/results/<name>-<device>-<date>.json
-    [ -f "$OUT/$f.json" ] && cp "$OUT/$f.json" "bench/results/$f-$TAG-$(date +%Y%m%d).json"
+  # same names as the benches' defaults: bench/results/<name>-<device>-<date>.json; not from a CPU dry run
+  # (its GPU rows are all "unavailable"): those JSON stay under $OUT
+  for f in losses mixing; do
+    [ -f "$OUT/$f.json" ] && [ "${TAG#cpu}" = "$TAG" ] && cp "$OUT/$f.json" "bench/results/$f-$TAG-$(date +%Y%m%d).json"
   done
 fi
 sanitize racecheck

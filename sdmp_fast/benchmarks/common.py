@@ -27,12 +27,17 @@ def write_results(path: Optional[str], records: List[Dict], command: str) -> Dic
     doc = {"device": device_description(), "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
            "command": command, "records": records}
     if path:
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        tmp = f"{path}.tmp.{os.getpid()}"
-        with open(tmp, "w") as f:
-            json.dump(doc, f, indent=2)
-        os.replace(tmp, path)
+        write_json(path, doc)
     return doc
+
+
+def write_json(path: str, doc: Dict) -> None:
+    """Atomic write (tmp + rename): a reader never sees half a file, an interrupted run leaves the old one."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(doc, f, indent=2)
+    os.replace(tmp, path)
 
 
 def cuda_time_ms(fn: Callable[[], object], warmup: int = 5, iters: int = 20) -> float:

@@ -31,7 +31,8 @@ import torch.nn.functional as F
 
 from sdmp_fast import losses
 from sdmp_fast.kernels.selfcheck import env
-from sdmp_fast.benchmarks.common import copy_bandwidth_gbps, cuda_time_ms, device_description, print_table, write_results
+from sdmp_fast.benchmarks.common import (copy_bandwidth_gbps, cuda_time_ms, device_description, print_table,
+                                         write_json, write_results)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 COLUMNS = ["op", "impl", "status", "ms", "gb_per_s", "pct_of_copy", "speedup_vs_eager", "speedup_vs_compile",
@@ -396,15 +397,12 @@ def merge_variant_rows(main_path: str, extra: Dict) -> int:
     else:
         with open(main_path) as f:
             main = json.load(f)
-        main["records"] = [r for r in main["records"]
-                           if (r["op"], r["impl"]) not in {(x["op"], x["impl"]) for x in rows}] + rows
+        replaced = {(r["op"], r["impl"]) for r in rows}
+        main["records"] = [r for r in main["records"] if (r["op"], r["impl"]) not in replaced] + rows
         for op in {r["op"] for r in rows}:
             _add_speedups([r for r in main["records"] if r["op"] == op])
         main["command"] = f"{main.get('command', '')}; merged: {extra.get('command', '')}"
-    tmp = f"{main_path}.tmp.{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(main, f, indent=2)
-    os.replace(tmp, main_path)
+    write_json(main_path, main)
     return len(rows)
 
 

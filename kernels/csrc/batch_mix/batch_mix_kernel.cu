@@ -191,7 +191,7 @@ constexpr int64_t kMaxTableFloats = 48 * 1024 / sizeof(float);
 template <typename T, int VEC, int PACKS>
 Status launch_packs(MixParams p, int64_t most, int max_w, Stream stream) {
   const int64_t per_block = static_cast<int64_t>(kThreads) * PACKS;
-  const dim3 grid(static_cast<unsigned>((most + per_block - 1) / per_block), static_cast<unsigned>((p.n + 1) / 2),
+  const dim3 grid(static_cast<unsigned>(ceil_div(most, per_block)), static_cast<unsigned>((p.n + 1) / 2),
                   static_cast<unsigned>(p.nviews));
   // Rows a block's packs [a, a + per_block) can span in any view: (per_block - 1) / wpacks + 2 at most.
   int64_t rows = 0;

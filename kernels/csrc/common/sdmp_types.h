@@ -17,6 +17,8 @@ enum class DType : int { kFloat = 0, kHalf = 1, kBFloat16 = 2 };
 using Stream = cudaStream_t;
 using Status = cudaError_t;
 
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }  // grid and tile counts
+
 }  // namespace sdmp
 
 // `kernel` is a plain function pointer variable (keeps template commas out of the macro).

@@ -29,8 +29,6 @@ struct DinoInputs {
   DinoPaths paths;
 };
 
-int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
 // Every $SDMP_DINO_* setting the C++ side reads, read once per call and checked: a bad value is an error naming
 // it, not a silent fallback to the default.
 void read_settings(DinoInputs& in) {

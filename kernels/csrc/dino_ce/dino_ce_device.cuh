@@ -34,8 +34,6 @@ constexpr int64_t kGatedGradBlocks = 528;  // grid of the backward's mode-gated 
 
 __device__ __forceinline__ int imin(int a, int b) { return a < b ? a : b; }
 
-inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
 __device__ __forceinline__ int num_slots(const DinoParams& p) { return kSlotGlobal + p.T; }
 
 // Pairs of this launch (the chunked path launches a range of them).
