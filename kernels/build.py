@@ -225,8 +225,9 @@ def aot_decision(setting: Optional[str] = None) -> Tuple[bool, str]:
     return True, f"{AOT_ENV}=1" if setting == "1" else "torch with CUDA, nvcc and a GPU found"
 
 
-def load_prebuilt():
-    """(module, reason): the extension compiled at install, or (None, why it is not used)."""
+def load_prebuilt(capability: Optional[Tuple[int, int]] = None):
+    """(module, reason): the extension compiled at install, or (None, why it is not used). ``capability``: the
+    GPU's (major, minor), default the current device's."""
     import importlib
     try:
         mod = importlib.import_module(PREBUILT_MODULE)
@@ -237,7 +238,24 @@ def load_prebuilt():
     if getattr(mod, "build_tag", None) != build_tag():
         return None, ("the extension built at install is stale (other kernel sources or another torch than "
                       f"{_torch_tag()}): JIT build")
+    built = str(getattr(mod, "build_archs", "")).split("_")
+    if capability is None:
+        import torch
+        capability = torch.cuda.get_device_capability() if torch.cuda.is_available() else None
+    if capability is not None and not runs_on(built, capability):
+        return None, (f"the extension built at install has code for sm_{', sm_'.join(built)} only, not for this "
+                      f"sm_{capability[0]}{capability[1]} GPU: JIT build")
     return mod, "built at install"
+
+
+def runs_on(built: Sequence[str], capability: Tuple[int, int]) -> bool:
+    """Whether code built for these compute capabilities runs on a GPU of ``capability``: a cubin runs on its
+    own major version at an equal or higher minor one, the PTX of the highest one (gencode_flags) on any newer GPU."""
+    major, minor = capability
+    ccs = [(int(a[:-1]), int(a[-1])) for a in built if a.isdigit() and len(a) >= 2]
+    if not ccs:
+        return False
+    return any(m == major and n <= minor for m, n in ccs) or (major, minor) >= max(ccs)
 
 
 def load_emulated(verbose: bool = False):

@@ -141,6 +141,8 @@ def _backward(ctx, g_terms, *_unused):
         fixup = _ext.route(_dino_grad_fixup, "dino_grad_fixup", s_clean, g, g_clean)
         fixup(g_clean, g_mixed, g, s_clean, s_mixed, t_clean, t_mixed, center, lam, row_stat, lse_t, tau_s, tau_t,
               mix_weight)
+        if fixup is not _dino_grad_fixup:  # the extension wrote the saved buffers behind autograd's back: a
+            _ext.mark_written(g_clean, g_mixed)  # second backward (retain_graph) must raise, not rescale them again
     else:
         grad = _ext.route(_dino_grad, "dino_grad", s_clean, g)
         g_clean, g_mixed = grad(g, s_clean, s_mixed, t_clean, t_mixed, center, lam, row_stat, lse_t, tau_s, tau_t,
@@ -208,11 +210,12 @@ def _prepare(student_clean, student_mixed, teacher_clean, teacher_mixed, center,
         return None
     if t * sc - min(t, sc) + t * (0 if s_mixed is None else s_mixed.shape[0]) == 0:
         return None  # no pair: let the reference produce its NaN
-    if center.shape != (k,):
+    if center.shape not in ((k,), (1, k)):  # [1, K] is DINO's own layout (a registered buffer), [K] the mean's
         return None
     lam32 = lam.detach().float().contiguous() if has_mixed else None
     return (s_clean.contiguous(), None if s_mixed is None else s_mixed.contiguous(), t_clean.detach().contiguous(),
-            None if t_mixed is None else t_mixed.detach().contiguous(), center.detach().float().contiguous(), lam32)
+            None if t_mixed is None else t_mixed.detach().contiguous(),
+            center.detach().float().reshape(k).contiguous(), lam32)
 
 
 def _run(prepared, tau_s, tau_t, mix_weight) -> Tuple[Tensor, Tensor]:

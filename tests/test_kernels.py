@@ -85,12 +85,25 @@ def test_prebuilt_extension_used_only_when_built_from_these_sources(monkeypatch)
     assert build.load_prebuilt() == (None, "no extension built at install: JIT build")
     fake = types.ModuleType(build.PREBUILT_MODULE)
     fake.build_tag = build.build_tag()
+    fake.build_archs = "80_90"
     monkeypatch.setitem(sys.modules, build.PREBUILT_MODULE, fake)
     assert build.load_prebuilt() == (fake, "built at install")
     assert build.load() is fake  # no JIT build
+    assert build.load_prebuilt((8, 6)) == (fake, "built at install")  # sm_80 code runs on sm_86
+    assert build.load_prebuilt((10, 0)) == (fake, "built at install")  # compute_90 PTX, JIT-compiled by the driver
+    fake.build_archs = "90"  # an image built for H100s only, run on an A100
+    module, why = build.load_prebuilt((8, 0))
+    assert module is None and "sm_90 only" in why and "sm_80" in why
     fake.build_tag = "b0000"  # other sources or another torch than the running one
     module, why = build.load_prebuilt()
     assert module is None and "stale" in why
+
+
+def test_runs_on_follows_cuda_binary_compatibility():
+    assert build.runs_on(["80", "90"], (8, 0)) and build.runs_on(["80", "90"], (8, 9))
+    assert build.runs_on(["80"], (9, 0))  # PTX of the highest architecture
+    assert not build.runs_on(["86"], (8, 0)) and not build.runs_on(["90"], (8, 9))
+    assert not build.runs_on([""], (9, 0))  # a module that does not say what it holds is not used
 
 
 @pytest.mark.parametrize("sm,teacher_mixed", [(0, False), (2, False), (2, True)])
@@ -442,6 +455,30 @@ def test_emulated_torch_compile_matches_eager(emulated):
         torch.testing.assert_close(x, y, rtol=1e-6, atol=1e-7)
 
 
+def check_second_backward_refused(device, monkeypatch, route):
+    """The backward writes its scaled gradient into the saved forward buffers, so a second backward through the
+    same graph (retain_graph) must raise autograd's in-place error on both routes, not rescale them again."""
+    if route == "op":
+        monkeypatch.setattr(_ext, "direct", lambda *t: False)
+    s_clean, s_mixed, t_clean, t_mixed, center, lam = dino_inputs(3, 2, 2, 6, 256, torch.float32, device)
+    a = s_clean.clone().requires_grad_(True)
+    with env(SDMP_DINO_PRECOMPUTE_GRAD=1):
+        terms = K.sdmp_dino_terms(a, s_mixed, t_clean, t_mixed, center, lam)
+    (4.0 * terms["loss"]).backward(retain_graph=True)
+    ref = s_clean.clone().requires_grad_(True)
+    (4.0 * K.sdmp_dino_terms_ref(ref, s_mixed, t_clean, t_mixed, center, lam)["loss"]).backward()
+    torch.testing.assert_close(a.grad, ref.grad, rtol=1e-5, atol=1e-6)
+    with pytest.raises(RuntimeError, match="inplace operation"):
+        (4.0 * terms["loss"]).backward()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("route", ["direct", "op"])
+def test_emulated_dino_second_backward_is_refused(emulated, monkeypatch, route):
+    check_second_backward_refused("cpu", monkeypatch, route)
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(1200)
 def test_emulated_eager_calls_skip_the_op_dispatcher(emulated, monkeypatch):
@@ -486,6 +523,12 @@ def cuda_kernels(monkeypatch):
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("route", ["direct", "op"])
+def test_cuda_dino_second_backward_is_refused(cuda_kernels, monkeypatch, route):
+    check_second_backward_refused("cuda", monkeypatch, route)
+
+
+@pytest.mark.cuda
 @pytest.mark.timeout(900)
 @pytest.mark.parametrize("chunk", [8, 5])
 def test_cuda_dino_chunked_matches_ref(cuda_kernels, chunk):
@@ -505,6 +548,18 @@ def test_cuda_dino_cluster_matches_ref(cuda_kernels, dtype, case, fold, pipe):
     with env(SDMP_DINO_CLUSTER="require", SDMP_DINO_CLUSTER_TEACHER=fold, SDMP_DINO_CLUSTER_PIPELINE=pipe,
              SDMP_KERNELS_POISON=1):
         check_dino("cuda", dtype, *case, seed=sum(case))
+
+
+@pytest.mark.cuda
+@pytest.mark.timeout(900)
+def test_cuda_dino_cluster_shared_memory_sizes_in_turn(cuda_kernels):
+    # One kernel, three shared-memory sizes (teacher crops 2, 1, 2): the launcher's cached readiness must not
+    # leave the kernel's shared-memory limit at the smaller size of the call before.
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("thread-block clusters need sm_90")
+    with env(SDMP_DINO_CLUSTER="require", SDMP_KERNELS_POISON=1):
+        for t in (2, 1, 2):
+            check_dino("cuda", torch.bfloat16, 3, 2, t, 6, 8192, True, seed=t)
 
 
 @pytest.mark.cuda

@@ -38,6 +38,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 #define SDMP_STRINGIFY_(x) #x
 #define SDMP_STRINGIFY(x) SDMP_STRINGIFY_(x)
   m.attr("build_tag") = SDMP_STRINGIFY(SDMP_BUILD_TAG);
+  m.attr("build_archs") = SDMP_STRINGIFY(SDMP_BUILD_ARCHS);  // e.g. 80_90: the GPUs its code runs on
 #endif
   m.def("two_hot_ce_fwd", &sdmp::two_hot_ce_fwd, "two-hot soft-label CE forward -> (loss, lse)");
   m.def("two_hot_ce_bwd", &sdmp::two_hot_ce_bwd, "two-hot soft-label CE backward -> grad_logits");

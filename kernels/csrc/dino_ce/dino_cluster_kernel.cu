@@ -330,9 +330,14 @@ Status launch_cluster(DinoParams p, Stream stream, bool* launched) {
   sdmp_emu::launch_cluster(grid, block, smem, static_cast<unsigned>(C), k, p);
 #else
   if (!cluster_ready(reinterpret_cast<const void*>(k), smem, static_cast<int>(C), threads)) return cudaSuccess;
+  // The shared-memory limit is one attribute per kernel and device, and the last value set wins: another size
+  // (fewer teacher crops, other threads) answered from the cache above may have lowered it since. Not a stream
+  // operation, so it may run inside a graph capture, as SDMP_LAUNCH does on every launch.
+  Status st = cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
+  if (st != cudaSuccess) return st;
   cudaLaunchAttribute attr;
   const cudaLaunchConfig_t cfg = cluster_config(&attr, static_cast<int>(C), grid, block, smem, stream);
-  const Status st = cudaLaunchKernelEx(&cfg, k, p);
+  st = cudaLaunchKernelEx(&cfg, k, p);
   if (st != cudaSuccess) return st;
 #endif
   *launched = true;
