@@ -159,8 +159,8 @@ def rng_state() -> Dict[str, Any]:
     py_version, py_internal, py_gauss = random.getstate()
     return {
         "torch": torch.get_rng_state(),
-        "cuda": list(torch.cuda.get_rng_state_all()) if torch.cuda.is_available() and torch.cuda.is_initialized()
-        else [],
+        # the training device's state only: another machine may resume with fewer GPUs visible per process
+        "cuda": [torch.cuda.get_rng_state()] if torch.cuda.is_available() and torch.cuda.is_initialized() else [],
         "numpy": {"name": str(np_state[0]), "keys": torch.from_numpy(np.asarray(np_state[1], dtype=np.int64)),
                   "pos": int(np_state[2]), "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
         "python": {"version": int(py_version), "state": torch.tensor(py_internal, dtype=torch.int64),
@@ -170,8 +170,12 @@ def rng_state() -> Dict[str, Any]:
 
 def set_rng_state(state: Dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
-    if state.get("cuda") and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    cuda = state.get("cuda") or []
+    if cuda and torch.cuda.is_available():
+        # one state: the current device's; several (older checkpoints: every visible GPU): this device's, if kept
+        here = torch.cuda.current_device()
+        if len(cuda) == 1 or here < len(cuda):
+            torch.cuda.set_rng_state(cuda[0] if len(cuda) == 1 else cuda[here])
     n = state["numpy"]
     np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
                          n["cached_gaussian"]))

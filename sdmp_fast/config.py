@@ -102,7 +102,8 @@ class TrainConfig:
     compile: bool = _f(False, "torch.compile the encoders", kind="flag")
     cuda_graphs: bool = _f(False, "capture the whole training step in a CUDA graph (GPU only)", kind="flag")
     kernels: str = _f("auto", "fused SDMP loss kernels when sdmp_fast.kernels provides them", ("auto", "off"))
-    deterministic: bool = _f(False, "deterministic algorithms (bit-exact resume on CPU)", kind="flag")
+    deterministic: bool = _f(False, "deterministic algorithms (bit-exact resume on CPU; on a GPU, ops without "
+                             "a deterministic version warn)", kind="flag")
     log_every: int = _f(10, "steps between metrics reads (the only host syncs; also the NaN detection delay)")
     save_every: int = _f(1000, "steps between checkpoints (0: only at the end)")
     keep_checkpoints: int = _f(3, "checkpoints kept (oldest deleted)")
@@ -226,6 +227,10 @@ class TrainConfig:
         dev = self.device
         need(dev == "auto" or dev == "cpu" or dev == "cuda" or (dev.startswith("cuda:") and dev[5:].isdigit()),
              "device", f"expected auto, cpu, cuda or cuda:N, got {dev!r}")
+        world = os.environ.get("WORLD_SIZE", "1").strip()
+        need(not (dev.startswith("cuda:") and world.isdigit() and int(world) > 1), "device",
+             f"{dev} would put all {world} ranks on one GPU; use cuda (or auto): each rank takes the GPU of its "
+             f"LOCAL_RANK")
         if dev.startswith("cuda") or self.cuda_graphs:
             import torch
 

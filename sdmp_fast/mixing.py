@@ -12,6 +12,7 @@ synchronisation, so it can run on a side stream or inside a CUDA graph. Randomne
 """
 from __future__ import annotations
 
+import functools
 from typing import Optional, Sequence, Tuple
 
 import torch
@@ -76,12 +77,29 @@ def sample_beta(alpha: float, n: int, generator: Optional[torch.Generator] = Non
     return torch.sigmoid(g1 - g2).float()  # g1 / (g1 + g2) in log space: no 0/0 for tiny alpha
 
 
+def _exact_device(device) -> Optional[torch.device]:
+    """``device`` with a bare "cuda" resolved to the current card, so a cache entry never spans cards."""
+    if device is None:
+        return None
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+@functools.lru_cache(maxsize=32)
+def _method_id_tensor(ids: Tuple[int, ...], device: Optional[torch.device]) -> torch.Tensor:
+    # made once per (ids, device): torch.tensor(list, device="cuda") is a blocking copy from pageable memory,
+    # which would wait for the whole stream (the trainer's step) on every batch and cannot be graph-captured
+    return torch.tensor(ids, dtype=torch.long, device=device)
+
+
 def draw_mix_params(n: int, alpha: float = 1.0, methods: Sequence[str] = METHODS,
                     generator: Optional[torch.Generator] = None, device=None,
                     per_batch: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
     """Per-sample (or, with per_batch, one shared) raw lambda [n] float32 and method id [n] int64."""
     check_batch_size(n)
-    ids = torch.tensor(method_ids(methods), dtype=torch.long, device=device)
+    ids = _method_id_tensor(method_ids(methods), _exact_device(device))
     draws = 1 if per_batch else n
     lam = sample_beta(alpha, draws, generator, device)
     pick = torch.randint(0, ids.numel(), (draws,), generator=generator, device=device)

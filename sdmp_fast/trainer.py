@@ -208,6 +208,9 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, *, rank: int = 0, world_size: int = 1, local_rank: int = 0,
                  loader=None, log: Callable[[str], None] = print):
         self.cfg, self.rank, self.world_size, self.log = cfg, rank, world_size, log
+        if world_size > 1 and cfg.device.startswith("cuda:"):
+            raise ValueError(f"device: {cfg.device} would put all {world_size} ranks on one GPU; use --device cuda "
+                             f"(or auto): each rank takes the GPU of its LOCAL_RANK")
         self.device = resolve_device(cfg.device, local_rank)
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
@@ -215,7 +218,10 @@ class Trainer:
         self.amp_dtype = torch.bfloat16 if use_bf16 else None
         if cfg.deterministic:
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-            torch.use_deterministic_algorithms(True)
+            # On a GPU some ops have no deterministic backward (the antialiased bicubic resize of the position
+            # embedding that DINO's local crops need raises): warn there instead of stopping the run. Bit-exact
+            # resume is promised on CPU, where every op used is deterministic.
+            torch.use_deterministic_algorithms(True, warn_only=self.device.type == "cuda")
         if cfg.cuda_graphs and world_size > 1:
             raise ValueError("cuda_graphs: whole-step capture is single-process only (DDP capture is not supported)")
 
@@ -486,6 +492,7 @@ class Trainer:
         if self._static is None:
             self._static = [t.clone() for t in inputs]
             self._graph_warmup = 0
+            self._side_stream = None
         for dst, src in zip(self._static, inputs):
             dst.copy_(src)
         # the teacher temperature is a float argument of the loss (kernels take it as a scalar): the graph is
@@ -494,14 +501,21 @@ class Trainer:
         if self._graph is not None:
             self._graph.replay()
             return
-        side = torch.cuda.Stream(self.device)
+        # one side stream for every eager step: the caching allocator reuses a freed block only on the stream
+        # that freed it, so a new stream per step would cache each step's activations apart
+        if self._side_stream is None:
+            self._side_stream = torch.cuda.Stream(self.device)
+        side = self._side_stream
         side.wait_stream(torch.cuda.current_stream(self.device))
         tau_warm = self.cfg.method == "dino" and self.step < self.schedules.tau_t_warmup_steps
         if freeze_last or tau_warm or self._graph_warmup < 3:
             with torch.cuda.stream(side):
                 self._step_body(*args, freeze_last)
             torch.cuda.current_stream(self.device).wait_stream(side)
-            self._graph_warmup += 1
+            # only steps that update every parameter count: the frozen DINO prototypes get their AdamW state
+            # on their first update, which must not happen inside the capture (its zero-fills would be
+            # recorded and replayed, wiping that state every step)
+            self._graph_warmup = 0 if freeze_last else self._graph_warmup + 1
             return
         torch.cuda.synchronize(self.device)
         self.optimizer.zero_grad(set_to_none=True)

@@ -450,6 +450,48 @@ def test_cuda_graph_matches_eager(tmp_path, method):
         assert torch.allclose(va.float(), vg.float(), atol=1e-4, rtol=1e-3), k
 
 
+@pytest.mark.cuda
+def test_cuda_graph_captures_after_the_frozen_prototypes(tmp_path):
+    # DINO's prototype layer gets its AdamW state on its first update: that must happen before the capture, or
+    # every replay re-runs the state's zero-fills (the layer would never take more than one Adam step)
+    cfg = tiny_cfg(tmp_path, method="dino", device="cuda", precision="fp32", steps=8, log_every=4,
+                   deterministic=False, tau_t_warmup_steps=0)
+    runs = []
+    for graphs in (False, True):
+        t = Trainer(TrainConfig(**{**cfg.to_dict(), "cuda_graphs": graphs}).resolve().validate())
+        t.freeze_last_steps = 3
+        t.fit(str(tmp_path / f"g{int(graphs)}"))
+        runs.append(t)
+    a, g = runs
+    assert g._graph is not None
+    for t in runs:
+        steps = [float(st["step"]) for p, st in t.optimizer.state.items() if st]
+        assert max(steps) == 8 and min(steps) == 5, steps  # the prototypes: 8 - 3 frozen steps
+    for (k, va), vg in zip(a.model.state_dict().items(), g.model.state_dict().values()):
+        assert torch.allclose(va.float(), vg.float(), atol=1e-4, rtol=1e-3), k
+
+
+@pytest.mark.cuda
+def test_cuda_rng_state_is_the_training_devices_only():
+    from sdmp_fast import checkpoint as ckpt
+    torch.cuda.init()
+    state = ckpt.rng_state()
+    assert len(state["cuda"]) == 1
+    before = torch.rand(4, device="cuda")
+    ckpt.set_rng_state(state)
+    assert torch.equal(torch.rand(4, device="cuda"), before)
+
+
+def test_explicit_gpu_index_refused_with_several_ranks(tmp_path, monkeypatch):
+    import dataclasses
+    cfg = dataclasses.replace(tiny_cfg(tmp_path), device="cuda:1")  # as if validated on a GPU machine
+    with pytest.raises(ValueError, match="device: cuda:1 would put all 2 ranks on one GPU"):
+        Trainer(cfg, rank=0, world_size=2)
+    monkeypatch.setenv("WORLD_SIZE", "2")  # under torchrun the settings check says it first
+    with pytest.raises(ValueError, match="device: cuda:1 would put all 2 ranks on one GPU"):
+        cfg.validate()
+
+
 # ------------------------------------------------------------------------------------------- learning (Must-show)
 
 FMNIST = ["--loader", "memory", "--data", "fashion-mnist", "--save-every", "0", "--seed", "0"]
