@@ -13,6 +13,7 @@ is given. Images/sec counts samples (each sample = all its views, mixed ones inc
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import time
@@ -169,9 +170,14 @@ def main(argv=None) -> int:
             for rname in ("byol2", "dino"):
                 recipe = make_recipe(rname)
                 bs = args.batch_size if rname == "byol2" else args.dino_batch_size
-                rate = time_mixing_only(recipe, bs, dtype, device)
-                records.append({"config": f"mix-only-{rname}", "batch_size": bs, "img_per_s": round(rate, 1)})
-                print(f"{'mix-only-' + rname:28s} B={bs:4d}  {rate:10.0f} img/s", flush=True)
+                # the loaders' mixing: the fused kernel, and the vectorised PyTorch path it replaced
+                from sdmp_fast import kernels
+                for label, ctx in ((f"mix-only-{rname}", contextlib.nullcontext()),
+                                   (f"mix-only-{rname}-torch", kernels.disabled())):
+                    with ctx:
+                        rate = time_mixing_only(recipe, bs, dtype, device)
+                    records.append({"config": label, "batch_size": bs, "img_per_s": round(rate, 1)})
+                    print(f"{label:28s} B={bs:4d}  {rate:10.0f} img/s", flush=True)
             continue
         recipe = make_recipe(name)
         if mode == "nomix":

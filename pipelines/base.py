@@ -17,7 +17,8 @@ from typing import Iterator, List, Optional, Protocol, Sequence, Tuple, Union, r
 import torch
 
 from sdmp_fast.batch import SDMPBatch
-from sdmp_fast.mixing import method_ids, mix_views, draw_mix_params
+from sdmp_fast.kernels import mix_views  # fused CUDA kernel on GPU views; the reference (same draws) elsewhere
+from sdmp_fast.mixing import method_ids, draw_mix_params
 
 from .recipes import Recipe, make_recipe
 

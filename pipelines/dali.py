@@ -40,7 +40,7 @@ from typing import Deque, Dict, Iterator, List, NamedTuple, Optional, Sequence
 import numpy as np
 import torch
 
-from sdmp_fast.batch import SDMPBatch
+from sdmp_fast.batch import SDMPBatch, exact_device
 
 from .base import EpochSampler, SampledLoader, assemble_batch, list_images, make_generator
 from .image_bytes import read_encoded
@@ -218,8 +218,7 @@ class DaliLoader(SampledLoader):
         if self.device.type not in ("cpu", "cuda"):
             raise ValueError(f"device: DALI runs on cpu or cuda, got {self.device}")
         self.gpu = self.device.type == "cuda"
-        if self.gpu and self.device.index is None:
-            self.device = torch.device("cuda", torch.cuda.current_device())
+        self.device = exact_device(self.device)
         self.images = list_images(data)
         self.batch_size, self.dtype, self.seed, self.shard_id = batch_size, dtype, seed, shard_id
         self.sampler = EpochSampler(len(self.images), batch_size, shard_id, num_shards, shuffle, seed, drop_last)

@@ -44,9 +44,9 @@ CHANNELS = 3  # the decoder's RGB output
 
 # Feed layout per batch: flip indices [n], raw lam [n]; then per mixed view: op id [n], paste anchors
 # [n, 4, 2] (out, and in for cutmix), resizemix in-anchors [n, 4, 2], paste shapes [n, 4, 2], box size [n, 2]
-# (float: resize's ``size``), shape of the resized box as planes [n, 3] (see ``_as_planes``).
+# (float: resize's ``size``).
 _SHARED = ((types.INT32, 0), (types.FLOAT, 0))
-_PER_VIEW = ((types.INT32, 0),) + ((types.INT32, 2),) * 3 + ((types.FLOAT, 1), (types.INT32, 1))
+_PER_VIEW = ((types.INT32, 0),) + ((types.INT32, 2),) * 3 + ((types.FLOAT, 1),)
 _PER_VIEW_FEEDS = len(_PER_VIEW)
 
 
@@ -86,13 +86,12 @@ def _view_feeds(op, y0, x0, cut_h, cut_w, size: int) -> List[np.ndarray]:
     anchors[:, 1:, 0] = planes * size + y0[:, None]
     anchors[:, 1:, 1] = x0[:, None]
     resize_anchors = np.zeros((n, 1 + CHANNELS, 2), np.int32)
-    resize_anchors[:, 1:, 0] = planes * ch[:, None]  # the resized partner's planes are ch rows tall
+    resize_anchors[:, 1:, 0] = planes * size  # the resized partner, padded to the view's size (mix_view)
     shapes = np.empty((n, 1 + CHANNELS, 2), np.int32)
     shapes[:, 0] = (CHANNELS * size, size)
     shapes[:, 1:, 0], shapes[:, 1:, 1] = ch[:, None], cw[:, None]
     box = np.stack([ch, cw], 1).astype(np.float32)
-    small_planes = np.stack([CHANNELS * ch, cw, np.ones_like(ch)], 1)
-    return [op.numpy().astype(np.int32), anchors, resize_anchors, shapes, box, small_planes]
+    return [op.numpy().astype(np.int32), anchors, resize_anchors, shapes, box]
 
 
 def draw_mix(n: int, recipe: Recipe, generator: torch.Generator) -> MixDraw:
@@ -141,7 +140,7 @@ def _paste(view, part, in_anchors, out_anchors, shapes, size: int):
 
 def mix_view(view, flip, lam, feeds, *, size: int, gpu: bool):
     """The mixed copy of one CHW float view, per sample by its op id (see the module docstring)."""
-    op, anchors, resize_anchors, shapes, box, small_planes = feeds
+    op, anchors, resize_anchors, shapes, box = feeds
     partner = fn.permute_batch(view, indices=flip)  # whole batch, before the split: p(i) = n-1-i
     if op == MIXUP:
         w = lam.gpu() if gpu else lam
@@ -151,7 +150,9 @@ def mix_view(view, flip, lam, feeds, *, size: int, gpu: bool):
         out = _paste(view, part, anchors, anchors, shapes, size)
     elif op == RESIZEMIX:
         small = fn.resize(partner, size=box, interp_type=types.INTERP_LINEAR, antialias=False)
-        part = _as_planes(small, small_planes)
+        # padded to the view's size: DALI's GPU multi_paste takes every input's row pitch from input 0's
+        # shape (multipaste.cu, 2024), so an input of another width would be read with the wrong pitch
+        part = _as_planes(fn.pad(small, axis_names="HW", shape=[size, size]), [CHANNELS * size, size, 1])
         out = _paste(view, part, resize_anchors, anchors, shapes, size)
     else:
         out = view

@@ -34,7 +34,7 @@ from typing import Callable, Iterator, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from sdmp_fast.batch import SDMPBatch
+from sdmp_fast.batch import SDMPBatch, exact_device
 
 from .base import EpochSampler, SampledLoader, assemble_batch, make_generator
 from .recipes import Recipe, ViewSpec
@@ -190,7 +190,7 @@ class FFCVLoader(SampledLoader):
         self.num_samples = read_beton(self.path)
         self.recipe = recipe.validate()
         self.views: Tuple[ViewSpec, ...] = recipe.expanded_views()
-        self.batch_size, self.device, self.dtype = batch_size, torch.device(device), dtype
+        self.batch_size, self.device, self.dtype = batch_size, exact_device(device), dtype
         self.shard_id, self.seed = shard_id, seed
         self.sampler = EpochSampler(self.num_samples, batch_size, shard_id, num_shards, shuffle, seed, drop_last)
         if len(self.sampler) == 0:
@@ -277,8 +277,10 @@ class FFCVLoader(SampledLoader):
         epoch = self._epoch_thread = iter(self._loader)
         try:
             for out in epoch:
-                labels = out[1].view(-1).to(self.device, non_blocking=True)
-                indices = out[2].view(-1).to(self.device, non_blocking=True)
+                # copies: out[1] / out[2] are FFCV's reusable slots (already on the device when the pipeline
+                # ends in ToDevice, where .to() returns them as they are), overwritten a few batches later
+                labels = out[1].view(-1).to(self.device, non_blocking=True, copy=True)
+                indices = out[2].view(-1).to(self.device, non_blocking=True, copy=True)
                 views = []
                 for spec, x in self._uint8_groups(out):
                     x = self._ops.augment(x.float().div_(255), spec, gen)

@@ -14,7 +14,7 @@ from typing import Iterator, Optional, Tuple
 
 import torch
 
-from sdmp_fast.batch import SDMPBatch
+from sdmp_fast.batch import SDMPBatch, exact_device
 
 from .base import EpochSampler, SampledLoader, assemble_batch, make_generator
 from .device_ops import make_views
@@ -68,7 +68,7 @@ class MemoryLoader(SampledLoader):
                  dtype: Optional[torch.dtype] = None, num_workers: Optional[int] = None):
         self.recipe = recipe.validate()
         images, labels = load_memory_data(data)
-        self.batch_size, self.device, self.dtype = batch_size, torch.device(device), dtype
+        self.batch_size, self.device, self.dtype = batch_size, exact_device(device), dtype
         self.shard_id, self.seed = shard_id, seed
         self.sampler = EpochSampler(images.shape[0], batch_size, shard_id, num_shards, shuffle, seed, drop_last)
         self.images = images.to(self.device)

@@ -23,7 +23,7 @@ from typing import Iterator, List, Optional, Sequence
 
 import torch
 
-from sdmp_fast.batch import SDMPBatch
+from sdmp_fast.batch import SDMPBatch, exact_device
 
 from .base import EpochSampler, SampledLoader, assemble_batch, list_images, make_generator
 from .device_ops import PackedImages, make_views
@@ -115,9 +115,7 @@ class TorchGPULoader(SampledLoader):
                  dtype: Optional[torch.dtype] = None, num_workers: Optional[int] = None, prefetch: int = 2):
         self.recipe = recipe.validate()
         self.images = list_images(data)
-        device = torch.device(device)
-        if device.type == "cuda" and device.index is None:  # nvJPEG and the generator want one fixed card
-            device = torch.device("cuda", torch.cuda.current_device())
+        device = exact_device(device)  # nvJPEG, its stream and the generator want one fixed card
         self.batch_size, self.device, self.dtype = batch_size, device, dtype
         self.shard_id, self.seed = shard_id, seed
         self.sampler = EpochSampler(len(self.images), batch_size, shard_id, num_shards, shuffle, seed, drop_last)
@@ -128,6 +126,7 @@ class TorchGPULoader(SampledLoader):
         self.log = SkipLog("torch-gpu")
         self._gpu_jpeg = self.device.type == "cuda"
         self._pool: Optional[ThreadPoolExecutor] = None
+        self._decode_stream = None  # made on first use (CUDA only)
 
     def close(self) -> None:
         """Stop the reading threads (a later iteration starts new ones)."""
@@ -149,6 +148,29 @@ class TorchGPULoader(SampledLoader):
         return [self._pool.submit(lambda c=c: [read_sample(files[i], self._gpu_jpeg) for i in c]) for c in chunks]
 
     def _decode_gpu(self, encoded: Sequence[_Encoded]) -> List[object]:
+        """nvJPEG decode on a stream of its own, then handed to the current stream.
+
+        torchvision's CUDA decoder allocates its outputs on the current stream but writes them from another
+        stream without waiting for the current one (pytorch/vision#9606), and nvJPEG's hardware engine may write
+        before earlier work on its stream has run (meta-pytorch/torchcodec#1634): called on the training
+        stream, it can be handed a block that queued kernels still read and overwrite it. On a stream that
+        only decodes, every block it gets is free for good (record_stream keeps a block the consumer still
+        uses out of the pool until the consumer's work is done)."""
+        if self.device.type != "cuda":  # tests drive this path with torchvision's CPU decoder
+            return self._decode_gpu_here(encoded)
+        if self._decode_stream is None:
+            self._decode_stream = torch.cuda.Stream(self.device)
+        consumer = torch.cuda.current_stream(self.device)
+        self._decode_stream.wait_stream(consumer)  # e.g. the input bytes' copies, if any were queued
+        with torch.cuda.stream(self._decode_stream):
+            out = self._decode_gpu_here(encoded)
+        consumer.wait_stream(self._decode_stream)
+        for img in out:
+            if isinstance(img, torch.Tensor) and img.is_cuda:
+                img.record_stream(consumer)
+        return out
+
+    def _decode_gpu_here(self, encoded: Sequence[_Encoded]) -> List[object]:
         """Batched nvJPEG decode; if the batch fails, each file alone (nvJPEG, then libjpeg) so one bad file
         costs only itself."""
         import torchvision.io as tio

@@ -6,7 +6,16 @@ from typing import List, Optional, Tuple
 
 import torch
 
-__all__ = ["SDMPBatch"]
+__all__ = ["SDMPBatch", "exact_device"]
+
+
+def exact_device(device) -> torch.device:
+    """``device`` as a torch.device with a bare "cuda" resolved to the current card: streams, generators and
+    caches made for it then stay on one card even if the current device changes later."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device
 
 
 @dataclass

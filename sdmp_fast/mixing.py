@@ -18,6 +18,8 @@ from typing import Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
+from .batch import exact_device
+
 __all__ = ["METHODS", "method_ids", "sample_beta", "draw_mix_params", "box_size", "box_position",
            "box_lam", "draw_box", "apply_mix", "mix_view", "mix_view_per_sample", "mix_views", "sdmp_mix", "check_batch_size"]
 
@@ -77,16 +79,6 @@ def sample_beta(alpha: float, n: int, generator: Optional[torch.Generator] = Non
     return torch.sigmoid(g1 - g2).float()  # g1 / (g1 + g2) in log space: no 0/0 for tiny alpha
 
 
-def _exact_device(device) -> Optional[torch.device]:
-    """``device`` with a bare "cuda" resolved to the current card, so a cache entry never spans cards."""
-    if device is None:
-        return None
-    device = torch.device(device)
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
-    return device
-
-
 @functools.lru_cache(maxsize=32)
 def _method_id_tensor(ids: Tuple[int, ...], device: Optional[torch.device]) -> torch.Tensor:
     # made once per (ids, device): torch.tensor(list, device="cuda") is a blocking copy from pageable memory,
@@ -99,7 +91,7 @@ def draw_mix_params(n: int, alpha: float = 1.0, methods: Sequence[str] = METHODS
                     per_batch: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
     """Per-sample (or, with per_batch, one shared) raw lambda [n] float32 and method id [n] int64."""
     check_batch_size(n)
-    ids = _method_id_tensor(method_ids(methods), _exact_device(device))
+    ids = _method_id_tensor(method_ids(methods), None if device is None else exact_device(device))
     draws = 1 if per_batch else n
     lam = sample_beta(alpha, draws, generator, device)
     pick = torch.randint(0, ids.numel(), (draws,), generator=generator, device=device)

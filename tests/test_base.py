@@ -70,3 +70,48 @@ def test_make_loader_rejects_bad_settings_before_reading(tmp_path):
         make_loader("pil", tmp_path, "byol2", 8)
     with pytest.raises(ValueError, match="batch_size 7"):
         make_loader("torchvision", tmp_path, "byol2", 7)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_loaders_mix_through_the_fused_kernel(monkeypatch):
+    # Every loader's batch-flip mixing goes through sdmp_fast.kernels.mix_views: one launch for all views on a
+    # GPU, the reference elsewhere, same draws either way. The kernels' CPU emulation stands in for the GPU.
+    from sdmp_fast.kernels import _ext, batch_mix, build
+    imgs = torch.randint(0, 256, (8, 3, 20, 20), dtype=torch.uint8)
+    rec = dino(global_size=16, local_size=8, n_local=2, n_local_mixed=1)
+
+    def batches():
+        return list(make_loader("memory", imgs, rec, 4, device="cpu", shard_id=0, num_shards=1, seed=3))
+
+    ref = batches()
+    calls = []
+    launch = batch_mix.apply_mix_views
+    monkeypatch.setattr(batch_mix, "apply_mix_views", lambda *a, **k: calls.append(1) or launch(*a, **k))
+    _ext.set_cpu_emulation(build.load_emulated())
+    try:
+        got = batches()
+    finally:
+        _ext.set_cpu_emulation(None)
+    assert len(calls) == len(ref) == 2
+    for a, b in zip(ref, got):
+        for x, y in zip(a.views + a.mixed_views, b.views + b.mixed_views):
+            torch.testing.assert_close(y, x, rtol=1e-5, atol=1e-6)
+        assert torch.equal(a.lam, b.lam) and torch.equal(a.method, b.method)
+
+
+@pytest.mark.cuda
+def test_assemble_batch_on_cuda_never_syncs_with_the_host():
+    dev = torch.device("cuda")
+    rec = dino(global_size=32, local_size=16, n_local=2, n_local_mixed=1)
+    views = [torch.rand(8, 3, s, s, device=dev) for s in (32, 32, 16, 16)]
+    labels, idx = torch.zeros(8, dtype=torch.long, device=dev), torch.arange(8, device=dev)
+    g = torch.Generator(device=dev).manual_seed(0)
+    assemble_batch(views, labels, idx, rec, g)  # warm-up: cached constants, kernels built or loaded
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        batch = assemble_batch(views, labels, idx, rec, g)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert len(batch.mixed_views) == 3 and batch.lam.is_cuda

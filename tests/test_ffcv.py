@@ -232,6 +232,19 @@ def test_ffcv_byol2_two_epochs_two_shards_exact(beton):
 
 @pytest.mark.timeout(150)
 @NUMBA_FINALIZER_NOISE
+def test_ffcv_batches_kept_by_the_caller_stay_intact(beton):
+    # FFCV reuses a ring of a few output slots: batches kept past it (list(loader)) once showed later batches'
+    # labels and indices
+    _, path = beton
+    ld = make_loader("ffcv", path, make_recipe("byol2", **SMALL_BYOL), 2, device="cpu", shard_id=0, num_shards=1,
+                     drop_last=False, seed=3, num_workers=2)
+    kept = list(ld)
+    assert len(kept) == 13  # 26 samples, more batches than FFCV's slots
+    assert sorted(torch.cat([b.indices for b in kept]).tolist()) == list(range(26))
+
+
+@pytest.mark.timeout(150)
+@NUMBA_FINALIZER_NOISE
 def test_ffcv_dino_multicrop_bf16_raw_and_jpeg(folder, tmp_path):
     """DINO's 2 + 4 crops from one decode, from a .beton holding both raw and JPEG samples."""
     from ffcv.reader import Reader

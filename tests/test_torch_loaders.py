@@ -1,6 +1,7 @@
 """torchvision, torch-gpu (on the CPU) and memory backends: shapes / dtypes / ranges for both recipes, mixing,
 exact epochs, shards, bad files, configuration errors."""
 import io
+import math
 import os
 import shutil
 
@@ -240,3 +241,25 @@ def test_backends_on_cuda(backend, folder, arrays, messy_folder):
         with pytest.warns(RuntimeWarning, match="skipped 3"):
             list(bad_loader)
         assert sorted(bad_loader.skipped) == bad
+
+
+@pytest.mark.cuda
+@pytest.mark.timeout(300)
+def test_gpu_decode_never_overwrites_memory_queued_work_still_reads(folder):
+    # pytorch/vision#9606's reproduction: blocks freed while queued kernels still read them must not be handed
+    # to the decoder (it writes from a stream that does not wait for the consumer's)
+    loader = make_loader("torch-gpu", folder, RECIPES["byol2"], 4, device="cuda", shard_id=0, num_shards=1)
+    encoded = [_Encoded(torch.frombuffer(bytearray(open(f, "rb").read()), dtype=torch.uint8))
+               for f in loader.images.files[:8]]
+    shapes = [tuple(t.shape) for t in loader._decode_gpu(encoded)]
+    wrong = 0
+    for _ in range(50):
+        xs = [torch.ones(s, dtype=torch.uint8, device="cuda") for s in shapes]
+        torch.cuda.synchronize()
+        torch.cuda._sleep(20_000_000)  # a long kernel, then reductions queued behind it
+        sums = [x.sum(dtype=torch.int64) for x in xs]
+        del xs  # freed on the current stream while the reductions are still queued
+        loader._decode_gpu(encoded)
+        torch.cuda.synchronize()
+        wrong += sum(int(t) != math.prod(s) for t, s in zip(sums, shapes))
+    assert wrong == 0
