@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # A GPU session's whole check in one `run` call (issues 3, 4, 6), most important first, each stage budgeted:
-#   1. kernels: JIT build, smoke, CUDA tests (bench/gpu_kernels.sh without benches / sanitizers)
+#   1. kernels: JIT build, smoke, CUDA tests (bench/gpu_kernels.sh without benches / sanitizers), then the
+#      other GPU-marked tests (loaders, trainer, checkpoint)
 #   2. DALI loader throughput: byol2 / dino, mixing on our device op vs inside the DALI graph (bench/gpu_dali.py)
 #   3. ViT-S/16 SDMP-MoCo end to end from JPEG vs the same trainer on synthetic device data (sdmp-fast bench e2e)
 #   4. kernel benches + compute-sanitizer (bench/gpu_kernels.sh, build cached by stage 1)
@@ -66,6 +67,16 @@ if [ "$DEVICE" != cpu ]; then
   log "kernels for sm_$SDMP_KERNELS_ARCHS"
   step kernels_tests 230 env PACK_TO= OUT="$OUT/kernels" BUDGET_S=220 SKIP_INSTALL=1 SKIP_BENCH=1 SKIP_SANITIZER=1 \
     PYTHON="$PY" bash bench/gpu_kernels.sh
+fi
+
+# ------------------------------------------------------------------------------------------- 1b. other CUDA tests
+# the loaders', trainer's and checkpoint's GPU-marked tests (DALI / FFCV ones skip where not importable); the
+# kernels are built by stage 1 (same cache), so this is test time only
+if [ "$DEVICE" != cpu ] && "$PY" -c "import pytest" 2> /dev/null; then
+  TIMEOUT_OPT=""
+  "$PY" -c "import pytest_timeout" 2> /dev/null && TIMEOUT_OPT="--timeout=90"
+  step cuda_tests 150 "$PY" -m pytest -m cuda tests --ignore=tests/test_kernels.py -q -rfE -p no:cacheprovider \
+    $TIMEOUT_OPT
 fi
 
 # ------------------------------------------------------------------------------------------- 2. data + DALI
