@@ -163,21 +163,38 @@ def main(argv=None) -> int:
     dtype = DTYPES[args.dtype]
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(f"device: {name}, torch {torch.__version__}, cores {os.cpu_count()}", flush=True)
+    path = args.json or (os.path.join(args.out, "gpu_dali.json") if args.out else None)
+    command = "python bench/gpu_dali.py " + " ".join(argv if argv is not None else sys.argv[1:])
     records = []
+
+    def save():  # after every configuration: a later crash or the step's time limit keeps what was measured
+        if path:
+            from sdmp_fast.benchmarks.common import write_results
+            write_results(path, records, command)
+
+    def failed(label, bs, e):  # report and go on to the next configuration
+        print(f"{label:28s} FAILED: {type(e).__name__}: {e}", flush=True)
+        records.append({"config": label, "batch_size": bs, "error": f"{type(e).__name__}: {e}"})
+
     for config in configs:
         name, _, mode = config.partition("-")
         if name == "mix":
+            from sdmp_fast import kernels
             for rname in ("byol2", "dino"):
                 recipe = make_recipe(rname)
                 bs = args.batch_size if rname == "byol2" else args.dino_batch_size
                 # the loaders' mixing: the fused kernel, and the vectorised PyTorch path it replaced
-                from sdmp_fast import kernels
                 for label, ctx in ((f"mix-only-{rname}", contextlib.nullcontext()),
                                    (f"mix-only-{rname}-torch", kernels.disabled())):
-                    with ctx:
-                        rate = time_mixing_only(recipe, bs, dtype, device)
+                    try:
+                        with ctx:
+                            rate = time_mixing_only(recipe, bs, dtype, device)
+                    except Exception as e:  # noqa: BLE001
+                        failed(label, bs, e)
+                        continue
                     records.append({"config": label, "batch_size": bs, "img_per_s": round(rate, 1)})
                     print(f"{label:28s} B={bs:4d}  {rate:10.0f} img/s", flush=True)
+            save()
             continue
         recipe = make_recipe(name)
         if mode == "nomix":
@@ -192,28 +209,26 @@ def main(argv=None) -> int:
                 opts["num_threads"] = args.threads
             label = config + (f"-hw{load}" if load is not None else "") + (f"-q{depth}" if depth != 2 else "")
             t0 = time.perf_counter()
-            loader = make_loader("dali", data, recipe, bs, device=device, dtype=dtype, shard_id=0, num_shards=1,
-                                 **opts)
+            loader = None
             try:
+                loader = make_loader("dali", data, recipe, bs, device=device, dtype=dtype, shard_id=0, num_shards=1,
+                                     **opts)
                 rate, n = time_loader(loader, args.warmup, args.batches)
-            except Exception as e:  # report and go on to the next configuration
-                print(f"{label:28s} FAILED: {type(e).__name__}: {e}", flush=True)
-                records.append({"config": label, "batch_size": bs, "error": f"{type(e).__name__}: {e}"})
+            except Exception as e:  # noqa: BLE001
+                failed(label, bs, e)
                 continue
             finally:
                 del loader
+                save()
             records.append({"config": label, "recipe": name, "mixing": mode != "nomix",
                             "mix_in_graph": mode == "graphmix", "batch_size": bs,
                             "dtype": args.dtype, "img_per_s": round(rate, 1), "batches": n,
                             "total_s": round(time.perf_counter() - t0, 1),
                             "options": {k: str(v) for k, v in opts.items()}})
             print(f"{label:28s} B={bs:4d}  {rate:10.0f} img/s  ({n} batches after {args.warmup} warm-up)", flush=True)
+            save()
 
-    path = args.json or (os.path.join(args.out, "gpu_dali.json") if args.out else None)
     if path:
-        from sdmp_fast.benchmarks.common import write_results
-
-        write_results(path, records, "python bench/gpu_dali.py " + " ".join(argv if argv is not None else sys.argv[1:]))
         print(f"wrote {path}")
     return 0
 

@@ -6,6 +6,13 @@ T0=$SECONDS
 
 log() { echo "[$(date +%T) +$((SECONDS - T0))s] $*" | tee -a "$SUMMARY"; }
 
+# Refused before any device time is spent: `OUT=/tmp/x PACK_TO=$OUT cmd` sets PACK_TO to /tmp/x (bash expands
+# prefix assignments left to right), and packing OUT into itself brings nothing back.
+if [ -n "${PACK_TO:-}" ] && [ -d "$PACK_TO" ] && [ "$(cd "$PACK_TO" && pwd -P)" = "$(cd "$OUT" && pwd -P)" ]; then
+  log "ERROR: PACK_TO is OUT ($OUT): write PACK_TO=\$OUT OUT=/tmp/x (PACK_TO first)"
+  exit 2
+fi
+
 # step NAME LIMIT_S CMD...: runs CMD with a time limit (capped by what is left of the budget), output to
 # $OUT/NAME.log; returns the command's status (124 = timed out, 125 = skipped for lack of budget).
 step() {
@@ -27,6 +34,20 @@ step() {
   log "done  $name: $status in $((SECONDS - start))s  (log: $OUT/$name.log)"
   [ $rc -ne 0 ] && tail -5 "$OUT/$name.log" | sed 's/^/      /' | tee -a "$SUMMARY"
   return $rc
+}
+
+# inner_budget CAP: the budget to give a nested budgeted script (at most CAP s) so that it ends within what is
+# left of ours; 0 (and a SKIP line) when under 40 s are left. A nested script cut off by our step's timeout would
+# leave its own running step (in its own process group) on the GPU, and write no summary.
+inner_budget() {
+  local left=$((BUDGET_S - (SECONDS - T0) - 35))
+  [ "$left" -gt "$1" ] && left=$1
+  if [ "$left" -lt 40 ]; then
+    log "SKIP  nested script (budget spent)" >&2
+    echo 0
+  else
+    echo "$left"
+  fi
 }
 
 # Without `pip install -e .` working (no build backend on the box): a sdmp_fast package assembled from
