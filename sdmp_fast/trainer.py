@@ -130,7 +130,10 @@ def loss_functions(cfg: TrainConfig, device: torch.device) -> Tuple[Callable, Ca
             from sdmp_fast import kernels
         except Exception:  # a broken build must not stop training: the reference path is exact
             kernels = None
-        if kernels is not None:
+        if kernels is not None and not kernels.available(device):
+            # built (or loaded) here, not on the first step: the log and bench JSON then say what really runs
+            name = f"reference (kernels unavailable: {kernels.build_error() or 'disabled'})"
+        elif kernels is not None:
             k_moco = getattr(kernels, "sdmp_moco_terms", None)
             k_dino = getattr(kernels, "sdmp_dino_terms_and_center", None)
             if callable(k_moco) or callable(k_dino):

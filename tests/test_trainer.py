@@ -592,3 +592,16 @@ def test_trainer_runs_the_fused_loss_kernels(tmp_path, monkeypatch, method):
 @pytest.mark.parametrize("sdmp", [True, False])
 def test_fused_kernels_match_reference_losses_in_training(tmp_path, monkeypatch, method, sdmp):
     check_kernels_match_reference_in_training(tmp_path, monkeypatch, method, sdmp, "cuda")
+
+
+def test_loss_impl_says_reference_when_the_kernels_cannot_serve(tmp_path, monkeypatch):
+    # a GPU without a working kernel build trains on the references: the log and bench JSON must say so
+    import sdmp_fast.kernels as K
+    from sdmp_fast import trainer as trainer_mod
+    monkeypatch.setattr(K, "available", lambda device=None: False)
+    monkeypatch.setattr(K, "build_error", lambda: "RuntimeError: nvcc not found")
+    moco, dino_fn, name = trainer_mod.loss_functions(tiny_cfg(tmp_path), torch.device("cuda"))
+    assert name == "reference (kernels unavailable: RuntimeError: nvcc not found)"
+    assert moco is trainer_mod.ref_losses.sdmp_moco_terms and dino_fn is trainer_mod._dino_terms_and_center_ref
+    monkeypatch.setattr(K, "available", lambda device=None: True)
+    assert trainer_mod.loss_functions(tiny_cfg(tmp_path), torch.device("cuda"))[2] == "kernels"
