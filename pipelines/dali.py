@@ -25,8 +25,9 @@ the order ourselves gives EpochSampler's exact semantics and lets a bad file be 
 Bad data: zero-byte, truncated, non-image files are caught by the byte sniff; a file that passes the sniff but
 still fails inside DALI fails its whole batch, so the loader decodes that batch's files one by one with a probe
 decoder, marks the culprits, rebuilds the pipeline and feeds the rest again. Skipped files are counted and
-named (``loader.skipped``, one warning at each epoch's end; see ``skips.py``), and a batch that skipping left
-odd under mixing drops one more sample so batch-flip pairs stay complete.
+named (``loader.skipped``, one warning at each epoch's end); with drop_last the batch keeps its size (the
+skipped slots refilled with repeats of its decodable samples), else it shrinks, staying even under mixing
+(``skips.py``).
 """
 from __future__ import annotations
 
@@ -45,7 +46,7 @@ from sdmp_fast.batch import SDMPBatch, exact_device
 from .base import EpochSampler, SampledLoader, assemble_batch, list_images, make_generator
 from .image_bytes import read_encoded
 from .recipes import Recipe
-from .skips import SkipLog, short_reason
+from .skips import SkipLog, settle, short_reason
 
 @contextlib.contextmanager
 def one_torch_thread():
@@ -82,14 +83,14 @@ def _read_chunk(paths: Sequence[str]):
 
 
 class _Fed(NamedTuple):
-    """A batch DALI has taken: the sampler's ``indices``, the ``kept`` ones handed to DALI, and the skips
-    (``bad`` indices, ``trimmed``) that are logged only once DALI returns it: a batch re-fed after a failed
-    run starts again from ``indices`` (a sample trimmed on the first try may be needed on the second).
-    ``mix``: the ``dali_mix.MixDraw`` fed with it (``mix_in_graph`` only)."""
+    """A batch DALI has taken: the sampler's ``indices``, the ``kept`` ones handed to DALI (refilled or kept
+    even: skips.settle), and the skips (``bad`` indices, ``decoded`` files) that are logged only once DALI
+    returns it: a batch re-fed after a failed run starts again from ``indices``. ``mix``: the
+    ``dali_mix.MixDraw`` fed with it (``mix_in_graph`` only)."""
     indices: List[int]
     kept: List[int]
     bad: List[int]
-    trimmed: bool
+    decoded: int
     mix: object = None
 
 
@@ -101,8 +102,8 @@ class _Feeder:
     on the thread pool so the file reads overlap DALI's work.
     """
 
-    def __init__(self, files: Sequence[str], log: SkipLog, keep_even: bool, read_threads: int):
-        self.files, self.log, self.keep_even = files, log, keep_even
+    def __init__(self, files: Sequence[str], log: SkipLog, keep_even: bool, fill: bool, read_threads: int):
+        self.files, self.log, self.keep_even, self.fill = files, log, keep_even, fill
         self.pending: Deque[List[int]] = collections.deque()
         self.in_flight: Deque[_Fed] = collections.deque()
         self.known_bad: Dict[int, str] = {}
@@ -156,32 +157,32 @@ class _Feeder:
                     data.append(buf)
                     kept.append(i)
             bad = [i for i in indices if i in self.known_bad]
-            trimmed = bool(self.keep_even and len(kept) % 2 and bad)
-            if trimmed:
-                data.pop()
-                kept.pop()
+            decoded = len(kept)
+            if bad:  # refilled (drop_last) or kept even for mixing: see skips.py
+                pos = settle(decoded, len(indices), fill=self.fill, keep_even=self.keep_even)
+                data, kept = [data[p] for p in pos], [kept[p] for p in pos]
             if kept:
                 mix = None
                 if self.draw_mix is not None:
                     with one_torch_thread():  # tiny ops while DALI's threads hold the cores (see one_torch_thread)
                         mix = self.draw_mix(len(kept))
-                self.in_flight.append(_Fed(indices, kept, bad, trimmed, mix))
+                self.in_flight.append(_Fed(indices, kept, bad, decoded, mix))
                 if mix is None:
                     return data, np.asarray(kept, dtype=np.int64)
                 return (data, np.asarray(kept, dtype=np.int64), *mix.feeds)
-            self._log(bad, trimmed)  # nothing for DALI to return: account for the batch now
+            self._log(bad, decoded, 0)  # nothing for DALI to return: account for the batch now
 
     def accept(self) -> _Fed:
         """DALI returned the oldest batch in flight: log its skips; its record (kept sample indices, mixing)."""
         fed = self.in_flight.popleft()
-        self._log(fed.bad, fed.trimmed)
+        self._log(fed.bad, fed.decoded, len(fed.kept))
         return fed
 
-    def _log(self, bad: Sequence[int], trimmed: bool) -> None:
+    def _log(self, bad: Sequence[int], decoded: int, used: int) -> None:
         for i in bad:
             self.log.record(self.files[i], self.known_bad[i])
-        if trimmed:
-            self.log.record_trim()
+        if bad:
+            self.log.record_settled(decoded, used)
 
     def shutdown(self) -> None:
         if self._pool is not None:
@@ -234,7 +235,7 @@ class DaliLoader(SampledLoader):
         self.last_mix = None
         self.log = SkipLog("dali")
         self._labels = torch.tensor(self.images.labels, dtype=torch.long, device=self.device)
-        self._feeder = _Feeder(self.images.files, self.log, self.recipe.mix.enabled,
+        self._feeder = _Feeder(self.images.files, self.log, self.recipe.mix.enabled, self.sampler.drop_last,
                                read_threads if read_threads else (4 if self.gpu else 1))
         self._pipe = None
         self._probe = None

@@ -1,9 +1,17 @@
 """Bookkeeping of undecodable files for the backends that decode files themselves (torchvision, torch-gpu).
 
-A bad file (corrupt, truncated, zero-byte, not an image) never stops an epoch: the batch is built from the
-samples that decoded, the file is recorded here, and at the end of each epoch one warning names that epoch's
-skipped files. When skipping leaves a batch odd while batch-flip mixing is on, one decodable sample is dropped
-too (counted as ``trimmed``) so every mixed batch keeps its even size.
+A bad file (corrupt, truncated, zero-byte, not an image) never stops an epoch: the file is recorded here, at the
+end of each epoch one warning names that epoch's skipped files, and the batch is made of the samples that
+decoded (``settle``):
+
+- with drop_last (training; the trainer's and DDP's case) every batch keeps its size: the slots of the skipped
+  files are refilled with repeats of the batch's decodable samples (counted as ``filled``), so every rank of a
+  distributed run takes ``len(loader)`` batches of equal size (collectives such as MoCo's key all_gather need
+  both) whatever files its shard holds;
+- without it (exact epochs: every decodable file exactly once) the batch shrinks, and when that leaves it odd
+  while batch-flip mixing is on one more decodable sample is dropped (counted as ``trimmed``).
+
+A batch with no decodable file at all is skipped either way.
 """
 from __future__ import annotations
 
@@ -18,9 +26,11 @@ class SkipLog:
     def __init__(self, backend: str):
         self.backend = backend
         self.reasons: Dict[str, str] = {}  # every file ever skipped -> why (first reason seen)
-        self.trimmed = 0
+        self.trimmed = 0  # decodable samples left out to keep mixed batches even (no drop_last)
+        self.filled = 0  # slots refilled with repeats of decodable samples (drop_last)
         self._epoch: List[Tuple[str, str]] = []
         self._epoch_trimmed = 0
+        self._epoch_filled = 0
 
     @property
     def paths(self) -> List[str]:
@@ -34,17 +44,42 @@ class SkipLog:
         self.trimmed += 1
         self._epoch_trimmed += 1
 
+    def record_settled(self, decoded: int, used: int) -> None:
+        """A batch of ``decoded`` decodable samples went out with ``used`` (see ``settle``)."""
+        for _ in range(max(0, decoded - used)):
+            self.record_trim()
+        self.filled += max(0, used - decoded)
+        self._epoch_filled += max(0, used - decoded)
+
     def end_epoch(self, epoch: int) -> None:
         """Warn once about this epoch's skipped files (if any), then start counting afresh."""
-        bad, trimmed = self._epoch, self._epoch_trimmed
-        self._epoch, self._epoch_trimmed = [], 0
+        bad, trimmed, filled = self._epoch, self._epoch_trimmed, self._epoch_filled
+        self._epoch, self._epoch_trimmed, self._epoch_filled = [], 0, 0
         if not bad:
             return
         listed = "; ".join(f"{p} ({r})" for p, r in bad[:WARN_LISTED])
         more = f"; and {len(bad) - WARN_LISTED} more" if len(bad) > WARN_LISTED else ""
         kept_even = (f"; {trimmed} decodable sample(s) left out to keep mixed batches even" if trimmed else "")
+        refilled = (f"; {filled} slot(s) refilled with repeats of decodable samples of the same batch "
+                    f"(drop_last keeps every batch at its size)" if filled else "")
         warnings.warn(f"{self.backend} loader, epoch {epoch}: skipped {len(bad)} undecodable file(s): "
-                      f"{listed}{more}{kept_even}", RuntimeWarning, stacklevel=3)
+                      f"{listed}{more}{kept_even}{refilled}", RuntimeWarning, stacklevel=3)
+
+
+def settle(decoded: int, size: int, *, fill: bool, keep_even: bool) -> List[int]:
+    """The samples a batch of ``size`` files of which ``decoded`` decoded goes out with, as positions into the
+    decodable ones (module docstring): all of them when nothing was skipped; with ``fill`` (drop_last) repeats
+    in order up to ``size``; else all, less the last one when ``keep_even`` (mixing on) and their number is odd.
+    Nothing when nothing decoded."""
+    if decoded == 0:
+        return []
+    if decoded == size:
+        return list(range(decoded))
+    if fill:
+        return [j % decoded for j in range(size)]
+    if keep_even and decoded % 2:
+        return list(range(decoded - 1))
+    return list(range(decoded))
 
 
 def short_reason(e: BaseException) -> str:

@@ -28,7 +28,7 @@ from sdmp_fast.batch import SDMPBatch, exact_device
 from .base import EpochSampler, SampledLoader, assemble_batch, list_images, make_generator
 from .device_ops import PackedImages, make_views
 from .recipes import Recipe
-from .skips import SkipLog, short_reason
+from .skips import SkipLog, settle, short_reason
 
 _JPEG_MAGIC = b"\xff\xd8\xff"
 _JPEG_END = b"\xff\xd9"
@@ -221,11 +221,14 @@ class TorchGPULoader(SampledLoader):
                 images, labels, indices, skipped_any = self._decode_batch(batch, results)
                 if not images:
                     continue
-                if skipped_any and self.recipe.mix.enabled and len(images) % 2:  # see skips.py
-                    self.log.record_trim()
-                    images, labels, indices = images[:-1], labels[:-1], indices[:-1]
-                    if not images:
+                if skipped_any:  # refilled (drop_last) or kept even for mixing: see skips.py
+                    pos = settle(len(images), len(batch), fill=self.sampler.drop_last,
+                                 keep_even=self.recipe.mix.enabled)
+                    self.log.record_settled(len(images), len(pos))
+                    if not pos:
                         continue
+                    at = torch.tensor(pos, dtype=torch.long)
+                    images, labels, indices = [images[p] for p in pos], labels[at], indices[at]
                 packed = PackedImages.from_list(images, self.device)
                 views = make_views(packed, None, None, self.recipe, gen, self.dtype)
                 yield assemble_batch(views, labels.to(self.device, non_blocking=True),

@@ -23,7 +23,7 @@ from sdmp_fast.batch import SDMPBatch
 from .base import EpochSampler, SampledLoader, assemble_batch, list_images, make_generator
 from .device_ops import blur_kernel_size
 from .recipes import Recipe, ViewSpec
-from .skips import SkipLog, short_reason
+from .skips import SkipLog, settle, short_reason
 
 _HIGH_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
 
@@ -128,14 +128,16 @@ class _EpochBatches:
             yield [(i, epoch) for i in b.tolist()]
 
 
-def keep_even_for_mixing(views: List[torch.Tensor], labels: torch.Tensor, indices: torch.Tensor,
-                         recipe: Recipe, skipped_any: bool, log: SkipLog):
-    """Drop the last sample when skipping made a batch odd under batch-flip mixing (see skips.py)."""
+def settle_batch(views: List[torch.Tensor], labels: torch.Tensor, indices: torch.Tensor, skipped: int,
+                 recipe: Recipe, drop_last: bool, log: SkipLog):
+    """A batch that lost ``skipped`` files, refilled (drop_last) or kept even for mixing (see skips.settle)."""
     n = labels.shape[0]
-    if skipped_any and recipe.mix.enabled and n % 2 == 1:
-        log.record_trim()
-        return [v[: n - 1] for v in views], labels[: n - 1], indices[: n - 1]
-    return views, labels, indices
+    pos = settle(n, n + skipped, fill=drop_last, keep_even=recipe.mix.enabled)
+    log.record_settled(n, len(pos))
+    if len(pos) == n:
+        return views, labels, indices
+    at = torch.tensor(pos, dtype=torch.long)
+    return [v[at] for v in views], labels[at], indices[at]
 
 
 class TorchvisionLoader(SampledLoader):
@@ -169,7 +171,8 @@ class TorchvisionLoader(SampledLoader):
                 self.log.record(path, reason)
             if views is None:
                 continue  # every file of the batch was undecodable
-            views, labels, indices = keep_even_for_mixing(views, labels, indices, self.recipe, bool(bad), self.log)
+            views, labels, indices = settle_batch(views, labels, indices, len(bad), self.recipe,
+                                                  self.sampler.drop_last, self.log)
             if labels.shape[0] == 0:
                 continue
             views = [v.to(self.device, non_blocking=True) for v in views]

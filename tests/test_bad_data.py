@@ -225,3 +225,39 @@ def test_empty_class_folder_keeps_its_label_slot(zoo, tmp_path):
     os.makedirs(tmp_path / "only_empty" / "nothing")  # nothing but an empty class: a clear error, not a hang
     with pytest.raises(ValueError, match="holds no image files"):
         list_images(tmp_path / "only_empty")
+
+
+@pytest.mark.timeout(150)
+@pytest.mark.parametrize("backend", ["torchvision", "torch-gpu", "dali"])
+def test_drop_last_batches_keep_their_size_on_every_rank_despite_bad_files(backend, tmp_path):
+    # DDP needs every rank to take len(loader) batches of equal size (MoCo's key all_gather, the step count):
+    # with drop_last the slots of skipped files are refilled with the batch's decodable samples
+    if backend in NEEDS:
+        pytest.importorskip(NEEDS[backend], reason=f"{NEEDS[backend]} is not installed")
+    root = str(tmp_path / "messy")
+    for c in range(2):
+        os.makedirs(os.path.join(root, f"c{c}"))
+    for k in range(26):
+        _write(root, f"c{k % 2}/{k:02d}.jpg", _jpeg(_photo(*PHOTO, seed=k)))
+    bad = {"c0/02.jpg": b"", "c1/05.jpg": _jpeg(_photo(*PHOTO, seed=5))[:300], "c0/08.jpg": b"not an image",
+           "c1/13.jpg": b"\xff\xd8\xff garbage"}
+    for rel, data in bad.items():
+        _write(root, rel, data)
+    files = list_images(root).files
+    bad_paths = {os.path.join(root, rel) for rel in bad}
+    filled = 0
+    for shard in range(2):
+        loader = make_loader(backend, root, RECIPE, BATCH, device="cpu", shard_id=shard, num_shards=2, shuffle=True,
+                             drop_last=True, seed=1, num_workers=2)
+        for epoch in range(2):
+            loader.set_epoch(epoch)
+            batches, _ = _run_epoch(loader)
+            assert [b.batch_size for b in batches] == [BATCH] * len(loader) == [BATCH] * (13 // BATCH)
+            used = {files[i] for b in batches for i in b.indices.tolist()}
+            assert not used & bad_paths
+            for b in batches:
+                assert b.lam.shape == (BATCH,) and len(b.mixed_views) == 2
+        assert set(loader.skipped) <= bad_paths
+        assert loader.log.trimmed == 0
+        filled += loader.log.filled
+    assert filled > 0  # the refill was exercised
