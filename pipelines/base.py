@@ -3,7 +3,9 @@
 
 Epoch semantics (all backends): the epoch's order is a permutation seeded by (seed, epoch); shard r of W takes
 ``perm[r::W]`` (disjoint, covering); with drop_last each shard keeps floor(len/B) full batches of
-floor(N/W)-long shards (equal step counts on every rank, as DDP needs); without it the last batch may be short.
+floor(N/W)-long shards (equal step counts on every rank, as DDP needs); without it the last batch may be short
+and shards may differ by one batch (every sample exactly once: for evaluation, not for DDP training). A pass
+without ``set_epoch`` since the previous one runs the next epoch (``EpochSampler.begin_pass``).
 A short odd last batch cannot be batch-flip mixed: its mixed views are copies with lam = 1, which every SDMP
 loss treats as "no mixing" (c = 0), so the loss stays consistent.
 """
@@ -11,6 +13,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import warnings
 from dataclasses import dataclass
 from typing import Iterator, List, Optional, Protocol, Sequence, Tuple, Union, runtime_checkable
 
@@ -87,9 +90,18 @@ def _read_file_list(path: str) -> ImageList:
 
 
 def dist_shard() -> Tuple[int, int]:
-    """(shard_id, num_shards) from torch.distributed when it is initialised, else (0, 1)."""
+    """(shard_id, num_shards): torch.distributed's rank and world size when it is initialised, else torchrun's
+    RANK / WORLD_SIZE (a loader built before init_process_group, as solo-learn and Lightning do, must still
+    take its own shard), else (0, 1) -- with a warning when WORLD_SIZE says there are other processes."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    rank, world = os.environ.get("RANK", ""), os.environ.get("WORLD_SIZE", "")
+    if world.isdigit() and int(world) > 1:
+        if rank.isdigit() and int(rank) < int(world):
+            return int(rank), int(world)
+        warnings.warn(f"make_loader: WORLD_SIZE={world} but no RANK and no initialised torch.distributed: every "
+                      f"process would read the whole data set; pass shard_id and num_shards", RuntimeWarning,
+                      stacklevel=3)
     return 0, 1
 
 
@@ -106,6 +118,8 @@ class EpochSampler:
         self.shard_id, self.num_shards = shard_id, num_shards
         self.shuffle, self.seed, self.drop_last = shuffle, seed, drop_last
         self.epoch = 0
+        self._passes = 0  # passes begun (begin_pass)
+        self._epoch_set = False  # set_epoch called since the last pass began
         if drop_last and self.shard_size() < batch_size:
             raise ValueError(
                 f"batch_size {batch_size} is larger than this shard's {self.shard_size()} samples "
@@ -113,6 +127,19 @@ class EpochSampler:
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
+        self._epoch_set = True
+
+    def begin_pass(self) -> int:
+        """The epoch a loader's new pass runs (every backend's ``__iter__`` starts with it): ``set_epoch``'s, or,
+        when it was not called since the last pass, the next one. A loop that never calls set_epoch (lightly's
+        examples, single-GPU moco-v3) then gets a new order, new augmentations and new mixing every pass, as from
+        a DataLoader with shuffle=True, instead of the first epoch again and again; one that calls it every
+        epoch (DistributedSampler's pattern, the trainer) gets exactly the epochs it asks for."""
+        if self._passes and not self._epoch_set:
+            self.epoch += 1
+        self._passes += 1
+        self._epoch_set = False
+        return self.epoch
 
     def shard_size(self) -> int:
         if self.drop_last:
@@ -138,7 +165,8 @@ class EpochSampler:
         return mine
 
     def batches(self) -> List[torch.Tensor]:
-        return list(self.indices().split(self.batch_size))
+        mine = self.indices()
+        return list(mine.split(self.batch_size)) if mine.numel() else []  # an empty shard has no batch
 
 
 def make_generator(seed: int, epoch: int, shard_id: int, device) -> torch.Generator:
@@ -226,7 +254,10 @@ def make_loader(backend: str, data, recipe: Union[str, Recipe] = "byol2", batch_
     if recipe.mix.enabled and batch_size % 2:
         raise ValueError(f"batch_size {batch_size}: batch-flip mixing needs an even batch size "
                          f"(the middle image would be its own partner)")
-    if shard_id is None or num_shards is None:
+    if (shard_id is None) != (num_shards is None):
+        raise ValueError(f"shard_id / num_shards: give both or neither (got shard_id={shard_id}, "
+                         f"num_shards={num_shards}; neither: torch.distributed's rank and world size)")
+    if shard_id is None:
         shard_id, num_shards = dist_shard()
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"

@@ -245,7 +245,7 @@ class DaliLoader(SampledLoader):
     def __iter__(self) -> Iterator[SDMPBatch]:
         if self._active:
             self._drain()
-        epoch = self.sampler.epoch
+        epoch = self.sampler.begin_pass()
         draw = None
         if self.mix_in_graph:  # host draws on a CPU generator; equal to assemble_batch's on a CPU loader
             from .dali_mix import draw_mix

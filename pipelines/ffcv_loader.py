@@ -270,6 +270,7 @@ class FFCVLoader(SampledLoader):
     def __iter__(self) -> Iterator[SDMPBatch]:
         if self._loader is None:
             raise RuntimeError(f"FFCV loader over {self.path!r} is closed")
+        self.sampler.begin_pass()
         # Same length every epoch (EpochSampler), so FFCV's length computed at construction stays right.
         self._loader.traversal_order.indices = self._epoch_order()
         gen = make_generator(self.seed, self.sampler.epoch, self.shard_id, self.device)

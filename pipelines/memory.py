@@ -75,8 +75,8 @@ class MemoryLoader(SampledLoader):
         self.labels = labels.to(self.device)
 
     def __iter__(self) -> Iterator[SDMPBatch]:
-        gen = make_generator(self.seed, self.sampler.epoch, self.shard_id, self.device)
+        gen = make_generator(self.seed, self.sampler.begin_pass(), self.shard_id, self.device)
         order = self.sampler.indices().to(self.device, non_blocking=True)
-        for idx in order.split(self.batch_size):  # splitting a device tensor needs no host sync
+        for idx in (order.split(self.batch_size) if order.numel() else ()):  # no host sync (shapes only)
             views = make_views(self.images.index_select(0, idx), None, None, self.recipe, gen, self.dtype)
             yield assemble_batch(views, self.labels.index_select(0, idx), idx, self.recipe, gen)

@@ -208,7 +208,7 @@ class TorchGPULoader(SampledLoader):
         return [results[j] for j in keep], torch.tensor([labels[i] for i in indices.tolist()]), indices, bool(bad)
 
     def __iter__(self) -> Iterator[SDMPBatch]:
-        epoch = self.sampler.epoch
+        epoch = self.sampler.begin_pass()
         gen = make_generator(self.seed, epoch, self.shard_id, self.device)
         batches = self.sampler.batches()
         inflight = collections.deque(self._submit(b) for b in batches[: self.prefetch])

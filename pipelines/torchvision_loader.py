@@ -164,7 +164,7 @@ class TorchvisionLoader(SampledLoader):
             prefetch_factor=prefetch_factor if workers else None)
 
     def __iter__(self) -> Iterator[SDMPBatch]:
-        epoch = self.sampler.epoch
+        epoch = self.sampler.begin_pass()
         gen = make_generator(self.seed, epoch, self.shard_id, self.device)
         for views, labels, indices, bad in self._loader:
             for path, reason in bad:

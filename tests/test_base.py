@@ -115,3 +115,39 @@ def test_assemble_batch_on_cuda_never_syncs_with_the_host():
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert len(batch.mixed_views) == 3 and batch.lam.is_cuda
+
+
+def test_a_pass_without_set_epoch_runs_the_next_epoch():
+    # lightly's examples and single-GPU moco-v3 never call set_epoch: each pass must still be a new epoch
+    imgs = torch.randint(0, 256, (16, 3, 12, 12), dtype=torch.uint8)
+    loader = make_loader("memory", imgs, byol2(size=8), 4, device="cpu", shard_id=0, num_shards=1, seed=2)
+    first = [b.indices.tolist() for b in loader]
+    second = [b.indices.tolist() for b in loader]
+    assert first != second and sorted(sum(first, [])) == sorted(sum(second, [])) == list(range(16))
+    loader.set_epoch(0)  # an explicit epoch wins: the first pass again, bit for bit
+    again = list(loader)
+    assert [b.indices.tolist() for b in again] == first
+    loader.set_epoch(0)
+    assert torch.equal(next(iter(loader)).views[0], again[0].views[0])
+
+
+def test_an_empty_shard_has_no_batch():
+    s = EpochSampler(3, 2, shard_id=3, num_shards=4, drop_last=False)
+    assert len(s) == 0 and s.batches() == []
+    imgs = torch.randint(0, 256, (3, 3, 12, 12), dtype=torch.uint8)
+    loader = make_loader("memory", imgs, byol2(size=8), 2, device="cpu", shard_id=3, num_shards=4, drop_last=False)
+    assert len(loader) == 0 and list(loader) == []
+
+
+def test_shards_from_torchrun_environment_before_init(monkeypatch):
+    imgs = torch.randint(0, 256, (8, 3, 12, 12), dtype=torch.uint8)
+    with pytest.raises(ValueError, match="shard_id / num_shards: give both or neither"):
+        make_loader("memory", imgs, byol2(size=8), 2, device="cpu", shard_id=1)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")  # torchrun's variables; the process group is not initialised yet
+    loader = make_loader("memory", imgs, byol2(size=8), 2, device="cpu")
+    assert (loader.sampler.shard_id, loader.sampler.num_shards) == (1, 2)
+    monkeypatch.delenv("RANK")
+    with pytest.warns(RuntimeWarning, match="WORLD_SIZE=2 but no RANK"):
+        loader = make_loader("memory", imgs, byol2(size=8), 2, device="cpu")
+    assert loader.sampler.num_shards == 1
