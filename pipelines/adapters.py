@@ -20,8 +20,13 @@ solo-learn (``[indexes, [crops...], targets]``, what its training_step unpacks) 
     train_loader = adapters.as_solo_learn(make_loader("dali", "/data/train", "byol2", batch_size=256))
     trainer.fit(model, train_loader)   # training_step: indexes, crops, targets = batch
 
+Stock solo-learn methods unpack three items and assert ``len(crops) == num_crops``: keep the default there. An
+SDMP method of your own takes ``with_mix_info=True``'s fourth item (``indexes, crops, targets, mix = batch``;
+not ``.mix_info``, which Lightning's prefetch makes one batch ahead of the step).
+
 lightly (``MultiViewCollate``'s ``(views, targets, filenames)``; file names are relative to the data root when
-the loader knows its file list or ``data=`` is given, else the dataset index as a string) ::
+the loader knows its file list or ``data=`` is given -- for an FFCV ``.beton``, the folder it was converted
+from, less the files convert skipped -- else the dataset index as a string) ::
 
     for views, targets, fnames in adapters.as_lightly(loader, data="/data/train"):
         x0, x1 = views
@@ -60,7 +65,8 @@ def _images(batch: SDMPBatch, append_mixed: bool) -> List[torch.Tensor]:
 
 class BatchAdapter:
     """Wraps a loader; ``convert(batch)`` gives one batch in the target format. Forwards len / set_epoch and
-    any attribute it does not define (``.batch_size``, ``.recipe`` ...) to the loader."""
+    any attribute it does not define (``.batch_size``, ``.recipe`` ...) to the loader; ``.sampler`` is a
+    DataLoader's (``set_epoch``, ``len`` = samples of this shard, iterating gives them)."""
 
     def __init__(self, loader, with_mix_info: bool = False, append_mixed: Optional[bool] = None):
         self.loader = loader
@@ -74,6 +80,10 @@ class BatchAdapter:
 
     def set_epoch(self, epoch: int) -> None:
         self.loader.set_epoch(epoch)
+
+    @property
+    def sampler(self) -> "_SamplerView":
+        return _SamplerView(self)
 
     def __getattr__(self, name):  # only reached for attributes not found on the adapter itself
         if name == "loader":
@@ -132,7 +142,8 @@ def as_mocov3(loader, with_mix_info: bool = False, append_mixed: Optional[bool] 
 
 
 def as_solo_learn(loader, with_mix_info: bool = False, append_mixed: Optional[bool] = None) -> BatchAdapter:
-    """``[indexes, [crops...], targets]`` per batch (solo-learn), ``+ [mix_info]`` with ``with_mix_info``."""
+    """``[indexes, [crops...], targets]`` per batch (solo-learn), ``+ [mix_info]`` with ``with_mix_info`` (for an
+    SDMP method's own training_step: stock methods unpack three items; see the module docstring)."""
     return _SoloLearnAdapter(loader, with_mix_info, append_mixed)
 
 
@@ -153,7 +164,17 @@ def as_lightly(loader, data=None, with_mix_info: bool = False,
     images = list_images(data) if data is not None else _loader_files(loader)
     names = None
     if images is not None:
-        names = [os.path.relpath(f, images.root) for f in images.files]
+        files = list(images.files)
+        base = _base_loader(loader)
+        if data is not None and str(getattr(base, "path", "")).endswith(".beton"):
+            # a .beton holds the folder's files in list order less those convert skipped: its index is there
+            gone = {os.path.realpath(p) for p in base.skipped}
+            files = [f for f in files if os.path.realpath(f) not in gone]
+        total = getattr(getattr(base, "sampler", None), "num_samples", None)
+        if total is not None and total != len(files):
+            raise ValueError(f"as_lightly: data {data!r} lists {len(files)} files but the loader reads {total} "
+                             f"samples: pass the folder or file list the loader was made from")
+        names = [os.path.relpath(f, images.root) for f in files]
     return _LightlyAdapter(loader, filenames=names, with_mix_info=with_mix_info, append_mixed=append_mixed)
 
 
@@ -238,6 +259,11 @@ class DataLoaderLike:
 
     def set_epoch(self, epoch: int) -> None:
         self.loader.set_epoch(epoch)
+
+    def __getattr__(self, name):  # what a DataLoader lacks comes from the wrapped loader (mix_info, recipe ...)
+        if name == "loader":
+            raise AttributeError(name)
+        return getattr(self.loader, name)
 
     def __iter__(self):
         return iter(self.loader)

@@ -157,3 +157,45 @@ def test_lightly_names_come_from_a_file_backend(tmp_path):
     rel = [os.path.relpath(f, files.root) for f in files.files]
     assert len(views) == 2 and len(fnames) == 4 and all(f in rel for f in fnames)
     assert [files.labels[rel.index(f)] for f in fnames] == targets.tolist()
+
+
+def test_adapter_sampler_is_a_dataloaders_and_dataloader_like_forwards_the_rest():
+    loader = FakeLoader(byol2(size=8), num_samples=22, batch_size=4)
+    a = adapters.as_solo_learn(loader)
+    assert len(a.sampler) == 20 and sorted(a.sampler) == sorted(loader.sampler.indices().tolist())
+    a.sampler.set_epoch(4)
+    assert loader.sampler.epoch == 4
+    dl = adapters.as_dataloader(a)
+    next(iter(dl))
+    assert dl.recipe.name == "byol2" and dl.mix_info["lam"].shape == (4,)
+
+
+def test_lightly_names_of_a_beton_skip_what_convert_skipped(tmp_path):
+    # a .beton's index counts the converted files only: with data= the folder, the skipped ones are left out
+    from sdmp_fast.data import make_synthetic_image_folder
+
+    make_synthetic_image_folder(str(tmp_path), num_classes=2, per_class=4, size=(20, 20))
+    files = list_images(str(tmp_path)).files
+    skipped = [files[1], files[5]]
+
+    class BetonLoader(FakeLoader):
+        path = str(tmp_path / "x.beton")
+
+        @property
+        def skipped(self):
+            return skipped
+
+    loader = BetonLoader(byol2(size=8), num_samples=6, batch_size=2, drop_last=False)
+    names = [n for _, _, fn in adapters.as_lightly(loader, data=str(tmp_path)) for n in fn]
+    stored = [os.path.relpath(f, str(tmp_path)) for f in files if f not in skipped]
+    assert sorted(names) == sorted(stored)
+    with pytest.raises(ValueError, match="lists 8 files but the loader reads 6 samples"):
+        adapters.as_lightly(FakeLoader(byol2(size=8), num_samples=6, batch_size=2), data=str(tmp_path))
+
+
+def test_solo_learn_default_batch_is_what_stock_methods_unpack():
+    loader = FakeLoader(byol2(size=8))
+    indexes, crops, targets = next(iter(adapters.as_solo_learn(loader)))  # solo-learn: `_, X, targets = batch`
+    assert len(crops) == 2  # == num_crops: clean views only
+    indexes, crops, targets, mix = next(iter(adapters.as_solo_learn(loader, with_mix_info=True)))
+    assert len(crops) == 4 and mix["num_clean"] == 2
