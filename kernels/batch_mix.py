@@ -58,6 +58,14 @@ def apply_mix_views(xs: Sequence[Tensor], lam: Tensor, method: Tensor, y0: Seque
                          f"y0/x0/cut_h/cut_w")
     if not _use_kernel(xs):
         return [apply_mix_ref(x, lam, method, a, b, c, d, method_set) for x, a, b, c, d in zip(xs, y0, x0, cut_h, cut_w)]
+    n, dev = xs[0].shape[0], xs[0].device
+    named = [("lam", lam), ("method", method)] + [
+        (f"{name}[{k}]", t) for name, ts in (("y0", y0), ("x0", x0), ("cut_h", cut_h), ("cut_w", cut_w))
+        for k, t in enumerate(ts)]
+    for name, t in named:  # the kernel reads one value per sample from each
+        if tuple(t.shape) != (n,) or t.device != dev:
+            raise ValueError(f"apply_mix: {name} must be [{n}] on {dev} (one per sample), got {tuple(t.shape)} "
+                             f"on {t.device}")
     lam32, meth = lam.float().contiguous(), _ints(method)
     out: List[Tensor] = []
     for s in range(0, len(xs), MAX_VIEWS_PER_LAUNCH):
@@ -88,6 +96,7 @@ def mix_views(views: Sequence[Tensor], lam: Tensor, method: Tensor, generator: O
         return mix_views_ref(views, lam, method, generator, method_set, per_sample)
     for v in views:
         check_batch_size(v.shape[0])
+        mixing.check_per_sample(v.shape[0], lam, method)
     boxes, lams = [], []
     for v in views:
         _, _, h, w = v.shape

@@ -110,6 +110,11 @@ def two_hot_cross_entropy(logits: Tensor, index_a: Tensor, index_b: Tensor, weig
     """
     if not _use_kernel(logits):
         return two_hot_cross_entropy_ref(logits, index_a, index_b, weight_a, weight_b)
+    n = logits.shape[0]
+    for name, t in (("index_a", index_a), ("index_b", index_b), ("weight_a", weight_a), ("weight_b", weight_b)):
+        if tuple(t.shape) != (n,) or t.device != logits.device:
+            raise ValueError(f"{name}: expected [{n}] on {logits.device} (one per row of logits), got "
+                             f"{tuple(t.shape)} on {t.device}")
     return two_hot_ce(logits, index_a, index_b, weight_a, weight_b)
 
 
@@ -120,7 +125,8 @@ def sdmp_moco_terms(q1: Tensor, q2m: Tensor, k1: Tensor, k2: Tensor, k1m: Tensor
     The 1/tau of the logits and the 2*tau of MoCo v3 are applied inside the kernel (no extra pass over the
     [n, N] logits); keys may be local [n, d] or all-gathered [world_size * n, d] with the per-rank offsets.
     """
-    if not _ext.kernel_ok(q1, q2m, k1, k2, k1m) or q1.dim() != 2:
+    lam = losses.check_moco_inputs(q1, q2m, k1, k2, k1m, lam)
+    if not _ext.kernel_ok(q1, q2m, k1, k2, k1m) or q1.shape[0] == 0:
         return sdmp_moco_terms_ref(q1, q2m, k1, k2, k1m, lam, tau, rank, world_size)
     n = q1.shape[0]
     r = losses._key_offset(n, k1.shape[0], rank, world_size)

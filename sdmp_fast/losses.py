@@ -78,6 +78,28 @@ def _key_offset(n: int, num_keys: int, rank: int, world_size: int) -> int:
                      f"{world_size}) rows, got {num_keys}")
 
 
+def check_moco_inputs(q1, q2m, k1, k2, k1m, lam) -> torch.Tensor:
+    """Shapes of the SDMP-MoCo inputs (metadata only: no host sync), an error naming the argument that is off;
+    returns lam as [n] (a single lam, one for the whole batch, is expanded)."""
+    if q1.dim() != 2:
+        raise ValueError(f"q1: expected queries [n, d], got shape {tuple(q1.shape)}")
+    n, d = q1.shape
+    if tuple(q2m.shape) != (n, d):
+        raise ValueError(f"q2m: expected the shape of q1 {(n, d)}, got {tuple(q2m.shape)}")
+    for name, k in (("k1", k1), ("k2", k2), ("k1m", k1m)):
+        if k.dim() != 2 or k.shape[1] != d or k.shape[0] != k1.shape[0]:
+            raise ValueError(f"{name}: expected keys [N, {d}] with the N of k1 ({k1.shape[0]}), got "
+                             f"{tuple(k.shape)}")
+    if lam.numel() == 1 and n != 1:
+        lam = lam.reshape(1).expand(n)
+    if tuple(lam.shape) != (n,):
+        raise ValueError(f"lam: expected one lam per query [{n}] (or a single one), got {tuple(lam.shape)}")
+    for name, t in (("q2m", q2m), ("k1", k1), ("k2", k2), ("k1m", k1m), ("lam", lam)):
+        if t.device != q1.device:
+            raise ValueError(f"{name}: on {t.device}, q1 on {q1.device}: every input must be on one device")
+    return lam
+
+
 def sdmp_moco_terms(q1: torch.Tensor, q2m: torch.Tensor, k1: torch.Tensor, k2: torch.Tensor,
                     k1m: torch.Tensor, lam: torch.Tensor, tau: float = 0.2, rank: int = 0,
                     world_size: int = 1) -> Dict[str, torch.Tensor]:
@@ -90,6 +112,7 @@ def sdmp_moco_terms(q1: torch.Tensor, q2m: torch.Tensor, k1: torch.Tensor, k2: t
       mix_source = soft CE(q2m vs k1; lam own, 1-lam partner)
       mix_mix    = soft CE(q2m vs k1m; 1/(1+c) own, c/(1+c) partner)
     """
+    lam = check_moco_inputs(q1, q2m, k1, k2, k1m, lam)
     n = q1.shape[0]
     r = _key_offset(n, k1.shape[0], rank, world_size)
     own, partner = flip_indices(n, r, q1.device)

@@ -190,8 +190,15 @@ def mix_view(x: torch.Tensor, lam: torch.Tensor, method: torch.Tensor,
         raise ValueError(f"mix_view: expected a view of shape [n, C, H, W], got {tuple(x.shape)}")
     n, _, h, w = x.shape
     check_batch_size(n)
+    check_per_sample(n, lam, method)
     (y0, x0, cut_h, cut_w), lam_eff = draw_box(lam, method, h, w, generator)
     return apply_mix(x, lam, method, y0, x0, cut_h, cut_w, method_set), lam_eff
+
+
+def check_per_sample(n: int, lam: torch.Tensor, method: torch.Tensor) -> None:
+    for name, t in (("lam", lam), ("method", method)):
+        if tuple(t.shape) != (n,):
+            raise ValueError(f"{name}: expected one per sample [{n}], got {tuple(t.shape)}")
 
 
 def _resize_into_box(partner: torch.Tensor, cut_h: int, cut_w: int) -> torch.Tensor:
@@ -207,7 +214,8 @@ def _resize_into_box(partner: torch.Tensor, cut_h: int, cut_w: int) -> torch.Ten
 
 
 def mix_view_per_sample(x: torch.Tensor, lam: torch.Tensor, method: torch.Tensor,
-                        generator: Optional[torch.Generator] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+                        generator: Optional[torch.Generator] = None,
+                        method_set: Sequence[int] = (MIXUP, CUTMIX, RESIZEMIX)) -> Tuple[torch.Tensor, torch.Tensor]:
     """:func:`mix_view` computed sample by sample on the host: same draws, same values, no autograd.
 
     apply_mix is branch-free for the GPU: every sample pays for the blend, the paste and a full resize of its
@@ -216,9 +224,11 @@ def mix_view_per_sample(x: torch.Tensor, lam: torch.Tensor, method: torch.Tensor
     """
     n, _, h, w = x.shape
     check_batch_size(n)
+    check_per_sample(n, lam, method)
     (y0, x0, cut_h, cut_w), lam_eff = draw_box(lam, method, h, w, generator)
     lam_x = lam.to(x.dtype)
     out = torch.empty_like(x)
+    resize = RESIZEMIX in method_set  # as apply_mix: without it a resizemix id pastes like cutmix
     rows = zip(method.tolist(), y0.tolist(), x0.tolist(), cut_h.tolist(), cut_w.tolist())
     for i, (m, top, left, ch, cw) in enumerate(rows):
         own, partner = x[i], x[n - 1 - i]
@@ -229,7 +239,8 @@ def mix_view_per_sample(x: torch.Tensor, lam: torch.Tensor, method: torch.Tensor
         if ch == 0 or cw == 0:
             continue
         box = out[i, :, top:top + ch, left:left + cw]
-        box.copy_(_resize_into_box(partner, ch, cw) if m == RESIZEMIX else partner[:, top:top + ch, left:left + cw])
+        box.copy_(_resize_into_box(partner, ch, cw) if m == RESIZEMIX and resize
+                  else partner[:, top:top + ch, left:left + cw])
     return out, lam_eff
 
 
@@ -245,7 +256,7 @@ def mix_views(views: Sequence[torch.Tensor], lam: torch.Tensor, method: torch.Te
     for v in views:
         host = per_sample if per_sample is not None else (v.device.type == "cpu" and not v.requires_grad)
         if host:
-            m, l_eff = mix_view_per_sample(v, lam, method, generator)
+            m, l_eff = mix_view_per_sample(v, lam, method, generator, method_set)
         else:
             m, l_eff = mix_view(v, lam, method, generator, method_set)
         out.append(m)

@@ -455,6 +455,60 @@ def test_emulated_torch_compile_matches_eager(emulated):
         torch.testing.assert_close(x, y, rtol=1e-6, atol=1e-7)
 
 
+def check_masked_columns(device):
+    """-inf logits (masked columns) where a thread's whole share of a row is -inf: the log-sum-exp states must
+    merge to the reference's finite values (exp(-inf - -inf) was NaN), and a -inf student logit must not give a
+    finite DINO loss where the reference's is not."""
+    g = torch.Generator().manual_seed(0)
+    for n_cols in (1000, 1001, 17):
+        x = torch.randn(3, n_cols, generator=g).to(device)
+        x[:, :min(48, n_cols // 3)] = float("-inf")
+        x[1, -1] = float("-inf")
+        i = torch.tensor([n_cols - 2, n_cols // 2, n_cols - 3], device=device)
+        w = torch.tensor([1.0, 0.7, 0.2], device=device)
+        leaf_k, leaf_r = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+        out = K.two_hot_cross_entropy(leaf_k, i, i.flip(0), w, 1 - w)
+        ref = K.two_hot_cross_entropy_ref(leaf_r, i, i.flip(0), w, 1 - w)
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+        out.sum().backward()
+        ref.sum().backward()
+        torch.testing.assert_close(leaf_k.grad, leaf_r.grad, rtol=1e-5, atol=1e-6)
+    for k in (1000, 1001, 17):
+        s = torch.randn(3, 4, k, generator=g).to(device)
+        t = torch.randn(2, 4, k, generator=g).to(device)
+        t[..., :min(48, k // 3)] = float("-inf")  # masked prototypes of the teacher
+        center = torch.zeros(k, device=device)
+        out, ref = (f(s, None, t, None, center, None)["loss"] for f in (K.sdmp_dino_terms, K.sdmp_dino_terms_ref))
+        assert torch.isfinite(ref), ref
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+        s[2, :, 0] = float("-inf")  # a -inf student logit: the reference's loss is not finite, nor the kernel's
+        t = torch.randn(2, 4, k, generator=g).to(device)
+        out, ref = (f(s, None, t, None, center, None)["loss"] for f in (K.sdmp_dino_terms, K.sdmp_dino_terms_ref))
+        assert not torch.isfinite(ref) and not torch.isfinite(out), (out, ref)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_emulated_bad_arguments_are_named(emulated):
+    x, lam, method, y0, x0, ch, cw = mix_inputs(4, 3, 8, 8, torch.float32, "cpu")
+    with pytest.raises(ValueError, match=r"apply_mix: y0\[0\] must be \[4\]"):
+        K.apply_mix(x, lam, method, y0[:1], x0, ch, cw)
+    logits, i = torch.randn(3, 40), torch.tensor([1, 2, 3])
+    with pytest.raises(ValueError, match=r"index_b: expected \[3\]"):
+        K.two_hot_cross_entropy(logits, i, i[:2], torch.ones(3), torch.zeros(3))
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_emulated_masked_columns(emulated):
+    check_masked_columns("cpu")
+
+
+@pytest.mark.cuda
+def test_cuda_masked_columns(cuda_kernels):
+    check_masked_columns("cuda")
+
+
 def check_second_backward_refused(device, monkeypatch, route):
     """The backward writes its scaled gradient into the saved forward buffers, so a second backward through the
     same graph (retain_graph) must raise autograd's in-place error on both routes, not rescale them again."""

@@ -197,3 +197,22 @@ def test_center_update():
     center = torch.zeros(3, dtype=D)
     t = torch.tensor([[[1.0, 2.0, 3.0]], [[3.0, 2.0, 1.0]]], dtype=D)
     torch.testing.assert_close(dino_center_update(center, t, 0.9), torch.full((3,), 0.2, dtype=D))
+
+
+@pytest.mark.parametrize("impl", ["reference", "kernels"])
+def test_moco_inputs_that_do_not_fit_are_named(impl):
+    import sdmp_fast.kernels as K
+    fn = sdmp_moco_terms if impl == "reference" else K.sdmp_moco_terms
+    g = torch.Generator().manual_seed(0)
+    q1, q2m = torch.randn(4, 8, generator=g), torch.randn(4, 8, generator=g)
+    k1, k2, k1m = (torch.randn(8, 8, generator=g) for _ in range(3))
+    lam = torch.rand(4, generator=g)
+    with pytest.raises(ValueError, match=r"k2: expected keys \[N, 8\] with the N of k1 \(8\), got \(4, 8\)"):
+        fn(q1, q2m, k1, k2[:4], k1m, lam, 0.2, 1, 2)  # was a silent NaN on the kernel path
+    with pytest.raises(ValueError, match="q2m: expected the shape of q1"):
+        fn(q1, q2m[:, :4], k1, k2, k1m, lam, 0.2, 1, 2)
+    with pytest.raises(ValueError, match=r"lam: expected one lam per query \[4\]"):
+        fn(q1, q2m, k1, k2, k1m, lam[:2], 0.2, 1, 2)
+    one = fn(q1, q2m, k1, k2, k1m, lam[:1], 0.2, 1, 2)  # a single lam serves the whole batch
+    full = fn(q1, q2m, k1, k2, k1m, lam[:1].expand(4), 0.2, 1, 2)
+    assert all(torch.equal(one[k], full[k]) for k in one)

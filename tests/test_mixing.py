@@ -141,3 +141,14 @@ def test_host_per_sample_path_equals_vectorised(sizes):
     for a, b, la, lb in zip(ref, fast, ref_lam, fast_lam):
         torch.testing.assert_close(b, a, rtol=0, atol=1e-6)
         assert torch.equal(la, lb)
+
+
+def test_host_and_vectorised_paths_agree_on_method_set_and_check_lengths():
+    x = torch.rand(4, 3, 8, 8)
+    lam, method = torch.full((4,), 0.5), torch.full((4,), RESIZEMIX)
+    outs = [mix_views([x], lam, method, torch.Generator().manual_seed(1), (MIXUP, CUTMIX),
+                             per_sample=host)[0][0] for host in (True, False)]
+    torch.testing.assert_close(outs[0], outs[1])  # without resizemix in the set, both paste like cutmix
+    for host in (True, False):
+        with pytest.raises(ValueError, match=r"lam: expected one per sample \[4\], got \(2,\)"):
+            mix_views([x], lam[:2], method[:2], torch.Generator(), per_sample=host)

@@ -77,7 +77,8 @@ __device__ __forceinline__ float round_through<float>(float x) {
   return x;
 }
 
-// Streaming log-sum-exp state: the row max m and sum of exp(x - m).
+// Streaming log-sum-exp state: the row max m and sum of exp(x - m). m = -inf: nothing but -inf so far (s = 0),
+// or a NaN seen among them (s = NaN, which every later step carries to the result, as the reference's NaN).
 struct Lse {
   float m;
   float s;
@@ -85,7 +86,7 @@ struct Lse {
 
 __device__ __forceinline__ Lse lse_merge(Lse a, Lse b) {
   const float m = fmaxf(a.m, b.m);
-  if (m == -INFINITY) return Lse{-INFINITY, 0.f};
+  if (m == -INFINITY) return Lse{-INFINITY, a.s + b.s};  // exp(-inf - -inf) would be NaN: masked columns
   return Lse{m, a.s * __expf(a.m - m) + b.s * __expf(b.m - m)};
 }
 
@@ -96,7 +97,12 @@ __device__ __forceinline__ void lse_update(Lse& st, const float (&x)[VEC]) {
 #pragma unroll
   for (int i = 1; i < VEC; ++i) pm = fmaxf(pm, x[i]);
   const float m = fmaxf(st.m, pm);
-  float s = (st.m == -INFINITY) ? 0.f : st.s * __expf(st.m - m);
+  if (m == -INFINITY) {  // only -inf (masked columns) or NaN (fmaxf skips it) so far: keep a NaN, add nothing
+#pragma unroll
+    for (int i = 0; i < VEC; ++i) st.s += x[i] == -INFINITY ? 0.f : x[i];
+    return;
+  }
+  float s = (st.m == -INFINITY) ? st.s : st.s * __expf(st.m - m);
 #pragma unroll
   for (int i = 0; i < VEC; ++i) s += __expf(x[i] - m);
   st.m = m;

@@ -159,8 +159,12 @@ __device__ __forceinline__ void acc_update(RowAcc& a, const float (&x)[VEC], con
   }
 }
 
+// Empty: no column yet. A state whose columns were all -inf holds NaN (x - m = -inf - -inf) and is not empty:
+// the loss of a -inf student logit is not finite, as the reference's (inf, or NaN where its target is 0).
+__device__ __forceinline__ bool acc_is_empty(const RowAcc& a) { return a.m == -INFINITY && a.s == 0.f; }
+
 __device__ __forceinline__ void acc_fold(RowAcc& r, const RowAcc& a) {
-  if (a.m == -INFINITY) return;  // empty (no columns): s = d = q = 0
+  if (acc_is_empty(a)) return;  // s = d = q = 0
   const float dm = a.m - r.m;
   r.s += a.s * __expf(dm);
   r.d1 += a.d1 + a.q1 * dm;
@@ -171,7 +175,7 @@ __device__ __forceinline__ void acc_fold(RowAcc& r, const RowAcc& a) {
 
 __device__ __forceinline__ RowAcc acc_merge(const RowAcc& a, const RowAcc& b) {
   RowAcc r{fmaxf(a.m, b.m), 0.f, 0.f, 0.f, 0.f, 0.f};
-  if (r.m == -INFINITY) return acc_empty();
+  if (acc_is_empty(a) && acc_is_empty(b)) return acc_empty();
   acc_fold(r, a);
   acc_fold(r, b);
   return r;
