@@ -44,6 +44,14 @@ def _check_out(cfg) -> None:
     out = cfg.out
     if os.path.isdir(out) and os.listdir(out) and not cfg.resume:
         raise ValueError(f"out: {out!r} already holds a run; pass --resume to continue it or choose another --out")
+    # the nearest existing folder must take new files: found now, not as a traceback after the model is built
+    probe = os.path.abspath(out)
+    while not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe):
+        raise ValueError(f"out: {probe!r} is a file, not a folder (out {out!r})")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise ValueError(f"out: cannot write in {probe!r} (out {out!r}): read-only or no permission")
 
 
 def _write_config(cfg, out: str) -> None:
@@ -89,6 +97,11 @@ def main(args) -> int:
         resumed_from = None
         if cfg.resume:
             found = ckpt.load_latest(ckpt.checkpoint_dir(cfg.out))
+            if found is None and ckpt.list_checkpoints(ckpt.checkpoint_dir(cfg.out)):
+                # not "no checkpoint yet": starting afresh would overwrite the run's metrics and checkpoints
+                raise ckpt.CheckpointError(
+                    f"resume: no checkpoint of {ckpt.checkpoint_dir(cfg.out)!r} can be read (see the warnings "
+                    f"above); nothing was changed")
             if found is not None:
                 resumed_from, state = found
                 trainer.load_state_dict(state)
@@ -145,6 +158,8 @@ def _install_signal_handlers(trainer) -> None:
     def handler(signum, frame):
         if trainer.stop_signal is not None and signum == signal.SIGINT:
             raise KeyboardInterrupt
+        if trainer.stop_signal is not None:  # a second SIGTERM: the step never ended (stuck): stop now
+            raise SystemExit(128 + signum)
         trainer.stop_signal = signum
 
     signal.signal(signal.SIGTERM, handler)

@@ -455,7 +455,8 @@ class Trainer:
             new_c = ref_losses.dino_center_update(c, None, cfg.center_momentum, batch_mean=mean)
             c.copy_(torch.where(bad > 0, c, new_c))
         self._dev_step += 1
-        self._acc += torch.where(nonfinite, torch.zeros_like(vals), vals).double()
+        # a skipped step adds none of its terms (its finite ones too): the window mean counts good steps only
+        self._acc += torch.where(bad > 0, torch.zeros_like(vals), vals).double()
         self._n_ok += ok.double()
         self._n_bad += bad.double()
         record = (bad > 0) & (self._first_bad_step < 0)
@@ -571,6 +572,10 @@ class Trainer:
         bad = mismatches(state["config"], self.cfg)
         if bad:
             raise ValueError(f"resume: the checkpoint was made with other settings: {'; '.join(bad)}")
+        if state.get("world_size", self.world_size) != self.world_size:
+            # the global batch (and the lr scaled with it), the shards and every rank's RNG state depend on it
+            raise ValueError(f"resume: the checkpoint was made by {state['world_size']} process(es), this run has "
+                             f"{self.world_size}: resume with the same number of processes")
         if state["steps_per_epoch"] != self.steps_per_epoch:
             raise ValueError(f"resume: {self.steps_per_epoch} steps per epoch now, {state['steps_per_epoch']} in "
                              f"the checkpoint (data or world size changed)")
@@ -618,6 +623,9 @@ class Trainer:
                 if i >= start:
                     yield epoch, i, batch
                 i += 1
+            if i == 0:  # would loop over empty epochs for ever
+                raise ValueError(f"data: epoch {epoch} of the {self.cfg.loader} loader over {self.cfg.data!r} gave "
+                                 f"no batch (every file undecodable? see the loader's warnings)")
             epoch, start = epoch + 1, 0
 
     def mark_done(self, epoch: int, index: int) -> None:

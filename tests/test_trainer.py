@@ -101,6 +101,50 @@ def test_data_errors(tmp_path, capsys, image_dir):
     assert not out.exists()
 
 
+def test_data_with_nothing_decodable_is_an_error_not_a_hang(tmp_path, capsys):
+    bad = tmp_path / "bad" / "c0"
+    bad.mkdir(parents=True)
+    for k in range(3):
+        (bad / f"{k}.jpg").write_bytes(b"junk")
+    code, err = run_cli(TINY + ["--loader", "torchvision", "--data", str(tmp_path / "bad"), "--batch-size", "2",
+                                "--steps", "4", "--num-workers", "0", "--out", str(tmp_path / "o")], capsys)
+    assert code == 2 and "error: data: epoch 0 of the torchvision loader" in err and "no batch" in err
+
+
+def test_out_that_cannot_be_written_is_named_before_anything_runs(tmp_path, capsys, monkeypatch):
+    (tmp_path / "afile").write_text("x")
+    code, err = run_cli(TINY + ["--loader", "synthetic", "--steps", "2", "--out", str(tmp_path / "afile" / "run")],
+                        capsys)
+    assert code == 2 and "error: out:" in err and "is a file" in err
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode: False if str(p) == str(tmp_path) else real_access(p, mode))
+    code, err = run_cli(TINY + ["--loader", "synthetic", "--steps", "2", "--out", str(tmp_path / "run")], capsys)
+    assert code == 2 and "error: out: cannot write in" in err and not (tmp_path / "run").exists()
+
+
+def test_resume_refuses_when_no_checkpoint_can_be_read(tmp_path, capsys):
+    out = tmp_path / "run"
+    args = TINY + ["--loader", "synthetic", "--steps", "4", "--save-every", "2", "--log-every", "2", "--out", str(out)]
+    assert run_cli(args, capsys)[0] == 0
+    ckpts = sorted((out / "checkpoints").iterdir())
+    for c in ckpts:
+        c.write_bytes(c.read_bytes()[:100])  # every checkpoint truncated
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    with pytest.warns(UserWarning):
+        code, err = run_cli(args + ["--resume"], capsys)
+    assert code == 1 and "no checkpoint of" in err and "nothing was changed" in err
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before  # the run is untouched
+
+
+def test_resume_with_another_world_size_is_refused(tmp_path):
+    cfg = tiny_cfg(tmp_path, steps=2)
+    tr = Trainer(cfg)
+    state = tr.state_dict()
+    state["world_size"] = 2
+    with pytest.raises(ValueError, match=r"resume: the checkpoint was made by 2 process\(es\), this run has 1"):
+        Trainer(cfg).load_state_dict(state)
+
+
 def test_existing_run_needs_resume(tmp_path, capsys):
     out = tmp_path / "out"
     out.mkdir()
@@ -292,6 +336,8 @@ def test_nan_skip_policy_continues(tmp_path, monkeypatch):
     recs = read_metrics(cfg.out)
     assert [r["skipped"] for r in recs] == [1, 0]
     assert all(r["loss"] is not None and r["loss"] > 0 for r in recs)
+    for r in recs:  # the skipped step's finite terms are not in the window's means either
+        assert r["loss"] == pytest.approx(r["source"] + cfg.mix_weight * (r["mix_source"] + r["mix_mix"]))
     for v in tr.model.state_dict().values():
         assert torch.isfinite(v.float()).all()
 
