@@ -203,6 +203,30 @@ def export_backbone(backbone: torch.nn.Module, out: str, info: Dict[str, Any]) -
     return path
 
 
+def _candidates(path: str) -> List[str]:
+    """What load_backbone may read, best first: a run directory's checkpoints newest first, then its
+    backbone.pt; a file alone."""
+    if not os.path.isdir(path):
+        return [_find(path)]
+    found = [p for _, p in reversed(list_checkpoints(checkpoint_dir(path)) or list_checkpoints(path))]
+    bb = os.path.join(path, "backbone.pt")
+    found += [bb] if os.path.isfile(bb) else []
+    return found or [_find(path)]
+
+
+def _load_first_readable(paths: List[str], map_location):
+    """(path, state) of the first file of ``paths`` that loads; a damaged one is reported and the next tried."""
+    errors = []
+    for p in paths:
+        try:
+            return p, torch.load(p, map_location=map_location, weights_only=True)
+        except Exception as e:  # noqa: BLE001 - truncated / corrupt / foreign: try the next one
+            errors.append(f"{p}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+            if p != paths[-1]:
+                warnings.warn(f"checkpoint: {errors[-1]}; trying {paths[paths.index(p) + 1]}")
+    raise ValueError(f"checkpoint: nothing readable ({'; '.join(errors)})")
+
+
 def _find(path: str) -> str:
     """A run directory -> its newest checkpoint (or its backbone.pt); a file -> itself."""
     if os.path.isdir(path):
@@ -225,8 +249,7 @@ def load_backbone(path: str, random_init: bool = False, with_info: bool = False,
     arch, img_size, patch_size, mean, std, method, step."""
     from sdmp_fast.models import create_backbone
 
-    path = _find(path)
-    state = torch.load(path, map_location=map_location, weights_only=True)
+    path, state = _load_first_readable(_candidates(path), map_location)
     if isinstance(state, dict) and "format" in state:  # training checkpoint
         info = dict(state["meta"])
         prefix = info["backbone_prefix"]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
 from dataclasses import dataclass, field, fields
 from typing import Any, Dict, List, Optional, Tuple
@@ -147,7 +148,8 @@ class TrainConfig:
             v = getattr(self, name)
             if v is None and allow_none:
                 return
-            need(isinstance(v, (int, float)) and not isinstance(v, bool), name, f"must be a number, got {v!r}")
+            need(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v), name,
+                 f"must be a finite number, got {v!r}")
             if lo is not None:
                 need(v > lo if lo_open else v >= lo, name, f"must be {'>' if lo_open else '>='} {lo}, got {v}")
             if hi is not None:
@@ -268,8 +270,10 @@ def _parse_onoff(v) -> bool:
 
 def _coerce(name: str, value: Any, f: dataclasses.Field) -> Any:
     """YAML / CLI value -> the field's type, with an error naming the setting."""
-    if value is None:
-        return None
+    if value is None:  # YAML null: only where "unset" means something (the Optional settings)
+        if f.default is None or "Optional" in str(f.type):
+            return None
+        raise ValueError(f"{name}: null is not a value of this setting (default {f.default!r}); leave it out instead")
     kind = f.metadata.get("kind")
     try:
         if kind in ("onoff", "flag"):
@@ -301,13 +305,17 @@ def load_config(path: str) -> Dict[str, Any]:
     """A YAML mapping of settings (yaml.safe_load: a config file cannot construct objects)."""
     import yaml
 
+    if os.path.isdir(path):
+        raise ValueError(f"config: {path!r} is a folder, expected a YAML file")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"config: {path!r} does not exist")
-    with open(path) as fh:
+    with open(path, encoding="utf-8") as fh:
         try:
             raw = yaml.safe_load(fh)
         except yaml.YAMLError as e:
             raise ValueError(f"config: {path!r} is not valid YAML ({e})") from None
+        except UnicodeDecodeError as e:
+            raise ValueError(f"config: {path!r} is not UTF-8 text ({e.reason} at byte {e.start})") from None
     if raw is None:
         return {}
     if not isinstance(raw, dict):

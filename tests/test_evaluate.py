@@ -249,3 +249,23 @@ def test_plot_cli(tmp_path, capsys):
 def test_plot_cli_missing_metrics(tmp_path, capsys):
     assert cli.main(["plot", str(tmp_path)]) == 2
     assert "metrics.jsonl" in capsys.readouterr().err
+
+
+def test_backbone_of_a_run_whose_newest_checkpoint_is_damaged(tiny_run, tmp_path):
+    import shutil
+
+    from sdmp_fast.checkpoint import load_backbone
+    run, backbone, _ = tiny_run
+    copy_run = tmp_path / "run"
+    shutil.copytree(run, copy_run)
+    ckpts = sorted((copy_run / "checkpoints").iterdir())
+    ckpts[-1].write_bytes(ckpts[-1].read_bytes()[:100])  # the newest checkpoint truncated
+    with pytest.warns(UserWarning, match="trying"):
+        model = load_backbone(str(copy_run))  # the next readable file serves: the same trained weights
+    x = torch.rand(2, 3, 28, 28)
+    with torch.no_grad():
+        assert torch.allclose(model(x), backbone.eval()(x), atol=1e-5)
+    for p in list((copy_run / "checkpoints").iterdir()) + [copy_run / "backbone.pt"]:
+        p.write_bytes(b"junk")
+    with pytest.raises(ValueError, match="checkpoint: nothing readable"):
+        load_backbone(str(copy_run))

@@ -145,6 +145,27 @@ def test_resume_with_another_world_size_is_refused(tmp_path):
         Trainer(cfg).load_state_dict(state)
 
 
+@pytest.mark.parametrize("text,message", [
+    ("sdmp: null\n", "sdmp: null is not a value of this setting"),  # trained with SDMP off before
+    ("device: null\n", "device: null is not a value of this setting"),
+    ("lr: .inf\n", "lr: must be a finite number"),
+])
+def test_yaml_nulls_and_infinities_are_named(tmp_path, capsys, text, message):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(text)
+    code, err = run_cli(TINY + ["--loader", "synthetic", "--steps", "2", "--config", str(cfg),
+                                "--out", str(tmp_path / "o")], capsys)
+    assert code == 2 and message in err and not (tmp_path / "o").exists()
+
+
+def test_config_file_that_is_a_folder_or_not_text_is_named(tmp_path, capsys):
+    code, err = run_cli(TINY + ["--config", str(tmp_path), "--out", str(tmp_path / "o")], capsys)
+    assert code == 2 and "is a folder, expected a YAML file" in err
+    (tmp_path / "c.yaml").write_bytes(b"lr: \xff\xfe\n")
+    code, err = run_cli(TINY + ["--config", str(tmp_path / "c.yaml"), "--out", str(tmp_path / "o")], capsys)
+    assert code == 2 and "is not UTF-8 text" in err and "c.yaml" in err
+
+
 def test_existing_run_needs_resume(tmp_path, capsys):
     out = tmp_path / "out"
     out.mkdir()
