@@ -54,6 +54,21 @@ def _check_out(cfg) -> None:
         raise ValueError(f"out: cannot write in {probe!r} (out {out!r}): read-only or no permission")
 
 
+def _lock_out(out: str):
+    """An exclusive lock on ``out/.lock``: a second run (a resume started while the first still runs) would
+    write the same checkpoints and metrics. Released by the OS when the process ends, however it ends."""
+    import fcntl
+
+    fh = open(os.path.join(out, ".lock"), "a")
+    try:
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        fh.close()
+        raise ValueError(f"out: {out!r} is being written by another sdmp-fast train process (its .lock is held); "
+                         f"wait for it to end or stop it first") from None
+    return fh
+
+
 def _write_config(cfg, out: str) -> None:
     import yaml
 
@@ -109,6 +124,7 @@ def main(args) -> int:
         # ---- from here on --out is written
         if rank == 0:
             os.makedirs(cfg.out, exist_ok=True)
+            lock = _lock_out(cfg.out)  # held until this process exits
             _write_config(cfg, cfg.out)
         if world > 1:
             dist.barrier()

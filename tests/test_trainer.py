@@ -452,7 +452,7 @@ def test_sigterm_checkpoints_and_exits_cleanly(tmp_path):
     assert not (out / "backbone.pt").exists()  # not finished: no final export
     # nothing was written outside --out: not in the working directory, TMPDIR or HOME
     assert os.listdir(work) == [] and os.listdir(tmp_path / "tmpdir") == [] and os.listdir(tmp_path / "home") == []
-    assert sorted(os.listdir(out)) == ["checkpoints", "config.yaml", "metrics.jsonl"]
+    assert sorted(os.listdir(out)) == [".lock", "checkpoints", "config.yaml", "metrics.jsonl"]
 
 
 # ------------------------------------------------------------------------------------------- GPU only
@@ -672,3 +672,15 @@ def test_loss_impl_says_reference_when_the_kernels_cannot_serve(tmp_path, monkey
     assert moco is trainer_mod.ref_losses.sdmp_moco_terms and dino_fn is trainer_mod._dino_terms_and_center_ref
     monkeypatch.setattr(K, "available", lambda device=None: True)
     assert trainer_mod.loss_functions(tiny_cfg(tmp_path), torch.device("cuda"))[2] == "kernels"
+
+
+def test_a_second_process_cannot_write_a_run_being_written(tmp_path, capsys):
+    import fcntl
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "config.yaml").write_text("{}\n")
+    with open(out / ".lock", "a") as held:  # as a running `sdmp-fast train` holds it
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        code, err = run_cli(TINY + ["--loader", "synthetic", "--steps", "2", "--out", str(out), "--resume"], capsys)
+    assert code == 2 and "is being written by another sdmp-fast train process" in err
+    assert (out / "config.yaml").read_text() == "{}\n"
