@@ -161,7 +161,8 @@ class TorchGPULoader(SampledLoader):
         if self._decode_stream is None:
             self._decode_stream = torch.cuda.Stream(self.device)
         consumer = torch.cuda.current_stream(self.device)
-        self._decode_stream.wait_stream(consumer)  # e.g. the input bytes' copies, if any were queued
+        # no wait for the consumer: the inputs are host bytes, and waiting would serialise decoding behind the
+        # training step already queued (the overlap this loader is for)
         with torch.cuda.stream(self._decode_stream):
             out = self._decode_gpu_here(encoded)
         consumer.wait_stream(self._decode_stream)
