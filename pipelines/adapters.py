@@ -63,10 +63,27 @@ def _images(batch: SDMPBatch, append_mixed: bool) -> List[torch.Tensor]:
     return list(batch.views) + (list(batch.mixed_views) if append_mixed else [])
 
 
-class BatchAdapter:
-    """Wraps a loader; ``convert(batch)`` gives one batch in the target format. Forwards len / set_epoch and
-    any attribute it does not define (``.batch_size``, ``.recipe`` ...) to the loader; ``.sampler`` is a
-    DataLoader's (``set_epoch``, ``len`` = samples of this shard, iterating gives them)."""
+class _Wrapper:
+    """What every wrapper of a loader forwards: len, set_epoch and any attribute it does not define itself
+    (``.batch_size``, ``.recipe``, ``.mix_info``, ``.skipped`` ...)."""
+
+    loader: Any
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.loader.set_epoch(epoch)
+
+    def __getattr__(self, name):  # only reached for attributes not found on the wrapper itself
+        if name == "loader":
+            raise AttributeError(name)
+        return getattr(self.loader, name)
+
+
+class BatchAdapter(_Wrapper):
+    """Wraps a loader; ``convert(batch)`` gives one batch in the target format. ``.sampler`` is a DataLoader's
+    (``set_epoch``, ``len`` = samples of this shard, iterating gives them)."""
 
     def __init__(self, loader, with_mix_info: bool = False, append_mixed: Optional[bool] = None):
         self.loader = loader
@@ -75,20 +92,9 @@ class BatchAdapter:
         self.append_mixed = with_mix_info if append_mixed is None else append_mixed
         self.mix_info: Optional[Dict[str, Any]] = None
 
-    def __len__(self) -> int:
-        return len(self.loader)
-
-    def set_epoch(self, epoch: int) -> None:
-        self.loader.set_epoch(epoch)
-
     @property
     def sampler(self) -> "_SamplerView":
         return _SamplerView(self)
-
-    def __getattr__(self, name):  # only reached for attributes not found on the adapter itself
-        if name == "loader":
-            raise AttributeError(name)
-        return getattr(self.loader, name)
 
     def __iter__(self) -> Iterator:
         for batch in self.loader:
@@ -216,7 +222,7 @@ class _DatasetView:
 
 
 def _base_loader(loader):
-    while isinstance(loader, (BatchAdapter, DataLoaderLike)):
+    while isinstance(loader, _Wrapper):
         loader = loader.loader
     return loader
 
@@ -235,7 +241,7 @@ def _probe_int(loader, *attrs) -> Optional[int]:
     return None
 
 
-class DataLoaderLike:
+class DataLoaderLike(_Wrapper):
     """What training scripts read off a torch DataLoader: iteration, ``len``, ``.dataset`` (length),
     ``.batch_size``, ``.sampler.set_epoch``, ``.drop_last``, ``.num_workers``. Yields what the wrapped object
     yields (SDMPBatch for a bare loader, the adapter's format for an adapter)."""
@@ -253,17 +259,6 @@ class DataLoaderLike:
         self.drop_last = getattr(base, "drop_last", getattr(sampler, "drop_last", True))
         self.num_workers = getattr(base, "num_workers", 0) or 0
         self.pin_memory = False
-
-    def __len__(self) -> int:
-        return len(self.loader)
-
-    def set_epoch(self, epoch: int) -> None:
-        self.loader.set_epoch(epoch)
-
-    def __getattr__(self, name):  # what a DataLoader lacks comes from the wrapped loader (mix_info, recipe ...)
-        if name == "loader":
-            raise AttributeError(name)
-        return getattr(self.loader, name)
 
     def __iter__(self):
         return iter(self.loader)

@@ -44,6 +44,12 @@ class SkipLog:
         self.trimmed += 1
         self._epoch_trimmed += 1
 
+    def settle(self, decoded: int, size: int, *, fill: bool, keep_even: bool) -> List[int]:
+        """``settle`` for a batch that goes out now, recorded (DALI records its batches when they come back)."""
+        pos = settle(decoded, size, fill=fill, keep_even=keep_even)
+        self.record_settled(decoded, len(pos))
+        return pos
+
     def record_settled(self, decoded: int, used: int) -> None:
         """A batch of ``decoded`` decodable samples went out with ``used`` (see ``settle``)."""
         for _ in range(max(0, decoded - used)):

@@ -28,7 +28,7 @@ from sdmp_fast.batch import SDMPBatch, exact_device
 from .base import EpochSampler, SampledLoader, assemble_batch, list_images, make_generator
 from .device_ops import PackedImages, make_views
 from .recipes import Recipe
-from .skips import SkipLog, settle, short_reason
+from .skips import SkipLog, short_reason
 
 _JPEG_MAGIC = b"\xff\xd8\xff"
 _JPEG_END = b"\xff\xd9"
@@ -223,9 +223,8 @@ class TorchGPULoader(SampledLoader):
                 if not images:
                     continue
                 if skipped_any:  # refilled (drop_last) or kept even for mixing: see skips.py
-                    pos = settle(len(images), len(batch), fill=self.sampler.drop_last,
-                                 keep_even=self.recipe.mix.enabled)
-                    self.log.record_settled(len(images), len(pos))
+                    pos = self.log.settle(len(images), len(batch), fill=self.sampler.drop_last,
+                                          keep_even=self.recipe.mix.enabled)
                     if not pos:
                         continue
                     at = torch.tensor(pos, dtype=torch.long)

@@ -23,7 +23,7 @@ from sdmp_fast.batch import SDMPBatch
 from .base import EpochSampler, SampledLoader, assemble_batch, list_images, make_generator
 from .device_ops import blur_kernel_size
 from .recipes import Recipe, ViewSpec
-from .skips import SkipLog, settle, short_reason
+from .skips import SkipLog, short_reason
 
 _HIGH_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
 
@@ -132,8 +132,7 @@ def settle_batch(views: List[torch.Tensor], labels: torch.Tensor, indices: torch
                  recipe: Recipe, drop_last: bool, log: SkipLog):
     """A batch that lost ``skipped`` files, refilled (drop_last) or kept even for mixing (see skips.settle)."""
     n = labels.shape[0]
-    pos = settle(n, n + skipped, fill=drop_last, keep_even=recipe.mix.enabled)
-    log.record_settled(n, len(pos))
+    pos = log.settle(n, n + skipped, fill=drop_last, keep_even=recipe.mix.enabled)
     if len(pos) == n:
         return views, labels, indices
     at = torch.tensor(pos, dtype=torch.long)

@@ -207,39 +207,28 @@ def _candidates(path: str) -> List[str]:
     """What load_backbone may read, best first: a run directory's checkpoints newest first, then its
     backbone.pt; a file alone."""
     if not os.path.isdir(path):
-        return [_find(path)]
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"checkpoint: {path!r} does not exist")
+        return [path]
     found = [p for _, p in reversed(list_checkpoints(checkpoint_dir(path)) or list_checkpoints(path))]
     bb = os.path.join(path, "backbone.pt")
     found += [bb] if os.path.isfile(bb) else []
-    return found or [_find(path)]
+    if not found:
+        raise FileNotFoundError(f"checkpoint: {path!r} holds no checkpoint and no backbone.pt")
+    return found
 
 
 def _load_first_readable(paths: List[str], map_location):
     """(path, state) of the first file of ``paths`` that loads; a damaged one is reported and the next tried."""
     errors = []
-    for p in paths:
+    for k, p in enumerate(paths):
         try:
             return p, torch.load(p, map_location=map_location, weights_only=True)
         except Exception as e:  # noqa: BLE001 - truncated / corrupt / foreign: try the next one
             errors.append(f"{p}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
-            if p != paths[-1]:
-                warnings.warn(f"checkpoint: {errors[-1]}; trying {paths[paths.index(p) + 1]}")
+            if k + 1 < len(paths):
+                warnings.warn(f"checkpoint: {errors[-1]}; trying {paths[k + 1]}")
     raise ValueError(f"checkpoint: nothing readable ({'; '.join(errors)})")
-
-
-def _find(path: str) -> str:
-    """A run directory -> its newest checkpoint (or its backbone.pt); a file -> itself."""
-    if os.path.isdir(path):
-        latest = latest_checkpoint(checkpoint_dir(path)) or latest_checkpoint(path)
-        if latest:
-            return latest
-        bb = os.path.join(path, "backbone.pt")
-        if os.path.isfile(bb):
-            return bb
-        raise FileNotFoundError(f"checkpoint: {path!r} holds no checkpoint and no backbone.pt")
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint: {path!r} does not exist")
-    return path
 
 
 def load_backbone(path: str, random_init: bool = False, with_info: bool = False, map_location="cpu"):

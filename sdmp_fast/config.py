@@ -230,9 +230,7 @@ class TrainConfig:
         need(dev == "auto" or dev == "cpu" or dev == "cuda" or (dev.startswith("cuda:") and dev[5:].isdigit()),
              "device", f"expected auto, cpu, cuda or cuda:N, got {dev!r}")
         world = os.environ.get("WORLD_SIZE", "1").strip()
-        need(not (dev.startswith("cuda:") and world.isdigit() and int(world) > 1), "device",
-             f"{dev} would put all {world} ranks on one GPU; use cuda (or auto): each rank takes the GPU of its "
-             f"LOCAL_RANK")
+        check_gpu_per_rank(dev, int(world) if world.isdigit() else 1)
         if dev.startswith("cuda") or self.cuda_graphs:
             import torch
 
@@ -255,6 +253,13 @@ class TrainConfig:
         need(bool(self.out), "out", "give --out DIR (the run directory)")
         need(not os.path.isfile(self.out), "out", f"{self.out!r} is a file, expected a directory")
         return self
+
+
+def check_gpu_per_rank(device: str, world_size: int) -> None:
+    """Several processes need one GPU each: an explicit cuda:N would put them all on card N."""
+    if world_size > 1 and device.startswith("cuda:"):
+        raise ValueError(f"device: {device} would put all {world_size} ranks on one GPU; use cuda (or auto): each "
+                         f"rank takes the GPU of its LOCAL_RANK")
 
 
 def _parse_onoff(v) -> bool:

@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from sdmp_fast import checkpoint as ckpt
 from sdmp_fast import losses as ref_losses
 from sdmp_fast.batch import SDMPBatch
-from sdmp_fast.config import TrainConfig, mismatches
+from sdmp_fast.config import TrainConfig, check_gpu_per_rank, mismatches
 from sdmp_fast.models import (DINO, MoCoV3, backbone_spec, create_backbone, ema_update_, param_groups)
 from sdmp_fast.schedules import Schedules
 
@@ -211,9 +211,7 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, *, rank: int = 0, world_size: int = 1, local_rank: int = 0,
                  loader=None, log: Callable[[str], None] = print):
         self.cfg, self.rank, self.world_size, self.log = cfg, rank, world_size, log
-        if world_size > 1 and cfg.device.startswith("cuda:"):
-            raise ValueError(f"device: {cfg.device} would put all {world_size} ranks on one GPU; use --device cuda "
-                             f"(or auto): each rank takes the GPU of its LOCAL_RANK")
+        check_gpu_per_rank(cfg.device, world_size)
         self.device = resolve_device(cfg.device, local_rank)
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
@@ -306,6 +304,7 @@ class Trainer:
         self._sched_t = {k: torch.zeros((), device=dev) for k in ("lr", "wd", "keep")}
         self._graph = None
         self._static: Optional[List] = None
+        self._side_stream = None  # the eager warm-up steps' stream (_graph_step)
         self.stop_signal: Optional[int] = None
         self.debug = _debug_env()
         self.skipped_total = 0
@@ -496,7 +495,6 @@ class Trainer:
         if self._static is None:
             self._static = [t.clone() for t in inputs]
             self._graph_warmup = 0
-            self._side_stream = None
         for dst, src in zip(self._static, inputs):
             dst.copy_(src)
         # the teacher temperature is a float argument of the loss (kernels take it as a scalar): the graph is

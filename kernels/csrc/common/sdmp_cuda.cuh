@@ -102,7 +102,7 @@ __device__ __forceinline__ void lse_update(Lse& st, const float (&x)[VEC]) {
     for (int i = 0; i < VEC; ++i) st.s += x[i] == -INFINITY ? 0.f : x[i];
     return;
   }
-  float s = (st.m == -INFINITY) ? st.s : st.s * __expf(st.m - m);
+  float s = st.s * __expf(st.m - m);  // m is finite here: an empty state (-inf, 0) adds 0, a NaN one NaN
 #pragma unroll
   for (int i = 0; i < VEC; ++i) s += __expf(x[i] - m);
   st.m = m;
