@@ -10,7 +10,9 @@ buffer per view and batch slot: 10 decodes per sample for DINO's 2+8 crops.
 
 Epochs: the FFCV Loader is built (and its numba code compiled, 10-40 s) once. Each epoch's exact order comes
 from ``EpochSampler`` (same shuffle / shard / drop-last rules as every backend) and is handed to FFCV's
-SEQUENTIAL traversal order, so changing epoch never recompiles.
+SEQUENTIAL traversal order, so changing epoch never recompiles. The multi-crop decoder seeds numba's RNG per
+sample from (seed, epoch, index) before drawing its crops, so an epoch's crops do not depend on the run, the
+thread or the epochs before (FFCV's stock decoders, ``multi_crop=False``, keep FFCV's unseeded draws).
 
 FFCV has no blur / solarize / hue / grayscale op, and its NormalizeImage placed after ToTensor hangs: the
 FFCV part of the pipeline therefore ends at uint8 (ToTensor, ToDevice) and everything else is ours.
@@ -81,6 +83,40 @@ def stop_epoch(epoch, timeout: float = 30.0) -> bool:
     return True
 
 
+def epoch_crop_seed(seed: int, epoch: int) -> int:
+    """What the multi-crop decoder's per-sample crop seeds derive from in ``epoch`` (with the sample index)."""
+    return (seed * 1_000_003 + epoch) % 2**63
+
+
+def _seed_sample_crops():
+    """numba function (address of an int64, sample index) -> None that seeds the calling thread's numba RNG from
+    the int64 stored at the address (``epoch_crop_seed``, written by the loader before each epoch) and the
+    index. FFCV's ``get_random_crop`` draws from numba's RNG, whose per-thread state is seeded from OS entropy:
+    the crops then differed from run to run, and a resumed run could not see the interrupted run's crops.
+    The value is read through its address because numba freezes the arrays a compiled function refers to."""
+    from numba import carray, njit, types
+    from numba.core import cgutils
+    from numba.extending import intrinsic
+
+    @intrinsic
+    def as_pointer(typingctx, address):
+        def codegen(context, builder, signature, args):
+            return builder.inttoptr(args[0], cgutils.voidptr_t)
+
+        return types.voidptr(address), codegen
+
+    @njit(nogil=True)
+    def seed_sample(address, index):
+        x = np.uint64(carray(as_pointer(address), 1, np.int64)[0]) * np.uint64(0x9E3779B97F4A7C15)
+        x = x + np.uint64(index)  # splitmix64's finaliser: nearby (epoch, index) give unrelated seeds
+        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        x = x ^ (x >> np.uint64(31))
+        np.random.seed(np.uint32(x & np.uint64(0xFFFFFFFF)))
+
+    return seed_sample
+
+
 def _multi_crop_decoder_class():
     """Built on first use: importing ffcv pulls in numba and opencv."""
     from ffcv.fields.rgb_image import IMAGE_MODES, SimpleRGBImageDecoder, get_random_crop
@@ -88,9 +124,13 @@ def _multi_crop_decoder_class():
     from ffcv.pipeline.allocation_query import AllocationQuery
     from ffcv.pipeline.compiler import Compiler
 
+    seed_sample = _seed_sample_crops()
+
     class MultiCropDecoder(SimpleRGBImageDecoder):
         """Decode each RGBImageField sample once; write V random resized crops (view v: ``sizes[v]`` square,
-        area ``scales[v]``, aspect ``ratios[v]``) side by side into a uint8 row of sum(3 * size^2) bytes."""
+        area ``scales[v]``, aspect ``ratios[v]``) side by side into a uint8 row of sum(3 * size^2) bytes.
+        The crops of sample i are drawn after seeding from (``crop_seed[0]``, i): the same in every run and
+        whatever thread decodes the sample."""
 
         def __init__(self, sizes: Sequence[int], scales: Sequence[Tuple[float, float]],
                      ratios: Sequence[Tuple[float, float]]):
@@ -99,6 +139,7 @@ def _multi_crop_decoder_class():
             self.scales = np.asarray(scales, dtype=np.float64).reshape(-1, 2)
             self.ratios = np.asarray(ratios, dtype=np.float64).reshape(-1, 2)
             self.offsets = np.concatenate([[0], np.cumsum(3 * self.sizes ** 2)]).astype(np.int64)
+            self.crop_seed = np.zeros(1, dtype=np.int64)  # epoch_crop_seed(seed, epoch), set per epoch
 
         def declare_state_and_memory(self, previous_state):
             # uint64 against overflow of h * w * 3 on large images (as FFCV's own decoders do)
@@ -120,6 +161,7 @@ def _multi_crop_decoder_class():
             resize_crop_c = Compiler.compile(resize_crop)
             get_crop_c = Compiler.compile(get_random_crop)
             sizes, offsets, scales, ratios = self.sizes, self.offsets, self.scales, self.ratios
+            seed_address = self.crop_seed.ctypes.data  # the array lives as long as the decoder (and its Loader)
             n_views = len(sizes)
 
             def decode(batch_indices, my_storage, metadata, storage_state):
@@ -136,6 +178,7 @@ def _multi_crop_decoder_class():
                         temp_buffer = temp_buffer.reshape(-1)[: 3 * height * width].reshape(height, width, 3)
                     else:
                         temp_buffer = image_data.reshape(height, width, 3)
+                    seed_sample(seed_address, batch_indices[dst_ix])
                     for v in range(n_views):
                         i, j, h, w = get_crop_c(height, width, scales[v], ratios[v])
                         s = sizes[v]
@@ -234,6 +277,8 @@ class FFCVLoader(SampledLoader):
             self._loader = Loader(self.path, batch_size=batch_size, num_workers=workers,
                                   order=OrderOption.SEQUENTIAL, indices=first, pipelines=pipelines, drop_last=False,
                                   os_cache=os_cache, batches_ahead=batches_ahead)
+            # the decoder whose compiled code reads it: kept with the Loader, which may be parked and reused
+            self._loader.sdmp_crop_seed = decoder.crop_seed if multi_crop else None
 
     @property
     def skipped(self) -> List[str]:
@@ -273,6 +318,8 @@ class FFCVLoader(SampledLoader):
         self.sampler.begin_pass()
         # Same length every epoch (EpochSampler), so FFCV's length computed at construction stays right.
         self._loader.traversal_order.indices = self._epoch_order()
+        if self._loader.sdmp_crop_seed is not None:  # before FFCV's epoch thread starts decoding
+            self._loader.sdmp_crop_seed[0] = epoch_crop_seed(self.seed, self.sampler.epoch)
         gen = make_generator(self.seed, self.sampler.epoch, self.shard_id, self.device)
         mean, std = self.recipe.mean, self.recipe.std
         epoch = self._epoch_thread = iter(self._loader)

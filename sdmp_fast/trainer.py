@@ -606,8 +606,9 @@ class Trainer:
     def batches(self) -> Iterator[Tuple[int, int, SDMPBatch]]:
         """(epoch, index in epoch, batch) from the current (epoch, position) on, across epochs forever.
         A resumed run re-reads and drops the first ``position`` batches of its epoch: the loaders draw their
-        randomness from generators seeded per (seed, epoch, shard), so the batches that follow are the same
-        ones the interrupted run would have seen."""
+        randomness from generators seeded per (seed, epoch, shard) (DALI: a pipeline built per epoch with the
+        epoch's seed; FFCV: per-sample crop seeds), so the batches that follow are the same ones the
+        interrupted run would have seen."""
         epoch, start = self.epoch, self.position
         while True:
             self.loader.set_epoch(epoch)

@@ -203,3 +203,46 @@ def test_gpu_mode(folder, recipe, dtype):
         for b in batches[:-1]:
             check_batch(b, recipe, 8, dtype, device="cuda")
         assert sorted(torch.cat([b.indices for b in batches]).tolist()) == list(range(N))
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("method", ["mocov3", "dino"])
+def test_resume_in_a_later_epoch_is_bit_exact(folder, tmp_path, method):
+    """A run stopped in its second epoch and resumed in a new Trainer (a new DALI pipeline) ends with the
+    uninterrupted run's parameters: DALI's augmentations follow (seed, epoch, shard), not the epochs the
+    process ran before (they used to carry the random state over from epoch 0)."""
+    from test_trainer import tiny_cfg
+
+    from sdmp_fast import checkpoint as ckpt
+    from sdmp_fast.trainer import Trainer
+
+    cfg = tiny_cfg(tmp_path, method=method, loader="dali", data=folder, device="cpu", steps=5, log_every=5,
+                   num_workers=2)
+    assert len(Trainer(cfg).loader) == N // 8  # 3 steps per epoch: step 4 is batch 1 of epoch 1
+    ref = Trainer(cfg)
+    ref.fit(str(tmp_path / "ref"))
+    first = Trainer(cfg)
+    first.total_steps = 4
+    first.fit(str(tmp_path / "run"))
+    resumed = Trainer(cfg)
+    _, state = ckpt.load_latest(ckpt.checkpoint_dir(str(tmp_path / "run")))
+    resumed.load_state_dict(state)
+    assert (resumed.epoch, resumed.position) == (1, 1)
+    resumed.fit(str(tmp_path / "run"))
+    for (k, a), b in zip(ref.model.state_dict().items(), resumed.model.state_dict().values()):
+        assert torch.equal(a, b), k
+
+
+@pytest.mark.timeout(120)
+def test_an_epoch_does_not_depend_on_the_epochs_before_it(folder):
+    """What a resumed run relies on: epoch 1 of a fresh loader equals epoch 1 after epoch 0 (views included)."""
+    recipe = byol2(size=32)
+    ran = dali(folder, recipe, seed=3)
+    for epoch in (0, 1):
+        ran.set_epoch(epoch)
+        after = [b for b in ran]
+    fresh = dali(folder, recipe, seed=3)
+    fresh.set_epoch(1)
+    for a, b in zip(after, fresh):
+        assert torch.equal(a.indices, b.indices) and torch.equal(a.lam, b.lam)
+        assert all(torch.equal(x, y) for x, y in zip(a.views + a.mixed_views, b.views + b.mixed_views))

@@ -245,6 +245,42 @@ def test_ffcv_batches_kept_by_the_caller_stay_intact(beton):
 
 @pytest.mark.timeout(150)
 @NUMBA_FINALIZER_NOISE
+def test_ffcv_crops_follow_seed_and_epoch_not_the_run(beton):
+    """An epoch's batches (crops included) depend on (seed, epoch) only: a second loader, given the first one's
+    compiled FFCV pipeline after numba's per-thread RNGs have moved on, repeats them (what a resumed run needs;
+    FFCV's crop draws used to come from numba's entropy-seeded RNG)."""
+    _, path = beton
+    recipe = make_recipe("byol2", **SMALL_BYOL)
+
+    def load(seed=3):
+        return make_loader("ffcv", path, recipe, BATCH, device="cpu", shard_id=0, num_shards=1, drop_last=False,
+                           seed=seed, num_workers=2)
+
+    def epoch(ld, e):
+        ld.set_epoch(e)
+        return [(b.indices.clone(), [v.clone() for v in b.views + b.mixed_views]) for b in ld]
+
+    def same(a, b):
+        return len(a) == len(b) and all(torch.equal(ia, ib) and all(torch.equal(x, y) for x, y in zip(va, vb))
+                                        for (ia, va), (ib, vb) in zip(a, b))
+
+    first = load()
+    e0, e1 = epoch(first, 0), epoch(first, 1)
+    compiled = first._loader
+    first.close()  # parks the compiled Loader: the next one takes it over (no second numba compile)
+    again = load()
+    assert again._loader is compiled
+    assert same(epoch(again, 1), e1) and same(epoch(again, 0), e0)
+    # a sample's crops change from epoch to epoch (its views differ beyond the seeded flips and colours)
+    crops0 = {int(i): v[0][k] for i_, v in e0 for k, i in enumerate(i_)}
+    crops1 = {int(i): v[0][k] for i_, v in e1 for k, i in enumerate(i_)}
+    assert sum(not torch.equal(crops0[i], crops1[i]) for i in crops0) == len(crops0)
+    again.close()
+    assert not same(epoch(load(seed=4), 1), e1)  # another seed, other batches
+
+
+@pytest.mark.timeout(150)
+@NUMBA_FINALIZER_NOISE
 def test_ffcv_dino_multicrop_bf16_raw_and_jpeg(folder, tmp_path):
     """DINO's 2 + 4 crops from one decode, from a .beton holding both raw and JPEG samples."""
     from ffcv.reader import Reader
