@@ -7,10 +7,14 @@ the files' bytes and sniffs them (``image_bytes.py``) -> DALI's ``external_sourc
 GPU mode (``device="cuda[:i]"``): decoding is ``mixed`` (nvJPEG, and the hardware JPEG decoder where the card
 has one), every augmentation runs on that GPU, outputs come back bound to torch's current stream as
 zero-copy DLPack tensors (no host synchronisation per batch), and ``assemble_batch`` mixes on the device.
-The pipeline is built at each epoch's start with that epoch's seed (``_epoch_seed``): DALI's random ops keep
-their state across epochs, which would make epoch e depend on the epochs the process ran before.
 CPU mode (``device="cpu"``): ``device_id=None``, every op on DALI's CPU thread pool, the same recipe; mixing
 by ``assemble_batch`` (its per-sample host path on CPU tensors).
+
+Resuming: DALI's random ops keep their state from epoch to epoch, so a new pipeline at epoch e would draw other
+crops and colours than the one that ran epochs 0..e-1. ``state_dict()`` holds DALI's own checkpoints (pipelines
+are built with ``enable_checkpointing``) of the state at the start of the recent epochs, taken once per epoch;
+``load_state_dict()`` makes the loader build its pipeline from the one of the epoch it starts next. Sample order
+and mixing draws follow (seed, epoch, shard) and need no state. The trainer keeps this state in its checkpoints.
 
 Mixing in the graph (``mix_in_graph=True``; issue 3 asks for both placements to be timed): the per-sample
 mixing parameters (lam, method, box sizes, per-view box positions) are drawn on the host by ``dali_mix.draw_mix``
@@ -37,6 +41,7 @@ import collections
 import contextlib
 import functools
 import os
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from typing import Deque, Dict, Iterator, List, NamedTuple, Optional, Sequence
 
@@ -78,6 +83,12 @@ def dali_error_reason(err: BaseException) -> str:
         if line == "encountered:":
             return short_reason(RuntimeError(lines[k + 1])).removeprefix("RuntimeError: ")
     return short_reason(err)
+
+
+def _quietly(build, **kw):
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Checkpointing enabled in a pipeline with external source")
+        return build(**kw)
 
 
 def _read_chunk(paths: Sequence[str]):
@@ -174,6 +185,10 @@ class _Feeder:
                 return (data, np.asarray(kept, dtype=np.int64), *mix.feeds)
             self._log(bad, decoded, 0)  # nothing for DALI to return: account for the batch now
 
+    def exhausted(self) -> bool:
+        """Every batch of the epoch has been handed to DALI and returned."""
+        return not self.pending and not self.in_flight and self._ahead is None
+
     def accept(self) -> _Fed:
         """DALI returned the oldest batch in flight: log its skips; its record (kept sample indices, mixing)."""
         fed = self.in_flight.popleft()
@@ -240,18 +255,18 @@ class DaliLoader(SampledLoader):
         self._feeder = _Feeder(self.images.files, self.log, self.recipe.mix.enabled, self.sampler.drop_last,
                                read_threads if read_threads else (4 if self.gpu else 1))
         self._pipe = None
-        self._pipe_seed = None  # the seed self._pipe was built with (its epoch's: see _epoch_seed)
         self._probe = None
         self._active = False  # an epoch was started and not run to its end
+        self._checkpointing = True  # build with DALI checkpointing (off if this DALI build refuses it)
+        self._epoch_starts: Dict[int, bytes] = {}  # epoch -> DALI checkpoint of the state it started from
+        self._restore: Dict[int, bytes] = {}  # the same, from load_state_dict, for the next epoch started
 
     # -- SDMPLoader protocol -------------------------------------------------------------------------------
     def __iter__(self) -> Iterator[SDMPBatch]:
         if self._active:
             self._drain()
         epoch = self.sampler.begin_pass()
-        if self._pipe is not None and self._pipe_seed != self._epoch_seed(epoch):
-            self._close_pipe()  # DALI's random ops carry their state over: a new epoch starts from its own seed
-        self._pipe_seed = self._epoch_seed(epoch)
+        self._start_epoch(epoch)
         draw = None
         if self.mix_in_graph:  # host draws on a CPU generator; equal to assemble_batch's on a CPU loader
             from .dali_mix import draw_mix
@@ -262,25 +277,79 @@ class DaliLoader(SampledLoader):
         self._active = True
         return self._epoch(epoch, make_generator(self.seed, epoch, self.shard_id, self.device))
 
-    # -- internals -----------------------------------------------------------------------------------------
-    def _epoch_seed(self, epoch: int) -> int:
-        """DALI's seed for ``epoch``: a function of (seed, epoch, shard) only, like every other backend's
-        generators, so epoch e's augmentations do not depend on which epochs this process ran before (a run
-        resumed at epoch e sees the batches the uninterrupted run saw). DALI seeds its random ops when the
-        pipeline is built, hence one build per epoch (~0.1 s on CPU)."""
-        return ((self.seed * 1_000_003 + epoch) * 7_919 + self.shard_id) % (2**31 - 1)
+    # -- resumable state (torchdata's StatefulDataLoader names) ---------------------------------------------
+    def state_dict(self) -> Dict[str, Dict[int, bytes]]:
+        """DALI checkpoints of the random state at the start of the last epochs started (and of the next one
+        once its last batch has been returned): see the module docstring."""
+        return {"dali_epoch_starts": dict(self._epoch_starts)}
 
-    def _pipeline(self):
+    def load_state_dict(self, state: Dict[str, Dict[int, bytes]]) -> None:
+        """Take a ``state_dict()``: the next epoch started that it covers builds its pipeline from it."""
+        starts = state.get("dali_epoch_starts") if isinstance(state, dict) else None
+        if not isinstance(starts, dict) or not all(isinstance(e, int) and isinstance(c, (bytes, str))
+                                                   for e, c in starts.items()):
+            raise ValueError(f"load_state_dict: not a DALI loader state_dict() (got {type(state).__name__} "
+                             f"{list(state)[:4] if isinstance(state, dict) else ''})")
+        if self._active:
+            self._drain()
+        self._restore = dict(starts)
+
+    # -- internals -----------------------------------------------------------------------------------------
+    def _start_epoch(self, epoch: int) -> None:
+        """Build (or restore) the pipeline for ``epoch`` and record the state it starts from."""
+        if self._restore:
+            have, self._restore = self._restore, {}
+            restore = have.get(epoch)
+            if restore is None:
+                warnings.warn(f"DALI loader: the state loaded has no DALI checkpoint for epoch {epoch} (only "
+                              f"{sorted(have)}): its crops and colours will differ from the first run's")
+            else:
+                self._close_pipe()
+                self._pipeline(restore)
+        self._epoch_starts = {e: c for e, c in self._epoch_starts.items() if e == epoch - 1}
+        self._remember_start(epoch)
+
+    def _remember_start(self, epoch: int) -> None:
+        if not self._checkpointing:
+            return
+        try:  # DALI's state as of the last batch returned (not the ones it prefetched)
+            self._epoch_starts[epoch] = self._pipeline().checkpoint()
+        except RuntimeError as e:
+            warnings.warn(f"DALI loader: checkpoint failed ({dali_error_reason(e)}): a resumed run will draw other "
+                          f"crops and colours than the first run")
+            self._checkpointing = False
+            self._epoch_starts = {}
+
+    def _pipeline(self, checkpoint: Optional[bytes] = None):
         if self._pipe is None:
             from .dali_ops import build_pipeline
 
-            self._pipe = build_pipeline(
-                self._feeder, self.recipe, batch_size=self.batch_size, num_threads=self.num_threads,
+            build = functools.partial(
+                build_pipeline, self._feeder, self.recipe, batch_size=self.batch_size, num_threads=self.num_threads,
                 device_id=self.device.index if self.gpu else None,
-                seed=self._pipe_seed,
+                seed=(self.seed * 1_000_003 + self.shard_id * 7_919) % (2**31 - 1),
                 prefetch_queue_depth=self.prefetch_queue_depth, fp16=self.gpu and self.dtype == torch.float16,
                 conditionals=self.conditionals, gpu_indices=self.gpu, decoder_options=self.decoder_options,
                 mix_in_graph=self.mix_in_graph)
+            if self._checkpointing:  # DALI notes it cannot checkpoint a callable source: ours needs no state
+                build = functools.partial(_quietly, build)
+            if not self._checkpointing:
+                self._pipe = build()
+            elif checkpoint is None:
+                try:
+                    self._pipe = build(enable_checkpointing=True)
+                except RuntimeError as e:  # an op of this DALI build without checkpointing: run without
+                    warnings.warn(f"DALI loader: checkpointing unavailable ({dali_error_reason(e)}): a resumed "
+                                  f"run will draw other crops and colours than the first run")
+                    self._checkpointing = False
+                    self._pipe = build()
+            else:
+                try:
+                    self._pipe = build(enable_checkpointing=True, checkpoint=checkpoint)
+                except RuntimeError as e:  # another DALI version or recipe wrote it
+                    warnings.warn(f"DALI loader: cannot restore the saved DALI state ({dali_error_reason(e)}): "
+                                  f"this epoch's crops and colours will differ from the first run's")
+                    self._pipe = build(enable_checkpointing=True)
         return self._pipe
 
     def _run(self):
@@ -314,6 +383,8 @@ class DaliLoader(SampledLoader):
         n_out = n_views + len(mixed_from)  # clean views, then the graph's mixed views
         indices_cpu = torch.from_dlpack(outs[n_out].as_tensor())
         fed = self._feeder.accept()
+        if self._feeder.exhausted():  # the epoch's last batch: DALI's state is now the next epoch's start
+            self._remember_start(self.sampler.epoch + 1)
         if indices_cpu.tolist() != fed.kept:  # the in-flight bookkeeping is what bad-file recovery relies on
             raise RuntimeError(f"DALI loader: batch order out of step (got {indices_cpu.tolist()[:4]}..., "
                                f"expected {fed.kept[:4]}...)")

@@ -135,7 +135,7 @@ def augment_view(images, spec: ViewSpec, *, device: str, mean: Sequence[float], 
 
 def build_pipeline(source: Callable, recipe: Recipe, *, batch_size: int, num_threads: int, device_id,
                    seed: int, prefetch_queue_depth: int = 2, fp16: bool = False, conditionals: bool = False,
-                   gpu_indices: bool = False, decoder_options=None, mix_in_graph: bool = False):
+                   gpu_indices: bool = False, decoder_options=None, mix_in_graph: bool = False, **pipeline_kwargs):
     """The recipe's DALI pipeline (built, not run).
 
     ``source`` is a batch-mode external_source callback returning ``(encoded_bytes_list, indices_int64)``;
@@ -147,7 +147,8 @@ def build_pipeline(source: Callable, recipe: Recipe, *, batch_size: int, num_thr
     ``mix_in_graph`` (the recipe must mix at least one view): ``source`` also returns the
     ``dali_mix.MixDraw.feeds`` of the batch after the indices, and the mixed views (``recipe.mix.mixed_views``
     order) follow the clean views in the outputs. Views are then mixed in float32 (``multi_paste`` has no
-    float16 kernel) and cast to fp16 at the end when ``fp16``.
+    float16 kernel) and cast to fp16 at the end when ``fp16``. ``pipeline_kwargs`` go to the Pipeline
+    (``enable_checkpointing``, ``checkpoint``).
     """
     gpu = device_id is not None
     device = "gpu" if gpu else "cpu"
@@ -177,7 +178,7 @@ def build_pipeline(source: Callable, recipe: Recipe, *, batch_size: int, num_thr
         return (*outs, indices, indices.gpu()) if gpu_indices else (*outs, indices)
 
     pipe = graph(batch_size=batch_size, num_threads=num_threads, device_id=device_id, seed=seed,
-                 prefetch_queue_depth=prefetch_queue_depth, exec_dynamic=True)
+                 prefetch_queue_depth=prefetch_queue_depth, exec_dynamic=True, **pipeline_kwargs)
     pipe.build()
     return pipe
 

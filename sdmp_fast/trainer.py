@@ -555,6 +555,9 @@ class Trainer:
     def state_dict(self) -> Dict:
         rng = ckpt.rng_state()
         rng["swap"] = self.swap_gen.get_state()
+        loader_state = getattr(self.loader, "state_dict", None)
+        if callable(loader_state):  # a stateful loader (DALI: its random state at recent epoch starts), per rank
+            rng["loader"] = loader_state()
         if self.world_size > 1:
             ranks_rng: List = [None] * self.world_size
             dist.all_gather_object(ranks_rng, rng)
@@ -591,6 +594,9 @@ class Trainer:
         mine = rngs[self.rank] if len(rngs) == self.world_size else rngs[0]
         ckpt.set_rng_state(mine)
         self.swap_gen.set_state(mine["swap"])
+        load_loader = getattr(self.loader, "load_state_dict", None)
+        if mine.get("loader") is not None and callable(load_loader):
+            load_loader(mine["loader"])
 
     def save(self, out: str) -> Optional[str]:
         """Checkpoint (rank 0 writes; all ranks take part in gathering RNG states)."""
@@ -606,9 +612,9 @@ class Trainer:
     def batches(self) -> Iterator[Tuple[int, int, SDMPBatch]]:
         """(epoch, index in epoch, batch) from the current (epoch, position) on, across epochs forever.
         A resumed run re-reads and drops the first ``position`` batches of its epoch: the loaders draw their
-        randomness from generators seeded per (seed, epoch, shard) (DALI: a pipeline built per epoch with the
-        epoch's seed; FFCV: per-sample crop seeds), so the batches that follow are the same ones the
-        interrupted run would have seen."""
+        randomness from generators seeded per (seed, epoch, shard) (FFCV's crops: per-sample seeds), and DALI's
+        random ops, whose state runs on from epoch to epoch, restart from the state its ``state_dict`` saved
+        in the checkpoint; so the batches that follow are the ones the interrupted run would have seen."""
         epoch, start = self.epoch, self.position
         while True:
             self.loader.set_epoch(epoch)
