@@ -435,8 +435,11 @@ def test_sigterm_checkpoints_and_exits_cleanly(tmp_path):
         "--out", str(out), "--deterministic"]
     work = tmp_path / "cwd"
     work.mkdir()
-    p = subprocess.Popen(argv, cwd=work, env=_env(tmp_path, SDMP_DEBUG_STEP_SLEEP=0.05), stdout=subprocess.PIPE,
-                         stderr=subprocess.STDOUT, text=True)
+    # torch 2.14 makes its inductor cache directory when torchvision is imported (torch._dynamo.package, at
+    # import): torch's own side effect, kept out of the check by pointing it elsewhere as a user's env would
+    # (earlier tests in the suite set it in os.environ; run alone, this test found $TMPDIR/torchinductor_<user>)
+    env = _env(tmp_path, SDMP_DEBUG_STEP_SLEEP=0.05, TORCHINDUCTOR_CACHE_DIR=tmp_path / "inductor")
+    p = subprocess.Popen(argv, cwd=work, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 120
     while time.time() < deadline and not (out / "metrics.jsonl").exists():
         time.sleep(0.2)
