@@ -54,9 +54,10 @@ __all__ = ["as_dino", "as_mocov3", "as_solo_learn", "as_lightly", "as_dataloader
 
 def mix_info(batch: SDMPBatch) -> Dict[str, Any]:
     """What an SDMP loss needs besides the images: per-sample lam and method, which clean view each mixed view
-    came from, where the mixed views start in the appended list, and the dataset indices."""
+    came from, where the mixed views start in the appended list, and the dataset indices. ``mixed_lam``: lam
+    per mixed view (exact for each size; ``lam`` is the first mixed view's)."""
     return {"lam": batch.lam, "method": batch.method, "mixed_from": tuple(batch.mixed_from),
-            "num_clean": len(batch.views), "indices": batch.indices}
+            "num_clean": len(batch.views), "indices": batch.indices, "mixed_lam": list(batch.mixed_lam)}
 
 
 def _images(batch: SDMPBatch, append_mixed: bool) -> List[torch.Tensor]:

@@ -189,12 +189,11 @@ def assemble_batch(views: Sequence[torch.Tensor], labels: torch.Tensor, indices:
     if n >= 2 and n % 2 == 0:
         lam, method = draw_mix_params(n, mix.alpha, mix.methods, generator, dev, mix.per_batch)
         mixed, lams = mix_views(sources, lam, method, generator, method_ids(mix.methods))
-        lam = lams[0]
     else:  # short odd last batch: no partner for the middle image; lam = 1 means "unmixed" to every loss
         mixed = [s.clone() for s in sources]
-        lam = torch.ones(n, device=dev)
+        lams = [torch.ones(n, device=dev)] * len(sources)
         method = torch.zeros(n, dtype=torch.long, device=dev)
-    return SDMPBatch(views, labels, indices, mixed, tuple(mix.mixed_views), lam, method)
+    return SDMPBatch(views, labels, indices, mixed, tuple(mix.mixed_views), lams[0], method, list(lams))
 
 
 @runtime_checkable

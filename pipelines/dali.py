@@ -393,9 +393,10 @@ class DaliLoader(SampledLoader):
         labels = self._labels[indices]
         if self.mix_in_graph:
             self.last_mix = fed.mix
-            lam = fed.mix.lam.to(self.device, non_blocking=True)
+            lams = list(torch.stack(fed.mix.lams).to(self.device, non_blocking=True).unbind(0))  # one copy
             method = fed.mix.method.to(self.device, non_blocking=True)
-            batch = SDMPBatch(tensors[:n_views], labels, indices, tensors[n_views:], mixed_from, lam, method)
+            batch = SDMPBatch(tensors[:n_views], labels, indices, tensors[n_views:], mixed_from, lams[0], method,
+                              lams)
         else:
             batch = assemble_batch(tensors, labels, indices, self.recipe, generator)
         if self.dtype is not None and batch.views[0].dtype != self.dtype:

@@ -54,11 +54,12 @@ _PER_VIEW_FEEDS = len(_PER_VIEW)
 class MixDraw:
     """One batch's host-drawn mixing: what the SDMPBatch reports (``lam``, ``method``) and what the graph is
     fed (``feeds``, in the order of :func:`feed_types`). ``boxes`` keeps each mixed view's
-    (y0, x0, cut_h, cut_w) for inspection and tests."""
+    (y0, x0, cut_h, cut_w) for inspection and tests, ``lams`` its area-corrected lam (``lam`` is the first)."""
     lam: torch.Tensor
     method: torch.Tensor
     feeds: List[np.ndarray]
     boxes: List[tuple]
+    lams: List[torch.Tensor]
 
     @property
     def raw_lam(self) -> torch.Tensor:
@@ -109,18 +110,18 @@ def draw_mix(n: int, recipe: Recipe, generator: torch.Generator) -> MixDraw:
         feeds = [flip, lam.numpy()]
         for j in mix.mixed_views:
             feeds += _view_feeds(torch.full((n,), COPY), zero, zero, zero, zero, specs[j].size)
-        return MixDraw(lam, method, feeds, [(zero, zero, zero, zero)] * len(mix.mixed_views))
+        k = len(mix.mixed_views)
+        return MixDraw(lam, method, feeds, [(zero, zero, zero, zero)] * k, [lam] * k)
     lam, method = draw_mix_params(n, mix.alpha, mix.methods, generator, "cpu", mix.per_batch)
-    feeds, boxes, reported = [flip, lam.numpy().astype(np.float32)], [], None
+    feeds, boxes, lams = [flip, lam.numpy().astype(np.float32)], [], []
     for j in mix.mixed_views:
         s = specs[j].size
         (y0, x0, cut_h, cut_w), lam_eff = draw_box(lam, method, s, s, generator)
         op = torch.where((method != MIXUP) & (cut_h * cut_w == 0), COPY, method)
         feeds += _view_feeds(op, y0, x0, cut_h, cut_w, s)
         boxes.append((y0, x0, cut_h, cut_w))
-        if reported is None:
-            reported = lam_eff
-    return MixDraw(reported, method, feeds, boxes)
+        lams.append(lam_eff)
+    return MixDraw(lams[0], method, feeds, boxes, lams)
 
 
 def _as_planes(view, shape):

@@ -28,8 +28,12 @@ class SDMPBatch:
     mixed_views:  mixed versions of some views; ``mixed_views[j]`` is ``views[mixed_from[j]]`` mixed with
                   its batch-flipped partner (sample i with n-1-i). Empty when mixing is off.
     mixed_from:   which clean view each mixed view was made from.
-    lam:          [n] float32 fraction of each mixed image that comes from its own sample (area-corrected).
+    lam:          [n] float32 fraction of each mixed image that comes from its own sample (area-corrected),
+                  of the first mixed view: every view of one size has the same.
     method:       [n] int64 mixing method per sample (0 mixup, 1 cutmix, 2 resizemix).
+    mixed_lam:    the same per mixed view ([n] each), exact for views of other sizes too (DINO's local crops:
+                  the box is sized from the same draw, so the pasted area rounds differently, by < 1.5 points).
+                  Empty when the batch was built without it (then ``lam`` is every view's).
     """
 
     views: List[torch.Tensor]
@@ -39,11 +43,14 @@ class SDMPBatch:
     mixed_from: Tuple[int, ...] = ()
     lam: Optional[torch.Tensor] = None
     method: Optional[torch.Tensor] = None
+    mixed_lam: List[torch.Tensor] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if len(self.mixed_views) != len(self.mixed_from):
             raise ValueError(
                 f"SDMPBatch: {len(self.mixed_views)} mixed views but mixed_from has {len(self.mixed_from)} entries")
+        if self.mixed_lam and len(self.mixed_lam) != len(self.mixed_views):
+            raise ValueError(f"SDMPBatch: {len(self.mixed_views)} mixed views but {len(self.mixed_lam)} mixed_lam")
         n = self.labels.shape[0]
         for name, tensors in (("views", self.views), ("mixed_views", self.mixed_views)):
             for j, t in enumerate(tensors):
@@ -61,6 +68,7 @@ class SDMPBatch:
     def _tensors(self):
         yield from self.views
         yield from self.mixed_views
+        yield from self.mixed_lam
         for t in (self.labels, self.indices, self.lam, self.method):
             if t is not None:
                 yield t
@@ -75,6 +83,7 @@ class SDMPBatch:
             indices=fn(self.indices),
             lam=opt(self.lam),
             method=opt(self.method),
+            mixed_lam=[fn(t) for t in self.mixed_lam],
         )
 
     def to(self, device, non_blocking: bool = False, dtype: Optional[torch.dtype] = None) -> "SDMPBatch":

@@ -46,6 +46,30 @@ def test_odd_last_batch_is_left_unmixed_with_lam_one():
     assert torch.equal(b.lam, torch.ones(3)) and torch.equal(b.mixed_views[0], views[0])
 
 
+def test_every_mixed_view_reports_its_own_exact_lam():
+    """DINO-like views of two sizes, constant colour per sample: in each mixed view the fraction of pixels that
+    still hold the sample's own colour is exactly that view's ``mixed_lam``; ``lam`` is the first view's (the
+    smaller view's box rounds differently)."""
+    import dataclasses
+
+    from sdmp_fast.pipelines.recipes import dino
+
+    n = 64
+    recipe = dino(global_size=32, local_size=18, n_local=2, n_local_mixed=1)
+    recipe = dataclasses.replace(recipe, mix=dataclasses.replace(recipe.mix, methods=("cutmix", "resizemix")))
+    colours = torch.arange(1, n + 1, dtype=torch.float32)  # sample i: colour i + 1, partner n - i: all distinct
+    views = [colours[:, None, None, None].expand(n, 3, s, s).contiguous() for s in (32, 32, 18, 18)]
+    b = assemble_batch(views, torch.zeros(n, dtype=torch.long), torch.arange(n), recipe,
+                       torch.Generator().manual_seed(0))
+    assert b.mixed_from == (0, 1, 3) and len(b.mixed_lam) == 3 and torch.equal(b.lam, b.mixed_lam[0])
+    for mixed, lam in zip(b.mixed_views, b.mixed_lam):
+        own = (mixed == colours[:, None, None, None]).flatten(1).double().mean(1)
+        assert torch.equal(own.float(), lam)
+    assert not torch.equal(b.mixed_lam[0], b.mixed_lam[2])  # 18 px boxes round otherwise than 32 px ones
+    moved = b.to("cpu", dtype=torch.float16)
+    assert len(moved.mixed_lam) == 3 and moved.mixed_lam[2].dtype == torch.float32
+
+
 def test_recipes_validate_and_name_the_setting():
     assert dino(n_local=6, n_local_mixed=3).mix.mixed_views == (0, 1, 5, 6, 7)
     assert make_recipe("byol2", size=32).num_views == 2

@@ -84,6 +84,7 @@ def check_graph_mixing(dl, recipe, forced=None):
                 assert err <= tol, (f"view {j} sample {i} op {op}: max error {err}", tol)
             # the lam of every mixed view is its own area-corrected one; the batch reports the first view's
             lam_k = torch.where(draw.method == MIXUP, raw_lam, box_lam(ch.cpu(), cw.cpu(), sizes[j], sizes[j]))
+            assert torch.equal(batch.mixed_lam[k].cpu(), lam_k) and torch.equal(draw.lams[k], lam_k)
             if k == 0:
                 assert torch.equal(batch.lam.cpu(), lam_k)
     return seen_ops
@@ -135,6 +136,8 @@ def test_cpu_loader_gives_the_default_paths_batches(folder, recipe):
         assert torch.equal(a.indices, b.indices) and torch.equal(a.labels, b.labels)
         assert all(torch.equal(u, v) for u, v in zip(a.views, b.views))
         assert torch.equal(a.lam, b.lam) and torch.equal(a.method, b.method)
+        assert len(a.mixed_lam) == len(b.mixed_lam) == len(a.mixed_views)
+        assert all(torch.equal(u, v) for u, v in zip(a.mixed_lam, b.mixed_lam))
         assert a.mixed_from == b.mixed_from
         for u, v in zip(a.mixed_views, b.mixed_views):
             assert torch.allclose(u, v, rtol=0, atol=1e-4)
