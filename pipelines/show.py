@@ -43,6 +43,8 @@ def plot_batch(batch: SDMPBatch, recipe: Recipe, out: str, title: Optional[str] 
     rows = [(f"view {j}\n{v.shape[-1]}px", v) for j, v in enumerate(batch.views)]
     rows += [(f"mixed\nfrom view {src}", v) for src, v in zip(batch.mixed_from, batch.mixed_views)]
     lam = batch.lam.detach().float().cpu() if batch.lam is not None else None
+    # each mixed row labelled with its own view's lam where the batch has it (DINO's local crops round apart)
+    row_lams = [t.detach().float().cpu() for t in batch.mixed_lam] or [lam] * len(batch.mixed_views)
     method = batch.method.detach().cpu() if batch.method is not None else None
     indices = batch.indices.detach().cpu()
 
@@ -58,7 +60,8 @@ def plot_batch(batch: SDMPBatch, recipe: Recipe, out: str, title: Optional[str] 
             ax.set_yticks([])
             if mixed_row and lam is not None:
                 partner = full_n - 1 - i
-                ax.set_title(f"{METHODS[int(method[i])]} λ={float(lam[i]):.2f}\nwith col {partner}"
+                ax.set_title(f"{METHODS[int(method[i])]} λ={float(row_lams[r - len(batch.views)][i]):.2f}\n"
+                             f"with col {partner}"
                              + ("" if partner < n else " (not shown)"), fontsize=7, color="tab:red", pad=2)
             elif r == 0:
                 ax.set_title(f"col {i}: #{int(indices[i])}", fontsize=7, pad=2)
