@@ -280,7 +280,10 @@ class DaliLoader(SampledLoader):
     # -- resumable state (torchdata's StatefulDataLoader names) ---------------------------------------------
     def state_dict(self) -> Dict[str, Dict[int, bytes]]:
         """DALI checkpoints of the random state at the start of the last epochs started (and of the next one
-        once its last batch has been returned): see the module docstring."""
+        once its last batch has been returned): see the module docstring. Unlike torchdata's, it holds no
+        position inside the epoch: after ``load_state_dict`` the epoch runs from its first batch, and a caller
+        resuming mid-epoch drops the batches it had trained on (what the trainer does), which keeps the state
+        independent of how far ahead the caller prefetches."""
         return {"dali_epoch_starts": dict(self._epoch_starts)}
 
     def load_state_dict(self, state: Dict[str, Dict[int, bytes]]) -> None:
