@@ -10,7 +10,8 @@ DINO (``main_dino.py``) / MoCo v3 (``main_moco.py``): ``for images, _ in data_lo
     for it, (images, _) in enumerate(data_loader): ...   # images = [global0, global1, local0, ...]
 
 SDMP: ``with_mix_info=True`` appends the mixed views after the clean ones and yields a third item,
-``{"lam", "method", "mixed_from", "num_clean", "indices"}`` (the last batch's info is also ``.mix_info``) ::
+``{"lam", "method", "mixed_from", "num_clean", "indices", "mixed_lam"}`` (the last batch's info is also
+``.mix_info``) ::
 
     for images, labels, mix in adapters.as_mocov3(loader, with_mix_info=True):
         clean, mixed = images[:mix["num_clean"]], images[mix["num_clean"]:]   # mixed[j] from clean[mixed_from[j]]

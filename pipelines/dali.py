@@ -284,7 +284,7 @@ class DaliLoader(SampledLoader):
         position inside the epoch: after ``load_state_dict`` the epoch runs from its first batch, and a caller
         resuming mid-epoch drops the batches it had trained on (what the trainer does), which keeps the state
         independent of how far ahead the caller prefetches."""
-        return {"dali_epoch_starts": dict(self._epoch_starts)}
+        return {"dali_epoch_starts": {**self._epoch_starts, **self._restore}}  # a loaded state not yet used too
 
     def load_state_dict(self, state: Dict[str, Dict[int, bytes]]) -> None:
         """Take a ``state_dict()``: the next epoch started that it covers builds its pipeline from it."""
@@ -295,6 +295,12 @@ class DaliLoader(SampledLoader):
                              f"{list(state)[:4] if isinstance(state, dict) else ''})")
         if self._active:
             self._drain()
+        if not starts:
+            warnings.warn("DALI loader: the state loaded holds no DALI checkpoint (the run that saved it could not "
+                          "checkpoint): crops and colours will differ from that run's")
+        elif not self._checkpointing:
+            warnings.warn("DALI loader: this DALI build cannot restore checkpoints: crops and colours will differ "
+                          "from the saved run's")
         self._restore = dict(starts)
 
     # -- internals -----------------------------------------------------------------------------------------
@@ -371,23 +377,23 @@ class DaliLoader(SampledLoader):
                 self._recover(err)
                 continue
             if self.gpu:
-                yield self._batch(outs, generator)
+                yield self._batch(outs, generator, epoch)
             else:
                 with one_torch_thread():  # DALI's threads hold the cores (see one_torch_thread)
-                    batch = self._batch(outs, generator)
+                    batch = self._batch(outs, generator, epoch)
                 yield batch
         self._pipe.reset()
         self._active = False
         self.log.end_epoch(epoch)
 
-    def _batch(self, outs, generator: torch.Generator) -> SDMPBatch:
+    def _batch(self, outs, generator: torch.Generator, epoch: int) -> SDMPBatch:
         n_views = self.recipe.num_views
         mixed_from = tuple(self.recipe.mix.mixed_views) if self.mix_in_graph else ()
         n_out = n_views + len(mixed_from)  # clean views, then the graph's mixed views
         indices_cpu = torch.from_dlpack(outs[n_out].as_tensor())
         fed = self._feeder.accept()
         if self._feeder.exhausted():  # the epoch's last batch: DALI's state is now the next epoch's start
-            self._remember_start(self.sampler.epoch + 1)
+            self._remember_start(epoch + 1)
         if indices_cpu.tolist() != fed.kept:  # the in-flight bookkeeping is what bad-file recovery relies on
             raise RuntimeError(f"DALI loader: batch order out of step (got {indices_cpu.tolist()[:4]}..., "
                                f"expected {fed.kept[:4]}...)")
@@ -421,7 +427,15 @@ class DaliLoader(SampledLoader):
             raise err
         self._feeder.known_bad.update(found)
         self._feeder.requeue_in_flight()
+        state = None
+        if self._checkpointing:  # the rebuilt pipeline goes on from DALI's state as of the last batch returned,
+            try:                 # so a recovery draws what a run that knew the file was bad draws (and a resume)
+                state = self._pipe.checkpoint()
+            except RuntimeError:
+                state = None
         self._close_pipe()
+        if state is not None:
+            self._pipeline(state)
 
     def _probe_decode(self, path: str) -> Optional[str]:
         """None when DALI's decoder (same device and settings) decodes ``path`` alone, else why not."""

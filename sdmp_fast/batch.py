@@ -74,7 +74,14 @@ class SDMPBatch:
                 yield t
 
     def _map(self, fn) -> "SDMPBatch":
-        opt = lambda t: None if t is None else fn(t)  # noqa: E731
+        done = {}  # one result per tensor object: lam is mixed_lam[0] (one copy to move, still one after)
+
+        def once(t):
+            if id(t) not in done:
+                done[id(t)] = fn(t)
+            return done[id(t)]
+
+        opt = lambda t: None if t is None else once(t)  # noqa: E731
         return replace(
             self,
             views=[fn(v) for v in self.views],
@@ -83,7 +90,7 @@ class SDMPBatch:
             indices=fn(self.indices),
             lam=opt(self.lam),
             method=opt(self.method),
-            mixed_lam=[fn(t) for t in self.mixed_lam],
+            mixed_lam=[once(t) for t in self.mixed_lam],
         )
 
     def to(self, device, non_blocking: bool = False, dtype: Optional[torch.dtype] = None) -> "SDMPBatch":

@@ -35,6 +35,7 @@ import dataclasses
 import math
 import os
 import time
+import warnings
 from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
@@ -595,8 +596,12 @@ class Trainer:
         ckpt.set_rng_state(mine)
         self.swap_gen.set_state(mine["swap"])
         load_loader = getattr(self.loader, "load_state_dict", None)
-        if mine.get("loader") is not None and callable(load_loader):
-            load_loader(mine["loader"])
+        if callable(load_loader):
+            if mine.get("loader") is not None:
+                load_loader(mine["loader"])
+            else:
+                warnings.warn("resume: the checkpoint holds no loader state (written before loaders had one): "
+                              "the loader's own random state (DALI's) starts afresh, so augmentations differ")
 
     def save(self, out: str) -> Optional[str]:
         """Checkpoint (rank 0 writes; all ranks take part in gathering RNG states)."""

@@ -266,6 +266,9 @@ def test_state_dict_lets_a_new_loader_repeat_an_epoch(folder, device):
 
     assert same(epoch_1(mid_1), after) and same(epoch_1(at_end_of_0), after)
     assert not same(epoch_1(None), after)  # DALI's random state really runs on from epoch to epoch
+    pending = dali(folder, recipe, seed=3)
+    pending.load_state_dict(mid_1)
+    assert pending.state_dict() == mid_1  # a state loaded but not used yet is what a checkpoint must keep
     with pytest.warns(UserWarning, match="no DALI checkpoint for epoch 1"):
         fresh = dali(folder, recipe, seed=3)
         fresh.load_state_dict({"dali_epoch_starts": {7: mid_1["dali_epoch_starts"][1]}})
@@ -273,3 +276,43 @@ def test_state_dict_lets_a_new_loader_repeat_an_epoch(folder, device):
         list(fresh)
     with pytest.raises(ValueError, match="not a DALI loader state_dict"):
         fresh.load_state_dict({"epoch": 1})
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("drop_last", [True, False])
+def test_state_dict_resume_is_exact_past_a_file_dali_cannot_decode(folder, tmp_path, drop_last):
+    """A file that passes the byte sniff but fails inside DALI: the first run learns it in epoch 0 and skips it
+    after; a resumed loader meets it again in epoch 1 and recovers. The recovery rebuilds the pipeline from
+    DALI's state as of the last batch returned, so the resumed epoch still equals the first run's (it used to
+    restart DALI's random state from the seed), and so does an epoch that recovered, compared with one that
+    knew the file was bad."""
+    root = str(tmp_path / "data")
+    shutil.copytree(folder, root)
+    good = open(os.path.join(root, "class0", "0000.jpg"), "rb").read()
+    garbage = bytes(np.random.default_rng(0).integers(0, 256, 400, dtype=np.uint8))
+    with open(os.path.join(root, "class1", "corrupt.jpg"), "wb") as f:
+        f.write(good[: len(good) // 2] + garbage + b"\xff\xd9")
+    recipe = byol2(size=32)
+
+    def snap(b):
+        return b.indices.clone(), [v.clone() for v in b.views + b.mixed_views]
+
+    def same(a, b):
+        return len(a) == len(b) and all(torch.equal(x[0], y[0]) and all(torch.equal(u, v) for u, v in zip(x[1], y[1]))
+                                        for x, y in zip(a, b))
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the skipped file's warning at each epoch end
+        ran = dali(root, recipe, seed=3, drop_last=drop_last)
+        list(ran)
+        assert any(p.endswith("corrupt.jpg") for p in ran.skipped)
+        ran.set_epoch(1)
+        it = iter(ran)
+        first = [snap(next(it))]
+        mid_1 = ran.state_dict()
+        e1 = first + [snap(b) for b in it]
+        fresh = dali(root, recipe, seed=3, drop_last=drop_last)
+        fresh.load_state_dict(mid_1)
+        fresh.set_epoch(1)
+        assert same([snap(b) for b in fresh], e1)
+        assert any(p.endswith("corrupt.jpg") for p in fresh.skipped)  # it met the file anew and recovered
