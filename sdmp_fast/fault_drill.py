@@ -156,7 +156,8 @@ def add_arguments(ap) -> None:
     ap.add_argument("--steps", type=int, default=24, help="steps of each run (default 24)")
     ap.add_argument("--save-every", type=int, default=3, help="checkpoint interval (default 3)")
     ap.add_argument("--method", choices=("mocov3", "dino"), default="mocov3")
-    ap.add_argument("--loader", default="synthetic", help="synthetic (default) or memory (with --data fashion-mnist)")
+    ap.add_argument("--loader", default="synthetic", help="synthetic (default), memory (with --data fashion-mnist), "
+                                                          "or a file loader with --data DIR (e.g. dali)")
     ap.add_argument("--data", default=None)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--workdir", default=None, help="where the runs go (default: a new temporary directory)")

@@ -316,3 +316,19 @@ def test_state_dict_resume_is_exact_past_a_file_dali_cannot_decode(folder, tmp_p
         fresh.set_epoch(1)
         assert same([snap(b) for b in fresh], e1)
         assert any(p.endswith("corrupt.jpg") for p in fresh.skipped)  # it met the file anew and recovered
+
+
+@pytest.mark.timeout(300)
+def test_fault_drill_kill9_resumes_match_with_the_dali_loader(folder, tmp_path):
+    """kill -9 at random points (several epochs: 3 steps each), resume from the last complete checkpoint, same
+    final parameters as the uninterrupted run. In a fresh interpreter: the drill forks its runs, and this test
+    process already holds DALI's threads."""
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "sdmp_fast.cli", "drill", "--trials", "3", "--loader", "dali", "--data", folder,
+           "--steps", "12", "--save-every", "2", "--workdir", str(tmp_path / "drill")]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=280,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "3/3 resumes matched" in done.stdout
