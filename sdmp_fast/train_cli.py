@@ -56,12 +56,16 @@ def _check_out(cfg) -> None:
 
 def _lock_out(out: str):
     """An exclusive lock on ``out/.lock``: a second run (a resume started while the first still runs) would
-    write the same checkpoints and metrics. Released by the OS when the process ends, however it ends."""
+    write the same checkpoints and metrics. Released by the OS when the process ends, however it ends.
+
+    A POSIX record lock (``lockf``), not ``flock``: an flock belongs to the open file, which forked children
+    share, so DataLoader workers (forked) kept it held for seconds after the trainer was killed with -9, and a
+    resume started at once was refused. A POSIX lock belongs to the process alone."""
     import fcntl
 
     fh = open(os.path.join(out, ".lock"), "a")
     try:
-        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.lockf(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
         fh.close()
         raise ValueError(f"out: {out!r} is being written by another sdmp-fast train process (its .lock is held); "

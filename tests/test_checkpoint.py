@@ -215,3 +215,16 @@ def test_fault_drill_all_resumes_match(tmp_path, capsys):
     matched = run_drill(trials=10, workdir=str(tmp_path / "drill"), log=lines.append)
     assert matched == 10, "\n".join(lines)
     assert lines[-1].startswith("10/10 resumes matched")
+
+
+@pytest.mark.timeout(300)
+def test_fault_drill_with_the_torchvision_loader_and_its_workers(tmp_path):
+    """The kill -9 drill through the torchvision loader: its DataLoader workers are forked children that outlive
+    a killed run for seconds; the resume started right after must neither be refused (run lock) nor differ."""
+    from sdmp_fast.data import make_synthetic_image_folder
+
+    data = make_synthetic_image_folder(str(tmp_path / "data"), 3, 8)
+    cmd = [sys.executable, "-m", "sdmp_fast.cli", "drill", "--trials", "3", "--loader", "torchvision", "--data", data,
+           "--steps", "12", "--save-every", "2", "--workdir", str(tmp_path / "drill")]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=280, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert done.returncode == 0 and "3/3 resumes matched" in done.stdout, done.stdout[-3000:] + done.stderr[-3000:]

@@ -677,13 +677,51 @@ def test_loss_impl_says_reference_when_the_kernels_cannot_serve(tmp_path, monkey
     assert trainer_mod.loss_functions(tiny_cfg(tmp_path), torch.device("cuda"))[2] == "kernels"
 
 
+def _hold_lock(out, *, grandchild: bool = False) -> int:
+    """Fork a process that takes ``out``'s run lock as `sdmp-fast train` does (and, with ``grandchild``, forks a
+    child that lives on, as DataLoader workers do), then sleeps; returns its pid once the lock is held."""
+    from sdmp_fast.train_cli import _lock_out
+
+    ready_r, ready_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            fh = _lock_out(str(out))  # noqa: F841 - held until this process ends
+            if grandchild and os.fork() == 0:
+                time.sleep(30)
+                os._exit(0)
+            os.write(ready_w, b"x")
+            time.sleep(60)
+        finally:
+            os._exit(0)
+    os.read(ready_r, 1)
+    os.close(ready_r)
+    os.close(ready_w)
+    return pid
+
+
 def test_a_second_process_cannot_write_a_run_being_written(tmp_path, capsys):
-    import fcntl
     out = tmp_path / "run"
     out.mkdir()
     (out / "config.yaml").write_text("{}\n")
-    with open(out / ".lock", "a") as held:  # as a running `sdmp-fast train` holds it
-        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    pid = _hold_lock(out)  # as a running `sdmp-fast train` holds it
+    try:
         code, err = run_cli(TINY + ["--loader", "synthetic", "--steps", "2", "--out", str(out), "--resume"], capsys)
+    finally:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
     assert code == 2 and "is being written by another sdmp-fast train process" in err
     assert (out / "config.yaml").read_text() == "{}\n"
+
+
+def test_the_run_lock_dies_with_the_run_not_with_its_forked_workers(tmp_path):
+    """kill -9 of a run whose forked children (DataLoader workers) outlive it for a while: the lock is free at
+    once, so a resume started right away is not refused (with flock the workers kept it held)."""
+    from sdmp_fast.train_cli import _lock_out
+
+    out = tmp_path / "run"
+    out.mkdir()
+    pid = _hold_lock(out, grandchild=True)
+    os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+    _lock_out(str(out)).close()  # the grandchild still sleeps; the lock went with its holder
