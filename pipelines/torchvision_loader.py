@@ -14,6 +14,7 @@ them.
 from __future__ import annotations
 
 import os
+import signal
 from typing import Iterator, List, Optional, Sequence
 
 import torch
@@ -74,6 +75,15 @@ class _Bad:
 
     def __init__(self, path: str, reason: str):
         self.path, self.reason = path, reason
+
+
+def ignore_stop_signals(worker_id: int) -> None:
+    """DataLoader workers leave SIGTERM / SIGINT to the main process. A scheduler's SIGTERM (SLURM preemption)
+    and a terminal's Ctrl-C reach the whole process group: workers that died of it made the main process raise
+    "DataLoader worker ... killed by signal" in the middle of its graceful stop, with no checkpoint written. The
+    main process shuts its workers down itself (and they exit on their own once it is gone)."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 class ViewDataset(torch.utils.data.Dataset):
@@ -160,7 +170,7 @@ class TorchvisionLoader(SampledLoader):
         self._loader = torch.utils.data.DataLoader(
             dataset, batch_sampler=_EpochBatches(self.sampler), num_workers=self.num_workers,
             collate_fn=collate_views, pin_memory=self.device.type == "cuda", persistent_workers=workers,
-            prefetch_factor=prefetch_factor if workers else None)
+            prefetch_factor=prefetch_factor if workers else None, worker_init_fn=ignore_stop_signals)
 
     def __iter__(self) -> Iterator[SDMPBatch]:
         epoch = self.sampler.begin_pass()

@@ -428,6 +428,30 @@ def _env(tmp_path, **extra):
 
 
 @pytest.mark.timeout(180)
+def test_sigterm_to_the_process_group_with_loader_workers_still_checkpoints(tmp_path):
+    """SLURM's preemption SIGTERM (and a terminal's Ctrl-C) reaches the whole process group, DataLoader workers
+    included: the run still stops cleanly with a checkpoint (dead workers used to crash it with "DataLoader
+    worker ... killed by signal" before anything was saved)."""
+    from sdmp_fast.data import make_synthetic_image_folder
+
+    data = make_synthetic_image_folder(str(tmp_path / "data"), 2, 8)
+    out = tmp_path / "out"
+    argv = [sys.executable, "-m", "sdmp_fast.cli", "train"] + TINY + [
+        "--loader", "torchvision", "--data", data, "--num-workers", "2", "--batch-size", "8", "--steps", "4000",
+        "--log-every", "2", "--save-every", "0", "--out", str(out)]
+    p = subprocess.Popen(argv, env=_env(tmp_path, SDMP_DEBUG_STEP_SLEEP=0.05), stdout=subprocess.PIPE,
+                         stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (out / "metrics.jsonl").exists():
+        time.sleep(0.2)
+    time.sleep(0.5)
+    os.killpg(p.pid, signal.SIGTERM)
+    text = p.communicate(timeout=120)[0]
+    assert p.returncode == 0 and "stopped by SIGTERM" in text, text[-3000:]
+    assert os.listdir(out / "checkpoints")
+
+
+@pytest.mark.timeout(180)
 def test_sigterm_checkpoints_and_exits_cleanly(tmp_path):
     out = tmp_path / "out"
     argv = [sys.executable, "-m", "sdmp_fast.cli", "train"] + TINY + [
