@@ -41,8 +41,10 @@ class ImageList:
 
 
 def list_images(data: Union[str, os.PathLike, "ImageList"]) -> ImageList:
-    """An ImageFolder tree (root/class/img.jpg) or a text file list ("relative/or/absolute/path label" lines).
+    """An ImageFolder tree (root/class/.../img.jpg), a flat folder of images (unlabeled: label -1, what SSL
+    data often is), or a text file list ("relative/or/absolute/path label" lines, label optional).
 
+    Class folders are walked recursively, following links, in sorted order, as torchvision's ImageFolder does.
     Raises ValueError naming the path when it is missing or holds no images. Empty class folders are kept as
     classes (their index stays stable) but hold no samples.
     """
@@ -55,17 +57,34 @@ def list_images(data: Union[str, os.PathLike, "ImageList"]) -> ImageList:
         return _read_file_list(path)
     classes = sorted(d for d in os.listdir(path) if os.path.isdir(os.path.join(path, d)))
     if not classes:
-        raise ValueError(f"data: {path!r} has no class sub-folders (expected an ImageFolder tree root/class/img)")
+        files = _image_files(path, recursive=False)
+        if not files:
+            raise ValueError(f"data: {path!r} has no class sub-folders and no image files "
+                             f"({', '.join(IMAGE_EXTENSIONS[:5])}, ...): expected root/class/img or root/img")
+        return ImageList(tuple(files), (-1,) * len(files), (), path)
     files, labels = [], []
     for label, cls in enumerate(classes):
-        cdir = os.path.join(path, cls)
-        for name in sorted(os.listdir(cdir)):
-            if name.lower().endswith(tuple(e.lower() for e in IMAGE_EXTENSIONS)):
-                files.append(os.path.join(cdir, name))
-                labels.append(label)
+        found = _image_files(os.path.join(path, cls), recursive=True)
+        files += found
+        labels += [label] * len(found)
     if not files:
-        raise ValueError(f"data: {path!r} holds no image files ({', '.join(IMAGE_EXTENSIONS[:5])}, ...)")
+        loose = len(_image_files(path, recursive=False))
+        raise ValueError(f"data: {path!r} holds no image files in its class folders "
+                         f"({', '.join(IMAGE_EXTENSIONS[:5])}, ...)"
+                         + (f"; its {loose} image(s) at the top level are not read when it has sub-folders"
+                            if loose else ""))
     return ImageList(tuple(files), tuple(labels), tuple(classes), path)
+
+
+def _image_files(folder: str, recursive: bool) -> List[str]:
+    exts = tuple(e.lower() for e in IMAGE_EXTENSIONS)
+    if not recursive:
+        return [os.path.join(folder, n) for n in sorted(os.listdir(folder))
+                if n.lower().endswith(exts) and os.path.isfile(os.path.join(folder, n))]
+    out = []
+    for root, _, names in sorted(os.walk(folder, followlinks=True)):
+        out += [os.path.join(root, n) for n in sorted(names) if n.lower().endswith(exts)]
+    return out
 
 
 def _read_file_list(path: str) -> ImageList:

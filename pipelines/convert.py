@@ -35,7 +35,8 @@ SUMMARY_LISTED = 20      # bad files printed in full; the sidecar lists all of t
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("src", help="ImageFolder root (root/class/img.jpg) or a file list ('path label' lines)")
+    parser.add_argument("src", help="ImageFolder root (root/class/img.jpg), a flat folder of unlabeled "
+                        "images (label -1) or a file list ('path label' lines)")
     parser.add_argument("out", help="output .beton path (its directory must exist)")
     parser.add_argument("--format", choices=FORMATS, default="jpg",
                         help="jpg: JPEG-compressed (small, decoded by FFCV); raw: uint8 pixels (largest, "

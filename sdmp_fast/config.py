@@ -56,7 +56,7 @@ class TrainConfig:
     n_local_mixed: int = _f(4, "DINO local crops replaced by mixed local crops (SDMP on)")
     # data
     loader: str = _f("torchvision", "loader backend ('synthetic': random tensors already on the device)", LOADERS)
-    data: Optional[str] = _f(None, "ImageFolder dir / .beton / 'fashion-mnist' (memory loader)")
+    data: Optional[str] = _f(None, "ImageFolder dir (or a flat folder of unlabeled images) / .beton / 'fashion-mnist' (memory loader)")
     num_workers: Optional[int] = _f(None, "loader worker processes / threads")
     batch_size: int = _f(256, "batch size per process (global batch = batch_size x world size)")
     # how long

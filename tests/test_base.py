@@ -1,3 +1,5 @@
+import os
+
 import pytest
 import torch
 
@@ -87,6 +89,44 @@ def test_list_images_errors_name_the_path(tmp_path):
     (tmp_path / "empty_class").mkdir()
     with pytest.raises(ValueError, match="holds no image files"):
         list_images(tmp_path)
+
+
+def test_flat_folders_are_unlabeled_and_class_folders_are_walked_like_imagefolder(tmp_path):
+    from PIL import Image
+
+    def img(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (8, 8), (10, 20, 30)).save(path)
+
+    flat = tmp_path / "flat"
+    for name in ("b.jpg", "a.png", "c.JPEG"):
+        img(flat / name)
+    (flat / "notes.txt").write_text("not an image")
+    got = list_images(flat)
+    assert [os.path.basename(f) for f in got.files] == ["a.png", "b.jpg", "c.JPEG"]
+    assert got.labels == (-1, -1, -1) and got.classes == ()
+    batch = next(iter(make_loader("memory", torch.zeros(4, 1, 8, 8, dtype=torch.uint8), "byol2", 2, device="cpu",
+                                  shard_id=0, num_shards=1)))
+    assert (batch.labels == -1).all()  # what an unlabeled source looks like downstream
+    tree = tmp_path / "tree"
+    for rel in ("cat/x.jpg", "cat/deeper/y.jpg", "dog/z.jpg", "dog/sub/more/w.jpg"):
+        img(tree / rel)
+    img(tree / "loose.jpg")  # ImageFolder reads class folders only
+    got = list_images(tree)
+    rel = [os.path.relpath(f, tree) for f in got.files]
+    assert rel == ["cat/x.jpg", "cat/deeper/y.jpg", "dog/z.jpg", "dog/sub/more/w.jpg"]
+    assert got.labels == (0, 0, 1, 1) and got.classes == ("cat", "dog")
+    import torchvision
+
+    ref = torchvision.datasets.ImageFolder(str(tree))
+    assert [p for p, _ in ref.samples] == list(got.files) and [c for _, c in ref.samples] == list(got.labels)
+    (tmp_path / "nothing").mkdir()
+    with pytest.raises(ValueError, match="no class sub-folders and no image files"):
+        list_images(tmp_path / "nothing")
+    (tmp_path / "only_loose" / "empty_class").mkdir(parents=True)
+    img(tmp_path / "only_loose" / "top.jpg")
+    with pytest.raises(ValueError, match="1 image.s. at the top level are not read"):
+        list_images(tmp_path / "only_loose")
 
 
 def test_make_loader_rejects_bad_settings_before_reading(tmp_path):
