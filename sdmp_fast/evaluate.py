@@ -256,6 +256,9 @@ def _read_image_folder(root: str, size: int = 64):
     from sdmp_fast.pipelines.base import list_images
 
     lst = list_images(root)
+    if not lst.classes:
+        raise ValueError(f"data: {root!r} holds unlabeled images (no class folders): k-NN and the linear probe need "
+                         f"ImageFolder trees root/class/img")
     imgs = [np.asarray(Image.open(f).convert("RGB").resize((size, size), Image.BILINEAR)) for f in lst.files]
     return torch.from_numpy(np.stack(imgs)), torch.tensor(lst.labels)
 

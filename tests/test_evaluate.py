@@ -209,6 +209,13 @@ def test_eval_data_from_image_folders(tmp_path):
     assert sorted(set(ytr.tolist())) == [0, 1, 2] and len(yte) == 6
     with pytest.raises(ValueError, match="train/ and val/"):
         load_eval_data(str(tmp_path / "train"))
+    flat = tmp_path / "flat"  # unlabeled images are a training set, not an evaluation set
+    (flat / "val").mkdir(parents=True)
+    for p in (tmp_path / "train" / "class0").iterdir():
+        (flat / "val" / p.name).write_bytes(p.read_bytes())
+    (flat / "train").symlink_to(tmp_path / "train")
+    with pytest.raises(ValueError, match="unlabeled images"):
+        load_eval_data(str(flat))
 
 
 # ------------------------------------------------------------------------------------------------- plot
