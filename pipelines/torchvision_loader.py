@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 from typing import Iterator, List, Optional, Sequence
 
 import torch
@@ -78,12 +79,26 @@ class _Bad:
 
 
 def ignore_stop_signals(worker_id: int) -> None:
-    """DataLoader workers leave SIGTERM / SIGINT to the main process. A scheduler's SIGTERM (SLURM preemption)
-    and a terminal's Ctrl-C reach the whole process group: workers that died of it made the main process raise
-    "DataLoader worker ... killed by signal" in the middle of its graceful stop, with no checkpoint written. The
-    main process shuts its workers down itself (and they exit on their own once it is gone)."""
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    """DataLoader workers leave SIGINT and others' SIGTERM to the main process, and still obey their parent's.
+
+    A scheduler's SIGTERM (SLURM preemption) and a terminal's Ctrl-C reach the whole process group: workers that
+    died of it made the main process raise "DataLoader worker ... killed by signal" in the middle of its
+    graceful stop, with no checkpoint written. Ignoring SIGTERM outright would also ignore the parent's own
+    ``terminate()`` (DataLoader's shutdown of a stuck worker, and multiprocessing's at exit, which then waits
+    for ever), so SIGTERM is blocked and read by a thread that exits when the parent sent it (torch's own rule
+    for workers) and drops it otherwise. Workers also exit once the parent is gone (torch's watchdog)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    parent = os.getppid()
+    # blocked before the thread starts: threads made later (this one, OpenMP's) inherit the mask, so SIGTERM
+    # only ever reaches the sigwaitinfo below
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+
+    def obey_parent_only() -> None:
+        while True:
+            if signal.sigwaitinfo({signal.SIGTERM}).si_pid == parent:
+                os._exit(0)
+
+    threading.Thread(target=obey_parent_only, name="sdmp-worker-sigterm", daemon=True).start()
 
 
 class ViewDataset(torch.utils.data.Dataset):

@@ -4,6 +4,7 @@ import io
 import math
 import os
 import shutil
+import time
 
 import numpy as np
 import pytest
@@ -263,3 +264,39 @@ def test_gpu_decode_never_overwrites_memory_queued_work_still_reads(folder):
         torch.cuda.synchronize()
         wrong += sum(int(t) != math.prod(s) for t, s in zip(sums, shapes))
     assert wrong == 0
+
+
+class _StuckAfterTwo(torch.utils.data.Dataset):
+    def __len__(self):
+        return 8
+
+    def __getitem__(self, i):
+        if i >= 2:
+            time.sleep(60)  # a hung read
+        return torch.zeros(1)
+
+
+@pytest.mark.timeout(60)
+def test_loader_workers_ignore_others_sigterm_but_obey_their_parent(tmp_path):
+    """Workers set up by ignore_stop_signals survive a SIGTERM from another process (a scheduler's, sent to the
+    process group) and still exit on their parent's terminate(): DataLoader's shutdown of a stuck worker ends
+    in seconds instead of waiting for the hung read."""
+    import signal
+    import subprocess
+
+    from sdmp_fast.pipelines.torchvision_loader import ignore_stop_signals
+
+    dl = torch.utils.data.DataLoader(_StuckAfterTwo(), batch_size=1, num_workers=1,
+                                     worker_init_fn=ignore_stop_signals)
+    it = iter(dl)
+    next(it)
+    worker = it._workers[0]
+    subprocess.run(["kill", "-TERM", str(worker.pid)], check=True)  # sent by another process
+    time.sleep(0.5)
+    assert worker.is_alive()
+    next(it)
+    t0 = time.time()
+    del it  # join 5 s, then terminate(): the parent's SIGTERM
+    worker.join(10)
+    assert not worker.is_alive() and time.time() - t0 < 15
+    assert signal.getsignal(signal.SIGTERM) is not signal.SIG_IGN  # the test process itself is untouched
