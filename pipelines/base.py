@@ -26,6 +26,7 @@ from sdmp_fast.mixing import method_ids, draw_mix_params
 from .recipes import Recipe, make_recipe
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp", ".JPEG")
+_EXTENSIONS_LOWER = tuple(sorted({e.lower() for e in IMAGE_EXTENSIONS}))
 
 
 @dataclass(frozen=True)
@@ -44,9 +45,11 @@ def list_images(data: Union[str, os.PathLike, "ImageList"]) -> ImageList:
     """An ImageFolder tree (root/class/.../img.jpg), a flat folder of images (unlabeled: label -1, what SSL
     data often is), or a text file list ("relative/or/absolute/path label" lines, label optional).
 
-    Class folders are walked recursively, following links, in sorted order, as torchvision's ImageFolder does.
-    Raises ValueError naming the path when it is missing or holds no images. Empty class folders are kept as
-    classes (their index stays stable) but hold no samples.
+    Class folders are walked recursively, following links, in sorted order, as torchvision's ImageFolder does,
+    except that hidden entries (".name": .ipynb_checkpoints, macOS "._x.jpg" forks) are skipped and a folder
+    reached twice through links is read once. Raises ValueError naming the path when it is missing, unreadable
+    or holds no images; warns when images at the top level sit beside class folders (they are not read). Empty
+    class folders are kept as classes (their index stays stable) but hold no samples.
     """
     if isinstance(data, ImageList):
         return data
@@ -55,35 +58,65 @@ def list_images(data: Union[str, os.PathLike, "ImageList"]) -> ImageList:
         raise ValueError(f"data: {path!r} does not exist")
     if os.path.isfile(path):
         return _read_file_list(path)
-    classes = sorted(d for d in os.listdir(path) if os.path.isdir(os.path.join(path, d)))
+    entries = _listdir(path)
+    classes = sorted(d for d in entries if os.path.isdir(os.path.join(path, d)))
+    loose = [n for n in entries if _is_image_name(n)]
     if not classes:
-        files = _image_files(path, recursive=False)
-        if not files:
+        if not loose:
             raise ValueError(f"data: {path!r} has no class sub-folders and no image files "
                              f"({', '.join(IMAGE_EXTENSIONS[:5])}, ...): expected root/class/img or root/img")
-        return ImageList(tuple(files), (-1,) * len(files), (), path)
+        return ImageList(tuple(os.path.join(path, n) for n in sorted(loose)), (-1,) * len(loose), (), path)
     files, labels = [], []
     for label, cls in enumerate(classes):
-        found = _image_files(os.path.join(path, cls), recursive=True)
+        found = _walk_images(os.path.join(path, cls))
         files += found
         labels += [label] * len(found)
     if not files:
-        loose = len(_image_files(path, recursive=False))
         raise ValueError(f"data: {path!r} holds no image files in its class folders "
                          f"({', '.join(IMAGE_EXTENSIONS[:5])}, ...)"
-                         + (f"; its {loose} image(s) at the top level are not read when it has sub-folders"
+                         + (f"; its {len(loose)} image(s) at the top level are not read when it has sub-folders"
                             if loose else ""))
+    if loose:
+        warnings.warn(f"data: {path!r} has class folders {classes[:4]}{'...' if len(classes) > 4 else ''} and "
+                      f"{len(loose)} image(s) at the top level, which are not read (ImageFolder layout); for an "
+                      f"unlabeled flat folder, move the sub-folders out", RuntimeWarning, stacklevel=2)
     return ImageList(tuple(files), tuple(labels), tuple(classes), path)
 
 
-def _image_files(folder: str, recursive: bool) -> List[str]:
-    exts = tuple(e.lower() for e in IMAGE_EXTENSIONS)
-    if not recursive:  # no stat per file: a flat folder of a million images lists in a second
-        return [os.path.join(folder, n) for n in sorted(os.listdir(folder)) if n.lower().endswith(exts)]
-    out = []
-    for root, _, names in sorted(os.walk(folder, followlinks=True)):
-        out += [os.path.join(root, n) for n in sorted(names) if n.lower().endswith(exts)]
+def _is_image_name(name: str) -> bool:
+    return not name.startswith(".") and name.lower().endswith(_EXTENSIONS_LOWER)
+
+
+def _listdir(folder: str) -> List[str]:
+    """Entries of ``folder`` but hidden ones; ValueError naming it when it cannot be read."""
+    try:
+        return [n for n in os.listdir(folder) if not n.startswith(".")]
+    except OSError as e:
+        raise ValueError(f"data: cannot read the folder {folder!r} ({e.strerror})") from None
+
+
+def _walk_images(folder: str) -> List[str]:
+    """Image files under ``folder``, in os.walk's sorted order, following links but each folder once."""
+    seen, out = set(), []
+
+    def unreadable(err: OSError):
+        raise ValueError(f"data: cannot read the folder {err.filename!r} ({err.strerror})")
+
+    for root, dirs, names in sorted(_walk_once(folder, seen, unreadable)):
+        out += [os.path.join(root, n) for n in sorted(names) if _is_image_name(n)]
     return out
+
+
+def _walk_once(folder: str, seen: set, onerror):
+    for root, dirs, names in os.walk(folder, followlinks=True, onerror=onerror):
+        st = os.stat(root)
+        if (st.st_dev, st.st_ino) in seen:  # a link back to a folder already read (a loop, or a second path)
+            dirs[:] = []
+            continue
+        seen.add((st.st_dev, st.st_ino))
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))  # sorted: which path of a folder reached
+        # twice is read does not depend on the file system's listing order
+        yield root, dirs, names
 
 
 def _read_file_list(path: str) -> ImageList:

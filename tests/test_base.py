@@ -112,7 +112,8 @@ def test_flat_folders_are_unlabeled_and_class_folders_are_walked_like_imagefolde
     for rel in ("cat/x.jpg", "cat/deeper/y.jpg", "dog/z.jpg", "dog/sub/more/w.jpg"):
         img(tree / rel)
     img(tree / "loose.jpg")  # ImageFolder reads class folders only
-    got = list_images(tree)
+    with pytest.warns(RuntimeWarning, match="not read"):
+        got = list_images(tree)
     rel = [os.path.relpath(f, tree) for f in got.files]
     assert rel == ["cat/x.jpg", "cat/deeper/y.jpg", "dog/z.jpg", "dog/sub/more/w.jpg"]
     assert got.labels == (0, 0, 1, 1) and got.classes == ("cat", "dog")
@@ -120,6 +121,17 @@ def test_flat_folders_are_unlabeled_and_class_folders_are_walked_like_imagefolde
 
     ref = torchvision.datasets.ImageFolder(str(tree))
     assert [p for p, _ in ref.samples] == list(got.files) and [c for _, c in ref.samples] == list(got.labels)
+    # hidden entries are not data (torchvision would read them), links back into a class are read once
+    img(tree / "cat" / ".ipynb_checkpoints" / "x-checkpoint.jpg")
+    img(tree / ".thumbnails" / "t.jpg")
+    (tree / "cat" / "._x.jpg").write_bytes(b"macOS resource fork")
+    os.symlink(".", tree / "cat" / "again")
+    os.symlink(".", tree / "cat" / "and_again")
+    with pytest.warns(RuntimeWarning, match="1 image.s. at the top level, which are not read"):
+        again = list_images(tree)
+    assert again.files == got.files and again.classes == ("cat", "dog")
+    img(flat / ".thumbnails" / "a.jpg")  # a hidden sub-folder leaves a flat folder flat
+    assert list_images(flat).labels == (-1, -1, -1)
     (tmp_path / "nothing").mkdir()
     with pytest.raises(ValueError, match="no class sub-folders and no image files"):
         list_images(tmp_path / "nothing")
