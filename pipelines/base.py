@@ -40,6 +40,16 @@ class ImageList:
     def __len__(self) -> int:
         return len(self.files)
 
+    def fingerprint(self) -> str:
+        """Digest of the files (relative to the root) and labels, in order: what a resume compares to know it
+        reads the same samples in the same order (a moved data set keeps its digest)."""
+        import hashlib
+
+        h = hashlib.sha1()
+        for f, label in zip(self.files, self.labels):
+            h.update(f"{os.path.relpath(f, self.root)}\t{label}\n".encode("utf-8", "surrogateescape"))
+        return h.hexdigest()
+
 
 def list_images(data: Union[str, os.PathLike, "ImageList"]) -> ImageList:
     """An ImageFolder tree (root/class/.../img.jpg), a flat folder of images (unlabeled: label -1, what SSL

@@ -568,7 +568,8 @@ class Trainer:
                 "steps_per_epoch": self.steps_per_epoch, "total_steps": self.total_steps,
                 "world_size": self.world_size, "model": self.model.state_dict(),
                 "optimizer": self.optimizer.state_dict(), "rng": ranks_rng, "config": self.cfg.to_dict(),
-                "meta": dict(self.meta, step=self.step), "skipped_total": self.skipped_total}
+                "meta": dict(self.meta, step=self.step), "skipped_total": self.skipped_total,
+                "data": self._data_identity()}
 
     def load_state_dict(self, state: Dict) -> None:
         bad = mismatches(state["config"], self.cfg)
@@ -591,6 +592,11 @@ class Trainer:
         self._dev_step.fill_(int(state["step"]))
         self.step, self.epoch, self.position = int(state["step"]), int(state["epoch"]), int(state["position"])
         self.skipped_total = int(state.get("skipped_total", 0))
+        then, now = state.get("data"), self._data_identity()
+        if then is not None and now is not None and then != now:
+            warnings.warn(f"resume: the data set is not the one the checkpoint was trained on ({then['files']} files "
+                          f"then, {now['files']} now, or other names / labels / order): the batches from here on "
+                          f"are not the ones the interrupted run would have seen", RuntimeWarning)
         rngs = state["rng"]
         mine = rngs[self.rank] if len(rngs) == self.world_size else rngs[0]
         ckpt.set_rng_state(mine)
@@ -602,6 +608,15 @@ class Trainer:
             else:
                 warnings.warn("resume: the checkpoint holds no loader state (written before loaders had one): "
                               "the loader's own random state (DALI's) starts afresh, so augmentations differ")
+
+    def _data_identity(self) -> Optional[Dict]:
+        """{"files", "sha1"} of an image-file loader's list (None for in-memory, synthetic and .beton data)."""
+        images = getattr(self.loader, "images", None)
+        if not hasattr(images, "fingerprint"):
+            return None
+        if getattr(self, "_data_id", None) is None:  # a million paths hash in about a second: once per run
+            self._data_id = {"files": len(images), "sha1": images.fingerprint()}
+        return self._data_id
 
     def save(self, out: str) -> Optional[str]:
         """Checkpoint (rank 0 writes; all ranks take part in gathering RNG states)."""

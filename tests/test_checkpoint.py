@@ -149,6 +149,31 @@ def test_resume_in_process_is_bit_exact(tmp_path, method, extra):
             assert torch.equal(ra[i][k], rb[i][k])
 
 
+def test_resume_warns_when_the_image_files_changed(tmp_path):
+    """Same number of files (so the same steps per epoch), one renamed: the resume says the data changed; a
+    data set moved elsewhere as a whole resumes silently."""
+    import shutil
+    import warnings
+
+    from sdmp_fast.data import make_synthetic_image_folder
+
+    data = make_synthetic_image_folder(str(tmp_path / "data"), 2, 4)
+    cfg = tiny_cfg(tmp_path, loader="torchvision", data=data, num_workers=0, steps=1, log_every=1)
+    first = Trainer(cfg)
+    state = first.state_dict()
+    assert state["data"]["files"] == 8
+    moved = str(tmp_path / "moved")
+    shutil.copytree(data, moved)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        Trainer(tiny_cfg(tmp_path, loader="torchvision", data=moved, num_workers=0, steps=1)).load_state_dict(state)
+    cls = os.path.join(moved, sorted(os.listdir(moved))[0])
+    name = sorted(os.listdir(cls))[0]
+    os.rename(os.path.join(cls, name), os.path.join(cls, "zz_" + name))
+    with pytest.warns(RuntimeWarning, match="the data set is not the one the checkpoint was trained on"):
+        Trainer(tiny_cfg(tmp_path, loader="torchvision", data=moved, num_workers=0, steps=1)).load_state_dict(state)
+
+
 def test_resume_rejects_changed_settings(tmp_path):
     cfg = tiny_cfg(tmp_path, steps=2, save_every=2)
     Trainer(cfg).fit(cfg.out)
