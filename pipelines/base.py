@@ -106,27 +106,22 @@ def _listdir(folder: str) -> List[str]:
 
 
 def _walk_images(folder: str) -> List[str]:
-    """Image files under ``folder``, in os.walk's sorted order, following links but each folder once."""
-    seen, out = set(), []
-
+    """Image files under ``folder``, in sorted (root, name) order as ImageFolder's, following links but reading
+    each folder once."""
     def unreadable(err: OSError):
         raise ValueError(f"data: cannot read the folder {err.filename!r} ({err.strerror})")
 
-    for root, dirs, names in sorted(_walk_once(folder, seen, unreadable)):
-        out += [os.path.join(root, n) for n in sorted(names) if _is_image_name(n)]
-    return out
-
-
-def _walk_once(folder: str, seen: set, onerror):
-    for root, dirs, names in os.walk(folder, followlinks=True, onerror=onerror):
+    seen, found = set(), []
+    for root, dirs, names in os.walk(folder, followlinks=True, onerror=unreadable):
         st = os.stat(root)
         if (st.st_dev, st.st_ino) in seen:  # a link back to a folder already read (a loop, or a second path)
             dirs[:] = []
             continue
         seen.add((st.st_dev, st.st_ino))
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))  # sorted: which path of a folder reached
-        # twice is read does not depend on the file system's listing order
-        yield root, dirs, names
+        # sorted: which path of a folder reached twice is read does not depend on the listing order
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        found.append((root, sorted(n for n in names if _is_image_name(n))))
+    return [os.path.join(root, n) for root, names in sorted(found) for n in names]
 
 
 def _read_file_list(path: str) -> ImageList:

@@ -86,6 +86,7 @@ def dali_error_reason(err: BaseException) -> str:
 
 
 def _quietly(build, **kw):
+    """``build(**kw)`` without DALI's note that it cannot checkpoint a callable source (ours needs no state)."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Checkpointing enabled in a pipeline with external source")
         return build(**kw)
@@ -340,26 +341,24 @@ class DaliLoader(SampledLoader):
                 prefetch_queue_depth=self.prefetch_queue_depth, fp16=self.gpu and self.dtype == torch.float16,
                 conditionals=self.conditionals, gpu_indices=self.gpu, decoder_options=self.decoder_options,
                 mix_in_graph=self.mix_in_graph)
-            if self._checkpointing:  # DALI notes it cannot checkpoint a callable source: ours needs no state
-                build = functools.partial(_quietly, build)
-            if not self._checkpointing:
-                self._pipe = build()
-            elif checkpoint is None:
-                try:
-                    self._pipe = build(enable_checkpointing=True)
-                except RuntimeError as e:  # an op of this DALI build without checkpointing: run without
-                    warnings.warn(f"DALI loader: checkpointing unavailable ({dali_error_reason(e)}): a resumed "
-                                  f"run will draw other crops and colours than the first run")
-                    self._checkpointing = False
-                    self._pipe = build()
-            else:
-                try:
-                    self._pipe = build(enable_checkpointing=True, checkpoint=checkpoint)
-                except RuntimeError as e:  # another DALI version or recipe wrote it
-                    warnings.warn(f"DALI loader: cannot restore the saved DALI state ({dali_error_reason(e)}): "
-                                  f"this epoch's crops and colours will differ from the first run's")
-                    self._pipe = build(enable_checkpointing=True)
+            self._pipe = self._build_checkpointing(build, checkpoint) if self._checkpointing else build()
         return self._pipe
+
+    def _build_checkpointing(self, build, checkpoint: Optional[bytes]):
+        """``build`` with DALI checkpointing, from ``checkpoint`` when given; falls back (with a warning) to a
+        fresh state when the checkpoint cannot be restored, and to no checkpointing when DALI refuses it."""
+        restore = {} if checkpoint is None else {"checkpoint": checkpoint}
+        try:
+            return _quietly(build, enable_checkpointing=True, **restore)
+        except RuntimeError as e:
+            if checkpoint is not None:  # another DALI version or recipe wrote it
+                warnings.warn(f"DALI loader: cannot restore the saved DALI state ({dali_error_reason(e)}): this "
+                              f"epoch's crops and colours will differ from the first run's")
+                return self._build_checkpointing(build, None)
+            warnings.warn(f"DALI loader: checkpointing unavailable ({dali_error_reason(e)}): a resumed run will draw "
+                          f"other crops and colours than the first run")
+            self._checkpointing = False
+            return build()
 
     def _run(self):
         pipe = self._pipeline()

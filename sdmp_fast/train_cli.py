@@ -61,15 +61,19 @@ def _lock_out(out: str):
     A POSIX record lock (``lockf``), not ``flock``: an flock belongs to the open file, which forked children
     share, so DataLoader workers (forked) kept it held for seconds after the trainer was killed with -9, and a
     resume started at once was refused. A POSIX lock belongs to the process alone."""
+    import errno
     import fcntl
 
     fh = open(os.path.join(out, ".lock"), "a")
     try:
         fcntl.lockf(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
+    except OSError as e:
         fh.close()
-        raise ValueError(f"out: {out!r} is being written by another sdmp-fast train process (its .lock is held); "
-                         f"wait for it to end or stop it first") from None
+        if e.errno in (errno.EACCES, errno.EAGAIN):
+            raise ValueError(f"out: {out!r} is being written by another sdmp-fast train process (its .lock is "
+                             f"held); wait for it to end or stop it first") from None
+        raise ValueError(f"out: cannot lock {os.path.join(out, '.lock')!r} ({e.strerror}): the file system of "
+                         f"--out takes no POSIX locks (NFS without lockd?); choose another --out") from None
     return fh
 
 

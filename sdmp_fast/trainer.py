@@ -309,6 +309,7 @@ class Trainer:
         self.stop_signal: Optional[int] = None
         self.debug = _debug_env()
         self.skipped_total = 0
+        self._data_id: Optional[Dict] = None  # _data_identity, computed on first use
         self.meta = {"backbone_spec": self.spec, "method": cfg.method, "sdmp": cfg.sdmp,
                      "backbone_prefix": "base.backbone." if cfg.method == "mocov3" else "teacher.backbone.",
                      "mean": [float(v) for v in getattr(self.loader, "mean", self.recipe.mean)],
@@ -614,7 +615,7 @@ class Trainer:
         images = getattr(self.loader, "images", None)
         if not hasattr(images, "fingerprint"):
             return None
-        if getattr(self, "_data_id", None) is None:  # a million paths hash in about a second: once per run
+        if self._data_id is None:  # a million paths hash in about a second: once per run
             self._data_id = {"files": len(images), "sha1": images.fingerprint()}
         return self._data_id
 

@@ -276,6 +276,11 @@ def test_state_dict_lets_a_new_loader_repeat_an_epoch(folder, device):
         list(fresh)
     with pytest.raises(ValueError, match="not a DALI loader state_dict"):
         fresh.load_state_dict({"epoch": 1})
+    damaged = dali(folder, recipe, seed=3)  # bytes DALI cannot parse: said, and the epoch runs from a fresh state
+    damaged.load_state_dict({"dali_epoch_starts": {1: b"not a DALI checkpoint"}})
+    damaged.set_epoch(1)
+    with pytest.warns(UserWarning, match="cannot restore the saved DALI state"):
+        assert same(list(damaged), epoch_1(None))
 
 
 @pytest.mark.timeout(120)

@@ -710,17 +710,19 @@ def _hold_lock(out, *, grandchild: bool = False) -> int:
     pid = os.fork()
     if pid == 0:
         try:
+            os.close(ready_r)
             fh = _lock_out(str(out))  # noqa: F841 - held until this process ends
             if grandchild and os.fork() == 0:
-                time.sleep(30)
+                time.sleep(10)
                 os._exit(0)
             os.write(ready_w, b"x")
             time.sleep(60)
         finally:
             os._exit(0)
-    os.read(ready_r, 1)
+    os.close(ready_w)  # so that a child which failed before writing gives EOF instead of a hang
+    got = os.read(ready_r, 1)
     os.close(ready_r)
-    os.close(ready_w)
+    assert got == b"x", "the lock-holding child failed before taking the lock"
     return pid
 
 
@@ -749,3 +751,18 @@ def test_the_run_lock_dies_with_the_run_not_with_its_forked_workers(tmp_path):
     os.kill(pid, signal.SIGKILL)
     os.waitpid(pid, 0)
     _lock_out(str(out)).close()  # the grandchild still sleeps; the lock went with its holder
+
+
+def test_a_file_system_without_locks_is_named_not_taken_for_a_running_run(tmp_path, monkeypatch):
+    import errno
+    import fcntl
+
+    from sdmp_fast.train_cli import _lock_out
+
+    def no_locks(fh, how):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "lockf", no_locks)
+    with pytest.raises(ValueError, match="takes no POSIX locks") as err:
+        _lock_out(str(tmp_path))
+    assert "another sdmp-fast train process" not in str(err.value)
