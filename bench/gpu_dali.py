@@ -1,7 +1,9 @@
 """DALI loader throughput on a GPU machine: byol2 with mixing (target >= 20,000 img/s on an H100), byol2
 without mixing, DINO multi-crop, and the device-only mixing cost, each after warm-up, in one run. Mixing is
 timed in both placements issue 3 compares: ``-mix`` (assemble_batch on DALI's output, torch ops on the same
-stream) and ``-graphmix`` (inside the DALI graph, ``mix_in_graph=True``).
+stream) and ``-graphmix`` (inside the DALI graph, ``mix_in_graph=True``). The anchors' pipelines run in the
+same run (``sdmp_fast.benchmarks.baselines``): ``<recipe>-sololearn`` (solo-learn's DALI style, no mixing:
+the 16,103 img/s byol2 and 3,740 img/s DINO anchors) and ``decode-only`` (nvJPEG alone, 21,688 img/s).
 
     PYTHONPATH=<dali wheel dir> python bench/gpu_dali.py --out $OUT [--data DIR] [--num-images 4096]
 
@@ -111,6 +113,18 @@ def time_loader(loader, warmup: int, batches: int):
     return n / (time.perf_counter() - t0), batches
 
 
+def time_iterator(batches, warmup: int, count: int, device: torch.device):
+    """(img/s, batches timed) of an endless batch iterator (the baselines)."""
+    for _ in range(warmup):
+        next(batches)
+    _sync(device)
+    t0, n = time.perf_counter(), 0
+    for _ in range(count):
+        n += next(batches).batch_size
+    _sync(device)
+    return n / (time.perf_counter() - t0), count
+
+
 def time_mixing_only(recipe, batch_size: int, dtype, dev: torch.device, iters: int = 50) -> float:
     """img/s of assemble_batch alone on device-resident views (the mixing share of the loader's budget)."""
     views = [torch.randn(batch_size, 3, v.size, v.size, device=dev, dtype=dtype or torch.float32)
@@ -143,16 +157,19 @@ def main(argv=None) -> int:
                    help="values of fn.decoders.image's hw_decoder_load to try (default: DALI's)")
     p.add_argument("--prefetch-queue-depth", type=int, nargs="*", default=[2],
                    help="values of DALI's prefetch_queue_depth to try (default 2)")
-    p.add_argument("--configs", default="byol2-mix,byol2-graphmix,byol2-nomix,dino-mix,dino-graphmix,mix-only",
-                   help="comma-separated <recipe>-<mix|graphmix|nomix> and mix-only")
+    p.add_argument("--configs", default="decode-only,byol2-sololearn,byol2-mix,byol2-graphmix,byol2-nomix,"
+                                        "dino-sololearn,dino-mix,dino-graphmix,mix-only",
+                   help="comma-separated <recipe>-<mix|graphmix|nomix|sololearn>, decode-only and mix-only")
     p.add_argument("--device", default="cuda", help="cuda (the point) or cpu (a smoke test of this script)")
     p.add_argument("--out", default=os.environ.get("OUT"), help="folder for the JSON (e.g. $OUT)")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
     configs = args.configs.split(",")
-    bad = [c for c in configs if c != "mix-only" and c.partition("-")[2] not in ("mix", "graphmix", "nomix")]
+    modes = ("mix", "graphmix", "nomix", "sololearn")
+    bad = [c for c in configs if c not in ("mix-only", "decode-only") and c.partition("-")[2] not in modes]
     if bad:
-        print(f"gpu_dali: unknown configs {bad} (expected <recipe>-mix|graphmix|nomix or mix-only)", file=sys.stderr)
+        print(f"gpu_dali: unknown configs {bad} (expected <recipe>-mix|graphmix|nomix|sololearn, decode-only or "
+              f"mix-only)", file=sys.stderr)
         return 2
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -194,6 +211,29 @@ def main(argv=None) -> int:
                         continue
                     records.append({"config": label, "batch_size": bs, "img_per_s": round(rate, 1)})
                     print(f"{label:28s} B={bs:4d}  {rate:10.0f} img/s", flush=True)
+            save()
+            continue
+        if name == "decode" or mode == "sololearn":  # the anchors' pipelines (baselines.py)
+            from sdmp_fast.benchmarks.baselines import make_baseline
+            from sdmp_fast.pipelines.base import list_images
+            recipe = make_recipe(name if mode == "sololearn" else "byol2").without_mixing()
+            bs = args.dino_batch_size if name == "dino" else args.batch_size
+            t0 = time.perf_counter()
+            try:
+                batches = make_baseline("decode-only" if name == "decode" else "dali-solo-learn", list_images(data),
+                                        recipe, bs, device, dtype, args.threads,
+                                        max_files=(args.warmup + args.batches) * bs)
+                rate, n = time_iterator(batches, args.warmup, args.batches, device)
+                batches.close()
+            except Exception as e:  # noqa: BLE001
+                failed(config, bs, e)
+                save()
+                continue
+            records.append({"config": config, "recipe": None if name == "decode" else name, "mixing": False,
+                            "baseline": True, "batch_size": bs, "img_per_s": round(rate, 1), "batches": n,
+                            "total_s": round(time.perf_counter() - t0, 1)})
+            print(f"{config:28s} B={bs:4d}  {rate:10.0f} img/s  (baseline, {n} batches after {args.warmup} "
+                  f"warm-up)", flush=True)
             save()
             continue
         recipe = make_recipe(name)

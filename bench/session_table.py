@@ -27,12 +27,18 @@ def verdict(ok: bool) -> str:
 
 
 def dali_rows(doc) -> None:
-    print("DALI loaders (img/s, samples with all their views):")
+    print("DALI loaders (img/s, samples with all their views; x = ratio to the solo-learn-style baseline of the "
+          "same recipe, same run):")
+    base = {r["config"].partition("-")[0]: r["img_per_s"] for r in doc["records"]
+            if r["config"].endswith("-sololearn") and r.get("img_per_s")}
     for r in doc["records"]:
         if "error" in r:
             print(f"  {r['config']:<24} FAILED {r['error']}")
             continue
         line = f"  {r['config']:<24} B={r['batch_size']:<4} {r['img_per_s']:>10,.0f}"
+        recipe = r["config"].partition("-")[0]
+        if recipe in base and not r.get("baseline"):
+            line += f"  {r['img_per_s'] / base[recipe]:5.2f}x"
         if r["config"].startswith("byol2-") and r.get("mixing"):
             line += f"   >= {DALI_BYOL2_MIX_TARGET:,}: {verdict(r['img_per_s'] >= DALI_BYOL2_MIX_TARGET)}"
         print(line)

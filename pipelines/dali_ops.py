@@ -1,7 +1,8 @@
 """The DALI graph of a Recipe: decode each image once, then derive every view from it with per-sample
 randomness drawn inside DALI (``fn.random.*``).
 
-Per view (BYOL / DINO order): random resized crop -> colour jitter and grayscale (one ``color_twist``: grayscale
+Per view (BYOL / DINO order): random resized crop (the view's interpolation: DALI's cubic or linear, antialiased
+when shrinking) -> colour jitter and grayscale (one ``color_twist``: grayscale
 is saturation 0) -> Gaussian blur (per-sample sigma, radius ceil(3 sigma)) -> solarize -> flip + normalise +
 HWC->CHW + cast (one ``crop_mirror_normalize``). Flip commutes with the pixel-wise and symmetric ops before it,
 so it rides along with the normalisation for free.
@@ -24,6 +25,9 @@ from nvidia.dali import fn, pipeline_def, types
 import nvidia.dali.math as dmath
 
 from .recipes import Recipe, ViewSpec
+
+_INTERP_TYPES = {"bicubic": types.INTERP_CUBIC, "bilinear": types.INTERP_LINEAR}
+
 
 def _coin(p: float):
     """Per-sample Bernoulli(p) node; the Python constants True / None when p is 1 / 0 (no node at all)."""
@@ -114,7 +118,8 @@ def augment_view(images, spec: ViewSpec, *, device: str, mean: Sequence[float], 
     Pixels are uint8 out of the crop, float in [0, 255] from the colour step on (float blur and arithmetic
     are cheaper in DALI than their uint8 forms), normalised by the final crop_mirror_normalize."""
     v = fn.random_resized_crop(images, size=[spec.size, spec.size], random_area=list(spec.scale),
-                               random_aspect_ratio=list(spec.ratio), antialias=True)
+                               random_aspect_ratio=list(spec.ratio), antialias=True,
+                               interp_type=_INTERP_TYPES[spec.interpolation])
     coloured = colour(v, spec)
     v = fn.cast(v, dtype=types.FLOAT) if coloured is None else coloured
     if conditionals and 0 < spec.blur_p < 1:

@@ -10,9 +10,11 @@ split from the deterministic application (``apply_augment``), so each op can be 
 Semantics per op (torchvision v2 functional on float images in [0, 1]):
 - crop boxes: ``RandomResizedCrop.make_params`` (10 tries, then the central-crop fallback), all tries drawn at
   once and the first valid one kept.
-- crop_resize: ``resized_crop(..., antialias=False)``, i.e. bilinear with half-pixel centres, clamped to the
-  crop box. It does NOT antialias (torchvision's default for tensors does): a crop shrunk by more than ~2x
-  aliases a little, as in FFCV/timm GPU pipelines; the trade is a 4-tap gather straight from uint8 pixels.
+- crop_resize: ``resized_crop(..., interpolation, antialias=False)`` with the view's interpolation: bilinear
+  (4 taps) or bicubic (16 taps, ATen's a = -0.75, result clamped to [0, 1] as a uint8 image's is), half-pixel
+  centres, taps clamped to the crop box. It does NOT antialias (torchvision's default for tensors does): a crop
+  shrunk by more than ~2x aliases a little, as in FFCV/timm GPU pipelines; the trade is a gather of the taps
+  straight from the uint8 pixels.
 - colour jitter: ``ColorJitter`` factors (uniform in [max(0, 1-b), 1+b], hue in [-h, h]) applied in a
   per-sample random order, like torchvision's ``randperm(4)`` per image.
 - grayscale: ``rgb_to_grayscale(num_output_channels=3)``; blur: ``gaussian_blur`` (reflect padding), one
@@ -143,26 +145,65 @@ class PackedImages:
         return int(self.offsets.shape[0])
 
 
-def _bilinear_crops(fetch, boxes: torch.Tensor, size: int, hgt, wid) -> torch.Tensor:
+_CUBIC_A = -0.75  # ATen's upsample_bicubic2d (PIL's bicubic uses -0.5)
+
+
+def _cubic_taps(start: torch.Tensor, length: torch.Tensor, size: int, limit):
+    """Bicubic taps of a half-pixel-centre resize of [start, start+length) to ``size`` samples, as ATen's
+    upsample_bicubic2d (align_corners=False) computes them: src = (i + 0.5) * length / size - 0.5 (not clamped),
+    taps floor(src) - 1 .. floor(src) + 2 clamped to the crop, Keys weights with a = -0.75. Returns (indices
+    [..., size, 4] int64, weights [..., size, 4] float32)."""
+    i = torch.arange(size, device=start.device, dtype=torch.float32)
+    src = (i + 0.5) * (length[..., None] / size) - 0.5
+    base = torch.floor(src)
+    t = (src - base)[..., None]
+    local = base[..., None] + torch.arange(-1, 3, device=start.device, dtype=torch.float32)
+    local = torch.minimum(local.clamp_min(0.0), (length[..., None, None] - 1.0).clamp_min(0.0))
+    idx = (start[..., None, None] + local).long().clamp_min(0)
+    idx = torch.minimum(idx, (limit - 1)[..., None, None]) if isinstance(limit, torch.Tensor) else idx.clamp_max(limit - 1)
+    a = _CUBIC_A
+    near = torch.cat([t, 1.0 - t], -1)          # distances to the two inner taps
+    far = near + 1.0                             # ... and to the two outer ones
+    w_near = ((a + 2.0) * near - (a + 3.0)) * near * near + 1.0
+    w_far = ((a * far - 5.0 * a) * far + 8.0 * a) * far - 4.0 * a
+    weights = torch.stack([w_far[..., 0], w_near[..., 0], w_near[..., 1], w_far[..., 1]], -1)
+    return idx, weights
+
+
+def _resample_crops(fetch, boxes: torch.Tensor, size: int, hgt, wid, interpolation: str) -> torch.Tensor:
     """Shared body: boxes [n, k, 4]; ``fetch(rows, cols)`` returns the float pixels [n, C, k, S, S] at integer
     rows [n, k, S] x cols [n, k, S]. Returns [k * n, C, S, S] float32, view-major (crop j of sample i is row
-    j * n + i)."""
+    j * n + i), in the fetched pixels' units (bicubic not yet clamped)."""
     n, k = boxes.shape[:2]
-    y_lo, y_hi, fy = _source_taps(boxes[..., 0], boxes[..., 2], size, hgt)  # [n, k, S]
-    x_lo, x_hi, fx = _source_taps(boxes[..., 1], boxes[..., 3], size, wid)
-    fx_ = fx.view(n, 1, k, 1, size)
-    fy_ = fy.view(n, 1, k, size, 1)
-    top = torch.lerp(fetch(y_lo, x_lo), fetch(y_lo, x_hi), fx_)
-    bot = torch.lerp(fetch(y_hi, x_lo), fetch(y_hi, x_hi), fx_)
-    out = torch.lerp(top, bot, fy_)
+    if interpolation == "bilinear":
+        y_lo, y_hi, fy = _source_taps(boxes[..., 0], boxes[..., 2], size, hgt)  # [n, k, S]
+        x_lo, x_hi, fx = _source_taps(boxes[..., 1], boxes[..., 3], size, wid)
+        fx_ = fx.view(n, 1, k, 1, size)
+        fy_ = fy.view(n, 1, k, size, 1)
+        top = torch.lerp(fetch(y_lo, x_lo), fetch(y_lo, x_hi), fx_)
+        bot = torch.lerp(fetch(y_hi, x_lo), fetch(y_hi, x_hi), fx_)
+        out = torch.lerp(top, bot, fy_)
+    elif interpolation == "bicubic":
+        ys, wy = _cubic_taps(boxes[..., 0], boxes[..., 2], size, hgt)  # [n, k, S, 4]
+        xs, wx = _cubic_taps(boxes[..., 1], boxes[..., 3], size, wid)
+        out = None
+        for a in range(4):  # rows, then columns within a row: ATen's order of accumulation
+            row = None
+            for b in range(4):
+                term = fetch(ys[..., a], xs[..., b]).mul_(wx[..., b].view(n, 1, k, 1, size))
+                row = term if row is None else row.add_(term)
+            row.mul_(wy[..., a].view(n, 1, k, size, 1))
+            out = row if out is None else out.add_(row)
+    else:
+        raise ValueError(f"interpolation: must be bilinear or bicubic, got {interpolation!r}")
     c = out.shape[1]
     return out.permute(2, 0, 1, 3, 4).reshape(k * n, c, size, size)
 
 
-def _crop_resize_multi(images, boxes: torch.Tensor, size: int) -> torch.Tensor:
+def _crop_resize_multi(images, boxes: torch.Tensor, size: int, interpolation: str = "bilinear") -> torch.Tensor:
     """images [n, C, H, W] tensor or PackedImages, boxes [n, k, 4] -> [k * n, C, size, size] float32 in [0, 1]
-    (view-major). Gathers the 4 bilinear taps straight from the (uint8) pixels: the full image is never
-    converted to float."""
+    (view-major). Gathers the taps straight from the (uint8) pixels: the full image is never converted to
+    float."""
     n, k = boxes.shape[:2]
     if isinstance(images, PackedImages):
         boxes = boxes.to(device=images.data.device, dtype=torch.float32)
@@ -175,8 +216,10 @@ def _crop_resize_multi(images, boxes: torch.Tensor, size: int) -> torch.Tensor:
             px = pixels.index_select(0, idx.reshape(-1)).view(n, k, size, size, 3)
             return px.permute(0, 4, 1, 2, 3).float()
 
-        out = _bilinear_crops(fetch, boxes, size, images.heights.view(n, 1), images.widths.view(n, 1))
-        return out.mul_(1.0 / 255.0)
+        out = _resample_crops(fetch, boxes, size, images.heights.view(n, 1), images.widths.view(n, 1),
+                              interpolation)
+        out = out.mul_(1.0 / 255.0)
+        return out.clamp_(0.0, 1.0) if interpolation == "bicubic" else out
 
     _, c, hgt, wid = images.shape
     boxes = boxes.to(device=images.device, dtype=torch.float32)
@@ -186,22 +229,23 @@ def _crop_resize_multi(images, boxes: torch.Tensor, size: int) -> torch.Tensor:
         idx = (rows[..., :, None] * wid + cols[..., None, :]).reshape(n, 1, k * size * size)
         return torch.gather(flat, 2, idx.expand(n, c, -1)).view(n, c, k, size, size).float()
 
-    out = _bilinear_crops(fetch, boxes, size, hgt, wid)
-    return out if images.is_floating_point() else out.mul_(1.0 / 255.0)
+    out = _resample_crops(fetch, boxes, size, hgt, wid, interpolation)
+    out = out if images.is_floating_point() else out.mul_(1.0 / 255.0)
+    return out.clamp_(0.0, 1.0) if interpolation == "bicubic" else out
 
 
-def crop_resize(images: torch.Tensor, boxes: torch.Tensor, size: int) -> torch.Tensor:
-    """Crop each image to its box (y0, x0, h, w) and resize it to size x size, bilinear, float32 in [0, 1].
+def crop_resize(images: torch.Tensor, boxes: torch.Tensor, size: int, interpolation: str = "bilinear") -> torch.Tensor:
+    """Crop each image to its box (y0, x0, h, w) and resize it to size x size, float32 in [0, 1].
 
     ``images`` [n, C, H, W] uint8 (0..255) or float (0..1); a zero-padded batch of images of different sizes is
     fine (taps never leave the box). Matches ``torchvision...v2.functional.resized_crop(img, y0, x0, h, w,
-    [size, size], antialias=False)`` on the float image.
+    [size, size], interpolation, antialias=False)`` on the float image (``bicubic``: clamped to [0, 1]).
     """
     if images.dim() != 4:
         raise ValueError(f"crop_resize: images must be [n, C, H, W], got {tuple(images.shape)}")
     if boxes.shape != (images.shape[0], 4):
         raise ValueError(f"crop_resize: boxes must be [n, 4] with n = {images.shape[0]}, got {tuple(boxes.shape)}")
-    return _crop_resize_multi(images, boxes[:, None], size)
+    return _crop_resize_multi(images, boxes[:, None], size, interpolation)
 
 
 # ------------------------------------------------------------------------------------- colour & filters
@@ -430,7 +474,7 @@ def make_views(images: Union[torch.Tensor, PackedImages], heights: Optional[torc
         ws = widths.to(device).repeat(k)
         boxes = random_resized_crop_boxes(hs, ws, spec.scale, spec.ratio, generator)
         boxes = boxes.view(k, n, 4).transpose(0, 1)
-        crops = _crop_resize_multi(images, boxes, spec.size)
+        crops = _crop_resize_multi(images, boxes, spec.size, spec.interpolation)
         if crops.shape[1] == 1:
             crops = crops.expand(-1, 3, -1, -1)
         crops = normalize(augment(crops, spec, generator), recipe.mean, recipe.std, dtype)

@@ -1,6 +1,8 @@
 """FFCV backend: a .beton (from `sdmp-fast convert`) decoded and random-resized-cropped by FFCV's compiled
 (numba) pipeline, the rest of the recipe (flip, colour jitter, grayscale, blur, solarize, normalize) and the
-batch-flip mixing done by our device ops on ``device``.
+batch-flip mixing done by our device ops on ``device``. Crops are resampled by FFCV's own resizer (OpenCV's area
+interpolation, an antialiased shrink) whatever the recipe's ``interpolation``: FFCV's compiled pipeline has no
+other (the other backends follow the recipe, bicubic by default).
 
 Decoding: by default one FFCV decoder (``MultiCropDecoder``) decodes each image ONCE and cuts every view's
 random resized crop from it into one flat uint8 row per sample; the views are reshaped out of that row on the

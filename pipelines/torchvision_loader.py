@@ -2,7 +2,8 @@
 file with PIL and run torchvision.transforms (v2) per view on the CPU, pinned batches moved to the device, and
 the batch-flip mixing done there by ``assemble_batch``.
 
-Per view (fields of the recipe's ViewSpec, in BYOL's order): RandomResizedCrop (bilinear, antialiased),
+Per view (fields of the recipe's ViewSpec, in BYOL's order): RandomResizedCrop (the view's interpolation, PIL's
+bicubic or bilinear, antialiased),
 RandomHorizontalFlip, RandomApply(ColorJitter), RandomGrayscale, RandomApply(GaussianBlur(kernel
 ``blur_kernel_size``)), RandomSolarize(128), then to float and Normalize. Each sample's augmentation is seeded
 from (seed, epoch, index), so results do not depend on the number of workers.
@@ -53,7 +54,7 @@ def view_transform(spec: ViewSpec, mean: Sequence[float], std: Sequence[float]):
     from torchvision.transforms import v2 as T
 
     ops = [T.RandomResizedCrop(spec.size, scale=spec.scale, ratio=spec.ratio,
-                               interpolation=T.InterpolationMode.BILINEAR, antialias=True)]
+                               interpolation=T.InterpolationMode(spec.interpolation), antialias=True)]
     if spec.hflip_p > 0:
         ops.append(T.RandomHorizontalFlip(spec.hflip_p))
     if spec.jitter_p > 0 and (spec.brightness or spec.contrast or spec.saturation or spec.hue):

@@ -58,6 +58,8 @@ class TrainConfig:
     loader: str = _f("torchvision", "loader backend ('synthetic': random tensors already on the device)", LOADERS)
     data: Optional[str] = _f(None, "ImageFolder dir (or a flat folder of unlabeled images) / .beton / 'fashion-mnist' (memory loader)")
     num_workers: Optional[int] = _f(None, "loader worker processes / threads")
+    interpolation: str = _f("bicubic", "how crops are resized to the view size (BYOL / DINO / solo-learn: bicubic; "
+                            "FFCV always uses its own area resize)", ("bicubic", "bilinear"))
     batch_size: int = _f(256, "batch size per process (global batch = batch_size x world size)")
     # how long
     steps: Optional[int] = _f(None, "total optimiser steps (a resumed run stops at the same total)")
@@ -157,6 +159,8 @@ class TrainConfig:
 
         need(self.method in METHODS, "method", f"unknown method {self.method!r}; choose among {', '.join(METHODS)}")
         need(self.loader in LOADERS, "loader", f"unknown loader {self.loader!r}; choose among {', '.join(LOADERS)}")
+        need(self.interpolation in ("bicubic", "bilinear"), "interpolation",
+             f"must be bicubic or bilinear, got {self.interpolation!r}")
         need(isinstance(self.arch, str) and bool(self.arch), "arch", f"must be a timm model name, got {self.arch!r}")
         import timm
 

@@ -70,9 +70,10 @@ def build_recipe(cfg: TrainConfig):
     from sdmp_fast.pipelines.recipes import make_recipe
 
     if cfg.method == "mocov3":
-        recipe = make_recipe("byol2", size=cfg.img_size, mix=cfg.sdmp)
+        recipe = make_recipe("byol2", size=cfg.img_size, mix=cfg.sdmp, interpolation=cfg.interpolation)
     else:
         recipe = make_recipe("dino", global_size=cfg.img_size, local_size=cfg.local_size, n_local=cfg.n_local,
+                             interpolation=cfg.interpolation,
                              n_local_mixed=cfg.n_local_mixed if cfg.sdmp else 0, mix=cfg.sdmp)
     mix = dataclasses.replace(recipe.mix, alpha=float(cfg.alpha), methods=tuple(cfg.mix_methods))
     return dataclasses.replace(recipe, mix=mix).validate()

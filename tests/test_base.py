@@ -81,6 +81,23 @@ def test_recipes_validate_and_name_the_setting():
     bad = replace(byol2(), views=(replace(byol2().views[0], scale=(0.5, 0.2)),))
     with pytest.raises(ValueError, match="scale"):
         bad.validate()
+    # BYOL, DINO and solo-learn resize their crops bicubically: the recipes' default
+    assert {v.interpolation for r in (byol2(), dino()) for v in r.views} == {"bicubic"}
+    assert {v.interpolation for v in make_recipe("dino", interpolation="bilinear").views} == {"bilinear"}
+    with pytest.raises(ValueError, match="view 0: interpolation must be one of bicubic, bilinear, got 'area'"):
+        make_recipe("byol2", interpolation="area")
+
+
+def test_torchvision_views_resize_with_the_recipe_interpolation():
+    from torchvision.transforms import v2 as T
+
+    from sdmp_fast.pipelines.torchvision_loader import view_transform
+
+    for interp in ("bicubic", "bilinear"):
+        spec = make_recipe("byol2", interpolation=interp).views[0]
+        rrc = [t for t in view_transform(spec, (0.5,) * 3, (0.5,) * 3).transforms
+               if isinstance(t, T.RandomResizedCrop)]
+        assert len(rrc) == 1 and rrc[0].interpolation == T.InterpolationMode(interp) and rrc[0].antialias
 
 
 def test_list_images_errors_name_the_path(tmp_path):

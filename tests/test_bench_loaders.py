@@ -95,3 +95,46 @@ def test_bad_settings_are_one_clear_error(photos, tmp_path, capsys):
 def test_default_json_path_names_recipe_device_and_date():
     path = bench.default_json_path("dino", torch.device("cpu"))
     assert path.startswith(os.path.join("bench", "results", "loaders-dino-cpu")) and path.endswith(".json")
+
+
+@pytest.mark.timeout(240)
+def test_anchor_baselines_run_beside_the_loaders(photos, tmp_path):
+    """The solo-learn-style DALI pipeline is timed in the same run and every record gets its ratio to it;
+    nvJPEG decode-only is named unavailable without CUDA."""
+    pytest.importorskip("nvidia.dali")
+    out = tmp_path / "loaders.json"
+    rc = cli_main(["bench", "loaders", "--data", photos, "--backends", "torchvision,dali-solo-learn,decode-only",
+                   "--size", "32", "--batch-size", "4", "--warmup", "1", "--batches", "3", "--num-workers", "1",
+                   "--device", "cpu", "--json", str(out)])
+    assert rc == 0
+    recs = {r["backend"]: r for r in json.loads(out.read_text())["records"]}
+    solo, tv = recs["dali-solo-learn"], recs["torchvision"]
+    assert solo["status"] == "ok", solo["reason"]
+    assert solo["samples"] == 12 and solo["views"] == [[3, 32, 32]] * 2 and solo["num_mixed_views"] == 0
+    assert solo["ratio_vs_solo_learn"] == pytest.approx(1.0)
+    assert tv["ratio_vs_solo_learn"] == pytest.approx(tv["img_per_s"] / solo["img_per_s"])
+    assert recs["decode-only"]["status"] == "unavailable" and "CUDA" in recs["decode-only"]["reason"]
+
+
+def test_solo_learn_baseline_applies_the_recipe_augmentations(photos):
+    """Coin-flip selection as solo-learn's Mux: grayscale with p 1 greys every view, p 0 none."""
+    pytest.importorskip("nvidia.dali")
+    import dataclasses
+
+    from sdmp_fast.benchmarks.baselines import make_baseline
+
+    def first_view(gray_p):
+        r = byol2(size=32, mix=False)
+        r = dataclasses.replace(r, views=tuple(dataclasses.replace(v, grayscale_p=gray_p, jitter_p=0.0)
+                                               for v in r.views))
+        batches = make_baseline("dali-solo-learn", base.list_images(photos), r, 8, torch.device("cpu"),
+                                num_threads=1)
+        v = next(batches).views[0]
+        batches.close()
+        mean = torch.tensor(r.mean).view(1, 3, 1, 1)
+        std = torch.tensor(r.std).view(1, 3, 1, 1)
+        return v * std + mean  # back to [0, 1] pixels
+
+    gray, colour = first_view(1.0), first_view(0.0)
+    assert (gray[:, 0] - gray[:, 1]).abs().max() < 1e-4 and (gray[:, 1] - gray[:, 2]).abs().max() < 1e-4
+    assert (colour[:, 0] - colour[:, 2]).abs().amax(dim=(1, 2)).min() > 0.05

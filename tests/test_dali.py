@@ -337,3 +337,20 @@ def test_fault_drill_kill9_resumes_match_with_the_dali_loader(folder, tmp_path):
                           env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "3/3 resumes matched" in done.stdout
+
+
+def test_crops_resize_with_the_recipe_interpolation(folder):
+    """Same seed, so the same crop boxes: bicubic and bilinear views differ only by the resampling."""
+    import dataclasses
+
+    views = {}
+    for interp in ("bicubic", "bilinear"):
+        r = byol2(size=32, mix=False, interpolation=interp)
+        r = dataclasses.replace(r, views=tuple(dataclasses.replace(
+            v, hflip_p=0, jitter_p=0, grayscale_p=0, blur_p=0, solarize_p=0) for v in r.views))
+        loader = dali(folder, r, seed=3)
+        views[interp] = next(iter(loader)).views[0]
+        loader.close()
+    diff = (views["bicubic"] - views["bilinear"]).abs()
+    assert diff.max() > 0.01  # another filter ...
+    assert diff.mean() < 0.1 * views["bilinear"].std()  # ... on the same crops

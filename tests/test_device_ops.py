@@ -1,4 +1,5 @@
 """Each batched device op against torchvision.transforms.v2.functional with the same per-sample parameters."""
+import dataclasses
 import itertools
 import math
 
@@ -59,31 +60,71 @@ def test_crop_boxes_central_fallback_like_torchvision():
     assert b.tolist() == [[0.0, 197.0, 4.0, 5.0], [197.0, 0.0, 5.0, 4.0]]
 
 
+def _tv_resized_crop(img01, box, size, interpolation):
+    """torchvision's resized_crop of a float image in [0, 1], as a uint8 image's would be clamped."""
+    y, x, h, w = (int(v) for v in box)
+    out = TF.resized_crop(img01, y, x, h, w, [size, size], interpolation=TF.InterpolationMode(interpolation),
+                          antialias=False)
+    return out.clamp(0, 1) if interpolation == "bicubic" else out
+
+
+@pytest.mark.parametrize("interpolation", ["bilinear", "bicubic"])
 @pytest.mark.parametrize("size", [16, 33, 64])  # downscale, odd, upscale
-def test_crop_resize_matches_torchvision_resized_crop(size):
+def test_crop_resize_matches_torchvision_resized_crop(size, interpolation):
     x8 = torch.randint(0, 256, (5, 3, 40, 52), dtype=torch.uint8, generator=_gen())
     boxes = D.random_resized_crop_boxes(torch.full((5,), 40), torch.full((5,), 52), generator=_gen(1))
     boxes[0] = torch.tensor([40 - 7, 52 - 9, 7, 9])  # touching the bottom-right corner
+    boxes[1] = torch.tensor([0, 0, 2, 3])  # fewer pixels than taps: every cubic tap clamps
     for images in (x8, x8.float() / 255):
-        out = D.crop_resize(images, boxes, size)
+        out = D.crop_resize(images, boxes, size, interpolation)
         assert out.dtype == torch.float32 and out.shape == (5, 3, size, size)
         for i in range(5):
-            y, x, h, w = (int(v) for v in boxes[i])
-            ref = TF.resized_crop(x8[i].float() / 255, y, x, h, w, [size, size], antialias=False)
+            ref = _tv_resized_crop(x8[i].float() / 255, boxes[i], size, interpolation)
             torch.testing.assert_close(out[i], ref, atol=1e-5, rtol=0)
 
 
-def test_crop_resize_padded_batch_ignores_padding():
+def test_bicubic_crops_differ_from_bilinear_and_stay_in_range():
+    # a hard edge: bicubic rings (clamped to [0, 1]), bilinear does not
+    x8 = torch.zeros(1, 3, 8, 8, dtype=torch.uint8)
+    x8[..., 4:] = 255
+    box = torch.tensor([[0.0, 0.0, 8.0, 8.0]])
+    cubic, linear = D.crop_resize(x8, box, 29, "bicubic"), D.crop_resize(x8, box, 29, "bilinear")
+    assert (cubic - linear).abs().max() > 0.02
+    assert cubic.min() >= 0 and cubic.max() <= 1
+    with pytest.raises(ValueError, match="interpolation"):
+        D.crop_resize(x8, box, 29, "nearest")
+
+
+@pytest.mark.parametrize("interpolation", ["bilinear", "bicubic"])
+def test_crop_resize_padded_batch_ignores_padding(interpolation):
     a = torch.randint(0, 256, (3, 30, 20), dtype=torch.uint8, generator=_gen(0))
     b = torch.randint(0, 256, (3, 24, 41), dtype=torch.uint8, generator=_gen(1))
     batch = torch.zeros(2, 3, 30, 41, dtype=torch.uint8)
     batch[0, :, :30, :20], batch[1, :, :24, :41] = a, b
     boxes = torch.tensor([[10.0, 5.0, 20.0, 15.0], [0.0, 0.0, 24.0, 41.0]])  # both reach their image's edge
-    out = D.crop_resize(batch, boxes, 48)
+    out = D.crop_resize(batch, boxes, 48, interpolation)
+    packed = D._crop_resize_multi(D.PackedImages.from_list([a, b]), boxes[:, None], 48, interpolation)
     for i, img in enumerate((a, b)):
-        y, x, h, w = (int(v) for v in boxes[i])
-        ref = TF.resized_crop(img.float() / 255, y, x, h, w, [48, 48], antialias=False)
+        ref = _tv_resized_crop(img.float() / 255, boxes[i], 48, interpolation)
         torch.testing.assert_close(out[i], ref, atol=1e-5, rtol=0)
+        torch.testing.assert_close(packed[i], ref, atol=1e-5, rtol=0)
+
+
+def test_make_views_follow_the_recipe_interpolation():
+    from sdmp_fast.pipelines.recipes import make_recipe
+
+    x8 = torch.randint(0, 256, (4, 3, 40, 40), dtype=torch.uint8, generator=_gen())
+    out = {}
+    for interp in ("bicubic", "bilinear"):
+        recipe = make_recipe("byol2", size=24, interpolation=interp)
+        recipe = dataclasses.replace(recipe, views=tuple(dataclasses.replace(
+            v, hflip_p=0, jitter_p=0, grayscale_p=0, blur_p=0, solarize_p=0) for v in recipe.views))
+        out[interp] = D.make_views(x8, None, None, recipe, _gen(3))[0]
+    boxes = D.random_resized_crop_boxes(torch.full((4,), 40), torch.full((4,), 40), generator=_gen(3))
+    for interp in out:
+        ref = torch.stack([_tv_resized_crop(x8[i].float() / 255, boxes[i], 24, interp) for i in range(4)])
+        ref = TF.normalize(ref, list(make_recipe("byol2").mean), list(make_recipe("byol2").std))
+        torch.testing.assert_close(out[interp], ref, atol=1e-4, rtol=0)
 
 
 # ----------------------------------------------------------------------------------- per-sample ops

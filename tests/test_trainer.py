@@ -586,6 +586,20 @@ def test_explicit_gpu_index_refused_with_several_ranks(tmp_path, monkeypatch):
         cfg.validate()
 
 
+def test_interpolation_setting_reaches_the_recipe(tmp_path):
+    import dataclasses
+
+    from sdmp_fast.trainer import build_recipe
+
+    cfg = tiny_cfg(tmp_path)
+    assert {v.interpolation for v in build_recipe(cfg).views} == {"bicubic"}  # BYOL / DINO / solo-learn's
+    for method in ("mocov3", "dino"):
+        c = dataclasses.replace(cfg, method=method, interpolation="bilinear")
+        assert {v.interpolation for v in build_recipe(c).views} == {"bilinear"}
+    with pytest.raises(ValueError, match="interpolation: must be bicubic or bilinear, got 'area'"):
+        dataclasses.replace(cfg, interpolation="area").validate()
+
+
 # ------------------------------------------------------------------------------------------- learning (Must-show)
 
 FMNIST = ["--loader", "memory", "--data", "fashion-mnist", "--save-every", "0", "--seed", "0"]

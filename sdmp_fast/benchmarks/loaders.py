@@ -13,9 +13,14 @@ Variants (``VARIANTS``) are extra names for a backend with options, timed like a
 their own name: ``dali-graphmix`` is the DALI backend mixing inside its graph (``mix_in_graph=True``), to set
 against ``dali`` (mixing by ``assemble_batch`` on DALI's output) in the same run.
 
+Baselines (``baselines.BASELINES``) are the pipelines the issues' anchors were measured with, timed the same
+way: ``dali-solo-learn`` (solo-learn's DALI pipeline style, no mixing; every record then also gets
+``ratio_vs_solo_learn``) and ``decode-only`` (nvJPEG decode of in-memory bytes, GPU only).
+
     sdmp-fast make-data /data/photos --num-images 512
     sdmp-fast bench loaders --data /data/photos --backends torchvision,dali,ffcv,torch-gpu --batch-size 64
     sdmp-fast bench loaders --data /data/photos --backends dali,dali-graphmix
+    sdmp-fast bench loaders --data /data/photos --backends dali-solo-learn,dali,decode-only
 """
 from __future__ import annotations
 
@@ -30,15 +35,17 @@ from typing import Dict, Iterator, List, Optional
 
 import torch
 
+from sdmp_fast.benchmarks.baselines import BASELINES, make_baseline
 from sdmp_fast.benchmarks.common import print_table, write_results
 
 REFERENCE = "torchvision"
 SYNTHETIC = "synthetic"
+SOLO_LEARN = "dali-solo-learn"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # name -> (backend, options): a backend run with options, recorded under its own name.
 VARIANTS = {"dali-graphmix": ("dali", {"mix_in_graph": True})}
-COLUMNS = ["backend", "status", "img_per_s", "ratio_vs_torchvision", "ratio_vs_synthetic", "batches",
-           "startup_s", "reason"]
+COLUMNS = ["backend", "status", "img_per_s", "ratio_vs_torchvision", "ratio_vs_solo_learn", "ratio_vs_synthetic",
+           "batches", "startup_s", "reason"]
 
 
 def device_tag(device: torch.device) -> str:
@@ -138,6 +145,15 @@ def run_backend(backend: str, args, recipe, images, device: torch.device, dtype)
     record = {"backend": backend, "status": "ok", "reason": None}
     backend, options = VARIANTS.get(backend, (backend, {}))
     try:
+        if backend in BASELINES:
+            t0 = time.perf_counter()
+            batches = make_baseline(backend, images, recipe, args.batch_size, device, dtype, args.num_workers,
+                                    args.seed, max_files=(args.warmup + args.batches) * args.batch_size)
+            built = time.perf_counter() - t0  # built eagerly: start-up = build + first batch, as for a loader
+            record = _timed(record, batches, args, device)
+            if "startup_s" in record:
+                record["startup_s"] += built
+            return record
         data = args.data
         if backend == "ffcv":
             cache = args.cache or os.path.dirname(os.path.abspath(args.json))
@@ -150,17 +166,27 @@ def run_backend(backend: str, args, recipe, images, device: torch.device, dtype)
         if args.verbose:
             traceback.print_exc()
         return record
+    record["num_workers"] = getattr(loader, "num_workers", args.num_workers)
     try:
-        record.update(time_batches(_endless(loader), args.warmup, args.batches, device))
+        return _timed(record, _endless(loader), args, device)
+    finally:
+        del loader
+        gc.collect()  # drop worker processes / DALI pipelines before the next backend starts
+
+
+def _timed(record: Dict, batches: Iterator, args, device: torch.device) -> Dict:
+    """``record`` with the timing of ``batches``, or status "failed" and the reason."""
+    try:
+        record.update(time_batches(batches, args.warmup, args.batches, device))
         record["batches"] = args.batches
-        record["num_workers"] = getattr(loader, "num_workers", args.num_workers)
     except Exception as e:
         record.update(status="failed", reason=_reason(e))
         if args.verbose:
             traceback.print_exc()
     finally:
-        del loader
-        gc.collect()  # drop worker processes / DALI pipelines before the next backend starts
+        if hasattr(batches, "close"):
+            batches.close()  # a generator's cleanup (DALI pipeline, device buffers) now, not at the next gc
+        gc.collect()
     return record
 
 
@@ -222,10 +248,10 @@ def run(args) -> Dict:
     from sdmp_fast.pipelines.recipes import make_recipe
 
     backends = [b.strip() for b in args.backends.split(",") if b.strip()]
-    unknown = [b for b in backends if b not in BACKENDS and b not in VARIANTS]
+    unknown = [b for b in backends if b not in BACKENDS and b not in VARIANTS and b not in BASELINES]
     if unknown or not backends:
         raise ValueError(f"--backends: unknown {unknown or backends}; choose among "
-                         f"{', '.join(list(BACKENDS) + list(VARIANTS))}")
+                         f"{', '.join(list(BACKENDS) + list(VARIANTS) + list(BASELINES))}")
     for name in ("batch_size", "batches", "repeats"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')}: must be >= 1, got {getattr(args, name)}")
@@ -233,8 +259,8 @@ def run(args) -> Dict:
         raise ValueError(f"--warmup: must be >= 0, got {args.warmup}")
     if args.dtype not in DTYPES:
         raise ValueError(f"--dtype: choose among {', '.join(DTYPES)}, got {args.dtype!r}")
-    recipe = make_recipe(args.recipe, **({"size" if args.recipe == "byol2" else "global_size": args.size}
-                                        if args.size else {}))
+    sizes = {"size" if args.recipe == "byol2" else "global_size": args.size} if args.size else {}
+    recipe = make_recipe(args.recipe, interpolation=getattr(args, "interpolation", "bicubic"), **sizes)
     images = list_images(args.data)  # ValueError naming --data when it is missing or empty
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = DTYPES[args.dtype] if args.dtype != "float32" else None
@@ -248,6 +274,7 @@ def run(args) -> Dict:
         records.append(synth)
     ref = next((r for r in records if r["backend"] == REFERENCE and r.get("img_per_s")), None)
     synth_rate = next((r["img_per_s"] for r in records if r["backend"] == SYNTHETIC), None)
+    solo_rate = next((r["img_per_s"] for r in records if r["backend"] == SOLO_LEARN and r.get("img_per_s")), None)
     for r in records:
         rate = r.get("img_per_s")
         r.setdefault("img_per_s", None)
@@ -256,7 +283,8 @@ def run(args) -> Dict:
         r.update(recipe=recipe.name, batch_size=args.batch_size, device=str(device),
                  warmup=args.warmup, num_images=len(images), dtype=args.dtype,
                  ratio_vs_torchvision=rate / ref["img_per_s"] if rate and ref else None,
-                 ratio_vs_synthetic=rate / synth_rate if rate and synth_rate else None)
+                 ratio_vs_synthetic=rate / synth_rate if rate and synth_rate else None,
+                 ratio_vs_solo_learn=rate / solo_rate if rate and solo_rate else None)
     doc = write_results(args.json, records, getattr(args, "command_line", "sdmp-fast bench loaders"))
     png = args.png or os.path.splitext(args.json)[0] + ".png"
     bar_chart(records, png, f"{recipe.name} · batch {args.batch_size} · {len(images)} images · "
@@ -269,9 +297,13 @@ def add_arguments(p) -> None:
     p.add_argument("--data", required=True, help="ImageFolder tree (see `sdmp-fast make-data`)")
     p.add_argument("--backends", default="torchvision,dali,ffcv,torch-gpu",
                    help="comma-separated backends (default torchvision,dali,ffcv,torch-gpu; also "
-                        "dali-graphmix: DALI mixing inside its graph)")
+                        "dali-graphmix: DALI mixing inside its graph; baselines: dali-solo-learn, solo-learn's "
+                        "DALI pipeline style without mixing, and decode-only, nvJPEG decode alone, GPU only)")
     p.add_argument("--recipe", default="byol2", choices=["byol2", "dino"])
     p.add_argument("--size", type=int, default=None, help="view size (global size for dino); default recipe's")
+    p.add_argument("--interpolation", default="bicubic", choices=["bicubic", "bilinear"],
+                   help="crop resize filter of the loaders' recipe (default bicubic, as BYOL / DINO / solo-learn; the "
+                        "dali-solo-learn baseline follows it too)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--warmup", type=int, default=3, help="untimed batches per backend, start-up included (default 3; at least 1 is always taken)")
     p.add_argument("--batches", type=int, default=20, help="timed batches per backend (default 20)")
