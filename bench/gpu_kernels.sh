@@ -137,7 +137,7 @@ if [ "${SKIP_BENCH:-0}" != 1 ]; then
     log "SKIP  bench_losses_cluster (cluster smoke check did not pass)"
   fi
   step bench_mixing 120 "$PY" -m sdmp_fast.cli bench mixing --iters 10 --warmup 3 \
-    --mix-variants "${MIX_VARIANTS:-p2,p4}" --json "$OUT/mixing.json"
+    --mix-variants "${MIX_VARIANTS:-p2,p4,staged}" --json "$OUT/mixing.json"
   TAG=$("$PY" -c "import torch; from sdmp_fast.benchmarks.loaders import device_tag; print(device_tag(torch.device('cuda' if torch.cuda.is_available() else 'cpu')))" 2>/dev/null || echo gpu)
   # same names as the benches' defaults: bench/results/<name>-<device>-<date>.json; not from a CPU dry run
   # (its GPU rows are all "unavailable"): those JSON stay under $OUT

@@ -166,6 +166,10 @@ def run_suite(device: str = "cuda", quick: bool = False, cluster: str = "include
         ("mix bf16 6x3x9x9", lambda: check_mix(device, torch.bfloat16, 6, 3, 9, 9)),
         ("mix fp32 6x3x45x64 4 packs per thread", lambda: _with_env(
             dict(SDMP_MIX_PACKS=4), lambda: check_mix(device, torch.float32, 6, 3, 45, 64))),
+        ("mix fp32 6x3x45x64 resizemix staged", lambda: _with_env(
+            dict(SDMP_MIX_STAGED=1), lambda: check_mix(device, torch.float32, 6, 3, 45, 64))),
+        ("mix bf16 4x3x17x48 resizemix staged 2 packs", lambda: _with_env(
+            dict(SDMP_MIX_STAGED=1, SDMP_MIX_PACKS=2), lambda: check_mix(device, torch.bfloat16, 4, 3, 17, 48))),
     ]
     cluster_checks = []
     if device != "cuda" or torch.cuda.get_device_capability()[0] >= 9:  # thread-block clusters: sm_90

@@ -41,13 +41,15 @@ def test_bench_losses_rows_on_cpu(tmp_path):
 def test_bench_mixing_graph_rows_compare_with_graph_copy(tmp_path):
     out = tmp_path / "mixing.json"
     code = cli.main(["bench", "mixing", "--no-compile", "--iters", "1", "--warmup", "1", "--cases", "resizemix",
-                     "--batch-size", "4", "--sizes", "16", "--mix-variants", "p2,p4", "--json", str(out)])
+                     "--batch-size", "4", "--sizes", "16", "--mix-variants", "p2,p4,staged", "--json", str(out)])
     assert code == 0
     rows = {r["impl"]: r for r in _records(out)}
-    assert set(rows) == {"copy", "kernel", "copy_graph", "kernel_graph", "eager", "kernel_graph_p2", "kernel_graph_p4"}
+    assert set(rows) == {"copy", "kernel", "copy_graph", "kernel_graph", "eager", "kernel_graph_p2", "kernel_graph_p4",
+                         "kernel_graph_staged"}
     assert rows["copy"]["vs_copy"] == 1.0
     assert rows["eager"]["vs_copy"] == pytest.approx(rows["eager"]["ms"] / rows["copy"]["ms"])
-    assert all(rows[k]["status"] == "unavailable" for k in ("kernel", "copy_graph", "kernel_graph", "kernel_graph_p4"))
+    assert all(rows[k]["status"] == "unavailable" for k in ("kernel", "copy_graph", "kernel_graph", "kernel_graph_p4",
+                                                            "kernel_graph_staged"))
 
 
 def test_bench_mixing_rejects_unknown_variant(tmp_path, capsys):

@@ -361,6 +361,31 @@ def test_emulated_mix_packs_per_thread(emulated, packs):
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
+@pytest.mark.parametrize("packs", [1, 2])
+def test_emulated_mix_staged_resizemix_equals_the_unstaged_kernel(emulated, packs):
+    # 3 x 45 x 64 fp32: 2,160 packs of 4 per sample, so the last block's last warps reach past the sample (lanes
+    # without pixels still meet at the warp barrier) and warps straddle rows; bf16 48 wide: 8 per pack
+    for dtype, (n, c, h, w) in ((torch.float32, (6, 3, 45, 64)), (torch.bfloat16, (4, 3, 17, 48))):
+        for methods in (mixing.METHODS, ("resizemix",)):
+            x, lam, method, y0, x0, ch, cw = mix_inputs(n, c, h, w, dtype, "cpu", methods=methods)
+            with env(SDMP_MIX_PACKS=packs, SDMP_KERNELS_POISON=1):
+                plain = K.apply_mix(x, lam, method, y0, x0, ch, cw)
+                with env(SDMP_MIX_STAGED=1):
+                    staged = K.apply_mix(x, lam, method, y0, x0, ch, cw)
+            assert torch.equal(staged, plain)  # same arithmetic, other order of the gathers
+            ref = K.apply_mix_ref(x, lam, method, y0, x0, ch, cw)
+            assert rel_err(staged, ref) <= (1e-5 if dtype == torch.float32 else TOL[dtype])
+
+
+@pytest.mark.parametrize("value", ["2", "yes"])
+def test_emulated_mix_bad_staged_setting_is_an_error_naming_it(emulated, value):
+    x, lam, method, y0, x0, ch, cw = mix_inputs(4, 3, 8, 8, torch.float32, "cpu")
+    with env(SDMP_MIX_STAGED=value), pytest.raises(RuntimeError, match=f"SDMP_MIX_STAGED={value}"):
+        K.apply_mix(x, lam, method, y0, x0, ch, cw)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
 def test_emulated_mix_rows_too_wide_for_the_coordinate_tables(emulated):
     # 6,200 columns: 2 x (W + rows) floats exceed 48 KiB, so coordinates are computed per pixel instead. The
     # emulation rounds the resize like the CUDA kernel (FMA), as ATen's AVX2 / AVX-512 CPU kernels do; its plain
@@ -674,6 +699,22 @@ def test_cuda_mix_packs_per_thread_matches_ref(cuda_kernels, packs, dtype, n, c,
         check_mix("cuda", dtype, n, c, h, w)
 
 
+@pytest.mark.cuda
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("packs", [1, 2])
+@pytest.mark.parametrize("dtype,n,c,h,w", [(torch.float32, 256, 3, 224, 224), (torch.bfloat16, 8, 3, 96, 96)])
+def test_cuda_mix_staged_resizemix_equals_the_unstaged_kernel(cuda_kernels, packs, dtype, n, c, h, w):
+    for methods in (mixing.METHODS, ("resizemix",)):
+        x, lam, method, y0, x0, ch, cw = mix_inputs(n, c, h, w, dtype, "cuda", methods=methods)
+        with env(SDMP_MIX_PACKS=packs, SDMP_KERNELS_POISON=1):
+            plain = K.apply_mix(x, lam, method, y0, x0, ch, cw)
+            with env(SDMP_MIX_STAGED=1):
+                staged = K.apply_mix(x, lam, method, y0, x0, ch, cw)
+        assert torch.equal(staged, plain)
+    with env(SDMP_MIX_STAGED=1, SDMP_KERNELS_POISON=1):
+        check_mix("cuda", dtype, n, c, h, w)
+
+
 def _graph_replay_matches_eager(make_inputs, step):
     """Captures step(*static) (forward + backward) in a CUDA graph, copies new inputs into the static buffers,
     replays, and compares every output with an eager run on the same new inputs."""
@@ -751,13 +792,13 @@ def test_cuda_graph_capture_dino(cuda_kernels, config):
 
 @pytest.mark.cuda
 @pytest.mark.timeout(600)
-@pytest.mark.parametrize("packs", [1, 2])
-def test_cuda_graph_capture_mix(cuda_kernels, packs):
+@pytest.mark.parametrize("packs,staged", [(1, 0), (2, 0), (1, 1)])
+def test_cuda_graph_capture_mix(cuda_kernels, packs, staged):
     def make(seed):
         return mix_inputs(64, 3, 96, 96, torch.float32, "cuda", seed=seed)
 
     def step(x, lam, method, y0, x0, ch, cw):
         return [K.apply_mix(x, lam, method, y0, x0, ch, cw)]
 
-    with env(SDMP_MIX_PACKS=packs):
+    with env(SDMP_MIX_PACKS=packs, SDMP_MIX_STAGED=staged):
         _graph_replay_matches_eager(make, step)

@@ -10,7 +10,8 @@ boxes -- the deterministic part, ``apply_mix`` -- and times:
   row is timed call by call, so it also holds the host time before the launch (Python and argument checks,
   ~0.05 ms for the kernel): that is what an ungraphed loop pays, the graph rows what a graphed step pays;
 * ``kernel_graph_pN`` (``--mix-variants p2,p4``): the graph row with N packs of pixels per thread
-  (``SDMP_MIX_PACKS``), a launch configuration to tune.
+  (``SDMP_MIX_PACKS``), a launch configuration to tune; ``kernel_graph_staged`` (``staged``): resizemix box
+  pixels resampled in lane order through a per-warp shared-memory stage (``SDMP_MIX_STAGED=1``).
 
 Cases: ``uniform`` (methods drawn uniformly, the SDMP default), ``mixup``, ``cutmix``, ``resizemix`` (every
 sample with the one method). ``gb_per_s`` counts one read and one write of every view; ``vs_copy`` is the time
@@ -44,7 +45,8 @@ def add_arguments(p) -> None:
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows")
     p.add_argument("--mix-variants", default="", help="extra graph rows with other launch configurations, comma "
-                   "list of pN (N = 1, 2, 4 packs of pixels per thread, SDMP_MIX_PACKS)")
+                   "list of pN (N = 1, 2, 4 packs of pixels per thread, SDMP_MIX_PACKS) and staged (resizemix "
+                   "resampled in lane order through shared memory, SDMP_MIX_STAGED=1)")
     p.add_argument("--json", default=None, help="output JSON (default bench/results/mixing-<device>-<date>.json)")
 
 
@@ -91,7 +93,9 @@ def bench_case(case: str, args, device, dtype, copy_gbps) -> List[Dict]:
         "eager": lambda: eager,
     }
     for variant in parse_mix_variants(getattr(args, "mix_variants", "")):
-        def variant_step(kv={"SDMP_MIX_PACKS": variant[1:]}):
+        settings = {"SDMP_MIX_STAGED": "1"} if variant == "staged" else {"SDMP_MIX_PACKS": variant[1:]}
+
+        def variant_step(kv=settings):
             if not (on_gpu and K.available(device)):
                 return None
             with env(**kv):  # the launch configuration is read when the graph is captured
@@ -128,13 +132,15 @@ def bench_case(case: str, args, device, dtype, copy_gbps) -> List[Dict]:
 
 
 def parse_mix_variants(text: str) -> List[str]:
-    """'p2,p4' -> ['p2', 'p4']: packs of pixels per thread of the mixing kernel (SDMP_MIX_PACKS)."""
+    """'p2,p4,staged' -> ['p2', 'p4', 'staged']: packs of pixels per thread of the mixing kernel
+    (SDMP_MIX_PACKS), or resizemix resampled through the per-warp stage (SDMP_MIX_STAGED=1)."""
     out = []
     for tok in (t.strip() for t in (text or "").split(",")):
         if not tok:
             continue
-        if tok not in ("p1", "p2", "p4"):
-            raise ValueError(f"--mix-variants: cannot read {tok!r} (p1, p2 or p4: packs of pixels per thread)")
+        if tok not in ("p1", "p2", "p4", "staged"):
+            raise ValueError(f"--mix-variants: cannot read {tok!r} (p1, p2 or p4: packs of pixels per thread; "
+                             f"staged: SDMP_MIX_STAGED=1)")
         out.append(tok)
     return out
 

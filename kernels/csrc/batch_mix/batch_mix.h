@@ -27,6 +27,7 @@ struct MixParams {
   DType dtype = DType::kFloat;
   bool vec_ok = false;             // W % VEC == 0 and aligned bases, every view
   int packs = 1;                   // packs of pixels per thread: 1, 2 or 4 ($SDMP_MIX_PACKS, tuning)
+  bool staged = false;             // resizemix resampled in lane order through shared memory ($SDMP_MIX_STAGED)
   int row_table = 0;               // rows of a block's resizemix row table (set by the launcher)
 };
 

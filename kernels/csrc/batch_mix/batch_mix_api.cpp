@@ -32,6 +32,7 @@ std::vector<at::Tensor> batch_mix_views(const std::vector<at::Tensor>& xs, const
   p.allow_resize = allow_resize;
   p.packs = static_cast<int>(tuning_env("SDMP_MIX_PACKS", 1, 1, 4, 1, "1, 2 or 4"));
   TORCH_CHECK(p.packs != 3, "SDMP_MIX_PACKS=3: expected 1, 2 or 4");
+  p.staged = tuning_env("SDMP_MIX_STAGED", 0, 0, 1, 1, "0 or 1") == 1;
   CHECK_SAME_DEVICE(lam, ref);
   CHECK_SAME_DEVICE(method, ref);
   CHECK_SHAPE(lam, n);

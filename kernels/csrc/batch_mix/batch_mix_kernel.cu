@@ -5,6 +5,13 @@
 // Resizemix samples the whole partner, bilinearly resized into the box (grid_sample semantics: half-pixel centres,
 // border clamp), with a few extra (cached) partner reads inside the box. Arithmetic follows the eager reference
 // (sdmp_fast.mixing.apply_mix) step by step, including its per-op rounding for half-precision images.
+//
+// Staged resizemix (kStaged, $SDMP_MIX_STAGED=1, opt-in until timed): with VEC pixels per thread, the 32 lanes of
+// a warp gather their bilinear taps 4 * VEC * scale elements apart, so each gather instruction touches
+// several times the L1 sectors it uses. Staged, the warp first resamples its 32 * VEC box pixels in lane order
+// (lane l takes pixels l, l + 32, ...: one gather instruction reads a contiguous run of the partner row, and the
+// coordinate tables are read without bank conflicts) into a per-warp shared-memory stage, then each thread
+// picks its own VEC pixels from the stage. Same arithmetic, so the same results bit for bit.
 #include "../common/sdmp_cuda.cuh"
 #include "batch_mix.h"
 
@@ -103,6 +110,35 @@ __device__ __forceinline__ bool resized_row(const SampleMix& s, int y) {
   return s.method == kResizemix && y >= s.y0 && y < s.y0 + s.ch;
 }
 
+// Pixel x of a row is resampled from the partner (resizemix, inside the box).
+__device__ __forceinline__ bool resized_pixel(const RowMix& r, int x) {
+  return r.s.method == kResizemix && r.row_inside && x >= r.s.x0 && x < r.s.x0 + r.s.cw;
+}
+
+// Staged resizemix: this lane's share of its warp's 32 * VEC pixels starting at pixel `first_pixel` of the sample
+// (flattened c, y, x), resampled from `partner` into stage[local] for the pixels inside `s`'s box. row_iy / col_ix:
+// the block's tables for this sample (row_iy indexed from the block's first row row0).
+template <typename T, int VEC>
+__device__ __forceinline__ void stage_resized(const SampleMix& s, const T* partner, const float* row_iy,
+                                              const float* col_ix, uint32_t row0, uint32_t first_pixel,
+                                              uint32_t sample_pixels, int H, int W, float* stage) {
+  if (s.method != kResizemix) return;
+  const int lane = static_cast<int>(threadIdx.x % 32);
+  const int64_t plane = static_cast<int64_t>(H) * W;
+#pragma unroll
+  for (int m = 0; m < VEC; ++m) {
+    const int local = lane + 32 * m;
+    const uint32_t pix = first_pixel + static_cast<uint32_t>(local);
+    if (pix >= sample_pixels) break;  // past the sample's end (pix grows with m)
+    const uint32_t row = pix / static_cast<uint32_t>(W);  // c * H + y
+    const int x = static_cast<int>(pix % static_cast<uint32_t>(W));
+    const int y = static_cast<int>(row % static_cast<uint32_t>(H));
+    if (y < s.y0 || y >= s.y0 + s.ch || x < s.x0 || x >= s.x0 + s.cw) continue;
+    const T* plane_c = partner + static_cast<int64_t>(row / static_cast<uint32_t>(H)) * plane;
+    stage[local] = round_through<T>(bilinear<T>(plane_c, H, W, row_iy[row - row0], col_ix[x]));
+  }
+}
+
 // row_iy: the row's source y from the block's table, or null to compute it here.
 __device__ __forceinline__ RowMix row_mix(const SampleMix& s, int y, int H, const float* row_iy,
                                           const float* col_ix) {
@@ -121,7 +157,9 @@ __device__ __forceinline__ RowMix row_mix(const SampleMix& s, int y, int H, cons
 // column ([2][W]) and y for the p.row_table rows its packs can span ([2][row_table]): each float64 coordinate is
 // computed once per block instead of once per pixel or per pack (float64 division is slow on most GPUs). The
 // loads are in flight meanwhile, and more packs per thread spread the tables over more pixels.
-template <typename T, int VEC, int PACKS, bool kTable>
+// kStaged (needs kTable, VEC > 1): resizemix box pixels resampled in lane order through a per-warp stage
+// ([2][32 * VEC] floats per warp after the tables), see the file comment.
+template <typename T, int VEC, int PACKS, bool kTable, bool kStaged>
 __global__ void __launch_bounds__(kThreads) batch_mix_kernel(MixParams p) {
   const MixView& v = p.views[blockIdx.z];
   const int i = blockIdx.y, q = p.n - 1 - i;
@@ -164,24 +202,43 @@ __global__ void __launch_bounds__(kThreads) batch_mix_kernel(MixParams p) {
     }
     __syncthreads();
   }
+  const int lane = static_cast<int>(threadIdx.x % 32);
+  float* stage_i = kStaged ? row_iy + 2 * p.row_table + (threadIdx.x / 32) * (2 * 32 * VEC) : nullptr;
+  float* stage_q = kStaged ? stage_i + 32 * VEC : nullptr;
+  const bool staged = kStaged && any_resize;  // block-uniform
 #pragma unroll
   for (int u = 0; u < PACKS; ++u) {
     const uint32_t idx = first + static_cast<uint32_t>(u) * blockDim.x;
-    if (idx >= per_sample) break;
-    const int y = static_cast<int>(row[u] % static_cast<uint32_t>(v.H));
-    const int64_t plane_off = static_cast<int64_t>(row[u] / static_cast<uint32_t>(v.H)) * plane;
-    const float* iy_i = kTable ? row_iy + (row[u] - row0) : nullptr;
-    const RowMix ri = row_mix(si, y, v.H, iy_i, col_ix);
-    const RowMix rq = row_mix(sq, y, v.H, kTable ? iy_i + p.row_table : nullptr, kTable ? col_ix + v.W : nullptr);
-    float oi[VEC], oq[VEC];
-#pragma unroll
-    for (int j = 0; j < VEC; ++j) {
-      oi[j] = mixed_pixel<T>(ri, xi[u][j], xq[u][j], sample_q + plane_off, v.H, v.W, xoff[u] + j);
-      oq[j] = mixed_pixel<T>(rq, xq[u][j], xi[u][j], sample_i + plane_off, v.H, v.W, xoff[u] + j);
+    // staged: the whole warp goes on while any lane has pixels (its lanes meet at __syncwarp)
+    if ((staged ? idx - static_cast<uint32_t>(lane) : idx) >= per_sample) break;
+    if (staged) {
+      const uint32_t warp_pixel = (idx - static_cast<uint32_t>(lane)) * VEC;
+      const uint32_t sample_pixels = per_sample * VEC;
+      stage_resized<T, VEC>(si, sample_q, row_iy, col_ix, row0, warp_pixel, sample_pixels, v.H, v.W, stage_i);
+      stage_resized<T, VEC>(sq, sample_i, row_iy + p.row_table, col_ix + v.W, row0, warp_pixel, sample_pixels,
+                            v.H, v.W, stage_q);
+      __syncwarp();
     }
-    const int64_t at = static_cast<int64_t>(row[u]) * v.W + xoff[u];
-    store_floats<T, VEC>(out + (sample_i - x) + at, oi);
-    if (q != i) store_floats<T, VEC>(out + (sample_q - x) + at, oq);
+    if (idx < per_sample) {
+      const int y = static_cast<int>(row[u] % static_cast<uint32_t>(v.H));
+      const int64_t plane_off = static_cast<int64_t>(row[u] / static_cast<uint32_t>(v.H)) * plane;
+      const float* iy_i = kTable ? row_iy + (row[u] - row0) : nullptr;
+      const RowMix ri = row_mix(si, y, v.H, iy_i, col_ix);
+      const RowMix rq = row_mix(sq, y, v.H, kTable ? iy_i + p.row_table : nullptr, kTable ? col_ix + v.W : nullptr);
+      float oi[VEC], oq[VEC];
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) {
+        const int px = xoff[u] + j;
+        oi[j] = staged && resized_pixel(ri, px) ? stage_i[lane * VEC + j]
+                                                : mixed_pixel<T>(ri, xi[u][j], xq[u][j], sample_q + plane_off, v.H, v.W, px);
+        oq[j] = staged && resized_pixel(rq, px) ? stage_q[lane * VEC + j]
+                                                : mixed_pixel<T>(rq, xq[u][j], xi[u][j], sample_i + plane_off, v.H, v.W, px);
+      }
+      const int64_t at = static_cast<int64_t>(row[u]) * v.W + xoff[u];
+      store_floats<T, VEC>(out + (sample_i - x) + at, oi);
+      if (q != i) store_floats<T, VEC>(out + (sample_q - x) + at, oq);
+    }
+    if (staged) __syncwarp();  // every lane has read the stage before the next pack overwrites it
   }
 }
 
@@ -200,12 +257,18 @@ Status launch_packs(MixParams p, int64_t most, int max_w, Stream stream) {
     rows = std::max<int64_t>(rows, (per_block - 1) / wpacks + 2);
   }
   const int64_t table_floats = 2 * (static_cast<int64_t>(max_w) + rows);
-  if (p.allow_resize && table_floats <= kMaxTableFloats) {
+  constexpr int64_t stage_floats = VEC > 1 ? (kThreads / 32) * 2 * 32 * VEC : 0;
+  if (VEC > 1 && p.staged && p.allow_resize && table_floats + stage_floats <= kMaxTableFloats) {
     p.row_table = static_cast<int>(rows);
-    auto k = batch_mix_kernel<T, VEC, PACKS, true>;
+    auto k = batch_mix_kernel<T, VEC, PACKS, true, VEC != 1>;
+    SDMP_LAUNCH(k, grid, dim3(kThreads), static_cast<size_t>(table_floats + stage_floats) * sizeof(float), stream,
+                p);
+  } else if (p.allow_resize && table_floats <= kMaxTableFloats) {
+    p.row_table = static_cast<int>(rows);
+    auto k = batch_mix_kernel<T, VEC, PACKS, true, false>;
     SDMP_LAUNCH(k, grid, dim3(kThreads), static_cast<size_t>(table_floats) * sizeof(float), stream, p);
   } else {
-    auto k = batch_mix_kernel<T, VEC, PACKS, false>;
+    auto k = batch_mix_kernel<T, VEC, PACKS, false, false>;
     SDMP_LAUNCH(k, grid, dim3(kThreads), 0, stream, p);
   }
   return cudaGetLastError();
