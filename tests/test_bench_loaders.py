@@ -138,3 +138,12 @@ def test_solo_learn_baseline_applies_the_recipe_augmentations(photos):
     gray, colour = first_view(1.0), first_view(0.0)
     assert (gray[:, 0] - gray[:, 1]).abs().max() < 1e-4 and (gray[:, 1] - gray[:, 2]).abs().max() < 1e-4
     assert (colour[:, 0] - colour[:, 2]).abs().amax(dim=(1, 2)).min() > 0.05
+
+
+def test_solo_learn_baseline_refuses_data_smaller_than_a_batch(photos):
+    """DALI's reader drops the partial batch: an endless iterator over no batch would spin forever."""
+    pytest.importorskip("nvidia.dali")
+    from sdmp_fast.benchmarks.baselines import make_baseline
+
+    with pytest.raises(ValueError, match="16 images over 1 shard"):
+        make_baseline("dali-solo-learn", base.list_images(photos), byol2(size=32), 32, torch.device("cpu"))

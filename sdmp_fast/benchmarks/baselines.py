@@ -78,6 +78,9 @@ def dali_solo_learn(images, recipe, batch_size: int, device: torch.device, dtype
     from nvidia.dali import fn, pipeline_def, types
     from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
+    if len(images) // num_shards < batch_size:
+        raise ValueError(f"dali-solo-learn: {len(images)} images over {num_shards} shard(s) fill no batch of "
+                         f"{batch_size} (DALI's reader drops the partial last batch)")
     gpu = device.type == "cuda"
     out_dtype = types.FLOAT16 if dtype in (torch.float16, torch.bfloat16) else types.FLOAT
     views = recipe.expanded_views()
@@ -111,14 +114,22 @@ def _dali_batches(it, names) -> Iterator[SDMPBatch]:
 
 def decode_only(images, batch_size: int, device: torch.device, max_files: int) -> Iterator[SDMPBatch]:
     """Endless batches of ``batch_size`` images decoded by nvJPEG from bytes read once into host memory (the
-    first ``max_files`` files, cycled). One [3, H, W] uint8 tensor per image: sizes differ, so ``views[0]``
+    first ``max_files`` JPEG files, cycled; other formats are left out). One [3, H, W] uint8 tensor per image: sizes differ, so ``views[0]``
     is the list's first image only (the benchmark reads shapes from it)."""
     from torchvision.io import read_file
 
     if device.type != "cuda":
         raise RuntimeError("decode-only times nvJPEG: it needs a CUDA device")
-    files = list(images.files[:max(batch_size, max_files)])
-    return _decoded_batches([read_file(f) for f in files], batch_size, device)
+    data = []
+    for f in images.files:
+        raw = read_file(f)
+        if raw.numel() > 2 and raw[0] == 0xFF and raw[1] == 0xD8:  # JPEG only: what nvJPEG decodes
+            data.append(raw)
+            if len(data) >= max(batch_size, max_files):
+                break
+    if not data:
+        raise ValueError("decode-only: no JPEG file in the data set (nvJPEG decodes JPEG only)")
+    return _decoded_batches(data, batch_size, device)
 
 
 def _decoded_batches(data, batch_size: int, device: torch.device) -> Iterator[SDMPBatch]:
