@@ -32,7 +32,9 @@ METHOD_DEFAULTS = {
 RESUME_MUST_MATCH = ("method", "sdmp", "arch", "img_size", "patch_size", "depth", "embed_dim", "num_heads",
                      "local_size", "n_local", "n_local_mixed", "batch_size", "seed", "proj_hidden_dim", "proj_dim",
                      "dino_out_dim", "dino_hidden_dim", "dino_bottleneck_dim", "dino_head_bn", "freeze_patch_embed", "loader",
-                     "alpha", "mix_methods", "mix_weight", "tau")
+                     "alpha", "mix_methods", "mix_weight", "tau", "interpolation")
+# What a checkpoint written before a setting existed ran with, where that differs from today's default.
+SETTING_BEFORE_IT_EXISTED = {"interpolation": "bilinear"}  # crops were resized bilinearly until 2026-11-27
 
 
 def _f(default, help_, choices=None, **meta):
@@ -389,8 +391,8 @@ def mismatches(saved: Dict[str, Any], current: TrainConfig) -> List[str]:
     defaults = {f.name: f.default for f in fields(TrainConfig)}
     bad = []
     for k in RESUME_MUST_MATCH:
-        # a setting newer than the checkpoint had its default then
-        a, b = saved.get(k, defaults.get(k)), cur.get(k)
+        # a setting newer than the checkpoint had its default then (or what the code did before it existed)
+        a, b = saved.get(k, SETTING_BEFORE_IT_EXISTED.get(k, defaults.get(k))), cur.get(k)
         if isinstance(a, (list, tuple)) or isinstance(b, (list, tuple)):
             a, b = list(a or []), list(b or [])
         if a != b:

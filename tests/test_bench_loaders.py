@@ -147,3 +147,19 @@ def test_solo_learn_baseline_refuses_data_smaller_than_a_batch(photos):
 
     with pytest.raises(ValueError, match="16 images over 1 shard"):
         make_baseline("dali-solo-learn", base.list_images(photos), byol2(size=32), 32, torch.device("cpu"))
+
+
+def test_decode_only_batches_count_every_image(photos):
+    """The nvJPEG baseline's batch loop, run with torchvision's CPU decoder: batch_size images per batch, cycling
+    over the bytes read once."""
+    from torchvision.io import read_file
+
+    from sdmp_fast.benchmarks.baselines import _decoded_batches
+
+    data = [read_file(f) for f in base.list_images(photos).files[:5]]
+    batches = _decoded_batches(data, 4, torch.device("cpu"))
+    sizes = [next(batches) for _ in range(3)]
+    assert [b.batch_size for b in sizes] == [4, 4, 4]
+    v = sizes[0].views[0]
+    assert v.shape[0] == 4 and v.shape[1] == 3 and v.dtype == torch.uint8 and v.shape[2] > 32
+    bench.time_batches(batches, 1, 2, torch.device("cpu"))  # what bench loaders does with it

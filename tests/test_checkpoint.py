@@ -194,6 +194,19 @@ def test_resume_settings_newer_than_the_checkpoint_take_their_default(tmp_path):
     assert mismatches(saved, with_bn) == ["dino_head_bn (checkpoint False, now True)"]
 
 
+
+def test_resume_names_a_change_of_crop_interpolation(tmp_path):
+    from sdmp_fast.config import mismatches
+
+    cfg = tiny_cfg(tmp_path)
+    saved = cfg.to_dict()
+    assert mismatches(saved, tiny_cfg(tmp_path, interpolation="bilinear")) == [
+        "interpolation (checkpoint 'bicubic', now 'bilinear')"]
+    del saved["interpolation"]  # written before the setting existed: its crops were bilinear
+    assert mismatches(saved, cfg) == ["interpolation (checkpoint 'bilinear', now 'bicubic')"]
+    assert mismatches(saved, tiny_cfg(tmp_path, interpolation="bilinear")) == []
+
+
 def _run_cli(argv, tmp_path, **env):
     return subprocess.Popen([sys.executable, "-m", "sdmp_fast.cli", "train"] + argv, env=_env(tmp_path, **env),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

@@ -95,7 +95,9 @@ def dali_solo_learn(images, recipe, batch_size: int, device: torch.device, dtype
         outs = [_solo_learn_view(decoded, spec, recipe.mean, recipe.std, gpu, out_dtype) for spec in views]
         return (*outs, labels.gpu() if gpu else labels)
 
-    pipe = solo_learn_style(batch_size=batch_size, num_threads=num_threads or os.cpu_count() or 1,
+    # the cores this process may use, as the DALI loader counts them (a container's CPU set, not the host's)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    pipe = solo_learn_style(batch_size=batch_size, num_threads=num_threads or cores,
                             device_id=(device.index or 0) if gpu else None, seed=seed)
     pipe.build()
     it = DALIGenericIterator(pipe, names, reader_name="Reader", auto_reset=True,
@@ -114,8 +116,8 @@ def _dali_batches(it, names) -> Iterator[SDMPBatch]:
 
 def decode_only(images, batch_size: int, device: torch.device, max_files: int) -> Iterator[SDMPBatch]:
     """Endless batches of ``batch_size`` images decoded by nvJPEG from bytes read once into host memory (the
-    first ``max_files`` JPEG files, cycled; other formats are left out). One [3, H, W] uint8 tensor per image: sizes differ, so ``views[0]``
-    is the list's first image only (the benchmark reads shapes from it)."""
+    first ``max_files`` JPEG files, cycled; other formats are left out). The decoded [3, H, W] uint8 images
+    differ in size, so ``views[0]`` is the first of them broadcast over the batch."""
     from torchvision.io import read_file
 
     if device.type != "cuda":
@@ -142,7 +144,10 @@ def _decoded_batches(data, batch_size: int, device: torch.device) -> Iterator[SD
         chunk = [data[(start + k) % len(data)] for k in range(batch_size)]
         start = (start + batch_size) % len(data)
         decoded = decode_jpeg(chunk, device=device)
-        yield SDMPBatch(views=[decoded[0][None]], labels=labels, indices=indices)
+        # the images differ in size: views[0] is the first one broadcast over the batch (a view, no copy), so the
+        # batch counts batch_size images and its shape names a decoded image's
+        yield SDMPBatch(views=[decoded[0].unsqueeze(0).expand(batch_size, -1, -1, -1)], labels=labels,
+                        indices=indices)
 
 
 def make_baseline(name: str, images, recipe, batch_size: int, device: torch.device,

@@ -6,12 +6,13 @@
 // border clamp), with a few extra (cached) partner reads inside the box. Arithmetic follows the eager reference
 // (sdmp_fast.mixing.apply_mix) step by step, including its per-op rounding for half-precision images.
 //
-// Staged resizemix (kStaged, $SDMP_MIX_STAGED=1, opt-in until timed): with VEC pixels per thread, the 32 lanes of
-// a warp gather their bilinear taps 4 * VEC * scale elements apart, so each gather instruction touches
-// several times the L1 sectors it uses. Staged, the warp first resamples its 32 * VEC box pixels in lane order
-// (lane l takes pixels l, l + 32, ...: one gather instruction reads a contiguous run of the partner row, and the
-// coordinate tables are read without bank conflicts) into a per-warp shared-memory stage, then each thread
-// picks its own VEC pixels from the stage. Same arithmetic, so the same results bit for bit.
+// Staged resizemix (kStaged, $SDMP_MIX_STAGED=1, opt-in until timed): with VEC pixels per thread, neighbouring
+// lanes of a warp gather their bilinear taps VEC * scale pixels apart (scale = W / box width > 1), so each gather
+// instruction touches several times the L1 sectors it uses, and the column table is read VEC floats apart (bank
+// conflicts). Staged, the warp first resamples its 32 * VEC box pixels in lane order (lane l takes pixels l,
+// l + 32, ...: one gather instruction's taps lie scale pixels apart, and the tables are read at consecutive
+// addresses) into a per-warp shared-memory stage, then each thread takes its own VEC pixels from the stage with
+// 16-byte loads (conflict-free). Same arithmetic, so the same results bit for bit.
 #include "../common/sdmp_cuda.cuh"
 #include "batch_mix.h"
 
@@ -225,13 +226,15 @@ __global__ void __launch_bounds__(kThreads) batch_mix_kernel(MixParams p) {
       const float* iy_i = kTable ? row_iy + (row[u] - row0) : nullptr;
       const RowMix ri = row_mix(si, y, v.H, iy_i, col_ix);
       const RowMix rq = row_mix(sq, y, v.H, kTable ? iy_i + p.row_table : nullptr, kTable ? col_ix + v.W : nullptr);
-      float oi[VEC], oq[VEC];
+      float oi[VEC], oq[VEC], sti[VEC] = {}, stq[VEC] = {};
+      if (staged && ri.row_inside && si.method == kResizemix) load_floats<float, VEC>(stage_i + lane * VEC, sti);
+      if (staged && rq.row_inside && sq.method == kResizemix) load_floats<float, VEC>(stage_q + lane * VEC, stq);
 #pragma unroll
       for (int j = 0; j < VEC; ++j) {
         const int px = xoff[u] + j;
-        oi[j] = staged && resized_pixel(ri, px) ? stage_i[lane * VEC + j]
+        oi[j] = staged && resized_pixel(ri, px) ? sti[j]
                                                 : mixed_pixel<T>(ri, xi[u][j], xq[u][j], sample_q + plane_off, v.H, v.W, px);
-        oq[j] = staged && resized_pixel(rq, px) ? stage_q[lane * VEC + j]
+        oq[j] = staged && resized_pixel(rq, px) ? stq[j]
                                                 : mixed_pixel<T>(rq, xq[u][j], xi[u][j], sample_i + plane_off, v.H, v.W, px);
       }
       const int64_t at = static_cast<int64_t>(row[u]) * v.W + xoff[u];
@@ -258,11 +261,14 @@ Status launch_packs(MixParams p, int64_t most, int max_w, Stream stream) {
   }
   const int64_t table_floats = 2 * (static_cast<int64_t>(max_w) + rows);
   constexpr int64_t stage_floats = VEC > 1 ? (kThreads / 32) * 2 * 32 * VEC : 0;
-  if (VEC > 1 && p.staged && p.allow_resize && table_floats + stage_floats <= kMaxTableFloats) {
-    p.row_table = static_cast<int>(rows);
+  // The stage starts after 2 * (W + row_table) floats: W % VEC == 0 on this path and row_table a multiple of 4
+  // keep it aligned for the 16 / 32-byte Pack loads.
+  const int64_t rows4 = (rows + 3) / 4 * 4;
+  const int64_t staged_floats = 2 * (static_cast<int64_t>(max_w) + rows4) + stage_floats;
+  if (VEC > 1 && p.staged && p.allow_resize && staged_floats <= kMaxTableFloats) {
+    p.row_table = static_cast<int>(rows4);
     auto k = batch_mix_kernel<T, VEC, PACKS, true, VEC != 1>;
-    SDMP_LAUNCH(k, grid, dim3(kThreads), static_cast<size_t>(table_floats + stage_floats) * sizeof(float), stream,
-                p);
+    SDMP_LAUNCH(k, grid, dim3(kThreads), static_cast<size_t>(staged_floats) * sizeof(float), stream, p);
   } else if (p.allow_resize && table_floats <= kMaxTableFloats) {
     p.row_table = static_cast<int>(rows);
     auto k = batch_mix_kernel<T, VEC, PACKS, true, false>;
