@@ -157,19 +157,26 @@ def main(argv=None) -> int:
                    help="values of fn.decoders.image's hw_decoder_load to try (default: DALI's)")
     p.add_argument("--prefetch-queue-depth", type=int, nargs="*", default=[2],
                    help="values of DALI's prefetch_queue_depth to try (default 2)")
-    p.add_argument("--configs", default="decode-only,byol2-sololearn,byol2-mix,byol2-graphmix,byol2-nomix,"
-                                        "dino-sololearn,dino-mix,dino-graphmix,mix-only",
-                   help="comma-separated <recipe>-<mix|graphmix|nomix|sololearn>, decode-only and mix-only")
+    p.add_argument("--configs", default="decode-only,byol2-sololearn,byol2-mix,byol2-mix-bilinear,byol2-graphmix,"
+                                        "byol2-nomix,dino-sololearn,dino-mix,dino-graphmix,mix-only",
+                   help="comma-separated <recipe>-<mix|graphmix|nomix|sololearn>[-bilinear] (crops bicubic unless "
+                        "-bilinear), decode-only and mix-only")
     p.add_argument("--device", default="cuda", help="cuda (the point) or cpu (a smoke test of this script)")
     p.add_argument("--out", default=os.environ.get("OUT"), help="folder for the JSON (e.g. $OUT)")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
     configs = args.configs.split(",")
     modes = ("mix", "graphmix", "nomix", "sololearn")
-    bad = [c for c in configs if c not in ("mix-only", "decode-only") and c.partition("-")[2] not in modes]
+    def parts(c):  # <recipe>-<mode>[-<interpolation>]
+        name, _, rest = c.partition("-")
+        mode, _, interp = rest.partition("-")
+        return name, mode, interp or "bicubic"
+
+    bad = [c for c in configs if c not in ("mix-only", "decode-only")
+           and (parts(c)[1] not in modes or parts(c)[2] not in ("bicubic", "bilinear"))]
     if bad:
-        print(f"gpu_dali: unknown configs {bad} (expected <recipe>-mix|graphmix|nomix|sololearn, decode-only or "
-              f"mix-only)", file=sys.stderr)
+        print(f"gpu_dali: unknown configs {bad} (expected <recipe>-mix|graphmix|nomix|sololearn[-bilinear], "
+              f"decode-only or mix-only)", file=sys.stderr)
         return 2
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -194,7 +201,7 @@ def main(argv=None) -> int:
         records.append({"config": label, "batch_size": bs, "error": f"{type(e).__name__}: {e}"})
 
     for config in configs:
-        name, _, mode = config.partition("-")
+        name, mode, interp = parts(config)
         if name == "mix":
             from sdmp_fast import kernels
             for rname in ("byol2", "dino"):
@@ -216,7 +223,7 @@ def main(argv=None) -> int:
         if name == "decode" or mode == "sololearn":  # the anchors' pipelines (baselines.py)
             from sdmp_fast.benchmarks.baselines import make_baseline
             from sdmp_fast.pipelines.base import list_images
-            recipe = make_recipe(name if mode == "sololearn" else "byol2").without_mixing()
+            recipe = make_recipe(name if mode == "sololearn" else "byol2", interpolation=interp).without_mixing()
             bs = args.dino_batch_size if name == "dino" else args.batch_size
             t0 = time.perf_counter()
             try:
@@ -230,13 +237,14 @@ def main(argv=None) -> int:
                 save()
                 continue
             records.append({"config": config, "recipe": None if name == "decode" else name, "mixing": False,
+                            "interpolation": None if name == "decode" else interp,
                             "baseline": True, "batch_size": bs, "img_per_s": round(rate, 1), "batches": n,
                             "total_s": round(time.perf_counter() - t0, 1)})
             print(f"{config:28s} B={bs:4d}  {rate:10.0f} img/s  (baseline, {n} batches after {args.warmup} "
                   f"warm-up)", flush=True)
             save()
             continue
-        recipe = make_recipe(name)
+        recipe = make_recipe(name, interpolation=interp)
         if mode == "nomix":
             recipe = recipe.without_mixing()
         bs = args.batch_size if name == "byol2" else args.dino_batch_size
@@ -260,7 +268,7 @@ def main(argv=None) -> int:
             finally:
                 del loader
                 save()
-            records.append({"config": label, "recipe": name, "mixing": mode != "nomix",
+            records.append({"config": label, "recipe": name, "interpolation": interp, "mixing": mode != "nomix",
                             "mix_in_graph": mode == "graphmix", "batch_size": bs,
                             "dtype": args.dtype, "img_per_s": round(rate, 1), "batches": n,
                             "total_s": round(time.perf_counter() - t0, 1),

@@ -30,12 +30,13 @@ def test_gpu_dali_runs_baselines_beside_the_loader_and_the_table_prints_ratios(b
     out = tmp_path / "out"
     rc = gpu_dali.main(["--device", "cpu", "--data", data, "--batch-size", "4", "--dino-batch-size", "4",
                         "--warmup", "1", "--batches", "2", "--threads", "1", "--out", str(out),
-                        "--configs", "decode-only,byol2-sololearn,byol2-mix,byol2-nomix"])
+                        "--configs", "decode-only,byol2-sololearn,byol2-mix,byol2-nomix-bilinear"])
     assert rc == 0
     recs = {r["config"]: r for r in json.loads((out / "gpu_dali.json").read_text())["records"]}
     assert "CUDA" in recs["decode-only"]["error"]  # nvJPEG: GPU only
     assert recs["byol2-sololearn"]["baseline"] and recs["byol2-sololearn"]["img_per_s"] > 0
-    assert recs["byol2-mix"]["img_per_s"] > 0 and recs["byol2-nomix"]["img_per_s"] > 0
+    assert recs["byol2-mix"]["img_per_s"] > 0 and recs["byol2-mix"]["interpolation"] == "bicubic"
+    assert recs["byol2-nomix-bilinear"]["img_per_s"] > 0 and recs["byol2-nomix-bilinear"]["interpolation"] == "bilinear"
     capsys.readouterr()
     assert session_table.main(str(out)) == 0
     table = capsys.readouterr().out
@@ -45,5 +46,5 @@ def test_gpu_dali_runs_baselines_beside_the_loader_and_the_table_prints_ratios(b
 
 def test_gpu_dali_rejects_an_unknown_configuration(bench_scripts, capsys):
     gpu_dali, _ = bench_scripts
-    assert gpu_dali.main(["--device", "cpu", "--configs", "byol2-fast"]) == 2
-    assert "unknown configs ['byol2-fast']" in capsys.readouterr().err
+    assert gpu_dali.main(["--device", "cpu", "--configs", "byol2-fast,byol2-mix-nearest"]) == 2
+    assert "unknown configs ['byol2-fast', 'byol2-mix-nearest']" in capsys.readouterr().err
