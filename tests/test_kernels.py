@@ -367,14 +367,20 @@ def test_emulated_mix_staged_resizemix_equals_the_unstaged_kernel(emulated, pack
     # without pixels still meet at the warp barrier) and warps straddle rows; bf16 48 wide: 8 per pack
     for dtype, (n, c, h, w) in ((torch.float32, (6, 3, 45, 64)), (torch.bfloat16, (4, 3, 17, 48))):
         for methods in (mixing.METHODS, ("resizemix",)):
-            x, lam, method, y0, x0, ch, cw = mix_inputs(n, c, h, w, dtype, "cpu", methods=methods)
-            with env(SDMP_MIX_PACKS=packs, SDMP_KERNELS_POISON=1):
-                plain = K.apply_mix(x, lam, method, y0, x0, ch, cw)
-                with env(SDMP_MIX_STAGED=1):
-                    staged = K.apply_mix(x, lam, method, y0, x0, ch, cw)
-            assert torch.equal(staged, plain)  # same arithmetic, other order of the gathers
-            ref = K.apply_mix_ref(x, lam, method, y0, x0, ch, cw)
-            assert rel_err(staged, ref) <= (1e-5 if dtype == torch.float32 else TOL[dtype])
+            staged, inputs = _staged_equals_plain("cpu", packs, dtype, n, c, h, w, methods)
+            assert rel_err(staged, K.apply_mix_ref(*inputs)) <= (1e-5 if dtype == torch.float32 else TOL[dtype])
+
+
+def _staged_equals_plain(device, packs, dtype, n, c, h, w, methods):
+    """The mixing kernel staged (SDMP_MIX_STAGED=1) and not, outputs poisoned: bit-identical (same arithmetic,
+    another order of the gathers). Returns the staged output and the inputs."""
+    inputs = mix_inputs(n, c, h, w, dtype, device, methods=methods)
+    with env(SDMP_MIX_PACKS=packs, SDMP_KERNELS_POISON=1):
+        plain = K.apply_mix(*inputs)
+        with env(SDMP_MIX_STAGED=1):
+            staged = K.apply_mix(*inputs)
+    assert torch.equal(staged, plain)
+    return staged, inputs
 
 
 @pytest.mark.parametrize("value", ["2", "yes"])
@@ -705,12 +711,7 @@ def test_cuda_mix_packs_per_thread_matches_ref(cuda_kernels, packs, dtype, n, c,
 @pytest.mark.parametrize("dtype,n,c,h,w", [(torch.float32, 256, 3, 224, 224), (torch.bfloat16, 8, 3, 96, 96)])
 def test_cuda_mix_staged_resizemix_equals_the_unstaged_kernel(cuda_kernels, packs, dtype, n, c, h, w):
     for methods in (mixing.METHODS, ("resizemix",)):
-        x, lam, method, y0, x0, ch, cw = mix_inputs(n, c, h, w, dtype, "cuda", methods=methods)
-        with env(SDMP_MIX_PACKS=packs, SDMP_KERNELS_POISON=1):
-            plain = K.apply_mix(x, lam, method, y0, x0, ch, cw)
-            with env(SDMP_MIX_STAGED=1):
-                staged = K.apply_mix(x, lam, method, y0, x0, ch, cw)
-        assert torch.equal(staged, plain)
+        _staged_equals_plain("cuda", packs, dtype, n, c, h, w, methods)
     with env(SDMP_MIX_STAGED=1, SDMP_KERNELS_POISON=1):
         check_mix("cuda", dtype, n, c, h, w)
 
