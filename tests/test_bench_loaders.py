@@ -163,3 +163,9 @@ def test_decode_only_batches_count_every_image(photos):
     v = sizes[0].views[0]
     assert v.shape[0] == 4 and v.shape[1] == 3 and v.dtype == torch.uint8 and v.shape[2] > 32
     bench.time_batches(batches, 1, 2, torch.device("cpu"))  # what bench loaders does with it
+
+
+def test_default_backends_include_the_anchor_pipelines():
+    cpu = bench.default_backends(torch.device("cpu")).split(",")
+    assert cpu[:2] == ["torchvision", "dali-solo-learn"] and "dali" in cpu and "decode-only" not in cpu
+    assert bench.default_backends(torch.device("cuda")).split(",")[-1] == "decode-only"

@@ -95,6 +95,12 @@ def _endless(loader) -> Iterator:
         epoch += 1
 
 
+def default_backends(device: torch.device) -> str:
+    """Every loader, beside the pipelines of the issues' anchors (nvJPEG decode-only needs a GPU)."""
+    names = ["torchvision", "dali-solo-learn", "dali", "ffcv", "torch-gpu"]
+    return ",".join(names + (["decode-only"] if device.type == "cuda" else []))
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -247,7 +253,8 @@ def run(args) -> Dict:
     from sdmp_fast.pipelines.base import BACKENDS, list_images
     from sdmp_fast.pipelines.recipes import make_recipe
 
-    backends = [b.strip() for b in args.backends.split(",") if b.strip()]
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    backends = [b.strip() for b in (args.backends or default_backends(device)).split(",") if b.strip()]
     unknown = [b for b in backends if b not in BACKENDS and b not in VARIANTS and b not in BASELINES]
     if unknown or not backends:
         raise ValueError(f"--backends: unknown {unknown or backends}; choose among "
@@ -262,7 +269,6 @@ def run(args) -> Dict:
     sizes = {"size" if args.recipe == "byol2" else "global_size": args.size} if args.size else {}
     recipe = make_recipe(args.recipe, interpolation=getattr(args, "interpolation", "bicubic"), **sizes)
     images = list_images(args.data)  # ValueError naming --data when it is missing or empty
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = DTYPES[args.dtype] if args.dtype != "float32" else None
     args.json = args.json or default_json_path(recipe.name, device)
 
@@ -295,8 +301,9 @@ def run(args) -> Dict:
 
 def add_arguments(p) -> None:
     p.add_argument("--data", required=True, help="ImageFolder tree (see `sdmp-fast make-data`)")
-    p.add_argument("--backends", default="torchvision,dali,ffcv,torch-gpu",
-                   help="comma-separated backends (default torchvision,dali,ffcv,torch-gpu; also "
+    p.add_argument("--backends", default=None,
+                   help="comma-separated backends (default torchvision,dali-solo-learn,dali,ffcv,torch-gpu, and "
+                        "decode-only on a GPU: every loader beside the anchors' pipelines; also "
                         "dali-graphmix: DALI mixing inside its graph; baselines: dali-solo-learn, solo-learn's "
                         "DALI pipeline style without mixing, and decode-only, nvJPEG decode alone, GPU only)")
     p.add_argument("--recipe", default="byol2", choices=["byol2", "dino"])
