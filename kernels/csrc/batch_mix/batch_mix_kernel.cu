@@ -117,7 +117,8 @@ __device__ __forceinline__ bool resized_pixel(const RowMix& r, int x) {
 }
 
 // Staged resizemix: this lane's share of its warp's 32 * VEC pixels starting at pixel `first_pixel` of the sample
-// (flattened c, y, x), resampled from `partner` into stage[local] for the pixels inside `s`'s box. row_iy / col_ix:
+// (flattened c, y, x), resampled from `partner` into stage[local] for the pixels inside `s`'s box (0 for the
+// other pixels of the box's rows). row_iy / col_ix:
 // the block's tables for this sample (row_iy indexed from the block's first row row0).
 template <typename T, int VEC>
 __device__ __forceinline__ void stage_resized(const SampleMix& s, const T* partner, const float* row_iy,
@@ -134,7 +135,13 @@ __device__ __forceinline__ void stage_resized(const SampleMix& s, const T* partn
     const uint32_t row = pix / static_cast<uint32_t>(W);  // c * H + y
     const int x = static_cast<int>(pix % static_cast<uint32_t>(W));
     const int y = static_cast<int>(row % static_cast<uint32_t>(H));
-    if (y < s.y0 || y >= s.y0 + s.ch || x < s.x0 || x >= s.x0 + s.cw) continue;
+    if (y < s.y0 || y >= s.y0 + s.ch) continue;  // no thread of this row reads the stage
+    // every pixel of a row inside the box is written (0 beside the box): the consumers' 16-byte loads read
+    // no unwritten shared memory
+    if (x < s.x0 || x >= s.x0 + s.cw) {
+      stage[local] = 0.f;
+      continue;
+    }
     const T* plane_c = partner + static_cast<int64_t>(row / static_cast<uint32_t>(H)) * plane;
     stage[local] = round_through<T>(bilinear<T>(plane_c, H, W, row_iy[row - row0], col_ix[x]));
   }
