@@ -160,7 +160,10 @@ def _cubic_taps(start: torch.Tensor, length: torch.Tensor, size: int, limit):
     local = base[..., None] + torch.arange(-1, 3, device=start.device, dtype=torch.float32)
     local = torch.minimum(local.clamp_min(0.0), (length[..., None, None] - 1.0).clamp_min(0.0))
     idx = (start[..., None, None] + local).long().clamp_min(0)
-    idx = torch.minimum(idx, (limit - 1)[..., None, None]) if isinstance(limit, torch.Tensor) else idx.clamp_max(limit - 1)
+    if isinstance(limit, torch.Tensor):
+        idx = torch.minimum(idx, (limit - 1)[..., None, None])
+    else:
+        idx = idx.clamp_max(limit - 1)
     a = _CUBIC_A
     near = torch.cat([t, 1.0 - t], -1)          # distances to the two inner taps
     far = near + 1.0                             # ... and to the two outer ones

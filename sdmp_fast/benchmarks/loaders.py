@@ -225,7 +225,8 @@ def bar_chart(records: List[Dict], path: str, title: str) -> str:
     values = [r.get("img_per_s") or 0.0 for r in records]
     fig, ax = plt.subplots(figsize=(1.3 * len(records) + 2.5, 4.2))
     # references and the anchors' pipelines grey, the synthetic ceiling purple, our loaders blue
-    colors = ["0.55" if n == REFERENCE or n in BASELINES else "tab:purple" if n == SYNTHETIC else "tab:blue" for n in names]
+    colors = ["0.55" if n == REFERENCE or n in BASELINES else "tab:purple" if n == SYNTHETIC else "tab:blue"
+              for n in names]
     bars = ax.bar(names, values, color=colors)
     top = max(values) if any(values) else 1.0
     for bar, r in zip(bars, records):
@@ -233,7 +234,8 @@ def bar_chart(records: List[Dict], path: str, title: str) -> str:
             ratio = r.get("ratio_vs_torchvision")
             rate = r["img_per_s"]
             solo = r.get("ratio_vs_solo_learn") if r["backend"] != SOLO_LEARN else None
-            label = ((f"{rate:,.1f}" if rate < 100 else f"{rate:,.0f}") + (f"\n{ratio:.2f}x tv" if ratio is not None else "")
+            label = ((f"{rate:,.1f}" if rate < 100 else f"{rate:,.0f}")
+                     + (f"\n{ratio:.2f}x tv" if ratio is not None else "")
                      + (f"\n{solo:.2f}x solo-learn" if solo is not None else ""))
         else:
             label = r["status"]

@@ -239,10 +239,10 @@ __global__ void __launch_bounds__(kThreads) batch_mix_kernel(MixParams p) {
 #pragma unroll
       for (int j = 0; j < VEC; ++j) {
         const int px = xoff[u] + j;
-        oi[j] = staged && resized_pixel(ri, px) ? sti[j]
-                                                : mixed_pixel<T>(ri, xi[u][j], xq[u][j], sample_q + plane_off, v.H, v.W, px);
-        oq[j] = staged && resized_pixel(rq, px) ? stq[j]
-                                                : mixed_pixel<T>(rq, xq[u][j], xi[u][j], sample_i + plane_off, v.H, v.W, px);
+        oi[j] = staged && resized_pixel(ri, px)
+                    ? sti[j] : mixed_pixel<T>(ri, xi[u][j], xq[u][j], sample_q + plane_off, v.H, v.W, px);
+        oq[j] = staged && resized_pixel(rq, px)
+                    ? stq[j] : mixed_pixel<T>(rq, xq[u][j], xi[u][j], sample_i + plane_off, v.H, v.W, px);
       }
       const int64_t at = static_cast<int64_t>(row[u]) * v.W + xoff[u];
       store_floats<T, VEC>(out + (sample_i - x) + at, oi);
