@@ -4,8 +4,8 @@
 dependency only when chosen. ``adapters`` turns any loader into the batch format of DINO, MoCo v3, solo-learn,
 lightly or a DataLoader-like object.
 """
-from .base import BACKENDS, EpochSampler, list_images, make_loader
+from .base import BACKENDS, EmptyEpochError, EpochSampler, list_images, make_loader, resume_batches
 from .recipes import MixSpec, Recipe, ViewSpec, byol2, dino, make_recipe
 
-__all__ = ["make_loader", "BACKENDS", "EpochSampler", "list_images", "Recipe", "ViewSpec", "MixSpec", "byol2",
-           "dino", "make_recipe"]
+__all__ = ["make_loader", "resume_batches", "EmptyEpochError", "BACKENDS", "EpochSampler", "list_images", "Recipe",
+           "ViewSpec", "MixSpec", "byol2", "dino", "make_recipe"]

@@ -252,6 +252,40 @@ def assemble_batch(views: Sequence[torch.Tensor], labels: torch.Tensor, indices:
     return SDMPBatch(views, labels, indices, mixed, tuple(mix.mixed_views), lams[0], method, list(lams))
 
 
+class EmptyEpochError(ValueError):
+    """An epoch of a loader gave no batch (every file undecodable, or fewer samples than one batch)."""
+
+    def __init__(self, epoch: int):
+        super().__init__(f"epoch {epoch} gave no batch (every file undecodable? see the loader's warnings)")
+        self.epoch = epoch
+
+
+def resume_batches(loader, epoch: int = 0, position: int = 0) -> Iterator[Tuple[int, int, SDMPBatch]]:
+    """(epoch, index in epoch, batch) from batch ``position`` of ``epoch`` on, across epochs for ever: the loop of a
+    training run that starts (0, 0) or resumes where its checkpoint stopped, in any trainer.
+
+    The first ``position`` batches of the epoch are read and dropped (a loader with ``skip_batches(k)`` skips
+    them itself). Every loader draws its randomness from (seed, epoch, shard) -- DALI's random ops from the
+    state its ``load_state_dict`` restored -- so the batches that follow are the ones the interrupted run would
+    have seen. Raises EmptyEpochError when an epoch gives no batch (it would loop over empty epochs for ever)."""
+    start = position
+    while True:
+        loader.set_epoch(epoch)
+        it = iter(loader)
+        skip_to = getattr(loader, "skip_batches", None)
+        i = 0
+        if start and callable(skip_to):
+            skip_to(start)
+            i = start
+        for batch in it:
+            if i >= start:
+                yield epoch, i, batch
+            i += 1
+        if i == 0:
+            raise EmptyEpochError(epoch)
+        epoch, start = epoch + 1, 0
+
+
 @runtime_checkable
 class SDMPLoader(Protocol):
     """What make_loader returns: an iterable of SDMPBatch with a length and a per-epoch reshuffle."""

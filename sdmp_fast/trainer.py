@@ -632,28 +632,16 @@ class Trainer:
 
     # ----------------------------------------------------------------------------------------- data
     def batches(self) -> Iterator[Tuple[int, int, SDMPBatch]]:
-        """(epoch, index in epoch, batch) from the current (epoch, position) on, across epochs forever.
-        A resumed run re-reads and drops the first ``position`` batches of its epoch: the loaders draw their
-        randomness from generators seeded per (seed, epoch, shard) (FFCV's crops: per-sample seeds), and DALI's
-        random ops, whose state runs on from epoch to epoch, restart from the state its ``state_dict`` saved
-        in the checkpoint; so the batches that follow are the ones the interrupted run would have seen."""
-        epoch, start = self.epoch, self.position
-        while True:
-            self.loader.set_epoch(epoch)
-            it = iter(self.loader)
-            skip_to = getattr(self.loader, "skip_batches", None)
-            i = 0
-            if start and callable(skip_to):
-                skip_to(start)
-                i = start
-            for batch in it:
-                if i >= start:
-                    yield epoch, i, batch
-                i += 1
-            if i == 0:  # would loop over empty epochs for ever
-                raise ValueError(f"data: epoch {epoch} of the {self.cfg.loader} loader over {self.cfg.data!r} gave "
-                                 f"no batch (every file undecodable? see the loader's warnings)")
-            epoch, start = epoch + 1, 0
+        """(epoch, index in epoch, batch) from the current (epoch, position) on, across epochs forever
+        (``pipelines.resume_batches``: a resumed run re-reads and drops the first ``position`` batches of its
+        epoch, and sees the batches the interrupted run would have seen)."""
+        from sdmp_fast.pipelines.base import EmptyEpochError, resume_batches
+
+        try:
+            yield from resume_batches(self.loader, self.epoch, self.position)
+        except EmptyEpochError as e:
+            raise ValueError(f"data: epoch {e.epoch} of the {self.cfg.loader} loader over {self.cfg.data!r} gave no "
+                             f"batch (every file undecodable? see the loader's warnings)") from None
 
     def mark_done(self, epoch: int, index: int) -> None:
         """Record that the batch (epoch, index) has been trained on (what a checkpoint resumes after)."""

@@ -3,6 +3,7 @@ import os
 import pytest
 import torch
 
+from sdmp_fast.batch import SDMPBatch
 from sdmp_fast.pipelines.base import EpochSampler, assemble_batch, list_images, make_loader
 from sdmp_fast.pipelines.recipes import byol2, dino, make_recipe
 
@@ -244,3 +245,46 @@ def test_shards_from_torchrun_environment_before_init(monkeypatch):
     with pytest.warns(RuntimeWarning, match="WORLD_SIZE=2 but no RANK"):
         loader = make_loader("memory", imgs, byol2(size=8), 2, device="cpu")
     assert loader.sampler.num_shards == 1
+
+
+class _CountingLoader:
+    """Batches are (epoch, index) labels; epochs of ``per_epoch`` batches (0 = an empty epoch)."""
+
+    def __init__(self, per_epoch=3, skip=False):
+        self.per_epoch, self.epoch, self.reads = per_epoch, 0, 0
+        if skip:
+            self.skip_batches = self._skip
+        self._from = 0
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+
+    def _skip(self, k):
+        self._from = k
+
+    def __iter__(self):
+        start, self._from = self._from, 0
+        for i in range(start, self.per_epoch):
+            self.reads += 1
+            t = torch.tensor([self.epoch, i])
+            yield SDMPBatch([t[None].float()], t[:1], t[1:])
+
+
+@pytest.mark.parametrize("skip", [False, True])
+def test_resume_batches_continue_where_the_run_stopped(skip):
+    from sdmp_fast.pipelines import resume_batches
+
+    from itertools import islice
+
+    ref = [(e, i, b.views[0].tolist()) for e, i, b in islice(resume_batches(_CountingLoader()), 8)]
+    loader = _CountingLoader(skip=skip)
+    resumed = [(e, i, b.views[0].tolist()) for e, i, b in islice(resume_batches(loader, 1, 2), 3)]
+    assert resumed == ref[5:8] == [(1, 2, [[1.0, 2.0]]), (2, 0, [[2.0, 0.0]]), (2, 1, [[2.0, 1.0]])]
+    assert loader.reads == (3 if skip else 5)  # without skip_batches the first 2 batches are read and dropped
+
+
+def test_resume_batches_name_an_epoch_without_batches():
+    from sdmp_fast.pipelines import EmptyEpochError, resume_batches
+
+    with pytest.raises(EmptyEpochError, match="epoch 4 gave no batch"):
+        next(resume_batches(_CountingLoader(per_epoch=0), 4))
