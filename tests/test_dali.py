@@ -266,6 +266,12 @@ def test_state_dict_lets_a_new_loader_repeat_an_epoch(folder, device):
 
     assert same(epoch_1(mid_1), after) and same(epoch_1(at_end_of_0), after)
     assert not same(epoch_1(None), after)  # DALI's random state really runs on from epoch to epoch
+    # what a user's own trainer does (README): the state, then resume_batches from the next batch's position
+    from sdmp_fast.pipelines import resume_batches
+    fresh = dali(folder, recipe, seed=3)
+    fresh.load_state_dict(mid_1)
+    resumed = resume_batches(fresh, 1, 1)
+    assert same([next(resumed)[2] for _ in after[1:]], after[1:]) and next(resumed)[:2] == (2, 0)
     pending = dali(folder, recipe, seed=3)
     pending.load_state_dict(mid_1)
     assert pending.state_dict() == mid_1  # a state loaded but not used yet is what a checkpoint must keep
