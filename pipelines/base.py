@@ -252,6 +252,21 @@ def assemble_batch(views: Sequence[torch.Tensor], labels: torch.Tensor, indices:
     return SDMPBatch(views, labels, indices, mixed, tuple(mix.mixed_views), lams[0], method, list(lams))
 
 
+def skip_mixing_draws(recipe: Recipe, n: int, generator: Optional[torch.Generator], device) -> None:
+    """Draw from ``generator`` exactly what ``assemble_batch`` draws for a batch of ``n`` samples of ``recipe``
+    (lam and method, then one box position per mixed view), and drop it: a loader that skips a batch without
+    reading it leaves its mixing generator where the batch would have left it."""
+    from sdmp_fast.mixing import draw_box
+
+    mix = recipe.mix
+    if not mix.enabled or not mix.mixed_views or n < 2 or n % 2:
+        return  # assemble_batch draws nothing for these
+    lam, method = draw_mix_params(n, mix.alpha, mix.methods, generator, device, mix.per_batch)
+    views = recipe.expanded_views()
+    for j in mix.mixed_views:
+        draw_box(lam, method, views[j].size, views[j].size, generator)
+
+
 class EmptyEpochError(ValueError):
     """An epoch of a loader gave no batch (every file undecodable, or fewer samples than one batch)."""
 

@@ -23,7 +23,7 @@ import torch
 
 from sdmp_fast.batch import SDMPBatch
 
-from .base import EpochSampler, SampledLoader, assemble_batch, list_images, make_generator
+from .base import EpochSampler, SampledLoader, assemble_batch, list_images, make_generator, skip_mixing_draws
 from .device_ops import blur_kernel_size
 from .recipes import Recipe, ViewSpec
 from .skips import SkipLog, short_reason
@@ -140,17 +140,18 @@ def collate_views(samples):
 
 class _EpochBatches:
     """EpochSampler as a DataLoader batch_sampler: lists of (index, epoch), read in the main process, so
-    set_epoch takes effect with persistent workers too."""
+    set_epoch takes effect with persistent workers too. ``start``: the pass begins at that batch."""
 
     def __init__(self, sampler: EpochSampler):
         self.sampler = sampler
+        self.start = 0
 
     def __len__(self) -> int:
         return len(self.sampler)
 
     def __iter__(self):
         epoch = self.sampler.epoch
-        for b in self.sampler.batches():
+        for b in self.sampler.batches()[self.start:]:
             yield [(i, epoch) for i in b.tolist()]
 
 
@@ -183,14 +184,39 @@ class TorchvisionLoader(SampledLoader):
         self.log = SkipLog("torchvision")
         dataset = ViewDataset(self.images.files, self.images.labels, self.recipe, seed)
         workers = self.num_workers > 0
+        self._batches, self._skip = _EpochBatches(self.sampler), 0
         self._loader = torch.utils.data.DataLoader(
-            dataset, batch_sampler=_EpochBatches(self.sampler), num_workers=self.num_workers,
+            dataset, batch_sampler=self._batches, num_workers=self.num_workers,
             collate_fn=collate_views, pin_memory=self.device.type == "cuda", persistent_workers=workers,
             prefetch_factor=prefetch_factor if workers else None, worker_init_fn=ignore_stop_signals)
+
+    def skip_batches(self, k: int) -> None:
+        """The pass that has begun (``iter(loader)`` before its first batch) starts at batch ``k`` of its epoch
+        without reading the first ``k``: each sample's augmentation is seeded by (seed, epoch, index) and the
+        mixing draws of the skipped batches are drawn and dropped, so the batches from ``k`` on are the ones a
+        whole pass yields (what a resumed run needs, ``resume_batches``). With ``drop_last`` (training's
+        setting) every batch keeps its size whatever files it lost; without it the first ``k`` batches are read
+        and dropped instead, as their sizes depend on their files. A skipped batch none of whose files could be
+        decoded, which a whole pass drops, is the one case it cannot see."""
+        self._skip = int(k)
 
     def __iter__(self) -> Iterator[SDMPBatch]:
         epoch = self.sampler.begin_pass()
         gen = make_generator(self.seed, epoch, self.shard_id, self.device)
+        skip, self._skip = self._skip, 0
+        drop = 0  # batches to read and drop
+        if skip and self.sampler.drop_last:
+            for _ in range(min(skip, len(self.sampler))):
+                skip_mixing_draws(self.recipe, self.batch_size, gen, self.device)
+            self._batches.start = skip
+        else:
+            drop = skip
+        try:
+            yield from self._pass(epoch, gen, drop)
+        finally:
+            self._batches.start = 0
+
+    def _pass(self, epoch: int, gen: torch.Generator, drop: int) -> Iterator[SDMPBatch]:
         for views, labels, indices, bad in self._loader:
             for path, reason in bad:
                 self.log.record(path, reason)
@@ -203,6 +229,10 @@ class TorchvisionLoader(SampledLoader):
             views = [v.to(self.device, non_blocking=True) for v in views]
             if self.dtype is not None:
                 views = [v.to(self.dtype) for v in views]
-            yield assemble_batch(views, labels.to(self.device, non_blocking=True),
-                                 indices.to(self.device, non_blocking=True), self.recipe, gen)
+            batch = assemble_batch(views, labels.to(self.device, non_blocking=True),
+                                   indices.to(self.device, non_blocking=True), self.recipe, gen)
+            if drop:
+                drop -= 1
+                continue
+            yield batch
         self.log.end_epoch(epoch)

@@ -166,6 +166,36 @@ def test_bad_files_are_skipped_counted_and_named(backend, messy_folder, arrays):
         assert all(torch.isfinite(v).all() for v in b.views + b.mixed_views)
 
 
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("drop_last", [True, False])
+@pytest.mark.parametrize("recipe", list(RECIPES))
+def test_torchvision_skip_batches_resumes_a_pass_without_reading_the_skipped(messy_folder, arrays, recipe,
+                                                                             drop_last, monkeypatch):
+    """A resumed run's pass (resume_batches) from batch 2 of epoch 1 yields what the whole pass yields from
+    there, bad files included; with drop_last (training's setting) the skipped batches' files are not read."""
+    from sdmp_fast.pipelines import resume_batches
+    from sdmp_fast.pipelines import torchvision_loader as tvl
+
+    root, _ = messy_folder
+    whole = _loader("torchvision", root, arrays, recipe, batch_size=4, drop_last=drop_last, num_workers=2)
+    whole.set_epoch(1)
+    with pytest.warns(RuntimeWarning):
+        ref = list(whole)[2:]
+    opened = []
+    real_open = tvl.open_rgb
+    monkeypatch.setattr(tvl, "open_rgb", lambda path: opened.append(path) or real_open(path))
+    resumed = _loader("torchvision", root, arrays, recipe, batch_size=4, drop_last=drop_last, num_workers=0)
+    batches = resume_batches(resumed, 1, 2)
+    got = [next(batches) for _ in ref]
+    assert [(e, i) for e, i, _ in got] == [(1, i) for i in range(2, 2 + len(ref))]
+    for (_, _, b), r in zip(got, ref):
+        assert torch.equal(b.indices, r.indices) and torch.equal(b.lam, r.lam)
+        for x, y in zip(b.views + b.mixed_views, r.views + r.mixed_views):
+            assert torch.equal(x, y)
+    assert len(opened) == (8 if drop_last else 16)  # batches 2 and 3 of 4 files, or the whole epoch
+    assert next(batches)[:2] == (2, 0)  # and on into the next epoch
+
+
 def test_exif_orientation_and_odd_formats_decode_upright_rgb(messy_folder):
     root, _ = messy_folder
     raw = open(os.path.join(root, "class2", "rotated.jpg"), "rb").read()
