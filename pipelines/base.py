@@ -283,6 +283,8 @@ def resume_batches(loader, epoch: int = 0, position: int = 0) -> Iterator[Tuple[
     them itself). Every loader draws its randomness from (seed, epoch, shard) -- DALI's random ops from the
     state its ``load_state_dict`` restored -- so the batches that follow are the ones the interrupted run would
     have seen. Raises EmptyEpochError when an epoch gives no batch (it would loop over empty epochs for ever)."""
+    if epoch < 0 or position < 0:
+        raise ValueError(f"resume_batches: epoch and position must be >= 0, got {epoch}, {position}")
     start = position
     while True:
         loader.set_epoch(epoch)

@@ -49,6 +49,15 @@ def open_rgb(path: str):
         return im.convert("RGB")
 
 
+def _decodes(path: str) -> bool:
+    """Whether a worker's ``open_rgb`` would decode the file (the same call, so the same verdict)."""
+    try:
+        open_rgb(path)
+    except Exception:  # noqa: BLE001 - as ViewDataset: any failure means "skipped"
+        return False
+    return True
+
+
 def view_transform(spec: ViewSpec, mean: Sequence[float], std: Sequence[float]):
     """torchvision.transforms.v2 pipeline (PIL in, normalised float tensor out) for one ViewSpec."""
     from torchvision.transforms import v2 as T
@@ -151,7 +160,8 @@ class _EpochBatches:
 
     def __iter__(self):
         epoch = self.sampler.epoch
-        for b in self.sampler.batches()[self.start:]:
+        start, self.start = self.start, 0  # one pass's: a pass abandoned early leaves no offset behind
+        for b in self.sampler.batches()[start:]:
             yield [(i, epoch) for i in b.tolist()]
 
 
@@ -184,37 +194,52 @@ class TorchvisionLoader(SampledLoader):
         self.log = SkipLog("torchvision")
         dataset = ViewDataset(self.images.files, self.images.labels, self.recipe, seed)
         workers = self.num_workers > 0
-        self._batches, self._skip = _EpochBatches(self.sampler), 0
+        self._batches, self._skip, self._pass_token = _EpochBatches(self.sampler), None, None
         self._loader = torch.utils.data.DataLoader(
             dataset, batch_sampler=self._batches, num_workers=self.num_workers,
             collate_fn=collate_views, pin_memory=self.device.type == "cuda", persistent_workers=workers,
             prefetch_factor=prefetch_factor if workers else None, worker_init_fn=ignore_stop_signals)
 
     def skip_batches(self, k: int) -> None:
-        """The pass that has begun (``iter(loader)`` before its first batch) starts at batch ``k`` of its epoch
-        without reading the first ``k``: each sample's augmentation is seeded by (seed, epoch, index) and the
-        mixing draws of the skipped batches are drawn and dropped, so the batches from ``k`` on are the ones a
-        whole pass yields (what a resumed run needs, ``resume_batches``). With ``drop_last`` (training's
-        setting) every batch keeps its size whatever files it lost; without it the first ``k`` batches are read
-        and dropped instead, as their sizes depend on their files. A skipped batch none of whose files could be
-        decoded, which a whole pass drops, is the one case it cannot see."""
-        self._skip = int(k)
+        """The pass just begun (``iter(loader)``, before its first batch) starts at batch ``k`` of its epoch, as
+        a whole pass yields it, without decoding the batches before (what a resumed run needs,
+        ``resume_batches``). Each sample's augmentation is seeded by (seed, epoch, index), and the mixing draws
+        of the skipped batches are drawn and dropped. With ``drop_last`` (training's setting) a batch keeps its
+        size whatever files it lost, and a whole pass yields it unless none of its files decodes: each skipped
+        batch is probed for one decodable file (one decode per batch instead of all), so such a batch is not
+        counted, as the whole pass does not yield it. Without ``drop_last`` batch sizes depend on the files, so
+        the first ``k`` batches are read and dropped instead."""
+        if int(k) < 0:
+            raise ValueError(f"skip_batches: k must be >= 0, got {k}")
+        self._skip = (self._pass_token, int(k))
 
     def __iter__(self) -> Iterator[SDMPBatch]:
+        token = self._pass_token = object()  # skip_batches applies to this pass only
+        return self._run_pass(token)
+
+    def _run_pass(self, token) -> Iterator[SDMPBatch]:
         epoch = self.sampler.begin_pass()
         gen = make_generator(self.seed, epoch, self.shard_id, self.device)
-        skip, self._skip = self._skip, 0
+        skip = self._skip[1] if self._skip is not None and self._skip[0] is token else 0
+        self._skip = None
         drop = 0  # batches to read and drop
         if skip and self.sampler.drop_last:
-            for _ in range(min(skip, len(self.sampler))):
-                skip_mixing_draws(self.recipe, self.batch_size, gen, self.device)
-            self._batches.start = skip
+            self._batches.start = self._skip_unread(skip, gen)
         else:
             drop = skip
-        try:
-            yield from self._pass(epoch, gen, drop)
-        finally:
-            self._batches.start = 0
+        yield from self._pass(epoch, gen, drop)
+
+    def _skip_unread(self, k: int, gen: torch.Generator) -> int:
+        """Sampler batches spanned by the first ``k`` batches a whole pass yields (those with a decodable file),
+        their mixing draws drawn from ``gen``."""
+        batches = self.sampler.batches()
+        yielded = at = 0
+        while yielded < k and at < len(batches):
+            if any(_decodes(self.images.files[i]) for i in batches[at].tolist()):
+                skip_mixing_draws(self.recipe, self.batch_size, gen, self.device)
+                yielded += 1
+            at += 1
+        return at
 
     def _pass(self, epoch: int, gen: torch.Generator, drop: int) -> Iterator[SDMPBatch]:
         for views, labels, indices, bad in self._loader:
