@@ -113,6 +113,15 @@ def time_loader(loader, warmup: int, batches: int):
     return n / (time.perf_counter() - t0), batches
 
 
+def used_mb(device: torch.device):
+    """The device's whole memory use now (DALI's and nvJPEG's pools included, which PyTorch does not see). DALI
+    keeps its pools for the process, so a later configuration's figure includes what earlier ones reserved."""
+    if device.type != "cuda":
+        return None
+    free, total = torch.cuda.mem_get_info(device)
+    return round((total - free) / 2**20)
+
+
 def time_iterator(batches, warmup: int, count: int, device: torch.device):
     """(img/s, batches timed) of an endless batch iterator (the baselines)."""
     for _ in range(warmup):
@@ -231,6 +240,7 @@ def main(argv=None) -> int:
                                         recipe, bs, device, dtype, args.threads,
                                         max_files=(args.warmup + args.batches) * bs)
                 rate, n = time_iterator(batches, args.warmup, args.batches, device)
+                mem = used_mb(device)
                 batches.close()
             except Exception as e:  # noqa: BLE001
                 failed(config, bs, e)
@@ -239,6 +249,7 @@ def main(argv=None) -> int:
             records.append({"config": config, "recipe": None if name == "decode" else name, "mixing": False,
                             "interpolation": None if name == "decode" else interp,
                             "baseline": True, "batch_size": bs, "img_per_s": round(rate, 1), "batches": n,
+                            "gpu_used_mb": mem,
                             "total_s": round(time.perf_counter() - t0, 1)})
             print(f"{config:28s} B={bs:4d}  {rate:10.0f} img/s  (baseline, {n} batches after {args.warmup} "
                   f"warm-up)", flush=True)
@@ -262,6 +273,7 @@ def main(argv=None) -> int:
                 loader = make_loader("dali", data, recipe, bs, device=device, dtype=dtype, shard_id=0, num_shards=1,
                                      **opts)
                 rate, n = time_loader(loader, args.warmup, args.batches)
+                mem = used_mb(device)
             except Exception as e:  # noqa: BLE001
                 failed(label, bs, e)
                 continue
@@ -270,7 +282,7 @@ def main(argv=None) -> int:
                 save()
             records.append({"config": label, "recipe": name, "interpolation": interp, "mixing": mode != "nomix",
                             "mix_in_graph": mode == "graphmix", "batch_size": bs,
-                            "dtype": args.dtype, "img_per_s": round(rate, 1), "batches": n,
+                            "dtype": args.dtype, "img_per_s": round(rate, 1), "batches": n, "gpu_used_mb": mem,
                             "total_s": round(time.perf_counter() - t0, 1),
                             "options": {k: str(v) for k, v in opts.items()}})
             print(f"{label:28s} B={bs:4d}  {rate:10.0f} img/s  ({n} batches after {args.warmup} warm-up)", flush=True)

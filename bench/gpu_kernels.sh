@@ -164,13 +164,15 @@ for doc in (losses, mixing):
         break
 def fmt(v, spec=".3f"):
     return "-" if v is None else format(v, spec)
-print(f"{'op':<14}{'impl':<34}{'ms':>9}{'GB/s':>9}{'%copy':>7}{'x eager':>9}{'x compile':>10}{'x dense':>9}{'x copy':>8}")
+print(f"{'op':<14}{'impl':<34}{'ms':>9}{'GB/s':>9}{'%copy':>7}{'x eager':>9}{'x compile':>10}{'x dense':>9}{'x copy':>8}"
+      f"{'MiB':>8}{'mem/eager':>10}")
 for doc in (losses, mixing):
     for r in (doc or {}).get("records", []):
         print(f"{r['op']:<14}{r['impl']:<34}{fmt(r['ms']):>9}{fmt(r.get('gb_per_s'), '.0f'):>9}"
               f"{fmt(r.get('pct_of_copy'), '.0f'):>7}{fmt(r.get('speedup_vs_eager'), '.1f'):>9}"
               f"{fmt(r.get('speedup_vs_compile'), '.1f'):>10}{fmt(r.get('speedup_vs_eager_dense'), '.1f'):>9}"
-              f"{fmt(r.get('vs_copy'), '.2f'):>8}  {r['status'] if r['status'] != 'ok' else ''}")
+              f"{fmt(r.get('vs_copy'), '.2f'):>8}{fmt(r.get('peak_mb'), '.0f'):>8}{fmt(r.get('mem_vs_eager'), '.2f'):>10}"
+              f"  {r['status'] if r['status'] != 'ok' else ''}")
 def rec(doc, op, impl):
     for r in (doc or {}).get("records", []):
         if r["op"] == op and r["impl"] == impl and r["ms"]:
@@ -186,6 +188,12 @@ for impl in dict.fromkeys(i for i in ("kernel", "kernel_graph", best) if i):
               f"{fmt(d.get('pct_of_copy'), '.0f')}% of copy bandwidth (>= 70%); "
               f"x{fmt(d.get('speedup_vs_compile'), '.1f')} vs compile (>= 8): "
               f"{'PASS' if (d.get('speedup_vs_compile') or 0) >= 8 else 'MISS'}")
+for op in ("dino", "two_hot_ce", "moco_terms"):
+    k, e, c = rec(losses, op, "kernel"), rec(losses, op, "eager"), rec(losses, op, "compile")
+    if k and e and k.get("peak_mb") is not None and e.get("peak_mb"):
+        print(f"  {op} peak memory fwd+bwd: kernel {k['peak_mb']:.0f} MiB, eager {e['peak_mb']:.0f} MiB"
+              + (f", compile {c['peak_mb']:.0f} MiB" if c and c.get("peak_mb") is not None else "")
+              + f" (kernel / eager {k['peak_mb'] / e['peak_mb']:.2f})")
 for impl in ("kernel", "kernel_graph"):
     m = rec(losses, "two_hot_ce", impl)
     if m:

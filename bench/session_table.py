@@ -36,6 +36,8 @@ def dali_rows(doc) -> None:
             print(f"  {r['config']:<24} FAILED {r['error']}")
             continue
         line = f"  {r['config']:<24} B={r['batch_size']:<4} {r['img_per_s']:>10,.0f}"
+        if r.get("gpu_used_mb") is not None:
+            line += f"  ({r['gpu_used_mb'] / 1024:.1f} GiB on the device)"
         recipe = r["config"].partition("-")[0]
         if recipe in base and not r.get("baseline"):
             line += f"  {r['img_per_s'] / base[recipe]:5.2f}x"

@@ -19,4 +19,7 @@ def test_bench_e2e_writes_ratios(tmp_path, capsys):
         assert r["img_per_s"] > 0 and r["loss"] > 0
     assert runs[("synthetic", "eager")]["ratio_to_synthetic_same_mode"] == 1.0
     assert runs[("e2e", "eager")]["ratio_to_synthetic_same_mode"] > 0
-    assert "ratio_to_synthetic_same_mode" in capsys.readouterr().out
+    for r in runs.values():  # memory is measured beside speed on a GPU; on the CPU the columns say nothing
+        assert "peak_mem_gb" in r and "mem_vs_synthetic_eager" in r and r["peak_mem_gb"] is None
+    printed = capsys.readouterr().out
+    assert "ratio_to_synthetic_same_mode" in printed and "peak_mem_gb" in printed

@@ -26,6 +26,28 @@ def test_dino_variant_syntax():
         dino_variant_env("fused+kbx")
 
 
+def test_peak_memory_is_measured_on_cuda_only():
+    import torch
+
+    from sdmp_fast.benchmarks.common import peak_memory_mb
+
+    assert peak_memory_mb(lambda: torch.empty(1 << 20), device="cpu") is None
+
+
+@pytest.mark.cuda
+def test_peak_memory_counts_what_a_call_allocates():
+    import torch
+
+    from sdmp_fast.benchmarks.common import peak_memory_mb
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    keep = []
+    mb = peak_memory_mb(lambda: keep.append(torch.empty(64 << 20, dtype=torch.uint8, device="cuda")))
+    assert 64 <= mb < 66
+    assert peak_memory_mb(lambda: torch.empty(32 << 20, dtype=torch.uint8, device="cuda")) >= 32  # freed: peak
+
+
 def test_bench_losses_rows_on_cpu(tmp_path):
     out = tmp_path / "losses.json"
     code = cli.main(["bench", "losses", "--no-compile", "--iters", "1", "--warmup", "1", "--ops", "two_hot_ce,dino",
@@ -36,6 +58,7 @@ def test_bench_losses_rows_on_cpu(tmp_path):
         assert rows[key]["status"] == "unavailable" and "CUDA" in rows[key]["reason"]
     dense, two_hot = rows[("two_hot_ce", "eager_dense")], rows[("two_hot_ce", "eager")]
     assert dense["ms"] > 0 and two_hot["speedup_vs_eager_dense"] == pytest.approx(dense["ms"] / two_hot["ms"])
+    assert all("peak_mb" in r and "mem_vs_eager" in r for r in rows.values())  # memory beside speed (GPU)
 
 
 def test_bench_mixing_graph_rows_compare_with_graph_copy(tmp_path):
@@ -48,6 +71,7 @@ def test_bench_mixing_graph_rows_compare_with_graph_copy(tmp_path):
                          "kernel_graph_staged"}
     assert rows["copy"]["vs_copy"] == 1.0
     assert rows["eager"]["vs_copy"] == pytest.approx(rows["eager"]["ms"] / rows["copy"]["ms"])
+    assert all("peak_mb" in r and "mem_vs_eager" in r for r in rows.values())
     assert all(rows[k]["status"] == "unavailable" for k in ("kernel", "copy_graph", "kernel_graph", "kernel_graph_p4",
                                                             "kernel_graph_staged"))
 

@@ -63,6 +63,20 @@ def cuda_time_ms(fn: Callable[[], object], warmup: int = 5, iters: int = 20) -> 
     return statistics.median(times)
 
 
+def peak_memory_mb(fn: Callable[[], object], device=None) -> Optional[float]:
+    """Peak device memory (MiB) one call of ``fn`` allocates beyond what was allocated before it, from the CUDA
+    caching allocator's statistics; None off CUDA (CPU allocations are not counted by torch). A CUDA-graph replay
+    allocates nothing (its memory was taken at capture): measure the eager call."""
+    if not torch.cuda.is_available() or (device is not None and torch.device(device).type != "cuda"):
+        return None
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - before) / 2**20
+
+
 def copy_bandwidth_gbps(nbytes: int = 1 << 30) -> Optional[float]:
     """Measured device-to-device copy bandwidth (read + write counted), the card's practical HBM ceiling."""
     if not torch.cuda.is_available():

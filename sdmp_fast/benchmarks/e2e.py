@@ -42,7 +42,9 @@ def _sync(device) -> None:
 
 def time_trainer(trainer, steps: int, warmup: int) -> Dict:
     """Run warmup + steps through the trainer's own staged loop (no checkpoints, metrics read once at the
-    end); returns img/s over the timed steps and the final mean loss."""
+    end); returns img/s over the timed steps, the final mean loss and the timed steps' peak device memory."""
+    import torch
+
     from sdmp_fast.trainer import _Stager
 
     stager = _Stager(trainer.device)
@@ -54,6 +56,8 @@ def time_trainer(trainer, steps: int, warmup: int) -> Dict:
         if k == warmup:
             trainer.read_metrics()  # also a host sync: the timed window starts on an idle device
             _sync(trainer.device)
+            if trainer.device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(trainer.device)
             t0 = time.perf_counter()
         e, i, b = nxt
         trainer.train_step(stager.wait(b))
@@ -64,7 +68,10 @@ def time_trainer(trainer, steps: int, warmup: int) -> Dict:
     metrics = trainer.read_metrics()
     _sync(trainer.device)
     dt = time.perf_counter() - t0
-    return {"img_per_s": steps * trainer.global_batch / dt, "step_ms": 1e3 * dt / steps, "loss": metrics["loss"]}
+    # the steady state's peak device memory (model, optimiser, activations, staged batches; None on CPU)
+    peak = torch.cuda.max_memory_allocated(trainer.device) / 2**30 if trainer.device.type == "cuda" else None
+    return {"img_per_s": steps * trainer.global_batch / dt, "step_ms": 1e3 * dt / steps, "loss": metrics["loss"],
+            "peak_mem_gb": peak}
 
 
 def _run(cfg, steps: int, warmup: int, label: str, mode: str) -> Dict:
@@ -117,13 +124,18 @@ def main(args) -> int:
     for m in modes:
         records.append(_run(synth, steps, warmup, "synthetic", m))
     by = {(r["run"], r["mode"]): r["img_per_s"] for r in records}
+    mem = {(r["run"], r["mode"]): r.get("peak_mem_gb") for r in records}
     for r in records:
         ceiling = by.get(("synthetic", r["mode"]))
         r["ratio_to_synthetic_same_mode"] = r["img_per_s"] / ceiling if ceiling else None
         eager = by.get(("synthetic", "eager"))
         r["speedup_vs_synthetic_eager"] = r["img_per_s"] / eager if eager else None
+        # memory beside speed: what the loader's device buffers and the step mode add to the model-only run
+        base = mem.get(("synthetic", "eager"))
+        r["mem_vs_synthetic_eager"] = r["peak_mem_gb"] / base if (r.get("peak_mem_gb") and base) else None
     print_table(records, ["run", "mode", "loader", "method", "sdmp", "arch", "batch_size", "precision",
-                          "img_per_s", "step_ms", "ratio_to_synthetic_same_mode", "speedup_vs_synthetic_eager"])
+                          "img_per_s", "step_ms", "ratio_to_synthetic_same_mode", "speedup_vs_synthetic_eager",
+                          "peak_mem_gb", "mem_vs_synthetic_eager"])
     if args.json:
         write_results(args.json, records, getattr(args, "command_line", "sdmp-fast bench e2e"))
         print(f"wrote {args.json}")

@@ -45,7 +45,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 # name -> (backend, options): a backend run with options, recorded under its own name.
 VARIANTS = {"dali-graphmix": ("dali", {"mix_in_graph": True})}
 COLUMNS = ["backend", "status", "img_per_s", "ratio_vs_torchvision", "ratio_vs_solo_learn", "ratio_vs_synthetic",
-           "batches", "startup_s", "reason"]
+           "gpu_peak_mb", "gpu_used_mb", "batches", "startup_s", "reason"]
 
 
 def device_tag(device: torch.device) -> str:
@@ -114,13 +114,23 @@ def time_batches(batches: Iterator, warmup: int, count: int, device: torch.devic
     for _ in range(max(warmup - 1, 0)):
         next(batches)
     _sync(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     samples = 0
     t0 = time.perf_counter()
     for _ in range(count):
         samples += next(batches).batch_size
     _sync(device)
     seconds = time.perf_counter() - t0
+    # device memory while timed: PyTorch's allocator peak (our buffers, decoded and augmented batches) and the
+    # device's whole use at the end (also DALI's and nvJPEG's own pools, which PyTorch does not see)
+    peak_mb = used_mb = None
+    if device.type == "cuda":
+        peak_mb = torch.cuda.max_memory_allocated(device) / 2**20
+        free, total = torch.cuda.mem_get_info(device)
+        used_mb = (total - free) / 2**20
     return {"img_per_s": samples / seconds, "seconds": seconds, "samples": samples, "startup_s": startup,
+            "gpu_peak_mb": peak_mb, "gpu_used_mb": used_mb,
             "views": [list(v.shape[1:]) for v in first.views], "num_mixed_views": len(first.mixed_views),
             "out_dtype": str(first.views[0].dtype).replace("torch.", ""), "out_device": str(first.labels.device)}
 

@@ -31,12 +31,13 @@ import torch.nn.functional as F
 
 from sdmp_fast import losses
 from sdmp_fast.kernels.selfcheck import env
-from sdmp_fast.benchmarks.common import (copy_bandwidth_gbps, cuda_time_ms, device_description, print_table,
+from sdmp_fast.benchmarks.common import (copy_bandwidth_gbps, cuda_time_ms, device_description, peak_memory_mb,
+                                         print_table,
                                          write_json, write_results)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 COLUMNS = ["op", "impl", "status", "ms", "gb_per_s", "pct_of_copy", "speedup_vs_eager", "speedup_vs_compile",
-           "speedup_vs_eager_dense", "shape"]
+           "speedup_vs_eager_dense", "peak_mb", "mem_vs_eager", "shape"]
 
 
 def device_tag(device: torch.device) -> str:
@@ -129,6 +130,8 @@ def _run_impls(op: str, shape: str, min_bytes: int, impls: Dict[str, Callable[[]
                 continue
             ms = _time(step, args)
             rows.append(_record(op, impl, shape, min_bytes, ms, copy_gbps=copy_gbps))
+            # a graph replay allocates nothing (its pool was taken at capture): the eager rows carry the memory
+            rows[-1]["peak_mb"] = None if "_graph" in impl else peak_memory_mb(step)
         except Exception as e:  # noqa: BLE001 - a failing implementation must not hide the others
             traceback.print_exc()
             rows.append(_record(op, impl, shape, min_bytes, None, "failed", f"{type(e).__name__}: {e}"[:300], copy_gbps))
@@ -146,9 +149,13 @@ def _unavailable_reason() -> str:
 
 def _add_speedups(rows: List[Dict]) -> None:
     base = {r["impl"]: r["ms"] for r in rows if r["ms"]}
+    mem = {r["impl"]: r.get("peak_mb") for r in rows if r.get("peak_mb")}
     for r in rows:
         for ref in ("eager", "compile", "eager_dense", "eager_dense_graph"):
             r[f"speedup_vs_{ref}"] = (base[ref] / r["ms"]) if (r["ms"] and ref in base and r["impl"] != ref) else None
+        # memory next to speed: the peak the op allocates over what the eager reference allocates
+        r.setdefault("peak_mb", None)
+        r["mem_vs_eager"] = r["peak_mb"] / mem["eager"] if (r["peak_mb"] and "eager" in mem) else None
 
 
 def _kernels_ready(device: torch.device) -> bool:

@@ -26,13 +26,14 @@ from typing import Dict, List
 import torch
 
 from sdmp_fast import mixing
-from sdmp_fast.benchmarks.common import copy_bandwidth_gbps, cuda_time_ms, device_description, print_table, write_results
+from sdmp_fast.benchmarks.common import (copy_bandwidth_gbps, cuda_time_ms, device_description, peak_memory_mb,
+                                         print_table, write_results)
 from sdmp_fast.benchmarks.losses import DTYPES, default_json_path, graph_step
 from sdmp_fast.kernels.selfcheck import env
 
 CASES = {"uniform": mixing.METHODS, "mixup": ("mixup",), "cutmix": ("cutmix",), "resizemix": ("resizemix",)}
 COLUMNS = ["case", "impl", "status", "ms", "gb_per_s", "pct_of_copy", "vs_copy", "speedup_vs_eager",
-           "speedup_vs_compile", "shape"]
+           "speedup_vs_compile", "peak_mb", "mem_vs_eager", "shape"]
 
 
 def add_arguments(p) -> None:
@@ -114,6 +115,8 @@ def bench_case(case: str, args, device, dtype, copy_gbps) -> List[Dict]:
                            else f"kernels not built: {K.build_error()}")
             else:
                 row["ms"] = cuda_time_ms(step, warmup=args.warmup, iters=args.iters)
+                # a graph replay allocates nothing (its pool was taken at capture): the eager rows carry memory
+                row["peak_mb"] = None if "_graph" in impl else peak_memory_mb(step)
         except Exception as e:  # noqa: BLE001 - report and go on with the other implementations
             traceback.print_exc()
             row.update(status="failed", reason=f"{type(e).__name__}: {e}"[:300])
@@ -122,8 +125,11 @@ def bench_case(case: str, args, device, dtype, copy_gbps) -> List[Dict]:
         rows.append(row)
         print(f"  {case:<10} {impl:<8} {row['status']:<11} {row['ms'] or float('nan'):8.3f} ms", flush=True)
     ms = {r["impl"]: r["ms"] for r in rows if r["ms"]}
+    eager_mb = next((r.get("peak_mb") for r in rows if r["impl"] == "eager"), None)
     for r in rows:
         r["op"] = f"mix_{case}"
+        r.setdefault("peak_mb", None)
+        r["mem_vs_eager"] = r["peak_mb"] / eager_mb if (r["peak_mb"] and eager_mb) else None
         base = "copy_graph" if "_graph" in r["impl"] else "copy"
         r["vs_copy"] = r["ms"] / ms[base] if (r["ms"] and base in ms) else None
         for ref in ("eager", "compile"):
