@@ -721,6 +721,8 @@ class Trainer:
                 rec.pop("tau_t", None)
             rec["img_per_s"] = (self.step - step_last) * self.global_batch / max(now - t_last, 1e-9)
             rec["time_s"] = round(now - t_start, 3)
+            if self.device.type == "cuda":  # the allocator's own counter: a host read, no device sync
+                rec["max_mem_gb"] = round(torch.cuda.max_memory_allocated(self.device) / 2**30, 3)
             logger.record(rec)
             if metrics["skipped"]:
                 logger.write(f"warning: {metrics['skipped']} step(s) with a non-finite loss/gradient skipped "

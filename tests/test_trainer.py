@@ -272,6 +272,7 @@ def test_metrics_jsonl_format(tmp_path):
                   "epoch", "skipped", "teacher_entropy", "teacher_batch_entropy"):
             assert k in r, k
         assert r["img_per_s"] > 0 and r["loss"] > 0
+        assert "max_mem_gb" not in r  # a GPU's peak memory; nothing to say on the CPU
         # entropies of softmax distributions over K = 256 prototypes; the batch mean is at least as spread out
         assert 0 <= r["teacher_entropy"] <= r["teacher_batch_entropy"] + 1e-5 <= math.log(256) + 1e-4
 
@@ -510,6 +511,7 @@ def test_staged_pipeline_equals_eager_and_no_steady_state_sync(tmp_path):
 
     a = Trainer(cfg, loader=HostLoader())
     a.fit(str(tmp_path / "a"))
+    assert all(r["max_mem_gb"] > 0 for r in read_metrics(str(tmp_path / "a")))
     b = Trainer(cfg, loader=DeviceLoader())
     b.fit(str(tmp_path / "b"))
     for (k, va), vb in zip(a.model.state_dict().items(), b.model.state_dict().values()):
