@@ -46,7 +46,8 @@ def _map_pipelines_package() -> None:
 _map_pipelines_package()
 
 from sdmp_fast.pipelines.base import assemble_batch, make_generator, make_loader  # noqa: E402
-from sdmp_fast.pipelines.recipes import make_recipe  # noqa: E402
+from sdmp_fast.benchmarks.loaders import endless_batches, time_batches  # noqa: E402  (the loaders bench's timing)
+from sdmp_fast.pipelines.recipes import INTERPOLATIONS, make_recipe  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -86,52 +87,6 @@ def build_jpegs(out_dir: str, num_images: int, classes: int = 16, seed: int = 0)
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def time_loader(loader, warmup: int, batches: int):
-    """(img/s, batches timed) over `batches` batches after `warmup`, running on across epochs."""
-    epoch, it = 0, iter(loader)
-
-    def next_batch():
-        nonlocal epoch, it
-        while True:
-            try:
-                return next(it)
-            except StopIteration:
-                epoch += 1
-                loader.set_epoch(epoch)
-                it = iter(loader)
-
-    for _ in range(warmup):
-        next_batch()
-    _sync(loader.device)
-    t0, n = time.perf_counter(), 0
-    for _ in range(batches):
-        b = next_batch()
-        n += b.batch_size
-    _sync(loader.device)  # the last batch's views and mixing are finished
-    return n / (time.perf_counter() - t0), batches
-
-
-def used_mb(device: torch.device):
-    """The device's whole memory use now (DALI's and nvJPEG's pools included, which PyTorch does not see). DALI
-    keeps its pools for the process, so a later configuration's figure includes what earlier ones reserved."""
-    if device.type != "cuda":
-        return None
-    free, total = torch.cuda.mem_get_info(device)
-    return round((total - free) / 2**20)
-
-
-def time_iterator(batches, warmup: int, count: int, device: torch.device):
-    """(img/s, batches timed) of an endless batch iterator (the baselines)."""
-    for _ in range(warmup):
-        next(batches)
-    _sync(device)
-    t0, n = time.perf_counter(), 0
-    for _ in range(count):
-        n += next(batches).batch_size
-    _sync(device)
-    return n / (time.perf_counter() - t0), count
 
 
 def time_mixing_only(recipe, batch_size: int, dtype, dev: torch.device, iters: int = 50) -> float:
@@ -182,7 +137,7 @@ def main(argv=None) -> int:
         return name, mode, interp or "bicubic"
 
     bad = [c for c in configs if c not in ("mix-only", "decode-only")
-           and (parts(c)[1] not in modes or parts(c)[2] not in ("bicubic", "bilinear"))]
+           and (parts(c)[1] not in modes or parts(c)[2] not in INTERPOLATIONS)]
     if bad:
         print(f"gpu_dali: unknown configs {bad} (expected <recipe>-mix|graphmix|nomix|sololearn[-bilinear], "
               f"decode-only or mix-only)", file=sys.stderr)
@@ -239,8 +194,7 @@ def main(argv=None) -> int:
                 batches = make_baseline("decode-only" if name == "decode" else "dali-solo-learn", list_images(data),
                                         recipe, bs, device, dtype, args.threads,
                                         max_files=(args.warmup + args.batches) * bs)
-                rate, n = time_iterator(batches, args.warmup, args.batches, device)
-                mem = used_mb(device)
+                timed = time_batches(batches, args.warmup, args.batches, device)
                 batches.close()
             except Exception as e:  # noqa: BLE001
                 failed(config, bs, e)
@@ -248,11 +202,11 @@ def main(argv=None) -> int:
                 continue
             records.append({"config": config, "recipe": None if name == "decode" else name, "mixing": False,
                             "interpolation": None if name == "decode" else interp,
-                            "baseline": True, "batch_size": bs, "img_per_s": round(rate, 1), "batches": n,
-                            "gpu_used_mb": mem,
+                            "baseline": True, "batch_size": bs, "img_per_s": round(timed["img_per_s"], 1),
+                            "batches": args.batches, "gpu_used_mb": timed["gpu_used_mb"],
                             "total_s": round(time.perf_counter() - t0, 1)})
-            print(f"{config:28s} B={bs:4d}  {rate:10.0f} img/s  (baseline, {n} batches after {args.warmup} "
-                  f"warm-up)", flush=True)
+            print(f"{config:28s} B={bs:4d}  {timed['img_per_s']:10.0f} img/s  (baseline, {args.batches} batches "
+                  f"after {args.warmup} warm-up)", flush=True)
             save()
             continue
         recipe = make_recipe(name, interpolation=interp)
@@ -272,8 +226,7 @@ def main(argv=None) -> int:
             try:
                 loader = make_loader("dali", data, recipe, bs, device=device, dtype=dtype, shard_id=0, num_shards=1,
                                      **opts)
-                rate, n = time_loader(loader, args.warmup, args.batches)
-                mem = used_mb(device)
+                timed = time_batches(endless_batches(loader), args.warmup, args.batches, device)
             except Exception as e:  # noqa: BLE001
                 failed(label, bs, e)
                 continue
@@ -282,10 +235,12 @@ def main(argv=None) -> int:
                 save()
             records.append({"config": label, "recipe": name, "interpolation": interp, "mixing": mode != "nomix",
                             "mix_in_graph": mode == "graphmix", "batch_size": bs,
-                            "dtype": args.dtype, "img_per_s": round(rate, 1), "batches": n, "gpu_used_mb": mem,
+                            "dtype": args.dtype, "img_per_s": round(timed["img_per_s"], 1), "batches": args.batches,
+                            "gpu_used_mb": timed["gpu_used_mb"],
                             "total_s": round(time.perf_counter() - t0, 1),
                             "options": {k: str(v) for k, v in opts.items()}})
-            print(f"{label:28s} B={bs:4d}  {rate:10.0f} img/s  ({n} batches after {args.warmup} warm-up)", flush=True)
+            print(f"{label:28s} B={bs:4d}  {timed['img_per_s']:10.0f} img/s  ({args.batches} batches after "
+                  f"{args.warmup} warm-up)", flush=True)
             save()
 
     if path:

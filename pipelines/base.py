@@ -242,7 +242,7 @@ def assemble_batch(views: Sequence[torch.Tensor], labels: torch.Tensor, indices:
     n = labels.shape[0]
     sources = [views[i] for i in mix.mixed_views]
     dev = views[0].device
-    if n >= 2 and n % 2 == 0:
+    if _draws_mixing(recipe, n):
         lam, method = draw_mix_params(n, mix.alpha, mix.methods, generator, dev, mix.per_batch)
         mixed, lams = mix_views(sources, lam, method, generator, method_ids(mix.methods))
     else:  # short odd last batch: no partner for the middle image; lam = 1 means "unmixed" to every loss
@@ -252,15 +252,20 @@ def assemble_batch(views: Sequence[torch.Tensor], labels: torch.Tensor, indices:
     return SDMPBatch(views, labels, indices, mixed, tuple(mix.mixed_views), lams[0], method, list(lams))
 
 
+def _draws_mixing(recipe: Recipe, n: int) -> bool:
+    """Whether ``assemble_batch`` draws mixing parameters for a batch of ``n`` (a short odd last batch: none)."""
+    return recipe.mix.enabled and bool(recipe.mix.mixed_views) and n >= 2 and n % 2 == 0
+
+
 def skip_mixing_draws(recipe: Recipe, n: int, generator: Optional[torch.Generator], device) -> None:
     """Draw from ``generator`` exactly what ``assemble_batch`` draws for a batch of ``n`` samples of ``recipe``
     (lam and method, then one box position per mixed view), and drop it: a loader that skips a batch without
     reading it leaves its mixing generator where the batch would have left it."""
     from sdmp_fast.mixing import draw_box
 
+    if not _draws_mixing(recipe, n):
+        return
     mix = recipe.mix
-    if not mix.enabled or not mix.mixed_views or n < 2 or n % 2:
-        return  # assemble_batch draws nothing for these
     lam, method = draw_mix_params(n, mix.alpha, mix.methods, generator, device, mix.per_batch)
     views = recipe.expanded_views()
     for j in mix.mixed_views:

@@ -227,21 +227,6 @@ class TorchvisionLoader(SampledLoader):
             self._batches.start = self._skip_unread(skip, gen)
         else:
             drop = skip
-        yield from self._pass(epoch, gen, drop)
-
-    def _skip_unread(self, k: int, gen: torch.Generator) -> int:
-        """Sampler batches spanned by the first ``k`` batches a whole pass yields (those with a decodable file),
-        their mixing draws drawn from ``gen``."""
-        batches = self.sampler.batches()
-        yielded = at = 0
-        while yielded < k and at < len(batches):
-            if any(_decodes(self.images.files[i]) for i in batches[at].tolist()):
-                skip_mixing_draws(self.recipe, self.batch_size, gen, self.device)
-                yielded += 1
-            at += 1
-        return at
-
-    def _pass(self, epoch: int, gen: torch.Generator, drop: int) -> Iterator[SDMPBatch]:
         for views, labels, indices, bad in self._loader:
             for path, reason in bad:
                 self.log.record(path, reason)
@@ -261,3 +246,15 @@ class TorchvisionLoader(SampledLoader):
                 continue
             yield batch
         self.log.end_epoch(epoch)
+
+    def _skip_unread(self, k: int, gen: torch.Generator) -> int:
+        """Sampler batches spanned by the first ``k`` batches a whole pass yields (those with a decodable file),
+        their mixing draws drawn from ``gen``."""
+        batches = self.sampler.batches()
+        yielded = at = 0
+        while yielded < k and at < len(batches):
+            if any(_decodes(self.images.files[i]) for i in batches[at].tolist()):
+                skip_mixing_draws(self.recipe, self.batch_size, gen, self.device)
+                yielded += 1
+            at += 1
+        return at

@@ -19,6 +19,7 @@ __all__ = ["TrainConfig", "METHODS", "LOADERS", "load_config", "add_config_argum
 METHODS = ("mocov3", "dino")
 LOADERS = ("dali", "ffcv", "torchvision", "torch-gpu", "memory", "synthetic")
 MIX_METHODS = ("mixup", "cutmix", "resizemix")
+INTERPOLATIONS = ("bicubic", "bilinear")  # pipelines.recipes.INTERPOLATIONS (kept here: no torch import)
 
 # Method defaults (MoCo v3 ViT recipe; DINO ViT-S recipe), used where the user left a setting unset.
 METHOD_DEFAULTS = {
@@ -61,7 +62,7 @@ class TrainConfig:
     data: Optional[str] = _f(None, "ImageFolder dir (or a flat folder of unlabeled images) / .beton / 'fashion-mnist' (memory loader)")
     num_workers: Optional[int] = _f(None, "loader worker processes / threads")
     interpolation: str = _f("bicubic", "how crops are resized to the view size (BYOL / DINO / solo-learn: bicubic; "
-                            "FFCV always uses its own area resize)", ("bicubic", "bilinear"))
+                            "FFCV always uses its own area resize)", INTERPOLATIONS)
     batch_size: int = _f(256, "batch size per process (global batch = batch_size x world size)")
     # how long
     steps: Optional[int] = _f(None, "total optimiser steps (a resumed run stops at the same total)")
@@ -161,8 +162,8 @@ class TrainConfig:
 
         need(self.method in METHODS, "method", f"unknown method {self.method!r}; choose among {', '.join(METHODS)}")
         need(self.loader in LOADERS, "loader", f"unknown loader {self.loader!r}; choose among {', '.join(LOADERS)}")
-        need(self.interpolation in ("bicubic", "bilinear"), "interpolation",
-             f"must be bicubic or bilinear, got {self.interpolation!r}")
+        need(self.interpolation in INTERPOLATIONS, "interpolation",
+             f"must be {' or '.join(INTERPOLATIONS)}, got {self.interpolation!r}")
         need(isinstance(self.arch, str) and bool(self.arch), "arch", f"must be a timm model name, got {self.arch!r}")
         import timm
 

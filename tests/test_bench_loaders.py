@@ -71,7 +71,7 @@ def test_bench_runs_on_across_epochs_and_counts_samples():
                 yield SDMPBatch([torch.zeros(6, 3, 8, 8)], torch.zeros(6, dtype=torch.long), torch.arange(6))
 
     loader = TwoBatchLoader()
-    rec = bench.time_batches(bench._endless(loader), warmup=2, count=5, device=torch.device("cpu"))
+    rec = bench.time_batches(bench.endless_batches(loader), warmup=2, count=5, device=torch.device("cpu"))
     assert rec["samples"] == 30 and rec["img_per_s"] > 0 and loader.epochs == [0, 1, 2, 3]
 
 

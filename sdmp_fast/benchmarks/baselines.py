@@ -20,6 +20,7 @@ exactly like a loader.
 """
 from __future__ import annotations
 
+import os
 from typing import Iterator, Optional
 
 import torch
@@ -73,8 +74,6 @@ def dali_solo_learn(images, recipe, batch_size: int, device: torch.device, dtype
     """Endless batches of the solo-learn-style DALI pipeline for ``recipe`` (its mixing is ignored).
     ``images``: a ``pipelines.base.ImageList``. Output float32, or float16 when ``dtype`` is a 16-bit float
     (DALI has no bfloat16; solo-learn itself outputs float32)."""
-    import os
-
     from nvidia.dali import fn, pipeline_def, types
     from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 

@@ -84,7 +84,7 @@ def beton_for(data: str, images, cache_dir: str, max_side: int, workers: int) ->
     return path
 
 
-def _endless(loader) -> Iterator:
+def endless_batches(loader) -> Iterator:
     """Batches across epoch boundaries, reshuffling like a training loop does."""
     if len(loader) == 0:
         raise ValueError("the loader yields no batch per epoch (data smaller than the batch size?)")
@@ -184,7 +184,7 @@ def run_backend(backend: str, args, recipe, images, device: torch.device, dtype)
         return record
     record["num_workers"] = getattr(loader, "num_workers", args.num_workers)
     try:
-        return _timed(record, _endless(loader), args, device)
+        return _timed(record, endless_batches(loader), args, device)
     finally:
         del loader
         gc.collect()  # drop worker processes / DALI pipelines before the next backend starts
@@ -315,6 +315,8 @@ def run(args) -> Dict:
 
 
 def add_arguments(p) -> None:
+    from sdmp_fast.pipelines.recipes import INTERPOLATIONS
+
     p.add_argument("--data", required=True, help="ImageFolder tree (see `sdmp-fast make-data`)")
     p.add_argument("--backends", default=None,
                    help="comma-separated backends (default torchvision,dali-solo-learn,dali,ffcv,torch-gpu, and "
@@ -323,7 +325,7 @@ def add_arguments(p) -> None:
                         "DALI pipeline style without mixing, and decode-only, nvJPEG decode alone, GPU only)")
     p.add_argument("--recipe", default="byol2", choices=["byol2", "dino"])
     p.add_argument("--size", type=int, default=None, help="view size (global size for dino); default recipe's")
-    p.add_argument("--interpolation", default="bicubic", choices=["bicubic", "bilinear"],
+    p.add_argument("--interpolation", default="bicubic", choices=list(INTERPOLATIONS),
                    help="crop resize filter of the loaders' recipe (default bicubic, as BYOL / DINO / solo-learn; the "
                         "dali-solo-learn baseline follows it too)")
     p.add_argument("--batch-size", type=int, default=64)
