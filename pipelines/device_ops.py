@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from .recipes import Recipe, ViewSpec
 
 __all__ = ["random_resized_crop_boxes", "crop_resize", "PackedImages", "AugmentParams", "draw_augment_params",
-           "apply_augment", "augment", "normalize", "make_views", "blur_kernel_size", "hflip", "color_jitter",
+           "apply_augment", "augment", "normalize", "make_views", "skip_view_draws", "blur_kernel_size", "hflip", "color_jitter",
            "adjust_hue", "grayscale", "gaussian_blur", "solarize", "SOLARIZE_THRESHOLD"]
 
 _CROP_TRIES = 10
@@ -483,3 +483,17 @@ def make_views(images: Union[torch.Tensor, PackedImages], heights: Optional[torc
         crops = normalize(augment(crops, spec, generator), recipe.mean, recipe.std, dtype)
         views.extend(crops.split(n))
     return views
+
+
+def skip_view_draws(n: int, recipe: Recipe, generator: Optional[torch.Generator] = None, device=None) -> None:
+    """Draw from ``generator`` exactly what ``make_views`` draws for a batch of ``n`` images of ``recipe`` (the
+    crop boxes' tries, then each view's augmentation; the number drawn depends on ``n`` only, not on the
+    images), and drop it: a loader that skips a batch without decoding it leaves its generator where the batch
+    would have left it. Calls the same draw functions, so the two cannot drift apart."""
+    for spec in recipe.views:
+        m = n * spec.count
+        if m == 0:
+            continue
+        ones = torch.ones(m, device=device, dtype=torch.int64)
+        random_resized_crop_boxes(ones, ones, spec.scale, spec.ratio, generator)
+        draw_augment_params(m, spec, generator, device)

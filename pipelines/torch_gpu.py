@@ -25,8 +25,8 @@ import torch
 
 from sdmp_fast.batch import SDMPBatch, exact_device
 
-from .base import EpochSampler, SampledLoader, assemble_batch, list_images, make_generator
-from .device_ops import PackedImages, make_views
+from .base import EpochSampler, SampledLoader, assemble_batch, list_images, make_generator, skip_mixing_draws
+from .device_ops import PackedImages, make_views, skip_view_draws
 from .recipes import Recipe
 from .skips import SkipLog, short_reason
 
@@ -127,6 +127,7 @@ class TorchGPULoader(SampledLoader):
         self._gpu_jpeg = self.device.type == "cuda"
         self._pool: Optional[ThreadPoolExecutor] = None
         self._decode_stream = None  # made on first use (CUDA only)
+        self._skip, self._pass_token = None, None  # skip_batches: (pass token, k)
 
     def close(self) -> None:
         """Stop the reading threads (a later iteration starts new ones)."""
@@ -208,10 +209,34 @@ class TorchGPULoader(SampledLoader):
         indices = batch[keep] if bad else batch
         return [results[j] for j in keep], torch.tensor([labels[i] for i in indices.tolist()]), indices, bool(bad)
 
+    def skip_batches(self, k: int) -> None:
+        """The pass just begun (``iter(loader)``, before its first batch) starts at batch ``k`` of its epoch, as
+        a whole pass yields it, without decoding the batches before (what a resumed run needs,
+        ``resume_batches``): the view and mixing draws of the skipped batches are drawn from the pass's
+        generator and dropped (their number depends on the batch size only). With ``drop_last`` (training's
+        setting) a batch keeps its size whatever files it lost, and a whole pass yields it unless none of its
+        files decodes: each skipped batch is probed, on the reading threads, for one file libjpeg/libpng decodes
+        (one CPU decode per batch instead of the batch), so such a batch is not counted. Without ``drop_last``
+        batch sizes depend on the files, so the first ``k`` batches are read and dropped instead."""
+        if int(k) < 0:
+            raise ValueError(f"skip_batches: k must be >= 0, got {k}")
+        self._skip = (self._pass_token, int(k))
+
     def __iter__(self) -> Iterator[SDMPBatch]:
+        token = self._pass_token = object()  # skip_batches applies to this pass only
+        return self._run_pass(token)
+
+    def _run_pass(self, token) -> Iterator[SDMPBatch]:
         epoch = self.sampler.begin_pass()
         gen = make_generator(self.seed, epoch, self.shard_id, self.device)
+        skip = self._skip[1] if self._skip is not None and self._skip[0] is token else 0
+        self._skip = None
         batches = self.sampler.batches()
+        drop = 0  # batches to read and drop
+        if skip and self.sampler.drop_last:
+            batches = batches[self._skip_unread(batches, skip, gen):]
+        else:
+            drop = skip
         inflight = collections.deque(self._submit(b) for b in batches[: self.prefetch])
         try:
             for b, batch in enumerate(batches):
@@ -231,10 +256,35 @@ class TorchGPULoader(SampledLoader):
                     images, labels, indices = [images[p] for p in pos], labels[at], indices[at]
                 packed = PackedImages.from_list(images, self.device)
                 views = make_views(packed, None, None, self.recipe, gen, self.dtype)
-                yield assemble_batch(views, labels.to(self.device, non_blocking=True),
+                out = assemble_batch(views, labels.to(self.device, non_blocking=True),
                                      indices.to(self.device, non_blocking=True), self.recipe, gen)
+                if drop:
+                    drop -= 1
+                    continue
+                yield out
         finally:
             for futures in inflight:  # an abandoned epoch: drop the reads nobody will use
                 for f in futures:
                     f.cancel()
         self.log.end_epoch(epoch)
+
+    def _skip_unread(self, batches: Sequence[torch.Tensor], k: int, gen: torch.Generator) -> int:
+        """Sampler batches spanned by the first ``k`` batches a whole pass yields (those with a decodable file),
+        their view and mixing draws drawn from ``gen``. Probes a few batches per thread at a time."""
+        files = self.images.files
+
+        def yielded(batch: torch.Tensor) -> bool:
+            return any(not isinstance(read_sample(files[i], False), _Bad) for i in batch.tolist())
+
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self.num_workers, thread_name_prefix="sdmp-torch-gpu-read")
+        count = at = 0
+        while count < k and at < len(batches):
+            probes = list(self._pool.map(yielded, batches[at:at + min(k - count, 2 * self.num_workers)]))
+            for ok in probes:  # the chunk is no longer than the batches still to count: no overshoot
+                at += 1
+                if ok:
+                    skip_view_draws(self.batch_size, self.recipe, gen, self.device)
+                    skip_mixing_draws(self.recipe, self.batch_size, gen, self.device)
+                    count += 1
+        return at

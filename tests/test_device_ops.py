@@ -263,6 +263,18 @@ def test_make_views_shapes_dtypes_ranges(recipe, channels):
         assert not torch.equal(views[2], views[3])
 
 
+@pytest.mark.parametrize("recipe", [byol2(size=32), dino(global_size=32, local_size=16, n_local=4,
+                                                         n_local_mixed=2)], ids=["byol2", "dino"])
+def test_skip_view_draws_leaves_the_generator_where_make_views_does(recipe):
+    """A skipped batch draws what a decoded one draws, whatever its images' sizes (the resume of a pass)."""
+    images = D.PackedImages.from_list([torch.zeros(3, 30 + i, 50 - 3 * i, dtype=torch.uint8) for i in range(6)])
+    made, skipped = _gen(5), _gen(5)
+    D.make_views(images, None, None, recipe, made)
+    D.skip_view_draws(6, recipe, skipped)
+    assert torch.equal(made.get_state(), skipped.get_state())
+    assert torch.equal(torch.rand(4, generator=made), torch.rand(4, generator=skipped))
+
+
 @pytest.mark.cuda
 def test_make_views_on_cuda_never_syncs_with_the_host():
     dev = torch.device("cuda")

@@ -166,25 +166,39 @@ def test_bad_files_are_skipped_counted_and_named(backend, messy_folder, arrays):
         assert all(torch.isfinite(v).all() for v in b.views + b.mixed_views)
 
 
+def _count_reads(backend, monkeypatch):
+    """The files a loader of ``backend`` opens to decode, in a list (the workers' reading function, wrapped)."""
+    from sdmp_fast.pipelines import torch_gpu as tg
+    from sdmp_fast.pipelines import torchvision_loader as tvl
+
+    opened = []
+    module, name = (tvl, "open_rgb") if backend == "torchvision" else (tg, "read_sample")
+    real = getattr(module, name)
+    monkeypatch.setattr(module, name, lambda path, *a: opened.append(path) or real(path, *a))
+    return opened
+
+
+SKIPPING = ("torchvision", "torch-gpu")  # the backends with skip_batches
+
+
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("drop_last", [True, False])
 @pytest.mark.parametrize("recipe", list(RECIPES))
-def test_torchvision_skip_batches_resumes_a_pass_without_reading_the_skipped(messy_folder, arrays, recipe,
-                                                                             drop_last, monkeypatch):
+@pytest.mark.parametrize("backend", SKIPPING)
+def test_skip_batches_resumes_a_pass_without_reading_the_skipped(backend, messy_folder, arrays, recipe,
+                                                                 drop_last, monkeypatch):
     """A resumed run's pass (resume_batches) from batch 2 of epoch 1 yields what the whole pass yields from
     there, bad files included; with drop_last (training's setting) the skipped batches' files are not read."""
     from sdmp_fast.pipelines import resume_batches
-    from sdmp_fast.pipelines import torchvision_loader as tvl
 
     root, _ = messy_folder
-    whole = _loader("torchvision", root, arrays, recipe, batch_size=4, drop_last=drop_last, num_workers=2)
+    whole = _loader(backend, root, arrays, recipe, batch_size=4, drop_last=drop_last, num_workers=2)
     whole.set_epoch(1)
     with pytest.warns(RuntimeWarning):
         ref = list(whole)[2:]
-    opened = []
-    real_open = tvl.open_rgb
-    monkeypatch.setattr(tvl, "open_rgb", lambda path: opened.append(path) or real_open(path))
-    resumed = _loader("torchvision", root, arrays, recipe, batch_size=4, drop_last=drop_last, num_workers=0)
+    opened = _count_reads(backend, monkeypatch)
+    resumed = _loader(backend, root, arrays, recipe, batch_size=4, drop_last=drop_last,
+                      num_workers=1 if backend == "torch-gpu" else 0)
     batches = resume_batches(resumed, 1, 2)
     got = [next(batches) for _ in ref]
     assert [(e, i) for e, i, _ in got] == [(1, i) for i in range(2, 2 + len(ref))]
@@ -198,7 +212,8 @@ def test_torchvision_skip_batches_resumes_a_pass_without_reading_the_skipped(mes
 
 
 @pytest.mark.timeout(120)
-def test_torchvision_skip_counts_only_the_batches_a_whole_pass_yields(tmp_path, arrays):
+@pytest.mark.parametrize("backend", SKIPPING)
+def test_skip_counts_only_the_batches_a_whole_pass_yields(backend, tmp_path, arrays):
     """Batches of 2 where most files are junk: some batches have no decodable file and a whole pass drops them;
     a resume at every position still yields the whole pass's batches (the skip probes each batch)."""
     from sdmp_fast.pipelines import resume_batches
@@ -211,22 +226,24 @@ def test_torchvision_skip_counts_only_the_batches_a_whole_pass_yields(tmp_path, 
 
     def passes(loader, epoch=0, position=0, count=None):
         gen = resume_batches(loader, epoch, position)
-        return [(e, i, b.indices.tolist(), b.lam.tolist()) for (e, i, b), _ in zip(gen, range(count))]
+        return [(e, i, b.indices.tolist(), b.lam.tolist(), b.views[0].sum().item())
+                for (e, i, b), _ in zip(gen, range(count))]
 
     with pytest.warns(RuntimeWarning):
-        whole = _loader("torchvision", root, arrays, batch_size=2)
+        whole = _loader(backend, root, arrays, batch_size=2)
         n0 = len([b for b in whole])
         assert n0 < len(whole)  # the data really has batches without a decodable file
-        ref = passes(_loader("torchvision", root, arrays, batch_size=2), count=n0 + 3)
+        ref = passes(_loader(backend, root, arrays, batch_size=2), count=n0 + 3)
         for k in range(1, n0):
-            assert passes(_loader("torchvision", root, arrays, batch_size=2), 0, k, count=3) == ref[k:k + 3], k
+            assert passes(_loader(backend, root, arrays, batch_size=2), 0, k, count=3) == ref[k:k + 3], k
 
 
-def test_torchvision_skip_applies_to_one_pass_only(folder, arrays):
+@pytest.mark.parametrize("backend", SKIPPING)
+def test_skip_applies_to_one_pass_only(backend, folder, arrays):
     """A skip belongs to the pass begun before it: an abandoned resumed pass, or a skip set on a pass that never
     ran, leaves the next whole pass whole."""
-    ref = [b.indices.tolist() for b in _loader("torchvision", folder, arrays, batch_size=4)]
-    loader = _loader("torchvision", folder, arrays, batch_size=4)
+    ref = [b.indices.tolist() for b in _loader(backend, folder, arrays, batch_size=4)]
+    loader = _loader(backend, folder, arrays, batch_size=4)
     it = iter(loader)
     loader.skip_batches(2)
     next(it)  # a resumed pass, abandoned after one batch (still referenced)
@@ -316,6 +333,27 @@ def test_backends_on_cuda(backend, folder, arrays, messy_folder):
         with pytest.warns(RuntimeWarning, match="skipped 3"):
             list(bad_loader)
         assert sorted(bad_loader.skipped) == bad
+
+
+@pytest.mark.cuda
+@pytest.mark.timeout(300)
+def test_torch_gpu_skip_batches_on_cuda_matches_the_whole_pass(messy_folder, arrays, monkeypatch):
+    """nvJPEG decode and CUDA generator: a pass resumed at batch 2 yields the whole pass's batches 2.. bit for bit,
+    without reading the skipped batches' files (but one probe each)."""
+    from sdmp_fast.pipelines import resume_batches
+
+    root, _ = messy_folder
+    rec = RECIPES["dino"]
+    kw = dict(device="cuda", shard_id=0, num_shards=1, dtype=torch.bfloat16, seed=3)
+    with pytest.warns(RuntimeWarning):
+        ref = list(make_loader("torch-gpu", root, rec, 4, **kw))[2:]
+    opened = _count_reads("torch-gpu", monkeypatch)
+    got = resume_batches(make_loader("torch-gpu", root, rec, 4, **kw), 0, 2)
+    for r in ref:
+        _, _, b = next(got)
+        assert torch.equal(b.indices, r.indices) and torch.equal(b.lam, r.lam)
+        assert all(torch.equal(x, y) for x, y in zip(b.views + b.mixed_views, r.views + r.mixed_views))
+    assert len(opened) < 16
 
 
 @pytest.mark.cuda
