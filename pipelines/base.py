@@ -338,6 +338,36 @@ class SampledLoader:
         return log.paths if log is not None else []
 
 
+
+class SkippingLoader(SampledLoader):
+    """A SampledLoader whose pass can start at a later batch of its epoch without preparing the batches before
+    (``skip_batches``, which ``resume_batches`` calls). A backend implements ``_run_pass(token)``, a generator
+    that takes its skip with ``self._skip_for(token)`` when it starts and leaves the generators it draws from
+    where the skipped batches would have left them."""
+
+    _skip: Optional[Tuple[object, int]] = None  # (pass token, k)
+    _pass_token: Optional[object] = None
+
+    def skip_batches(self, k: int) -> None:
+        """The pass just begun (``iter(loader)``, before its first batch) starts at batch ``k`` of its epoch, as a
+        whole pass yields it; a later pass is whole again. Backend-specific rules: the class's ``_run_pass``."""
+        if int(k) < 0:
+            raise ValueError(f"skip_batches: k must be >= 0, got {k}")
+        self._skip = (self._pass_token, int(k))
+
+    def __iter__(self) -> Iterator[SDMPBatch]:
+        token = self._pass_token = object()  # skip_batches applies to this pass only
+        return self._run_pass(token)
+
+    def _skip_for(self, token) -> int:
+        """The k of ``skip_batches(k)`` set for the pass of ``token`` (0 if none), consumed."""
+        skip = self._skip[1] if self._skip is not None and self._skip[0] is token else 0
+        self._skip = None
+        return skip
+
+    def _run_pass(self, token) -> Iterator[SDMPBatch]:
+        raise NotImplementedError
+
 # name -> "module:Class"; modules are imported only when chosen, so a missing DALI/FFCV breaks nothing else.
 BACKENDS = {
     "torchvision": "sdmp_fast.pipelines.torchvision_loader:TorchvisionLoader",

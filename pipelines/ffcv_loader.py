@@ -40,7 +40,7 @@ import torch
 
 from sdmp_fast.batch import SDMPBatch, exact_device
 
-from .base import EpochSampler, SampledLoader, assemble_batch, make_generator
+from .base import EpochSampler, SkippingLoader, assemble_batch, make_generator, skip_mixing_draws
 from .recipes import Recipe, ViewSpec
 
 REQUIRED_FIELDS = ("image", "label", "index")
@@ -216,7 +216,7 @@ def read_beton(path) -> int:
     return int(reader.num_samples)
 
 
-class FFCVLoader(SampledLoader):
+class FFCVLoader(SkippingLoader):
     """Iterable of SDMPBatch over a .beton; see the module docstring. Options: ``multi_crop`` (default True:
     one decode per image), ``os_cache`` (FFCV: page cache vs process memory), ``batches_ahead``."""
 
@@ -317,12 +317,39 @@ class FFCVLoader(SampledLoader):
     def __iter__(self) -> Iterator[SDMPBatch]:
         if self._loader is None:
             raise RuntimeError(f"FFCV loader over {self.path!r} is closed")
+        return super().__iter__()
+
+    def _skip_draws(self, k: int, order: np.ndarray, gen: torch.Generator) -> None:
+        """What the first ``k`` batches of ``order`` draw from ``gen`` (augmentation per spec, then mixing)."""
+        for b in range(min(k, len(self))):
+            n = len(order[b * self.batch_size:(b + 1) * self.batch_size])
+            for spec in self.recipe.views:
+                if spec.count:
+                    self._ops.draw_augment_params(spec.count * n, spec, gen, self.device)
+            skip_mixing_draws(self.recipe, n, gen, self.device)
+
+    def _run_pass(self, token) -> Iterator[SDMPBatch]:
+        """One pass of the epoch; ``skip_batches(k)`` starts it at batch ``k`` without decoding the batches
+        before: FFCV's traversal
+        order starts at that batch's first sample, and the skipped batches' augmentation and mixing draws are
+        drawn and dropped (their number depends on the batch size only). A .beton holds only decodable images
+        (``convert`` left the others out), so batch sizes follow from the order alone, with or without
+        drop_last. Crops are seeded per (seed, epoch, index), so a skipped batch leaves the later ones' crops as
+        they were; FFCV's stock per-view decoders (``multi_crop=False``) draw crops unseeded either way."""
         self.sampler.begin_pass()
-        # Same length every epoch (EpochSampler), so FFCV's length computed at construction stays right.
-        self._loader.traversal_order.indices = self._epoch_order()
+        skip = self._skip_for(token)
+        order = self._epoch_order()
+        gen = make_generator(self.seed, self.sampler.epoch, self.shard_id, self.device)
+        if skip:
+            self._skip_draws(skip, order, gen)
+            order = order[skip * self.batch_size:]
+            if len(order) == 0:  # skipped past the end: nothing for FFCV to start
+                return
+        # Never longer than the first epoch's order (EpochSampler), so FFCV's length computed at construction
+        # stays right (a shorter, skipped one just ends sooner).
+        self._loader.traversal_order.indices = order
         if self._loader.sdmp_crop_seed is not None:  # before FFCV's epoch thread starts decoding
             self._loader.sdmp_crop_seed[0] = epoch_crop_seed(self.seed, self.sampler.epoch)
-        gen = make_generator(self.seed, self.sampler.epoch, self.shard_id, self.device)
         mean, std = self.recipe.mean, self.recipe.std
         epoch = self._epoch_thread = iter(self._loader)
         try:

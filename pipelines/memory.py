@@ -16,8 +16,8 @@ import torch
 
 from sdmp_fast.batch import SDMPBatch, exact_device
 
-from .base import EpochSampler, SampledLoader, assemble_batch, make_generator
-from .device_ops import make_views
+from .base import EpochSampler, SkippingLoader, assemble_batch, make_generator, skip_mixing_draws
+from .device_ops import make_views, skip_view_draws
 from .recipes import Recipe
 
 
@@ -59,7 +59,7 @@ def load_memory_data(data) -> Tuple[torch.Tensor, torch.Tensor]:
     return images.contiguous(), labels
 
 
-class MemoryLoader(SampledLoader):
+class MemoryLoader(SkippingLoader):
     """Iterable of SDMPBatch; see the module docstring. ``num_workers`` is accepted and unused (no host
     work to parallelise)."""
 
@@ -74,9 +74,17 @@ class MemoryLoader(SampledLoader):
         self.images = images.to(self.device)
         self.labels = labels.to(self.device)
 
-    def __iter__(self) -> Iterator[SDMPBatch]:
+    def _run_pass(self, token) -> Iterator[SDMPBatch]:
+        """One pass of the epoch; ``skip_batches(k)`` starts it at batch ``k``, the view and mixing draws of the
+        batches before drawn and dropped (their number depends on the batch size only)."""
         gen = make_generator(self.seed, self.sampler.begin_pass(), self.shard_id, self.device)
-        order = self.sampler.indices().to(self.device, non_blocking=True)
+        order = self.sampler.indices()
+        for _ in range(min(self._skip_for(token), len(self))):
+            n = min(self.batch_size, order.numel())
+            skip_view_draws(n, self.recipe, gen, self.device)
+            skip_mixing_draws(self.recipe, n, gen, self.device)
+            order = order[n:]
+        order = order.to(self.device, non_blocking=True)
         for idx in (order.split(self.batch_size) if order.numel() else ()):  # no host sync (shapes only)
             views = make_views(self.images.index_select(0, idx), None, None, self.recipe, gen, self.dtype)
             yield assemble_batch(views, self.labels.index_select(0, idx), idx, self.recipe, gen)

@@ -25,7 +25,7 @@ import torch
 
 from sdmp_fast.batch import SDMPBatch, exact_device
 
-from .base import EpochSampler, SampledLoader, assemble_batch, list_images, make_generator, skip_mixing_draws
+from .base import EpochSampler, SkippingLoader, assemble_batch, list_images, make_generator, skip_mixing_draws
 from .device_ops import PackedImages, make_views, skip_view_draws
 from .recipes import Recipe
 from .skips import SkipLog, short_reason
@@ -105,7 +105,7 @@ def read_sample(path: str, gpu_jpeg: bool):
         return _Bad(short_reason(e))
 
 
-class TorchGPULoader(SampledLoader):
+class TorchGPULoader(SkippingLoader):
     """Iterable of SDMPBatch on ``device``; see the module docstring. Options: ``prefetch`` (batches of file
     reads kept in flight, default 2). ``num_workers`` is the number of reading/decoding threads (default
     min(cpu count, 16))."""
@@ -127,7 +127,6 @@ class TorchGPULoader(SampledLoader):
         self._gpu_jpeg = self.device.type == "cuda"
         self._pool: Optional[ThreadPoolExecutor] = None
         self._decode_stream = None  # made on first use (CUDA only)
-        self._skip, self._pass_token = None, None  # skip_batches: (pass token, k)
 
     def close(self) -> None:
         """Stop the reading threads (a later iteration starts new ones)."""
@@ -209,28 +208,17 @@ class TorchGPULoader(SampledLoader):
         indices = batch[keep] if bad else batch
         return [results[j] for j in keep], torch.tensor([labels[i] for i in indices.tolist()]), indices, bool(bad)
 
-    def skip_batches(self, k: int) -> None:
-        """The pass just begun (``iter(loader)``, before its first batch) starts at batch ``k`` of its epoch, as
-        a whole pass yields it, without decoding the batches before (what a resumed run needs,
-        ``resume_batches``): the view and mixing draws of the skipped batches are drawn from the pass's
+    def _run_pass(self, token) -> Iterator[SDMPBatch]:
+        """One pass of the epoch; ``skip_batches(k)`` starts it at batch ``k`` without decoding the batches
+        before: the view and mixing draws of the skipped batches are drawn from the pass's
         generator and dropped (their number depends on the batch size only). With ``drop_last`` (training's
         setting) a batch keeps its size whatever files it lost, and a whole pass yields it unless none of its
         files decodes: each skipped batch is probed, on the reading threads, for one file libjpeg/libpng decodes
         (one CPU decode per batch instead of the batch), so such a batch is not counted. Without ``drop_last``
         batch sizes depend on the files, so the first ``k`` batches are read and dropped instead."""
-        if int(k) < 0:
-            raise ValueError(f"skip_batches: k must be >= 0, got {k}")
-        self._skip = (self._pass_token, int(k))
-
-    def __iter__(self) -> Iterator[SDMPBatch]:
-        token = self._pass_token = object()  # skip_batches applies to this pass only
-        return self._run_pass(token)
-
-    def _run_pass(self, token) -> Iterator[SDMPBatch]:
         epoch = self.sampler.begin_pass()
         gen = make_generator(self.seed, epoch, self.shard_id, self.device)
-        skip = self._skip[1] if self._skip is not None and self._skip[0] is token else 0
-        self._skip = None
+        skip = self._skip_for(token)
         batches = self.sampler.batches()
         drop = 0  # batches to read and drop
         if skip and self.sampler.drop_last:

@@ -23,7 +23,7 @@ import torch
 
 from sdmp_fast.batch import SDMPBatch
 
-from .base import EpochSampler, SampledLoader, assemble_batch, list_images, make_generator, skip_mixing_draws
+from .base import EpochSampler, SkippingLoader, assemble_batch, list_images, make_generator, skip_mixing_draws
 from .device_ops import blur_kernel_size
 from .recipes import Recipe, ViewSpec
 from .skips import SkipLog, short_reason
@@ -176,7 +176,7 @@ def settle_batch(views: List[torch.Tensor], labels: torch.Tensor, indices: torch
     return [v[at] for v in views], labels[at], indices[at]
 
 
-class TorchvisionLoader(SampledLoader):
+class TorchvisionLoader(SkippingLoader):
     """Iterable of SDMPBatch on ``device``; see the module docstring. Options: ``prefetch_factor`` (batches
     each worker prepares ahead, default 2)."""
 
@@ -194,34 +194,23 @@ class TorchvisionLoader(SampledLoader):
         self.log = SkipLog("torchvision")
         dataset = ViewDataset(self.images.files, self.images.labels, self.recipe, seed)
         workers = self.num_workers > 0
-        self._batches, self._skip, self._pass_token = _EpochBatches(self.sampler), None, None
+        self._batches = _EpochBatches(self.sampler)
         self._loader = torch.utils.data.DataLoader(
             dataset, batch_sampler=self._batches, num_workers=self.num_workers,
             collate_fn=collate_views, pin_memory=self.device.type == "cuda", persistent_workers=workers,
             prefetch_factor=prefetch_factor if workers else None, worker_init_fn=ignore_stop_signals)
 
-    def skip_batches(self, k: int) -> None:
-        """The pass just begun (``iter(loader)``, before its first batch) starts at batch ``k`` of its epoch, as
-        a whole pass yields it, without decoding the batches before (what a resumed run needs,
-        ``resume_batches``). Each sample's augmentation is seeded by (seed, epoch, index), and the mixing draws
+    def _run_pass(self, token) -> Iterator[SDMPBatch]:
+        """One pass of the epoch; ``skip_batches(k)`` starts it at batch ``k`` without decoding the batches
+        before. Each sample's augmentation is seeded by (seed, epoch, index), and the mixing draws
         of the skipped batches are drawn and dropped. With ``drop_last`` (training's setting) a batch keeps its
         size whatever files it lost, and a whole pass yields it unless none of its files decodes: each skipped
         batch is probed for one decodable file (one decode per batch instead of all), so such a batch is not
         counted, as the whole pass does not yield it. Without ``drop_last`` batch sizes depend on the files, so
         the first ``k`` batches are read and dropped instead."""
-        if int(k) < 0:
-            raise ValueError(f"skip_batches: k must be >= 0, got {k}")
-        self._skip = (self._pass_token, int(k))
-
-    def __iter__(self) -> Iterator[SDMPBatch]:
-        token = self._pass_token = object()  # skip_batches applies to this pass only
-        return self._run_pass(token)
-
-    def _run_pass(self, token) -> Iterator[SDMPBatch]:
         epoch = self.sampler.begin_pass()
         gen = make_generator(self.seed, epoch, self.shard_id, self.device)
-        skip = self._skip[1] if self._skip is not None and self._skip[0] is token else 0
-        self._skip = None
+        skip = self._skip_for(token)
         drop = 0  # batches to read and drop
         if skip and self.sampler.drop_last:
             self._batches.start = self._skip_unread(skip, gen)

@@ -281,6 +281,35 @@ def test_ffcv_crops_follow_seed_and_epoch_not_the_run(beton):
 
 @pytest.mark.timeout(150)
 @NUMBA_FINALIZER_NOISE
+@pytest.mark.parametrize("drop_last", [True, False])
+def test_ffcv_skip_batches_resumes_a_pass_without_decoding_the_skipped(beton, drop_last, monkeypatch):
+    """resume_batches from batch 2 of epoch 1 yields the whole pass's batches from there (crops, colours, mixing
+    bit for bit) and hands FFCV only the samples from batch 2 on; a skip past the end yields nothing."""
+    from sdmp_fast.pipelines import resume_batches
+
+    _, path = beton
+    recipe = make_recipe("byol2", **SMALL_BYOL)
+    ld = make_loader("ffcv", path, recipe, 4, device="cpu", shard_id=0, num_shards=1, drop_last=drop_last,
+                     seed=3, num_workers=2)
+    ld.set_epoch(1)
+    ref = [(b.indices.clone(), b.lam.clone(), [v.clone() for v in b.views + b.mixed_views]) for b in ld][2:]
+    got = resume_batches(ld, 1, 2)
+    for indices, lam, views in ref:
+        _, _, b = next(got)
+        assert torch.equal(b.indices, indices) and torch.equal(b.lam, lam)
+        assert all(torch.equal(x, y) for x, y in zip(b.views + b.mixed_views, views))
+    assert len(ld._loader.traversal_order.indices) == len(ld.sampler.indices()) - 2 * 4
+    assert next(got)[:2] == (2, 0)  # and on into the next epoch
+    it = iter(ld)
+    ld.skip_batches(len(ld))
+    assert list(it) == []
+    with pytest.raises(ValueError, match="k must be >= 0"):
+        ld.skip_batches(-1)
+    ld.close()
+
+
+@pytest.mark.timeout(150)
+@NUMBA_FINALIZER_NOISE
 def test_ffcv_dino_multicrop_bf16_raw_and_jpeg(folder, tmp_path):
     """DINO's 2 + 4 crops from one decode, from a .beton holding both raw and JPEG samples."""
     from ffcv.reader import Reader

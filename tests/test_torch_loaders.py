@@ -238,7 +238,22 @@ def test_skip_counts_only_the_batches_a_whole_pass_yields(backend, tmp_path, arr
             assert passes(_loader(backend, root, arrays, batch_size=2), 0, k, count=3) == ref[k:k + 3], k
 
 
-@pytest.mark.parametrize("backend", SKIPPING)
+@pytest.mark.parametrize("drop_last", [True, False])
+@pytest.mark.parametrize("recipe", list(RECIPES))
+def test_memory_skip_batches_resumes_a_pass(folder, arrays, recipe, drop_last):
+    """The memory backend's resumed pass equals the whole pass from there, a short last batch included."""
+    from sdmp_fast.pipelines import resume_batches
+
+    ref = list(_loader("memory", folder, arrays, recipe, batch_size=4, drop_last=drop_last))
+    for k in range(1, len(ref)):
+        got = resume_batches(_loader("memory", folder, arrays, recipe, batch_size=4, drop_last=drop_last), 0, k)
+        for r in ref[k:]:
+            _, _, b = next(got)
+            assert torch.equal(b.indices, r.indices) and torch.equal(b.lam, r.lam)
+            assert all(torch.equal(x, y) for x, y in zip(b.views + b.mixed_views, r.views + r.mixed_views))
+
+
+@pytest.mark.parametrize("backend", SKIPPING + ("memory",))
 def test_skip_applies_to_one_pass_only(backend, folder, arrays):
     """A skip belongs to the pass begun before it: an abandoned resumed pass, or a skip set on a pass that never
     ran, leaves the next whole pass whole."""
