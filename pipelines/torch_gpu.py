@@ -210,12 +210,14 @@ class TorchGPULoader(SkippingLoader):
 
     def _run_pass(self, token) -> Iterator[SDMPBatch]:
         """One pass of the epoch; ``skip_batches(k)`` starts it at batch ``k`` without decoding the batches
-        before: the view and mixing draws of the skipped batches are drawn from the pass's
-        generator and dropped (their number depends on the batch size only). With ``drop_last`` (training's
-        setting) a batch keeps its size whatever files it lost, and a whole pass yields it unless none of its
-        files decodes: each skipped batch is probed, on the reading threads, for one file libjpeg/libpng decodes
-        (one CPU decode per batch instead of the batch), so such a batch is not counted. Without ``drop_last``
-        batch sizes depend on the files, so the first ``k`` batches are read and dropped instead."""
+        before: the view and mixing draws of the skipped batches are drawn from the pass's generator and dropped
+        (their number depends on the batch size only). With ``drop_last`` (training's setting) a batch keeps its
+        size whatever files it lost, and a whole pass yields it unless none of its files decodes: each skipped
+        batch is probed, on the reading threads, for one file libjpeg/libpng decodes (one CPU decode per batch
+        instead of the batch), so such a batch is not counted. On a GPU a batch whose only decodable files are
+        JPEGs nvJPEG reads but libjpeg refuses would be miscounted (rare: corrupt files of both kinds in one
+        batch and nothing else). Without ``drop_last`` batch sizes depend on the files, so the first ``k``
+        batches are read and dropped instead."""
         epoch = self.sampler.begin_pass()
         gen = make_generator(self.seed, epoch, self.shard_id, self.device)
         skip = self._skip_for(token)

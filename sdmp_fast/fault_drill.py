@@ -23,7 +23,8 @@ from typing import Dict, List, Optional
 TINY = ["--arch", "vit_tiny_patch16_224", "--img-size", "32", "--patch-size", "8", "--depth", "2",
         "--embed-dim", "64", "--num-heads", "2", "--proj-hidden-dim", "128", "--proj-dim", "64",
         "--dino-out-dim", "256", "--dino-hidden-dim", "128", "--dino-bottleneck-dim", "64", "--local-size", "16",
-        "--n-local", "4", "--n-local-mixed", "2", "--progress", "off", "--tensorboard", "off", "--deterministic"]
+        "--n-local", "4", "--n-local-mixed", "2", "--progress", "off", "--tensorboard", "off", "--deterministic",
+        "--device", "cpu"]  # bit-exact resumes are promised on the CPU (a GPU's backward uses atomics)
 
 
 def _fork_train(argv: List[str], env: Dict[str, str], log_path: str) -> int:

@@ -122,11 +122,31 @@ def _dino_terms_and_center_ref(student_clean, student_mixed, teacher_clean, teac
     return terms, t.reshape(-1, t.shape[-1]).mean(0)
 
 
+_DETERMINISTIC_BY_US = False  # whether a Trainer turned torch's process-wide deterministic mode on
+
+
+def set_deterministic(on: bool, device: torch.device) -> None:
+    """torch's deterministic mode for a run: on when asked; off again when asked not to and an earlier Trainer of
+    this process turned it on (a run after a --deterministic one, in tests or sweeps, must not inherit strict
+    mode: on a GPU DINO's bicubic position-embedding backward then raises), a user's own setting left alone.
+    On a GPU some ops have no deterministic backward: warn there instead of stopping the run; bit-exact resume
+    is promised on CPU, where every op used is deterministic."""
+    global _DETERMINISTIC_BY_US
+    if on:
+        torch.use_deterministic_algorithms(True, warn_only=device.type == "cuda")
+        _DETERMINISTIC_BY_US = True
+    elif _DETERMINISTIC_BY_US:
+        torch.use_deterministic_algorithms(False)
+        _DETERMINISTIC_BY_US = False
+
+
 def loss_functions(cfg: TrainConfig, device: torch.device) -> Tuple[Callable, Callable, str]:
     """(moco_terms, dino_terms_and_center, name): the fused kernels of sdmp_fast.kernels (same signatures as the
     references in sdmp_fast.losses) on a GPU when they are importable, else the references. The DINO function
     returns (terms, batch mean of the clean teacher logits) so the kernel's teacher pass feeds the center."""
     moco, dino_fn, name = ref_losses.sdmp_moco_terms, _dino_terms_and_center_ref, "reference"
+    if cfg.method == "mocov3" and not cfg.sdmp:  # plain MoCo v3: F.cross_entropy, no fused op to run
+        return moco, dino_fn, "reference (plain MoCo v3 cross-entropy)"
     if cfg.kernels == "auto" and device.type == "cuda":
         try:
             from sdmp_fast import kernels
@@ -215,16 +235,13 @@ class Trainer:
         self.cfg, self.rank, self.world_size, self.log = cfg, rank, world_size, log
         check_gpu_per_rank(cfg.device, world_size)
         self.device = resolve_device(cfg.device, local_rank)
+        if cfg.deterministic:  # read when cuBLAS makes its first handle: before anything runs on the card
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
         use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and self.device.type == "cuda")
         self.amp_dtype = torch.bfloat16 if use_bf16 else None
-        if cfg.deterministic:
-            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-            # On a GPU some ops have no deterministic backward (the antialiased bicubic resize of the position
-            # embedding that DINO's local crops need raises): warn there instead of stopping the run. Bit-exact
-            # resume is promised on CPU, where every op used is deterministic.
-            torch.use_deterministic_algorithms(True, warn_only=self.device.type == "cuda")
+        set_deterministic(cfg.deterministic, self.device)
         if cfg.cuda_graphs and world_size > 1:
             raise ValueError("cuda_graphs: whole-step capture is single-process only (DDP capture is not supported)")
 

@@ -10,3 +10,15 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "cuda" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def cpu_unless_marked_cuda(request, monkeypatch):
+    """A test not marked ``cuda`` belongs to the CPU suite that CI runs, and runs on the CPU on a GPU machine too:
+    device "auto", make_loader's default device and every child process would otherwise pick the GPU, and these
+    tests' expectations (bit-exact resumes, fp32 tolerances, no device-memory columns, one process per rank on
+    one card) are the CPU's. The GPU's own behaviour is what the ``cuda`` tests check."""
+    if "cuda" in request.keywords or not torch.cuda.is_available():
+        return
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # child processes see no GPU

@@ -35,6 +35,25 @@ def tiny_cfg(tmp_path, **kw) -> TrainConfig:
     return TrainConfig(**base).resolve().validate()
 
 
+def test_a_run_after_a_deterministic_one_does_not_inherit_strict_mode(tmp_path):
+    """torch's deterministic mode is process-wide: a --deterministic Trainer turns it on, the next Trainer without
+    it turns it off again (on a GPU, DINO's position-embedding backward raises in strict mode); a user's own
+    setting, made outside any Trainer, is left alone."""
+    from sdmp_fast.trainer import set_deterministic
+
+    before = torch.are_deterministic_algorithms_enabled()
+    try:
+        Trainer(tiny_cfg(tmp_path, deterministic=True))
+        assert torch.are_deterministic_algorithms_enabled()
+        Trainer(tiny_cfg(tmp_path, deterministic=False))
+        assert not torch.are_deterministic_algorithms_enabled()
+        torch.use_deterministic_algorithms(True)  # the user's
+        set_deterministic(False, torch.device("cpu"))
+        assert torch.are_deterministic_algorithms_enabled()
+    finally:
+        torch.use_deterministic_algorithms(before)
+
+
 def run_cli(argv, capsys=None):
     code = cli.main(["train"] + list(argv))
     err = capsys.readouterr().err if capsys is not None else ""
@@ -666,9 +685,11 @@ def check_kernels_match_reference_in_training(tmp_path, monkeypatch, method, sdm
     ref.fit(str(tmp_path / "ref"))
     calls = kernel_call_counter(monkeypatch)
     fused = Trainer(cfg)
-    assert fused.loss_impl == "kernels"
     fused.fit(str(tmp_path / "fused"))
-    assert calls["dino" if method == "dino" else "two_hot"] > 0, calls
+    if method == "mocov3" and not sdmp:  # plain MoCo v3 is F.cross_entropy: no fused op, and the log says so
+        assert fused.loss_impl.startswith("reference (plain") and calls == {"dino": 0, "two_hot": 0}
+    else:
+        assert fused.loss_impl == "kernels" and calls["dino" if method == "dino" else "two_hot"] > 0, calls
     # step 1 from equal weights: rounding only; step 2 after one AdamW update, whose normalised steps turn
     # rounding differences of small gradients into larger ones (a few steps later grad norms drift by ~1%)
     recs = list(zip(read_metrics(str(tmp_path / "ref")), read_metrics(str(tmp_path / "fused"))))
