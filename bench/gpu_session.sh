@@ -76,7 +76,7 @@ fi
 if [ "$DEVICE" != cpu ] && "$PY" -c "import pytest" 2> /dev/null; then
   TIMEOUT_OPT=""
   "$PY" -c "import pytest_timeout" 2> /dev/null && TIMEOUT_OPT="--timeout=90"
-  step cuda_tests 150 "$PY" -m pytest -m cuda tests --ignore=tests/test_kernels.py -q -rfE -p no:cacheprovider \
+  step cuda_tests 150 "$PY" -m pytest -m cuda tests --ignore=tests/test_kernels.py -q -rfE --durations=10 -p no:cacheprovider \
     $TIMEOUT_OPT
 fi
 
