@@ -202,9 +202,9 @@ class TorchvisionLoader(SkippingLoader):
 
     def _run_pass(self, token) -> Iterator[SDMPBatch]:
         """One pass of the epoch; ``skip_batches(k)`` starts it at batch ``k`` without decoding the batches
-        before. Each sample's augmentation is seeded by (seed, epoch, index), and the mixing draws
-        of the skipped batches are drawn and dropped. With ``drop_last`` (training's setting) a batch keeps its
-        size whatever files it lost, and a whole pass yields it unless none of its files decodes: each skipped
+        before. Each sample's augmentation is seeded by (seed, epoch, index), and the mixing draws of the
+        skipped batches are drawn and dropped. With ``drop_last`` (training's setting) a batch keeps its size
+        whatever files it lost, and a whole pass yields it unless none of its files decodes: each skipped
         batch is probed for one decodable file (one decode per batch instead of all), so such a batch is not
         counted, as the whole pass does not yield it. Without ``drop_last`` batch sizes depend on the files, so
         the first ``k`` batches are read and dropped instead."""
