@@ -293,12 +293,12 @@ def resume_batches(loader, epoch: int = 0, position: int = 0) -> Iterator[Tuple[
     start = position
     while True:
         loader.set_epoch(epoch)
-        it = iter(loader)
         skip_to = getattr(loader, "skip_batches", None)
         i = 0
         if start and callable(skip_to):
-            skip_to(start)
+            skip_to(start)  # before iter: it belongs to the next pass begun
             i = start
+        it = iter(loader)
         for batch in it:
             if i >= start:
                 yield epoch, i, batch
@@ -341,31 +341,26 @@ class SampledLoader:
 
 class SkippingLoader(SampledLoader):
     """A SampledLoader whose pass can start at a later batch of its epoch without preparing the batches before
-    (``skip_batches``, which ``resume_batches`` calls). A backend implements ``_run_pass(token)``, a generator
-    that takes its skip with ``self._skip_for(token)`` when it starts and leaves the generators it draws from
-    where the skipped batches would have left them."""
+    (``skip_batches``, which ``resume_batches`` calls). A backend implements ``_run_pass(skip)``, a generator
+    that starts at batch ``skip`` and leaves the generators it draws from where the skipped batches would have
+    left them."""
 
-    _skip: Optional[Tuple[object, int]] = None  # (pass token, k)
-    _pass_token: Optional[object] = None
+    _skip = 0
 
     def skip_batches(self, k: int) -> None:
-        """The pass just begun (``iter(loader)``, before its first batch) starts at batch ``k`` of its epoch, as a
-        whole pass yields it; a later pass is whole again. Backend-specific rules: the class's ``_run_pass``."""
+        """The next pass begun (``iter(loader)``) starts at batch ``k`` of its epoch, as a whole pass yields it;
+        the passes after it are whole. Set before ``iter``, so a wrapper whose ``__iter__`` is a generator (it
+        calls ``iter`` on this loader only at its first ``next``) passes the skip on. Backend-specific rules:
+        the class's ``_run_pass``."""
         if int(k) < 0:
             raise ValueError(f"skip_batches: k must be >= 0, got {k}")
-        self._skip = (self._pass_token, int(k))
+        self._skip = int(k)
 
     def __iter__(self) -> Iterator[SDMPBatch]:
-        token = self._pass_token = object()  # skip_batches applies to this pass only
-        return self._run_pass(token)
+        skip, self._skip = self._skip, 0
+        return self._run_pass(skip)
 
-    def _skip_for(self, token) -> int:
-        """The k of ``skip_batches(k)`` set for the pass of ``token`` (0 if none), consumed."""
-        skip = self._skip[1] if self._skip is not None and self._skip[0] is token else 0
-        self._skip = None
-        return skip
-
-    def _run_pass(self, token) -> Iterator[SDMPBatch]:
+    def _run_pass(self, skip: int) -> Iterator[SDMPBatch]:
         raise NotImplementedError
 
 # name -> "module:Class"; modules are imported only when chosen, so a missing DALI/FFCV breaks nothing else.

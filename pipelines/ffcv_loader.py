@@ -328,7 +328,7 @@ class FFCVLoader(SkippingLoader):
                     self._ops.draw_augment_params(spec.count * n, spec, gen, self.device)
             skip_mixing_draws(self.recipe, n, gen, self.device)
 
-    def _run_pass(self, token) -> Iterator[SDMPBatch]:
+    def _run_pass(self, skip: int) -> Iterator[SDMPBatch]:
         """One pass of the epoch; ``skip_batches(k)`` starts it at batch ``k`` without decoding the batches
         before: FFCV's traversal
         order starts at that batch's first sample, and the skipped batches' augmentation and mixing draws are
@@ -337,7 +337,6 @@ class FFCVLoader(SkippingLoader):
         drop_last. Crops are seeded per (seed, epoch, index), so a skipped batch leaves the later ones' crops as
         they were; FFCV's stock per-view decoders (``multi_crop=False``) draw crops unseeded either way."""
         self.sampler.begin_pass()
-        skip = self._skip_for(token)
         order = self._epoch_order()
         gen = make_generator(self.seed, self.sampler.epoch, self.shard_id, self.device)
         if skip:

@@ -74,12 +74,12 @@ class MemoryLoader(SkippingLoader):
         self.images = images.to(self.device)
         self.labels = labels.to(self.device)
 
-    def _run_pass(self, token) -> Iterator[SDMPBatch]:
+    def _run_pass(self, skip: int) -> Iterator[SDMPBatch]:
         """One pass of the epoch; ``skip_batches(k)`` starts it at batch ``k``, the view and mixing draws of the
         batches before drawn and dropped (their number depends on the batch size only)."""
         gen = make_generator(self.seed, self.sampler.begin_pass(), self.shard_id, self.device)
         order = self.sampler.indices()
-        for _ in range(min(self._skip_for(token), len(self))):
+        for _ in range(min(skip, len(self))):
             n = min(self.batch_size, order.numel())
             skip_view_draws(n, self.recipe, gen, self.device)
             skip_mixing_draws(self.recipe, n, gen, self.device)

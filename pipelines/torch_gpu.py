@@ -208,7 +208,7 @@ class TorchGPULoader(SkippingLoader):
         indices = batch[keep] if bad else batch
         return [results[j] for j in keep], torch.tensor([labels[i] for i in indices.tolist()]), indices, bool(bad)
 
-    def _run_pass(self, token) -> Iterator[SDMPBatch]:
+    def _run_pass(self, skip: int) -> Iterator[SDMPBatch]:
         """One pass of the epoch; ``skip_batches(k)`` starts it at batch ``k`` without decoding the batches
         before: the view and mixing draws of the skipped batches are drawn from the pass's generator and dropped
         (their number depends on the batch size only). With ``drop_last`` (training's setting) a batch keeps its
@@ -220,7 +220,6 @@ class TorchGPULoader(SkippingLoader):
         batches are read and dropped instead."""
         epoch = self.sampler.begin_pass()
         gen = make_generator(self.seed, epoch, self.shard_id, self.device)
-        skip = self._skip_for(token)
         batches = self.sampler.batches()
         drop = 0  # batches to read and drop
         if skip and self.sampler.drop_last:

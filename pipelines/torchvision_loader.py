@@ -200,7 +200,7 @@ class TorchvisionLoader(SkippingLoader):
             collate_fn=collate_views, pin_memory=self.device.type == "cuda", persistent_workers=workers,
             prefetch_factor=prefetch_factor if workers else None, worker_init_fn=ignore_stop_signals)
 
-    def _run_pass(self, token) -> Iterator[SDMPBatch]:
+    def _run_pass(self, skip: int) -> Iterator[SDMPBatch]:
         """One pass of the epoch; ``skip_batches(k)`` starts it at batch ``k`` without decoding the batches
         before. Each sample's augmentation is seeded by (seed, epoch, index), and the mixing draws of the
         skipped batches are drawn and dropped. With ``drop_last`` (training's setting) a batch keeps its size
@@ -210,7 +210,6 @@ class TorchvisionLoader(SkippingLoader):
         the first ``k`` batches are read and dropped instead."""
         epoch = self.sampler.begin_pass()
         gen = make_generator(self.seed, epoch, self.shard_id, self.device)
-        skip = self._skip_for(token)
         drop = 0  # batches to read and drop
         if skip and self.sampler.drop_last:
             self._batches.start = self._skip_unread(skip, gen)

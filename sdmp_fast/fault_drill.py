@@ -23,8 +23,7 @@ from typing import Dict, List, Optional
 TINY = ["--arch", "vit_tiny_patch16_224", "--img-size", "32", "--patch-size", "8", "--depth", "2",
         "--embed-dim", "64", "--num-heads", "2", "--proj-hidden-dim", "128", "--proj-dim", "64",
         "--dino-out-dim", "256", "--dino-hidden-dim", "128", "--dino-bottleneck-dim", "64", "--local-size", "16",
-        "--n-local", "4", "--n-local-mixed", "2", "--progress", "off", "--tensorboard", "off", "--deterministic",
-        "--device", "cpu"]  # bit-exact resumes are promised on the CPU (a GPU's backward uses atomics)
+        "--n-local", "4", "--n-local-mixed", "2", "--progress", "off", "--tensorboard", "off", "--deterministic"]
 
 
 def _fork_train(argv: List[str], env: Dict[str, str], log_path: str) -> int:
@@ -102,9 +101,12 @@ def run_drill(trials: int = 10, steps: int = 24, save_every: int = 3, method: st
 
     work = workdir or tempfile.mkdtemp(prefix="sdmp-drill-")
     os.makedirs(work, exist_ok=True)
-    argv = TINY + ["--method", method, "--loader", loader, "--batch-size", str(batch_size), "--steps", str(steps),
-                   "--save-every", str(save_every), "--log-every", str(save_every), "--seed", str(seed),
-                   "--lr", "1e-3"]
+    # on the CPU, where bit-exact resumes are promised (a GPU's backward uses atomics); torch-gpu refuses an
+    # explicit --device cpu and takes the CPU by itself where CUDA is not available
+    device = [] if loader == "torch-gpu" else ["--device", "cpu"]
+    argv = TINY + device + ["--method", method, "--loader", loader, "--batch-size", str(batch_size),
+                            "--steps", str(steps), "--save-every", str(save_every), "--log-every", str(save_every),
+                            "--seed", str(seed), "--lr", "1e-3"]
     if data:
         argv += ["--data", data]
     rng = random.Random(seed)

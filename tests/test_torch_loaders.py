@@ -254,22 +254,42 @@ def test_memory_skip_batches_resumes_a_pass(folder, arrays, recipe, drop_last):
 
 
 @pytest.mark.parametrize("backend", SKIPPING + ("memory",))
-def test_skip_applies_to_one_pass_only(backend, folder, arrays):
-    """A skip belongs to the pass begun before it: an abandoned resumed pass, or a skip set on a pass that never
-    ran, leaves the next whole pass whole."""
+def test_skip_applies_to_the_next_pass_begun_only(backend, folder, arrays):
+    """skip_batches(k) belongs to the next pass begun (iter), which starts at batch k; an abandoned skipped pass
+    leaves the next one whole; the last call before iter wins."""
     ref = [b.indices.tolist() for b in _loader(backend, folder, arrays, batch_size=4)]
     loader = _loader(backend, folder, arrays, batch_size=4)
-    it = iter(loader)
     loader.skip_batches(2)
-    next(it)  # a resumed pass, abandoned after one batch (still referenced)
+    it = iter(loader)
+    assert next(it).indices.tolist() == ref[2]  # a resumed pass, abandoned after one batch (still referenced)
     loader.set_epoch(0)
     assert [b.indices.tolist() for b in loader] == ref
-    iter(loader)
-    loader.skip_batches(3)  # a pass begun, never run
+    loader.skip_batches(3)
+    loader.skip_batches(1)
     loader.set_epoch(0)
-    assert [b.indices.tolist() for b in loader] == ref
+    assert [b.indices.tolist() for b in loader] == ref[1:]
     with pytest.raises(ValueError, match="k must be >= 0"):
         loader.skip_batches(-1)
+
+
+@pytest.mark.parametrize("backend", SKIPPING + ("memory",))
+def test_resume_through_adapters_yields_the_whole_pass_batches(backend, folder, arrays):
+    """resume_batches over an adapter (whose __iter__ is a generator: it begins the loader's pass only at its
+    first next) skips exactly as over the bare loader: solo-learn's (indices, views, labels) from batch 2 on."""
+    from sdmp_fast.pipelines import adapters, resume_batches
+
+    ref = [b.indices.tolist() for b in _loader(backend, folder, arrays, batch_size=4)]
+    for wrap in (adapters.as_solo_learn, lambda ld: adapters.as_dataloader(adapters.as_solo_learn(ld))):
+        got = resume_batches(wrap(_loader(backend, folder, arrays, batch_size=4)), 0, 2)
+        assert [(e, i, out[0].tolist()) for (e, i, out), _ in zip(got, range(len(ref) - 1))] == \
+            [(0, i, ref[i]) for i in range(2, len(ref))] + [(1, 0, [b.indices.tolist() for b in _epoch1(
+                backend, folder, arrays)][0])]
+
+
+def _epoch1(backend, folder, arrays):
+    loader = _loader(backend, folder, arrays, batch_size=4)
+    loader.set_epoch(1)
+    return list(loader)
 
 
 def test_exif_orientation_and_odd_formats_decode_upright_rgb(messy_folder):
