@@ -12,6 +12,7 @@ loss treats as "no mixing" (c = 0), so the loss stays consistent.
 from __future__ import annotations
 
 import importlib
+import itertools
 import os
 import warnings
 from dataclasses import dataclass
@@ -257,6 +258,16 @@ def _draws_mixing(recipe: Recipe, n: int) -> bool:
     return recipe.mix.enabled and bool(recipe.mix.mixed_views) and n >= 2 and n % 2 == 0
 
 
+def skip_batch_draws(recipe: Recipe, n: int, generator: Optional[torch.Generator], device,
+                     crops: bool = True) -> None:
+    """Draw and drop what a batch of ``n`` samples draws from ``generator`` on the device ops' path: each view's
+    crop boxes (``crops``: False where the decoder crops, as FFCV's) and augmentation, then the mixing."""
+    from .device_ops import skip_view_draws
+
+    skip_view_draws(n, recipe, generator, device, crops)
+    skip_mixing_draws(recipe, n, generator, device)
+
+
 def skip_mixing_draws(recipe: Recipe, n: int, generator: Optional[torch.Generator], device) -> None:
     """Draw from ``generator`` exactly what ``assemble_batch`` draws for a batch of ``n`` samples of ``recipe``
     (lam and method, then one box position per mixed view), and drop it: a loader that skips a batch without
@@ -343,7 +354,8 @@ class SkippingLoader(SampledLoader):
     """A SampledLoader whose pass can start at a later batch of its epoch without preparing the batches before
     (``skip_batches``, which ``resume_batches`` calls). A backend implements ``_run_pass(skip)``, a generator
     that starts at batch ``skip`` and leaves the generators it draws from where the skipped batches would have
-    left them."""
+    left them (``skip_batch_draws``); one that can do so only in some settings says so in ``_skips_unread``,
+    and the batches it cannot skip are read and dropped here."""
 
     _skip = 0
 
@@ -358,10 +370,17 @@ class SkippingLoader(SampledLoader):
 
     def __iter__(self) -> Iterator[SDMPBatch]:
         skip, self._skip = self._skip, 0
-        return self._run_pass(skip)
+        if not skip or self._skips_unread():
+            return self._run_pass(skip)
+        return itertools.islice(self._run_pass(0), skip, None)  # read and dropped
+
+    def _skips_unread(self) -> bool:
+        """Whether ``_run_pass`` can skip batches unread in this loader's settings."""
+        return True
 
     def _run_pass(self, skip: int) -> Iterator[SDMPBatch]:
         raise NotImplementedError
+
 
 # name -> "module:Class"; modules are imported only when chosen, so a missing DALI/FFCV breaks nothing else.
 BACKENDS = {

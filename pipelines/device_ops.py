@@ -485,15 +485,18 @@ def make_views(images: Union[torch.Tensor, PackedImages], heights: Optional[torc
     return views
 
 
-def skip_view_draws(n: int, recipe: Recipe, generator: Optional[torch.Generator] = None, device=None) -> None:
+def skip_view_draws(n: int, recipe: Recipe, generator: Optional[torch.Generator] = None, device=None,
+                    crops: bool = True) -> None:
     """Draw from ``generator`` exactly what ``make_views`` draws for a batch of ``n`` images of ``recipe`` (the
     crop boxes' tries, then each view's augmentation; the number drawn depends on ``n`` only, not on the
     images), and drop it: a loader that skips a batch without decoding it leaves its generator where the batch
-    would have left it. Calls the same draw functions, so the two cannot drift apart."""
+    would have left it. Calls the same draw functions, so the two cannot drift apart. ``crops=False``: what
+    ``augment`` alone draws (views cropped by the decoder)."""
     for spec in recipe.views:
         m = n * spec.count
         if m == 0:
             continue
-        ones = torch.ones(m, device=device, dtype=torch.int64)
-        random_resized_crop_boxes(ones, ones, spec.scale, spec.ratio, generator)
+        if crops:
+            ones = torch.ones(m, device=device, dtype=torch.int64)
+            random_resized_crop_boxes(ones, ones, spec.scale, spec.ratio, generator)
         draw_augment_params(m, spec, generator, device)

@@ -40,7 +40,7 @@ import torch
 
 from sdmp_fast.batch import SDMPBatch, exact_device
 
-from .base import EpochSampler, SkippingLoader, assemble_batch, make_generator, skip_mixing_draws
+from .base import EpochSampler, SkippingLoader, assemble_batch, make_generator, skip_batch_draws
 from .recipes import Recipe, ViewSpec
 
 REQUIRED_FIELDS = ("image", "label", "index")
@@ -323,10 +323,7 @@ class FFCVLoader(SkippingLoader):
         """What the first ``k`` batches of ``order`` draw from ``gen`` (augmentation per spec, then mixing)."""
         for b in range(min(k, len(self))):
             n = len(order[b * self.batch_size:(b + 1) * self.batch_size])
-            for spec in self.recipe.views:
-                if spec.count:
-                    self._ops.draw_augment_params(spec.count * n, spec, gen, self.device)
-            skip_mixing_draws(self.recipe, n, gen, self.device)
+            skip_batch_draws(self.recipe, n, gen, self.device, crops=False)  # FFCV's decoder crops
 
     def _run_pass(self, skip: int) -> Iterator[SDMPBatch]:
         """One pass of the epoch; ``skip_batches(k)`` starts it at batch ``k`` without decoding the batches

@@ -16,8 +16,8 @@ import torch
 
 from sdmp_fast.batch import SDMPBatch, exact_device
 
-from .base import EpochSampler, SkippingLoader, assemble_batch, make_generator, skip_mixing_draws
-from .device_ops import make_views, skip_view_draws
+from .base import EpochSampler, SkippingLoader, assemble_batch, make_generator, skip_batch_draws
+from .device_ops import make_views
 from .recipes import Recipe
 
 
@@ -81,8 +81,7 @@ class MemoryLoader(SkippingLoader):
         order = self.sampler.indices()
         for _ in range(min(skip, len(self))):
             n = min(self.batch_size, order.numel())
-            skip_view_draws(n, self.recipe, gen, self.device)
-            skip_mixing_draws(self.recipe, n, gen, self.device)
+            skip_batch_draws(self.recipe, n, gen, self.device)
             order = order[n:]
         order = order.to(self.device, non_blocking=True)
         for idx in (order.split(self.batch_size) if order.numel() else ()):  # no host sync (shapes only)

@@ -25,8 +25,8 @@ import torch
 
 from sdmp_fast.batch import SDMPBatch, exact_device
 
-from .base import EpochSampler, SkippingLoader, assemble_batch, list_images, make_generator, skip_mixing_draws
-from .device_ops import PackedImages, make_views, skip_view_draws
+from .base import EpochSampler, SkippingLoader, assemble_batch, list_images, make_generator, skip_batch_draws
+from .device_ops import PackedImages, make_views
 from .recipes import Recipe
 from .skips import SkipLog, short_reason
 
@@ -208,6 +208,9 @@ class TorchGPULoader(SkippingLoader):
         indices = batch[keep] if bad else batch
         return [results[j] for j in keep], torch.tensor([labels[i] for i in indices.tolist()]), indices, bool(bad)
 
+    def _skips_unread(self) -> bool:
+        return self.sampler.drop_last  # without it batch sizes depend on the files: read and drop
+
     def _run_pass(self, skip: int) -> Iterator[SDMPBatch]:
         """One pass of the epoch; ``skip_batches(k)`` starts it at batch ``k`` without decoding the batches
         before: the view and mixing draws of the skipped batches are drawn from the pass's generator and dropped
@@ -221,11 +224,8 @@ class TorchGPULoader(SkippingLoader):
         epoch = self.sampler.begin_pass()
         gen = make_generator(self.seed, epoch, self.shard_id, self.device)
         batches = self.sampler.batches()
-        drop = 0  # batches to read and drop
-        if skip and self.sampler.drop_last:
+        if skip:
             batches = batches[self._skip_unread(batches, skip, gen):]
-        else:
-            drop = skip
         inflight = collections.deque(self._submit(b) for b in batches[: self.prefetch])
         try:
             for b, batch in enumerate(batches):
@@ -245,12 +245,8 @@ class TorchGPULoader(SkippingLoader):
                     images, labels, indices = [images[p] for p in pos], labels[at], indices[at]
                 packed = PackedImages.from_list(images, self.device)
                 views = make_views(packed, None, None, self.recipe, gen, self.dtype)
-                out = assemble_batch(views, labels.to(self.device, non_blocking=True),
+                yield assemble_batch(views, labels.to(self.device, non_blocking=True),
                                      indices.to(self.device, non_blocking=True), self.recipe, gen)
-                if drop:
-                    drop -= 1
-                    continue
-                yield out
         finally:
             for futures in inflight:  # an abandoned epoch: drop the reads nobody will use
                 for f in futures:
@@ -273,7 +269,6 @@ class TorchGPULoader(SkippingLoader):
             for ok in probes:  # the chunk is no longer than the batches still to count: no overshoot
                 at += 1
                 if ok:
-                    skip_view_draws(self.batch_size, self.recipe, gen, self.device)
-                    skip_mixing_draws(self.recipe, self.batch_size, gen, self.device)
+                    skip_batch_draws(self.recipe, self.batch_size, gen, self.device)
                     count += 1
         return at

@@ -200,6 +200,9 @@ class TorchvisionLoader(SkippingLoader):
             collate_fn=collate_views, pin_memory=self.device.type == "cuda", persistent_workers=workers,
             prefetch_factor=prefetch_factor if workers else None, worker_init_fn=ignore_stop_signals)
 
+    def _skips_unread(self) -> bool:
+        return self.sampler.drop_last  # without it batch sizes depend on the files: read and drop
+
     def _run_pass(self, skip: int) -> Iterator[SDMPBatch]:
         """One pass of the epoch; ``skip_batches(k)`` starts it at batch ``k`` without decoding the batches
         before. Each sample's augmentation is seeded by (seed, epoch, index), and the mixing draws of the
@@ -210,11 +213,8 @@ class TorchvisionLoader(SkippingLoader):
         the first ``k`` batches are read and dropped instead."""
         epoch = self.sampler.begin_pass()
         gen = make_generator(self.seed, epoch, self.shard_id, self.device)
-        drop = 0  # batches to read and drop
-        if skip and self.sampler.drop_last:
+        if skip:
             self._batches.start = self._skip_unread(skip, gen)
-        else:
-            drop = skip
         for views, labels, indices, bad in self._loader:
             for path, reason in bad:
                 self.log.record(path, reason)
@@ -227,12 +227,8 @@ class TorchvisionLoader(SkippingLoader):
             views = [v.to(self.device, non_blocking=True) for v in views]
             if self.dtype is not None:
                 views = [v.to(self.dtype) for v in views]
-            batch = assemble_batch(views, labels.to(self.device, non_blocking=True),
-                                   indices.to(self.device, non_blocking=True), self.recipe, gen)
-            if drop:
-                drop -= 1
-                continue
-            yield batch
+            yield assemble_batch(views, labels.to(self.device, non_blocking=True),
+                                 indices.to(self.device, non_blocking=True), self.recipe, gen)
         self.log.end_epoch(epoch)
 
     def _skip_unread(self, k: int, gen: torch.Generator) -> int:
