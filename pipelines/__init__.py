@@ -6,6 +6,8 @@ lightly or a DataLoader-like object.
 """
 from .base import BACKENDS, EmptyEpochError, EpochSampler, list_images, make_loader, resume_batches
 from .recipes import MixSpec, Recipe, ViewSpec, byol2, dino, make_recipe
+from .skips import UndecodableBatchError
 
-__all__ = ["make_loader", "resume_batches", "EmptyEpochError", "BACKENDS", "EpochSampler", "list_images", "Recipe",
+__all__ = ["make_loader", "resume_batches", "EmptyEpochError", "UndecodableBatchError", "BACKENDS", "EpochSampler",
+           "list_images", "Recipe",
            "ViewSpec", "MixSpec", "byol2", "dino", "make_recipe"]

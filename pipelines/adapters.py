@@ -188,7 +188,8 @@ def as_lightly(loader, data=None, with_mix_info: bool = False,
 
 class _SamplerView:
     """``dl.sampler``: ``set_epoch`` reaches the loader (torch's DistributedSampler pattern); iterating gives
-    this shard's sample indices for the epoch when the loader exposes its EpochSampler."""
+    this shard's sample indices in the order the next pass will take them (the epoch set, or the one after the
+    last pass when set_epoch was not called since) when the loader exposes its EpochSampler."""
 
     def __init__(self, owner: "DataLoaderLike"):
         self._owner = owner
@@ -210,7 +211,7 @@ class _SamplerView:
         s = self._sampler()
         if s is None:
             raise TypeError("this loader does not expose its sample order (no EpochSampler at .sampler)")
-        return iter(s.indices().tolist())
+        return iter(s.indices(s.upcoming_epoch()).tolist())
 
 
 class _DatasetView:

@@ -125,6 +125,19 @@ def _walk_images(folder: str) -> List[str]:
     return [os.path.join(root, n) for root, names in sorted(found) for n in names]
 
 
+def _resolve(base: str, name: str) -> str:
+    return name if os.path.isabs(name) else os.path.join(base, name)
+
+
+def _looks_like_a_label(token: str) -> bool:
+    """A number that is not an integer ("2.0", "1e3"): a mistyped label rather than the end of a file name."""
+    try:
+        float(token)
+    except ValueError:
+        return False
+    return True
+
+
 def _read_file_list(path: str) -> ImageList:
     base = os.path.dirname(os.path.abspath(path))
     files, labels = [], []
@@ -136,9 +149,12 @@ def _read_file_list(path: str) -> ImageList:
             parts = line.rsplit(maxsplit=1)
             try:
                 name, label = (parts[0], int(parts[1])) if len(parts) == 2 else (parts[0], -1)
-            except ValueError:
+            except ValueError:  # no integer label: the whole line is the path (names may hold spaces)
                 name, label = line, -1
-            files.append(name if os.path.isabs(name) else os.path.join(base, name))
+                if _looks_like_a_label(parts[-1]) and not os.path.exists(_resolve(base, name)):
+                    raise ValueError(f"data: file list {path!r}, line {lineno}: label {parts[-1]!r} is not an "
+                                     f"integer class index (lines are 'path [label]')") from None
+            files.append(_resolve(base, name))
             labels.append(label)
     if not files:
         raise ValueError(f"data: file list {path!r} names no images")
@@ -156,6 +172,9 @@ def dist_shard() -> Tuple[int, int]:
     if world.isdigit() and int(world) > 1:
         if rank.isdigit() and int(rank) < int(world):
             return int(rank), int(world)
+        if rank:
+            raise ValueError(f"RANK={rank!r} is not a rank of WORLD_SIZE={world} (0..{int(world) - 1}); pass "
+                             f"shard_id and num_shards, or fix the environment")
         warnings.warn(f"make_loader: WORLD_SIZE={world} but no RANK and no initialised torch.distributed: every "
                       f"process would read the whole data set; pass shard_id and num_shards", RuntimeWarning,
                       stacklevel=3)
@@ -198,6 +217,10 @@ class EpochSampler:
         self._epoch_set = False
         return self.epoch
 
+    def upcoming_epoch(self) -> int:
+        """The epoch the next pass begun will run (``begin_pass``'s rule, without beginning it)."""
+        return self.epoch + 1 if self._passes and not self._epoch_set else self.epoch
+
     def shard_size(self) -> int:
         if self.drop_last:
             return self.num_samples // self.num_shards
@@ -207,10 +230,11 @@ class EpochSampler:
         n = self.shard_size()
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
 
-    def indices(self) -> torch.Tensor:
-        """This shard's sample indices for the current epoch, truncated to whole batches with drop_last."""
+    def indices(self, epoch: Optional[int] = None) -> torch.Tensor:
+        """This shard's sample indices for ``epoch`` (default: the current one), truncated to whole batches with
+        drop_last."""
         if self.shuffle:
-            g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + (self.epoch if epoch is None else epoch))
             perm = torch.randperm(self.num_samples, generator=g)
         else:
             perm = torch.arange(self.num_samples)
@@ -350,6 +374,15 @@ class SampledLoader:
 
 
 
+def superseded_pass(backend: str) -> RuntimeError:
+    """The error of a pass resumed after a newer one began, in a loader whose passes share one reader (a
+    DataLoader's persistent workers, a DALI pipeline): going on would mix the two passes' batches."""
+    return RuntimeError(
+        f"{backend} loader: a new pass (iter(loader)) began while this one was still being read; the passes "
+        "share one reader, so this one cannot go on. Finish or drop a pass before starting the next, or use a "
+        "second loader (the memory and torch-gpu loaders' passes are independent)")
+
+
 class SkippingLoader(SampledLoader):
     """A SampledLoader whose pass can start at a later batch of its epoch without preparing the batches before
     (``skip_batches``, which ``resume_batches`` calls). A backend implements ``_run_pass(skip)``, a generator
@@ -414,6 +447,11 @@ def make_loader(backend: str, data, recipe: Union[str, Recipe] = "byol2", batch_
                          f"num_shards={num_shards}; neither: torch.distributed's rank and world size)")
     if shard_id is None:
         shard_id, num_shards = dist_shard()
+    if dtype is not None and dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise ValueError(f"dtype: the views are normalised floats: torch.float32, float16 or bfloat16 "
+                         f"(None: float32), got {dtype!r}")
+    if num_workers is not None and (not isinstance(num_workers, int) or num_workers < 0):
+        raise ValueError(f"num_workers: must be an integer >= 0 (None: the backend's default), got {num_workers!r}")
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     module_name, cls_name = BACKENDS[backend].split(":")

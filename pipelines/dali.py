@@ -50,10 +50,10 @@ import torch
 
 from sdmp_fast.batch import SDMPBatch, exact_device
 
-from .base import EpochSampler, SampledLoader, assemble_batch, list_images, make_generator
+from .base import EpochSampler, SampledLoader, assemble_batch, list_images, make_generator, superseded_pass
 from .image_bytes import read_encoded
 from .recipes import Recipe
-from .skips import SkipLog, settle, short_reason
+from .skips import SkipLog, UndecodableBatchError, settle, short_reason
 
 @contextlib.contextmanager
 def one_torch_thread():
@@ -125,12 +125,14 @@ class _Feeder:
         self._pool: Optional[ThreadPoolExecutor] = None  # started by the first read, stopped by shutdown()
         self._ahead = None  # (indices, indices being read, [futures]) of the batch read in advance
         self.draw_mix = None  # mix_in_graph: n -> dali_mix.MixDraw, drawn as each batch is fed
+        self.error: Optional[Exception] = None  # a batch that may not be left out (check_empty_batch) ended feeding
 
     def start(self, batches: Sequence[List[int]], draw_mix=None) -> None:
         self.pending = collections.deque(batches)
         self.draw_mix = draw_mix
         self.in_flight.clear()
         self._ahead = None
+        self.error = None
 
     def clear(self) -> None:
         """Stop feeding: DALI's next call ends the epoch."""
@@ -185,10 +187,17 @@ class _Feeder:
                     return data, np.asarray(kept, dtype=np.int64)
                 return (data, np.asarray(kept, dtype=np.int64), *mix.feeds)
             self._log(bad, decoded, 0)  # nothing for DALI to return: account for the batch now
+            try:
+                self.log.check_empty_batch([self.files[i] for i in indices])
+            except UndecodableBatchError as e:  # raised by the loader once DALI has returned the batches before
+                self.error = e
+                self.pending.clear()
+                self._ahead = None
+                raise StopIteration from None
 
     def exhausted(self) -> bool:
         """Every batch of the epoch has been handed to DALI and returned."""
-        return not self.pending and not self.in_flight and self._ahead is None
+        return not self.pending and not self.in_flight and self._ahead is None and self.error is None
 
     def accept(self) -> _Fed:
         """DALI returned the oldest batch in flight: log its skips; its record (kept sample indices, mixing)."""
@@ -251,7 +260,7 @@ class DaliLoader(SampledLoader):
         # nothing to mix -> the plain pipeline, whatever was asked
         self.mix_in_graph = mix_in_graph and self.recipe.mix.enabled and bool(self.recipe.mix.mixed_views)
         self.last_mix = None
-        self.log = SkipLog("dali")
+        self.log = SkipLog("dali", self.sampler)
         self._labels = torch.tensor(self.images.labels, dtype=torch.long, device=self.device)
         self._feeder = _Feeder(self.images.files, self.log, self.recipe.mix.enabled, self.sampler.drop_last,
                                read_threads if read_threads else (4 if self.gpu else 1))
@@ -276,7 +285,8 @@ class DaliLoader(SampledLoader):
             draw = functools.partial(draw_mix, recipe=self.recipe, generator=mix_gen)
         self._feeder.start([b.tolist() for b in self.sampler.batches()], draw)
         self._active = True
-        return self._epoch(epoch, make_generator(self.seed, epoch, self.shard_id, self.device))
+        self._pass = object()  # a later pass drains and restarts the pipeline under this one
+        return self._epoch(epoch, make_generator(self.seed, epoch, self.shard_id, self.device), self._pass)
 
     # -- resumable state (torchdata's StatefulDataLoader names) ---------------------------------------------
     def state_dict(self) -> Dict[str, Dict[int, bytes]]:
@@ -366,8 +376,10 @@ class DaliLoader(SampledLoader):
             return pipe.run(torch.cuda.current_stream(self.device))
         return pipe.run()
 
-    def _epoch(self, epoch: int, generator: torch.Generator) -> Iterator[SDMPBatch]:
+    def _epoch(self, epoch: int, generator: torch.Generator, token: object) -> Iterator[SDMPBatch]:
         while True:
+            if self._pass is not token:
+                raise superseded_pass("dali")
             try:
                 outs = self._run()
             except StopIteration:
@@ -384,6 +396,9 @@ class DaliLoader(SampledLoader):
         self._pipe.reset()
         self._active = False
         self.log.end_epoch(epoch)
+        if self._feeder.error is not None:
+            err, self._feeder.error = self._feeder.error, None
+            raise err
 
     def _batch(self, outs, generator: torch.Generator, epoch: int) -> SDMPBatch:
         n_views = self.recipe.num_views

@@ -40,7 +40,7 @@ import torch
 
 from sdmp_fast.batch import SDMPBatch, exact_device
 
-from .base import EpochSampler, SkippingLoader, assemble_batch, make_generator, skip_batch_draws
+from .base import EpochSampler, SkippingLoader, assemble_batch, make_generator, skip_batch_draws, superseded_pass
 from .recipes import Recipe, ViewSpec
 
 REQUIRED_FIELDS = ("image", "label", "index")
@@ -334,6 +334,7 @@ class FFCVLoader(SkippingLoader):
         drop_last. Crops are seeded per (seed, epoch, index), so a skipped batch leaves the later ones' crops as
         they were; FFCV's stock per-view decoders (``multi_crop=False``) draw crops unseeded either way."""
         self.sampler.begin_pass()
+        token = self._pass = object()  # a later pass restarts FFCV's reusable batch buffers under this one
         order = self._epoch_order()
         gen = make_generator(self.seed, self.sampler.epoch, self.shard_id, self.device)
         if skip:
@@ -349,7 +350,12 @@ class FFCVLoader(SkippingLoader):
         mean, std = self.recipe.mean, self.recipe.std
         epoch = self._epoch_thread = iter(self._loader)
         try:
-            for out in epoch:
+            while True:
+                if self._pass is not token:  # checked before each read (the buffers are the new pass's now)
+                    raise superseded_pass("ffcv")
+                out = next(epoch, None)
+                if out is None:
+                    break
                 # copies: out[1] / out[2] are FFCV's reusable slots (already on the device when the pipeline
                 # ends in ToDevice, where .to() returns them as they are), overwritten a few batches later
                 labels = out[1].view(-1).to(self.device, non_blocking=True, copy=True)

@@ -11,6 +11,9 @@ from typing import Optional, Tuple
 
 import numpy as np
 
+# PIL modes whose values exceed 8 bits: convert("RGB") would clip them to white, so they are rescaled first.
+_HIGH_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
+
 # (magic prefix, format) of what DALI / nvImageCodec decode (JPEG, PNG, BMP, TIFF, WebP, PNM, JPEG 2000).
 _MAGIC = (
     (b"\xff\xd8\xff", "jpeg"),
@@ -61,3 +64,20 @@ def read_encoded(path: str) -> Tuple[Optional[np.ndarray], Optional[str]]:
         return None, f"unreadable ({e.strerror or e})"
     reason = sniff_image(buf)
     return (None, reason) if reason else (buf, None)
+
+
+def pil_rgb(source):
+    """Fully decoded, upright 8-bit RGB PIL image from a path or a binary file object; raises on anything
+    undecodable. PIL reports corrupt data as exceptions (libpng through torchvision.io can crash the process
+    on a bad PNG checksum), and reads every format ``list_images`` lists (BMP, TIFF, PNM, ...)."""
+    from PIL import Image, ImageOps
+
+    with Image.open(source) as im:
+        im.load()  # the full decode: truncated / corrupt data raises here
+        im = ImageOps.exif_transpose(im)
+        if im.mode in _HIGH_BIT_MODES:
+            a = np.asarray(im, dtype=np.float64)
+            a = a * 255.0 if im.mode == "F" and a.max(initial=0.0) <= 1.0 else a
+            a = a / 257.0 if a.max(initial=0.0) > 255 else a
+            im = Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8))
+        return im.convert("RGB")

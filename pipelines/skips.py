@@ -11,20 +11,27 @@ decoded (``settle``):
 - without it (exact epochs: every decodable file exactly once) the batch shrinks, and when that leaves it odd
   while batch-flip mixing is on one more decodable sample is dropped (counted as ``trimmed``).
 
-A batch with no decodable file at all is skipped either way.
+A batch with no decodable file at all is skipped either way, except in a sharded pass with drop_last: there the
+ranks step together, and a rank that yields one batch fewer than ``len(loader)`` would stall the others at their
+next collective, so it stops with ``UndecodableBatchError`` naming the files instead.
 """
 from __future__ import annotations
 
 import re
 import warnings
-from typing import Dict, List, Tuple
+from typing import Dict, List, Sequence, Tuple
 
 WARN_LISTED = 10  # files named in full in one warning; the rest are counted
 
 
+class UndecodableBatchError(ValueError):
+    """No file of a batch decodes in a sharded drop_last pass, where every shard must yield ``len(loader)``."""
+
+
 class SkipLog:
-    def __init__(self, backend: str):
+    def __init__(self, backend: str, sampler=None):
         self.backend = backend
+        self.sampler = sampler  # the loader's EpochSampler: drop_last and the shards (check_empty_batch)
         self.reasons: Dict[str, str] = {}  # every file ever skipped -> why (first reason seen)
         self.trimmed = 0  # decodable samples left out to keep mixed batches even (no drop_last)
         self.filled = 0  # slots refilled with repeats of decodable samples (drop_last)
@@ -39,6 +46,20 @@ class SkipLog:
     def record(self, path: str, reason: str) -> None:
         self.reasons.setdefault(path, reason)
         self._epoch.append((path, reason))
+
+    def check_empty_batch(self, paths: Sequence[str]) -> None:
+        """A batch none of whose files decodes is about to be left out: raise when that would leave this shard a
+        batch short of the others (drop_last, several shards); the files are recorded already."""
+        s = self.sampler
+        if s is None or not s.drop_last or s.num_shards <= 1:
+            return
+        listed = "; ".join(f"{p} ({self.reasons.get(p, '?')})" for p in paths[:WARN_LISTED])
+        more = f"; and {len(paths) - WARN_LISTED} more" if len(paths) > WARN_LISTED else ""
+        raise UndecodableBatchError(
+            f"{self.backend} loader, shard {s.shard_id} of {s.num_shards}, epoch {s.epoch}: none of the "
+            f"{len(paths)} files of a batch decodes: {listed}{more}. With drop_last every shard yields len(loader) "
+            "batches (DDP ranks step together: one batch short would stall the others at their next collective), "
+            "so the batch cannot be left out: remove or replace these files")
 
     def record_trim(self) -> None:
         self.trimmed += 1

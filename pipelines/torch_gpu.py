@@ -4,29 +4,33 @@ Per batch: a small thread pool reads the files' bytes (and, for the batches afte
 batches of reads in flight while the current one is augmented); JPEGs are decoded together by nvJPEG
 (``torchvision.io.decode_jpeg(list, device="cuda")``); every view is cut, augmented and normalised by
 ``device_ops.make_views`` on the device from the unpadded packed batch, then batch-flip mixed by
-``assemble_batch``. On ``device="cpu"`` (CI, machines without a GPU) the threads decode with libjpeg/libpng
-and the same device ops run on the CPU.
+``assemble_batch``. On ``device="cpu"`` (CI, machines without a GPU) the threads decode (libjpeg-turbo, PIL) and
+the same device ops run on the CPU.
 
 Decoded on the CPU (in the reading threads) even with a GPU: non-JPEG files (PNG, BMP, ...), JPEGs whose EXIF
 orientation is not upright (nvJPEG ignores EXIF), JPEGs without an end-of-image marker (truncated: libjpeg
-rejects them, so both devices skip the same files), and any file nvJPEG rejects (each retried alone). A file
+rejects them, so both devices skip the same files), and any file nvJPEG rejects (each retried alone): JPEGs
+with libjpeg-turbo, every other format with PIL (as the torchvision backend). A file
 neither decoder can read is skipped, counted and named (``loader.skipped``, a warning at each epoch's end).
 16-bit images are scaled to 8 bits; grayscale / CMYK / palette images come out RGB.
 """
 from __future__ import annotations
 
 import collections
+import io
 import os
 import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Iterator, List, Optional, Sequence
 
+import numpy as np
 import torch
 
 from sdmp_fast.batch import SDMPBatch, exact_device
 
 from .base import EpochSampler, SkippingLoader, assemble_batch, list_images, make_generator, skip_batch_draws
 from .device_ops import PackedImages, make_views
+from .image_bytes import pil_rgb
 from .recipes import Recipe
 from .skips import SkipLog, short_reason
 
@@ -57,16 +61,23 @@ def exif_orientation(data: bytes) -> int:
 
 
 def decode_cpu(data: torch.Tensor) -> torch.Tensor:
-    """Any format torchvision.io reads -> upright uint8 [3, H, W]; raises on undecodable data."""
+    """Encoded bytes -> upright uint8 [3, H, W]; raises on undecodable data. JPEGs go to libjpeg-turbo
+    (torchvision.io), every other format to PIL: torchvision.io knows only PNG / WebP / GIF besides JPEG, and its
+    libpng path crashes the process (SIGSEGV, nothing to catch) on a PNG with a bad data checksum."""
     import torchvision.io as tio
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)  # torchvision 0.29 points at TorchCodec
-        img = tio.decode_image(data, mode=tio.ImageReadMode.RGB, apply_exif_orientation=True)
-    if img.dim() == 4:  # animated GIF: first frame
-        img = img[0]
-    if img.dtype == torch.uint16:  # 16-bit PNG: round to 8 bits
-        img = ((img.to(torch.int32) * 255 + 32767) // 65535).to(torch.uint8)
+    if bytes(data[:3]) == _JPEG_MAGIC:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # torchvision 0.29 points at TorchCodec
+            img = tio.decode_jpeg(data, mode=tio.ImageReadMode.RGB, apply_exif_orientation=True)
+    else:
+        from PIL import UnidentifiedImageError
+
+        try:
+            rgb = pil_rgb(io.BytesIO(data.numpy().tobytes()))
+        except UnidentifiedImageError:  # its message names the BytesIO object, not the file
+            raise ValueError("not an image PIL or libjpeg can read") from None
+        img = torch.from_numpy(np.array(rgb)).permute(2, 0, 1).contiguous()
     if img.dtype != torch.uint8 or img.dim() != 3 or img.shape[0] != 3 or min(img.shape[1:]) < 1:
         raise ValueError(f"decoded to an unusable {img.dtype} {tuple(img.shape)} image")
     return img
@@ -107,7 +118,7 @@ def read_sample(path: str, gpu_jpeg: bool):
 
 class TorchGPULoader(SkippingLoader):
     """Iterable of SDMPBatch on ``device``; see the module docstring. Options: ``prefetch`` (batches of file
-    reads kept in flight, default 2). ``num_workers`` is the number of reading/decoding threads (default
+    reads kept in flight, default 2). ``num_workers`` is the number of reading/decoding threads (0: one; default
     min(cpu count, 16))."""
 
     def __init__(self, data, recipe: Recipe, batch_size: int, *, device=torch.device("cpu"), shard_id: int = 0,
@@ -119,11 +130,12 @@ class TorchGPULoader(SkippingLoader):
         self.batch_size, self.device, self.dtype = batch_size, device, dtype
         self.shard_id, self.seed = shard_id, seed
         self.sampler = EpochSampler(len(self.images), batch_size, shard_id, num_shards, shuffle, seed, drop_last)
-        self.num_workers = min(os.cpu_count() or 1, 16) if not num_workers else int(num_workers)
+        # 0 as in a DataLoader: no parallel reading (one thread, so reads still overlap the device work)
+        self.num_workers = min(os.cpu_count() or 1, 16) if num_workers is None else max(1, int(num_workers))
         if prefetch < 1:
             raise ValueError(f"prefetch: must be >= 1, got {prefetch}")
         self.prefetch = prefetch
-        self.log = SkipLog("torch-gpu")
+        self.log = SkipLog("torch-gpu", self.sampler)
         self._gpu_jpeg = self.device.type == "cuda"
         self._pool: Optional[ThreadPoolExecutor] = None
         self._decode_stream = None  # made on first use (CUDA only)
@@ -235,6 +247,7 @@ class TorchGPULoader(SkippingLoader):
                 results = [r for f in futures for r in f.result()]
                 images, labels, indices, skipped_any = self._decode_batch(batch, results)
                 if not images:
+                    self.log.check_empty_batch([self.images.files[i] for i in batch.tolist()])
                     continue
                 if skipped_any:  # refilled (drop_last) or kept even for mixing: see skips.py
                     pos = self.log.settle(len(images), len(batch), fill=self.sampler.drop_last,

@@ -23,30 +23,18 @@ import torch
 
 from sdmp_fast.batch import SDMPBatch
 
-from .base import EpochSampler, SkippingLoader, assemble_batch, list_images, make_generator, skip_mixing_draws
+from .base import (EpochSampler, SkippingLoader, assemble_batch, list_images, make_generator, skip_mixing_draws,
+                   superseded_pass)
 from .device_ops import blur_kernel_size
+from .image_bytes import pil_rgb
 from .recipes import Recipe, ViewSpec
 from .skips import SkipLog, short_reason
 
-_HIGH_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
-
-
 def open_rgb(path: str):
     """Fully decoded, upright 8-bit RGB PIL image; raises on anything undecodable."""
-    import numpy as np
-    from PIL import Image, ImageOps
-
     if os.path.getsize(path) == 0:
         raise ValueError("zero-byte file")
-    with Image.open(path) as im:
-        im.load()  # the full decode: truncated / corrupt data raises here
-        im = ImageOps.exif_transpose(im)
-        if im.mode in _HIGH_BIT_MODES:  # PIL's convert("RGB") clips 16-bit values to white: rescale instead
-            a = np.asarray(im, dtype=np.float64)
-            a = a * 255.0 if im.mode == "F" and a.max(initial=0.0) <= 1.0 else a
-            a = a / 257.0 if a.max(initial=0.0) > 255 else a
-            im = Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8))
-        return im.convert("RGB")
+    return pil_rgb(path)
 
 
 def _decodes(path: str) -> bool:
@@ -191,7 +179,7 @@ class TorchvisionLoader(SkippingLoader):
         self.num_workers = min(os.cpu_count() or 1, 16) if num_workers is None else int(num_workers)
         if self.num_workers < 0:
             raise ValueError(f"num_workers: must be >= 0, got {num_workers}")
-        self.log = SkipLog("torchvision")
+        self.log = SkipLog("torchvision", self.sampler)
         dataset = ViewDataset(self.images.files, self.images.labels, self.recipe, seed)
         workers = self.num_workers > 0
         self._batches = _EpochBatches(self.sampler)
@@ -212,14 +200,23 @@ class TorchvisionLoader(SkippingLoader):
         counted, as the whole pass does not yield it. Without ``drop_last`` batch sizes depend on the files, so
         the first ``k`` batches are read and dropped instead."""
         epoch = self.sampler.begin_pass()
+        token = self._pass = object()  # a later pass resets the DataLoader's iterator under this one
         gen = make_generator(self.seed, epoch, self.shard_id, self.device)
         if skip:
             self._batches.start = self._skip_unread(skip, gen)
-        for views, labels, indices, bad in self._loader:
+        reader = iter(self._loader)
+        while True:
+            if self._pass is not token:  # checked before each read: a stale pass must not take the new one's
+                raise superseded_pass("torchvision")
+            try:
+                views, labels, indices, bad = next(reader)
+            except StopIteration:
+                break
             for path, reason in bad:
                 self.log.record(path, reason)
-            if views is None:
-                continue  # every file of the batch was undecodable
+            if views is None:  # every file of the batch was undecodable
+                self.log.check_empty_batch([path for path, _ in bad])
+                continue
             views, labels, indices = settle_batch(views, labels, indices, len(bad), self.recipe,
                                                   self.sampler.drop_last, self.log)
             if labels.shape[0] == 0:

@@ -113,6 +113,19 @@ def test_adapters_forward_set_epoch_and_reshuffle():
     assert loader.sampler.epoch == 8 and list(dl.sampler) != idx7
 
 
+def test_dataloader_sampler_shows_the_order_of_the_next_pass_without_set_epoch():
+    # lightly / single-GPU moco-v3 loops never call set_epoch: each pass runs the next epoch, and dl.sampler
+    # must list the order that pass takes (it listed the previous pass's)
+    imgs = torch.randint(0, 256, (10, 12, 12), dtype=torch.uint8)
+    loader = make_loader("memory", imgs, byol2(size=8), 2, device="cpu", shard_id=0, num_shards=1)
+    dl = adapters.as_dataloader(adapters.as_solo_learn(loader))
+    for _ in range(3):
+        predicted = list(dl.sampler)
+        assert sum((b[0].tolist() for b in dl), []) == predicted
+    dl.sampler.set_epoch(7)
+    assert list(dl.sampler) == sum((b[0].tolist() for b in dl), [])
+
+
 def test_dataloader_like_attributes():
     loader = FakeLoader(byol2(size=8), num_samples=22, batch_size=4)
     dl = adapters.as_dataloader(loader)

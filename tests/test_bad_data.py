@@ -261,3 +261,31 @@ def test_drop_last_batches_keep_their_size_on_every_rank_despite_bad_files(backe
         assert loader.log.trimmed == 0
         filled += loader.log.filled
     assert filled > 0  # the refill was exercised
+
+
+@pytest.mark.timeout(150)
+@pytest.mark.parametrize("backend", ["torchvision", "torch-gpu", "dali"])
+def test_a_sharded_drop_last_batch_with_no_decodable_file_is_an_error_not_a_short_rank(backend, tmp_path):
+    # Such a batch cannot be refilled from itself; left out, its rank would take len(loader) - 1 batches and
+    # stall the other ranks at their next collective. Unsharded, it is left out as before.
+    if backend in NEEDS:
+        pytest.importorskip(NEEDS[backend], reason=f"{NEEDS[backend]} is not installed")
+    root = str(tmp_path / "data")
+    os.makedirs(os.path.join(root, "c0"))
+    for k in range(8):  # unshuffled, 2 shards of 4: shard 0 takes 0, 2, 4, 6 -> batches (0, 2) and (4, 6)
+        _write(root, f"c0/{k:02d}.jpg", _jpeg(_photo(*PHOTO, seed=k)))
+    for k in (4, 5, 6):
+        _write(root, f"c0/{k:02d}.jpg", b"not an image")
+    make = lambda **kw: make_loader(backend, root, RECIPE, 2, device="cpu", shuffle=False, drop_last=True,  # noqa: E731
+                                    num_workers=2, **kw)
+    shard0 = make(shard_id=0, num_shards=2)
+    seen = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        with pytest.raises(ValueError, match=r"shard 0 of 2.*none of the 2 files.*04\.jpg.*06\.jpg"):
+            for b in shard0:
+                seen.append(b.indices.tolist())
+        assert seen == [[0, 2]]  # the batches before it come out first
+        assert [b.indices.tolist() for b in make(shard_id=1, num_shards=2)] == [[1, 3], [7, 7]]  # 5 refilled
+        alone = make(shard_id=0, num_shards=1)  # one process: the batch (4, 5) is left out, as before
+        assert [b.indices.tolist() for b in alone] == [[0, 1], [2, 3], [7, 7]]

@@ -107,6 +107,13 @@ def test_list_images_errors_name_the_path(tmp_path):
     (tmp_path / "empty_class").mkdir()
     with pytest.raises(ValueError, match="holds no image files"):
         list_images(tmp_path)
+    listing = tmp_path / "list.txt"
+    (tmp_path / "my photo 2.jpg").write_bytes(b"")
+    listing.write_text("a.jpg 1\nmy photo 2.jpg\n")  # a name with spaces ending in a word: a path, label -1
+    assert list_images(str(listing)).labels == (1, -1)
+    listing.write_text("a.jpg 1\nb.jpg 2.0\n")
+    with pytest.raises(ValueError, match=r"list\.txt'?, line 2: label '2\.0' is not an integer"):
+        list_images(str(listing))
 
 
 def test_flat_folders_are_unlabeled_and_class_folders_are_walked_like_imagefolder(tmp_path):
@@ -164,6 +171,10 @@ def test_make_loader_rejects_bad_settings_before_reading(tmp_path):
         make_loader("pil", tmp_path, "byol2", 8)
     with pytest.raises(ValueError, match="batch_size 7"):
         make_loader("torchvision", tmp_path, "byol2", 7)
+    with pytest.raises(ValueError, match=r"dtype: .*torch\.uint8"):  # failed at the first batch before
+        make_loader("torchvision", tmp_path, "byol2", 8, dtype=torch.uint8)
+    with pytest.raises(ValueError, match="num_workers: .* -1"):
+        make_loader("torchvision", tmp_path, "byol2", 8, num_workers=-1)
 
 
 @pytest.mark.slow
@@ -245,6 +256,9 @@ def test_shards_from_torchrun_environment_before_init(monkeypatch):
     with pytest.warns(RuntimeWarning, match="WORLD_SIZE=2 but no RANK"):
         loader = make_loader("memory", imgs, byol2(size=8), 2, device="cpu")
     assert loader.sampler.num_shards == 1
+    monkeypatch.setenv("RANK", "2")  # not a rank of WORLD_SIZE=2: an error, not a warning about a missing RANK
+    with pytest.raises(ValueError, match=r"RANK='2' is not a rank of WORLD_SIZE=2"):
+        make_loader("memory", imgs, byol2(size=8), 2, device="cpu")
 
 
 class _CountingLoader:

@@ -241,6 +241,11 @@ def test_ffcv_batches_kept_by_the_caller_stay_intact(beton):
     kept = list(ld)
     assert len(kept) == 13  # 26 samples, more batches than FFCV's slots
     assert sorted(torch.cat([b.indices for b in kept]).tolist()) == list(range(26))
+    outer = iter(ld)  # a pass begun under a running one: FFCV's slots are shared, so the outer one stops
+    next(outer)
+    next(iter(ld))
+    with pytest.raises(RuntimeError, match="new pass"):
+        next(outer)
 
 
 @pytest.mark.timeout(150)

@@ -292,6 +292,31 @@ def _epoch1(backend, folder, arrays):
     return list(loader)
 
 
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("backend,workers", [("torchvision", 0), ("torchvision", 2), ("dali", None),
+                                             ("torch-gpu", None), ("memory", None)])
+def test_a_pass_begun_under_a_running_one(backend, workers, folder, arrays):
+    """``next(iter(loader))`` inside an epoch loop (to log one batch): where passes share one reader (a
+    DataLoader's persistent workers, a DALI pipeline) the outer pass is stopped with an error instead of going
+    on with the new pass's batches; elsewhere both passes run whole."""
+    if backend == "dali":
+        pytest.importorskip("nvidia.dali")
+    kw = {} if workers is None else {"num_workers": workers}
+    loader = _loader(backend, folder, arrays, batch_size=4, shuffle=False, **kw)
+    outer = iter(loader)
+    first = next(outer)
+    peek = next(iter(loader))
+    if backend in ("torchvision", "dali"):
+        with pytest.raises(RuntimeError, match="new pass"):
+            next(outer)
+        assert [b.indices.tolist() for b in loader][0] == first.indices.tolist()  # a new pass runs whole
+    else:
+        rest = [b.indices.tolist() for b in outer]
+        assert [first.indices.tolist()] + rest == [b.indices.tolist() for b in _loader(
+            backend, folder, arrays, batch_size=4, shuffle=False, **kw)]
+    assert peek.indices.tolist() == first.indices.tolist()
+
+
 def test_exif_orientation_and_odd_formats_decode_upright_rgb(messy_folder):
     root, _ = messy_folder
     raw = open(os.path.join(root, "class2", "rotated.jpg"), "rb").read()
@@ -304,6 +329,30 @@ def test_exif_orientation_and_odd_formats_decode_upright_rgb(messy_folder):
     assert deep.dtype == torch.uint8 and deep.shape == (3, 30, 20) and deep.float().std() > 10
     assert decode_cpu(data("class2/gray.png")).shape == (3, 30, 20)
     assert decode_cpu(data("class1/cmyk.jpg")).shape == (3, 30, 20)
+
+
+def test_torch_gpu_reads_every_listed_format_and_skips_a_png_with_a_bad_checksum(tmp_path):
+    """BMP / TIFF / PNM / PNG decode as the torchvision backend's PIL does; a PNG whose compressed data is
+    zeroed (IEND intact) is skipped and named: torchvision.io's libpng path crashed the process on it."""
+    rng = np.random.default_rng(0)
+    pixels = {}
+    for ext in ("bmp", "tiff", "ppm", "png", "webp"):
+        pixels[ext] = rng.integers(0, 256, (18, 26, 3), dtype=np.uint8)
+        Image.fromarray(pixels[ext]).save(tmp_path / f"img.{ext}", **({"lossless": True} if ext == "webp" else {}))
+    buf = io.BytesIO()
+    Image.fromarray(pixels["png"]).save(buf, format="PNG")
+    bad = bytearray(buf.getvalue())
+    bad[60:200] = bytes(140)
+    (tmp_path / "corrupt.png").write_bytes(bytes(bad))
+    for ext, want in pixels.items():
+        got = read_sample(str(tmp_path / f"img.{ext}"), gpu_jpeg=True)
+        assert isinstance(got, torch.Tensor) and torch.equal(got, torch.from_numpy(want).permute(2, 0, 1)), ext
+    assert isinstance(read_sample(str(tmp_path / "corrupt.png"), gpu_jpeg=False), _Bad)
+    loader = make_loader("torch-gpu", str(tmp_path), byol2(size=16), 2, device="cpu", drop_last=False,
+                         shard_id=0, num_shards=1)
+    with pytest.warns(RuntimeWarning, match=r"skipped 1"):
+        assert sum(b.batch_size for b in loader) == 5 - loader.log.trimmed  # mixing keeps batches even
+    assert [os.path.basename(f) for f in loader.skipped] == ["corrupt.png"]
 
 
 @pytest.mark.timeout(120)
