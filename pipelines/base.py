@@ -447,9 +447,9 @@ def make_loader(backend: str, data, recipe: Union[str, Recipe] = "byol2", batch_
                          f"num_shards={num_shards}; neither: torch.distributed's rank and world size)")
     if shard_id is None:
         shard_id, num_shards = dist_shard()
-    if dtype is not None and dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        raise ValueError(f"dtype: the views are normalised floats: torch.float32, float16 or bfloat16 "
-                         f"(None: float32), got {dtype!r}")
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise ValueError(f"dtype: the views are normalised floats: a floating torch dtype (float32, bfloat16, "
+                         f"float16, ...; None: float32), got {dtype!r}")
     if num_workers is not None and (not isinstance(num_workers, int) or num_workers < 0):
         raise ValueError(f"num_workers: must be an integer >= 0 (None: the backend's default), got {num_workers!r}")
     if device is None:

@@ -77,7 +77,10 @@ def pil_rgb(source):
         im = ImageOps.exif_transpose(im)
         if im.mode in _HIGH_BIT_MODES:
             a = np.asarray(im, dtype=np.float64)
-            a = a * 255.0 if im.mode == "F" and a.max(initial=0.0) <= 1.0 else a
-            a = a / 257.0 if a.max(initial=0.0) > 255 else a
+            if im.mode.startswith("I;16"):  # full-range 16-bit: a dark image is dark, whatever its maximum
+                a = a / 257.0
+            else:  # 32-bit int / float modes say nothing of their range: guess it from the values
+                a = a * 255.0 if im.mode == "F" and a.max(initial=0.0) <= 1.0 else a
+                a = a / 257.0 if a.max(initial=0.0) > 255 else a
             im = Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8))
         return im.convert("RGB")

@@ -21,7 +21,7 @@ import io
 import os
 import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Iterator, List, Optional, Sequence
+from typing import Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -271,17 +271,28 @@ class TorchGPULoader(SkippingLoader):
         their view and mixing draws drawn from ``gen``. Probes a few batches per thread at a time."""
         files = self.images.files
 
-        def yielded(batch: torch.Tensor) -> bool:
-            return any(not isinstance(read_sample(files[i], False), _Bad) for i in batch.tolist())
+        def undecodable(batch: torch.Tensor) -> List[Tuple[str, str]]:
+            """[] when a file of the batch decodes (a whole pass yields it), else every file and its reason."""
+            bad = []
+            for i in batch.tolist():
+                sample = read_sample(files[i], False)
+                if not isinstance(sample, _Bad):
+                    return []
+                bad.append((files[i], sample.reason))
+            return bad
 
         if self._pool is None:
             self._pool = ThreadPoolExecutor(self.num_workers, thread_name_prefix="sdmp-torch-gpu-read")
         count = at = 0
         while count < k and at < len(batches):
-            probes = list(self._pool.map(yielded, batches[at:at + min(k - count, 2 * self.num_workers)]))
-            for ok in probes:  # the chunk is no longer than the batches still to count: no overshoot
+            probes = list(self._pool.map(undecodable, batches[at:at + min(k - count, 2 * self.num_workers)]))
+            for bad in probes:  # the chunk is no longer than the batches still to count: no overshoot
                 at += 1
-                if ok:
+                if not bad:
                     skip_batch_draws(self.recipe, self.batch_size, gen, self.device)
                     count += 1
+                    continue
+                for path, reason in bad:  # a whole pass leaves it out, or stops here when sharded
+                    self.log.record(path, reason)
+                self.log.check_empty_batch([path for path, _ in bad])
         return at

@@ -37,13 +37,13 @@ def open_rgb(path: str):
     return pil_rgb(path)
 
 
-def _decodes(path: str) -> bool:
-    """Whether a worker's ``open_rgb`` would decode the file (the same call, so the same verdict)."""
+def _undecodable(path: str) -> Optional[str]:
+    """Why a worker's ``open_rgb`` would skip the file (the same call, so the same verdict); None if it decodes."""
     try:
         open_rgb(path)
-    except Exception:  # noqa: BLE001 - as ViewDataset: any failure means "skipped"
-        return False
-    return True
+    except Exception as e:  # noqa: BLE001 - as ViewDataset: any failure means "skipped"
+        return short_reason(e)
+    return None
 
 
 def view_transform(spec: ViewSpec, mean: Sequence[float], std: Sequence[float]):
@@ -206,7 +206,9 @@ class TorchvisionLoader(SkippingLoader):
             self._batches.start = self._skip_unread(skip, gen)
         reader = iter(self._loader)
         while True:
-            if self._pass is not token:  # checked before each read: a stale pass must not take the new one's
+            # checked before each read: a stale pass must not take the new one's batches (persistent workers:
+            # one iterator for every pass; without workers each pass has its own and both may run)
+            if self._pass is not token and self.num_workers > 0:
                 raise superseded_pass("torchvision")
             try:
                 views, labels, indices, bad = next(reader)
@@ -234,8 +236,17 @@ class TorchvisionLoader(SkippingLoader):
         batches = self.sampler.batches()
         yielded = at = 0
         while yielded < k and at < len(batches):
-            if any(_decodes(self.images.files[i]) for i in batches[at].tolist()):
-                skip_mixing_draws(self.recipe, self.batch_size, gen, self.device)
-                yielded += 1
+            bad = []
+            for i in batches[at].tolist():
+                reason = _undecodable(self.images.files[i])
+                if reason is None:  # one decodable file: a whole pass yields this batch
+                    skip_mixing_draws(self.recipe, self.batch_size, gen, self.device)
+                    yielded += 1
+                    break
+                bad.append((self.images.files[i], reason))
+            else:  # none decodes: a whole pass leaves the batch out, or stops here when sharded (check_empty_batch)
+                for path, reason in bad:
+                    self.log.record(path, reason)
+                self.log.check_empty_batch([path for path, _ in bad])
             at += 1
         return at

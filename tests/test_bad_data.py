@@ -24,7 +24,7 @@ import pytest
 import torch
 from PIL import Image
 
-from sdmp_fast.pipelines.base import list_images, make_loader
+from sdmp_fast.pipelines.base import list_images, make_loader, resume_batches
 from sdmp_fast.pipelines.recipes import byol2
 
 BATCH = 4
@@ -286,6 +286,9 @@ def test_a_sharded_drop_last_batch_with_no_decodable_file_is_an_error_not_a_shor
             for b in shard0:
                 seen.append(b.indices.tolist())
         assert seen == [[0, 2]]  # the batches before it come out first
+        resumed = resume_batches(make(shard_id=0, num_shards=2), 0, 2)  # a resume past it meets it too
+        with pytest.raises(ValueError, match=r"shard 0 of 2.*none of the 2 files"):  # (probed unread or read)
+            next(resumed)
         assert [b.indices.tolist() for b in make(shard_id=1, num_shards=2)] == [[1, 3], [7, 7]]  # 5 refilled
         alone = make(shard_id=0, num_shards=1)  # one process: the batch (4, 5) is left out, as before
         assert [b.indices.tolist() for b in alone] == [[0, 1], [2, 3], [7, 7]]
