@@ -28,6 +28,7 @@ from typing import List, Optional, Sequence, Tuple
 import numpy as np
 
 from .base import list_images
+from .image_bytes import rgb8
 
 FORMATS = ("jpg", "raw", "proportion")
 MAX_STORED_SIDE = 65535  # FFCV stores width/height as uint16
@@ -82,22 +83,6 @@ class ConvertSummary:
 
 # ---------------------------------------------------------------------------------------------- image reading
 
-def _to_rgb_array(im) -> np.ndarray:
-    """Any PIL mode -> uint8 [H, W, 3]. PIL's own convert clips 16-bit values to 255 (a white image), so
-    high-bit-depth single-channel modes are rescaled here."""
-    if im.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
-        a = np.asarray(im).astype(np.float64)
-        if im.mode == "F":
-            a = a * 255.0 if a.max(initial=0.0) <= 1.0 else a
-        elif a.max(initial=0) > 255:  # 'I' also holds 8-bit data from some encoders: rescale only 16-bit ranges
-            a = a / 257.0
-        a = np.clip(np.rint(a), 0, 255).astype(np.uint8)
-        return np.ascontiguousarray(np.repeat(a[..., None], 3, axis=2))
-    if im.mode != "RGB":
-        im = im.convert("RGB")
-    return np.asarray(im, dtype=np.uint8)
-
-
 def load_rgb(path: str, max_side: int = 0) -> np.ndarray:
     """Decode ``path`` fully into upright uint8 RGB [H, W, 3]; raises on anything undecodable.
 
@@ -112,7 +97,7 @@ def load_rgb(path: str, max_side: int = 0) -> np.ndarray:
             im.draft("RGB", (max_side, max_side))
         im.load()  # the full decode: truncated / corrupt data raises here
         im = ImageOps.exif_transpose(im)
-        arr = _to_rgb_array(im)
+        arr = np.asarray(rgb8(im), dtype=np.uint8)
     if arr.ndim != 3 or arr.shape[2] != 3 or min(arr.shape[:2]) < 1:
         raise ValueError(f"decoded to an unusable shape {arr.shape}")
     return arr

@@ -74,13 +74,20 @@ def pil_rgb(source):
 
     with Image.open(source) as im:
         im.load()  # the full decode: truncated / corrupt data raises here
-        im = ImageOps.exif_transpose(im)
-        if im.mode in _HIGH_BIT_MODES:
-            a = np.asarray(im, dtype=np.float64)
-            if im.mode.startswith("I;16"):  # full-range 16-bit: a dark image is dark, whatever its maximum
-                a = a / 257.0
-            else:  # 32-bit int / float modes say nothing of their range: guess it from the values
-                a = a * 255.0 if im.mode == "F" and a.max(initial=0.0) <= 1.0 else a
-                a = a / 257.0 if a.max(initial=0.0) > 255 else a
-            im = Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8))
-        return im.convert("RGB")
+        return rgb8(ImageOps.exif_transpose(im))
+
+
+def rgb8(im):
+    """Any PIL mode -> 8-bit RGB PIL image. PIL's own convert("RGB") clips high-bit-depth values to 255 (a white
+    image), so those modes are rescaled first."""
+    from PIL import Image
+
+    if im.mode in _HIGH_BIT_MODES:
+        a = np.asarray(im, dtype=np.float64)
+        if im.mode.startswith("I;16"):  # full-range 16-bit: a dark image is dark, whatever its maximum
+            a = a / 257.0
+        else:  # 32-bit int / float modes say nothing of their range ('I' holds 8-bit data from some encoders)
+            a = a * 255.0 if im.mode == "F" and a.max(initial=0.0) <= 1.0 else a
+            a = a / 257.0 if a.max(initial=0.0) > 255 else a
+        im = Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8))
+    return im.convert("RGB")

@@ -154,6 +154,8 @@ def test_load_rgb_converts_modes_and_orientation(tmp_path):
     out = conv.load_rgb(save("g16.png", Image.fromarray(arr16)))
     assert out.dtype == np.uint8 and out.shape == (20, 30, 3)
     np.testing.assert_allclose(out[..., 1], np.rint(arr16 / 257.0), atol=1)  # rescaled, not clipped to white
+    dark = conv.load_rgb(save("dark16.png", Image.fromarray(np.full((4, 5), 200, dtype=np.uint16))))
+    assert dark.max() == 1  # full-range 16-bit whatever its maximum (was taken for 8-bit: 200)
 
     out = conv.load_rgb(save("cmyk.jpg", Image.new("CMYK", (30, 20), (0, 255, 255, 0)), quality=95))
     assert out.shape == (20, 30, 3) and out[..., 0].mean() > 200 and out[..., 1:].mean() < 60  # red
