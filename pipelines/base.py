@@ -141,21 +141,28 @@ def _looks_like_a_label(token: str) -> bool:
 def _read_file_list(path: str) -> ImageList:
     base = os.path.dirname(os.path.abspath(path))
     files, labels = [], []
-    with open(path) as f:
-        for lineno, line in enumerate(f, 1):
-            line = line.strip()
-            if not line or line.startswith("#"):
-                continue
-            parts = line.rsplit(maxsplit=1)
-            try:
-                name, label = (parts[0], int(parts[1])) if len(parts) == 2 else (parts[0], -1)
-            except ValueError:  # no integer label: the whole line is the path (names may hold spaces)
-                name, label = line, -1
-                if _looks_like_a_label(parts[-1]) and not os.path.exists(_resolve(base, name)):
-                    raise ValueError(f"data: file list {path!r}, line {lineno}: label {parts[-1]!r} is not an "
-                                     f"integer class index (lines are 'path [label]')") from None
-            files.append(_resolve(base, name))
-            labels.append(label)
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = f.readlines()
+    except UnicodeDecodeError:
+        raise ValueError(f"data: {path!r} is a file but not a text file list ('path [label]' lines); an image "
+                         f"folder is given as its directory, a .beton with the ffcv loader") from None
+    except OSError as e:
+        raise ValueError(f"data: cannot read the file list {path!r} ({e.strerror or e})") from None
+    for lineno, line in enumerate(lines, 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        parts = line.rsplit(maxsplit=1)
+        try:
+            name, label = (parts[0], int(parts[1])) if len(parts) == 2 else (parts[0], -1)
+        except ValueError:  # no integer label: the whole line is the path (names may hold spaces)
+            name, label = line, -1
+            if _looks_like_a_label(parts[-1]) and not os.path.exists(_resolve(base, name)):
+                raise ValueError(f"data: file list {path!r}, line {lineno}: label {parts[-1]!r} is not an "
+                                 f"integer class index (lines are 'path [label]')") from None
+        files.append(_resolve(base, name))
+        labels.append(label)
     if not files:
         raise ValueError(f"data: file list {path!r} names no images")
     n_cls = max(labels) + 1 if max(labels) >= 0 else 0
@@ -234,7 +241,8 @@ class EpochSampler:
         """This shard's sample indices for ``epoch`` (default: the current one), truncated to whole batches with
         drop_last."""
         if self.shuffle:
-            g = torch.Generator().manual_seed(self.seed * 1_000_003 + (self.epoch if epoch is None else epoch))
+            epoch = self.epoch if epoch is None else epoch
+            g = torch.Generator().manual_seed((self.seed * 1_000_003 + epoch) % 2**63)
             perm = torch.randperm(self.num_samples, generator=g)
         else:
             perm = torch.arange(self.num_samples)
@@ -253,7 +261,7 @@ class EpochSampler:
 def make_generator(seed: int, epoch: int, shard_id: int, device) -> torch.Generator:
     """Generator for augmentation/mixing randomness, distinct per (seed, epoch, shard), on ``device``."""
     g = torch.Generator(device=device)
-    g.manual_seed((seed * 1_000_003 + epoch) * 1_009 + shard_id)
+    g.manual_seed(((seed * 1_000_003 + epoch) * 1_009 + shard_id) % 2**63)  # any seed (unchanged below ~9e9)
     return g
 
 

@@ -280,6 +280,8 @@ def validate_options(src, out, fmt, max_side, jpeg_quality, compress_probability
         raise ValueError(f"out: directory {os.path.dirname(out)!r} does not exist")
     if not os.path.exists(os.fspath(src)):
         raise ValueError(f"src: {os.fspath(src)!r} does not exist")
+    if os.path.exists(out) and os.path.samefile(out, os.fspath(src)):
+        raise ValueError(f"out: {out!r} is the source file list itself; give the .beton another path")
     return out
 
 

@@ -67,6 +67,17 @@ def _write(state: Dict[str, Any], fileobj) -> None:
     torch.save(state, fileobj)
 
 
+def _os_error(e: BaseException):
+    """The OSError behind ``e`` (itself, or in its cause / context chain), or None."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, OSError):
+            return e
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return None
+
+
 def _fsync_dir(directory: str) -> None:
     try:
         fd = os.open(directory, os.O_RDONLY)
@@ -94,8 +105,9 @@ def remove_stale_tmp(directory: str) -> None:
 def save_checkpoint(state: Dict[str, Any], directory: str, step: int, keep: int = 3) -> str:
     """Atomically write ``state`` as ``directory/ckpt-<step>.pt`` and keep the newest ``keep`` checkpoints.
 
-    On any OSError (disk full, permissions) the temporary file is removed, the earlier checkpoints are left
-    untouched, and CheckpointError says so."""
+    When the write fails (disk full, file-size limit, permissions; torch.save wraps most of these in a
+    RuntimeError) the temporary file is removed, the earlier checkpoints are left untouched, and CheckpointError
+    says so."""
     os.makedirs(directory, exist_ok=True)
     remove_stale_tmp(directory)
     final = _path(directory, step)
@@ -110,14 +122,18 @@ def save_checkpoint(state: Dict[str, Any], directory: str, step: int, keep: int 
             time.sleep(delay)
         os.replace(tmp, final)
         _fsync_dir(directory)
-    except OSError as e:
+    except (OSError, RuntimeError) as e:  # torch.save's zip writer reports a failed write as a RuntimeError
         try:
             os.remove(tmp)
         except OSError:
             pass
         prev = latest_checkpoint(directory)
         kept = f"the previous checkpoint {prev} is intact" if prev else "no earlier checkpoint exists"
-        reason = "disk full" if e.errno == errno.ENOSPC else (e.strerror or str(e))
+        cause = _os_error(e)
+        if cause is None:
+            reason = f"{type(e).__name__}: {e}"
+        else:
+            reason = "disk full" if cause.errno == errno.ENOSPC else (cause.strerror or str(cause))
         raise CheckpointError(f"checkpoint: could not write step {step} to {directory} ({reason}); {kept}") from e
     for _, old in list_checkpoints(directory)[:-max(int(keep), 1)]:
         try:

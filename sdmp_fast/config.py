@@ -181,6 +181,7 @@ class TrainConfig:
         positive_int("save_every", minimum=0)
         positive_int("freeze_last_layer_epochs", minimum=0)
         positive_int("seed", minimum=0)
+        need(self.seed < 2**32, "seed", f"must be < 2**32 (torch, numpy and DALI seeds), got {self.seed}")
         need(self.img_size >= 8, "img_size", f"must be >= 8, got {self.img_size}")
         need(self.img_size % self.patch_size == 0, "img_size",
              f"{self.img_size} is not a multiple of patch_size {self.patch_size}")
@@ -304,6 +305,8 @@ def _coerce(name: str, value: Any, f: dataclasses.Field) -> Any:
                 raise ValueError(f"expected a number, got {value!r}")
             return float(value)
         if "str" in ftype or isinstance(default, str):
+            if isinstance(value, bool):  # YAML 1.1 reads on / off / yes / no as booleans
+                return "on" if value else "off"
             return str(value)
     except (TypeError, ValueError) as e:
         raise ValueError(f"{name}: {e}") from None

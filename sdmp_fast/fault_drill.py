@@ -112,9 +112,9 @@ def run_drill(trials: int = 10, steps: int = 24, save_every: int = 3, method: st
     rng = random.Random(seed)
     ref_out = os.path.join(work, "reference")
     pid = _fork_train(argv + ["--out", ref_out], {}, os.path.join(work, "reference.log"))
-    _wait_first_checkpoint(pid, os.path.join(ref_out, "checkpoints"))
+    ended = _wait_first_checkpoint(pid, os.path.join(ref_out, "checkpoints"))  # its exit code if it ended first
     t0 = time.perf_counter()
-    code = _wait(pid)
+    code = _wait(pid) if ended is None else ended
     duration = time.perf_counter() - t0  # from the first checkpoint to the end of the run
     if code != 0:
         raise RuntimeError(f"fault drill: the reference run failed (exit {code}); see {work}/reference.log")

@@ -3,6 +3,7 @@ reproduces an uninterrupted run bit for bit (in-process, after kill -9 of a CLI 
 from __future__ import annotations
 
 import errno
+import io
 import os
 import random
 import signal
@@ -66,6 +67,33 @@ def test_disk_full_leaves_previous_checkpoint_intact(tmp_path, monkeypatch):
     assert os.listdir(d) == ["ckpt-000000005.pt"]
     assert open(os.path.join(d, "ckpt-000000005.pt"), "rb").read() == before
     assert ckpt.load_latest(d)[1]["step"] == 5
+
+
+def test_disk_full_inside_torch_save_is_a_checkpoint_error(tmp_path, monkeypatch):
+    # a real torch.save whose file fills up after 100 kB: its zip writer turns the OSError into a RuntimeError
+    # ("unexpected pos"), which escaped as a traceback with the temporary file left behind
+    d = str(tmp_path / "ck")
+    ckpt.save_checkpoint(_state(5), d, 5)
+
+    class FillsUp(io.RawIOBase):
+        def __init__(self, fh):
+            self.fh, self.n = fh, 0
+
+        def writable(self):
+            return True
+
+        def write(self, b):
+            self.n += len(b)
+            if self.n > 100_000:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return self.fh.write(b)
+
+    monkeypatch.setattr(ckpt, "_write", lambda state, fh: torch.save(state, FillsUp(fh)))
+    big = dict(_state(6), blob=torch.zeros(200_000))
+    with pytest.raises(ckpt.CheckpointError, match=r"could not write step 6 .*disk full.*ckpt-000000005.pt is "
+                                                   r"intact"):
+        ckpt.save_checkpoint(big, d, 6)
+    assert os.listdir(d) == ["ckpt-000000005.pt"]
 
 
 def test_disk_full_during_training_is_a_clear_error(tmp_path, monkeypatch, capsys):

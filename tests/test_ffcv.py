@@ -140,6 +140,12 @@ def test_convert_bad_arguments_name_the_path(tmp_path, folder):
         conv.convert(folder, str(tmp_path / "no_such_dir" / "x.beton"))
     with pytest.raises(ValueError, match="--max-side"):
         conv.convert(folder, str(tmp_path / "x.beton"), max_side=3)
+    listing = tmp_path / "list.txt"
+    listing.write_text(f"{list_images(folder).files[0]} 0\n")
+    with pytest.raises(ValueError, match="out: .* is the source file list itself"):
+        conv.convert(str(listing), str(listing))
+    assert listing.read_text().endswith(" 0\n")
+    listing.unlink()
     assert sorted(os.listdir(tmp_path)) == ["empty"]
 
 

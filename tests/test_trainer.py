@@ -168,6 +168,8 @@ def test_resume_with_another_world_size_is_refused(tmp_path):
     ("sdmp: null\n", "sdmp: null is not a value of this setting"),  # trained with SDMP off before
     ("device: null\n", "device: null is not a value of this setting"),
     ("lr: .inf\n", "lr: must be a finite number"),
+    ("seed: 100000000000\n", "seed: must be < 2**32"),  # overflowed in the loader's generator after out/ was made
+    ("kernels: on\n", "kernels: choose auto or off, got 'on'"),  # YAML's on / off are booleans
 ])
 def test_yaml_nulls_and_infinities_are_named(tmp_path, capsys, text, message):
     cfg = tmp_path / "c.yaml"
@@ -206,6 +208,8 @@ def test_yaml_config_overrides_and_safety(tmp_path, capsys):
     add_arguments(p)
     cfg = config_from_args(p.parse_args(["--config", str(f), "--batch-size", "32", "--steps", "7", "--out", "x"]))
     assert (cfg.method, cfg.batch_size, cfg.sdmp, cfg.steps, cfg.epochs) == ("dino", 32, False, 7, None)
+    f.write_text("kernels: off\n")  # YAML reads off as False: still the setting's "off"
+    assert config_from_args(p.parse_args(["--config", str(f), "--out", "x"])).kernels == "off"
     assert cfg.mix_methods == ("mixup", "cutmix") and cfg.mix_weight == 0.5 and cfg.base_lr == 5e-4
     bad = tmp_path / "bad.yaml"
     bad.write_text("method: !!python/object/apply:os.system ['touch /tmp/sdmp_pwned']\n")
