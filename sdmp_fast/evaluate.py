@@ -233,8 +233,12 @@ def load_eval_data(data: str, train_limit: int = 0, test_limit: int = 0):
         split = next((s for s in ("val", "test") if os.path.isdir(os.path.join(data, s))), None)
         if not os.path.isdir(os.path.join(data, "train")) or split is None:
             raise ValueError(f"data: {data!r} must hold ImageFolder trees train/ and val/ (or test/)")
-        xtr, ytr = _read_image_folder(os.path.join(data, "train"))
-        xte, yte = _read_image_folder(os.path.join(data, split))
+        train_dir, test_dir = os.path.join(data, "train"), os.path.join(data, split)
+        xtr, ytr, train_classes = _read_image_folder(train_dir)
+        xte, yte, test_classes = _read_image_folder(test_dir)
+        yte = _map_labels(yte, test_classes, train_classes, test_dir, train_dir)
+    if train_limit < 0 or test_limit < 0:
+        raise ValueError(f"--train-limit / --test-limit: must be >= 0 (0: all), got {train_limit} / {test_limit}")
     if train_limit:
         xtr, ytr = _balanced_subset(xtr, ytr, train_limit)
     if test_limit:
@@ -248,8 +252,26 @@ def _balanced_subset(x: torch.Tensor, y: torch.Tensor, n: int):
     return x[perm], y[perm]
 
 
+def _map_labels(labels: torch.Tensor, classes: Sequence[str], ref_classes: Sequence[str], folder: str,
+                ref_folder: str) -> torch.Tensor:
+    """Labels indexing ``classes`` re-expressed as indices of ``ref_classes`` (classes are paired by name, not by
+    folder position). A class holding images in ``folder`` but absent from ``ref_folder`` is a ValueError."""
+    present = sorted(set(labels.tolist()))
+    missing = [classes[i] for i in present if classes[i] not in ref_classes]
+    if missing:
+        raise ValueError(f"data: class folder(s) {missing[:5]}{'...' if len(missing) > 5 else ''} of {folder!r} "
+                         f"are not classes of {ref_folder!r} (its classes: {list(ref_classes)[:10]}"
+                         f"{'...' if len(ref_classes) > 10 else ''}): k-NN / linear probe can only predict "
+                         f"the training classes")
+    lut = torch.tensor([ref_classes.index(c) if c in ref_classes else -1 for c in classes], dtype=torch.long)
+    return lut[labels.long()] if len(labels) else labels.long()
+
+
 def _read_image_folder(root: str, size: int = 64):
-    """Small ImageFolder trees read into memory as RGB uint8 [N, size, size, 3] (eval sets only)."""
+    """Small ImageFolder trees read into memory: (RGB uint8 [N, size, size, 3], labels [N], class names).
+
+    An eval set is read exactly: a file that cannot be decoded is a ValueError naming it (skipping it would
+    silently change what the accuracy is measured on)."""
     import numpy as np
     from PIL import Image
 
@@ -259,8 +281,15 @@ def _read_image_folder(root: str, size: int = 64):
     if not lst.classes:
         raise ValueError(f"data: {root!r} holds unlabeled images (no class folders): k-NN and the linear probe need "
                          f"ImageFolder trees root/class/img")
-    imgs = [np.asarray(Image.open(f).convert("RGB").resize((size, size), Image.BILINEAR)) for f in lst.files]
-    return torch.from_numpy(np.stack(imgs)), torch.tensor(lst.labels)
+    imgs = []
+    for f in lst.files:
+        try:
+            with Image.open(f) as im:
+                imgs.append(np.asarray(im.convert("RGB").resize((size, size), Image.BILINEAR)))
+        except (OSError, SyntaxError, ValueError) as e:  # UnidentifiedImageError is an OSError
+            raise ValueError(f"data: cannot decode the image {f!r} ({type(e).__name__}: {e}); remove or replace "
+                             f"it") from None
+    return torch.from_numpy(np.stack(imgs)), torch.tensor(lst.labels, dtype=torch.long), tuple(lst.classes)
 
 
 def load_backbone_for_eval(path: str, random_init: bool = False, seed: int = 0):
@@ -320,12 +349,70 @@ def evaluate_backbone(model: nn.Module, data, img_size: int, mean=DEFAULT_MEAN, 
     return res
 
 
-def main(args) -> int:
+def _check_args(args) -> str:
+    """Options that need no model or data, checked before any work: ValueError naming the setting. Returns the
+    device to use."""
     if not args.checkpoint:
         raise ValueError("--checkpoint: give a checkpoint file or a run directory")
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dev = "auto" if args.device is None else str(args.device).strip().lower()
+    if dev == "auto":
+        dev = "cuda" if torch.cuda.is_available() else "cpu"
+    elif dev != "cpu" and not (dev == "cuda" or (dev.startswith("cuda:") and dev[5:].isdigit())):
+        raise ValueError(f"--device: expected cpu, cuda or auto, got {args.device!r}")
+    if dev.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device: {args.device!r} but no CUDA GPU is available (use --device cpu)")
+        if ":" in dev and int(dev[5:]) >= torch.cuda.device_count():
+            raise ValueError(f"--device: {args.device!r} but only {torch.cuda.device_count()} GPU(s) are visible")
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size: must be >= 1, got {args.batch_size}")
+    if args.knn_k < 1:
+        raise ValueError(f"--knn-k: must be >= 1, got {args.knn_k}")
+    if not args.knn_t > 0:
+        raise ValueError(f"--knn-t: must be > 0, got {args.knn_t}")
+    if args.train_limit < 0:
+        raise ValueError(f"--train-limit: must be >= 0 (0: all training images), got {args.train_limit}")
+    if args.test_limit < 0:
+        raise ValueError(f"--test-limit: must be >= 0 (0: all test images), got {args.test_limit}")
+    if args.linear and args.linear_epochs < 1:
+        raise ValueError(f"--linear-epochs: must be >= 1, got {args.linear_epochs}")
+    if args.img_size is not None and args.img_size < 1:
+        raise ValueError(f"--img-size: must be >= 1, got {args.img_size}")
+    if args.json:
+        if os.path.isdir(args.json):
+            raise ValueError(f"--json: {args.json!r} is a directory; give a file path")
+        parent = os.path.dirname(os.path.abspath(args.json))
+        if not os.path.isdir(parent):
+            raise ValueError(f"--json: the folder {parent!r} of {args.json!r} does not exist")
+        if not os.access(parent, os.W_OK):
+            raise ValueError(f"--json: the folder {parent!r} of {args.json!r} is not writable")
+    return dev
+
+
+def check_img_size(model: nn.Module, img_size: int) -> None:
+    """ValueError naming --img-size when the backbone cannot take img_size x img_size inputs: a ViT with a fixed
+    position embedding takes its own size only; a dynamic-size one a multiple of its patch size."""
+    if img_size < 1:
+        raise ValueError(f"--img-size: must be >= 1, got {img_size}")
+    pe = getattr(model, "patch_embed", None)
+    if pe is None:
+        return
+    size = tuple(getattr(pe, "img_size", None) or ())
+    patch = tuple(getattr(pe, "patch_size", None) or ())
+    dynamic = bool(getattr(model, "dynamic_img_size", False) or getattr(pe, "dynamic_img_size", False))
+    if getattr(pe, "strict_img_size", False) and not dynamic and size:
+        if (img_size, img_size) != size:
+            raise ValueError(f"--img-size: the checkpoint's model takes {size[0]}x{size[1]} inputs only (fixed "
+                             f"position embedding), got {img_size}; leave --img-size out to use its own size")
+    elif patch and not getattr(pe, "dynamic_img_pad", False) and any(img_size % p for p in patch):
+        raise ValueError(f"--img-size: must be a multiple of the model's patch size {patch[0]}, got {img_size}")
+
+
+def main(args) -> int:
+    device = _check_args(args)
     model, info = load_backbone_for_eval(args.checkpoint, random_init=args.random_init, seed=args.seed)
-    img_size = args.img_size or int(info.get("img_size", 28))
+    img_size = args.img_size if args.img_size is not None else int(info.get("img_size", 28))
+    check_img_size(model, img_size)
     mean, std = info.get("mean", DEFAULT_MEAN), info.get("std", DEFAULT_STD)
     data = load_eval_data(args.data, args.train_limit, args.test_limit)
     res = evaluate_backbone(model, data, img_size, mean, std, args.knn_k, args.knn_t, args.linear,

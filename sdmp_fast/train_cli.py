@@ -39,11 +39,23 @@ def _dist_env():
     return rank, world, local
 
 
+_START_FILES = {"config.yaml", "metrics.jsonl", ".lock"}  # what a run writes before its first step
+
+
 def _check_out(cfg) -> None:
     """Read-only checks of --out (nothing is created here)."""
     out = cfg.out
     if os.path.isdir(out) and os.listdir(out) and not cfg.resume:
-        raise ValueError(f"out: {out!r} already holds a run; pass --resume to continue it or choose another --out")
+        entries = set(os.listdir(out))
+        metrics = os.path.join(out, "metrics.jsonl")
+        if (entries & {"checkpoints", "backbone.pt"}) or (os.path.isfile(metrics) and os.path.getsize(metrics)):
+            raise ValueError(f"out: {out!r} already holds a run; pass --resume to continue it or choose another "
+                             f"--out")
+        others = sorted(entries - _START_FILES)
+        if others:
+            raise ValueError(f"out: {out!r} is not empty and holds no run ({', '.join(others[:5])}"
+                             f"{', ...' if len(others) > 5 else ''}); choose an empty or new folder")
+        # only the start files of a run that stopped before its first step (bad data, say): a new run replaces them
     # the nearest existing folder must take new files: found now, not as a traceback after the model is built
     probe = os.path.abspath(out)
     while not os.path.exists(probe):

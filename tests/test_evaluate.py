@@ -276,3 +276,120 @@ def test_backbone_of_a_run_whose_newest_checkpoint_is_damaged(tiny_run, tmp_path
         p.write_bytes(b"junk")
     with pytest.raises(ValueError, match="checkpoint: nothing readable"):
         load_backbone(str(copy_run))
+
+
+# ------------------------------------------------------------------------------- eval: data and option checks
+
+def _class_tree(root, classes, per_class=3, seed=0):
+    """root/<name>/i.png: images distinct per class (a solid colour + noise), the same bytes for a given seed."""
+    import numpy as np
+    from PIL import Image
+
+    for c in classes:
+        d = root / c
+        d.mkdir(parents=True)
+        rng = np.random.default_rng(sum(map(ord, c)) * 7 + seed)
+        base = rng.integers(0, 256, 3)
+        for i in range(per_class):
+            px = np.clip(base + rng.integers(-20, 20, (16, 16, 3)), 0, 255).astype("uint8")
+            Image.fromarray(px).save(d / f"{i}.png")
+
+
+def test_eval_data_pairs_classes_by_name(tmp_path):
+    import shutil
+
+    from sdmp_fast.evaluate import load_eval_data
+
+    _class_tree(tmp_path / "train", ["a", "b", "c"])
+    (tmp_path / "val").mkdir()
+    for c in ("b", "c"):  # val lacks class a: b and c must keep train's indices 1 and 2, not become 0 and 1
+        shutil.copytree(tmp_path / "train" / c, tmp_path / "val" / c)
+    xtr, ytr, xte, yte = load_eval_data(str(tmp_path))
+    assert ytr.tolist() == [0] * 3 + [1] * 3 + [2] * 3 and yte.tolist() == [1] * 3 + [2] * 3
+    assert torch.equal(xte, xtr[3:])
+    assert knn_classify(xtr.flatten(1).float(), ytr, xte.flatten(1).float(), yte, k=1) == 1.0
+    # a val class that train lacks: a clear error naming it and both folders
+    _class_tree(tmp_path / "val", ["zz"])
+    with pytest.raises(ValueError, match="zz") as e:
+        load_eval_data(str(tmp_path))
+    assert str(tmp_path / "val") in str(e.value) and str(tmp_path / "train") in str(e.value)
+
+
+def test_eval_cli_pairs_classes_by_name(tiny_run, tmp_path, capsys):
+    import shutil
+
+    run, _, _ = tiny_run
+    _class_tree(tmp_path / "train", ["a", "b", "c"])
+    (tmp_path / "val").mkdir()
+    for c in ("b", "c"):
+        shutil.copytree(tmp_path / "train" / c, tmp_path / "val" / c)
+    js = tmp_path / "r.json"
+    assert cli.main(["eval", "--checkpoint", run, "--data", str(tmp_path), "--knn-k", "1", "--device", "cpu",
+                     "--json", str(js)]) == 0
+    assert json.loads(js.read_text())["knn_top1"] == 1.0  # identical images, k=1: every one found
+
+
+def test_eval_data_undecodable_image_is_a_clear_error(tmp_path):
+    from sdmp_fast.evaluate import load_eval_data
+
+    _class_tree(tmp_path / "train", ["a", "b"])
+    _class_tree(tmp_path / "val", ["a", "b"], seed=1)
+    bad = tmp_path / "val" / "b" / "zz_broken.jpg"
+    bad.write_bytes(b"not an image")
+    with pytest.raises(ValueError, match="cannot decode") as e:
+        load_eval_data(str(tmp_path))
+    assert str(bad) in str(e.value)
+
+
+@pytest.mark.parametrize("extra, setting", [
+    (["--batch-size", "0"], "--batch-size"),
+    (["--batch-size", "-3"], "--batch-size"),
+    (["--train-limit", "-5"], "--train-limit"),
+    (["--test-limit", "-1"], "--test-limit"),
+    (["--knn-k", "0"], "--knn-k"),
+    (["--knn-t", "0"], "--knn-t"),
+    (["--device", "gpu"], "--device"),
+    (["--img-size", "0"], "--img-size"),
+    (["--json", "DIR"], "--json"),
+    (["--json", "DIR/missing/x.json"], "--json"),
+])
+def test_eval_cli_rejects_bad_options_before_any_work(extra, setting, tmp_path, capsys, monkeypatch):
+    import sdmp_fast.evaluate as ev
+
+    def no_work(*a, **k):
+        raise AssertionError("work started before the options were checked")
+
+    monkeypatch.setattr(ev, "load_backbone_for_eval", no_work)
+    monkeypatch.setattr(ev, "load_eval_data", no_work)
+    extra = [a.replace("DIR", str(tmp_path)) for a in extra]
+    assert cli.main(["eval", "--checkpoint", str(tmp_path), *extra]) == 2
+    err = capsys.readouterr().err
+    assert setting in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_eval_cli_rejects_cuda_without_gpu(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert cli.main(["eval", "--checkpoint", str(tmp_path), "--device", "cuda"]) == 2
+    assert "--device" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("size", [30, 64])
+def test_eval_cli_rejects_img_size_the_model_cannot_take(size, tiny_run, capsys, monkeypatch):
+    import sdmp_fast.evaluate as ev
+
+    run, _, _ = tiny_run
+    monkeypatch.setattr(ev, "load_eval_data", lambda *a, **k: (_ for _ in ()).throw(AssertionError("data read")))
+    assert cli.main(["eval", "--checkpoint", run, "--img-size", str(size), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert "--img-size" in err and "28" in err and "Traceback" not in err
+
+
+def test_check_img_size_dynamic_model_needs_a_patch_multiple():
+    from sdmp_fast.evaluate import check_img_size
+    from sdmp_fast.models import create_backbone
+
+    m = create_backbone(dict(arch="vit_tiny_patch16_224", img_size=28, patch_size=7, depth=1, embed_dim=32,
+                             num_heads=2, dynamic_img_size=True))
+    check_img_size(m, 35)
+    with pytest.raises(ValueError, match="multiple of the model's patch size 7"):
+        check_img_size(m, 30)

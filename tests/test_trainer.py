@@ -128,6 +128,14 @@ def test_data_with_nothing_decodable_is_an_error_not_a_hang(tmp_path, capsys):
     code, err = run_cli(TINY + ["--loader", "torchvision", "--data", str(tmp_path / "bad"), "--batch-size", "2",
                                 "--steps", "4", "--num-workers", "0", "--out", str(tmp_path / "o")], capsys)
     assert code == 2 and "error: data: epoch 0 of the torchvision loader" in err and "no batch" in err
+    # the failed start left only its start files: the rerun on fixed data needs no --resume
+    assert sorted(os.listdir(tmp_path / "o")) == [".lock", "config.yaml", "metrics.jsonl"]
+    code, err = run_cli(TINY + ["--loader", "synthetic", "--steps", "1", "--out", str(tmp_path / "o")], capsys)
+    assert code == 0, err
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    code, err = run_cli(TINY + ["--loader", "synthetic", "--steps", "1", "--out", str(tmp_path / "other")], capsys)
+    assert code == 2 and "is not empty and holds no run (notes.txt)" in err
 
 
 def test_out_that_cannot_be_written_is_named_before_anything_runs(tmp_path, capsys, monkeypatch):
