@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import re
 import signal
 import sys
 
@@ -39,7 +40,7 @@ def _dist_env():
     return rank, world, local
 
 
-_START_FILES = {"config.yaml", "metrics.jsonl", ".lock"}  # what a run writes before its first step
+_START_FILES = {"config.yaml", "metrics.jsonl", ".lock", ".cache"}  # what a run writes before its first step
 
 
 def _check_out(cfg) -> None:
@@ -51,7 +52,7 @@ def _check_out(cfg) -> None:
         if (entries & {"checkpoints", "backbone.pt"}) or (os.path.isfile(metrics) and os.path.getsize(metrics)):
             raise ValueError(f"out: {out!r} already holds a run; pass --resume to continue it or choose another "
                              f"--out")
-        others = sorted(entries - _START_FILES)
+        others = sorted(e for e in entries - _START_FILES if not re.fullmatch(r"config\.\d+\.yaml", e))
         if others:
             raise ValueError(f"out: {out!r} is not empty and holds no run ({', '.join(others[:5])}"
                              f"{', ...' if len(others) > 5 else ''}); choose an empty or new folder")
@@ -93,9 +94,19 @@ def _write_config(cfg, out: str) -> None:
     import yaml
 
     path = os.path.join(out, "config.yaml")
+    text = yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+    if os.path.isfile(path):
+        with open(path) as fh:
+            old = fh.read()
+        if old == text:
+            return
+        k = 1  # a resume with other settings (more steps, another lr): the earlier ones stay, as config.<k>.yaml
+        while os.path.exists(os.path.join(out, f"config.{k}.yaml")):
+            k += 1
+        os.replace(path, os.path.join(out, f"config.{k}.yaml"))
     tmp = f"{path}.tmp.{os.getpid()}"
     with open(tmp, "w") as fh:
-        yaml.safe_dump(cfg.to_dict(), fh, sort_keys=False)
+        fh.write(text)
     os.replace(tmp, path)
 
 

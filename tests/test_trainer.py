@@ -815,3 +815,16 @@ def test_a_file_system_without_locks_is_named_not_taken_for_a_running_run(tmp_pa
     with pytest.raises(ValueError, match="takes no POSIX locks") as err:
         _lock_out(str(tmp_path))
     assert "another sdmp-fast train process" not in str(err.value)
+
+
+def test_a_resume_with_other_settings_keeps_the_earlier_config(tmp_path, capsys):
+    import yaml
+
+    out = tmp_path / "run"
+    base = TINY + ["--loader", "synthetic", "--steps", "2", "--out", str(out)]
+    assert run_cli(base + ["--lr", "0.001"], capsys)[0] == 0
+    assert run_cli(base + ["--lr", "0.002", "--resume"], capsys)[0] == 0
+    assert run_cli(base + ["--lr", "0.002", "--resume"], capsys)[0] == 0  # same settings: nothing new kept
+    assert yaml.safe_load((out / "config.1.yaml").read_text())["lr"] == 0.001
+    assert yaml.safe_load((out / "config.yaml").read_text())["lr"] == 0.002
+    assert not (out / "config.2.yaml").exists()
