@@ -33,7 +33,11 @@ def to_display(images: torch.Tensor, mean, std) -> torch.Tensor:
 
 def plot_batch(batch: SDMPBatch, recipe: Recipe, out: str, title: Optional[str] = None,
                max_samples: int = 8) -> str:
-    """Write ``out`` (PNG) for ``batch``; returns the path."""
+    """Write ``out`` (PNG) for ``batch``; returns the path actually written (an existing directory gets
+    ``grid.png`` inside it, a path without a suffix gets ``.png``)."""
+    from sdmp_fast.plot import image_out_path
+
+    out = image_out_path(out, "grid.png")
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -83,21 +87,45 @@ def add_arguments(p) -> None:
     p.add_argument("--backend", default="torchvision", help="loader backend (default torchvision)")
     p.add_argument("--recipe", default="byol2", help="byol2 or dino (default byol2)")
     p.add_argument("--batch-size", type=int, default=8, help="samples in the batch, even (default 8)")
-    p.add_argument("--out", default="grid.png", help="PNG path (default grid.png)")
+    p.add_argument("--out", default="grid.png",
+                   help="PNG path (default grid.png; a directory: DIR/grid.png; no suffix: .png is added)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--num-workers", type=int, default=None)
 
 
+def _device(name: Optional[str]) -> str:
+    """``--device`` as a torch device string: cpu, cuda or cuda:N (None / auto: cuda when available); anything
+    else, or cuda without a GPU, is a ValueError naming the setting."""
+    dev = "auto" if name is None else str(name).strip().lower()
+    if dev == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if dev != "cpu" and not (dev == "cuda" or (dev.startswith("cuda:") and dev[5:].isdigit())):
+        raise ValueError(f"--device: expected cpu, cuda, cuda:N or auto, got {name!r}")
+    if dev.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device: {name!r} but no CUDA GPU is available (use --device cpu)")
+        if ":" in dev and int(dev[5:]) >= torch.cuda.device_count():
+            raise ValueError(f"--device: {name!r} but only {torch.cuda.device_count()} GPU(s) are visible")
+    return dev
+
+
 def main(args) -> int:
     from .base import make_loader
 
+    device = _device(args.device)
     recipe = make_recipe(args.recipe)
-    loader = make_loader(args.backend, args.data, recipe, args.batch_size, device=args.device, seed=args.seed,
+    from sdmp_fast.plot import image_out_path
+
+    image_out_path(args.out, "grid.png")  # a bad --out fails before any data is read
+    loader = make_loader(args.backend, args.data, recipe, args.batch_size, device=device, seed=args.seed,
                          num_workers=args.num_workers, num_shards=1, shard_id=0)
-    batch = next(iter(loader))
+    batch = next(iter(loader), None)
+    if batch is None:
+        raise ValueError(f"--data: {args.data!r} gave no batch of {args.batch_size} (no file decodes, or fewer "
+                         f"decodable images than the batch size)")
     title = (f"{args.backend} · {recipe.name} · batch {batch.batch_size} · seed {args.seed}: "
              f"{len(batch.views)} views + {len(batch.mixed_views)} mixed (red)")
-    plot_batch(batch, recipe, args.out, title=title, max_samples=args.batch_size)
-    print(f"show: wrote {args.out} ({batch!r})")
+    out = plot_batch(batch, recipe, args.out, title=title, max_samples=args.batch_size)
+    print(f"show: wrote {out} ({batch!r})")
     return 0

@@ -13,6 +13,27 @@ NOT_LOSS_TERMS = {"step", "epoch", "loss", "img_per_s", "lr", "wd", "momentum", 
                   "grad_norm"}
 
 
+def image_out_path(out: str, default_name: str, setting: str = "--out") -> str:
+    """The file an image for ``out`` is actually written to: an existing directory (or a path ending in a separator) gets
+    ``default_name`` inside it, a path without a suffix gets ``.png`` (matplotlib would add it silently). A suffix matplotlib cannot
+    write is a ValueError naming ``setting``."""
+    out = os.fspath(out)
+    if not out:
+        raise ValueError(f"{setting}: empty path")
+    if os.path.isdir(out) or out.endswith(("/", os.sep)):
+        return os.path.join(out, default_name)
+    ext = os.path.splitext(out)[1]
+    if not ext or ext == ".":
+        return out.rstrip(".") + ".png"
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    formats = FigureCanvasBase.get_supported_filetypes()
+    if ext[1:].lower() not in formats:
+        raise ValueError(f"{setting}: {out!r} has suffix {ext!r}, which cannot be written as an image; use .png "
+                         f"(or one of {', '.join(sorted(formats))})")
+    return out
+
+
 def read_metrics(path: str) -> List[Dict]:
     """Records of ``path`` (a run directory or its metrics.jsonl). A torn last line (a run killed mid-write)
     is skipped; a file without a single record is an error naming it."""
@@ -42,7 +63,8 @@ def _series(recs: List[Dict], key: str):
 
 
 def plot_run(run: str, out: Optional[str] = None, title: Optional[str] = None) -> str:
-    """Write the PNG (default ``RUN_DIR/curves.png``) and return its path."""
+    """Write the PNG (default ``RUN_DIR/curves.png``; an existing directory ``out`` gets ``curves.png`` inside it,
+    an ``out`` without a suffix gets ``.png``) and return the path actually written."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -51,6 +73,7 @@ def plot_run(run: str, out: Optional[str] = None, title: Optional[str] = None) -
     recs = read_metrics(run)
     if out is None:
         out = os.path.join(run if os.path.isdir(run) else os.path.dirname(os.path.abspath(run)), "curves.png")
+    out = image_out_path(out, "curves.png")
     fig, (ax_loss, ax_speed) = plt.subplots(1, 2, figsize=(11, 4))
     steps, loss = _series(recs, "loss")
     handles = []
@@ -89,7 +112,8 @@ def plot_run(run: str, out: Optional[str] = None, title: Optional[str] = None) -
 
 def add_arguments(p) -> None:
     p.add_argument("run_dir", help="run directory (or its metrics.jsonl)")
-    p.add_argument("--out", default=None, help="PNG path (default: RUN_DIR/curves.png)")
+    p.add_argument("--out", default=None, help="PNG path (default: RUN_DIR/curves.png; a directory: "
+                   "DIR/curves.png; no suffix: .png is added)")
     p.add_argument("--title", default=None)
 
 

@@ -23,3 +23,12 @@ def test_bench_e2e_writes_ratios(tmp_path, capsys):
         assert "peak_mem_gb" in r and "mem_vs_synthetic_eager" in r and r["peak_mem_gb"] is None
     printed = capsys.readouterr().out
     assert "ratio_to_synthetic_same_mode" in printed and "peak_mem_gb" in printed
+
+
+def test_bench_e2e_with_epochs_names_steps(tmp_path, capsys):
+    code = cli.main(["bench", "e2e"] + TINY + ["--loader", "memory", "--data", "fashion-mnist", "--batch-size", "8",
+                                               "--epochs", "1", "--modes", "eager", "--json", str(tmp_path / "e.json")])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "--steps" in err and "Traceback" not in err
+    assert not (tmp_path / "e.json").exists()

@@ -85,3 +85,23 @@ def _skimage_photos(monkeypatch):
     with monkeypatch.context() as m:
         m.delenv(PHOTOS_ENV)
         return load_photos()
+
+
+def test_make_data_refuses_a_file_as_out_dir_and_leaves_no_tmp_folder(tmp_path, monkeypatch):
+    afile = tmp_path / "afile"
+    afile.write_text("not a folder")
+    with pytest.raises(ValueError, match="not a folder"):
+        make_data(str(afile), num_images=2, classes=1)
+    with pytest.raises(ValueError, match="not a folder"):
+        make_data(str(afile / "sub"), num_images=2, classes=1)
+    assert afile.read_text() == "not a folder"
+
+    import sdmp_fast.benchmarks.make_data as md
+
+    def boom(*a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(md, "render_image", boom)  # any failure mid-build removes the temporary folder
+    with pytest.raises(OSError, match="disk full"):
+        make_data(str(tmp_path / "out"), num_images=2, classes=1)
+    assert sorted(os.listdir(tmp_path)) == ["afile"]

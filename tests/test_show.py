@@ -39,3 +39,67 @@ def test_show_command_writes_a_png_from_a_real_loader(tmp_path, capsys):
     with Image.open(out) as im:
         assert im.format == "PNG" and im.size[0] > 400 and im.size[1] > 400
     assert "mixed=2" in capsys.readouterr().out
+
+
+def test_image_out_path_names_the_file_actually_written(tmp_path):
+    from sdmp_fast.plot import image_out_path
+
+    assert image_out_path(str(tmp_path / "curvesX"), "curves.png") == str(tmp_path / "curvesX.png")
+    assert image_out_path(str(tmp_path), "grid.png") == str(tmp_path / "grid.png")
+    assert image_out_path(str(tmp_path / "new") + "/", "grid.png") == str(tmp_path / "new" / "grid.png")
+    assert image_out_path(str(tmp_path / "a.png"), "grid.png") == str(tmp_path / "a.png")
+    assert image_out_path(str(tmp_path / "a.pdf"), "grid.png") == str(tmp_path / "a.pdf")
+    with pytest.raises(ValueError, match="--out"):
+        image_out_path(str(tmp_path / "a.txt"), "grid.png")
+
+
+def test_plot_command_prints_the_path_it_wrote(tmp_path, capsys):
+    import json
+
+    run = tmp_path / "run"
+    run.mkdir()
+    with open(run / "metrics.jsonl", "w") as fh:
+        for s in range(1, 4):
+            fh.write(json.dumps({"step": s, "loss": 2.0 - 0.1 * s, "source": 1.0, "img_per_s": 10.0}) + "\n")
+    assert cli_main(["plot", str(run), "--out", str(tmp_path / "curvesX")]) == 0
+    assert (tmp_path / "curvesX.png").is_file() and not (tmp_path / "curvesX").exists()
+    assert f"wrote {tmp_path / 'curvesX.png'}" in capsys.readouterr().out
+    outdir = tmp_path / "pics"
+    outdir.mkdir()
+    assert cli_main(["plot", str(run), "--out", str(outdir)]) == 0
+    assert (outdir / "curves.png").is_file()
+    assert f"wrote {outdir / 'curves.png'}" in capsys.readouterr().out
+
+
+def test_show_command_errors_are_one_clear_line(tmp_path, capsys):
+    bad = tmp_path / "bad" / "a"
+    bad.mkdir(parents=True)
+    for i in range(6):
+        (bad / f"{i}.jpg").write_bytes(b"not a jpeg")
+    base = ["show", "--data", str(tmp_path / "bad"), "--backend", "torchvision", "--batch-size", "2",
+            "--num-workers", "0", "--out", str(tmp_path / "g.png")]
+    with pytest.warns(RuntimeWarning):
+        assert cli_main(base + ["--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert "--data" in err and "Traceback" not in err
+    assert cli_main(base + ["--device", "gpu"]) == 2
+    assert "--device" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert cli_main(base + ["--device", "cuda"]) == 2
+        assert "no CUDA GPU" in capsys.readouterr().err
+    assert not (tmp_path / "g.png").exists()
+
+
+@pytest.mark.timeout(180)
+def test_show_command_out_without_suffix_or_a_folder(tmp_path, capsys):
+    make_synthetic_image_folder(str(tmp_path / "data"), num_classes=2, per_class=2, size=(32, 40))
+    base = ["show", "--data", str(tmp_path / "data"), "--backend", "torchvision", "--recipe", "byol2",
+            "--batch-size", "2", "--device", "cpu", "--num-workers", "0", "--out"]
+    assert cli_main(base + [str(tmp_path / "gridX")]) == 0
+    assert (tmp_path / "gridX.png").is_file()
+    assert f"wrote {tmp_path / 'gridX.png'}" in capsys.readouterr().out
+    outdir = tmp_path / "pics"
+    outdir.mkdir()
+    assert cli_main(base + [str(outdir)]) == 0
+    assert (outdir / "grid.png").is_file()
+    assert f"wrote {outdir / 'grid.png'}" in capsys.readouterr().out

@@ -111,6 +111,9 @@ def main(args) -> int:
     for m in modes:
         if m not in MODES:
             raise ValueError(f"modes: unknown step mode {m!r}; choose among {', '.join(MODES)}")
+    if cfg.steps is None:  # epochs given (flag or config file): an epoch's length depends on the data set
+        raise ValueError(f"--steps: bench e2e times a fixed number of steps; give --steps N instead of --epochs "
+                         f"(got epochs={cfg.epochs})")
     steps, warmup = cfg.steps, args.warmup
     if warmup < 0 or steps < 1:
         raise ValueError("steps/warmup: need steps >= 1 and warmup >= 0")

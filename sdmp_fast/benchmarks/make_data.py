@@ -142,6 +142,13 @@ def make_data(out_dir: str, num_images: int = 512, classes: int = 8, seed: int =
     if classes < 1:
         raise ValueError(f"--classes: must be >= 1, got {classes}")
     out_dir = os.path.abspath(os.fspath(out_dir))
+    if os.path.lexists(out_dir) and not os.path.isdir(out_dir):
+        raise ValueError(f"make-data: OUT_DIR {out_dir!r} exists and is not a folder; choose a new or empty folder")
+    parent = os.path.dirname(out_dir)
+    while not os.path.lexists(parent) and os.path.dirname(parent) != parent:
+        parent = os.path.dirname(parent)
+    if os.path.lexists(parent) and not os.path.isdir(parent):
+        raise ValueError(f"make-data: OUT_DIR {out_dir!r} lies under {parent!r}, which is not a folder")
     want = _settings(num_images, classes, seed)
     stamp = read_stamp(out_dir)
     if stamp is not None and {k: stamp.get(k) for k in want} == want:
@@ -158,28 +165,32 @@ def make_data(out_dir: str, num_images: int = 512, classes: int = 8, seed: int =
 
     photos = load_photos()
     tmp = f"{out_dir}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    names = [f"{c:03d}_{photos[c % len(photos)][0]}" for c in range(classes)]
-    for name in names:
-        os.makedirs(os.path.join(tmp, name))
-    t0, total_bytes = time.perf_counter(), 0
-    for i in range(num_images):
-        c = i % classes
-        rng = np.random.default_rng([seed, i])
-        data, _ = render_image(photos[c % len(photos)][1], rng)
-        total_bytes += len(data)
-        with open(os.path.join(tmp, names[c], f"{i:06d}.jpg"), "wb") as f:
-            f.write(data)
-    with open(os.path.join(tmp, STAMP), "w") as f:
-        json.dump({**want, "photos": [p[0] for p in photos], "bytes": total_bytes}, f, indent=1)
-    # Swap into place: a half-written set never sits under the final name.
-    if os.path.isdir(out_dir):
-        if os.listdir(out_dir):  # ours, with other settings, and force was given
-            shutil.rmtree(out_dir)
-        else:
-            os.rmdir(out_dir)
-    os.makedirs(os.path.dirname(out_dir), exist_ok=True)
-    os.replace(tmp, out_dir)
+    try:
+        shutil.rmtree(tmp, ignore_errors=True)
+        names = [f"{c:03d}_{photos[c % len(photos)][0]}" for c in range(classes)]
+        for name in names:
+            os.makedirs(os.path.join(tmp, name))
+        t0, total_bytes = time.perf_counter(), 0
+        for i in range(num_images):
+            c = i % classes
+            rng = np.random.default_rng([seed, i])
+            data, _ = render_image(photos[c % len(photos)][1], rng)
+            total_bytes += len(data)
+            with open(os.path.join(tmp, names[c], f"{i:06d}.jpg"), "wb") as f:
+                f.write(data)
+        with open(os.path.join(tmp, STAMP), "w") as f:
+            json.dump({**want, "photos": [p[0] for p in photos], "bytes": total_bytes}, f, indent=1)
+        # Swap into place: a half-written set never sits under the final name.
+        if os.path.isdir(out_dir):
+            if os.listdir(out_dir):  # ours, with other settings, and force was given
+                shutil.rmtree(out_dir)
+            else:
+                os.rmdir(out_dir)
+        os.makedirs(os.path.dirname(out_dir), exist_ok=True)
+        os.replace(tmp, out_dir)
+    except BaseException:  # any failure (a full disk, Ctrl-C, a bad path): no half-built folder left behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if not quiet:
         print(f"make-data: wrote {num_images} JPEGs in {classes} classes from {len(photos)} photos to {out_dir} "
               f"({total_bytes / num_images / 1e3:.0f} kB/image, {time.perf_counter() - t0:.1f} s)")
