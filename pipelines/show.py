@@ -12,6 +12,7 @@ from typing import Optional
 import torch
 
 from sdmp_fast.batch import SDMPBatch
+from sdmp_fast.config import device_setting
 from sdmp_fast.mixing import METHODS
 
 from .recipes import Recipe, make_recipe
@@ -94,26 +95,10 @@ def add_arguments(p) -> None:
     p.add_argument("--num-workers", type=int, default=None)
 
 
-def _device(name: Optional[str]) -> str:
-    """``--device`` as a torch device string: cpu, cuda or cuda:N (None / auto: cuda when available); anything
-    else, or cuda without a GPU, is a ValueError naming the setting."""
-    dev = "auto" if name is None else str(name).strip().lower()
-    if dev == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if dev != "cpu" and not (dev == "cuda" or (dev.startswith("cuda:") and dev[5:].isdigit())):
-        raise ValueError(f"--device: expected cpu, cuda, cuda:N or auto, got {name!r}")
-    if dev.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise ValueError(f"--device: {name!r} but no CUDA GPU is available (use --device cpu)")
-        if ":" in dev and int(dev[5:]) >= torch.cuda.device_count():
-            raise ValueError(f"--device: {name!r} but only {torch.cuda.device_count()} GPU(s) are visible")
-    return dev
-
-
 def main(args) -> int:
     from .base import make_loader
 
-    device = _device(args.device)
+    device = device_setting(args.device)
     recipe = make_recipe(args.recipe)
     from sdmp_fast.plot import image_out_path
 

@@ -402,3 +402,21 @@ def mismatches(saved: Dict[str, Any], current: TrainConfig) -> List[str]:
         if a != b:
             bad.append(f"{k} (checkpoint {a!r}, now {b!r})")
     return bad
+
+
+def device_setting(name: Optional[str]) -> str:
+    """``--device`` as a torch device string: cpu, cuda or cuda:N (None / auto: cuda when available); anything
+    else, or cuda without a GPU, is a ValueError naming the setting (the show and eval commands)."""
+    import torch
+
+    dev = "auto" if name is None else str(name).strip().lower()
+    if dev == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if dev != "cpu" and not (dev == "cuda" or (dev.startswith("cuda:") and dev[5:].isdigit())):
+        raise ValueError(f"--device: expected cpu, cuda, cuda:N or auto, got {name!r}")
+    if dev.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device: {name!r} but no CUDA GPU is available (use --device cpu)")
+        if ":" in dev and int(dev[5:]) >= torch.cuda.device_count():
+            raise ValueError(f"--device: {name!r} but only {torch.cuda.device_count()} GPU(s) are visible")
+    return dev

@@ -19,6 +19,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from sdmp_fast.config import device_setting
+
 # The trainer's recipes normalise with ImageNet statistics (grey images are expanded to RGB first); checkpoints
 # record the pair they used, and `sdmp-fast eval` takes it from there.
 DEFAULT_MEAN = (0.485, 0.456, 0.406)
@@ -354,16 +356,7 @@ def _check_args(args) -> str:
     device to use."""
     if not args.checkpoint:
         raise ValueError("--checkpoint: give a checkpoint file or a run directory")
-    dev = "auto" if args.device is None else str(args.device).strip().lower()
-    if dev == "auto":
-        dev = "cuda" if torch.cuda.is_available() else "cpu"
-    elif dev != "cpu" and not (dev == "cuda" or (dev.startswith("cuda:") and dev[5:].isdigit())):
-        raise ValueError(f"--device: expected cpu, cuda or auto, got {args.device!r}")
-    if dev.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise ValueError(f"--device: {args.device!r} but no CUDA GPU is available (use --device cpu)")
-        if ":" in dev and int(dev[5:]) >= torch.cuda.device_count():
-            raise ValueError(f"--device: {args.device!r} but only {torch.cuda.device_count()} GPU(s) are visible")
+    dev = device_setting(args.device)
     if args.batch_size < 1:
         raise ValueError(f"--batch-size: must be >= 1, got {args.batch_size}")
     if args.knn_k < 1:
