@@ -83,6 +83,17 @@ def test_bench_mixing_rejects_unknown_variant(tmp_path, capsys):
     assert not out.exists()  # rejected before anything ran
 
 
+@pytest.mark.parametrize("argv,message", [
+    (["bench", "losses", "--iters", "0"], "--iters: must be >= 1, got 0"),  # ran, wrote failed rows, exit 0
+    (["bench", "losses", "--moco-n", "0"], "--moco-n: must be >= 2, got 0"),  # IndexError traceback
+    (["bench", "mixing", "--batch-size", "-2"], "--batch-size: must be >= 2, got -2"),
+])
+def test_bench_counts_are_checked_before_anything_runs(tmp_path, capsys, argv, message):
+    out = tmp_path / "r.json"
+    assert cli.main(argv + ["--json", str(out)]) == 2
+    assert message in capsys.readouterr().err and not out.exists()
+
+
 def test_merge_variant_rows_recomputes_speedups_against_the_main_run(tmp_path):
     # bench/gpu_kernels.sh times the cluster DINO variants in a process of their own and merges their rows
     from sdmp_fast.benchmarks.losses import merge_variant_rows

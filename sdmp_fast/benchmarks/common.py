@@ -15,6 +15,15 @@ from typing import Callable, Dict, List, Optional
 import torch
 
 
+def check_counts(args, **minimums: int) -> None:
+    """ValueError naming the option when an integer setting of ``args`` is below its minimum (None: its default
+    applies, not checked): bad counts fail before anything runs instead of as failed rows or tracebacks."""
+    for name, lo in minimums.items():
+        v = getattr(args, name, None)
+        if v is not None and v < lo:
+            raise ValueError(f"--{name.replace('_', '-')}: must be >= {lo}, got {v}")
+
+
 def device_description() -> str:
     if torch.cuda.is_available():
         p = torch.cuda.get_device_properties(0)

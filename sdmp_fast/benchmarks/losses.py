@@ -31,9 +31,8 @@ import torch.nn.functional as F
 
 from sdmp_fast import losses
 from sdmp_fast.kernels.selfcheck import env
-from sdmp_fast.benchmarks.common import (copy_bandwidth_gbps, cuda_time_ms, device_description, peak_memory_mb,
-                                         print_table,
-                                         write_json, write_results)
+from sdmp_fast.benchmarks.common import (check_counts, copy_bandwidth_gbps, cuda_time_ms, device_description,
+                                         peak_memory_mb, print_table, write_json, write_results)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 COLUMNS = ["op", "impl", "status", "ms", "gb_per_s", "pct_of_copy", "speedup_vs_eager", "speedup_vs_compile",
@@ -362,6 +361,8 @@ OPS = {"two_hot_ce": bench_two_hot, "moco_terms": bench_moco_terms, "dino": benc
 
 
 def main(args) -> int:
+    check_counts(args, iters=1, warmup=0, moco_n=2, moco_keys=2, moco_dim=1, dino_batch=2, dino_k=1,
+                 teacher_crops=1)
     ops = [o.strip() for o in args.ops.split(",") if o.strip()]
     for o in ops:
         if o not in OPS:

@@ -26,8 +26,8 @@ from typing import Dict, List
 import torch
 
 from sdmp_fast import mixing
-from sdmp_fast.benchmarks.common import (copy_bandwidth_gbps, cuda_time_ms, device_description, peak_memory_mb,
-                                         print_table, write_results)
+from sdmp_fast.benchmarks.common import (check_counts, copy_bandwidth_gbps, cuda_time_ms, device_description,
+                                         peak_memory_mb, print_table, write_results)
 from sdmp_fast.benchmarks.losses import DTYPES, default_json_path, graph_step
 from sdmp_fast.kernels.selfcheck import env
 
@@ -152,6 +152,7 @@ def parse_mix_variants(text: str) -> List[str]:
 
 
 def main(args) -> int:
+    check_counts(args, iters=1, warmup=0, batch_size=2)
     parse_mix_variants(getattr(args, "mix_variants", ""))  # bad input fails before anything runs
     cases = [c.strip() for c in args.cases.split(",") if c.strip()]
     for c in cases:
