@@ -61,6 +61,13 @@ class SkipLog:
             "batches (DDP ranks step together: one batch short would stall the others at their next collective), "
             "so the batch cannot be left out: remove or replace these files")
 
+    def record_empty_batch(self, bad: Sequence[Tuple[str, str]]) -> None:
+        """A batch whose files all failed, as (path, reason), found by a probe (a resume's skipped batches): record
+        them as a pass would, then ``check_empty_batch``."""
+        for path, reason in bad:
+            self.record(path, reason)
+        self.check_empty_batch([path for path, _ in bad])
+
     def record_trim(self) -> None:
         self.trimmed += 1
         self._epoch_trimmed += 1

@@ -292,7 +292,5 @@ class TorchGPULoader(SkippingLoader):
                     skip_batch_draws(self.recipe, self.batch_size, gen, self.device)
                     count += 1
                     continue
-                for path, reason in bad:  # a whole pass leaves it out, or stops here when sharded
-                    self.log.record(path, reason)
-                self.log.check_empty_batch([path for path, _ in bad])
+                self.log.record_empty_batch(bad)  # a whole pass leaves it out, or stops here when sharded
         return at

@@ -244,9 +244,7 @@ class TorchvisionLoader(SkippingLoader):
                     yielded += 1
                     break
                 bad.append((self.images.files[i], reason))
-            else:  # none decodes: a whole pass leaves the batch out, or stops here when sharded (check_empty_batch)
-                for path, reason in bad:
-                    self.log.record(path, reason)
-                self.log.check_empty_batch([path for path, _ in bad])
+            else:  # none decodes: a whole pass leaves the batch out, or stops here when sharded
+                self.log.record_empty_batch(bad)
             at += 1
         return at

@@ -384,9 +384,8 @@ def _check_args(args) -> str:
 
 def check_img_size(model: nn.Module, img_size: int) -> None:
     """ValueError naming --img-size when the backbone cannot take img_size x img_size inputs: a ViT with a fixed
-    position embedding takes its own size only; a dynamic-size one a multiple of its patch size."""
-    if img_size < 1:
-        raise ValueError(f"--img-size: must be >= 1, got {img_size}")
+    position embedding takes its own size only; a dynamic-size one a multiple of its patch size (sizes < 1 are
+    refused earlier, by _check_args)."""
     pe = getattr(model, "patch_embed", None)
     if pe is None:
         return

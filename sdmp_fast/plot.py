@@ -14,9 +14,9 @@ NOT_LOSS_TERMS = {"step", "epoch", "loss", "img_per_s", "lr", "wd", "momentum", 
 
 
 def image_out_path(out: str, default_name: str, setting: str = "--out") -> str:
-    """The file an image for ``out`` is actually written to: an existing directory (or a path ending in a separator) gets
-    ``default_name`` inside it, a path without a suffix gets ``.png`` (matplotlib would add it silently). A suffix matplotlib cannot
-    write is a ValueError naming ``setting``."""
+    """The file an image for ``out`` is actually written to: an existing directory (or a path ending in a
+    separator) gets ``default_name`` inside it, a path without a suffix gets ``.png`` (matplotlib would add it
+    silently). A suffix matplotlib cannot write is a ValueError naming ``setting``."""
     out = os.fspath(out)
     if not out:
         raise ValueError(f"{setting}: empty path")

@@ -46,8 +46,8 @@ _START_FILES = {"config.yaml", "metrics.jsonl", ".lock", ".cache"}  # what a run
 def _check_out(cfg) -> None:
     """Read-only checks of --out (nothing is created here)."""
     out = cfg.out
-    if os.path.isdir(out) and os.listdir(out) and not cfg.resume:
-        entries = set(os.listdir(out))
+    entries = set(os.listdir(out)) if os.path.isdir(out) else set()
+    if entries and not cfg.resume:
         metrics = os.path.join(out, "metrics.jsonl")
         if (entries & {"checkpoints", "backbone.pt"}) or (os.path.isfile(metrics) and os.path.getsize(metrics)):
             raise ValueError(f"out: {out!r} already holds a run; pass --resume to continue it or choose another "
