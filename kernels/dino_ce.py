@@ -261,3 +261,16 @@ def sdmp_dino_terms_and_center(student_clean, student_mixed, teacher_clean, teac
                                               lam, tau_s, tau_t, mix_weight)
     terms, center_mean = _run(prepared, tau_s, tau_t, mix_weight)
     return _terms_dict(terms), center_mean
+
+
+def cluster_launch_info(student_clean: Tensor, teacher_clean: Tensor) -> Optional[Dict[str, int]]:
+    """How the cluster forward ($SDMP_DINO_CLUSTER) would launch for these stacked [crops, B, K] logits under the
+    current $SDMP_DINO_* settings, or None where no extension serves them: ``blocks`` per cluster,
+    ``smem_bytes`` and ``threads`` per block, ``resident_clusters`` the card holds at once (0: it cannot run here,
+    -1: the emulated CPU build). The benchmark prints it beside the cluster rows: the occupancy behind their time
+    (clusters of 16 blocks need a GPC with 16 free SMs)."""
+    ext = _ext.extension_for(student_clean)
+    if ext is None or student_clean.dim() != 3 or teacher_clean.dim() != 3:
+        return None
+    blocks, smem, threads, resident = ext.dino_cluster_info(student_clean, teacher_clean)
+    return {"blocks": blocks, "smem_bytes": smem, "threads": threads, "resident_clusters": resident}

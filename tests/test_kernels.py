@@ -317,6 +317,29 @@ def test_emulated_dino_cluster_require_names_the_setting(emulated):
     assert abs(got["loss"].item() - ref["loss"].item()) <= 1e-5 * abs(ref["loss"].item())
 
 
+def test_emulated_dino_cluster_launch_info(emulated):
+    # What the bench prints beside the cluster rows. Default blocks: 512 threads x one 16-byte pack = 4,096
+    # bf16 columns, so K = 65,536 takes clusters of 16; shared memory = targets (5 slots x 2 rows x 4,096 fp32)
+    # + row partials (2 rounds + 16 warps) x 8 rows x 6 + 8 x 4 final statistics + 16 x 4 teacher statistics.
+    from sdmp_fast.benchmarks.losses import add_cluster_launch
+    from sdmp_fast.kernels.dino_ce import cluster_launch_info
+    s_clean = torch.empty(3, 2, 65536, dtype=torch.bfloat16)
+    t_clean = torch.empty(2, 2, 65536, dtype=torch.bfloat16)
+    floats = 2 * 5 * 4096 + (2 + 16) * 8 * 6 + 8 * 4 + 16 * 4
+    assert cluster_launch_info(s_clean, t_clean) == {"blocks": 16, "smem_bytes": 4 * floats, "threads": 512,
+                                                     "resident_clusters": -1}  # -1: no card to ask
+    with env(SDMP_DINO_CLUSTER_THREADS=32):  # fp32: 32 threads x 2 packs x 4 columns = 256 columns per block
+        info = cluster_launch_info(s_clean[:, :, :1000].float(), t_clean[:1, :, :1000].float())
+    assert (info["blocks"], info["threads"]) == (4, 32)
+    assert info["smem_bytes"] == 4 * (2 * 4 * 256 + (2 + 1) * 8 * 6 + 8 * 4 + 16 * 4)
+    rows = [{"impl": "kernel_graph_cluster_tfold"}, {"impl": "kernel_graph_fused"}, {"impl": "eager"}]
+    envs = {"kernel_graph_cluster_tfold": {"SDMP_DINO_CLUSTER": "require", "SDMP_DINO_CLUSTER_TEACHER": "1"},
+            "kernel_graph_fused": {"SDMP_DINO_FUSED": "1"}}
+    add_cluster_launch(rows, envs, s_clean, t_clean)
+    assert rows[0]["cluster_launch"]["blocks"] == 16 and "cluster_launch" not in rows[1] and len(rows[2]) == 1
+    assert cluster_launch_info(s_clean[0], t_clean) is None  # not stacked [crops, B, K]
+
+
 @pytest.mark.parametrize("name,value", [("SDMP_DINO_BLOCK_COLS", "1000"), ("SDMP_DINO_PAIR_WARPS", "2"),
                                         ("SDMP_DINO_CHUNK_PAIRS", "four"), ("SDMP_DINO_CLUSTER", "yes"),
                                         ("SDMP_DINO_FUSED", "true"), ("SDMP_DINO_GROUP_PAIRS", "0"),
@@ -633,6 +656,20 @@ def test_cuda_dino_cluster_matches_ref(cuda_kernels, dtype, case, fold, pipe):
     with env(SDMP_DINO_CLUSTER="require", SDMP_DINO_CLUSTER_TEACHER=fold, SDMP_DINO_CLUSTER_PIPELINE=pipe,
              SDMP_KERNELS_POISON=1):
         check_dino("cuda", dtype, *case, seed=sum(case))
+
+
+@pytest.mark.cuda
+def test_cuda_dino_cluster_launch_info(cuda_kernels):
+    # sm_90 at the bench size: clusters of 16 blocks that the card can hold (at least one GPC with 16 free SMs);
+    # below sm_90 the cluster forward cannot run, and the info says so with 0 resident clusters.
+    from sdmp_fast.kernels.dino_ce import cluster_launch_info
+    s_clean = torch.empty(2, 4, 65536, dtype=torch.bfloat16, device="cuda")
+    info = cluster_launch_info(s_clean, s_clean)
+    assert info["blocks"] == 16 and info["threads"] == 512
+    if torch.cuda.get_device_capability()[0] >= 9:
+        assert 1 <= info["resident_clusters"] <= torch.cuda.get_device_properties(0).multi_processor_count // 16
+    else:
+        assert info["resident_clusters"] == 0
 
 
 @pytest.mark.cuda

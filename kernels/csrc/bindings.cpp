@@ -18,6 +18,7 @@ std::vector<at::Tensor> dino_grad(const at::Tensor&, const at::Tensor&, const st
                                   const at::Tensor&, const std::optional<at::Tensor>&, const at::Tensor&,
                                   const std::optional<at::Tensor>&, const at::Tensor&, const at::Tensor&, double,
                                   double, double, bool, bool);
+std::vector<int64_t> dino_cluster_info(const at::Tensor&, const at::Tensor&);
 void dino_grad_fixup(at::Tensor&, at::Tensor&, const at::Tensor&, const at::Tensor&,
                      const std::optional<at::Tensor>&, const at::Tensor&, const std::optional<at::Tensor>&,
                      const at::Tensor&, const std::optional<at::Tensor>&, const at::Tensor&, const at::Tensor&,
@@ -45,5 +46,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("dino_fwd", &sdmp::dino_fwd, "fused SDMP-DINO CE forward");
   m.def("dino_grad", &sdmp::dino_grad, "fused SDMP-DINO CE gradient from saved statistics");
   m.def("dino_grad_fixup", &sdmp::dino_grad_fixup, "in-place correction of forward-computed DINO gradients");
+  m.def("dino_cluster_info", &sdmp::dino_cluster_info,
+        "cluster forward launch: blocks per cluster, smem bytes, threads, resident clusters");
   m.def("batch_mix_views", &sdmp::batch_mix_views, "fused batch-flip mixing of all views");
 }

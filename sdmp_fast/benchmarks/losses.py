@@ -263,9 +263,11 @@ def bench_dino(args, device, dtype, copy_gbps) -> List[Dict]:
         if _kernels_ready(device) else None,
         "eager": lambda: _grad_step(wrap(losses.sdmp_dino_terms), inputs),
     }
+    variant_envs = {}
     for variant in [v.strip() for v in args.dino_variants.split(",") if v.strip()]:
         # The launch configuration is read when the graph is captured: set it for the capture only.
         kv, name = dino_variant_env(variant)
+        variant_envs[f"kernel_graph_{name}"] = kv
 
         def variant_step(kv=kv):
             if not _kernels_ready(device):
@@ -278,7 +280,27 @@ def bench_dino(args, device, dtype, copy_gbps) -> List[Dict]:
                         lambda: _grad_step(wrap(K.sdmp_dino_terms), inputs))
     if not args.no_compile:
         impls["compile"] = lambda: _grad_step(torch.compile(wrap(losses.sdmp_dino_terms)), inputs)
-    return _run_impls("dino", shape, min_bytes, impls, args, copy_gbps)
+    rows = _run_impls("dino", shape, min_bytes, impls, args, copy_gbps)
+    add_cluster_launch(rows, variant_envs, s_clean, t_clean)
+    return rows
+
+
+def add_cluster_launch(rows: List[Dict], variant_envs: Dict[str, Dict[str, str]], s_clean, t_clean) -> None:
+    """Each cluster row gets its launch (blocks per cluster, shared memory, clusters resident at once): a cluster
+    of 16 blocks needs a GPC with 16 free SMs, so the card may hold fewer clusters than it has GPCs, and the
+    row's time reads differently with 6 or 8 of them."""
+    from sdmp_fast.kernels.dino_ce import cluster_launch_info
+    for r in rows:
+        kv = variant_envs.get(r["impl"], {})
+        if "SDMP_DINO_CLUSTER" not in kv:
+            continue
+        with env(**kv):
+            info = cluster_launch_info(s_clean.detach(), t_clean)
+        r["cluster_launch"] = info
+        if info is not None:
+            print(f"  dino        {r['impl']}: clusters of {info['blocks']} blocks x {info['threads']} threads, "
+                  f"{info['smem_bytes'] / 1024:.0f} KiB shared memory per block, {info['resident_clusters']} "
+                  f"clusters resident at once", flush=True)
 
 
 # Launch configurations of the DINO loss as data: a named token sets one variable, a prefixed number another.

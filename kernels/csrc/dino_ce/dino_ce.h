@@ -91,6 +91,9 @@ Status dino_chunked_forward(const DinoParams& p, int chunk, Stream stream);
 // One read of the student logits: thread-block clusters exchange the row statistics through distributed shared
 // memory (sm_90). *launched is false (and nothing ran) where the card or the shapes do not allow it.
 Status dino_cluster_forward(const DinoParams& p, Stream stream, bool* launched);
+// Its launch for p's sizes and settings: {blocks per cluster, shared-memory bytes per block, threads per block,
+// clusters the card holds at once (0: it cannot run here; -1: the emulated build, no card to ask)}.
+void dino_cluster_info(const DinoParams& p, int64_t info[4]);
 // Merge of the row partials (merge) and the loss terms: the last launches of every forward path.
 Status dino_merge_and_terms(const DinoParams& p, Stream stream, bool merge);
 Status dino_grad_fixup(const DinoParams& p, const bool active[3], Stream stream);  // rescale or recompute

@@ -245,6 +245,24 @@ std::vector<at::Tensor> dino_fwd(const at::Tensor& s_clean, const std::optional<
   return {terms, center_mean, row_stat, lse_t, g_clean, g_mixed};
 }
 
+// The cluster forward's launch for these logits under the current $SDMP_DINO_* settings: {blocks per cluster,
+// shared-memory bytes per block, threads per block, clusters the card holds at once (0: cannot run here, -1:
+// emulated build)}. The benchmark prints it beside the cluster rows: the occupancy behind their time.
+std::vector<int64_t> dino_cluster_info(const at::Tensor& s_clean, const at::Tensor& t_clean) {
+  DeviceGuard guard(s_clean);
+  TORCH_CHECK(s_clean.dim() == 3 && t_clean.dim() == 3, "student_clean and teacher_clean must be [crops, B, K]");
+  DinoInputs in;
+  read_settings(in);
+  DinoParams& p = in.p;
+  p.T = static_cast<int>(t_clean.size(0));
+  p.K = s_clean.size(2);
+  p.dtype = dtype_tag(s_clean);
+  p.vec_ok = p.K % (16 / s_clean.element_size()) == 0;
+  int64_t info[4] = {0, 0, 0, 0};
+  dino_cluster_info(p, info);
+  return {info[0], info[1], info[2], info[3]};
+}
+
 // Gradient for upstream gradients g_terms [3] (fp32) from the saved statistics. Returns {grad_clean, grad_mixed}.
 std::vector<at::Tensor> dino_grad(const at::Tensor& g_terms, const at::Tensor& s_clean,
                                   const std::optional<at::Tensor>& s_mixed, const at::Tensor& t_clean,

@@ -273,23 +273,23 @@ cudaLaunchConfig_t cluster_config(cudaLaunchAttribute* attr, int C, dim3 grid, d
   return cfg;
 }
 
-// Whether kernel k can run as clusters of C blocks of `threads` threads with `smem` bytes each on the current
-// device (sm_90, code compiled for sm_90, the shared memory and a GPC that fits the cluster), after setting its
-// attributes. Asked once per (kernel, size, device): not on every launch, and not inside a CUDA-graph capture
-// that follows a warm-up call.
-bool cluster_ready(const void* k, size_t smem, int C, int threads) {
+// How many clusters of C blocks of `threads` threads with `smem` bytes each kernel k can hold at once on the
+// current device, after setting its attributes: 0 where it cannot run (not sm_90, code not compiled for sm_90,
+// too much shared memory, no GPC that fits the cluster). Asked once per (kernel, size, device): not on every
+// launch, and not inside a CUDA-graph capture that follows a warm-up call.
+int cluster_capacity(const void* k, size_t smem, int C, int threads) {
   int dev = 0;
   if (cudaGetDevice(&dev) != cudaSuccess) {
     (void)cudaGetLastError();
-    return false;
+    return 0;
   }
   using Key = std::tuple<const void*, size_t, int, int, int>;
   static std::mutex mu;
-  static std::map<Key, bool> known;
+  static std::map<Key, int> known;
   const Key key{k, smem, C, threads, dev};
   std::lock_guard<std::mutex> lock(mu);
   if (auto it = known.find(key); it != known.end()) return it->second;
-  bool ok = false;
+  int clusters = 0;
   int major = 0, optin = 0;
   cudaFuncAttributes fa;
   if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) == cudaSuccess &&
@@ -302,46 +302,80 @@ bool cluster_ready(const void* k, size_t smem, int C, int threads) {
     cudaLaunchAttribute attr;
     const cudaLaunchConfig_t cfg = cluster_config(&attr, C, dim3(static_cast<unsigned>(C)),
                                                   dim3(static_cast<unsigned>(threads)), smem, nullptr);
-    int clusters = 0;  // 0: no GPC fits a cluster of this size with this shared memory
-    ok = cudaOccupancyMaxActiveClusters(&clusters, k, &cfg) == cudaSuccess && clusters > 0;
+    if (cudaOccupancyMaxActiveClusters(&clusters, k, &cfg) != cudaSuccess) clusters = 0;
   }
   (void)cudaGetLastError();  // a refusal above is "not here", not an error: the caller takes another path
-  known.emplace(key, ok);
-  return ok;
+  known.emplace(key, clusters);
+  return clusters;
 }
 #endif
+
+// The cluster forward's launch for p's sizes and settings: blocks of `threads` threads, kb_cols columns each,
+// C blocks per cluster (one cluster per pair), smem bytes of shared memory per block.
+struct ClusterLaunch {
+  void (*kernel)(DinoParams);
+  int threads;
+  int64_t kb_cols, C;
+  size_t smem;
+};
+
+template <typename T>
+ClusterLaunch cluster_launch(const DinoParams& p) {
+  constexpr int V = 16 / sizeof(T), PPT = cluster_ppt<T>();
+  ClusterLaunch l;
+  l.threads = p.cluster_threads > 0 ? p.cluster_threads : kClusterThreads;
+  l.kb_cols = static_cast<int64_t>(l.threads) * V * PPT;
+  l.C = ceil_div(p.K, l.kb_cols);
+  DinoParams q = p;
+  q.kb_cols = l.kb_cols;
+  l.smem = cluster_smem_bytes(q, l.threads);
+  // pipelined: rounds of 4 rows, the next one loaded during this one's barriers (untimed).
+  l.kernel = p.cluster_pipeline ? cluster_forward_kernel<T, V, PPT, kClusterRows / 2, true>
+                                : cluster_forward_kernel<T, V, PPT, kClusterRows, false>;
+  return l;
+}
 
 // Launches the cluster forward when this card and these shapes allow it; *launched says whether it did.
 template <typename T>
 Status launch_cluster(DinoParams p, Stream stream, bool* launched) {
-  constexpr int V = 16 / sizeof(T), PPT = cluster_ppt<T>();
   *launched = false;
   if (!p.vec_ok) return cudaSuccess;
-  const int threads = p.cluster_threads > 0 ? p.cluster_threads : kClusterThreads;
-  p.kb_cols = static_cast<int64_t>(threads) * V * PPT;
-  const int64_t C = ceil_div(p.K, p.kb_cols);
-  if (C > kMaxClusterBlocks) return cudaSuccess;
-  const size_t smem = cluster_smem_bytes(p, threads);
-  const dim3 grid(static_cast<unsigned>(C), static_cast<unsigned>(p.npairs)), block(threads);
-  // pipelined: rounds of 4 rows, the next one loaded during this one's barriers (untimed).
-  auto k = p.cluster_pipeline ? cluster_forward_kernel<T, V, PPT, kClusterRows / 2, true>
-                              : cluster_forward_kernel<T, V, PPT, kClusterRows, false>;
+  const ClusterLaunch l = cluster_launch<T>(p);
+  if (l.C > kMaxClusterBlocks) return cudaSuccess;
+  p.kb_cols = l.kb_cols;
+  const dim3 grid(static_cast<unsigned>(l.C), static_cast<unsigned>(p.npairs)), block(l.threads);
 #ifdef SDMP_EMULATE
-  sdmp_emu::launch_cluster(grid, block, smem, static_cast<unsigned>(C), k, p);
+  sdmp_emu::launch_cluster(grid, block, l.smem, static_cast<unsigned>(l.C), l.kernel, p);
 #else
-  if (!cluster_ready(reinterpret_cast<const void*>(k), smem, static_cast<int>(C), threads)) return cudaSuccess;
+  const void* k = reinterpret_cast<const void*>(l.kernel);
+  if (cluster_capacity(k, l.smem, static_cast<int>(l.C), l.threads) == 0) return cudaSuccess;
   // The shared-memory limit is one attribute per kernel and device, and the last value set wins: another size
   // (fewer teacher crops, other threads) answered from the cache above may have lowered it since. Not a stream
   // operation, so it may run inside a graph capture, as SDMP_LAUNCH does on every launch.
-  Status st = cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
+  Status st = cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(l.smem));
   if (st != cudaSuccess) return st;
   cudaLaunchAttribute attr;
-  const cudaLaunchConfig_t cfg = cluster_config(&attr, static_cast<int>(C), grid, block, smem, stream);
-  st = cudaLaunchKernelEx(&cfg, k, p);
+  const cudaLaunchConfig_t cfg = cluster_config(&attr, static_cast<int>(l.C), grid, block, l.smem, stream);
+  st = cudaLaunchKernelEx(&cfg, l.kernel, p);
   if (st != cudaSuccess) return st;
 #endif
   *launched = true;
   return cudaGetLastError();
+}
+
+template <typename T>
+void cluster_info(const DinoParams& p, int64_t* info) {
+  const ClusterLaunch l = cluster_launch<T>(p);
+  info[0] = l.C;
+  info[1] = static_cast<int64_t>(l.smem);
+  info[2] = l.threads;
+#ifdef SDMP_EMULATE
+  info[3] = -1;
+#else
+  info[3] = p.vec_ok && l.C <= kMaxClusterBlocks
+                ? cluster_capacity(reinterpret_cast<const void*>(l.kernel), l.smem, static_cast<int>(l.C), l.threads)
+                : 0;
+#endif
 }
 
 }  // namespace
@@ -352,6 +386,10 @@ Status dino_cluster_forward(const DinoParams& p, Stream stream, bool* launched) 
   SDMP_DISPATCH_DTYPE(p.dtype, st = launch_cluster<scalar_t>(p, stream, launched));
   if (st != cudaSuccess || !*launched) return st;
   return dino_merge_and_terms(p, stream, false);
+}
+
+void dino_cluster_info(const DinoParams& p, int64_t info[4]) {
+  SDMP_DISPATCH_DTYPE(p.dtype, cluster_info<scalar_t>(p, info));
 }
 
 }  // namespace sdmp
