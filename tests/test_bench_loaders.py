@@ -169,3 +169,24 @@ def test_default_backends_include_the_anchor_pipelines():
     cpu = bench.default_backends(torch.device("cpu")).split(",")
     assert cpu[:2] == ["torchvision", "dali-solo-learn"] and "dali" in cpu and "decode-only" not in cpu
     assert bench.default_backends(torch.device("cuda")).split(",")[-1] == "decode-only"
+
+
+def test_a_backend_failing_in_a_later_round_is_reported_failed(monkeypatch):
+    """--repeats: a backend that fails in round 2 after an ok round 1 is a failed record naming the round, not
+    round 1's img/s as if every round had run."""
+    from types import SimpleNamespace
+
+    calls = {"n": 0}
+
+    def flaky(backend, args, recipe, images, device, dtype):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            return {"backend": backend, "status": "ok", "reason": None, "img_per_s": 50.0, "samples": 8,
+                    "seconds": 0.16}
+        return {"backend": backend, "status": "failed", "reason": "RuntimeError: worker died"}
+
+    monkeypatch.setattr(bench, "run_backend", flaky)
+    rec, = bench.measure_rounds(["torchvision"], SimpleNamespace(repeats=3), None, None, torch.device("cpu"), None)
+    assert calls["n"] == 2  # not retried after the failure
+    assert rec["status"] == "failed" and "round 2 of 3" in rec["reason"] and "worker died" in rec["reason"]
+    assert "img_per_s" not in rec and rec["rounds_img_per_s"] == [50.0]

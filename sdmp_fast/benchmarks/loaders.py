@@ -220,7 +220,14 @@ def measure_rounds(backends: List[str], args, recipe, images, device: torch.devi
     records = []
     for b in backends:
         ok = sorted((r for r in rounds[b] if r["status"] == "ok"), key=lambda r: r["img_per_s"])
-        rec = dict(ok[len(ok) // 2] if ok else rounds[b][-1])
+        if len(ok) == len(rounds[b]):
+            rec = dict(ok[len(ok) // 2])
+        else:  # a round that failed (or could not build) makes the backend's record that failure, not its ok rounds'
+            rec = dict(rounds[b][-1])
+            if args.repeats > 1:
+                rec["reason"] = f"round {len(rounds[b])} of {args.repeats}: {rec['reason']}"
+            for key in ("img_per_s", "seconds", "samples"):
+                rec.pop(key, None)
         rec["rounds_img_per_s"] = [r["img_per_s"] for r in rounds[b] if r["status"] == "ok"]
         records.append(rec)
     return records
