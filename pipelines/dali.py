@@ -220,8 +220,8 @@ class _Feeder:
 class DaliLoader(SampledLoader):
     """Iterable of SDMPBatch built by DALI (see the module docstring).
 
-    Options (``make_loader(..., **options)``): ``num_threads`` (DALI's thread pool; default ``num_workers`` or
-    the usable CPU count), ``prefetch_queue_depth`` (batches DALI prepares ahead, default 2),
+    Options (``make_loader(..., **options)``): ``num_threads`` (DALI's thread pool; default ``num_workers``, 0
+    being one thread, or the usable CPU count), ``prefetch_queue_depth`` (batches DALI prepares ahead, default 2),
     ``read_threads`` (file-reading threads; default 1 on CPU, 4 on GPU), ``conditionals`` (split batches
     with DALI's ``if`` for the rarely drawn ops; default on CPU only), ``decoder_options`` (passed to
     ``fn.decoders.image``, e.g. ``{"hw_decoder_load": 0.9}`` or ``{"use_fast_idct": True}``),
@@ -251,7 +251,8 @@ class DaliLoader(SampledLoader):
         self.batch_size, self.dtype, self.seed, self.shard_id = batch_size, dtype, seed, shard_id
         self.sampler = EpochSampler(len(self.images), batch_size, shard_id, num_shards, shuffle, seed, drop_last)
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        self.num_threads = int(num_threads or num_workers or cores)
+        # num_workers=0 is one thread, as in torch-gpu (a DataLoader's 0: no parallel workers), not every core
+        self.num_threads = int(num_threads or (max(1, num_workers) if num_workers is not None else cores))
         if self.num_threads < 1:
             raise ValueError(f"num_threads: must be >= 1, got {self.num_threads}")
         self.prefetch_queue_depth = prefetch_queue_depth

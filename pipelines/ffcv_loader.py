@@ -242,7 +242,8 @@ class FFCVLoader(SkippingLoader):
             raise ValueError(f"data: {self.path!r} has {self.num_samples} samples, none for shard {shard_id} of "
                              f"{num_shards}")
         self.multi_crop = multi_crop
-        workers = num_workers or os.cpu_count() or 1
+        # FFCV's decoding threads; 0 is one thread (as torch-gpu's and DALI's), None every core
+        self.num_workers = workers = max(1, num_workers) if num_workers is not None else (os.cpu_count() or 1)
 
         on_device = [ToDevice(self.device, non_blocking=True)] if self.device.type == "cuda" else []
         scalar = lambda: [IntDecoder(), ToTensor(), *on_device]  # noqa: E731

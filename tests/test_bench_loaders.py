@@ -86,6 +86,8 @@ def test_bad_settings_are_one_clear_error(photos, tmp_path, capsys):
     common = ["bench", "loaders", "--data", photos, "--json", str(tmp_path / "x.json"), "--device", "cpu"]
     assert cli_main(common + ["--backends", "torchvision,nope"]) == 2
     assert "unknown ['nope']" in capsys.readouterr().err
+    assert cli_main(common + ["--backends", "torchvision", "--num-workers", "-1"]) == 2
+    assert "--num-workers: must be >= 0" in capsys.readouterr().err
     assert cli_main(["bench", "loaders", "--data", str(tmp_path / "missing"), "--device", "cpu",
                      "--backends", "torchvision"]) == 2
     assert "does not exist" in capsys.readouterr().err
@@ -112,6 +114,7 @@ def test_anchor_baselines_run_beside_the_loaders(photos, tmp_path):
     assert solo["status"] == "ok", solo["reason"]
     assert solo["samples"] == 12 and solo["views"] == [[3, 32, 32]] * 2 and solo["num_mixed_views"] == 0
     assert solo["ratio_vs_solo_learn"] == pytest.approx(1.0)
+    assert solo["num_workers"] == 1 and tv["num_workers"] == 1  # the threads / workers each one ran
     assert tv["ratio_vs_solo_learn"] == pytest.approx(tv["img_per_s"] / solo["img_per_s"])
     assert recs["decode-only"]["status"] == "unavailable" and "CUDA" in recs["decode-only"]["reason"]
 

@@ -387,3 +387,28 @@ def test_ffcv_loader_on_cuda(beton):
     for batch in loader:
         assert all(v.is_cuda and v.dtype == torch.bfloat16 for v in batch.views + batch.mixed_views)
         assert batch.labels.is_cuda and batch.indices.is_cuda and batch.lam.is_cuda
+
+
+@pytest.mark.timeout(150)
+@NUMBA_FINALIZER_NOISE
+def test_ffcv_num_workers_zero_is_one_thread_not_every_core(beton, monkeypatch):
+    """num_workers=0 is one decoding thread, as in torch-gpu and DALI (it was `0 or cpu_count`: every core, so
+    `bench loaders --num-workers 0` gave torchvision no worker and FFCV all of them)."""
+    made = {}
+    import ffcv.loader
+
+    real = ffcv.loader.Loader
+
+    def recording(*a, **kw):
+        made["num_workers"] = kw["num_workers"]
+        return real(*a, **kw)
+
+    monkeypatch.setattr(ffcv.loader, "Loader", recording)
+    _, path = beton
+    for workers, expected in ((0, 1), (None, os.cpu_count())):  # numba takes at most cpu_count threads
+        made.clear()
+        loader = make_loader("ffcv", path, make_recipe("byol2", **SMALL_BYOL), BATCH, device="cpu", shard_id=0,
+                             num_shards=1, num_workers=workers, seed=workers or 0)
+        assert loader.num_workers == expected
+        assert made.get("num_workers", expected) == expected  # a parked Loader of the same settings is reused
+        loader.close()

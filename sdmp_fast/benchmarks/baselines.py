@@ -68,6 +68,14 @@ def _solo_learn_view(images, spec, mean, std, gpu: bool, out_dtype):
                                     mean=[255.0 * m for m in mean], std=[255.0 * s for s in std])
 
 
+def solo_learn_threads(num_threads: Optional[int]) -> int:
+    """DALI threads of the solo-learn-style pipeline, by the DALI loader's rule: ``num_threads`` (0: one), or
+    the cores this process may use (a container's CPU set, not the host's)."""
+    if num_threads is not None:
+        return max(1, num_threads)
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def dali_solo_learn(images, recipe, batch_size: int, device: torch.device, dtype: Optional[torch.dtype] = None,
                     num_threads: Optional[int] = None, seed: int = 0, shard_id: int = 0,
                     num_shards: int = 1) -> Iterator[SDMPBatch]:
@@ -94,9 +102,7 @@ def dali_solo_learn(images, recipe, batch_size: int, device: torch.device, dtype
         outs = [_solo_learn_view(decoded, spec, recipe.mean, recipe.std, gpu, out_dtype) for spec in views]
         return (*outs, labels.gpu() if gpu else labels)
 
-    # the cores this process may use, as the DALI loader counts them (a container's CPU set, not the host's)
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    pipe = solo_learn_style(batch_size=batch_size, num_threads=num_threads or cores,
+    pipe = solo_learn_style(batch_size=batch_size, num_threads=solo_learn_threads(num_threads),
                             device_id=(device.index or 0) if gpu else None, seed=seed)
     pipe.build()
     it = DALIGenericIterator(pipe, names, reader_name="Reader", auto_reset=True,

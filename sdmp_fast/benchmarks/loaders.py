@@ -35,7 +35,7 @@ from typing import Dict, Iterator, List, Optional
 
 import torch
 
-from sdmp_fast.benchmarks.baselines import BASELINES, make_baseline
+from sdmp_fast.benchmarks.baselines import BASELINES, make_baseline, solo_learn_threads
 from sdmp_fast.benchmarks.common import print_table, write_results
 
 REFERENCE = "torchvision"
@@ -166,6 +166,7 @@ def run_backend(backend: str, args, recipe, images, device: torch.device, dtype)
             batches = make_baseline(backend, images, recipe, args.batch_size, device, dtype, args.num_workers,
                                     args.seed, max_files=(args.warmup + args.batches) * args.batch_size)
             built = time.perf_counter() - t0  # built eagerly: start-up = build + first batch, as for a loader
+            record["num_workers"] = solo_learn_threads(args.num_workers) if backend == SOLO_LEARN else None
             record = _timed(record, batches, args, device)
             if "startup_s" in record:
                 record["startup_s"] += built
@@ -182,7 +183,8 @@ def run_backend(backend: str, args, recipe, images, device: torch.device, dtype)
         if args.verbose:
             traceback.print_exc()
         return record
-    record["num_workers"] = getattr(loader, "num_workers", args.num_workers)
+    # the workers / threads the loader actually runs (DALI's pool is num_threads)
+    record["num_workers"] = getattr(loader, "num_workers", getattr(loader, "num_threads", args.num_workers))
     try:
         return _timed(record, endless_batches(loader), args, device)
     finally:
@@ -286,6 +288,9 @@ def run(args) -> Dict:
             raise ValueError(f"--{name.replace('_', '-')}: must be >= 1, got {getattr(args, name)}")
     if args.warmup < 0:
         raise ValueError(f"--warmup: must be >= 0, got {args.warmup}")
+    if args.num_workers is not None and args.num_workers < 0:
+        raise ValueError(f"--num-workers: must be >= 0 (0: none, or one thread where a loader needs one), got "
+                         f"{args.num_workers}")
     if args.dtype not in DTYPES:
         raise ValueError(f"--dtype: choose among {', '.join(DTYPES)}, got {args.dtype!r}")
     sizes = {"size" if args.recipe == "byol2" else "global_size": args.size} if args.size else {}
@@ -338,7 +343,9 @@ def add_arguments(p) -> None:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--warmup", type=int, default=3, help="untimed batches per backend, start-up included (default 3; at least 1 is always taken)")
     p.add_argument("--batches", type=int, default=20, help="timed batches per backend (default 20)")
-    p.add_argument("--num-workers", type=int, default=None, help="loader workers/threads (default: all cores)")
+    p.add_argument("--num-workers", type=int, default=None,
+                   help="loader workers/threads (default: all cores; 0: torchvision in the main process, one "
+                        "thread for the others)")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--dtype", default="float32", help="output image dtype: float32, bfloat16, float16")
     p.add_argument("--repeats", type=int, default=1,
