@@ -43,6 +43,7 @@ def test_bench_loaders_end_to_end_writes_json_png_and_reports_missing_backends(p
     assert tv["img_per_s"] > 0 and tv["ratio_vs_torchvision"] == pytest.approx(1.0) and tv["batches"] == 3
     assert tv["samples"] == 12 and tv["views"] == [[3, 32, 32]] * 2 and tv["num_mixed_views"] == 2
     assert tv["ratio_vs_synthetic"] is None  # defined on a GPU only
+    assert tv["interpolation"] == "bicubic, antialiased"
     assert len(tv["rounds_img_per_s"]) == 2 and tv["img_per_s"] in tv["rounds_img_per_s"]
     broken = recs["broken"]
     assert broken["status"] == "unavailable" and "no_such_backend" in broken["reason"]
@@ -193,3 +194,24 @@ def test_a_backend_failing_in_a_later_round_is_reported_failed(monkeypatch):
     assert calls["n"] == 2  # not retried after the failure
     assert rec["status"] == "failed" and "round 2 of 3" in rec["reason"] and "worker died" in rec["reason"]
     assert "img_per_s" not in rec and rec["rounds_img_per_s"] == [50.0]
+
+
+def test_records_name_the_resize_filter_each_backend_applies():
+    """The JSON tells a bicubic run from a bilinear one, and FFCV's own resizer / the device ops' missing
+    antialiasing from the recipe's filter (the README's 'Crops are resized as ...')."""
+    assert bench.resize_filter("dali", "bilinear") == "bilinear, antialiased"
+    assert bench.resize_filter("dali-graphmix", "bicubic") == "bicubic, antialiased"
+    assert bench.resize_filter("torch-gpu", "bicubic") == "bicubic, no antialiasing"
+    assert bench.resize_filter("ffcv", "bicubic").startswith("area")
+    assert bench.resize_filter("decode-only", "bicubic") is None and bench.resize_filter("synthetic", "x") is None
+
+
+@pytest.mark.timeout(240)
+def test_ffcv_record_says_how_many_images_its_beton_stores_downscaled(photos, tmp_path):
+    """FFCV decodes the .beton, whose longest sides --max-side caps (512 by default): the photos (~500 px) are
+    all at a 64 px cap, none at the default cap, and --max-side 0 keeps them all."""
+    pytest.importorskip("ffcv")
+    images = base.list_images(photos)
+    for max_side, at_cap in ((64, 16), (512, 0), (0, 0)):
+        path = bench.beton_for(photos, images, str(tmp_path), max_side, workers=1)
+        assert bench.beton_note(path, max_side) == {"max_side": max_side, "jpeg_quality": 90, "at_max_side": at_cap}

@@ -33,6 +33,7 @@ import time
 import traceback
 from typing import Dict, Iterator, List, Optional
 
+import numpy as np
 import torch
 
 from sdmp_fast.benchmarks.baselines import BASELINES, make_baseline, solo_learn_threads
@@ -43,6 +44,7 @@ SYNTHETIC = "synthetic"
 SOLO_LEARN = "dali-solo-learn"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # name -> (backend, options): a backend run with options, recorded under its own name.
+BETON_JPEG_QUALITY = 90  # `sdmp-fast convert`'s default
 VARIANTS = {"dali-graphmix": ("dali", {"mix_in_graph": True})}
 COLUMNS = ["backend", "status", "img_per_s", "ratio_vs_torchvision", "ratio_vs_solo_learn", "ratio_vs_synthetic",
            "gpu_peak_mb", "gpu_used_mb", "batches", "startup_s", "reason"]
@@ -80,8 +82,36 @@ def beton_for(data: str, images, cache_dir: str, max_side: int, workers: int) ->
     path = os.path.join(cache_dir, f"{name}-{_data_key(data, images)}-{max_side}.beton")
     if not os.path.exists(path):
         print(f"bench loaders: converting {data} to {path} (not timed)")
-        convert(data, path, max_side=max_side, workers=workers, progress=False)
+        convert(data, path, max_side=max_side, jpeg_quality=BETON_JPEG_QUALITY, workers=workers, progress=False)
     return path
+
+
+def resize_filter(backend: str, interpolation: str) -> Optional[str]:
+    """The crop resize filter ``backend`` really applies for the recipe's ``interpolation`` (README, Loaders): FFCV
+    always resamples with its own resizer, the device ops do not antialias, PIL and DALI do; decode-only crops
+    nothing."""
+    backend = VARIANTS.get(backend, (backend, {}))[0]
+    if backend in ("decode-only", SYNTHETIC):
+        return None
+    if backend == "ffcv":
+        return "area (FFCV's OpenCV resizer, whatever --interpolation)"
+    if backend in ("torch-gpu", "memory"):
+        return f"{interpolation}, no antialiasing"
+    return f"{interpolation}, antialiased"
+
+
+def beton_note(path: str, max_side: int) -> Dict:
+    """What the FFCV backend decodes instead of the source files: the .beton's JPEGs, re-encoded by ``convert``
+    (``BETON_JPEG_QUALITY``) with the longest side capped at ``max_side``. ``at_max_side`` counts the stored
+    images whose longest side is the cap: the downscaled ones (which the other backends decode at their full
+    size) and any of exactly that size."""
+    from ffcv.reader import Reader
+
+    reader = Reader(path)
+    meta = reader.metadata[f"f{list(reader.handlers).index('image')}"]  # FFCV names the fields f0, f1, ...
+    longest = np.maximum(meta["height"], meta["width"]) if len(meta) else np.zeros(0)
+    return {"max_side": max_side, "jpeg_quality": BETON_JPEG_QUALITY,
+            "at_max_side": int((longest == max_side).sum()) if max_side else 0}
 
 
 def endless_batches(loader) -> Iterator:
@@ -175,6 +205,7 @@ def run_backend(backend: str, args, recipe, images, device: torch.device, dtype)
         if backend == "ffcv":
             cache = args.cache or os.path.dirname(os.path.abspath(args.json))
             data = beton_for(args.data, images, cache, args.max_side, args.num_workers or os.cpu_count() or 1)
+            record["beton"] = beton_note(data, args.max_side)
         loader = make_loader(backend, data, recipe, args.batch_size, device=device, shard_id=0, num_shards=1,
                              shuffle=True, drop_last=True, seed=args.seed, dtype=dtype, num_workers=args.num_workers,
                              **options)
@@ -313,7 +344,8 @@ def run(args) -> Dict:
         r.setdefault("img_per_s", None)
         r.setdefault("batches", 0)
         r.setdefault("num_workers", args.num_workers)
-        r.update(recipe=recipe.name, batch_size=args.batch_size, device=str(device),
+        r.update(recipe=recipe.name, interpolation=resize_filter(r["backend"], recipe.views[0].interpolation),
+                 batch_size=args.batch_size, device=str(device),
                  warmup=args.warmup, num_images=len(images), dtype=args.dtype,
                  ratio_vs_torchvision=rate / ref["img_per_s"] if rate and ref else None,
                  ratio_vs_synthetic=rate / synth_rate if rate and synth_rate else None,
@@ -351,7 +383,10 @@ def add_arguments(p) -> None:
     p.add_argument("--repeats", type=int, default=1,
                    help="rounds over all backends in turn; the median round is reported (default 1)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--max-side", type=int, default=512, help="longest side stored in the FFCV .beton")
+    p.add_argument("--max-side", type=int, default=512,
+                   help="longest side stored in the FFCV .beton (default 512, FFCV's ImageNet setting; larger "
+                        "images are then decoded smaller by FFCV than by the others: the record's 'beton' counts "
+                        "them; 0 keeps every image's size)")
     p.add_argument("--cache", default=None, help="folder for the FFCV .beton (default: beside the JSON)")
     p.add_argument("--json", default=None, help="default bench/results/loaders-<recipe>-<device>-<date>.json")
     p.add_argument("--png", default=None, help="bar chart (default: the JSON path with .png)")
@@ -362,5 +397,10 @@ def main(args) -> int:
     doc = run(args)
     print(f"{doc['device']}  ·  {doc['date']}")
     print_table(doc["records"], COLUMNS)
+    for r in doc["records"]:
+        if r.get("beton", {}).get("at_max_side"):
+            print(f"note: {r['backend']} decodes a .beton whose longest sides are capped at --max-side "
+                  f"{r['beton']['max_side']} ({r['beton']['at_max_side']} of {r['num_images']} images at the cap; "
+                  f"the other backends decode the files at their own size)")
     print(f"bench loaders: wrote {args.json} and {doc['png']}")
     return 0
