@@ -203,6 +203,8 @@ def main(argv=None) -> int:
             records.append({"config": config, "recipe": None if name == "decode" else name, "mixing": False,
                             "interpolation": None if name == "decode" else interp,
                             "baseline": True, "batch_size": bs, "img_per_s": round(timed["img_per_s"], 1),
+                            # what it emitted (DALI has no bfloat16: float16 where the loaders' rows say bfloat16)
+                            "dtype": timed["out_dtype"],
                             "batches": args.batches, "gpu_used_mb": timed["gpu_used_mb"],
                             "total_s": round(time.perf_counter() - t0, 1)})
             print(f"{config:28s} B={bs:4d}  {timed['img_per_s']:10.0f} img/s  (baseline, {args.batches} batches "

@@ -35,6 +35,8 @@ def test_gpu_dali_runs_baselines_beside_the_loader_and_the_table_prints_ratios(b
     recs = {r["config"]: r for r in json.loads((out / "gpu_dali.json").read_text())["records"]}
     assert "CUDA" in recs["decode-only"]["error"]  # nvJPEG: GPU only
     assert recs["byol2-sololearn"]["baseline"] and recs["byol2-sololearn"]["img_per_s"] > 0
+    # each row names the dtype it emitted: the baseline's float16 beside the loader's bfloat16 (default --dtype)
+    assert recs["byol2-sololearn"]["dtype"] == "float16" and recs["byol2-mix"]["dtype"] == "bfloat16"
     assert recs["byol2-mix"]["img_per_s"] > 0 and recs["byol2-mix"]["interpolation"] == "bicubic"
     assert recs["byol2-nomix-bilinear"]["img_per_s"] > 0 and recs["byol2-nomix-bilinear"]["interpolation"] == "bilinear"
     capsys.readouterr()
