@@ -215,3 +215,19 @@ def test_ffcv_record_says_how_many_images_its_beton_stores_downscaled(photos, tm
     for max_side, at_cap in ((64, 16), (512, 0), (0, 0)):
         path = bench.beton_for(photos, images, str(tmp_path), max_side, workers=1)
         assert bench.beton_note(path, max_side) == {"max_side": max_side, "jpeg_quality": 90, "at_max_side": at_cap}
+
+
+@pytest.mark.timeout(240)
+def test_torchvision_is_timed_over_whole_rounds_of_its_workers(photos, tmp_path):
+    """DataLoader workers each prepare a whole batch in step, so batches arrive in groups of num_workers: a timed
+    count that splits a group times batches already waiting without the time they took (20 batches from 16
+    workers: 13 waiting, 25% over the true rate). --batches 3 with 2 workers times 4."""
+    assert bench.whole_rounds("torchvision", 16, 20) == 32 and bench.whole_rounds("torchvision", 4, 8) == 8
+    assert bench.whole_rounds("dali", 4, 5) == 5 and bench.whole_rounds("torchvision", 1, 5) == 5
+    out = tmp_path / "tv.json"
+    assert cli_main(["bench", "loaders", "--data", photos, "--backends", "torchvision", "--size", "32",
+                     "--batch-size", "2", "--warmup", "1", "--batches", "3", "--num-workers", "2",
+                     "--device", "cpu", "--json", str(out)]) == 0
+    tv, = json.loads(out.read_text())["records"]
+    assert tv["status"] == "ok", tv["reason"]
+    assert tv["num_workers"] == 2 and tv["batches"] == 4 and tv["samples"] == 8
