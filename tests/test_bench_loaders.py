@@ -231,3 +231,22 @@ def test_torchvision_is_timed_over_whole_rounds_of_its_workers(photos, tmp_path)
     tv, = json.loads(out.read_text())["records"]
     assert tv["status"] == "ok", tv["reason"]
     assert tv["num_workers"] == 2 and tv["batches"] == 4 and tv["samples"] == 8
+
+
+def test_a_run_on_an_oversubscribed_cpu_says_so(photos, tmp_path, monkeypatch, capsys):
+    """The recorded 2026-11-26 CPU run (load 9-19 on 2 cores) put FFCV and torch-gpu at 0.5x torchvision: their
+    CPU work runs on torch's intra-op threads, which stall on a busy machine. Such a run now warns."""
+    def fake(backend, args, recipe, images, device, dtype):
+        return {"backend": backend, "status": "ok", "reason": None, "img_per_s": 10.0, "samples": 4, "seconds": 0.4}
+
+    monkeypatch.setattr(bench, "run_backend", fake)
+    monkeypatch.setattr(bench, "usable_cores", lambda: 2)
+    common = ["bench", "loaders", "--data", photos, "--backends", "torchvision,ffcv", "--device", "cpu",
+              "--json", str(tmp_path / "x.json")]
+    monkeypatch.setattr(os, "getloadavg", lambda: (9.5, 9.0, 8.0))
+    assert cli_main(common) == 0
+    err = capsys.readouterr().err
+    assert "oversubscribed while torchvision, ffcv ran" in err
+    monkeypatch.setattr(os, "getloadavg", lambda: (2.5, 2.0, 2.0))  # the run's own threads on 2 cores
+    assert cli_main(common) == 0
+    assert "oversubscribed" not in capsys.readouterr().err

@@ -29,6 +29,7 @@ import gc
 import hashlib
 import os
 import re
+import sys
 import time
 import traceback
 from typing import Dict, Iterator, List, Optional
@@ -417,5 +418,21 @@ def main(args) -> int:
             print(f"note: {r['backend']} decodes a .beton whose longest sides are capped at --max-side "
                   f"{r['beton']['max_side']} ({r['beton']['at_max_side']} of {r['num_images']} images at the cap; "
                   f"the other backends decode the files at their own size)")
+    busy = oversubscribed(doc["records"])
+    if busy:
+        print(f"warning: the CPU was oversubscribed while {', '.join(busy)} ran (1-minute load above twice the "
+              f"{usable_cores()} usable cores; see load_avg_1m): the loaders whose CPU work runs on torch's "
+              f"intra-op threads (ffcv, torch-gpu, memory on the CPU) then slow down several times more than "
+              f"torchvision's worker processes and DALI; compare them on an idle machine", file=sys.stderr)
     print(f"bench loaders: wrote {args.json} and {doc['png']}")
     return 0
+
+
+def usable_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def oversubscribed(records: List[Dict]) -> List[str]:
+    """Backends timed while the 1-minute load average exceeded twice the usable cores (a busy shared machine:
+    the run's own threads alone stay near the core count)."""
+    return [r["backend"] for r in records if (r.get("load_avg_1m") or 0) > 2 * usable_cores()]
