@@ -423,7 +423,8 @@ def main(args) -> int:
         print(f"warning: the CPU was oversubscribed while {', '.join(busy)} ran (1-minute load above twice the "
               f"{usable_cores()} usable cores; see load_avg_1m): the loaders whose CPU work runs on torch's "
               f"intra-op threads (ffcv, torch-gpu, memory on the CPU) then slow down several times more than "
-              f"torchvision's worker processes and DALI; compare them on an idle machine", file=sys.stderr)
+              f"torchvision's worker processes and DALI (OpenMP's spin-waiting; OMP_WAIT_POLICY=PASSIVE in the "
+              f"environment helps); compare them on an idle machine", file=sys.stderr)
     print(f"bench loaders: wrote {args.json} and {doc['png']}")
     return 0
 
