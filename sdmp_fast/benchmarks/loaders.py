@@ -7,7 +7,10 @@ workers, ``whole_rounds``), running on across epochs (set_epoch) when the data s
 (random device tensors of the recipe's shapes through the same ``assemble_batch`` mixing): the ceiling a loader
 can approach, and the ratio every backend is reported against. FFCV reads a .beton: the data is converted first
 (untimed) and cached under ``--cache`` (default: beside the JSON). A backend that cannot be imported or built
-is reported as unavailable with the reason; one that fails while running is reported as failed.
+is reported as unavailable with the reason; one that fails while running is reported as failed (with
+``--repeats``, a failure in any round makes the record failed). Each record also names what the backend really
+ran: ``num_workers`` (its workers / threads), ``interpolation`` (its crop resize filter), ``beton`` (FFCV: the
+.beton's size cap and JPEG quality) and ``load_avg_1m`` (a busy machine is warned about).
 
 Variants (``VARIANTS``) are extra names for a backend with options, timed like any backend and recorded under
 their own name: ``dali-graphmix`` is the DALI backend mixing inside its graph (``mix_in_graph=True``), to set
