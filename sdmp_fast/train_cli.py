@@ -152,6 +152,8 @@ def main(args) -> int:
                 resumed_from, state = found
                 trainer.load_state_dict(state)
                 del state
+        if world > 1:
+            _check_same_start(resumed_from, world)
         # ---- from here on --out is written
         if rank == 0:
             os.makedirs(cfg.out, exist_ok=True)
@@ -185,6 +187,21 @@ def main(args) -> int:
             logger.close()
         if world > 1 and dist.is_initialized():
             dist.destroy_process_group()
+
+
+def _check_same_start(resumed_from, world: int) -> None:
+    """Every rank reads --out itself: where the ranks do not see the same files (node-local disks, a partial
+    copy), one would resume from its checkpoint while another started afresh or from an older one, and they
+    would train on with different models, optimiser states and step counts. Stop before anything is written."""
+    import torch.distributed as dist
+
+    mine = os.path.basename(resumed_from) if resumed_from else None
+    found = [None] * world
+    dist.all_gather_object(found, mine)
+    if len(set(found)) > 1:
+        seen = ", ".join(f"rank {r}: {name or 'none'}" for r, name in enumerate(found))
+        raise ValueError(f"resume: the ranks found different checkpoints in --out ({seen}); every rank must read "
+                         f"the same --out (a shared file system); nothing was changed")
 
 
 def _restore_signal_handlers(old) -> None:

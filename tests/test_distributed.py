@@ -65,3 +65,53 @@ def test_dead_rank_fails_the_run_within_bounded_time(tmp_path):
     assert code != 0, text[-4000:]
     assert elapsed < 60, f"took {elapsed:.0f} s"
     assert "exitcode  : 17" in text or "exit code 17" in text or "17" in text
+
+
+def _ranks(tmp_path, argvs, timeout, **env):
+    """One `sdmp-fast train` process per rank, each with its own argv (what torchrun cannot do: e.g. two nodes
+    whose --out is the same path on each node's own disk)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = []
+    for rank, argv in enumerate(argvs):
+        e = _env(tmp_path, MASTER_ADDR="127.0.0.1", MASTER_PORT=port, RANK=rank, LOCAL_RANK=rank,
+                 WORLD_SIZE=len(argvs), **env)
+        procs.append(subprocess.Popen([sys.executable, "-m", "sdmp_fast.cli", "train"] + argv, env=e,
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    try:
+        outs = [p.communicate(timeout=timeout)[0] for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    return [p.returncode for p in procs], outs
+
+
+@pytest.mark.timeout(120)
+def test_ranks_that_find_different_checkpoints_refuse_to_resume(tmp_path):
+    """Every rank reads --out itself. Where the ranks do not see the same files (node-local disks, a partial copy)
+    rank 0 resumed at its checkpoint's step while rank 1 started afresh: they trained on with different models,
+    optimiser states and step counts, and rank 0 exported a backbone and exited 0. Now the run stops before
+    anything is written, on every rank, naming what each rank found."""
+    from sdmp_fast import checkpoint as ckpt
+    from sdmp_fast.trainer import Trainer
+    from test_trainer import tiny_cfg
+
+    common = TINY + ["--loader", "synthetic", "--batch-size", "8", "--steps", "6", "--log-every", "2",
+                     "--save-every", "0", "--lr", "1e-3", "--dist-timeout", "20", "--deterministic", "--resume"]
+    outs = [tmp_path / "node0", tmp_path / "node1"]
+    cfg = tiny_cfg(tmp_path, steps=6, out=str(outs[0]))
+    state = Trainer(cfg).state_dict()  # a checkpoint of a 2-process run at step 2, on node 0's disk only
+    state.update(step=2, position=2, world_size=2, rng=state["rng"] * 2)
+    ckpt.save_checkpoint(state, ckpt.checkpoint_dir(str(outs[0])), 2)
+    before = sorted(p.name for p in outs[0].rglob("*"))
+    codes, texts = _ranks(tmp_path, [common + ["--out", str(o)] for o in outs], 100)
+    assert codes == [2, 2], texts
+    for text in texts:
+        assert "resume: the ranks found different checkpoints" in text, text[-3000:]
+        assert "rank 0: ckpt-000000002.pt" in text and "rank 1: none" in text
+    assert sorted(p.name for p in outs[0].rglob("*")) == before  # nothing written
+    assert not outs[1].exists()
