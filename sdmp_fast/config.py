@@ -270,6 +270,21 @@ def check_gpu_per_rank(device: str, world_size: int) -> None:
                          f"rank takes the GPU of its LOCAL_RANK")
 
 
+def check_gpu_exists(device, world_size: int = 1, local_rank: int = 0) -> None:
+    """The card a rank resolved to (cuda:LOCAL_RANK under torchrun) must be visible: with more processes per node
+    than GPUs torch.cuda.set_device failed with a bare "invalid device ordinal" traceback."""
+    import torch
+
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return
+    n = torch.cuda.device_count()
+    if device.index is not None and device.index >= n:
+        who = f"LOCAL_RANK {local_rank} needs {device}" if world_size > 1 else str(device)
+        raise ValueError(f"device: {who} but this node shows {n} GPU(s) (CUDA_VISIBLE_DEVICES="
+                         f"{os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}); run at most {n} process(es) per "
+                         f"node (torchrun --nproc_per_node {n})")
+
+
 def _parse_onoff(v) -> bool:
     if isinstance(v, bool):
         return v

@@ -46,7 +46,7 @@ import torch.nn.functional as F
 from sdmp_fast import checkpoint as ckpt
 from sdmp_fast import losses as ref_losses
 from sdmp_fast.batch import SDMPBatch
-from sdmp_fast.config import TrainConfig, check_gpu_per_rank, mismatches
+from sdmp_fast.config import TrainConfig, check_gpu_exists, check_gpu_per_rank, mismatches
 from sdmp_fast.models import (DINO, MoCoV3, backbone_spec, create_backbone, ema_update_, param_groups)
 from sdmp_fast.schedules import Schedules
 
@@ -235,6 +235,7 @@ class Trainer:
         self.cfg, self.rank, self.world_size, self.log = cfg, rank, world_size, log
         check_gpu_per_rank(cfg.device, world_size)
         self.device = resolve_device(cfg.device, local_rank)
+        check_gpu_exists(self.device, world_size, local_rank)
         if cfg.deterministic:  # read when cuBLAS makes its first handle: before anything runs on the card
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         if self.device.type == "cuda":

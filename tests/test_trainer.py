@@ -619,6 +619,24 @@ def test_explicit_gpu_index_refused_with_several_ranks(tmp_path, monkeypatch):
         cfg.validate()
 
 
+def test_more_ranks_on_a_node_than_gpus_is_named(tmp_path, monkeypatch):
+    """torchrun --nproc_per_node 2 on a one-GPU node: rank 1 asked for cuda:1 and died in torch.cuda.set_device
+    with "CUDA error: invalid device ordinal" and a traceback; now a settings error naming the device, LOCAL_RANK
+    and the GPUs visible, before the card is touched."""
+    import dataclasses
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: pytest.fail(f"set_device({d}) reached"))
+    for device in ("auto", "cuda"):
+        cfg = dataclasses.replace(tiny_cfg(tmp_path), device=device)
+        with pytest.raises(ValueError, match=r"device: LOCAL_RANK 1 needs cuda:1 but this node shows 1 GPU"):
+            Trainer(cfg, rank=1, world_size=2, local_rank=1)
+    cfg = dataclasses.replace(tiny_cfg(tmp_path), device="cuda:2")  # one process, a card that is not there
+    with pytest.raises(ValueError, match=r"device: cuda:2 but this node shows 1 GPU"):
+        Trainer(cfg)
+
+
 def test_interpolation_setting_reaches_the_recipe(tmp_path):
     import dataclasses
 
