@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -115,3 +116,68 @@ def test_ranks_that_find_different_checkpoints_refuse_to_resume(tmp_path):
         assert "rank 0: ckpt-000000002.pt" in text and "rank 1: none" in text
     assert sorted(p.name for p in outs[0].rglob("*")) == before  # nothing written
     assert not outs[1].exists()
+
+
+def _moco_step_on_rank(rank, world, port, run_dir):
+    """One rank of a real gloo process group: the trainer's SDMP-MoCo loss on its first batch, then backward
+    through DDP; saves its inputs, terms and averaged gradients for the parent to check."""
+    import torch.distributed as dist
+
+    from sdmp_fast.trainer import Trainer
+    from test_trainer import tiny_cfg
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        tr = Trainer(tiny_cfg(Path(run_dir), method="mocov3", steps=2), rank=rank, world_size=world)
+        inputs = tr.step_inputs(next(iter(tr.loader)), False)
+        loss, terms = tr._moco_loss(inputs, None)
+        loss.backward()
+        torch.save({"inputs": inputs, "state": tr.model.state_dict(), "terms": torch.stack(terms).detach(),
+                    "grads": {n: p.grad for n, p in tr.module.named_parameters() if p.grad is not None}},
+                   os.path.join(run_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.timeout(120)
+def test_two_process_sdmp_moco_uses_global_key_indices_and_ddp_averages_the_rank_losses(tmp_path):
+    """sdmp.md §2 in a real 2-process run (gloo): each rank's terms are the reference terms of its local queries
+    against the keys all-gathered in rank order, own key r*n+i, partner r*n+n-1-i; DDP's gradient is the gradient of
+    the mean of the two ranks' losses. The single-process reference runs the heads per rank (their BatchNorm is
+    per rank on the CPU: SyncBatchNorm needs a GPU)."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    from sdmp_fast import losses
+    from sdmp_fast.trainer import build_model
+    from test_trainer import tiny_cfg
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_moco_step_on_rank, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    cfg = tiny_cfg(tmp_path, method="mocov3", steps=2)
+    model, _ = build_model(cfg)
+    model.load_state_dict(ranks[0]["state"])
+    queries, keys = [], []
+    for r in ranks:
+        x1, x2, x1m, x2m, lam = r["inputs"]
+        queries.append(model.base(torch.cat([x1, x2m]), 2) + [lam])
+        with torch.no_grad():
+            keys.append(model.momentum(torch.cat([x1, x2, x1m]), 3))
+    k1, k2, k1m = (torch.cat([k[j] for k in keys]) for j in range(3))  # all-gathered, rank order
+    assert not torch.equal(ranks[0]["inputs"][0], ranks[1]["inputs"][0])  # each rank has its own shard
+    total = 0
+    for r, (q1, q2m, lam) in enumerate(queries):
+        t = losses.sdmp_moco_terms(q1, q2m, k1, k2, k1m, lam, cfg.tau, rank=r, world_size=2)
+        torch.testing.assert_close(ranks[r]["terms"], torch.stack([t["source"], t["mix_source"], t["mix_mix"]]))
+        total = total + losses.sdmp_moco_loss(t, cfg.mix_weight) / 2
+    total.backward()
+    params = dict(model.base.named_parameters())
+    for name, g in ranks[0]["grads"].items():
+        assert torch.equal(g, ranks[1]["grads"][name]), name  # DDP: one gradient on every rank
+        torch.testing.assert_close(g, params[name].grad, atol=1e-5, rtol=1e-3, msg=name)
