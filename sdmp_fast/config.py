@@ -76,7 +76,8 @@ class TrainConfig:
     weight_decay_end: Optional[float] = _f(None, "final weight decay of the cosine (DINO 0.4)")
     momentum: Optional[float] = _f(None, "EMA keep rate at step 0, cosine to momentum_end (MoCo v3 0.99, DINO 0.996)")
     momentum_end: float = _f(1.0, "final EMA keep rate (1 as in the papers; = --momentum keeps it constant)")
-    clip_grad: Optional[float] = _f(None, "gradient-norm clipping, 0 = off (DINO 3.0)")
+    clip_grad: Optional[float] = _f(None, "gradient clipping: each parameter tensor's gradient norm capped at this "
+                                           "value on its own, as DINO's clip_gradients; 0 = off (DINO 3.0)")
     # SDMP
     mix_weight: Optional[float] = _f(None, "weight of the mixed-loss terms (MoCo v3 1.0 per Algorithm 1, DINO 0.5)")
     alpha: float = _f(1.0, "Beta(alpha, alpha) of the mixing lambda")

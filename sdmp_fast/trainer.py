@@ -9,8 +9,9 @@ One optimiser step (``Trainer.train_step``):
   DINO     student on 2 global + clean local + mixed local crops, teacher on the clean and the mixed global
            crops, loss = sdmp_dino_terms (sdmp.md §4); the center is an EMA of the clean teacher outputs,
            all-reduced across ranks. SDMP off: the student sees all local crops clean, no teacher mixed crops.
-Then gradient norm (clipped for DINO), a device-side non-finite flag, fused AdamW (which skips its update when
-the flag is set, via its ``found_inf`` input), decoupled weight decay, EMA update, metric accumulation.
+Then gradient norm (for DINO each parameter's gradient clipped on its own, as DINO's clip_gradients), a
+device-side non-finite flag, fused AdamW (which skips its update when the flag is set, via its ``found_inf``
+input), decoupled weight decay, EMA update, metric accumulation.
 
 No host synchronisation in the steady state: lr / weight decay / momentum are host floats computed from the
 step number; the loss terms, gradient norm and non-finite flags accumulate on the device and are read every
@@ -444,13 +445,15 @@ class Trainer:
             self._update(loss, terms, lr, wd, keep)
 
     def _update(self, loss, terms, lr, wd, keep) -> None:
-        """Gradient norm (clipped for DINO), non-finite flag, weight decay, AdamW, EMA, center, metrics."""
+        """Gradient norm (clipped per parameter for DINO), non-finite flag, weight decay, AdamW, EMA, center, metrics."""
         cfg = self.cfg
-        with_grad = [p for p in self.trainable if p.grad is not None]
+        grads = [p.grad for p in self.trainable if p.grad is not None]
+        norms = torch.stack(torch._foreach_norm(grads))  # one norm per parameter tensor
+        gnorm = torch.linalg.vector_norm(norms)  # logged: the global norm before clipping
         if cfg.clip_grad and cfg.clip_grad > 0:
-            gnorm = torch.nn.utils.clip_grad_norm_(with_grad, cfg.clip_grad)
-        else:
-            gnorm = torch.nn.utils.get_total_norm([p.grad for p in with_grad])
+            # DINO's utils.clip_gradients: each parameter tensor's gradient is clipped to norm clip_grad on its own
+            # (not the global norm: at 3.0 that would shrink every step of a ViT's many-tensor gradient)
+            torch._foreach_mul_(grads, list((cfg.clip_grad / (norms + 1e-6)).clamp(max=1.0).unbind()))
         diag = [self._pending_diag.float()] if self.diag_names else []
         vals = torch.cat([torch.stack([loss.detach().float()] + [t.detach().float() for t in terms] +
                                       [gnorm.float()])] + diag)

@@ -348,6 +348,31 @@ def test_lr_scales_with_global_batch(tmp_path):
     assert tr.schedules.peak_lr == pytest.approx(1e-3 * 16 / 256)
 
 
+def _first_step_grad_norms(tmp_path, **kw) -> dict:
+    """Each trainable parameter's gradient norm as AdamW receives it at the first step."""
+    tr = Trainer(tiny_cfg(tmp_path, method="dino", steps=2, **kw))
+    seen, step = {}, tr.optimizer.step
+
+    def spy(*a, **k):
+        seen.update({n: p.grad.norm().item() for n, p in tr.module.named_parameters() if p.grad is not None})
+        return step(*a, **k)
+
+    tr.optimizer.step = spy
+    tr.train_step(next(iter(tr.loader)))
+    return seen
+
+
+def test_gradient_clipping_is_per_parameter_as_dino(tmp_path):
+    """DINO's utils.clip_gradients clips each parameter tensor's gradient to norm clip_grad on its own; a global
+    clip_grad_norm_ at the same threshold scaled every gradient down (the global norm is far larger)."""
+    raw = _first_step_grad_norms(tmp_path, clip_grad=0.0)
+    clip = sorted(raw.values())[len(raw) // 2]  # half the tensors above it, half below
+    clipped = _first_step_grad_norms(tmp_path, clip_grad=clip)
+    assert clipped.keys() == raw.keys()
+    for name, norm in raw.items():
+        assert clipped[name] == pytest.approx(min(norm, clip), rel=1e-4, abs=1e-12), name
+
+
 def test_dino_last_layer_frozen_first_epoch(tmp_path):
     from sdmp_fast.synthetic import SyntheticLoader
     from sdmp_fast.trainer import build_recipe
