@@ -206,13 +206,17 @@ def ema_update_(targets: List[torch.Tensor], sources: List[torch.Tensor], keep) 
     torch._foreach_add_(targets, torch._foreach_mul(sources, 1 - keep))
 
 
-def param_groups(module: nn.Module) -> List[Dict]:
-    """Trainable parameters split into decayed (matrices) and not decayed (biases, norms, tokens, pos-embed)."""
+def param_groups(module: nn.Module, method: str = "dino") -> List[Dict]:
+    """Trainable parameters split into decayed and not decayed, as each method's reference code splits them.
+
+    DINO (``utils.get_params_groups``): biases and 1-D parameters (norms) are not decayed; every other tensor is,
+    the position embedding and the class token included. MoCo v3 (``main_moco.py``: ``AdamW(model.parameters(),
+    weight_decay=wd)``, as SDMP's code): every parameter is decayed."""
     decay, no_decay = [], []
     for name, p in module.named_parameters():
         if not p.requires_grad:
             continue
-        skip = p.ndim <= 1 or name.endswith((".bias", "cls_token", "pos_embed", "reg_token", "weight_g"))
+        skip = method != "mocov3" and (p.ndim <= 1 or name.endswith(".bias"))
         (no_decay if skip else decay).append(p)
     return [{"params": decay, "apply_wd": True}, {"params": no_decay, "apply_wd": False}]
 

@@ -283,7 +283,7 @@ class Trainer:
         self.ema_targets = [t for t, _ in self.model.ema_pairs()]
         self.ema_sources = [s for _, s in self.model.ema_pairs()]
 
-        groups = param_groups(self.module)
+        groups = param_groups(self.module, cfg.method)
         self.decay_params = groups[0]["params"]
         self.trainable = [p for g in groups for p in g["params"]]
         self.last_layer_params = (list(self.model.student.head.last_layer.parameters())
@@ -606,7 +606,12 @@ class Trainer:
             raise ValueError(f"resume: {self.steps_per_epoch} steps per epoch now, {state['steps_per_epoch']} in "
                              f"the checkpoint (data or world size changed)")
         self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        try:
+            self.optimizer.load_state_dict(state["optimizer"])
+        except ValueError as e:  # other parameter groups: written before they followed DINO / MoCo v3 (2026-11-28)
+            raise ValueError(f"resume: the checkpoint's optimiser state does not fit this version's parameter groups "
+                             f"({e}); a checkpoint written before the weight-decay groups followed DINO / MoCo v3 "
+                             f"(2026-11-28) cannot be resumed") from None
         self.optimizer.found_inf = self._found_inf
         for g in self.optimizer.param_groups:  # the checkpoint may come from a run in the other step mode
             g["capturable"] = self.graph_mode

@@ -348,6 +348,33 @@ def test_lr_scales_with_global_batch(tmp_path):
     assert tr.schedules.peak_lr == pytest.approx(1e-3 * 16 / 256)
 
 
+def test_weight_decay_groups_follow_each_methods_reference_code(tmp_path):
+    """DINO (utils.get_params_groups) decays every tensor but biases and 1-D ones, position embedding and class
+    token included; MoCo v3 (AdamW over model.parameters(), as SDMP's code) decays every trainable parameter."""
+    dino = Trainer(tiny_cfg(tmp_path, method="dino"))
+    names = {id(p): n for n, p in dino.module.named_parameters()}
+    decayed = {names[id(p)] for p in dino.decay_params}
+    assert {"backbone.pos_embed", "backbone.cls_token", "backbone.blocks.0.attn.qkv.weight",
+            "head.mlp.0.weight", "head.last_layer.weight_v"} <= decayed
+    for n, p in dino.module.named_parameters():
+        if p.requires_grad and (n.endswith(".bias") or p.ndim == 1):
+            assert n not in decayed, n
+    moco = Trainer(tiny_cfg(tmp_path, method="mocov3"))
+    trainable = [p for p in moco.module.parameters() if p.requires_grad]
+    assert {id(p) for p in moco.decay_params} == {id(p) for p in trainable}
+    assert not any(p.requires_grad for p in moco.module.backbone.patch_embed.parameters())  # frozen: no decay
+
+
+def test_resume_of_a_checkpoint_with_the_earlier_weight_decay_groups_is_named(tmp_path):
+    """Checkpoints written before the groups followed DINO / MoCo v3 hold other group sizes: a named error."""
+    tr = Trainer(tiny_cfg(tmp_path, method="dino"))
+    state = tr.state_dict()
+    groups = state["optimizer"]["param_groups"]
+    groups[1]["params"].append(groups[0]["params"].pop())  # e.g. pos_embed undecayed, as before
+    with pytest.raises(ValueError, match="resume: the checkpoint's optimiser state does not fit"):
+        Trainer(tiny_cfg(tmp_path, method="dino")).load_state_dict(state)
+
+
 def _first_step_grad_norms(tmp_path, **kw) -> dict:
     """Each trainable parameter's gradient norm as AdamW receives it at the first step."""
     tr = Trainer(tiny_cfg(tmp_path, method="dino", steps=2, **kw))
