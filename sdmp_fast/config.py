@@ -24,18 +24,19 @@ INTERPOLATIONS = ("bicubic", "bilinear")  # pipelines.recipes.INTERPOLATIONS (ke
 # Method defaults (MoCo v3 ViT recipe; DINO ViT-S recipe), used where the user left a setting unset.
 METHOD_DEFAULTS = {
     "mocov3": {"base_lr": 1.5e-4, "min_lr": 0.0, "weight_decay": 0.1, "weight_decay_end": None, "momentum": 0.99,
-               "mix_weight": 1.0, "clip_grad": 0.0},
+               "mix_weight": 1.0, "clip_grad": 0.0, "drop_path_rate": 0.0},
     "dino": {"base_lr": 5e-4, "min_lr": 1e-6, "weight_decay": 0.04, "weight_decay_end": 0.4, "momentum": 0.996,
-             "mix_weight": 0.5, "clip_grad": 3.0},
+             "mix_weight": 0.5, "clip_grad": 3.0, "drop_path_rate": 0.1},
 }
 
 # Settings a --resume must agree on with the checkpoint (they change the model, the data order or the math).
 RESUME_MUST_MATCH = ("method", "sdmp", "arch", "img_size", "patch_size", "depth", "embed_dim", "num_heads",
                      "local_size", "n_local", "n_local_mixed", "batch_size", "seed", "proj_hidden_dim", "proj_dim",
                      "dino_out_dim", "dino_hidden_dim", "dino_bottleneck_dim", "dino_head_bn", "freeze_patch_embed", "loader",
-                     "alpha", "mix_methods", "mix_weight", "tau", "interpolation")
+                     "alpha", "mix_methods", "mix_weight", "tau", "interpolation", "drop_path_rate")
 # What a checkpoint written before a setting existed ran with, where that differs from today's default.
-SETTING_BEFORE_IT_EXISTED = {"interpolation": "bilinear"}  # crops were resized bilinearly until 2026-11-27
+SETTING_BEFORE_IT_EXISTED = {"interpolation": "bilinear",  # crops were resized bilinearly until 2026-11-27
+                             "drop_path_rate": 0.0}  # no stochastic depth until 2026-11-28
 
 
 def _f(default, help_, choices=None, **meta):
@@ -54,6 +55,8 @@ class TrainConfig:
     depth: Optional[int] = _f(None, "override the ViT depth (small CPU models)")
     embed_dim: Optional[int] = _f(None, "override the ViT width")
     num_heads: Optional[int] = _f(None, "override the ViT head count")
+    drop_path_rate: Optional[float] = _f(None, "stochastic depth of the trained encoder only, never of its EMA copy "
+                                               "(DINO 0.1 on the student, MoCo v3 0)")
     local_size: int = _f(96, "DINO local crop size")
     n_local: int = _f(8, "DINO local crops per image")
     n_local_mixed: int = _f(4, "DINO local crops replaced by mixed local crops (SDMP on)")
@@ -203,6 +206,10 @@ class TrainConfig:
         number("momentum_end", 0, 1, allow_none=False)
         number("clip_grad", 0)
         number("mix_weight", 0)
+        number("drop_path_rate", 0, 1)
+        if self.drop_path_rate is not None:
+            need(self.drop_path_rate < 1, "drop_path_rate",
+                 f"must be < 1 (1 drops every block), got {self.drop_path_rate}")
         number("alpha", 0, lo_open=True, allow_none=False)
         number("tau", 0, lo_open=True, allow_none=False)
         number("tau_s", 0, lo_open=True, allow_none=False)

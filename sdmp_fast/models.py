@@ -5,6 +5,7 @@
   4096, out 256), momentum encoder = EMA copy of backbone + projector, optional frozen random patch embedding.
 - DINO (Caron et al. 2021): student = backbone + DINOHead (3-layer MLP, L2-normalised bottleneck, weight-normed
   last layer over K = 65,536 prototypes), teacher = EMA copy, center buffer.
+- Stochastic depth (``drop_path_rate``, DINO 0.1) only in the trained encoder: the EMA copies have none.
 
 The projection heads run once per view (BN statistics per view, as both papers do); the backbone runs once
 on all views of a resolution concatenated (it has no batch-dependent layers, so this is exact and faster).
@@ -19,7 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 __all__ = ["create_backbone", "build_mlp", "MoCoV3", "DINOHead", "MultiCropNet", "DINO", "ema_update_",
-           "param_groups", "backbone_spec"]
+           "param_groups", "backbone_spec", "without_drop_path_"]
 
 
 def backbone_spec(arch: str, img_size: int, patch_size: int, depth: Optional[int] = None,
@@ -34,11 +35,14 @@ def backbone_spec(arch: str, img_size: int, patch_size: int, depth: Optional[int
     return spec
 
 
-def create_backbone(spec: Dict) -> nn.Module:
-    """timm ViT from a ``backbone_spec`` dict; pooled features of size ``model.num_features`` out."""
+def create_backbone(spec: Dict, drop_path_rate: float = 0.0) -> nn.Module:
+    """timm ViT from a ``backbone_spec`` dict; pooled features of size ``model.num_features`` out. ``drop_path_rate``
+    (stochastic depth, a training setting: not part of the spec) is timm's, linear over the blocks."""
     import timm
 
     spec = dict(spec)
+    if drop_path_rate:
+        spec["drop_path_rate"] = float(drop_path_rate)
     arch = spec.pop("arch")
     if not timm.is_model(arch):
         raise ValueError(f"arch: unknown timm model {arch!r} (e.g. vit_small_patch16_224, vit_base_patch16_224, "
@@ -94,7 +98,7 @@ class MoCoV3(nn.Module):
                 p.requires_grad_(False)
         self.base = _Encoder(backbone, build_mlp(3, d, hidden_dim, out_dim), build_mlp(2, out_dim, hidden_dim,
                                                                                        out_dim, last_bn=False))
-        self.momentum = _Encoder(copy.deepcopy(backbone), copy.deepcopy(self.base.projector))
+        self.momentum = _Encoder(without_drop_path_(copy.deepcopy(backbone)), copy.deepcopy(self.base.projector))
         for p in self.momentum.parameters():
             p.requires_grad_(False)
 
@@ -182,7 +186,7 @@ class DINO(nn.Module):
         head = DINOHead(backbone.num_features, out_dim, hidden_dim, bottleneck_dim, norm_last_layer=norm_last_layer,
                         use_bn=use_bn_in_head)
         self.student = MultiCropNet(backbone, head)
-        self.teacher = copy.deepcopy(self.student)
+        self.teacher = without_drop_path_(copy.deepcopy(self.student))
         for p in self.teacher.parameters():
             p.requires_grad_(False)
         self.register_buffer("center", torch.zeros(1, out_dim))
@@ -193,6 +197,15 @@ class DINO(nn.Module):
 
     def ema_pairs(self):
         return list(zip(self.teacher.parameters(), self.student.parameters()))
+
+
+def without_drop_path_(module: nn.Module) -> nn.Module:
+    """Stochastic depth off in an EMA copy (DINO builds its teacher without drop_path_rate; the copy is made of the
+    student). Buffers and parameters are unchanged: only timm's DropPath modules' drop_prob."""
+    for m in module.modules():
+        if hasattr(m, "drop_prob"):
+            m.drop_prob = 0.0
+    return module
 
 
 @torch.no_grad()

@@ -100,7 +100,7 @@ def build_model(cfg: TrainConfig) -> Tuple[nn.Module, Dict]:
                          dynamic_img_size=cfg.method == "dino")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
-        backbone = create_backbone(spec)
+        backbone = create_backbone(spec, cfg.drop_path_rate or 0.0)  # the trained encoder's; its EMA copy has none
         if cfg.method == "mocov3":
             model = MoCoV3(backbone, cfg.proj_hidden_dim, cfg.proj_dim, cfg.freeze_patch_embed)
         else:
@@ -257,6 +257,9 @@ class Trainer:
         self.global_batch = cfg.batch_size * world_size
 
         self.model, self.spec = build_model(cfg)
+        # the global RNG draws the stochastic-depth masks: seeded from the run's seed, apart per rank (so two runs
+        # of one config in a process train alike; a resume restores it from the checkpoint)
+        torch.manual_seed(cfg.seed * 1009 + rank)
         self.model.to(self.device)
         names = ("base", "momentum") if cfg.method == "mocov3" else ("student", "teacher")
         # MoCo v3's heads always hold BatchNorm, DINO's with --dino-head-bn: synchronised across GPUs
@@ -445,7 +448,8 @@ class Trainer:
             self._update(loss, terms, lr, wd, keep)
 
     def _update(self, loss, terms, lr, wd, keep) -> None:
-        """Gradient norm (clipped per parameter for DINO), non-finite flag, weight decay, AdamW, EMA, center, metrics."""
+        """Gradient norm (clipped per parameter for DINO), non-finite flag, weight decay, AdamW, EMA, center,
+        metrics."""
         cfg = self.cfg
         grads = [p.grad for p in self.trainable if p.grad is not None]
         norms = torch.stack(torch._foreach_norm(grads))  # one norm per parameter tensor

@@ -77,6 +77,7 @@ BAD_SETTINGS = [
     (["--alpha", "-1"], "alpha"),
     (["--momentum", "1.5"], "momentum"),
     (["--momentum-end", "1.5"], "momentum_end"),
+    (["--drop-path-rate", "1"], "drop_path_rate"),
     (["--img-size", "30"], "img_size"),
     (["--mix-methods", "mixup,blend"], "mix_methods"),
     (["--cuda-graphs", "--device", "cpu"], "cuda_graphs"),
@@ -375,6 +376,27 @@ def test_resume_of_a_checkpoint_with_the_earlier_weight_decay_groups_is_named(tm
         Trainer(tiny_cfg(tmp_path, method="dino")).load_state_dict(state)
 
 
+def test_stochastic_depth_in_the_student_only_dino_default(tmp_path):
+    """DINO trains its student with drop_path_rate 0.1 and builds its teacher without; MoCo v3 uses none."""
+    cfg = tiny_cfg(tmp_path, method="dino")
+    assert cfg.drop_path_rate == 0.1
+    tr = Trainer(cfg)
+    rates = [m.drop_prob for m in tr.model.student.backbone.modules() if hasattr(m, "drop_prob")]
+    assert rates and max(rates) == pytest.approx(0.1)  # timm: linear over the blocks, 0.1 in the last
+    assert all(m.drop_prob == 0 for m in tr.model.teacher.modules() if hasattr(m, "drop_prob"))
+    tr.model.train()
+    x = torch.randn(16, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(tr.model.teacher.backbone(x), tr.model.teacher.backbone(x))
+        assert not torch.equal(tr.model.student.backbone(x), tr.model.student.backbone(x))
+    moco = tiny_cfg(tmp_path, method="mocov3")
+    assert moco.drop_path_rate == 0.0
+    assert not any(getattr(m, "drop_prob", 0) for m in Trainer(moco).model.modules())
+    one = Trainer(tiny_cfg(tmp_path, method="mocov3", drop_path_rate=0.2)).model
+    assert any(getattr(m, "drop_prob", 0) for m in one.base.modules())
+    assert not any(getattr(m, "drop_prob", 0) for m in one.momentum.modules())
+
+
 def _first_step_grad_norms(tmp_path, **kw) -> dict:
     """Each trainable parameter's gradient norm as AdamW receives it at the first step."""
     tr = Trainer(tiny_cfg(tmp_path, method="dino", steps=2, **kw))
@@ -615,8 +637,9 @@ def test_staged_pipeline_equals_eager_and_no_steady_state_sync(tmp_path):
 @pytest.mark.cuda
 @pytest.mark.parametrize("method", ["mocov3", "dino"])
 def test_cuda_graph_matches_eager(tmp_path, method):
+    # no stochastic depth: a replay's random masks need not repeat the eager steps' draws
     cfg = tiny_cfg(tmp_path, method=method, device="cuda", precision="fp32", steps=8, log_every=4,
-                   deterministic=False)
+                   deterministic=False, drop_path_rate=0.0)
     a = Trainer(cfg)
     a.fit(str(tmp_path / "a"))
     g = Trainer(TrainConfig(**{**cfg.to_dict(), "cuda_graphs": True}).resolve().validate())
@@ -634,7 +657,7 @@ def test_cuda_graph_captures_after_the_frozen_prototypes(tmp_path):
     # DINO's prototype layer gets its AdamW state on its first update: that must happen before the capture, or
     # every replay re-runs the state's zero-fills (the layer would never take more than one Adam step)
     cfg = tiny_cfg(tmp_path, method="dino", device="cuda", precision="fp32", steps=8, log_every=4,
-                   deterministic=False, tau_t_warmup_steps=0)
+                   deterministic=False, tau_t_warmup_steps=0, drop_path_rate=0.0)
     runs = []
     for graphs in (False, True):
         t = Trainer(TrainConfig(**{**cfg.to_dict(), "cuda_graphs": graphs}).resolve().validate())
@@ -726,7 +749,8 @@ def test_cli_sdmp_moco_loss_falls_on_fashion_mnist(tmp_path):
 # centred teacher starts near uniform instead of on a few prototypes, a constant sharp teacher (0.01), lr 5e-4
 # (600 steps of it also lift k-NN 2.5-4.9 points over random init; measured, not tested here: too slow).
 DINO_CPU = ["--method", "dino", "--batch-size", "32", "--n-local", "2", "--n-local-mixed", "1",
-            "--dino-head-bn", "on", "--tau-t", "0.01", "--tau-t-end", "0.01", "--lr", "5e-4", "--log-every", "10"]
+            "--dino-head-bn", "on", "--tau-t", "0.01", "--tau-t-end", "0.01", "--lr", "5e-4", "--log-every", "10",
+            "--drop-path-rate", "0"]
 
 
 @pytest.mark.slow
