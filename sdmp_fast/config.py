@@ -24,9 +24,9 @@ INTERPOLATIONS = ("bicubic", "bilinear")  # pipelines.recipes.INTERPOLATIONS (ke
 # Method defaults (MoCo v3 ViT recipe; DINO ViT-S recipe), used where the user left a setting unset.
 METHOD_DEFAULTS = {
     "mocov3": {"base_lr": 1.5e-4, "min_lr": 0.0, "weight_decay": 0.1, "weight_decay_end": None, "momentum": 0.99,
-               "mix_weight": 1.0, "clip_grad": 0.0, "drop_path_rate": 0.0},
+               "mix_weight": 1.0, "clip_grad": 0.0, "drop_path_rate": 0.0, "freeze_last_layer_epochs": 0},
     "dino": {"base_lr": 5e-4, "min_lr": 1e-6, "weight_decay": 0.04, "weight_decay_end": 0.4, "momentum": 0.996,
-             "mix_weight": 0.5, "clip_grad": 3.0, "drop_path_rate": 0.1},
+             "mix_weight": 0.5, "clip_grad": 3.0, "drop_path_rate": 0.1, "freeze_last_layer_epochs": 1},
 }
 
 # Settings a --resume must agree on with the checkpoint (they change the model, the data order or the math).
@@ -73,10 +73,11 @@ class TrainConfig:
     # optimisation
     lr: Optional[float] = _f(None, "peak learning rate (default: base_lr x global batch / 256)")
     base_lr: Optional[float] = _f(None, "learning rate per 256 images (MoCo v3 1.5e-4, DINO 5e-4)")
-    min_lr: Optional[float] = _f(None, "final learning rate of the cosine")
+    min_lr: Optional[float] = _f(None, "final learning rate of the cosine (MoCo v3 0, DINO 1e-6)")
     warmup_steps: Optional[int] = _f(None, "linear lr warm-up steps (default 10%% of the run)")
     weight_decay: Optional[float] = _f(None, "weight decay (MoCo v3 0.1, DINO 0.04)")
-    weight_decay_end: Optional[float] = _f(None, "final weight decay of the cosine (DINO 0.4)")
+    weight_decay_end: Optional[float] = _f(None, "final weight decay of the cosine (DINO 0.4; MoCo v3: "
+                                              "= --weight-decay, constant)")
     momentum: Optional[float] = _f(None, "EMA keep rate at step 0, cosine to momentum_end (MoCo v3 0.99, DINO 0.996)")
     momentum_end: float = _f(1.0, "final EMA keep rate (1 as in the papers; = --momentum keeps it constant)")
     clip_grad: Optional[float] = _f(None, "gradient clipping: each parameter tensor's gradient norm capped at this "
@@ -101,7 +102,8 @@ class TrainConfig:
     tau_t_end: float = _f(0.07, "DINO teacher temperature after warm-up")
     tau_t_warmup_steps: Optional[int] = _f(None, "DINO teacher temperature warm-up steps (default 30%% of the run)")
     center_momentum: float = _f(0.9, "DINO center EMA")
-    freeze_last_layer_epochs: int = _f(0, "DINO: keep the prototype layer frozen for this many epochs")
+    freeze_last_layer_epochs: Optional[int] = _f(None, "DINO: keep the prototype layer frozen for this many epochs "
+                                                       "(DINO's freeze_last_layer: 1)")
     # engineering
     out: Optional[str] = _f(None, "run directory (metrics.jsonl, config.yaml, checkpoints/); nothing is "
                                   "written elsewhere")
@@ -183,7 +185,7 @@ class TrainConfig:
             positive_int(name, allow_none=True, minimum=0 if name in ("num_workers", "warmup_steps",
                                                                       "tau_t_warmup_steps") else 1)
         positive_int("save_every", minimum=0)
-        positive_int("freeze_last_layer_epochs", minimum=0)
+        positive_int("freeze_last_layer_epochs", allow_none=True, minimum=0)
         positive_int("seed", minimum=0)
         need(self.seed < 2**32, "seed", f"must be < 2**32 (torch, numpy and DALI seeds), got {self.seed}")
         need(self.img_size >= 8, "img_size", f"must be >= 8, got {self.img_size}")
@@ -379,6 +381,8 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
         default = f.default if f.default is not dataclasses.MISSING else None
         if isinstance(default, tuple):
             default = ",".join(default)
+        if kind == "onoff":  # shown as the value the option takes, not Python's True / False
+            default = "on" if default else "off"
         help_ = f"{help_} (default: {default})"
         if kind == "flag":
             parser.add_argument(_flag(f.name), dest=f.name, action=argparse.BooleanOptionalAction, default=None,

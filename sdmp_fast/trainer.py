@@ -304,7 +304,11 @@ class Trainer:
         self.schedules = Schedules(self.total_steps, peak_lr, cfg.min_lr, min(warmup, self.total_steps),
                                    cfg.weight_decay, cfg.weight_decay_end, cfg.momentum, cfg.tau_t, cfg.tau_t_end,
                                    tau_warm, cfg.momentum_end)
-        self.freeze_last_steps = cfg.freeze_last_layer_epochs * self.steps_per_epoch
+        self.freeze_last_steps = (cfg.freeze_last_layer_epochs or 0) * self.steps_per_epoch
+        if cfg.method == "dino" and self.freeze_last_steps >= self.total_steps:
+            log(f"warning: the DINO prototype layer stays frozen for the whole run (freeze_last_layer_epochs="
+                f"{cfg.freeze_last_layer_epochs}: {self.freeze_last_steps} steps of {self.steps_per_epoch}-step "
+                f"epochs, the run has {self.total_steps}); --freeze-last-layer-epochs 0 trains it from the start")
         self.moco_terms_fn, self.dino_terms_fn, self.loss_impl = loss_functions(cfg, self.device)
         # DINO also logs the teacher's health: mean per-sample entropy of P_t (~0: sharp, ln K: uniform
         # collapse) and the entropy of its batch mean (~0 with a sharp P_t: one-prototype collapse)

@@ -422,11 +422,22 @@ def test_gradient_clipping_is_per_parameter_as_dino(tmp_path):
         assert clipped[name] == pytest.approx(min(norm, clip), rel=1e-4, abs=1e-12), name
 
 
+def test_a_dino_run_shorter_than_the_frozen_prototype_period_warns(tmp_path):
+    said = []
+    Trainer(tiny_cfg(tmp_path, method="dino", steps=4), log=said.append)  # synthetic: one 4-step epoch
+    assert any("prototype layer stays frozen for the whole run" in m for m in said), said
+    said.clear()
+    Trainer(tiny_cfg(tmp_path, method="dino", steps=4, freeze_last_layer_epochs=0), log=said.append)
+    assert not any("frozen" in m for m in said)
+
+
 def test_dino_last_layer_frozen_first_epoch(tmp_path):
+    """DINO's default (freeze_last_layer 1): the prototypes take no update during the first epoch."""
     from sdmp_fast.synthetic import SyntheticLoader
     from sdmp_fast.trainer import build_recipe
 
-    cfg = tiny_cfg(tmp_path, method="dino", steps=4, freeze_last_layer_epochs=1)
+    cfg = tiny_cfg(tmp_path, method="dino", steps=4)
+    assert cfg.freeze_last_layer_epochs == 1 and tiny_cfg(tmp_path).freeze_last_layer_epochs == 0
     loader = SyntheticLoader(build_recipe(cfg), 8, device="cpu", length=2)
     tr = Trainer(cfg, loader=loader)
     w0 = tr.model.student.head.last_layer.weight_v.clone()
@@ -639,7 +650,7 @@ def test_staged_pipeline_equals_eager_and_no_steady_state_sync(tmp_path):
 def test_cuda_graph_matches_eager(tmp_path, method):
     # no stochastic depth: a replay's random masks need not repeat the eager steps' draws
     cfg = tiny_cfg(tmp_path, method=method, device="cuda", precision="fp32", steps=8, log_every=4,
-                   deterministic=False, drop_path_rate=0.0)
+                   deterministic=False, drop_path_rate=0.0, freeze_last_layer_epochs=0)
     a = Trainer(cfg)
     a.fit(str(tmp_path / "a"))
     g = Trainer(TrainConfig(**{**cfg.to_dict(), "cuda_graphs": True}).resolve().validate())
@@ -750,7 +761,7 @@ def test_cli_sdmp_moco_loss_falls_on_fashion_mnist(tmp_path):
 # (600 steps of it also lift k-NN 2.5-4.9 points over random init; measured, not tested here: too slow).
 DINO_CPU = ["--method", "dino", "--batch-size", "32", "--n-local", "2", "--n-local-mixed", "1",
             "--dino-head-bn", "on", "--tau-t", "0.01", "--tau-t-end", "0.01", "--lr", "5e-4", "--log-every", "10",
-            "--drop-path-rate", "0"]
+            "--drop-path-rate", "0", "--freeze-last-layer-epochs", "0"]
 
 
 @pytest.mark.slow
