@@ -35,3 +35,19 @@ def test_cli_help_lists_every_command():
     assert out.returncode == 0
     for cmd in ("train", "eval", "plot", "convert", "show", "make-data", "bench", "drill"):
         assert cmd in out.stdout
+
+
+def test_train_help_shows_on_off_defaults_as_on_off():
+    """--sdmp {on,off} and the other on/off options printed their default as Python's True / False."""
+    import argparse
+
+    from sdmp_fast.config import add_config_arguments
+
+    p = argparse.ArgumentParser()
+    add_config_arguments(p)
+    text = " ".join(p.format_help().split())
+    for flag in ("--sdmp", "--freeze-patch-embed", "--dino-head-bn", "--progress", "--tensorboard"):
+        h = next(a.help for a in p._actions if flag in a.option_strings)
+        assert h.endswith("(default: on)") or h.endswith("(default: off)"), (flag, h)
+    assert "minus mixing) (default: on)" in text
+    assert "use_bn_in_head; SyncBN across GPUs) (default: off)" in text
