@@ -33,7 +33,8 @@ METHOD_DEFAULTS = {
 RESUME_MUST_MATCH = ("method", "sdmp", "arch", "img_size", "patch_size", "depth", "embed_dim", "num_heads",
                      "local_size", "n_local", "n_local_mixed", "batch_size", "seed", "proj_hidden_dim", "proj_dim",
                      "dino_out_dim", "dino_hidden_dim", "dino_bottleneck_dim", "dino_head_bn", "freeze_patch_embed", "loader",
-                     "alpha", "mix_methods", "mix_weight", "tau", "interpolation", "drop_path_rate")
+                     "alpha", "mix_methods", "mix_weight", "tau", "interpolation", "drop_path_rate",
+                     "dino_norm_last_layer")
 # What a checkpoint written before a setting existed ran with, where that differs from today's default.
 SETTING_BEFORE_IT_EXISTED = {"interpolation": "bilinear",  # crops were resized bilinearly until 2026-11-27
                              "drop_path_rate": 0.0}  # no stochastic depth until 2026-11-28
@@ -97,6 +98,8 @@ class TrainConfig:
     dino_bottleneck_dim: int = _f(256, "DINO head bottleneck")
     dino_head_bn: bool = _f(False, "DINO: BatchNorm in the head's hidden layers (DINO's use_bn_in_head; SyncBN "
                                    "across GPUs)", kind="onoff")
+    dino_norm_last_layer: bool = _f(True, "DINO: prototype layer with its weight-norm gain fixed at 1 (DINO's "
+                                          "norm_last_layer; DINO sets it off for ViT-S/16, on for ViT-B)", kind="onoff")
     tau_s: float = _f(0.1, "DINO student temperature")
     tau_t: float = _f(0.04, "DINO teacher temperature at step 0")
     tau_t_end: float = _f(0.07, "DINO teacher temperature after warm-up")

@@ -105,7 +105,7 @@ def build_model(cfg: TrainConfig) -> Tuple[nn.Module, Dict]:
             model = MoCoV3(backbone, cfg.proj_hidden_dim, cfg.proj_dim, cfg.freeze_patch_embed)
         else:
             model = DINO(backbone, cfg.dino_out_dim, cfg.dino_hidden_dim, cfg.dino_bottleneck_dim,
-                         use_bn_in_head=cfg.dino_head_bn)
+                         norm_last_layer=cfg.dino_norm_last_layer, use_bn_in_head=cfg.dino_head_bn)
     return model, spec
 
 

@@ -422,6 +422,18 @@ def test_gradient_clipping_is_per_parameter_as_dino(tmp_path):
         assert clipped[name] == pytest.approx(min(norm, clip), rel=1e-4, abs=1e-12), name
 
 
+def test_dino_norm_last_layer_off_trains_the_prototype_gains(tmp_path):
+    """DINO's --norm_last_layer false (its ViT-S/16 setting): weight_g is trained and, being 2-D, decayed."""
+    on = Trainer(tiny_cfg(tmp_path, method="dino"))
+    assert not on.model.student.head.last_layer.weight_g.requires_grad
+    tr = Trainer(tiny_cfg(tmp_path, method="dino", dino_norm_last_layer=False, freeze_last_layer_epochs=0, steps=2))
+    g = tr.model.student.head.last_layer.weight_g
+    assert g.requires_grad and any(p is g for p in tr.decay_params)
+    before = g.detach().clone()
+    tr.train_step(next(iter(tr.loader)))
+    assert not torch.equal(g, before)
+
+
 def test_a_dino_run_shorter_than_the_frozen_prototype_period_warns(tmp_path):
     said = []
     Trainer(tiny_cfg(tmp_path, method="dino", steps=4), log=said.append)  # synthetic: one 4-step epoch
