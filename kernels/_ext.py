@@ -25,8 +25,13 @@ KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def enabled() -> bool:
-    """Kernels may be used ($SDMP_KERNELS=0 or set_enabled(False) forces the references)."""
-    return _enabled and os.environ.get("SDMP_KERNELS", "1") != "0"
+    """Kernels may be used ($SDMP_KERNELS=0 or set_enabled(False) forces the references). Any other value of
+    $SDMP_KERNELS than 1 / 0 / unset is an error naming it (``false`` or ``off`` ran the kernels silently)."""
+    setting = os.environ.get("SDMP_KERNELS", "").strip()
+    if setting not in ("", "0", "1"):
+        raise ValueError(f"SDMP_KERNELS={setting!r}: expected 1 (the kernels where they can run, the default) or 0 "
+                         f"(every function runs its PyTorch reference)")
+    return _enabled and setting != "0"
 
 
 def set_enabled(flag: bool) -> None:

@@ -135,6 +135,19 @@ def test_disabled_toggle_forces_reference(monkeypatch):
     assert _ext.enabled()
 
 
+@pytest.mark.parametrize("value", ["off", "false", "no", "2"])
+def test_bad_kernels_setting_is_an_error_naming_it(monkeypatch, value):
+    """SDMP_KERNELS=off / false used to run the kernels silently (only "0" turned them off)."""
+    monkeypatch.setenv("SDMP_KERNELS", value)
+    with pytest.raises(ValueError, match="SDMP_KERNELS"):
+        _ext.enabled()
+    with pytest.raises(ValueError, match="SDMP_KERNELS"):
+        K.two_hot_cross_entropy(torch.randn(4, 6), torch.arange(4), torch.arange(4).flip(0), torch.ones(4),
+                                torch.zeros(4))
+    monkeypatch.setenv("SDMP_KERNELS", "1")
+    assert _ext.enabled()
+
+
 def test_fake_impls_shapes_and_dtypes():
     from torch._subclasses.fake_tensor import FakeTensorMode
     ops = torch.ops.sdmp_fast
