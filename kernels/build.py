@@ -358,7 +358,7 @@ def compile_check(files: Optional[Sequence[Path]] = None, arch_list: Optional[Se
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m sdmp_fast.kernels.build", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m sdmp_fast.kernels.build", description=__doc__.split("\n\n")[0])
     ap.add_argument("--check", action="store_true", help="compile-check every .cu/.cpp with nvcc (no GPU needed)")
     ap.add_argument("--build", action="store_true", help="JIT-build the CUDA extension now (into the cache)")
     ap.add_argument("--emulated", action="store_true", help="build the CPU emulation module")

@@ -215,7 +215,7 @@ def _with_env(kv, fn):
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m sdmp_fast.kernels.selfcheck", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m sdmp_fast.kernels.selfcheck", description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="one case per op (no gradient-path sweep)")
     ap.add_argument("--no-poison", action="store_true", help="leave outputs uninitialised (for initcheck)")
     ap.add_argument("--cluster", choices=("include", "skip", "only"), default="include",

@@ -51,3 +51,12 @@ def test_train_help_shows_on_off_defaults_as_on_off():
         assert h.endswith("(default: on)") or h.endswith("(default: off)"), (flag, h)
     assert "minus mixing) (default: on)" in text
     assert "use_bn_in_head; SyncBN across GPUs) (default: off)" in text
+
+
+def test_kernels_module_help_descriptions_are_whole_sentences():
+    """python -m sdmp_fast.kernels.build --help cut its description at the first line break, mid-sentence."""
+    for mod, tail in (("sdmp_fast.kernels.build", "a compile check, and a CPU emulation."),
+                      ("sdmp_fast.kernels.selfcheck", "Exit status 1 on any mismatch.")):
+        out = subprocess.run([sys.executable, "-m", mod, "--help"], capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stderr
+        assert tail in " ".join(out.stdout.split()), out.stdout
