@@ -37,7 +37,7 @@ RESUME_MUST_MATCH = ("method", "sdmp", "arch", "img_size", "patch_size", "depth"
                      "dino_norm_last_layer")
 # What a checkpoint written before a setting existed ran with, where that differs from today's default.
 SETTING_BEFORE_IT_EXISTED = {"interpolation": "bilinear",  # crops were resized bilinearly until 2026-11-27
-                             "drop_path_rate": 0.0}  # no stochastic depth until 2026-11-28
+                             "drop_path_rate": 0.0}  # no stochastic depth until 2026-11-27
 
 
 def _f(default, help_, choices=None, **meta):

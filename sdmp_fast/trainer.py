@@ -616,10 +616,10 @@ class Trainer:
         self.model.load_state_dict(state["model"])
         try:
             self.optimizer.load_state_dict(state["optimizer"])
-        except ValueError as e:  # other parameter groups: written before they followed DINO / MoCo v3 (2026-11-28)
+        except ValueError as e:  # other parameter groups: written before they followed DINO / MoCo v3 (2026-11-27)
             raise ValueError(f"resume: the checkpoint's optimiser state does not fit this version's parameter groups "
                              f"({e}); a checkpoint written before the weight-decay groups followed DINO / MoCo v3 "
-                             f"(2026-11-28) cannot be resumed") from None
+                             f"(2026-11-27) cannot be resumed") from None
         self.optimizer.found_inf = self._found_inf
         for g in self.optimizer.param_groups:  # the checkpoint may come from a run in the other step mode
             g["capturable"] = self.graph_mode
