@@ -107,7 +107,7 @@ def time_mixing_only(recipe, batch_size: int, dtype, dev: torch.device, iters: i
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data", help="ImageFolder of JPEGs (default: build one under --work)")
     p.add_argument("--work", default="/tmp/sdmp_gpu_dali", help="where the JPEG set is built")
     p.add_argument("--num-images", type=int, default=4096)

@@ -199,7 +199,7 @@ def _load() -> float:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m sdmp_fast.demo", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m sdmp_fast.demo", description=__doc__.split("\n\n")[0])
     add_arguments(ap)
     args = ap.parse_args(argv)
     from sdmp_fast.data import load_fashion_mnist

@@ -175,6 +175,6 @@ def main(args) -> int:
 
 
 if __name__ == "__main__":
-    _ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    _ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_arguments(_ap)
     sys.exit(main(_ap.parse_args()))

@@ -54,9 +54,12 @@ def test_train_help_shows_on_off_defaults_as_on_off():
 
 
 def test_kernels_module_help_descriptions_are_whole_sentences():
-    """python -m sdmp_fast.kernels.build --help cut its description at the first line break, mid-sentence."""
+    """python -m sdmp_fast.kernels.build / selfcheck / sdmp_fast.demo / fault_drill --help cut their description at
+    the first line break, mid-sentence."""
     for mod, tail in (("sdmp_fast.kernels.build", "a compile check, and a CPU emulation."),
-                      ("sdmp_fast.kernels.selfcheck", "Exit status 1 on any mismatch.")):
+                      ("sdmp_fast.kernels.selfcheck", "Exit status 1 on any mismatch."),
+                      ("sdmp_fast.demo", "for the same backbone at its random initialisation."),
+                      ("sdmp_fast.fault_drill", "(CPU, deterministic settings).")):
         out = subprocess.run([sys.executable, "-m", mod, "--help"], capture_output=True, text=True, timeout=120)
         assert out.returncode == 0, out.stderr
         assert tail in " ".join(out.stdout.split()), out.stdout
