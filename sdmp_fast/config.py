@@ -246,6 +246,9 @@ class TrainConfig:
         need(self.nan_policy in ("stop", "skip"), "nan_policy", f"choose stop or skip, got {self.nan_policy!r}")
         need(self.precision in ("auto", "bf16", "fp32"), "precision", f"choose auto, bf16 or fp32, got {self.precision!r}")
         need(self.kernels in ("auto", "off"), "kernels", f"choose auto or off, got {self.kernels!r}")
+        from sdmp_fast.kernels._ext import enabled as kernels_enabled
+
+        kernels_enabled()  # a bad $SDMP_KERNELS (the loaders' mixing reads it too): an error now, before --out
         # device and conflicting options
         dev = self.device
         need(dev == "auto" or dev == "cpu" or dev == "cuda" or (dev.startswith("cuda:") and dev[5:].isdigit()),

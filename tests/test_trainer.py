@@ -100,6 +100,17 @@ def test_bad_setting_is_named_and_out_untouched(tmp_path, capsys, extra, setting
     assert not out.exists()
 
 
+def test_bad_sdmp_kernels_env_is_named_and_out_untouched(tmp_path, capsys, monkeypatch):
+    """SDMP_KERNELS=off stopped the run at the first batch's mixing, after --out was created."""
+    monkeypatch.setenv("SDMP_KERNELS", "off")
+    out = tmp_path / "out"
+    code, err = run_cli(TINY + ["--loader", "memory", "--data", "fashion-mnist", "--batch-size", "8", "--steps", "2",
+                                "--out", str(out)], capsys)
+    assert code == 2
+    assert "error: SDMP_KERNELS='off'" in err, err
+    assert not out.exists()
+
+
 def test_argparse_rejects_unknown_choices(tmp_path):
     for extra in (["--method", "simclr"], ["--loader", "nope"], ["--nan-policy", "ignore"]):
         with pytest.raises(SystemExit) as e:
