@@ -357,7 +357,7 @@ def test_emulated_dino_cluster_launch_info(emulated):
                                         ("SDMP_DINO_CHUNK_PAIRS", "four"), ("SDMP_DINO_CLUSTER", "yes"),
                                         ("SDMP_DINO_FUSED", "true"), ("SDMP_DINO_GROUP_PAIRS", "0"),
                                         ("SDMP_DINO_PRECOMPUTE_GRAD", "2"), ("SDMP_DINO_CLUSTER_TEACHER", "on"),
-                                        ("SDMP_DINO_CLUSTER_PIPELINE", "2")])
+                                        ("SDMP_DINO_CLUSTER_PIPELINE", "2"), ("SDMP_KERNELS_POISON", "yes")])
 def test_emulated_dino_bad_tuning_setting_is_an_error_naming_it(emulated, name, value):
     s_clean, _, t_clean, _, center, _ = dino_inputs(2, 0, 2, 4, 64, torch.float32, "cpu", False, 0)
     with env(**{name: value}), pytest.raises((RuntimeError, ValueError), match=f"{name}={value!r}|{name}={value}"):

@@ -508,7 +508,8 @@ def test_nan_step_leaves_model_and_optimizer_unchanged(tmp_path):
     from sdmp_fast.synthetic import SyntheticLoader
     from sdmp_fast.trainer import build_recipe
 
-    cfg = tiny_cfg(tmp_path, method="dino", steps=4)
+    # prototypes not frozen in the first step (DINO's default one-epoch freeze): every parameter has its Adam state
+    cfg = tiny_cfg(tmp_path, method="dino", steps=4, freeze_last_layer_epochs=0)
     loader = SyntheticLoader(build_recipe(cfg), 8, device="cpu", length=2)
     tr = Trainer(cfg, loader=loader)
     batch = next(iter(loader))
@@ -521,6 +522,7 @@ def test_nan_step_leaves_model_and_optimizer_unchanged(tmp_path):
     tr._step_body(bad, 1e-3, 0.04, 0.99, 0.04, False)
     for k, v in tr.model.state_dict().items():
         assert torch.equal(v, model0[k]), k
+    assert {id(p) for p in tr.optimizer.state} == set(opt0)
     for p, s in tr.optimizer.state.items():
         for k, v in s.items():
             assert torch.equal(v, opt0[id(p)][k]), k

@@ -84,10 +84,9 @@ inline long tuning_env(const char* name, long fallback, long lo, long hi, long s
 
 // SDMP_KERNELS_POISON=1 (tests): outputs and workspaces start NaN-filled, so any element a kernel forgets to
 // write shows up in the results.
-inline bool poison_outputs() {
-  const char* v = std::getenv("SDMP_KERNELS_POISON");
-  return v != nullptr && v[0] == '1';
-}
+// Read like every other setting: a value other than 0 / 1 is an error naming it (a 'yes' must not silently
+// test without poisoning).
+inline bool poison_outputs() { return tuning_env("SDMP_KERNELS_POISON", 0, 0, 1) == 1; }
 
 inline at::Tensor poisoned(at::Tensor t) {
   if (poison_outputs() && at::isFloatingType(t.scalar_type())) at::fill_(t, NAN);
