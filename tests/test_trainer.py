@@ -710,6 +710,25 @@ def test_cuda_graph_captures_after_the_frozen_prototypes(tmp_path):
 
 
 @pytest.mark.cuda
+def test_cuda_graph_draws_new_stochastic_depth_masks_on_every_replay(tmp_path):
+    # DINO's default stochastic depth inside the captured step: the masks come from the CUDA generator, which a
+    # graph replay advances (fresh masks each step) instead of repeating the capture's draws
+    cfg = tiny_cfg(tmp_path, method="dino", device="cuda", precision="fp32", steps=8, log_every=4,
+                   deterministic=False, freeze_last_layer_epochs=0, cuda_graphs=True)
+    assert cfg.drop_path_rate == 0.1  # DINO's default
+    t = Trainer(cfg)
+    t.fit(str(tmp_path / "g"))
+    assert t._graph is not None
+    assert all(math.isfinite(r["loss"]) for r in read_metrics(str(tmp_path / "g")))
+    states = [torch.cuda.get_rng_state()]
+    for _ in range(2):
+        t._graph.replay()
+        torch.cuda.synchronize()
+        states.append(torch.cuda.get_rng_state())
+    assert not torch.equal(states[0], states[1]) and not torch.equal(states[1], states[2])
+
+
+@pytest.mark.cuda
 def test_cuda_rng_state_is_the_training_devices_only():
     from sdmp_fast import checkpoint as ckpt
     torch.cuda.init()
