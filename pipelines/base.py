@@ -258,6 +258,17 @@ class EpochSampler:
         return list(mine.split(self.batch_size)) if mine.numel() else []  # an empty shard has no batch
 
 
+def usable_cores() -> int:
+    """The cores this process may run on: a container's CPU set, not the host's count."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def loader_threads(num_workers: Optional[int]) -> int:
+    """Threads of a loader whose workers are threads (DALI, FFCV, the solo-learn-style baseline): ``num_workers``,
+    0 being one (a DataLoader's 0: no parallel workers, not every core), None every usable core."""
+    return usable_cores() if num_workers is None else max(1, int(num_workers))
+
+
 def make_generator(seed: int, epoch: int, shard_id: int, device) -> torch.Generator:
     """Generator for augmentation/mixing randomness, distinct per (seed, epoch, shard), on ``device``."""
     g = torch.Generator(device=device)

@@ -40,7 +40,6 @@ from __future__ import annotations
 import collections
 import contextlib
 import functools
-import os
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from typing import Deque, Dict, Iterator, List, NamedTuple, Optional, Sequence
@@ -50,7 +49,8 @@ import torch
 
 from sdmp_fast.batch import SDMPBatch, exact_device
 
-from .base import EpochSampler, SampledLoader, assemble_batch, list_images, make_generator, superseded_pass
+from .base import (EpochSampler, SampledLoader, assemble_batch, list_images, loader_threads, make_generator,
+                   superseded_pass)
 from .image_bytes import read_encoded
 from .recipes import Recipe
 from .skips import SkipLog, UndecodableBatchError, settle, short_reason
@@ -250,9 +250,7 @@ class DaliLoader(SampledLoader):
         self.images = list_images(data)
         self.batch_size, self.dtype, self.seed, self.shard_id = batch_size, dtype, seed, shard_id
         self.sampler = EpochSampler(len(self.images), batch_size, shard_id, num_shards, shuffle, seed, drop_last)
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        # num_workers=0 is one thread, as in torch-gpu (a DataLoader's 0: no parallel workers), not every core
-        self.num_threads = int(num_threads or (max(1, num_workers) if num_workers is not None else cores))
+        self.num_threads = int(num_threads or loader_threads(num_workers))
         if self.num_threads < 1:
             raise ValueError(f"num_threads: must be >= 1, got {self.num_threads}")
         self.prefetch_queue_depth = prefetch_queue_depth

@@ -40,7 +40,8 @@ import torch
 
 from sdmp_fast.batch import SDMPBatch, exact_device
 
-from .base import EpochSampler, SkippingLoader, assemble_batch, make_generator, skip_batch_draws, superseded_pass
+from .base import (EpochSampler, SkippingLoader, assemble_batch, loader_threads, make_generator, skip_batch_draws,
+                   superseded_pass)
 from .recipes import Recipe, ViewSpec
 
 REQUIRED_FIELDS = ("image", "label", "index")
@@ -242,8 +243,7 @@ class FFCVLoader(SkippingLoader):
             raise ValueError(f"data: {self.path!r} has {self.num_samples} samples, none for shard {shard_id} of "
                              f"{num_shards}")
         self.multi_crop = multi_crop
-        # FFCV's decoding threads; 0 is one thread (as torch-gpu's and DALI's), None every core
-        self.num_workers = workers = max(1, num_workers) if num_workers is not None else (os.cpu_count() or 1)
+        self.num_workers = workers = loader_threads(num_workers)  # FFCV's decoding threads
 
         on_device = [ToDevice(self.device, non_blocking=True)] if self.device.type == "cuda" else []
         scalar = lambda: [IntDecoder(), ToTensor(), *on_device]  # noqa: E731

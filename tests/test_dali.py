@@ -365,11 +365,11 @@ def test_crops_resize_with_the_recipe_interpolation(folder):
 def test_num_workers_zero_is_one_dali_thread_not_every_core(folder, monkeypatch):
     """num_workers=0 is one DALI thread, as in torch-gpu (it was `0 or cores`: every core, so
     `bench loaders --num-workers 0` gave torchvision no worker and DALI all of them)."""
-    from sdmp_fast.benchmarks.baselines import solo_learn_threads
+    from sdmp_fast.pipelines.base import loader_threads
 
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)
     assert dali(folder, byol2(size=32), num_workers=0).num_threads == 1
     assert dali(folder, byol2(size=32), num_workers=3).num_threads == 3
     assert dali(folder, byol2(size=32)).num_threads == 8
     assert dali(folder, byol2(size=32), num_workers=0, num_threads=2).num_threads == 2
-    assert [solo_learn_threads(n) for n in (0, 3, None)] == [1, 3, 8]
+    assert [loader_threads(n) for n in (0, 3, None)] == [1, 3, 8]  # the solo-learn-style baseline's

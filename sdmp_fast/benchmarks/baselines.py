@@ -20,12 +20,12 @@ exactly like a loader.
 """
 from __future__ import annotations
 
-import os
 from typing import Iterator, Optional
 
 import torch
 
 from sdmp_fast.batch import SDMPBatch
+from sdmp_fast.pipelines.base import loader_threads
 
 BASELINES = ("dali-solo-learn", "decode-only")
 SOLO_LEARN_BLUR_WINDOW = 23
@@ -68,14 +68,6 @@ def _solo_learn_view(images, spec, mean, std, gpu: bool, out_dtype):
                                     mean=[255.0 * m for m in mean], std=[255.0 * s for s in std])
 
 
-def solo_learn_threads(num_threads: Optional[int]) -> int:
-    """DALI threads of the solo-learn-style pipeline, by the DALI loader's rule: ``num_threads`` (0: one), or
-    the cores this process may use (a container's CPU set, not the host's)."""
-    if num_threads is not None:
-        return max(1, num_threads)
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
 def dali_solo_learn(images, recipe, batch_size: int, device: torch.device, dtype: Optional[torch.dtype] = None,
                     num_threads: Optional[int] = None, seed: int = 0, shard_id: int = 0,
                     num_shards: int = 1) -> Iterator[SDMPBatch]:
@@ -102,7 +94,7 @@ def dali_solo_learn(images, recipe, batch_size: int, device: torch.device, dtype
         outs = [_solo_learn_view(decoded, spec, recipe.mean, recipe.std, gpu, out_dtype) for spec in views]
         return (*outs, labels.gpu() if gpu else labels)
 
-    pipe = solo_learn_style(batch_size=batch_size, num_threads=solo_learn_threads(num_threads),
+    pipe = solo_learn_style(batch_size=batch_size, num_threads=loader_threads(num_threads),
                             device_id=(device.index or 0) if gpu else None, seed=seed)
     pipe.build()
     it = DALIGenericIterator(pipe, names, reader_name="Reader", auto_reset=True,

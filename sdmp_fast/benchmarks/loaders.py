@@ -40,7 +40,8 @@ from typing import Dict, Iterator, List, Optional
 import numpy as np
 import torch
 
-from sdmp_fast.benchmarks.baselines import BASELINES, make_baseline, solo_learn_threads
+from sdmp_fast.benchmarks.baselines import BASELINES, make_baseline
+from sdmp_fast.pipelines.base import loader_threads, usable_cores
 from sdmp_fast.benchmarks.common import print_table, write_results
 
 REFERENCE = "torchvision"
@@ -200,7 +201,7 @@ def run_backend(backend: str, args, recipe, images, device: torch.device, dtype)
             batches = make_baseline(backend, images, recipe, args.batch_size, device, dtype, args.num_workers,
                                     args.seed, max_files=(args.warmup + args.batches) * args.batch_size)
             built = time.perf_counter() - t0  # built eagerly: start-up = build + first batch, as for a loader
-            record["num_workers"] = solo_learn_threads(args.num_workers) if backend == SOLO_LEARN else None
+            record["num_workers"] = loader_threads(args.num_workers) if backend == SOLO_LEARN else None
             record = _timed(record, batches, args, device)
             if "startup_s" in record:
                 record["startup_s"] += built
@@ -430,10 +431,6 @@ def main(args) -> int:
               f"environment helps); compare them on an idle machine", file=sys.stderr)
     print(f"bench loaders: wrote {args.json} and {doc['png']}")
     return 0
-
-
-def usable_cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def oversubscribed(records: List[Dict]) -> List[str]:
