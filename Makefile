@@ -8,7 +8,7 @@ VENV := .venv
 VPY := $(VENV)/bin/python
 APT_PKGS := pkg-config libturbojpeg0-dev libopencv-dev dataset-fashion-mnist
 
-.PHONY: setup test demo clean-venv
+.PHONY: setup test demo test-min clean-venv
 setup: $(VENV)/.apt-ok $(VENV)/.deps-ok $(VENV)/.pkg-ok
 
 $(VENV)/.apt-ok:
@@ -38,5 +38,25 @@ test: setup
 demo: setup
 	$(VPY) -m sdmp_fast.demo
 
+# The oldest release the package supports (pyproject: torch>=2.11), which the GPU machines run: the same suite on
+# torch 2.11.0 + torchvision 0.26.0 and Python 3.12 where it is installed, in a venv of its own. Not part of
+# `make test`: PyPI's torch 2.11 is a CUDA build (~3 GB download once). No FFCV there (as on the GPU machines).
+MIN_VENV := .venv-min
+MIN_PY ?= $(shell command -v python3.12 >/dev/null 2>&1 && echo python3.12 || echo $(PY))
+MIN_REQS := torch==2.11.0 torchvision==0.26.0 timm numba nvidia-dali-cuda130==2.4.0 'packaging<=26.3' pytest \
+	pytest-timeout pyyaml tqdm matplotlib scikit-image pillow psutil setuptools wheel
+
+$(MIN_VENV)/.deps-ok: $(VENV)/.apt-ok
+	@test -x $(MIN_VENV)/bin/python || $(MIN_PY) -m venv $(MIN_VENV)
+	$(MIN_VENV)/bin/python -m pip install -q --upgrade pip 2>&1 | { grep -v 'is ignored: it is neither' || true; }
+	$(MIN_VENV)/bin/python -m pip install -q $(MIN_REQS) 2>&1 | { grep -v 'is ignored: it is neither' || true; }
+	SDMP_KERNELS_AOT=0 $(MIN_VENV)/bin/python -m pip install -q --no-deps --no-build-isolation -e . 2>&1 | \
+	  { grep -v 'is ignored: it is neither' || true; }
+	@touch $@
+
+test-min: $(MIN_VENV)/.deps-ok
+	$(MIN_VENV)/bin/python -c "import sys, torch; print('python', sys.version.split()[0], '| torch', torch.__version__)"
+	$(MIN_VENV)/bin/python -m pytest -q tests
+
 clean-venv:
-	rm -rf $(VENV)
+	rm -rf $(VENV) $(MIN_VENV)
