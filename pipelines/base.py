@@ -12,6 +12,7 @@ loss treats as "no mixing" (c = 0), so the loss stays consistent.
 from __future__ import annotations
 
 import importlib
+import inspect
 import itertools
 import os
 import warnings
@@ -444,6 +445,21 @@ BACKENDS = {
 }
 
 
+def _check_backend_options(backend: str, cls, options: dict) -> None:
+    """An option the backend does not take is a ValueError naming it and what the backend takes (rather than a
+    TypeError from deep inside the constructor); recipe settings such as the crop size belong to the recipe."""
+    params = inspect.signature(cls.__init__).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return
+    common = set(inspect.signature(make_loader).parameters)
+    own = sorted(n for n, p in params.items() if p.kind is inspect.Parameter.KEYWORD_ONLY and n not in common)
+    unknown = sorted(set(options) - set(own))
+    if unknown:
+        raise ValueError(f"{backend} loader: unknown option(s) {', '.join(unknown)}; it takes "
+                         f"{', '.join(own) or 'none'} besides make_loader's own (recipe settings such as size "
+                         f"go to the recipe: make_recipe(name, size=...))")
+
+
 def make_loader(backend: str, data, recipe: Union[str, Recipe] = "byol2", batch_size: int = 256, *,
                 device: Optional[Union[str, torch.device]] = None, shard_id: Optional[int] = None,
                 num_shards: Optional[int] = None, shuffle: bool = True, drop_last: bool = True, seed: int = 0,
@@ -475,6 +491,7 @@ def make_loader(backend: str, data, recipe: Union[str, Recipe] = "byol2", batch_
         device = "cuda" if torch.cuda.is_available() else "cpu"
     module_name, cls_name = BACKENDS[backend].split(":")
     cls = getattr(importlib.import_module(module_name), cls_name)
+    _check_backend_options(backend, cls, backend_options)
     return cls(data, recipe, batch_size, device=torch.device(device), shard_id=shard_id, num_shards=num_shards,
                shuffle=shuffle, drop_last=drop_last, seed=seed, dtype=dtype, num_workers=num_workers,
                **backend_options)

@@ -178,6 +178,13 @@ def test_make_loader_rejects_bad_settings_before_reading(tmp_path):
         make_loader("torchvision", tmp_path, "byol2", 8, dtype=torch.uint8)
     with pytest.raises(ValueError, match="num_workers: .* -1"):
         make_loader("torchvision", tmp_path, "byol2", 8, num_workers=-1)
+    # an option of another backend, or a recipe setting, named with what the backend takes (was a TypeError
+    # from the constructor); tmp_path holds no image, so the check runs before any data is listed
+    with pytest.raises(ValueError, match=r"torchvision loader: unknown option\(s\) size; it takes prefetch_factor .*"
+                                         r"make_recipe\(name, size=\.\.\.\)"):
+        make_loader("torchvision", tmp_path, "byol2", 8, size=32)
+    with pytest.raises(ValueError, match=r"memory loader: unknown option\(s\) mix_in_graph, prefetch; it takes none"):
+        make_loader("memory", "fashion-mnist", "byol2", 8, prefetch=4, mix_in_graph=True)
 
 
 @pytest.mark.slow
