@@ -8,7 +8,7 @@ VENV := .venv
 VPY := $(VENV)/bin/python
 APT_PKGS := pkg-config libturbojpeg0-dev libopencv-dev dataset-fashion-mnist
 
-.PHONY: setup test demo test-min clean-venv
+.PHONY: setup test demo test-min gpu-prebuilt clean-venv
 setup: $(VENV)/.apt-ok $(VENV)/.deps-ok $(VENV)/.pkg-ok
 
 $(VENV)/.apt-ok:
@@ -42,7 +42,9 @@ demo: setup
 # torch 2.11.0 + torchvision 0.26.0 and Python 3.12 where it is installed, in a venv of its own. Not part of
 # `make test`: PyPI's torch 2.11 is a CUDA build (~3 GB download once). No FFCV there (as on the GPU machines).
 MIN_VENV := .venv-min
-MIN_PY ?= $(shell command -v python3.12 >/dev/null 2>&1 && echo python3.12 || echo $(PY))
+# the first Python 3.12 that runs (a pyenv shim may exist without one behind it), else $(PY)
+MIN_PY ?= $(firstword $(foreach p,python3.12 $(wildcard $(HOME)/.pyenv/versions/3.12*/bin/python3.12),\
+	$(shell $(p) -c 'import sys' >/dev/null 2>&1 && echo $(p))) $(PY))
 MIN_REQS := torch==2.11.0 torchvision==0.26.0 timm numba nvidia-dali-cuda130==2.4.0 'packaging<=26.3' pytest \
 	pytest-timeout pyyaml tqdm matplotlib scikit-image pillow psutil setuptools wheel
 
@@ -57,6 +59,18 @@ $(MIN_VENV)/.deps-ok: $(VENV)/.apt-ok
 test-min: $(MIN_VENV)/.deps-ok
 	$(MIN_VENV)/bin/python -c "import sys, torch; print('python', sys.version.split()[0], '| torch', torch.__version__)"
 	$(MIN_VENV)/bin/python -m pytest -q tests
+
+# The kernels compiled here, ahead of time, for the GPU machines (Python 3.12, torch 2.11, sm_90): carried to a
+# device `run` call, the scripts there load them instead of spending ~35 s of device time on the JIT build. Used
+# only while their tag matches the kernel sources and the torch / CUDA / Python there (else the JIT build runs).
+GPU_PREBUILT_DIR := build/gpu-prebuilt
+gpu-prebuilt: $(MIN_VENV)/.deps-ok
+	rm -rf $(GPU_PREBUILT_DIR) kernels/_C.cpython-*.so
+	SDMP_KERNELS_AOT=1 SDMP_KERNELS_ARCHS=90 $(MIN_VENV)/bin/python -m pip wheel -q --no-deps --no-build-isolation \
+	  -w $(GPU_PREBUILT_DIR) . 2>&1 | { grep -v 'is ignored: it is neither' || true; }
+	cd $(GPU_PREBUILT_DIR) && $(MIN_VENV:%=../../%)/bin/python -m zipfile -e *.whl unpacked
+	cp $(GPU_PREBUILT_DIR)/unpacked/sdmp_fast/kernels/_C.cpython-*.so kernels/
+	@ls kernels/_C.cpython-*.so
 
 clean-venv:
 	rm -rf $(VENV) $(MIN_VENV)
