@@ -18,8 +18,8 @@ Semantics per op (torchvision v2 functional on float images in [0, 1]):
 - colour jitter: ``ColorJitter`` factors (uniform in [max(0, 1-b), 1+b], hue in [-h, h]) applied in a
   per-sample random order, like torchvision's ``randperm(4)`` per image.
 - grayscale: ``rgb_to_grayscale(num_output_channels=3)``; blur: ``gaussian_blur`` (reflect padding), one
-  sigma ~ U(blur_sigma) per sample, kernel ``blur_kernel_size(size)`` (23 at 224, 9 at 96: 10% of the side,
-  odd); solarize: ``solarize(threshold=0.5)``; flip: ``hflip``.
+  sigma ~ U(blur_sigma) per sample, kernel ``blur_kernel_size(size, spec.blur_kernel)`` (BYOL's 10% of the side,
+  odd: 23 at 224, 9 at 96; the dino recipe's "pil" also covers +-3 sigma: 13 at 96); solarize: ``solarize(threshold=0.5)``; flip: ``hflip``.
 """
 from __future__ import annotations
 
@@ -344,9 +344,13 @@ def color_jitter(x: torch.Tensor, factors: torch.Tensor, order: torch.Tensor, ma
     return blends(False, x)
 
 
-def blur_kernel_size(size: int) -> int:
-    """BYOL's kernel: 10% of the image side, made odd (23 at 224, 9 at 96), at least 3."""
-    return max(3, int(0.1 * size) // 2 * 2 + 1)
+def blur_kernel_size(size: int, rule: str = "byol", sigma_max: float = 2.0) -> int:
+    """Taps of the blur kernel (recipes.BLUR_KERNELS). "byol": 10% of the image side, made odd (23 at 224, 9 at
+    96), at least 3; "pil": also at least +-3 sigma_max, as PIL's untruncated filter (13 at 96 for sigma 2)."""
+    taps = max(3, int(0.1 * size) // 2 * 2 + 1)
+    if rule == "pil":
+        taps = max(taps, 2 * math.ceil(3 * sigma_max) + 1)
+    return taps
 
 
 def gaussian_kernels(sigma: torch.Tensor, kernel_size: int) -> torch.Tensor:
@@ -419,7 +423,8 @@ def apply_augment(x: torch.Tensor, params: AugmentParams, spec: ViewSpec) -> tor
     if spec.grayscale_p > 0:
         out = grayscale(out, params.gray)
     if spec.blur_p > 0:
-        out = gaussian_blur(out, params.sigma, blur_kernel_size(x.shape[-1]), params.blur)
+        out = gaussian_blur(out, params.sigma, blur_kernel_size(x.shape[-1], spec.blur_kernel, spec.blur_sigma[1]),
+                            params.blur)
     if spec.solarize_p > 0:
         out = solarize(out, params.solarize)
     return out.to(x.dtype)

@@ -13,6 +13,10 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 # How a crop is resampled to the view size. BYOL, DINO and solo-learn resize their crops bicubically (MoCo v3
 # bilinearly); bilinear is the cheaper choice where throughput matters more than fidelity.
 INTERPOLATIONS = ("bicubic", "bilinear")
+# How wide the Gaussian blur's kernel is. "byol": BYOL's 10% of the view side, odd (23 taps at 224, 9 at 96: sigma
+# near 2 is truncated on small views); "pil": at least +-3 sigma_max as well, what PIL's GaussianBlur(radius=sigma)
+# in DINO's and MoCo v3's augmentations amounts to (13 taps at 96 for sigma 2; the same 23 at 224).
+BLUR_KERNELS = ("byol", "pil")
 
 
 @dataclass(frozen=True)
@@ -31,6 +35,7 @@ class ViewSpec:
     grayscale_p: float = 0.2
     blur_p: float = 1.0
     blur_sigma: Tuple[float, float] = (0.1, 2.0)
+    blur_kernel: str = "byol"
     solarize_p: float = 0.0
     count: int = 1
 
@@ -90,6 +95,8 @@ class Recipe:
             for name in ("brightness", "contrast", "saturation"):
                 if getattr(v, name) < 0:
                     raise ValueError(f"{where}: {name} must be >= 0, got {getattr(v, name)}")
+            if v.blur_kernel not in BLUR_KERNELS:
+                raise ValueError(f"{where}: blur_kernel must be one of {', '.join(BLUR_KERNELS)}, got {v.blur_kernel!r}")
             if not (0 < v.blur_sigma[0] <= v.blur_sigma[1]):
                 raise ValueError(f"{where}: blur_sigma must satisfy 0 < min <= max, got {v.blur_sigma}")
             if v.count < 0:
@@ -118,12 +125,15 @@ def dino(global_size: int = 224, local_size: int = 96, n_local: int = 8, n_local
          mix: bool = True, interpolation: str = "bicubic") -> Recipe:
     """DINO multi-crop: 2 global (scale 0.4-1) + n_local local (0.05-0.4). The two global crops (seen by the
     teacher) and the last n_local_mixed local crops (seen by the student) get mixed copies (Table 10 best:
-    2 global + 4 clean local + 4 mixed local)."""
+    2 global + 4 clean local + 4 mixed local). Blur as DINO's PIL filter, untruncated on the 96 px crops too."""
     if not 0 <= n_local_mixed <= n_local:
         raise ValueError(f"n_local_mixed: must be in [0, n_local={n_local}], got {n_local_mixed}")
-    g1 = ViewSpec(size=global_size, scale=(0.4, 1.0), blur_p=1.0, solarize_p=0.0, interpolation=interpolation)
-    g2 = ViewSpec(size=global_size, scale=(0.4, 1.0), blur_p=0.1, solarize_p=0.2, interpolation=interpolation)
-    loc = ViewSpec(size=local_size, scale=(0.05, 0.4), blur_p=0.5, count=n_local, interpolation=interpolation)
+    g1 = ViewSpec(size=global_size, scale=(0.4, 1.0), blur_p=1.0, solarize_p=0.0, interpolation=interpolation,
+                  blur_kernel="pil")
+    g2 = ViewSpec(size=global_size, scale=(0.4, 1.0), blur_p=0.1, solarize_p=0.2, interpolation=interpolation,
+                  blur_kernel="pil")
+    loc = ViewSpec(size=local_size, scale=(0.05, 0.4), blur_p=0.5, count=n_local, interpolation=interpolation,
+                   blur_kernel="pil")
     mixed = (0, 1) + tuple(range(2 + n_local - n_local_mixed, 2 + n_local))
     return Recipe("dino", (g1, g2, loc), MixSpec(enabled=mix, mixed_views=mixed))
 

@@ -60,7 +60,7 @@ def view_transform(spec: ViewSpec, mean: Sequence[float], std: Sequence[float]):
     if spec.grayscale_p > 0:
         ops.append(T.RandomGrayscale(spec.grayscale_p))
     if spec.blur_p > 0:
-        k = blur_kernel_size(spec.size)
+        k = blur_kernel_size(spec.size, spec.blur_kernel, spec.blur_sigma[1])
         ops.append(T.RandomApply([T.GaussianBlur(k, sigma=spec.blur_sigma)], p=spec.blur_p))
     if spec.solarize_p > 0:
         ops.append(T.RandomSolarize(threshold=128, p=spec.solarize_p))  # uint8 PIL: >= 128 <=> >= 0.5

@@ -87,6 +87,11 @@ def test_recipes_validate_and_name_the_setting():
     assert {v.interpolation for v in make_recipe("dino", interpolation="bilinear").views} == {"bilinear"}
     with pytest.raises(ValueError, match="view 0: interpolation must be one of bicubic, bilinear, got 'area'"):
         make_recipe("byol2", interpolation="area")
+    # blur as each method's own code: BYOL's 10%-of-side kernel, DINO's untruncated PIL filter
+    assert {v.blur_kernel for v in byol2().views} == {"byol"} and {v.blur_kernel for v in dino().views} == {"pil"}
+    bad = replace(byol2(), views=(replace(byol2().views[0], blur_kernel="box"),))
+    with pytest.raises(ValueError, match="view 0: blur_kernel must be one of byol, pil, got 'box'"):
+        bad.validate()
 
 
 def test_torchvision_views_resize_with_the_recipe_interpolation():
@@ -99,6 +104,25 @@ def test_torchvision_views_resize_with_the_recipe_interpolation():
         rrc = [t for t in view_transform(spec, (0.5,) * 3, (0.5,) * 3).transforms
                if isinstance(t, T.RandomResizedCrop)]
         assert len(rrc) == 1 and rrc[0].interpolation == T.InterpolationMode(interp) and rrc[0].antialias
+
+
+
+def test_torchvision_blur_kernel_follows_the_recipe():
+    """DINO's 96 px local crops blur with 13 taps (sigma up to 2, untruncated as DINO's PIL filter); byol2 keeps
+    BYOL's 10% of the side."""
+    from torchvision.transforms import v2 as T
+
+    from sdmp_fast.pipelines.torchvision_loader import view_transform
+
+    def taps(spec):
+        [blur] = [t for a in view_transform(spec, (0.5,) * 3, (0.5,) * 3).transforms if isinstance(a, T.RandomApply)
+                  for t in a.transforms if isinstance(t, T.GaussianBlur)]
+        return tuple(blur.kernel_size)
+
+    local = dino().views[2]
+    assert local.size == 96 and taps(local) == (13, 13)
+    assert taps(dino().views[0]) == (23, 23)
+    assert taps(make_recipe("byol2", size=96).views[0]) == (9, 9)
 
 
 def test_list_images_errors_name_the_path(tmp_path):

@@ -149,6 +149,9 @@ def test_gaussian_blur_matches_torchvision_per_sample_sigma():
             ref = TF.gaussian_blur(x[i], [k, k], [float(sigma[i])]) if mask[i] else x[i]
             torch.testing.assert_close(out[i], ref, atol=1e-5, rtol=0)
     assert D.blur_kernel_size(224) == 23 and D.blur_kernel_size(96) == 9 and D.blur_kernel_size(16) == 3
+    # DINO's PIL blur is untruncated: +-3 sigma_max as well (13 taps for sigma 2), BYOL's 23 where wider
+    assert D.blur_kernel_size(96, "pil") == 13 and D.blur_kernel_size(224, "pil") == 23
+    assert D.blur_kernel_size(16, "pil", 1.0) == 7
 
 
 def test_adjust_hue_matches_torchvision():
@@ -195,12 +198,12 @@ def test_normalize_matches_torchvision():
 
 
 # ----------------------------------------------------------------------------------------- composites
-def test_apply_augment_equals_op_by_op_reference():
-    spec = ViewSpec(size=24, solarize_p=0.5, blur_p=0.5)
+@pytest.mark.parametrize("blur_kernel, k", [("byol", 3), ("pil", 13)])
+def test_apply_augment_equals_op_by_op_reference(blur_kernel, k):
+    spec = ViewSpec(size=24, solarize_p=0.5, blur_p=0.5, blur_kernel=blur_kernel)
     x = _images(n=16, h=24, w=24)
     p = D.draw_augment_params(16, spec, _gen(9))
     out = D.apply_augment(x, p, spec)
-    k = D.blur_kernel_size(24)
     for i in range(16):
         ref = TF.hflip(x[i]) if p.flip[i] else x[i]
         if p.jitter[i]:
