@@ -31,7 +31,7 @@ from typing import List, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn.functional as F
 
-from .recipes import Recipe, ViewSpec
+from .recipes import Recipe, ViewSpec, blur_kernel_size  # noqa: F401  (blur_kernel_size: part of this module's API)
 
 __all__ = ["random_resized_crop_boxes", "crop_resize", "PackedImages", "AugmentParams", "draw_augment_params",
            "apply_augment", "augment", "normalize", "make_views", "skip_view_draws", "blur_kernel_size", "hflip", "color_jitter",
@@ -342,15 +342,6 @@ def color_jitter(x: torch.Tensor, factors: torch.Tensor, order: torch.Tensor, ma
     x = blends(True, x)
     x = torch.where(_per_sample(mask, x), adjust_hue(x, factors[:, HUE]), x)
     return blends(False, x)
-
-
-def blur_kernel_size(size: int, rule: str = "byol", sigma_max: float = 2.0) -> int:
-    """Taps of the blur kernel (recipes.BLUR_KERNELS). "byol": 10% of the image side, made odd (23 at 224, 9 at
-    96), at least 3; "pil": also at least +-3 sigma_max, as PIL's untruncated filter (13 at 96 for sigma 2)."""
-    taps = max(3, int(0.1 * size) // 2 * 2 + 1)
-    if rule == "pil":
-        taps = max(taps, 2 * math.ceil(3 * sigma_max) + 1)
-    return taps
 
 
 def gaussian_kernels(sigma: torch.Tensor, kernel_size: int) -> torch.Tensor:

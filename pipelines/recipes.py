@@ -5,6 +5,7 @@ branch on the recipe *name*; they interpret the fields.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, replace
 from typing import Dict, Tuple
 
@@ -17,6 +18,15 @@ INTERPOLATIONS = ("bicubic", "bilinear")
 # near 2 is truncated on small views); "pil": at least +-3 sigma_max as well, what PIL's GaussianBlur(radius=sigma)
 # in DINO's and MoCo v3's augmentations amounts to (13 taps at 96 for sigma 2; the same 23 at 224).
 BLUR_KERNELS = ("byol", "pil")
+
+
+def blur_kernel_size(size: int, rule: str = "byol", sigma_max: float = 2.0) -> int:
+    """Taps of the blur kernel (BLUR_KERNELS). "byol": 10% of the image side, made odd (23 at 224, 9 at 96), at
+    least 3; "pil": also at least +-3 sigma_max, as PIL's untruncated filter (13 at 96 for sigma 2)."""
+    taps = max(3, int(0.1 * size) // 2 * 2 + 1)
+    if rule == "pil":
+        taps = max(taps, 2 * math.ceil(3 * sigma_max) + 1)
+    return taps
 
 
 @dataclass(frozen=True)
@@ -99,6 +109,11 @@ class Recipe:
                 raise ValueError(f"{where}: blur_kernel must be one of {', '.join(BLUR_KERNELS)}, got {v.blur_kernel!r}")
             if not (0 < v.blur_sigma[0] <= v.blur_sigma[1]):
                 raise ValueError(f"{where}: blur_sigma must satisfy 0 < min <= max, got {v.blur_sigma}")
+            taps = blur_kernel_size(v.size, v.blur_kernel, v.blur_sigma[1])
+            if v.blur_p > 0 and taps // 2 >= v.size:  # the blur pads by reflection: less than the side
+                raise ValueError(f"{where}: a {v.blur_kernel!r} blur of sigma up to {v.blur_sigma[1]} takes {taps} taps, "
+                                 f"too wide for size {v.size} (at most {2 * v.size - 1}): lower blur_sigma or "
+                                 f"set blur_p 0")
             if v.count < 0:
                 raise ValueError(f"{where}: count must be >= 0, got {v.count}")
         if self.num_views < 1:

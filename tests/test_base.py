@@ -92,6 +92,10 @@ def test_recipes_validate_and_name_the_setting():
     bad = replace(byol2(), views=(replace(byol2().views[0], blur_kernel="box"),))
     with pytest.raises(ValueError, match="view 0: blur_kernel must be one of byol, pil, got 'box'"):
         bad.validate()
+    small = make_recipe("dino", local_size=12)  # 13 taps fit a 12 px crop (reflection pads by 6 < 12) ...
+    wide = replace(small, views=small.views[:2] + (replace(small.views[2], blur_sigma=(0.1, 5.0)),))
+    with pytest.raises(ValueError, match=r"view 2: a 'pil' blur of sigma up to 5.0 takes 31 taps, too wide for size 12"):
+        wide.validate()  # ... 31 taps do not (was an error from the padding at the first batch)
 
 
 def test_torchvision_views_resize_with_the_recipe_interpolation():
