@@ -65,6 +65,8 @@ test-min: $(MIN_VENV)/.deps-ok
 # only while their tag matches the kernel sources and the torch / CUDA / Python there (else the JIT build runs).
 GPU_PREBUILT_DIR := build/gpu-prebuilt
 gpu-prebuilt: $(MIN_VENV)/.deps-ok
+	@$(MIN_VENV)/bin/python -c "import sys; sys.exit(0 if sys.version_info[:2] == (3, 12) else \
+	  'gpu-prebuilt: $(MIN_VENV) runs Python %d.%d; the GPU machines run 3.12 (install it, then rm -r $(MIN_VENV))' % sys.version_info[:2])"
 	rm -rf $(GPU_PREBUILT_DIR) kernels/_C.cpython-*.so
 	SDMP_KERNELS_AOT=1 SDMP_KERNELS_ARCHS=90 $(MIN_VENV)/bin/python -m pip wheel -q --no-deps --no-build-isolation \
 	  -w $(GPU_PREBUILT_DIR) . 2>&1 | { grep -v 'is ignored: it is neither' || true; }
