@@ -188,6 +188,8 @@ class TrainConfig:
             positive_int(name, allow_none=True, minimum=0 if name in ("num_workers", "warmup_steps",
                                                                       "tau_t_warmup_steps") else 1)
         positive_int("save_every", minimum=0)
+        positive_int("n_local", minimum=0)  # before n_local_mixed's check, which would name the wrong setting
+        positive_int("n_local_mixed", minimum=0)
         positive_int("freeze_last_layer_epochs", allow_none=True, minimum=0)
         positive_int("seed", minimum=0)
         need(self.seed < 2**32, "seed", f"must be < 2**32 (torch, numpy and DALI seeds), got {self.seed}")

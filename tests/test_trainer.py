@@ -85,6 +85,7 @@ BAD_SETTINGS = [
     (["--warmup-steps", "10"], "warmup_steps"),
     (["--lr", "0"], "lr"),
     (["--n-local-mixed", "9", "--method", "dino"], "n_local_mixed"),
+    (["--n-local", "-1", "--method", "dino"], "n_local"),  # was reported under n_local_mixed
     (["--batch-size", "abc"], "batch_size"),
 ]
 
