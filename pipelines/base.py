@@ -452,7 +452,8 @@ def _check_backend_options(backend: str, cls, options: dict) -> None:
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
         return
     common = set(inspect.signature(make_loader).parameters)
-    own = sorted(n for n, p in params.items() if p.kind is inspect.Parameter.KEYWORD_ONLY and n not in common)
+    by_name = (inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    own = sorted(n for n, p in params.items() if p.kind in by_name and n not in common | {"self", "data"})
     unknown = sorted(set(options) - set(own))
     if unknown:
         raise ValueError(f"{backend} loader: unknown option(s) {', '.join(unknown)}; it takes "
