@@ -45,13 +45,15 @@ MIN_VENV := .venv-min
 # the first Python 3.12 that runs (a pyenv shim may exist without one behind it), else $(PY)
 MIN_PY ?= $(firstword $(foreach p,python3.12 $(wildcard $(HOME)/.pyenv/versions/3.12*/bin/python3.12),\
 	$(shell $(p) -c 'import sys' >/dev/null 2>&1 && echo $(p))) $(PY))
-MIN_REQS := torch==2.11.0 torchvision==0.26.0 timm numba nvidia-dali-cuda130==2.4.0 'packaging<=26.3' pytest \
-	pytest-timeout pyyaml tqdm matplotlib scikit-image pillow psutil setuptools wheel
+# requirements.txt with the oldest torch / torchvision and without FFCV, plus what `make setup` adds to .venv
+MIN_PINS := torch==2.11.0 torchvision==0.26.0 psutil setuptools wheel
 
-$(MIN_VENV)/.deps-ok: $(VENV)/.apt-ok
+$(MIN_VENV)/.deps-ok: $(VENV)/.apt-ok requirements.txt
 	@test -x $(MIN_VENV)/bin/python || $(MIN_PY) -m venv $(MIN_VENV)
 	$(MIN_VENV)/bin/python -m pip install -q --upgrade pip 2>&1 | { grep -v 'is ignored: it is neither' || true; }
-	$(MIN_VENV)/bin/python -m pip install -q $(MIN_REQS) 2>&1 | { grep -v 'is ignored: it is neither' || true; }
+	grep -v -E '^(torch|torchvision|ffcv)==' requirements.txt > $(MIN_VENV)/requirements-min.txt
+	$(MIN_VENV)/bin/python -m pip install -q $(MIN_PINS) -r $(MIN_VENV)/requirements-min.txt 2>&1 | \
+	  { grep -v 'is ignored: it is neither' || true; }
 	SDMP_KERNELS_AOT=0 $(MIN_VENV)/bin/python -m pip install -q --no-deps --no-build-isolation -e . 2>&1 | \
 	  { grep -v 'is ignored: it is neither' || true; }
 	@touch $@

@@ -31,6 +31,7 @@ from .base import list_images
 from .image_bytes import rgb8
 
 FORMATS = ("jpg", "raw", "proportion")
+DEFAULT_JPEG_QUALITY = 90  # of the stored JPEGs (--jpeg-quality)
 MAX_STORED_SIDE = 65535  # FFCV stores width/height as uint16
 SUMMARY_LISTED = 20      # bad files printed in full; the sidecar lists all of them
 
@@ -44,7 +45,7 @@ def add_arguments(parser) -> None:
                              "fastest to read); proportion: a random --compress-probability share as JPEG")
     parser.add_argument("--max-side", type=int, default=512,
                         help="cap the longest side to this many pixels before storing (0: keep the original)")
-    parser.add_argument("--jpeg-quality", type=int, default=90)
+    parser.add_argument("--jpeg-quality", type=int, default=DEFAULT_JPEG_QUALITY)
     parser.add_argument("--compress-probability", type=float, default=0.5, help="for --format proportion")
     parser.add_argument("--workers", type=int, default=0, help="processes (0: every core)")
     parser.add_argument("--chunk-size", type=int, default=100, help="samples per writer work item")
@@ -285,7 +286,7 @@ def validate_options(src, out, fmt, max_side, jpeg_quality, compress_probability
     return out
 
 
-def convert(src, out, *, fmt: str = "jpg", max_side: int = 512, jpeg_quality: int = 90,
+def convert(src, out, *, fmt: str = "jpg", max_side: int = 512, jpeg_quality: int = DEFAULT_JPEG_QUALITY,
             compress_probability: float = 0.5, workers: int = 0, chunk_size: int = 100,
             progress: bool = True) -> ConvertSummary:
     """Write ``src`` (ImageFolder root or file list) to the FFCV file ``out``; see the module docstring."""

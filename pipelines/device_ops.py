@@ -19,7 +19,8 @@ Semantics per op (torchvision v2 functional on float images in [0, 1]):
   per-sample random order, like torchvision's ``randperm(4)`` per image.
 - grayscale: ``rgb_to_grayscale(num_output_channels=3)``; blur: ``gaussian_blur`` (reflect padding), one
   sigma ~ U(blur_sigma) per sample, kernel ``blur_kernel_size(size, spec.blur_kernel)`` (BYOL's 10% of the side,
-  odd: 23 at 224, 9 at 96; the dino recipe's "pil" also covers +-3 sigma: 13 at 96); solarize: ``solarize(threshold=0.5)``; flip: ``hflip``.
+  odd: 23 at 224, 9 at 96; the dino recipe's "pil" also covers +-3 sigma: 13 at 96); solarize:
+  ``solarize(threshold=0.5)``; flip: ``hflip``.
 """
 from __future__ import annotations
 

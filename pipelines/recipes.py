@@ -14,9 +14,8 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 # How a crop is resampled to the view size. BYOL, DINO and solo-learn resize their crops bicubically (MoCo v3
 # bilinearly); bilinear is the cheaper choice where throughput matters more than fidelity.
 INTERPOLATIONS = ("bicubic", "bilinear")
-# How wide the Gaussian blur's kernel is. "byol": BYOL's 10% of the view side, odd (23 taps at 224, 9 at 96: sigma
-# near 2 is truncated on small views); "pil": at least +-3 sigma_max as well, what PIL's GaussianBlur(radius=sigma)
-# in DINO's and MoCo v3's augmentations amounts to (13 taps at 96 for sigma 2; the same 23 at 224).
+# How wide the Gaussian blur's kernel is (blur_kernel_size): BYOL's rule, or untruncated as PIL's
+# GaussianBlur(radius=sigma) in DINO's and MoCo v3's augmentations.
 BLUR_KERNELS = ("byol", "pil")
 
 
@@ -106,14 +105,15 @@ class Recipe:
                 if getattr(v, name) < 0:
                     raise ValueError(f"{where}: {name} must be >= 0, got {getattr(v, name)}")
             if v.blur_kernel not in BLUR_KERNELS:
-                raise ValueError(f"{where}: blur_kernel must be one of {', '.join(BLUR_KERNELS)}, got {v.blur_kernel!r}")
+                raise ValueError(f"{where}: blur_kernel must be one of {', '.join(BLUR_KERNELS)}, "
+                                 f"got {v.blur_kernel!r}")
             if not (0 < v.blur_sigma[0] <= v.blur_sigma[1]):
                 raise ValueError(f"{where}: blur_sigma must satisfy 0 < min <= max, got {v.blur_sigma}")
             taps = blur_kernel_size(v.size, v.blur_kernel, v.blur_sigma[1])
             if v.blur_p > 0 and taps // 2 >= v.size:  # the blur pads by reflection: less than the side
-                raise ValueError(f"{where}: a {v.blur_kernel!r} blur of sigma up to {v.blur_sigma[1]} takes {taps} taps, "
-                                 f"too wide for size {v.size} (at most {2 * v.size - 1}): lower blur_sigma or "
-                                 f"set blur_p 0")
+                raise ValueError(f"{where}: a {v.blur_kernel!r} blur of sigma up to {v.blur_sigma[1]} takes {taps} "
+                                 f"taps, too wide for size {v.size} (at most {2 * v.size - 1}): lower blur_sigma "
+                                 f"or set blur_p 0")
             if v.count < 0:
                 raise ValueError(f"{where}: count must be >= 0, got {v.count}")
         if self.num_views < 1:

@@ -3,7 +3,8 @@
 A sample counts once however many views it has (img/s = samples/s, each sample = all its views, mixed ones
 included). Each backend is built, warmed up for ``--warmup`` batches (worker start-up, pipeline build, JIT and
 cuDNN autotune happen there), then timed over ``--batches`` batches (torchvision's: whole rounds of its
-workers, ``whole_rounds``), running on across epochs (set_epoch) when the data set is smaller than that. On a GPU the run also times a synthetic "data already on the device" source
+workers, ``whole_rounds``), running on across epochs (set_epoch) when the data set is smaller than that. On a
+GPU the run also times a synthetic "data already on the device" source
 (random device tensors of the recipe's shapes through the same ``assemble_batch`` mixing): the ceiling a loader
 can approach, and the ratio every backend is reported against. FFCV reads a .beton: the data is converted first
 (untimed) and cached under ``--cache`` (default: beside the JSON). A backend that cannot be imported or built
@@ -41,15 +42,15 @@ import numpy as np
 import torch
 
 from sdmp_fast.benchmarks.baselines import BASELINES, make_baseline
-from sdmp_fast.pipelines.base import loader_threads, usable_cores
 from sdmp_fast.benchmarks.common import print_table, write_results
+from sdmp_fast.pipelines.base import loader_threads, usable_cores
+from sdmp_fast.pipelines.convert import DEFAULT_JPEG_QUALITY
 
 REFERENCE = "torchvision"
 SYNTHETIC = "synthetic"
 SOLO_LEARN = "dali-solo-learn"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # name -> (backend, options): a backend run with options, recorded under its own name.
-BETON_JPEG_QUALITY = 90  # `sdmp-fast convert`'s default
 VARIANTS = {"dali-graphmix": ("dali", {"mix_in_graph": True})}
 COLUMNS = ["backend", "status", "img_per_s", "ratio_vs_torchvision", "ratio_vs_solo_learn", "ratio_vs_synthetic",
            "gpu_peak_mb", "gpu_used_mb", "batches", "startup_s", "reason"]
@@ -87,7 +88,7 @@ def beton_for(data: str, images, cache_dir: str, max_side: int, workers: int) ->
     path = os.path.join(cache_dir, f"{name}-{_data_key(data, images)}-{max_side}.beton")
     if not os.path.exists(path):
         print(f"bench loaders: converting {data} to {path} (not timed)")
-        convert(data, path, max_side=max_side, jpeg_quality=BETON_JPEG_QUALITY, workers=workers, progress=False)
+        convert(data, path, max_side=max_side, workers=workers, progress=False)  # its default JPEG quality
     return path
 
 
@@ -107,7 +108,7 @@ def resize_filter(backend: str, interpolation: str) -> Optional[str]:
 
 def beton_note(path: str, max_side: int) -> Dict:
     """What the FFCV backend decodes instead of the source files: the .beton's JPEGs, re-encoded by ``convert``
-    (``BETON_JPEG_QUALITY``) with the longest side capped at ``max_side``. ``at_max_side`` counts the stored
+    (its ``DEFAULT_JPEG_QUALITY``) with the longest side capped at ``max_side``. ``at_max_side`` counts the stored
     images whose longest side is the cap: the downscaled ones (which the other backends decode at their full
     size) and any of exactly that size."""
     from ffcv.reader import Reader
@@ -115,7 +116,7 @@ def beton_note(path: str, max_side: int) -> Dict:
     reader = Reader(path)
     meta = reader.metadata[f"f{list(reader.handlers).index('image')}"]  # FFCV names the fields f0, f1, ...
     longest = np.maximum(meta["height"], meta["width"]) if len(meta) else np.zeros(0)
-    return {"max_side": max_side, "jpeg_quality": BETON_JPEG_QUALITY,
+    return {"max_side": max_side, "jpeg_quality": DEFAULT_JPEG_QUALITY,
             "at_max_side": int((longest == max_side).sum()) if max_side else 0}
 
 
