@@ -19,7 +19,7 @@ Only this module, ``pipelines/dali_mix.py`` and ``pipelines/dali.py`` import nvi
 """
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Callable, Optional, Sequence
 
 from nvidia.dali import fn, pipeline_def, types
 import nvidia.dali.math as dmath
@@ -138,10 +138,18 @@ def augment_view(images, spec: ViewSpec, *, device: str, mean: Sequence[float], 
                                     std=[255.0 * s for s in std], dtype=out_dtype, output_layout="CHW")
 
 
-def build_pipeline(source: Callable, recipe: Recipe, *, batch_size: int, num_threads: int, device_id,
-                   seed: int, prefetch_queue_depth: int = 2, fp16: bool = False, conditionals: bool = False,
-                   gpu_indices: bool = False, decoder_options=None, mix_in_graph: bool = False, **pipeline_kwargs):
-    """The recipe's DALI pipeline (built, not run).
+def build_pipeline(source: Callable, recipe: Recipe, **kw):
+    """:func:`define_pipeline`, built (not run)."""
+    pipe = define_pipeline(source, recipe, **kw)
+    pipe.build()
+    return pipe
+
+
+def define_pipeline(source: Callable, recipe: Recipe, *, batch_size: int, num_threads: int, device_id,
+                    seed: int, prefetch_queue_depth: int = 2, fp16: bool = False, conditionals: bool = False,
+                    gpu_indices: bool = False, decoder_options=None, mix_in_graph: bool = False,
+                    gpu: Optional[bool] = None, **pipeline_kwargs):
+    """The recipe's DALI pipeline, defined but not built.
 
     ``source`` is a batch-mode external_source callback returning ``(encoded_bytes_list, indices_int64)``;
     the pipeline's outputs are one CHW float (fp16 with ``fp16``) tensor list per expanded view, then the
@@ -154,8 +162,11 @@ def build_pipeline(source: Callable, recipe: Recipe, *, batch_size: int, num_thr
     order) follow the clean views in the outputs. Views are then mixed in float32 (``multi_paste`` has no
     float16 kernel) and cast to fp16 at the end when ``fp16``. ``pipeline_kwargs`` go to the Pipeline
     (``enable_checkpointing``, ``checkpoint``).
+
+    ``gpu`` (default: ``device_id is not None``) places the ops; ``gpu=True`` with ``device_id=None`` defines the
+    GPU graph on a machine without CUDA, where it cannot be built but DALI still checks it (the CPU tests do).
     """
-    gpu = device_id is not None
+    gpu = device_id is not None if gpu is None else gpu
     device = "gpu" if gpu else "cpu"
     out_dtype = types.FLOAT16 if fp16 else types.FLOAT
     decoder_options = dict(decoder_options or {})
@@ -182,16 +193,21 @@ def build_pipeline(source: Callable, recipe: Recipe, *, batch_size: int, num_thr
                 outs = [fn.cast(o, dtype=types.FLOAT16) for o in outs]
         return (*outs, indices, indices.gpu()) if gpu_indices else (*outs, indices)
 
-    pipe = graph(batch_size=batch_size, num_threads=num_threads, device_id=device_id, seed=seed,
+    return graph(batch_size=batch_size, num_threads=num_threads, device_id=device_id, seed=seed,
                  prefetch_queue_depth=prefetch_queue_depth, exec_dynamic=True, **pipeline_kwargs)
-    pipe.build()
-    return pipe
 
 
 def build_probe_pipeline(device_id, decoder_options=None):
     """A one-image decoder with the main pipeline's decoder settings: tells which file of a failed batch is
     undecodable (the batched decoder reports an error for the batch, not the file)."""
-    gpu = device_id is not None
+    pipe = define_probe_pipeline(device_id, decoder_options)
+    pipe.build()
+    return pipe
+
+
+def define_probe_pipeline(device_id, decoder_options=None, gpu: Optional[bool] = None):
+    """:func:`build_probe_pipeline`'s pipeline, not built (``gpu`` as in :func:`define_pipeline`)."""
+    gpu = device_id is not None if gpu is None else gpu
     decoder_options = dict(decoder_options or {})
 
     @pipeline_def(batch_size=1, num_threads=1, device_id=device_id, prefetch_queue_depth=1, exec_dynamic=True)
@@ -200,6 +216,4 @@ def build_probe_pipeline(device_id, decoder_options=None):
         return fn.decoders.image(encoded, device="mixed" if gpu else "cpu", output_type=types.RGB,
                                  **decoder_options)
 
-    pipe = probe()
-    pipe.build()
-    return pipe
+    return probe()

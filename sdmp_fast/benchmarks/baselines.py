@@ -74,16 +74,31 @@ def dali_solo_learn(images, recipe, batch_size: int, device: torch.device, dtype
     """Endless batches of the solo-learn-style DALI pipeline for ``recipe`` (its mixing is ignored).
     ``images``: a ``pipelines.base.ImageList``. Output float32, or float16 when ``dtype`` is a 16-bit float
     (DALI has no bfloat16; solo-learn itself outputs float32)."""
-    from nvidia.dali import fn, pipeline_def, types
     from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
     if len(images) // num_shards < batch_size:
         raise ValueError(f"dali-solo-learn: {len(images)} images over {num_shards} shard(s) fill no batch of "
                          f"{batch_size} (DALI's reader drops the partial last batch)")
     gpu = device.type == "cuda"
+    pipe = solo_learn_pipeline(images, recipe, batch_size, gpu=gpu, device_id=(device.index or 0) if gpu else None,
+                               dtype=dtype, num_threads=num_threads, seed=seed, shard_id=shard_id,
+                               num_shards=num_shards)
+    pipe.build()
+    names = [f"view{j}" for j in range(len(recipe.expanded_views()))] + ["labels"]
+    it = DALIGenericIterator(pipe, names, reader_name="Reader", auto_reset=True,
+                             last_batch_policy=LastBatchPolicy.DROP)
+    return _dali_batches(it, names)
+
+
+def solo_learn_pipeline(images, recipe, batch_size: int, *, gpu: bool, device_id: Optional[int],
+                        dtype: Optional[torch.dtype] = None, num_threads: Optional[int] = None, seed: int = 0,
+                        shard_id: int = 0, num_shards: int = 1):
+    """:func:`dali_solo_learn`'s pipeline, defined but not built (``gpu=True`` with ``device_id=None``: the GPU
+    graph on a machine without CUDA, as ``pipelines.dali_ops.define_pipeline``)."""
+    from nvidia.dali import fn, pipeline_def, types
+
     out_dtype = types.FLOAT16 if dtype in (torch.float16, torch.bfloat16) else types.FLOAT
     views = recipe.expanded_views()
-    names = [f"view{j}" for j in range(len(views))] + ["labels"]
 
     @pipeline_def
     def solo_learn_style():
@@ -94,12 +109,8 @@ def dali_solo_learn(images, recipe, batch_size: int, device: torch.device, dtype
         outs = [_solo_learn_view(decoded, spec, recipe.mean, recipe.std, gpu, out_dtype) for spec in views]
         return (*outs, labels.gpu() if gpu else labels)
 
-    pipe = solo_learn_style(batch_size=batch_size, num_threads=loader_threads(num_threads),
-                            device_id=(device.index or 0) if gpu else None, seed=seed)
-    pipe.build()
-    it = DALIGenericIterator(pipe, names, reader_name="Reader", auto_reset=True,
-                             last_batch_policy=LastBatchPolicy.DROP)
-    return _dali_batches(it, names)
+    return solo_learn_style(batch_size=batch_size, num_threads=loader_threads(num_threads), device_id=device_id,
+                            seed=seed)
 
 
 def _dali_batches(it, names) -> Iterator[SDMPBatch]:
