@@ -217,6 +217,27 @@ class _Feeder:
             self._pool = None
 
 
+# what the loader passes to fn.decoders.image itself: a decoder option may not set them again
+_DECODER_OWN = ("device", "output_type")
+
+
+def check_decoder_options(options: Optional[dict]) -> dict:
+    """``decoder_options`` as a dict whose names are all arguments of DALI's ``fn.decoders.image``: checked when
+    the loader is made (DALI itself would say it at the first batch, deep in a traceback of the graph)."""
+    if options is None:
+        return {}
+    if not isinstance(options, dict):
+        raise ValueError(f"decoder_options: a dict of fn.decoders.image arguments, got {type(options).__name__}")
+    from nvidia.dali import backend
+
+    known = set(backend.GetSchema("decoders__Image").GetArgumentNames()) - set(_DECODER_OWN)
+    bad = [k for k in options if k not in known]
+    if bad:
+        raise ValueError(f"decoder_options: {', '.join(map(repr, bad))} not among the fn.decoders.image arguments "
+                         f"a loader takes ({', '.join(_DECODER_OWN)} are the loader's own): {', '.join(sorted(known))}")
+    return dict(options)
+
+
 class DaliLoader(SampledLoader):
     """Iterable of SDMPBatch built by DALI (see the module docstring).
 
@@ -255,7 +276,7 @@ class DaliLoader(SampledLoader):
             raise ValueError(f"num_threads: must be >= 1, got {self.num_threads}")
         self.prefetch_queue_depth = prefetch_queue_depth
         self.conditionals = (not self.gpu) if conditionals is None else bool(conditionals)
-        self.decoder_options = dict(decoder_options or {})
+        self.decoder_options = check_decoder_options(decoder_options)
         # nothing to mix -> the plain pipeline, whatever was asked
         self.mix_in_graph = mix_in_graph and self.recipe.mix.enabled and bool(self.recipe.mix.mixed_views)
         self.last_mix = None

@@ -189,6 +189,22 @@ def test_bad_settings_are_named(folder):
         dali(folder, byol2(size=32), dtype=torch.int8)
     with pytest.raises(ValueError, match="prefetch_queue_depth"):
         dali(folder, byol2(size=32), prefetch_queue_depth=0)
+    # a misspelt decoder option is named when the loader is made, not at its first batch inside DALI's traceback
+    with pytest.raises(ValueError, match="decoder_options: 'hw_decoder_laod' .*hw_decoder_load"):
+        dali(folder, byol2(size=32), decoder_options={"hw_decoder_laod": 0.9})
+    with pytest.raises(ValueError, match="decoder_options: 'output_type'"):  # the loader's own
+        dali(folder, byol2(size=32), decoder_options={"output_type": 0})
+    with pytest.raises(ValueError, match="decoder_options: a dict"):
+        dali(folder, byol2(size=32), decoder_options=["use_fast_idct"])
+
+
+@pytest.mark.timeout(60)
+def test_decoder_options_reach_the_decoder(folder):
+    plain = dali(folder, byol2(size=32))
+    loader = dali(folder, byol2(size=32), decoder_options={"use_fast_idct": True})
+    check_batch(next(iter(loader)), byol2(size=32), 8)
+    assert b"use_fast_idct" in loader._pipeline().serialize()
+    assert b"use_fast_idct" not in plain._pipeline().serialize()
 
 
 @pytest.mark.cuda
