@@ -84,6 +84,10 @@ def build_jpegs(out_dir: str, num_images: int, classes: int = 16, seed: int = 0)
     return out_dir
 
 
+def _round(x, digits: int = 2):
+    return None if x is None else round(x, digits)
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -206,7 +210,7 @@ def main(argv=None) -> int:
                             # what it emitted (DALI has no bfloat16: float16 where the loaders' rows say bfloat16)
                             "dtype": timed["out_dtype"],
                             "batches": args.batches, "gpu_used_mb": timed["gpu_used_mb"],
-                            "total_s": round(time.perf_counter() - t0, 1)})
+                            "cpu_cores": _round(timed["cpu_cores"]), "total_s": round(time.perf_counter() - t0, 1)})
             print(f"{config:28s} B={bs:4d}  {timed['img_per_s']:10.0f} img/s  (baseline, {args.batches} batches "
                   f"after {args.warmup} warm-up)", flush=True)
             save()
@@ -238,7 +242,7 @@ def main(argv=None) -> int:
             records.append({"config": label, "recipe": name, "interpolation": interp, "mixing": mode != "nomix",
                             "mix_in_graph": mode == "graphmix", "batch_size": bs,
                             "dtype": args.dtype, "img_per_s": round(timed["img_per_s"], 1), "batches": args.batches,
-                            "gpu_used_mb": timed["gpu_used_mb"],
+                            "gpu_used_mb": timed["gpu_used_mb"], "cpu_cores": _round(timed["cpu_cores"]),
                             "total_s": round(time.perf_counter() - t0, 1),
                             "options": {k: str(v) for k, v in opts.items()}})
             print(f"{label:28s} B={bs:4d}  {timed['img_per_s']:10.0f} img/s  ({args.batches} batches after "

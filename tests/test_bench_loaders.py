@@ -42,6 +42,7 @@ def test_bench_loaders_end_to_end_writes_json_png_and_reports_missing_backends(p
     assert tv["status"] == "ok", tv["reason"]
     assert tv["img_per_s"] > 0 and tv["ratio_vs_torchvision"] == pytest.approx(1.0) and tv["batches"] == 3
     assert tv["samples"] == 12 and tv["views"] == [[3, 32, 32]] * 2 and tv["num_mixed_views"] == 2
+    assert tv["cpu_cores"] > 0 and tv["cpu_ms_per_img"] > 0  # decoding in this process (no workers)
     assert tv["ratio_vs_synthetic"] is None  # defined on a GPU only
     assert tv["interpolation"] == "bicubic, antialiased"
     assert len(tv["rounds_img_per_s"]) == 2 and tv["img_per_s"] in tv["rounds_img_per_s"]
@@ -74,6 +75,35 @@ def test_bench_runs_on_across_epochs_and_counts_samples():
     loader = TwoBatchLoader()
     rec = bench.time_batches(bench.endless_batches(loader), warmup=2, count=5, device=torch.device("cpu"))
     assert rec["samples"] == 30 and rec["img_per_s"] > 0 and loader.epochs == [0, 1, 2, 3]
+
+
+def _sleepy_batches(seconds_per_batch):
+    import time
+
+    from sdmp_fast.batch import SDMPBatch
+    while True:
+        time.sleep(seconds_per_batch)
+        yield SDMPBatch([torch.zeros(4, 3, 8, 8)], torch.zeros(4, dtype=torch.long), torch.arange(4))
+
+
+def test_cpu_cost_counts_the_loader_worker_processes():
+    """cpu_cores / cpu_ms_per_img: the CPU a loader spends, its worker processes included (a DataLoader's main
+    process mostly waits while its workers decode)."""
+    import subprocess
+    import sys
+
+    pytest.importorskip("psutil")
+    idle = bench.time_batches(_sleepy_batches(0.1), warmup=1, count=5, device=torch.device("cpu"))
+    assert idle["cpu_cores"] < 0.3 and idle["cpu_ms_per_img"] == pytest.approx(
+        1e3 * idle["cpu_cores"] * idle["seconds"] / idle["samples"])
+    worker = subprocess.Popen([sys.executable, "-c", "while True: pass"])  # a busy child, as a decoding worker
+    try:
+        busy = bench.time_batches(_sleepy_batches(0.1), warmup=1, count=5, device=torch.device("cpu"))
+    finally:
+        worker.kill()
+        worker.wait()
+    assert busy["cpu_cores"] > 0.4  # one core while it ran (less on a loaded 2-core machine)
+    assert busy["cpu_ms_per_img"] > idle["cpu_ms_per_img"] + 10
 
 
 def test_synthetic_source_has_the_recipe_shapes_and_mixing():

@@ -38,6 +38,7 @@ def test_gpu_dali_runs_baselines_beside_the_loader_and_the_table_prints_ratios(b
     # each row names the dtype it emitted: the baseline's float16 beside the loader's bfloat16 (default --dtype)
     assert recs["byol2-sololearn"]["dtype"] == "float16" and recs["byol2-mix"]["dtype"] == "bfloat16"
     assert recs["byol2-mix"]["img_per_s"] > 0 and recs["byol2-mix"]["interpolation"] == "bicubic"
+    assert recs["byol2-mix"]["cpu_cores"] > 0 and recs["byol2-sololearn"]["cpu_cores"] > 0  # CPU the loader took
     assert recs["byol2-nomix-bilinear"]["img_per_s"] > 0 and recs["byol2-nomix-bilinear"]["interpolation"] == "bilinear"
     capsys.readouterr()
     assert session_table.main(str(out)) == 0

@@ -53,7 +53,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 # name -> (backend, options): a backend run with options, recorded under its own name.
 VARIANTS = {"dali-graphmix": ("dali", {"mix_in_graph": True})}
 COLUMNS = ["backend", "status", "img_per_s", "ratio_vs_torchvision", "ratio_vs_solo_learn", "ratio_vs_synthetic",
-           "gpu_peak_mb", "gpu_used_mb", "batches", "startup_s", "reason"]
+           "cpu_cores", "cpu_ms_per_img", "gpu_peak_mb", "gpu_used_mb", "batches", "startup_s", "reason"]
 
 
 def device_tag(device: torch.device) -> str:
@@ -142,8 +142,28 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def cpu_seconds() -> Optional[float]:
+    """CPU time (user + system) so far of this process (all its threads: DALI's, nvJPEG's, the readers') and of
+    its live child processes (DataLoader workers); None without psutil. A child that exits between two readings
+    takes its time with it: the timed window of a loader keeps its workers."""
+    try:
+        import psutil
+    except ImportError:
+        return None
+    me = psutil.Process()
+    total = sum(me.cpu_times()[:2])
+    for child in me.children(recursive=True):
+        try:
+            total += sum(child.cpu_times()[:2])
+        except psutil.Error:  # gone meanwhile
+            pass
+    return total
+
+
 def time_batches(batches: Iterator, warmup: int, count: int, device: torch.device) -> Dict:
-    """Pull ``warmup`` then ``count`` batches; samples/s over the timed ones (device work included)."""
+    """Pull ``warmup`` then ``count`` batches; samples/s over the timed ones (device work included), and the
+    CPU the loader spent on them: ``cpu_cores`` (CPU seconds per second, every process of the loader) and
+    ``cpu_ms_per_img`` (what a GPU loader leaves to the rest of the job)."""
     t0 = time.perf_counter()
     first = next(batches)
     startup = time.perf_counter() - t0
@@ -153,11 +173,13 @@ def time_batches(batches: Iterator, warmup: int, count: int, device: torch.devic
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     samples = 0
+    cpu0 = cpu_seconds()
     t0 = time.perf_counter()
     for _ in range(count):
         samples += next(batches).batch_size
     _sync(device)
     seconds = time.perf_counter() - t0
+    cpu = None if cpu0 is None else cpu_seconds() - cpu0
     # device memory while timed: PyTorch's allocator peak (our buffers, decoded and augmented batches) and the
     # device's whole use at the end (also DALI's and nvJPEG's own pools, which PyTorch does not see)
     peak_mb = used_mb = None
@@ -166,6 +188,8 @@ def time_batches(batches: Iterator, warmup: int, count: int, device: torch.devic
         free, total = torch.cuda.mem_get_info(device)
         used_mb = (total - free) / 2**20
     return {"img_per_s": samples / seconds, "seconds": seconds, "samples": samples, "startup_s": startup,
+            "cpu_cores": None if cpu is None else cpu / seconds,
+            "cpu_ms_per_img": None if cpu is None else 1e3 * cpu / samples,
             "gpu_peak_mb": peak_mb, "gpu_used_mb": used_mb,
             "views": [list(v.shape[1:]) for v in first.views], "num_mixed_views": len(first.mixed_views),
             "out_dtype": str(first.views[0].dtype).replace("torch.", ""), "out_device": str(first.labels.device)}
