@@ -46,7 +46,7 @@ MIN_VENV := .venv-min
 MIN_PY ?= $(firstword $(foreach p,python3.12 $(wildcard $(HOME)/.pyenv/versions/3.12*/bin/python3.12),\
 	$(shell $(p) -c 'import sys' >/dev/null 2>&1 && echo $(p))) $(PY))
 # requirements.txt with the oldest torch / torchvision and without FFCV, plus what `make setup` adds to .venv
-MIN_PINS := torch==2.11.0 torchvision==0.26.0 psutil setuptools wheel
+MIN_PINS := torch==2.11.0 torchvision==0.26.0 setuptools wheel
 
 $(MIN_VENV)/.deps-ok: $(VENV)/.apt-ok requirements.txt
 	@test -x $(MIN_VENV)/bin/python || $(MIN_PY) -m venv $(MIN_VENV)
