@@ -3,7 +3,9 @@ without mixing, DINO multi-crop, and the device-only mixing cost, each after war
 timed in both placements issue 3 compares: ``-mix`` (assemble_batch on DALI's output, torch ops on the same
 stream) and ``-graphmix`` (inside the DALI graph, ``mix_in_graph=True``). The anchors' pipelines run in the
 same run (``sdmp_fast.benchmarks.baselines``): ``<recipe>-sololearn`` (solo-learn's DALI style, no mixing:
-the 16,103 img/s byol2 and 3,740 img/s DINO anchors) and ``decode-only`` (nvJPEG alone, 21,688 img/s).
+the 16,103 img/s byol2 and 3,740 img/s DINO anchors) and ``decode-only`` (nvJPEG alone, 21,688 img/s);
+``feed-only`` times the loader's host side alone (its file reading, 1 and 4 threads), the ceiling it puts on
+the loader's rows.
 
     PYTHONPATH=<dali wheel dir> python bench/gpu_dali.py --out $OUT [--data DIR] [--num-images 4096]
 
@@ -110,6 +112,40 @@ def time_mixing_only(recipe, batch_size: int, dtype, dev: torch.device, iters: i
     return iters * batch_size / (time.perf_counter() - t0)
 
 
+def time_feeding_only(data: str, batch_size: int, read_threads: int, batches: int) -> float:
+    """The DALI loader's host side alone, img/s: its feeder (files read and sniffed on ``read_threads`` threads,
+    one batch read ahead) handing out ``batches`` batches, with no DALI behind it: the ceiling the host puts on
+    the loader (files in the page cache, as the timed rows read them after their warm-up)."""
+    from sdmp_fast.pipelines.base import EpochSampler, list_images
+    from sdmp_fast.pipelines.dali import _Feeder
+    from sdmp_fast.pipelines.skips import SkipLog
+
+    images = list_images(data)
+    sampler = EpochSampler(len(images), batch_size, 0, 1, True, 0, True)
+    if not len(sampler):
+        raise ValueError(f"feed-only: {len(images)} images fill no batch of {batch_size}")
+    feeder = _Feeder(images.files, SkipLog("dali", sampler), True, True, read_threads)
+    try:
+        samples, t0, epoch = 0, None, 0
+        while t0 is None or samples < batches * batch_size:
+            sampler.set_epoch(epoch)
+            feeder.start([b.tolist() for b in sampler.batches()])
+            while True:
+                try:
+                    data_, _ = feeder()
+                except StopIteration:
+                    break
+                feeder.accept()
+                if t0 is not None:
+                    samples += len(data_)
+            if t0 is None:  # the first pass warms the page cache
+                t0 = time.perf_counter()
+            epoch += 1
+        return samples / (time.perf_counter() - t0)
+    finally:
+        feeder.shutdown()
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data", help="ImageFolder of JPEGs (default: build one under --work)")
@@ -125,10 +161,11 @@ def main(argv=None) -> int:
                    help="values of fn.decoders.image's hw_decoder_load to try (default: DALI's)")
     p.add_argument("--prefetch-queue-depth", type=int, nargs="*", default=[2],
                    help="values of DALI's prefetch_queue_depth to try (default 2)")
-    p.add_argument("--configs", default="decode-only,byol2-sololearn,byol2-mix,byol2-mix-bilinear,byol2-graphmix,"
-                                        "byol2-nomix,dino-sololearn,dino-mix,dino-graphmix,mix-only",
+    p.add_argument("--configs", default="decode-only,feed-only,byol2-sololearn,byol2-mix,byol2-mix-bilinear,"
+                                        "byol2-graphmix,byol2-nomix,dino-sololearn,dino-mix,dino-graphmix,mix-only",
                    help="comma-separated <recipe>-<mix|graphmix|nomix|sololearn>[-bilinear] (crops bicubic unless "
-                        "-bilinear), decode-only and mix-only")
+                        "-bilinear), decode-only, feed-only (the DALI loader's file reading alone, 1 and 4 "
+                        "read threads) and mix-only")
     p.add_argument("--device", default="cuda", help="cuda (the point) or cpu (a smoke test of this script)")
     p.add_argument("--out", default=os.environ.get("OUT"), help="folder for the JSON (e.g. $OUT)")
     p.add_argument("--json", default=None)
@@ -140,11 +177,11 @@ def main(argv=None) -> int:
         mode, _, interp = rest.partition("-")
         return name, mode, interp or "bicubic"
 
-    bad = [c for c in configs if c not in ("mix-only", "decode-only")
+    bad = [c for c in configs if c not in ("mix-only", "decode-only", "feed-only")
            and (parts(c)[1] not in modes or parts(c)[2] not in INTERPOLATIONS)]
     if bad:
         print(f"gpu_dali: unknown configs {bad} (expected <recipe>-mix|graphmix|nomix|sololearn[-bilinear], "
-              f"decode-only or mix-only)", file=sys.stderr)
+              f"decode-only, feed-only or mix-only)", file=sys.stderr)
         return 2
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -170,6 +207,19 @@ def main(argv=None) -> int:
 
     for config in configs:
         name, mode, interp = parts(config)
+        if config == "feed-only":
+            for threads in (1, 4):  # 4: the loader's default read threads on a GPU
+                label = f"feed-only-t{threads}"
+                try:
+                    rate = time_feeding_only(data, args.batch_size, threads, args.batches)
+                except Exception as e:  # noqa: BLE001
+                    failed(label, args.batch_size, e)
+                    continue
+                records.append({"config": label, "batch_size": args.batch_size, "read_threads": threads,
+                                "img_per_s": round(rate, 1)})
+                print(f"{label:28s} B={args.batch_size:4d}  {rate:10.0f} img/s  (host side alone)", flush=True)
+            save()
+            continue
         if name == "mix":
             from sdmp_fast import kernels
             for rname in ("byol2", "dino"):

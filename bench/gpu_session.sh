@@ -50,12 +50,12 @@ if [ "$DEVICE" = cpu ]; then  # smoke-test sizes
   B_ARGS=("${S_ARGS[@]}")
   D_ARGS=("${S_ARGS[@]}" --method dino --dino-out-dim 256 --dino-hidden-dim 128 --dino-bottleneck-dim 64 --local-size 16
           --n-local 2 --n-local-mixed 1)
-  DALI_ARGS=(--device cpu --batch-size 16 --dino-batch-size 8 --warmup 1 --batches 3 --configs byol2-sololearn,byol2-mix,byol2-graphmix)
+  DALI_ARGS=(--device cpu --batch-size 16 --dino-batch-size 8 --warmup 1 --batches 3 --configs feed-only,byol2-sololearn,byol2-mix,byol2-graphmix)
 else
   S_ARGS=(--arch vit_small_patch16_224 --batch-size 256 --steps 30 --warmup 10 --modes eager)
   B_ARGS=(--arch vit_base_patch16_224 --batch-size 128 --steps 20 --warmup 5 --modes eager)
   D_ARGS=(--method dino --arch vit_small_patch16_224 --batch-size 128 --steps 20 --warmup 5 --modes eager)
-  DALI_ARGS=(--batches 40 --configs decode-only,byol2-sololearn,byol2-mix,byol2-mix-bilinear,byol2-graphmix,byol2-nomix,dino-sololearn,dino-mix,dino-graphmix,mix-only)
+  DALI_ARGS=(--batches 40 --configs decode-only,feed-only,byol2-sololearn,byol2-mix,byol2-mix-bilinear,byol2-graphmix,byol2-nomix,dino-sololearn,dino-mix,dino-graphmix,mix-only)
 fi
 LOADER=dali
 [ $HAVE_DALI = 1 ] || LOADER=torch-gpu

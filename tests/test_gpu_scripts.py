@@ -30,10 +30,13 @@ def test_gpu_dali_runs_baselines_beside_the_loader_and_the_table_prints_ratios(b
     out = tmp_path / "out"
     rc = gpu_dali.main(["--device", "cpu", "--data", data, "--batch-size", "4", "--dino-batch-size", "4",
                         "--warmup", "1", "--batches", "2", "--threads", "1", "--out", str(out),
-                        "--configs", "decode-only,byol2-sololearn,byol2-mix,byol2-nomix-bilinear"])
+                        "--configs", "decode-only,feed-only,byol2-sololearn,byol2-mix,byol2-nomix-bilinear"])
     assert rc == 0
     recs = {r["config"]: r for r in json.loads((out / "gpu_dali.json").read_text())["records"]}
     assert "CUDA" in recs["decode-only"]["error"]  # nvJPEG: GPU only
+    # the loader's host side alone, with 1 and 4 read threads: far above what DALI's CPU mode decodes
+    assert [recs[f"feed-only-t{t}"]["read_threads"] for t in (1, 4)] == [1, 4]
+    assert min(recs[f"feed-only-t{t}"]["img_per_s"] for t in (1, 4)) > 5 * recs["byol2-mix"]["img_per_s"]
     assert recs["byol2-sololearn"]["baseline"] and recs["byol2-sololearn"]["img_per_s"] > 0
     # each row names the dtype it emitted: the baseline's float16 beside the loader's bfloat16 (default --dtype)
     assert recs["byol2-sololearn"]["dtype"] == "float16" and recs["byol2-mix"]["dtype"] == "bfloat16"
