@@ -30,7 +30,7 @@ from sdmp_fast.batch import SDMPBatch, exact_device
 
 from .base import EpochSampler, SkippingLoader, assemble_batch, list_images, make_generator, skip_batch_draws
 from .device_ops import PackedImages, make_views
-from .image_bytes import pil_rgb
+from .image_bytes import pil_rgb, read_file_bytes
 from .recipes import Recipe
 from .skips import SkipLog, short_reason
 
@@ -101,8 +101,7 @@ class _Encoded:
 def read_sample(path: str, gpu_jpeg: bool):
     """Thread-pool task: a decoded uint8 [3, H, W] tensor, _Encoded JPEG bytes (GPU decode), or _Bad."""
     try:
-        with open(path, "rb") as f:
-            raw = f.read()
+        raw = read_file_bytes(path)
         if not raw:
             return _Bad("zero-byte file")
         data = torch.frombuffer(bytearray(raw), dtype=torch.uint8)
