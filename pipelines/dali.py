@@ -235,6 +235,13 @@ def check_decoder_options(options: Optional[dict]) -> dict:
     if bad:
         raise ValueError(f"decoder_options: {', '.join(map(repr, bad))} not among the fn.decoders.image arguments "
                          f"a loader takes ({', '.join(_DECODER_OWN)} are the loader's own): {', '.join(sorted(known))}")
+    from .dali_ops import define_probe_pipeline
+
+    try:  # DALI converts and checks each value when a graph is defined: a one-op CPU graph, never built
+        define_probe_pipeline(None, options).serialize()
+    except Exception as e:  # noqa: BLE001 - DALI's own error types vary (TypeError, ValueError, RuntimeError)
+        raise ValueError(f"decoder_options {options!r}: DALI refuses a value: "
+                         f"{str(e).strip().splitlines()[-1]}") from None
     return dict(options)
 
 

@@ -196,6 +196,8 @@ def test_bad_settings_are_named(folder):
         dali(folder, byol2(size=32), decoder_options={"output_type": 0})
     with pytest.raises(ValueError, match="decoder_options: a dict"):
         dali(folder, byol2(size=32), decoder_options=["use_fast_idct"])
+    with pytest.raises(ValueError, match="decoder_options .*hw_decoder_load.*refuses a value.*'x'"):
+        dali(folder, byol2(size=32), decoder_options={"hw_decoder_load": "x"})
 
 
 @pytest.mark.timeout(60)
