@@ -224,7 +224,7 @@ _DECODER_OWN = ("device", "output_type")
 def check_decoder_options(options: Optional[dict]) -> dict:
     """``decoder_options`` as a dict whose names are all arguments of DALI's ``fn.decoders.image``: checked when
     the loader is made (DALI itself would say it at the first batch, deep in a traceback of the graph)."""
-    if options is None:
+    if options is None or options == {}:
         return {}
     if not isinstance(options, dict):
         raise ValueError(f"decoder_options: a dict of fn.decoders.image arguments, got {type(options).__name__}")
