@@ -461,6 +461,26 @@ def _check_backend_options(backend: str, cls, options: dict) -> None:
                          f"go to the recipe: make_recipe(name, size=...))")
 
 
+def _loader_device(device) -> torch.device:
+    """``device`` (None: cuda when available, else cpu), refused with a ValueError naming it when it names a CUDA
+    card this process cannot see (torch's own error came at the first tensor made there)."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"device: not a device, {device!r} ({e})") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device: {device} asked for, but this process sees no CUDA device "
+                             f"(torch.cuda.is_available() is False)")
+        n = torch.cuda.device_count()
+        if device.index is not None and device.index >= n:
+            raise ValueError(f"device: {device} asked for, but this process sees {n} CUDA device(s) "
+                             f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')})")
+    return device
+
+
 def make_loader(backend: str, data, recipe: Union[str, Recipe] = "byol2", batch_size: int = 256, *,
                 device: Optional[Union[str, torch.device]] = None, shard_id: Optional[int] = None,
                 num_shards: Optional[int] = None, shuffle: bool = True, drop_last: bool = True, seed: int = 0,
@@ -488,8 +508,7 @@ def make_loader(backend: str, data, recipe: Union[str, Recipe] = "byol2", batch_
                          f"float16, ...; None: float32), got {dtype!r}")
     if num_workers is not None and (not isinstance(num_workers, int) or num_workers < 0):
         raise ValueError(f"num_workers: must be an integer >= 0 (None: the backend's default), got {num_workers!r}")
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = _loader_device(device)
     module_name, cls_name = BACKENDS[backend].split(":")
     cls = getattr(importlib.import_module(module_name), cls_name)
     _check_backend_options(backend, cls, backend_options)

@@ -213,6 +213,24 @@ def test_make_loader_rejects_bad_settings_before_reading(tmp_path):
         make_loader("torchvision", tmp_path, "byol2", 8, size=32)
     with pytest.raises(ValueError, match=r"memory loader: unknown option\(s\) mix_in_graph, prefetch; it takes none"):
         make_loader("memory", "fashion-mnist", "byol2", 8, prefetch=4, mix_in_graph=True)
+    with pytest.raises(ValueError, match="device: not a device, 'gpu'"):
+        make_loader("torchvision", tmp_path, "byol2", 8, device="gpu")
+
+
+def test_make_loader_names_a_cuda_device_it_cannot_see(tmp_path, monkeypatch):
+    """A CUDA device that is not there is a ValueError naming `device` (it was torch's "Found no NVIDIA driver"
+    or "invalid device ordinal" at the loader's first tensor on it)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for backend in ("dali", "torch-gpu", "memory", "torchvision"):
+        with pytest.raises(ValueError, match=r"device: cuda:1 asked for, but this process sees no CUDA device"):
+            make_loader(backend, tmp_path, "byol2", 8, device="cuda:1")
+    assert make_loader("memory", torch.zeros(8, 3, 8, 8, dtype=torch.uint8), "byol2", 8).device.type == "cpu"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3")
+    with pytest.raises(ValueError, match=r"device: cuda:1 asked for, but this process sees 1 CUDA device\(s\) "
+                                         r"\(CUDA_VISIBLE_DEVICES=3\)"):
+        make_loader("torch-gpu", tmp_path, "byol2", 8, device="cuda:1")
 
 
 @pytest.mark.slow
