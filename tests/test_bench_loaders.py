@@ -122,6 +122,12 @@ def test_bad_settings_are_one_clear_error(photos, tmp_path, capsys):
     assert cli_main(["bench", "loaders", "--data", str(tmp_path / "missing"), "--device", "cpu",
                      "--backends", "torchvision"]) == 2
     assert "does not exist" in capsys.readouterr().err
+    base = ["bench", "loaders", "--data", photos, "--json", str(tmp_path / "x.json"), "--backends", "torchvision"]
+    assert cli_main(base + ["--device", "gpu"]) == 2
+    assert "--device: expected cpu, cuda, cuda:N or auto, got 'gpu'" in capsys.readouterr().err
+    if not torch.cuda.is_available():  # was torch's "Found no NVIDIA driver" traceback
+        assert cli_main(base + ["--device", "cuda"]) == 2
+        assert "--device: 'cuda' but no CUDA GPU is available" in capsys.readouterr().err
     assert not os.path.exists(tmp_path / "x.json")
 
 

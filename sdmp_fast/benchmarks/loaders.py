@@ -351,7 +351,9 @@ def run(args) -> Dict:
     from sdmp_fast.pipelines.base import BACKENDS, list_images
     from sdmp_fast.pipelines.recipes import make_recipe
 
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    from sdmp_fast.config import device_setting
+
+    device = torch.device(device_setting(args.device))  # ValueError naming --device (cuda without a GPU, ...)
     backends = [b.strip() for b in (args.backends or default_backends(device)).split(",") if b.strip()]
     unknown = [b for b in backends if b not in BACKENDS and b not in VARIANTS and b not in BASELINES]
     if unknown or not backends:
