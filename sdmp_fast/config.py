@@ -29,15 +29,20 @@ METHOD_DEFAULTS = {
              "mix_weight": 0.5, "clip_grad": 3.0, "drop_path_rate": 0.1, "freeze_last_layer_epochs": 1},
 }
 
+# make_loader's arguments the trainer fills itself: not loader_options
+TRAINER_LOADER_ARGS = ("backend", "data", "recipe", "batch_size", "device", "shard_id", "num_shards", "shuffle",
+                       "drop_last", "seed", "dtype", "num_workers")
+
 # Settings a --resume must agree on with the checkpoint (they change the model, the data order or the math).
 RESUME_MUST_MATCH = ("method", "sdmp", "arch", "img_size", "patch_size", "depth", "embed_dim", "num_heads",
                      "local_size", "n_local", "n_local_mixed", "batch_size", "seed", "proj_hidden_dim", "proj_dim",
                      "dino_out_dim", "dino_hidden_dim", "dino_bottleneck_dim", "dino_head_bn", "freeze_patch_embed", "loader",
                      "alpha", "mix_methods", "mix_weight", "tau", "interpolation", "drop_path_rate",
-                     "dino_norm_last_layer")
+                     "dino_norm_last_layer", "loader_options")
 # What a checkpoint written before a setting existed ran with, where that differs from today's default.
 SETTING_BEFORE_IT_EXISTED = {"interpolation": "bilinear",  # crops were resized bilinearly until 2026-11-27
-                             "drop_path_rate": 0.0}  # no stochastic depth until 2026-11-27
+                             "drop_path_rate": 0.0,  # no stochastic depth until 2026-11-27
+                             "loader_options": {}}  # no backend options from the trainer until 2026-11-28
 
 
 def _f(default, help_, choices=None, **meta):
@@ -65,6 +70,11 @@ class TrainConfig:
     loader: str = _f("torchvision", "loader backend ('synthetic': random tensors already on the device)", LOADERS)
     data: Optional[str] = _f(None, "ImageFolder dir (or a flat folder of unlabeled images) / .beton / 'fashion-mnist' (memory loader)")
     num_workers: Optional[int] = _f(None, "loader worker processes / threads")
+    loader_options: Dict[str, Any] = field(default_factory=dict, metadata={
+        "help": "the loader backend's own options, passed to make_loader: key=value,... (values read as YAML) or a "
+                "YAML mapping, e.g. mix_in_graph=true,prefetch_queue_depth=3 or '{decoder_options: "
+                "{hw_decoder_load: 0.9}}' for dali, prefetch_factor=4 for torchvision", "choices": None,
+        "kind": "options"})
     interpolation: str = _f("bicubic", "how crops are resized to the view size (BYOL / DINO / solo-learn: bicubic; "
                             "FFCV always uses its own area resize)", INTERPOLATIONS)
     batch_size: int = _f(256, "batch size per process (global batch = batch_size x world size)")
@@ -268,6 +278,13 @@ class TrainConfig:
         need(not (self.loader == "torch-gpu" and dev == "cpu"), "loader",
              "torch-gpu augments on the GPU: it conflicts with --device cpu")
         # data and output
+        need(isinstance(self.loader_options, dict) and all(isinstance(k, str) for k in self.loader_options),
+             "loader_options", f"expected a mapping of option names to values, got {self.loader_options!r}")
+        need(not (self.loader == "synthetic" and self.loader_options), "loader_options",
+             "the synthetic loader takes no options")
+        taken = sorted(set(self.loader_options) & set(TRAINER_LOADER_ARGS))
+        need(not taken, "loader_options", f"{', '.join(taken)} set by the trainer itself (from --batch-size, "
+                                          f"--num-workers, --seed, --device, --data and the recipe settings)")
         if self.loader == "memory":
             need(self.data is not None, "data", "the memory loader needs --data (e.g. fashion-mnist)")
         elif self.loader != "synthetic":
@@ -314,6 +331,35 @@ def _parse_onoff(v) -> bool:
     raise ValueError(f"expected on/off, got {v!r}")
 
 
+def _parse_options(name: str, value: Any) -> Dict[str, Any]:
+    """A mapping of options: YAML's own, or from the command line "k=v,k=v" (each value read as YAML: true, 3,
+    0.9, [1, 2]) or a YAML flow mapping "{k: v, ...}" (for nested values). null / "" is no options."""
+    import yaml
+
+    if value is None or value == "":
+        return {}
+    if isinstance(value, str):
+        text = value.strip()
+        try:
+            if text.startswith("{"):
+                value = yaml.safe_load(text)
+            else:
+                value = {}
+                for item in text.split(","):
+                    key, eq, raw = item.partition("=")
+                    if not eq or not key.strip():
+                        raise ValueError(f"expected key=value pairs separated by commas (or a YAML mapping "
+                                         f"'{{key: value}}'), got {item.strip()!r} in {text!r}")
+                    value[key.strip()] = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError as e:
+            raise ValueError(f"{name}: not YAML: {text!r} ({e})") from None
+        except ValueError as e:
+            raise ValueError(f"{name}: {e}") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{name}: expected a mapping of option names to values, got {value!r}")
+    return {str(k).replace("-", "_"): v for k, v in value.items()}
+
+
 def _coerce(name: str, value: Any, f: dataclasses.Field) -> Any:
     """YAML / CLI value -> the field's type, with an error naming the setting."""
     if value is None:  # YAML null: only where "unset" means something (the Optional settings)
@@ -321,6 +367,8 @@ def _coerce(name: str, value: Any, f: dataclasses.Field) -> Any:
             return None
         raise ValueError(f"{name}: null is not a value of this setting (default {f.default!r}); leave it out instead")
     kind = f.metadata.get("kind")
+    if kind == "options":
+        return _parse_options(name, value)
     try:
         if kind in ("onoff", "flag"):
             return _parse_onoff(value)
@@ -391,6 +439,8 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
             default = ",".join(default)
         if kind == "onoff":  # shown as the value the option takes, not Python's True / False
             default = "on" if default else "off"
+        if kind == "options":
+            default = "none"
         help_ = f"{help_} (default: {default})"
         if kind == "flag":
             parser.add_argument(_flag(f.name), dest=f.name, action=argparse.BooleanOptionalAction, default=None,

@@ -91,7 +91,7 @@ def build_loader(cfg: TrainConfig, recipe, device: torch.device, rank: int = 0, 
 
     return make_loader(cfg.loader, cfg.data, recipe, cfg.batch_size, device=device, shard_id=rank,
                        num_shards=world_size, shuffle=True, drop_last=True, seed=cfg.seed,
-                       num_workers=cfg.num_workers)
+                       num_workers=cfg.num_workers, **cfg.loader_options)
 
 
 def build_model(cfg: TrainConfig) -> Tuple[nn.Module, Dict]:

@@ -223,6 +223,21 @@ def test_resume_settings_newer_than_the_checkpoint_take_their_default(tmp_path):
 
 
 
+def test_resume_names_a_change_of_loader_options(tmp_path):
+    """Backend options can change the decoded pixels (DALI's hardware vs CUDA decoder) or the random streams
+    (DALI's conditionals): a resume must keep them; a checkpoint from before the setting ran with none."""
+    from sdmp_fast.config import mismatches
+
+    plain = dict(loader="memory", data="fashion-mnist")
+    cfg = tiny_cfg(tmp_path, loader_options={"conditionals": True}, **plain)
+    saved = cfg.to_dict()
+    assert mismatches(saved, cfg) == []
+    assert mismatches(saved, tiny_cfg(tmp_path, **plain)) == [
+        "loader_options (checkpoint {'conditionals': True}, now {})"]
+    del saved["loader_options"]
+    assert mismatches(saved, tiny_cfg(tmp_path, **plain)) == []
+
+
 def test_resume_names_a_change_of_crop_interpolation(tmp_path):
     from sdmp_fast.config import mismatches
 

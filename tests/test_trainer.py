@@ -200,6 +200,43 @@ def test_yaml_nulls_and_infinities_are_named(tmp_path, capsys, text, message):
     assert code == 2 and message in err and not (tmp_path / "o").exists()
 
 
+def test_loader_options_reach_the_backend(tmp_path, capsys, image_dir):
+    """--loader-options: the backend's own options from the trainer, as key=value pairs or a YAML mapping (also
+    from a config file); checked by make_loader against what the backend takes before --out is touched."""
+    import argparse
+
+    from sdmp_fast.config import config_from_args
+    from sdmp_fast.train_cli import add_arguments
+
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    parse = lambda *a: config_from_args(p.parse_args(list(a) + ["--out", "x"]))  # noqa: E731
+    assert parse("--loader-options", "prefetch_factor=4,mix-in-graph=true,decoder_options={hw_decoder_load: 0.9}"
+                 ).loader_options == {"prefetch_factor": 4, "mix_in_graph": True,
+                                      "decoder_options": {"hw_decoder_load": 0.9}}
+    assert parse("--loader-options", "{a: [1, 2], b: null}").loader_options == {"a": [1, 2], "b": None}
+    f = tmp_path / "c.yaml"
+    f.write_text("loader_options:\n  prefetch_factor: 3\n")
+    assert parse("--config", str(f)).loader_options == {"prefetch_factor": 3}
+    assert parse().loader_options == {}
+    # reach the loader: torchvision's own prefetch_factor, and an unknown option named with what it takes
+    cfg = tiny_cfg(tmp_path, loader="torchvision", data=image_dir, num_workers=1,
+                   loader_options={"prefetch_factor": 3})
+    assert Trainer(cfg).loader._loader.prefetch_factor == 3
+    argv = TINY + ["--loader", "torchvision", "--data", image_dir, "--steps", "2", "--out", str(tmp_path / "o")]
+    code, err = run_cli(argv + ["--loader-options", "prefetch_facto=3"], capsys)
+    assert code == 2 and "unknown option(s) prefetch_facto; it takes prefetch_factor" in err
+    for opts, message in (("seed=3", "loader_options: seed set by the trainer itself"),
+                          ("oops", "loader_options: expected key=value pairs"),
+                          ("{a: [1", "loader_options: not YAML")):
+        code, err = run_cli(argv + ["--loader-options", opts], capsys)
+        assert code == 2 and message in err, err
+    code, err = run_cli(TINY + ["--loader", "synthetic", "--steps", "2", "--out", str(tmp_path / "o"),
+                                "--loader-options", "a=1"], capsys)
+    assert code == 2 and "loader_options: the synthetic loader takes no options" in err
+    assert not (tmp_path / "o").exists()
+
+
 def test_config_file_that_is_a_folder_or_not_text_is_named(tmp_path, capsys):
     code, err = run_cli(TINY + ["--config", str(tmp_path), "--out", str(tmp_path / "o")], capsys)
     assert code == 2 and "is a folder, expected a YAML file" in err
