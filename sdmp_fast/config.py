@@ -362,13 +362,13 @@ def _parse_options(name: str, value: Any) -> Dict[str, Any]:
 
 def _coerce(name: str, value: Any, f: dataclasses.Field) -> Any:
     """YAML / CLI value -> the field's type, with an error naming the setting."""
+    if f.metadata.get("kind") == "options":  # null: no options
+        return _parse_options(name, value)
     if value is None:  # YAML null: only where "unset" means something (the Optional settings)
         if f.default is None or "Optional" in str(f.type):
             return None
         raise ValueError(f"{name}: null is not a value of this setting (default {f.default!r}); leave it out instead")
     kind = f.metadata.get("kind")
-    if kind == "options":
-        return _parse_options(name, value)
     try:
         if kind in ("onoff", "flag"):
             return _parse_onoff(value)

@@ -218,6 +218,11 @@ def test_loader_options_reach_the_backend(tmp_path, capsys, image_dir):
     f = tmp_path / "c.yaml"
     f.write_text("loader_options:\n  prefetch_factor: 3\n")
     assert parse("--config", str(f)).loader_options == {"prefetch_factor": 3}
+    f.write_text("loader_options: null\n")
+    assert parse("--config", str(f)).loader_options == {}
+    f.write_text("loader_options: [1, 2]\n")
+    with pytest.raises(ValueError, match="loader_options: expected a mapping of option names to values"):
+        parse("--config", str(f))
     assert parse().loader_options == {}
     # reach the loader: torchvision's own prefetch_factor, and an unknown option named with what it takes
     cfg = tiny_cfg(tmp_path, loader="torchvision", data=image_dir, num_workers=1,
