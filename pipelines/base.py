@@ -459,6 +459,30 @@ def _check_backend_options(backend: str, cls, options: dict) -> None:
         raise ValueError(f"{backend} loader: unknown option(s) {', '.join(unknown)}; it takes "
                          f"{', '.join(own) or 'none'} besides make_loader's own (recipe settings such as size "
                          f"go to the recipe: make_recipe(name, size=...))")
+    for name, value in options.items():
+        _check_option_type(backend, name, value, params[name].annotation)
+
+
+def _check_option_type(backend: str, name: str, value, annotation) -> None:
+    """A backend option's value against its annotation (bool, int, dict; Optional: None too, and an int >= 0,
+    0 or None being the default): a bad one was an AssertionError / TypeError deep in the constructor or in the
+    DataLoader it makes, or was silently read ("off" as True)."""
+    ann = annotation if isinstance(annotation, str) else getattr(annotation, "__name__", str(annotation))
+    optional = "Optional" in ann or "None" in ann
+    if value is None and optional:
+        return
+    if "bool" in ann:
+        ok, want = isinstance(value, bool), "True or False"
+    elif "int" in ann and "float" not in ann:
+        low = 0 if optional else 1
+        ok, want = isinstance(value, int) and not isinstance(value, bool) and value >= low, f"an integer >= {low}"
+    elif "dict" in ann:
+        ok, want = isinstance(value, dict), "a dict"
+    else:
+        return
+    if not ok:
+        raise ValueError(f"{backend} loader: {name}: expected {want}{' or None' if optional else ''}, "
+                         f"got {value!r}")
 
 
 def _loader_device(device) -> torch.device:

@@ -80,9 +80,11 @@ def read_file_bytes(path: str) -> bytes:
     try:
         size = os.fstat(fd).st_size
         data = os.read(fd, size) if size else b""
-        if len(data) == size:  # the file as it was when asked for its size: no extra call to find its end
+        if size and len(data) == size:  # the file as it was when asked for its size: no call to find its end
             return data
-        parts = [data]  # a short read (over 2 GiB, or a file that shrank or grew meanwhile): read to the end
+        # a short read (over 2 GiB, a file that shrank or grew meanwhile) or a size of 0 (empty, or a file system
+        # that does not report sizes: /proc, some FUSE mounts): read to the end
+        parts = [data]
         while chunk := os.read(fd, 1 << 20):
             parts.append(chunk)
         return b"".join(parts)

@@ -31,7 +31,11 @@ METHOD_DEFAULTS = {
 
 # make_loader's arguments the trainer fills itself: not loader_options
 TRAINER_LOADER_ARGS = ("backend", "data", "recipe", "batch_size", "device", "shard_id", "num_shards", "shuffle",
-                       "drop_last", "seed", "dtype", "num_workers")
+                       "drop_last", "seed", "num_workers")
+# loader options that change only how fast batches come (not their pixels or random draws): a resume may change
+# them, as it may change num_workers
+THROUGHPUT_LOADER_OPTIONS = ("prefetch_factor", "prefetch", "num_threads", "read_threads", "prefetch_queue_depth",
+                             "batches_ahead", "os_cache")
 
 # Settings a --resume must agree on with the checkpoint (they change the model, the data order or the math).
 RESUME_MUST_MATCH = ("method", "sdmp", "arch", "img_size", "patch_size", "depth", "embed_dim", "num_heads",
@@ -331,12 +335,24 @@ def _parse_onoff(v) -> bool:
     raise ValueError(f"expected on/off, got {v!r}")
 
 
+def _split_top_level(text: str) -> List[str]:
+    """``text`` split at the commas outside brackets and braces: "a=[1, 2],b={c: 1, d: 2}" -> two items."""
+    items, depth, start = [], 0, 0
+    for i, ch in enumerate(text):
+        depth += ch in "[{"
+        depth -= ch in "]}"
+        if ch == "," and depth == 0:
+            items.append(text[start:i])
+            start = i + 1
+    return items + [text[start:]]
+
+
 def _parse_options(name: str, value: Any) -> Dict[str, Any]:
     """A mapping of options: YAML's own, or from the command line "k=v,k=v" (each value read as YAML: true, 3,
     0.9, [1, 2]) or a YAML flow mapping "{k: v, ...}" (for nested values). null / "" is no options."""
     import yaml
 
-    if value is None or value == "":
+    if value is None or (isinstance(value, str) and not value.strip()):
         return {}
     if isinstance(value, str):
         text = value.strip()
@@ -345,12 +361,12 @@ def _parse_options(name: str, value: Any) -> Dict[str, Any]:
                 value = yaml.safe_load(text)
             else:
                 value = {}
-                for item in text.split(","):
+                for item in _split_top_level(text):
                     key, eq, raw = item.partition("=")
-                    if not eq or not key.strip():
+                    if not eq or not key.strip() or not raw.strip():
                         raise ValueError(f"expected key=value pairs separated by commas (or a YAML mapping "
                                          f"'{{key: value}}'), got {item.strip()!r} in {text!r}")
-                    value[key.strip()] = yaml.safe_load(raw) if raw.strip() else ""
+                    value[key.strip()] = yaml.safe_load(raw)
         except yaml.YAMLError as e:
             raise ValueError(f"{name}: not YAML: {text!r} ({e})") from None
         except ValueError as e:
@@ -482,6 +498,8 @@ def mismatches(saved: Dict[str, Any], current: TrainConfig) -> List[str]:
     for k in RESUME_MUST_MATCH:
         # a setting newer than the checkpoint had its default then (or what the code did before it existed)
         a, b = saved.get(k, SETTING_BEFORE_IT_EXISTED.get(k, defaults.get(k))), cur.get(k)
+        if k == "loader_options":
+            a, b = ({o: v for o, v in (d or {}).items() if o not in THROUGHPUT_LOADER_OPTIONS} for d in (a, b))
         if isinstance(a, (list, tuple)) or isinstance(b, (list, tuple)):
             a, b = list(a or []), list(b or [])
         if a != b:

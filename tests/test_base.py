@@ -213,6 +213,15 @@ def test_make_loader_rejects_bad_settings_before_reading(tmp_path):
         make_loader("torchvision", tmp_path, "byol2", 8, size=32)
     with pytest.raises(ValueError, match=r"memory loader: unknown option\(s\) mix_in_graph, prefetch; it takes none"):
         make_loader("memory", "fashion-mnist", "byol2", 8, prefetch=4, mix_in_graph=True)
+    # option values against the backend's annotations (were asserts / TypeErrors inside, or "off" read as True)
+    for backend, opts, message in (
+            ("torchvision", {"prefetch_factor": 0}, "torchvision loader: prefetch_factor: expected an integer >= 1"),
+            ("torchvision", {"prefetch_factor": 2.5}, "prefetch_factor: expected an integer >= 1, got 2.5"),
+            ("torch-gpu", {"prefetch": "x"}, "torch-gpu loader: prefetch: expected an integer >= 1, got 'x'"),
+            ("dali", {"conditionals": "off"}, "dali loader: conditionals: expected True or False or None"),
+            ("dali", {"read_threads": -3}, "dali loader: read_threads: expected an integer >= 0 or None")):
+        with pytest.raises(ValueError, match=message):
+            make_loader(backend, tmp_path, "byol2", 8, device="cpu", **opts)
     with pytest.raises(ValueError, match="device: not a device, 'gpu'"):
         make_loader("torchvision", tmp_path, "byol2", 8, device="gpu")
 

@@ -194,7 +194,7 @@ def test_bad_settings_are_named(folder):
         dali(folder, byol2(size=32), decoder_options={"hw_decoder_laod": 0.9})
     with pytest.raises(ValueError, match="decoder_options: 'output_type'"):  # the loader's own
         dali(folder, byol2(size=32), decoder_options={"output_type": 0})
-    with pytest.raises(ValueError, match="decoder_options: a dict"):
+    with pytest.raises(ValueError, match="decoder_options: expected a dict"):
         dali(folder, byol2(size=32), decoder_options=["use_fast_idct"])
     with pytest.raises(ValueError, match="decoder_options .*hw_decoder_load.*refuses a value.*'x'"):
         dali(folder, byol2(size=32), decoder_options={"hw_decoder_load": "x"})

@@ -47,6 +47,12 @@ def test_read_encoded_reads_to_the_end_through_short_reads(tmp_path, monkeypatch
     assert reason is None and buf.tobytes() == data
 
 
+def test_read_encoded_reads_files_whose_size_is_not_reported():
+    """A size of 0 from fstat (/proc, some FUSE mounts) is not taken for an empty file: read to the end."""
+    data = image_bytes.read_file_bytes("/proc/self/status")
+    assert data.startswith(b"Name:")
+
+
 def test_sniff_takes_bytes_and_arrays_alike():
     for fmt in ("JPEG", "PNG", "BMP", "TIFF", "WEBP"):
         data = _encoded(fmt)

@@ -215,6 +215,12 @@ def test_loader_options_reach_the_backend(tmp_path, capsys, image_dir):
                  ).loader_options == {"prefetch_factor": 4, "mix_in_graph": True,
                                       "decoder_options": {"hw_decoder_load": 0.9}}
     assert parse("--loader-options", "{a: [1, 2], b: null}").loader_options == {"a": [1, 2], "b": None}
+    # commas inside brackets belong to the value
+    assert parse("--loader-options", "a=[1, 2],decoder_options={hw_decoder_load: 0.9, use_fast_idct: true}"
+                 ).loader_options == {"a": [1, 2], "decoder_options": {"hw_decoder_load": 0.9, "use_fast_idct": True}}
+    assert parse("--loader-options", " ").loader_options == {}
+    with pytest.raises(ValueError, match="loader_options: expected key=value pairs .*got 'a='"):
+        parse("--loader-options", "a=")
     f = tmp_path / "c.yaml"
     f.write_text("loader_options:\n  prefetch_factor: 3\n")
     assert parse("--config", str(f)).loader_options == {"prefetch_factor": 3}
@@ -231,6 +237,8 @@ def test_loader_options_reach_the_backend(tmp_path, capsys, image_dir):
     argv = TINY + ["--loader", "torchvision", "--data", image_dir, "--steps", "2", "--out", str(tmp_path / "o")]
     code, err = run_cli(argv + ["--loader-options", "prefetch_facto=3"], capsys)
     assert code == 2 and "unknown option(s) prefetch_facto; it takes prefetch_factor" in err
+    code, err = run_cli(argv + ["--loader-options", "prefetch_factor=0"], capsys)  # was the DataLoader's assert
+    assert code == 2 and "torchvision loader: prefetch_factor: expected an integer >= 1, got 0" in err
     for opts, message in (("seed=3", "loader_options: seed set by the trainer itself"),
                           ("oops", "loader_options: expected key=value pairs"),
                           ("{a: [1", "loader_options: not YAML")):

@@ -123,7 +123,7 @@ def main(args) -> int:
     records: List[Dict] = []
     if not args.skip_e2e and cfg.loader != "synthetic":
         records.append(_run(cfg, steps, warmup, "e2e", cfg_e2e_mode))
-    synth = dataclasses.replace(cfg, loader="synthetic", data=None)
+    synth = dataclasses.replace(cfg, loader="synthetic", data=None, loader_options={})  # it takes none
     for m in modes:
         records.append(_run(synth, steps, warmup, "synthetic", m))
     by = {(r["run"], r["mode"]): r["img_per_s"] for r in records}

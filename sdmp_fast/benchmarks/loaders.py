@@ -144,14 +144,15 @@ def _sync(device: torch.device) -> None:
 
 def cpu_seconds() -> Optional[float]:
     """CPU time (user + system) so far of this process (all its threads: DALI's, nvJPEG's, the readers') and of
-    its live child processes (DataLoader workers); None without psutil. A child that exits between two readings
-    takes its time with it: the timed window of a loader keeps its workers."""
+    its child processes (DataLoader workers), live or already waited for; None without psutil. A child that has
+    exited but is not yet waited for is missed until it is."""
     try:
         import psutil
     except ImportError:
         return None
     me = psutil.Process()
-    total = sum(me.cpu_times()[:2])
+    done = os.times()  # children already waited for: a worker that exits in the window still counts
+    total = sum(me.cpu_times()[:2]) + done.children_user + done.children_system
     for child in me.children(recursive=True):
         try:
             total += sum(child.cpu_times()[:2])
