@@ -94,7 +94,7 @@ def test_cpu_cost_counts_the_loader_worker_processes():
 
     pytest.importorskip("psutil")
     idle = bench.time_batches(_sleepy_batches(0.1), warmup=1, count=5, device=torch.device("cpu"))
-    assert idle["cpu_cores"] < 0.3 and idle["cpu_ms_per_img"] == pytest.approx(
+    assert idle["cpu_cores"] < 0.2 and idle["cpu_ms_per_img"] == pytest.approx(
         1e3 * idle["cpu_cores"] * idle["seconds"] / idle["samples"])
     worker = subprocess.Popen([sys.executable, "-c", "while True: pass"])  # a busy child, as a decoding worker
     try:
@@ -102,7 +102,7 @@ def test_cpu_cost_counts_the_loader_worker_processes():
     finally:
         worker.kill()
         worker.wait()
-    assert busy["cpu_cores"] > 0.4  # one core while it ran (less on a loaded 2-core machine)
+    assert busy["cpu_cores"] > 0.3  # one core while it ran (less on a loaded 2-core machine)
     assert busy["cpu_ms_per_img"] > idle["cpu_ms_per_img"] + 10
 
 
