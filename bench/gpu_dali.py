@@ -1,7 +1,8 @@
 """DALI loader throughput on a GPU machine: byol2 with mixing (target >= 20,000 img/s on an H100), byol2
 without mixing, DINO multi-crop, and the device-only mixing cost, each after warm-up, in one run. Mixing is
 timed in both placements issue 3 compares: ``-mix`` (assemble_batch on DALI's output, torch ops on the same
-stream) and ``-graphmix`` (inside the DALI graph, ``mix_in_graph=True``). The anchors' pipelines run in the
+stream) and ``-graphmix`` (inside the DALI graph, ``mix_in_graph=True``); ``-torchphoto`` times DALI
+cropping with torchvision's exact colour ops applied after it (``photometric="torch"``). The anchors' pipelines run in the
 same run (``sdmp_fast.benchmarks.baselines``): ``<recipe>-sololearn`` (solo-learn's DALI style, no mixing:
 the 16,103 img/s byol2 and 3,740 img/s DINO anchors) and ``decode-only`` (nvJPEG alone, 21,688 img/s);
 ``feed-only`` times the loader's host side alone (its file reading, 1 and 4 threads), the ceiling it puts on
@@ -162,16 +163,18 @@ def main(argv=None) -> int:
     p.add_argument("--prefetch-queue-depth", type=int, nargs="*", default=[2],
                    help="values of DALI's prefetch_queue_depth to try (default 2)")
     p.add_argument("--configs", default="decode-only,feed-only,byol2-sololearn,byol2-mix,byol2-mix-bilinear,"
-                                        "byol2-graphmix,byol2-nomix,dino-sololearn,dino-mix,dino-graphmix,mix-only",
-                   help="comma-separated <recipe>-<mix|graphmix|nomix|sololearn>[-bilinear] (crops bicubic unless "
-                        "-bilinear), decode-only, feed-only (the DALI loader's file reading alone, 1 and 4 "
+                                        "byol2-graphmix,byol2-torchphoto,byol2-nomix,dino-sololearn,dino-mix,"
+                                        "dino-graphmix,dino-torchphoto,mix-only",
+                   help="comma-separated <recipe>-<mix|graphmix|torchphoto|nomix|sololearn>[-bilinear] (crops "
+                        "bicubic unless -bilinear; torchphoto: photometric='torch', torchvision-exact colour ops "
+                        "after DALI's crops), decode-only, feed-only (the DALI loader's file reading alone, 1 and 4 "
                         "read threads) and mix-only")
     p.add_argument("--device", default="cuda", help="cuda (the point) or cpu (a smoke test of this script)")
     p.add_argument("--out", default=os.environ.get("OUT"), help="folder for the JSON (e.g. $OUT)")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
     configs = args.configs.split(",")
-    modes = ("mix", "graphmix", "nomix", "sololearn")
+    modes = ("mix", "graphmix", "torchphoto", "nomix", "sololearn")
     def parts(c):  # <recipe>-<mode>[-<interpolation>]
         name, _, rest = c.partition("-")
         mode, _, interp = rest.partition("-")
@@ -180,7 +183,8 @@ def main(argv=None) -> int:
     bad = [c for c in configs if c not in ("mix-only", "decode-only", "feed-only")
            and (parts(c)[1] not in modes or parts(c)[2] not in INTERPOLATIONS)]
     if bad:
-        print(f"gpu_dali: unknown configs {bad} (expected <recipe>-mix|graphmix|nomix|sololearn[-bilinear], "
+        print(f"gpu_dali: unknown configs {bad} (expected <recipe>-mix|graphmix|torchphoto|nomix|sololearn"
+              f"[-bilinear], "
               f"decode-only, feed-only or mix-only)", file=sys.stderr)
         return 2
     device = torch.device(args.device)
@@ -274,6 +278,8 @@ def main(argv=None) -> int:
             opts["prefetch_queue_depth"] = depth
             if mode == "graphmix":
                 opts["mix_in_graph"] = True
+            if mode == "torchphoto":
+                opts["photometric"] = "torch"
             if args.threads:
                 opts["num_threads"] = args.threads
             label = config + (f"-hw{load}" if load is not None else "") + (f"-q{depth}" if depth != 2 else "")

@@ -56,20 +56,25 @@ from .recipes import Recipe
 from .skips import SkipLog, UndecodableBatchError, settle, short_reason
 
 @contextlib.contextmanager
+def torch_threads(n: int):
+    """Run torch's CPU ops on ``n`` intra-op threads inside the block (restored after)."""
+    was = torch.get_num_threads()
+    if n == was:
+        yield
+        return
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(was)
+
+
 def one_torch_thread():
     """Run torch's CPU ops single-threaded inside the block (restored after).
 
     Per-sample ops on one image are too small to gain from intra-op threads, and while a loader's own worker
     threads (DALI's) keep every core busy, OpenMP's fork/join barriers stall for milliseconds per op."""
-    n = torch.get_num_threads()
-    if n == 1:
-        yield
-        return
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(n)
+    return torch_threads(1)
 
 
 _DTYPES = (None, torch.float32, torch.float16, torch.bfloat16)
@@ -254,7 +259,11 @@ class DaliLoader(SampledLoader):
     with DALI's ``if`` for the rarely drawn ops; default on CPU only), ``decoder_options`` (passed to
     ``fn.decoders.image``, e.g. ``{"hw_decoder_load": 0.9}`` or ``{"use_fast_idct": True}``),
     ``mix_in_graph`` (mix inside the DALI graph instead of by ``assemble_batch``; see the module docstring;
-    ``last_mix`` then holds the last yielded batch's ``dali_mix.MixDraw``).
+    ``last_mix`` then holds the last yielded batch's ``dali_mix.MixDraw``), ``photometric`` (``"dali"``, the
+    default: DALI's own colour ops, fastest, with the deviations from torchvision listed in ``dali_ops.colour``;
+    ``"torch"``: DALI decodes and crops, then flip, colour jitter, grayscale, blur, solarize and normalisation
+    are ``device_ops``' torchvision-exact ones, as the torch-gpu, memory and FFCV loaders apply them, on the
+    loader's device; not with ``mix_in_graph``).
     """
 
     def __init__(self, data, recipe: Recipe, batch_size: int, *, device=torch.device("cpu"), shard_id: int = 0,
@@ -262,10 +271,18 @@ class DaliLoader(SampledLoader):
                  dtype: Optional[torch.dtype] = None, num_workers: Optional[int] = None,
                  num_threads: Optional[int] = None, prefetch_queue_depth: int = 2,
                  read_threads: Optional[int] = None, conditionals: Optional[bool] = None,
-                 decoder_options: Optional[dict] = None, mix_in_graph: bool = False):
+                 decoder_options: Optional[dict] = None, mix_in_graph: bool = False, photometric: str = "dali"):
         self.recipe = recipe.validate()
         if not isinstance(mix_in_graph, bool):
             raise ValueError(f"mix_in_graph: must be True or False, got {mix_in_graph!r}")
+        if photometric not in ("dali", "torch"):
+            raise ValueError(f"photometric: 'dali' (DALI's colour ops) or 'torch' (torchvision-exact ones after "
+                             f"DALI's crops), got {photometric!r}")
+        if photometric == "torch" and mix_in_graph:
+            raise ValueError("photometric='torch' cannot go with mix_in_graph=True: the graph would mix the views "
+                             "before torch augments them (leave mix_in_graph off: the loader then mixes after)")
+        self.photometric = photometric
+        self._torch_threads = torch.get_num_threads()  # photometric="torch" on the CPU: whole-batch ops, every core
         if dtype not in _DTYPES:
             raise ValueError(f"dtype: DALI loader emits float32, float16 or bfloat16 views, got {dtype}")
         if not isinstance(prefetch_queue_depth, int) or prefetch_queue_depth < 1:
@@ -377,7 +394,7 @@ class DaliLoader(SampledLoader):
                 seed=(self.seed * 1_000_003 + self.shard_id * 7_919) % (2**31 - 1),
                 prefetch_queue_depth=self.prefetch_queue_depth, fp16=self.gpu and self.dtype == torch.float16,
                 conditionals=self.conditionals, gpu_indices=self.gpu, decoder_options=self.decoder_options,
-                mix_in_graph=self.mix_in_graph)
+                mix_in_graph=self.mix_in_graph, photometric=self.photometric)
             self._pipe = self._build_checkpointing(build, checkpoint) if self._checkpointing else build()
         return self._pipe
 
@@ -439,6 +456,8 @@ class DaliLoader(SampledLoader):
             raise RuntimeError(f"DALI loader: batch order out of step (got {indices_cpu.tolist()[:4]}..., "
                                f"expected {fed.kept[:4]}...)")
         tensors = [torch.from_dlpack(o.as_tensor()) for o in outs[:n_out]]
+        if self.photometric == "torch":
+            tensors = self._augment(tensors, generator)
         indices = torch.from_dlpack(outs[n_out + 1].as_tensor()) if self.gpu else indices_cpu
         labels = self._labels[indices]
         if self.mix_in_graph:
@@ -453,6 +472,26 @@ class DaliLoader(SampledLoader):
             batch.views = [v.to(self.dtype) for v in batch.views]
             batch.mixed_views = [v.to(self.dtype) for v in batch.mixed_views]
         return batch
+
+    def _augment(self, crops: List[torch.Tensor], generator: torch.Generator) -> List[torch.Tensor]:
+        """``photometric="torch"``: the graph's uint8 crops flipped, colour-jittered, ... and normalised by
+        ``device_ops`` (draws from the epoch's generator before the mixing's); the ``count`` views of one spec
+        (DINO's local crops) as one batch, as the FFCV and torch-gpu loaders do."""
+        from . import device_ops
+
+        views: List[torch.Tensor] = []
+        k0 = 0
+        # on the CPU the batch's ops are big enough for intra-op threads (2 cores: +23% img/s over one thread),
+        # unlike the per-sample ops one_torch_thread is for
+        with contextlib.nullcontext() if self.gpu else torch_threads(self._torch_threads):
+            for spec in self.recipe.views:
+                group, k0 = crops[k0:k0 + spec.count], k0 + spec.count
+                if not group:
+                    continue
+                x = (torch.cat(group) if len(group) > 1 else group[0]).float().div_(255)
+                x = device_ops.augment(x, spec, generator)
+                views += device_ops.normalize(x, self.recipe.mean, self.recipe.std).split(group[0].shape[0])
+        return views
 
     def _recover(self, err: RuntimeError) -> None:
         """Find the undecodable file(s) among the batches DALI held, mark them, rebuild and re-feed."""

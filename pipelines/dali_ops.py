@@ -5,7 +5,8 @@ Per view (BYOL / DINO order): random resized crop (the view's interpolation: DAL
 when shrinking) -> colour jitter and grayscale (one ``color_twist``: grayscale
 is saturation 0) -> Gaussian blur (per-sample sigma, radius ceil(3 sigma)) -> solarize -> flip + normalise +
 HWC->CHW + cast (one ``crop_mirror_normalize``). Flip commutes with the pixel-wise and symmetric ops before it,
-so it rides along with the normalisation for free.
+so it rides along with the normalisation for free. With ``photometric="torch"`` a view is its crop alone
+(HWC->CHW uint8), and the loader applies the rest with ``device_ops`` (torchvision's exact colour jitter).
 
 An augmentation that a sample does not draw (blur with p 0.1, solarize with p 0.2) is skipped in one of two ways:
 ``conditionals=True`` splits the batch with DALI's ``if`` (only drawn samples are processed: the cheapest on
@@ -111,15 +112,24 @@ def solarize_all(v, spec: ViewSpec, device: str):
     return v + (v >= threshold) * (255.0 - 2.0 * v)
 
 
+def crop_view(images, spec: ViewSpec):
+    """The view's random resized crop: [S, S, 3] uint8 per sample."""
+    return fn.random_resized_crop(images, size=[spec.size, spec.size], random_area=list(spec.scale),
+                                  random_aspect_ratio=list(spec.ratio), antialias=True,
+                                  interp_type=_INTERP_TYPES[spec.interpolation])
+
+
 def augment_view(images, spec: ViewSpec, *, device: str, mean: Sequence[float], std: Sequence[float],
-                 out_dtype, conditionals: bool):
+                 out_dtype, conditionals: bool, photometric: str = "dali"):
     """One view [3, S, S] per sample from decoded HWC uint8 images (see the module docstring for the order).
 
     Pixels are uint8 out of the crop, float in [0, 255] from the colour step on (float blur and arithmetic
-    are cheaper in DALI than their uint8 forms), normalised by the final crop_mirror_normalize."""
-    v = fn.random_resized_crop(images, size=[spec.size, spec.size], random_area=list(spec.scale),
-                               random_aspect_ratio=list(spec.ratio), antialias=True,
-                               interp_type=_INTERP_TYPES[spec.interpolation])
+    are cheaper in DALI than their uint8 forms), normalised by the final crop_mirror_normalize.
+    ``photometric="torch"``: the crop alone, as CHW uint8 (flip, colour, blur, solarize and normalisation are
+    left to ``device_ops`` after the pipeline)."""
+    v = crop_view(images, spec)
+    if photometric == "torch":
+        return fn.transpose(v, perm=[2, 0, 1])
     coloured = colour(v, spec)
     v = fn.cast(v, dtype=types.FLOAT) if coloured is None else coloured
     if conditionals and 0 < spec.blur_p < 1:
@@ -148,7 +158,7 @@ def build_pipeline(source: Callable, recipe: Recipe, **kw):
 def define_pipeline(source: Callable, recipe: Recipe, *, batch_size: int, num_threads: int, device_id,
                     seed: int, prefetch_queue_depth: int = 2, fp16: bool = False, conditionals: bool = False,
                     gpu_indices: bool = False, decoder_options=None, mix_in_graph: bool = False,
-                    gpu: Optional[bool] = None, **pipeline_kwargs):
+                    photometric: str = "dali", gpu: Optional[bool] = None, **pipeline_kwargs):
     """The recipe's DALI pipeline, defined but not built.
 
     ``source`` is a batch-mode external_source callback returning ``(encoded_bytes_list, indices_int64)``;
@@ -163,10 +173,19 @@ def define_pipeline(source: Callable, recipe: Recipe, *, batch_size: int, num_th
     float16 kernel) and cast to fp16 at the end when ``fp16``. ``pipeline_kwargs`` go to the Pipeline
     (``enable_checkpointing``, ``checkpoint``).
 
+    ``photometric="torch"``: every view comes out as its crop alone, CHW uint8 (no flip, colour, blur, solarize
+    or normalisation: the loader applies ``device_ops``' torchvision-exact ones afterwards); not with
+    ``mix_in_graph``, which would mix the views before their augmentation.
+
     ``gpu`` (default: ``device_id is not None``) places the ops; ``gpu=True`` with ``device_id=None`` defines the
     GPU graph on a machine without CUDA, where it cannot be built but DALI still checks it (the CPU tests do).
     """
     gpu = device_id is not None if gpu is None else gpu
+    if photometric not in ("dali", "torch"):
+        raise ValueError(f"photometric: 'dali' or 'torch', got {photometric!r}")
+    if photometric == "torch" and mix_in_graph:
+        raise ValueError("photometric='torch' with mix_in_graph: the graph would mix views before their "
+                         "augmentation (torch's comes after the pipeline)")
     device = "gpu" if gpu else "cpu"
     out_dtype = types.FLOAT16 if fp16 else types.FLOAT
     decoder_options = dict(decoder_options or {})
@@ -186,7 +205,7 @@ def define_pipeline(source: Callable, recipe: Recipe, *, batch_size: int, num_th
                                    **decoder_options)
         view_dtype = types.FLOAT if mix_in_graph else out_dtype
         outs = [augment_view(images, spec, device=device, mean=recipe.mean, std=recipe.std, out_dtype=view_dtype,
-                             conditionals=conditionals) for spec in views]
+                             conditionals=conditionals, photometric=photometric) for spec in views]
         if mix_in_graph:
             outs += mix_views(outs, mix_feeds, recipe, gpu=gpu)
             if fp16:

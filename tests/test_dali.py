@@ -200,6 +200,77 @@ def test_bad_settings_are_named(folder):
         dali(folder, byol2(size=32), decoder_options={"hw_decoder_load": "x"})
 
 
+def _recording_crops(monkeypatch):
+    """Patch DaliLoader._augment to keep a copy of the uint8 crops each batch hands it."""
+    from sdmp_fast.pipelines.dali import DaliLoader
+
+    seen, real = [], DaliLoader._augment
+
+    def recording(self, crops, generator):
+        seen.append([c.clone() for c in crops])
+        return real(self, crops, generator)
+
+    monkeypatch.setattr(DaliLoader, "_augment", recording)
+    return seen
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("recipe", [byol2(size=32), small_dino()], ids=["byol2", "dino"])
+def test_photometric_torch_is_device_ops_on_the_graphs_crops(folder, recipe, monkeypatch):
+    """photometric='torch': the DALI graph only crops (uint8 CHW); flip, colour jitter, grayscale, blur, solarize
+    and normalisation are device_ops' (each checked against torchvision in test_device_ops.py), one batch per
+    view spec, drawn from the epoch's generator before the mixing."""
+    from sdmp_fast.pipelines import device_ops
+
+    seen = _recording_crops(monkeypatch)
+    batches = list(dali(folder, recipe, photometric="torch", seed=3))
+    assert len(seen) == len(batches) == N // 8
+    gen = make_generator(3, 0, 0, "cpu")
+    for b, crops in zip(batches, seen):
+        check_batch(b, recipe, 8)
+        assert [(c.dtype, tuple(c.shape)) for c in crops] == \
+            [(torch.uint8, (8, 3, v.size, v.size)) for v in recipe.expanded_views()]
+        views, k0 = [], 0
+        for spec in recipe.views:
+            x = torch.cat(crops[k0:k0 + spec.count]).float() / 255
+            k0 += spec.count
+            views += device_ops.normalize(device_ops.augment(x, spec, gen), recipe.mean, recipe.std).split(8)
+        want = assemble_batch(views, b.labels, b.indices, recipe, gen)
+        for got, exp in zip(b.views + b.mixed_views, want.views + want.mixed_views):
+            torch.testing.assert_close(got, exp, rtol=0, atol=1e-6)
+        assert torch.equal(b.lam, want.lam) and torch.equal(b.method, want.method)
+
+
+@pytest.mark.timeout(120)
+def test_photometric_torch_crops_do_not_depend_on_the_colour_settings(folder, monkeypatch):
+    """In photometric='torch' mode the graph holds no colour op: a recipe without any photometric augmentation
+    gets the very same crops (DALI's crop randomness is untouched), and its views are those crops normalised."""
+    import dataclasses
+
+    plain = byol2(size=32)
+    bare_views = tuple(dataclasses.replace(v, jitter_p=0.0, grayscale_p=0.0, blur_p=0.0, solarize_p=0.0, hflip_p=0.0)
+                       for v in plain.views)
+    bare = dataclasses.replace(plain, views=bare_views).without_mixing()
+    seen = _recording_crops(monkeypatch)
+    list(dali(folder, plain, photometric="torch", seed=5))
+    n_plain = len(seen)
+    bare_batches = list(dali(folder, bare, photometric="torch", seed=5))
+    for a, b in zip(seen[:n_plain], seen[n_plain:]):
+        assert all(torch.equal(x, y) for x, y in zip(a, b))
+    for batch, crops in zip(bare_batches, seen[n_plain:]):
+        for view, crop in zip(batch.views, crops):
+            mean = torch.tensor(plain.mean).view(1, 3, 1, 1)
+            std = torch.tensor(plain.std).view(1, 3, 1, 1)
+            torch.testing.assert_close(view, (crop.float() / 255 - mean) / std, rtol=0, atol=1e-5)
+
+
+def test_photometric_setting_is_checked(folder):
+    with pytest.raises(ValueError, match="photometric: 'dali' .* or 'torch' .*got 'exact'"):
+        dali(folder, byol2(size=32), photometric="exact")
+    with pytest.raises(ValueError, match="photometric='torch' cannot go with mix_in_graph=True"):
+        dali(folder, byol2(size=32), photometric="torch", mix_in_graph=True)
+
+
 @pytest.mark.timeout(60)
 def test_decoder_options_reach_the_decoder(folder):
     plain = dali(folder, byol2(size=32))
@@ -211,10 +282,12 @@ def test_decoder_options_reach_the_decoder(folder):
 
 @pytest.mark.cuda
 @pytest.mark.timeout(180)
-@pytest.mark.parametrize("recipe,dtype", [(byol2(size=32), torch.float16), (small_dino(), torch.bfloat16)],
-                         ids=["byol2-fp16", "dino-bf16"])
-def test_gpu_mode(folder, recipe, dtype):
-    loader = dali(folder, recipe, batch_size=8, device="cuda", drop_last=False, dtype=dtype)
+@pytest.mark.parametrize("recipe,dtype,photometric", [(byol2(size=32), torch.float16, "dali"),
+                                                      (small_dino(), torch.bfloat16, "dali"),
+                                                      (small_dino(), torch.float16, "torch")],
+                         ids=["byol2-fp16", "dino-bf16", "dino-fp16-torchphoto"])
+def test_gpu_mode(folder, recipe, dtype, photometric):
+    loader = dali(folder, recipe, batch_size=8, device="cuda", drop_last=False, dtype=dtype, photometric=photometric)
     for epoch in range(2):
         loader.set_epoch(epoch)
         batches = list(loader)

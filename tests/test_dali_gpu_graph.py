@@ -73,6 +73,18 @@ def test_loader_gpu_graph_defines_with_every_op_on_the_gpu(recipe_name, mix_in_g
     assert [o.device for o in pipe._graph_out[n_views:]] == ["cpu", "gpu"]
 
 
+@pytest.mark.parametrize("recipe_name", ["byol2", "dino"])
+def test_crop_only_gpu_graph_for_torch_photometric(recipe_name):
+    """photometric='torch': decode and crop on the GPU, nothing else of the recipe in the graph."""
+    recipe = _recipes()[recipe_name]
+    pipe = dali_ops.define_pipeline(lambda info: None, recipe, batch_size=8, num_threads=2, device_id=None,
+                                    gpu=True, seed=1, gpu_indices=True, photometric="torch")
+    ops = check_gpu_graph(pipe, len(recipe.expanded_views()))
+    names = {_schema_name(op) for op in ops}
+    assert not names & {"ColorTwist", "GaussianBlur", "CropMirrorNormalize", "MultiPaste"}, names
+    assert {"RandomResizedCrop", "Transpose"} <= names
+
+
 def test_probe_gpu_graph_defines():
     pipe = dali_ops.define_probe_pipeline(None, {"hw_decoder_load": 0.9}, gpu=True)
     check_gpu_graph(pipe, 1)

@@ -182,21 +182,22 @@ def test_bad_files_are_skipped_and_refed_batches_are_drawn_anew(folder, tmp_path
 
 
 @pytest.mark.timeout(120)
-def test_bench_loaders_times_dali_graphmix_beside_dali(folder, tmp_path, capsys):
+def test_bench_loaders_times_dali_variants_beside_dali(folder, tmp_path, capsys):
     from sdmp_fast.cli import main as cli_main
 
     out = tmp_path / "loaders.json"
-    rc = cli_main(["bench", "loaders", "--data", folder, "--backends", "dali,dali-graphmix", "--size", "24",
+    rc = cli_main(["bench", "loaders", "--data", folder, "--backends", "dali,dali-graphmix,dali-torchphoto",
+                   "--size", "24",
                    "--batch-size", "4", "--warmup", "1", "--batches", "2", "--num-workers", "1", "--device", "cpu",
                    "--json", str(out)])
     assert rc == 0
     recs = {r["backend"]: r for r in json.loads(out.read_text())["records"]}
-    assert set(recs) == {"dali", "dali-graphmix"}
+    assert set(recs) == {"dali", "dali-graphmix", "dali-torchphoto"}
     assert all(r["status"] == "ok" and r["img_per_s"] > 0 and r["num_mixed_views"] == 2 for r in recs.values())
     assert cli_main(["bench", "loaders", "--data", folder, "--backends", "dali-nope", "--device", "cpu",
                      "--json", str(tmp_path / "x.json")]) == 2
     err = capsys.readouterr().err
-    assert "unknown ['dali-nope']" in err and "dali-graphmix" in err
+    assert "unknown ['dali-nope']" in err and "dali-graphmix" in err and "dali-torchphoto" in err
 
 
 @pytest.mark.cuda

@@ -15,7 +15,9 @@ ran: ``num_workers`` (its workers / threads), ``interpolation`` (its crop resize
 
 Variants (``VARIANTS``) are extra names for a backend with options, timed like any backend and recorded under
 their own name: ``dali-graphmix`` is the DALI backend mixing inside its graph (``mix_in_graph=True``), to set
-against ``dali`` (mixing by ``assemble_batch`` on DALI's output) in the same run.
+against ``dali`` (mixing by ``assemble_batch`` on DALI's output) in the same run; ``dali-torchphoto`` is DALI
+decoding and cropping, then torchvision's exact colour ops by ``device_ops`` (``photometric="torch"``), to set
+the price of that fidelity against ``dali``'s own colour ops.
 
 Baselines (``baselines.BASELINES``) are the pipelines the issues' anchors were measured with, timed the same
 way: ``dali-solo-learn`` (solo-learn's DALI pipeline style, no mixing; every record then also gets
@@ -51,7 +53,8 @@ SYNTHETIC = "synthetic"
 SOLO_LEARN = "dali-solo-learn"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # name -> (backend, options): a backend run with options, recorded under its own name.
-VARIANTS = {"dali-graphmix": ("dali", {"mix_in_graph": True})}
+VARIANTS = {"dali-graphmix": ("dali", {"mix_in_graph": True}),
+            "dali-torchphoto": ("dali", {"photometric": "torch"})}
 COLUMNS = ["backend", "status", "img_per_s", "ratio_vs_torchvision", "ratio_vs_solo_learn", "ratio_vs_synthetic",
            "cpu_cores", "cpu_ms_per_img", "gpu_peak_mb", "gpu_used_mb", "batches", "startup_s", "reason"]
 
@@ -411,7 +414,8 @@ def add_arguments(p) -> None:
     p.add_argument("--backends", default=None,
                    help="comma-separated backends (default torchvision,dali-solo-learn,dali,ffcv,torch-gpu, and "
                         "decode-only on a GPU: every loader beside the anchors' pipelines; also "
-                        "dali-graphmix: DALI mixing inside its graph; baselines: dali-solo-learn, solo-learn's "
+                        "dali-graphmix: DALI mixing inside its graph; dali-torchphoto: DALI crops, "
+                        "torchvision-exact colour ops after it; baselines: dali-solo-learn, solo-learn's "
                         "DALI pipeline style without mixing, and decode-only, nvJPEG decode alone, GPU only)")
     p.add_argument("--recipe", default="byol2", choices=["byol2", "dino"])
     p.add_argument("--size", type=int, default=None, help="view size (global size for dino); default recipe's")
