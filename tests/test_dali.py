@@ -325,14 +325,16 @@ def test_resume_in_a_later_epoch_is_bit_exact(folder, tmp_path, method):
 
 
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
-def test_state_dict_lets_a_new_loader_repeat_an_epoch(folder, device):
+@pytest.mark.parametrize("device,photometric", [("cpu", "dali"), ("cpu", "torch"),
+                                                pytest.param("cuda", "dali", marks=pytest.mark.cuda)])
+def test_state_dict_lets_a_new_loader_repeat_an_epoch(folder, device, photometric):
     """What a resumed run relies on: a new loader given state_dict() (taken mid-epoch 1, or at the end of epoch
-    0) yields epoch 1 exactly as the loader that ran epoch 0 first; without it DALI's crops differ."""
+    0) yields epoch 1 exactly as the loader that ran epoch 0 first; without it DALI's crops differ. With
+    photometric='torch' the colour draws come from the epoch's generator, the crops still from DALI's state."""
     recipe = byol2(size=32)
 
     def dali(*a, **kw):
-        return globals()["dali"](*a, device=device, **kw)
+        return globals()["dali"](*a, device=device, photometric=photometric, **kw)
 
     ran = dali(folder, recipe, seed=3)
     list(ran)
