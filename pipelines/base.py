@@ -17,7 +17,7 @@ import itertools
 import os
 import warnings
 from dataclasses import dataclass
-from typing import Iterator, List, Optional, Protocol, Sequence, Tuple, Union, runtime_checkable
+from typing import Dict, Iterator, List, Optional, Protocol, Sequence, Tuple, Union, runtime_checkable
 
 import torch
 
@@ -443,6 +443,21 @@ BACKENDS = {
     "ffcv": "sdmp_fast.pipelines.ffcv_loader:FFCVLoader",
     "memory": "sdmp_fast.pipelines.memory:MemoryLoader",
 }
+
+
+def backend_option_defaults(backend: str) -> Dict[str, object]:
+    """The defaults of a backend's constructor arguments (its own options among them); {} for a name that is not
+    a backend or whose module cannot be imported here (FFCV not installed)."""
+    spec = BACKENDS.get(backend)
+    if spec is None:
+        return {}
+    module_name, cls_name = spec.split(":")
+    try:
+        cls = getattr(importlib.import_module(module_name), cls_name)
+    except ImportError:
+        return {}
+    return {n: p.default for n, p in inspect.signature(cls.__init__).parameters.items()
+            if p.default is not inspect.Parameter.empty}
 
 
 def _check_backend_options(backend: str, cls, options: dict) -> None:

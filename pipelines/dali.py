@@ -278,9 +278,6 @@ class DaliLoader(SampledLoader):
         if photometric not in ("dali", "torch"):
             raise ValueError(f"photometric: 'dali' (DALI's colour ops) or 'torch' (torchvision-exact ones after "
                              f"DALI's crops), got {photometric!r}")
-        if photometric == "torch" and mix_in_graph:
-            raise ValueError("photometric='torch' cannot go with mix_in_graph=True: the graph would mix the views "
-                             "before torch augments them (leave mix_in_graph off: the loader then mixes after)")
         self.photometric = photometric
         self._torch_threads = torch.get_num_threads()  # photometric="torch" on the CPU: whole-batch ops, every core
         if dtype not in _DTYPES:
@@ -303,6 +300,9 @@ class DaliLoader(SampledLoader):
         self.decoder_options = check_decoder_options(decoder_options)
         # nothing to mix -> the plain pipeline, whatever was asked
         self.mix_in_graph = mix_in_graph and self.recipe.mix.enabled and bool(self.recipe.mix.mixed_views)
+        if photometric == "torch" and self.mix_in_graph:
+            raise ValueError("photometric='torch' cannot go with mix_in_graph=True: the graph would mix the views "
+                             "before torch augments them (leave mix_in_graph off: the loader then mixes after)")
         self.last_mix = None
         self.log = SkipLog("dali", self.sampler)
         self._labels = torch.tensor(self.images.labels, dtype=torch.long, device=self.device)

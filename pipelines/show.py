@@ -12,7 +12,7 @@ from typing import Optional
 import torch
 
 from sdmp_fast.batch import SDMPBatch
-from sdmp_fast.config import device_setting
+from sdmp_fast.config import device_setting, parse_options
 from sdmp_fast.mixing import METHODS
 
 from .recipes import Recipe, make_recipe
@@ -93,23 +93,34 @@ def add_arguments(p) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--num-workers", type=int, default=None)
+    p.add_argument("--loader-options", default=None,
+                   help="the backend's own options, as for `sdmp-fast train`: key=value,... (values read as YAML) or "
+                        "a YAML mapping, e.g. photometric=torch or mix_in_graph=true for dali")
 
 
 def main(args) -> int:
     from .base import make_loader
 
+    import inspect
+
     device = device_setting(args.device)
+    options = parse_options("--loader-options", getattr(args, "loader_options", None))
+    own = sorted(set(options) & set(inspect.signature(make_loader).parameters))
+    if own:
+        raise ValueError(f"--loader-options: {', '.join(own)} set by show itself (from --seed, --device, "
+                         f"--batch-size, ...): not a backend option")
     recipe = make_recipe(args.recipe)
     from sdmp_fast.plot import image_out_path
 
     image_out_path(args.out, "grid.png")  # a bad --out fails before any data is read
     loader = make_loader(args.backend, args.data, recipe, args.batch_size, device=device, seed=args.seed,
-                         num_workers=args.num_workers, num_shards=1, shard_id=0)
+                         num_workers=args.num_workers, num_shards=1, shard_id=0, **options)
     batch = next(iter(loader), None)
     if batch is None:
         raise ValueError(f"--data: {args.data!r} gave no batch of {args.batch_size} (no file decodes, or fewer "
                          f"decodable images than the batch size)")
-    title = (f"{args.backend} · {recipe.name} · batch {batch.batch_size} · seed {args.seed}: "
+    opts = "".join(f" · {k}={v}" for k, v in options.items())
+    title = (f"{args.backend}{opts} · {recipe.name} · batch {batch.batch_size} · seed {args.seed}: "
              f"{len(batch.views)} views + {len(batch.mixed_views)} mixed (red)")
     out = plot_batch(batch, recipe, args.out, title=title, max_samples=args.batch_size)
     print(f"show: wrote {out} ({batch!r})")

@@ -347,7 +347,7 @@ def _split_top_level(text: str) -> List[str]:
     return items + [text[start:]]
 
 
-def _parse_options(name: str, value: Any) -> Dict[str, Any]:
+def parse_options(name: str, value: Any) -> Dict[str, Any]:
     """A mapping of options: YAML's own, or from the command line "k=v,k=v" (each value read as YAML: true, 3,
     0.9, [1, 2]) or a YAML flow mapping "{k: v, ...}" (for nested values). null / "" is no options."""
     import yaml
@@ -379,7 +379,7 @@ def _parse_options(name: str, value: Any) -> Dict[str, Any]:
 def _coerce(name: str, value: Any, f: dataclasses.Field) -> Any:
     """YAML / CLI value -> the field's type, with an error naming the setting."""
     if f.metadata.get("kind") == "options":  # null: no options
-        return _parse_options(name, value)
+        return parse_options(name, value)
     if value is None:  # YAML null: only where "unset" means something (the Optional settings)
         if f.default is None or "Optional" in str(f.type):
             return None
@@ -490,6 +490,12 @@ def config_from_dict(d: Dict[str, Any]) -> TrainConfig:
     return TrainConfig(**kwargs)
 
 
+def _loader_option_defaults(loader: Optional[str]) -> Dict[str, Any]:
+    from sdmp_fast.pipelines.base import backend_option_defaults
+
+    return backend_option_defaults(loader) if loader else {}
+
+
 def mismatches(saved: Dict[str, Any], current: TrainConfig) -> List[str]:
     """Settings that differ between a checkpoint's config and the current one, among RESUME_MUST_MATCH."""
     cur = current.to_dict()
@@ -498,8 +504,10 @@ def mismatches(saved: Dict[str, Any], current: TrainConfig) -> List[str]:
     for k in RESUME_MUST_MATCH:
         # a setting newer than the checkpoint had its default then (or what the code did before it existed)
         a, b = saved.get(k, SETTING_BEFORE_IT_EXISTED.get(k, defaults.get(k))), cur.get(k)
-        if k == "loader_options":
-            a, b = ({o: v for o, v in (d or {}).items() if o not in THROUGHPUT_LOADER_OPTIONS} for d in (a, b))
+        if k == "loader_options":  # throughput-only options may change; an option at its default = not given
+            own = _loader_option_defaults(cur.get("loader"))
+            a, b = ({o: v for o, v in (d or {}).items()
+                     if o not in THROUGHPUT_LOADER_OPTIONS and not (o in own and own[o] == v)} for d in (a, b))
         if isinstance(a, (list, tuple)) or isinstance(b, (list, tuple)):
             a, b = list(a or []), list(b or [])
         if a != b:

@@ -241,6 +241,22 @@ def test_resume_names_a_change_of_loader_options(tmp_path):
     assert mismatches(saved, tiny_cfg(tmp_path, **plain)) == []
 
 
+def test_resume_takes_a_loader_option_spelt_out_at_its_default(tmp_path):
+    """An option given at the backend's own default is the run without it: a resume may add or drop it."""
+    from sdmp_fast.config import mismatches
+
+    from sdmp_fast.data import make_synthetic_image_folder
+
+    dali = dict(loader="dali", data=make_synthetic_image_folder(str(tmp_path / "data"), 1, 2))
+    saved = tiny_cfg(tmp_path, **dali).to_dict()
+    assert mismatches(saved, tiny_cfg(tmp_path, loader_options={"photometric": "dali", "mix_in_graph": False},
+                                      **dali)) == []
+    assert mismatches(saved, tiny_cfg(tmp_path, loader_options={"photometric": "torch"}, **dali)) == [
+        "loader_options (checkpoint {}, now {'photometric': 'torch'})"]
+    spelt = tiny_cfg(tmp_path, loader_options={"photometric": "dali"}, **dali).to_dict()
+    assert mismatches(spelt, tiny_cfg(tmp_path, **dali)) == []
+
+
 def test_resume_names_a_change_of_crop_interpolation(tmp_path):
     from sdmp_fast.config import mismatches
 

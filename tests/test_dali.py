@@ -269,6 +269,8 @@ def test_photometric_setting_is_checked(folder):
         dali(folder, byol2(size=32), photometric="exact")
     with pytest.raises(ValueError, match="photometric='torch' cannot go with mix_in_graph=True"):
         dali(folder, byol2(size=32), photometric="torch", mix_in_graph=True)
+    # without mixing, mix_in_graph changes nothing (the plain pipeline): nothing to refuse then
+    assert not dali(folder, byol2(size=32).without_mixing(), photometric="torch", mix_in_graph=True).mix_in_graph
 
 
 @pytest.mark.timeout(60)
@@ -383,8 +385,8 @@ def test_state_dict_lets_a_new_loader_repeat_an_epoch(folder, device, photometri
 
 
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize("drop_last", [True, False])
-def test_state_dict_resume_is_exact_past_a_file_dali_cannot_decode(folder, tmp_path, drop_last):
+@pytest.mark.parametrize("drop_last,photometric", [(True, "dali"), (False, "dali"), (True, "torch")])
+def test_state_dict_resume_is_exact_past_a_file_dali_cannot_decode(folder, tmp_path, drop_last, photometric):
     """A file that passes the byte sniff but fails inside DALI: the first run learns it in epoch 0 and skips it
     after; a resumed loader meets it again in epoch 1 and recovers. The recovery rebuilds the pipeline from
     DALI's state as of the last batch returned, so the resumed epoch still equals the first run's (it used to
@@ -407,7 +409,7 @@ def test_state_dict_resume_is_exact_past_a_file_dali_cannot_decode(folder, tmp_p
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the skipped file's warning at each epoch end
-        ran = dali(root, recipe, seed=3, drop_last=drop_last)
+        ran = dali(root, recipe, seed=3, drop_last=drop_last, photometric=photometric)
         list(ran)
         assert any(p.endswith("corrupt.jpg") for p in ran.skipped)
         ran.set_epoch(1)
@@ -415,7 +417,7 @@ def test_state_dict_resume_is_exact_past_a_file_dali_cannot_decode(folder, tmp_p
         first = [snap(next(it))]
         mid_1 = ran.state_dict()
         e1 = first + [snap(b) for b in it]
-        fresh = dali(root, recipe, seed=3, drop_last=drop_last)
+        fresh = dali(root, recipe, seed=3, drop_last=drop_last, photometric=photometric)
         fresh.load_state_dict(mid_1)
         fresh.set_epoch(1)
         assert same([snap(b) for b in fresh], e1)

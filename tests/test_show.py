@@ -41,6 +41,20 @@ def test_show_command_writes_a_png_from_a_real_loader(tmp_path, capsys):
     assert "mixed=2" in capsys.readouterr().out
 
 
+@pytest.mark.timeout(180)
+def test_show_command_passes_the_backends_own_options(tmp_path, capsys):
+    pytest.importorskip("nvidia.dali")
+    make_synthetic_image_folder(str(tmp_path / "data"), num_classes=2, per_class=4, size=(64, 80))
+    base = ["show", "--data", str(tmp_path / "data"), "--backend", "dali", "--batch-size", "4", "--device", "cpu"]
+    assert cli_main(base + ["--out", str(tmp_path / "a.png"), "--loader-options", "photometric=torch"]) == 0
+    assert "mixed=2" in capsys.readouterr().out and (tmp_path / "a.png").is_file()
+    assert cli_main(base + ["--out", str(tmp_path / "b.png"), "--loader-options", "photometric=exact"]) == 2
+    assert "photometric" in capsys.readouterr().err
+    assert cli_main(base + ["--out", str(tmp_path / "c.png"), "--loader-options", "seed=3"]) == 2
+    assert "--loader-options: seed set by show itself" in capsys.readouterr().err
+    assert not (tmp_path / "b.png").exists() and not (tmp_path / "c.png").exists()
+
+
 def test_image_out_path_names_the_file_actually_written(tmp_path):
     from sdmp_fast.plot import image_out_path
 
