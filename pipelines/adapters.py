@@ -198,7 +198,11 @@ class _SamplerView:
         self._owner.set_epoch(epoch)
 
     def _sampler(self) -> Optional[EpochSampler]:
-        s = getattr(_base_loader(self._owner.loader), "sampler", None)
+        base = _base_loader(self._owner.loader)
+        follow = getattr(base, "_follow_dist", None)
+        if callable(follow):  # the shard of a process group initialised since the loader was made
+            follow()
+        s = getattr(base, "sampler", None)
         return s if isinstance(s, EpochSampler) else None
 
     def __len__(self) -> int:

@@ -172,8 +172,10 @@ def _read_file_list(path: str) -> ImageList:
 
 def dist_shard() -> Tuple[int, int]:
     """(shard_id, num_shards): torch.distributed's rank and world size when it is initialised, else torchrun's
-    RANK / WORLD_SIZE (a loader built before init_process_group, as solo-learn and Lightning do, must still
-    take its own shard), else (0, 1) -- with a warning when WORLD_SIZE says there are other processes."""
+    RANK / WORLD_SIZE (a loader built before init_process_group must still take its own shard), else (0, 1) --
+    with a warning when WORLD_SIZE says there are other processes. A loader sharded this way follows the process
+    group once it is initialised (``SampledLoader._follow_dist``): Lightning's launcher sets no RANK, and its
+    rank 0 makes the loader before the other processes even exist."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_rank(), torch.distributed.get_world_size()
     rank, world = os.environ.get("RANK", ""), os.environ.get("WORLD_SIZE", "")
@@ -183,9 +185,10 @@ def dist_shard() -> Tuple[int, int]:
         if rank:
             raise ValueError(f"RANK={rank!r} is not a rank of WORLD_SIZE={world} (0..{int(world) - 1}); pass "
                              f"shard_id and num_shards, or fix the environment")
-        warnings.warn(f"make_loader: WORLD_SIZE={world} but no RANK and no initialised torch.distributed: every "
-                      f"process would read the whole data set; pass shard_id and num_shards", RuntimeWarning,
-                      stacklevel=3)
+        warnings.warn(f"make_loader: WORLD_SIZE={world} but no RANK and no initialised torch.distributed: the "
+                      f"loader reads the whole data set until torch.distributed is initialised (it takes its shard "
+                      f"then, at its first len / set_epoch / iter); pass shard_id and num_shards to shard it now",
+                      RuntimeWarning, stacklevel=3)
     return 0, 1
 
 
@@ -212,6 +215,19 @@ class EpochSampler:
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
         self._epoch_set = True
+
+    def reshard(self, shard_id: int, num_shards: int) -> None:
+        """Another shard of the same data, the epoch and pass bookkeeping kept (checked as in the constructor)."""
+        if not 0 <= shard_id < num_shards:
+            raise ValueError(f"shard_id {shard_id} out of range for num_shards {num_shards}")
+        old = self.shard_id, self.num_shards
+        self.shard_id, self.num_shards = shard_id, num_shards
+        if self.drop_last and self.shard_size() < self.batch_size:
+            self.shard_id, self.num_shards = old
+            raise ValueError(
+                f"batch_size {self.batch_size} is larger than shard {shard_id}'s {self.num_samples // num_shards} "
+                f"samples ({self.num_samples} samples over {num_shards} shards) with drop_last: an epoch would be "
+                f"empty")
 
     def begin_pass(self) -> int:
         """The epoch a loader's new pass runs (every backend's ``__iter__`` starts with it): ``set_epoch``'s, or,
@@ -379,12 +395,32 @@ class SampledLoader:
     the epoch, ``self.log`` (a SkipLog, where the backend decodes files) lists what was skipped."""
 
     sampler: EpochSampler
+    _shard_from_dist = False  # make_loader took the shard from dist_shard(): follow the process group once it exists
 
     def __len__(self) -> int:
+        self._follow_dist()
         return len(self.sampler)
 
     def set_epoch(self, epoch: int) -> None:
+        self._follow_dist()
         self.sampler.set_epoch(epoch)
+
+    def _follow_dist(self) -> None:
+        """A loader made without shard_id takes torch.distributed's rank and world size when the process group
+        exists by its first len / set_epoch / iter (checked until then): Lightning (solo-learn's trainer) makes
+        the loader in rank 0 before it starts the other processes and initialises the group, so at construction
+        rank 0 saw one process and would have read every shard."""
+        if not self._shard_from_dist or not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            return
+        self._shard_from_dist = False  # a process group's ranks do not change
+        rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+        if (rank, world) != (self.sampler.shard_id, self.sampler.num_shards):
+            self.sampler.reshard(rank, world)
+            self.shard_id = rank
+            self._resharded()
+
+    def _resharded(self) -> None:
+        """Backend state derived from the shard (the generators read ``shard_id`` at each pass): none here."""
 
     @property
     def skipped(self) -> List[str]:
@@ -422,6 +458,7 @@ class SkippingLoader(SampledLoader):
         self._skip = int(k)
 
     def __iter__(self) -> Iterator[SDMPBatch]:
+        self._follow_dist()
         skip, self._skip = self._skip, 0
         if not skip or self._skips_unread():
             return self._run_pass(skip)
@@ -540,7 +577,8 @@ def make_loader(backend: str, data, recipe: Union[str, Recipe] = "byol2", batch_
     if (shard_id is None) != (num_shards is None):
         raise ValueError(f"shard_id / num_shards: give both or neither (got shard_id={shard_id}, "
                          f"num_shards={num_shards}; neither: torch.distributed's rank and world size)")
-    if shard_id is None:
+    auto_shard = shard_id is None
+    if auto_shard:
         shard_id, num_shards = dist_shard()
     if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         raise ValueError(f"dtype: the views are normalised floats: a floating torch dtype (float32, bfloat16, "
@@ -551,6 +589,8 @@ def make_loader(backend: str, data, recipe: Union[str, Recipe] = "byol2", batch_
     module_name, cls_name = BACKENDS[backend].split(":")
     cls = getattr(importlib.import_module(module_name), cls_name)
     _check_backend_options(backend, cls, backend_options)
-    return cls(data, recipe, batch_size, device=torch.device(device), shard_id=shard_id, num_shards=num_shards,
-               shuffle=shuffle, drop_last=drop_last, seed=seed, dtype=dtype, num_workers=num_workers,
-               **backend_options)
+    loader = cls(data, recipe, batch_size, device=torch.device(device), shard_id=shard_id, num_shards=num_shards,
+                 shuffle=shuffle, drop_last=drop_last, seed=seed, dtype=dtype, num_workers=num_workers,
+                 **backend_options)
+    loader._shard_from_dist = auto_shard
+    return loader

@@ -317,6 +317,7 @@ class DaliLoader(SampledLoader):
 
     # -- SDMPLoader protocol -------------------------------------------------------------------------------
     def __iter__(self) -> Iterator[SDMPBatch]:
+        self._follow_dist()
         if self._active:
             self._drain()
         epoch = self.sampler.begin_pass()
@@ -331,6 +332,13 @@ class DaliLoader(SampledLoader):
         self._active = True
         self._pass = object()  # a later pass drains and restarts the pipeline under this one
         return self._epoch(epoch, make_generator(self.seed, epoch, self.shard_id, self.device), self._pass)
+
+    def _resharded(self) -> None:
+        """The pipeline's seed and its epoch-start checkpoints belong to the old shard: built anew."""
+        if self._active:
+            self._drain()
+        self._close_pipe()
+        self._epoch_starts = {}
 
     # -- resumable state (torchdata's StatefulDataLoader names) ---------------------------------------------
     def state_dict(self) -> Dict[str, Dict[int, bytes]]:

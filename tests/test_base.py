@@ -318,12 +318,80 @@ def test_shards_from_torchrun_environment_before_init(monkeypatch):
     loader = make_loader("memory", imgs, byol2(size=8), 2, device="cpu")
     assert (loader.sampler.shard_id, loader.sampler.num_shards) == (1, 2)
     monkeypatch.delenv("RANK")
-    with pytest.warns(RuntimeWarning, match="WORLD_SIZE=2 but no RANK"):
+    with pytest.warns(RuntimeWarning, match="WORLD_SIZE=2 but no RANK.*until torch.distributed is initialised"):
         loader = make_loader("memory", imgs, byol2(size=8), 2, device="cpu")
     assert loader.sampler.num_shards == 1
     monkeypatch.setenv("RANK", "2")  # not a rank of WORLD_SIZE=2: an error, not a warning about a missing RANK
     with pytest.raises(ValueError, match=r"RANK='2' is not a rank of WORLD_SIZE=2"):
         make_loader("memory", imgs, byol2(size=8), 2, device="cpu")
+
+
+def _fake_process_group(monkeypatch, rank, world):
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "get_rank", lambda *a, **k: rank)
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda *a, **k: world)
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("backend", ["memory", "torchvision", "dali"])
+def test_a_loader_made_before_the_process_group_takes_its_shard_once_it_exists(backend, monkeypatch, tmp_path):
+    """Lightning (solo-learn's trainer): rank 0 makes the loader before the launcher starts the other processes
+    (no RANK, no WORLD_SIZE, no process group), then the group is initialised: the loader's first len / set_epoch /
+    iter after that follow it, and its batches are those of a loader made for that shard. A shard given
+    explicitly stays."""
+    if backend == "dali":
+        pytest.importorskip("nvidia.dali")
+    from sdmp_fast.data import make_synthetic_image_folder
+
+    for k in ("RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(k, raising=False)
+    data = make_synthetic_image_folder(str(tmp_path / "d"), 2, 8)
+    if backend == "memory":
+        data = torch.randint(0, 256, (16, 3, 12, 12), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    kw = dict(device="cpu", num_workers=0, seed=4)
+    early = make_loader(backend, data, byol2(size=16), 4, **kw)
+    given = make_loader(backend, data, byol2(size=16), 4, shard_id=0, num_shards=1, **kw)
+    assert len(early) == 4
+    _fake_process_group(monkeypatch, 1, 2)
+    assert len(early) == 2 and (early.sampler.shard_id, early.sampler.num_shards) == (1, 2)
+    assert len(given) == 4  # what the caller set is kept
+    mine = make_loader(backend, data, byol2(size=16), 4, shard_id=1, num_shards=2, **kw)
+    for epoch in range(2):
+        early.set_epoch(epoch)
+        mine.set_epoch(epoch)
+        for a, b in zip(early, mine, strict=True):
+            assert torch.equal(a.indices, b.indices)
+            assert all(torch.equal(u, v) for u, v in zip(a.views + a.mixed_views, b.views + b.mixed_views))
+
+
+def test_a_dataloader_view_of_a_loader_made_before_the_group_follows_it(monkeypatch):
+    from sdmp_fast.pipelines import adapters
+
+    for k in ("RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(k, raising=False)
+    imgs = torch.randint(0, 256, (16, 3, 12, 12), dtype=torch.uint8)
+    dl = adapters.as_dataloader(adapters.as_dino(make_loader("memory", imgs, byol2(size=8), 4, device="cpu")))
+    _fake_process_group(monkeypatch, 1, 2)
+    assert len(dl.sampler) == 8 and list(dl.sampler)[:2] == list(
+        EpochSampler(16, 4, 1, 2, seed=0).indices(0)[:2].tolist())  # Lightning reads the sampler first
+
+
+def test_a_loader_already_read_follows_the_group_too_dali_rebuilding_its_pipeline(monkeypatch, tmp_path):
+    pytest.importorskip("nvidia.dali")
+    from sdmp_fast.data import make_synthetic_image_folder
+
+    for k in ("RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(k, raising=False)
+    data = make_synthetic_image_folder(str(tmp_path / "d"), 2, 8)
+    early = make_loader("dali", data, byol2(size=16), 4, device="cpu", num_workers=0, seed=4)
+    next(iter(early))  # an epoch left early: its pipeline and state belong to the single-process shard
+    _fake_process_group(monkeypatch, 0, 2)
+    early.set_epoch(0)
+    mine = make_loader("dali", data, byol2(size=16), 4, device="cpu", num_workers=0, seed=4, shard_id=0,
+                       num_shards=2)
+    a, b = list(early), list(mine)
+    assert len(a) == len(b) == 2
+    assert all(torch.equal(x.views[0], y.views[0]) and torch.equal(x.indices, y.indices) for x, y in zip(a, b))
 
 
 class _CountingLoader:
