@@ -164,20 +164,39 @@ def _loader_files(loader):
     return None
 
 
+def _skipped_by_convert(files: Sequence[str], root: str, skipped: Sequence[str]) -> set:
+    """The ``files`` (of the folder at ``root``) that ``convert`` left out of a .beton. Its list holds the paths
+    it was given: relative to where it ran, or absolute, possibly before the data moved; so a file matches by
+    its path below ``root`` being the tail of a skipped path, or by the same real path."""
+    real = {os.path.realpath(p) for p in skipped}
+    tails = set()
+    for p in skipped:
+        parts = os.path.normpath(p).replace(os.sep, "/").split("/")
+        tails.update("/".join(parts[k:]) for k in range(len(parts)))
+    return {f for f in files
+            if os.path.realpath(f) in real or os.path.relpath(f, root).replace(os.sep, "/") in tails}
+
+
 def as_lightly(loader, data=None, with_mix_info: bool = False,
                append_mixed: Optional[bool] = None) -> BatchAdapter:
     """``(views, targets, filenames)`` per batch, as lightly's MultiViewCollate gives. ``data`` (the folder or
     file list the loader reads) names the files; without it the loader's own file list is used if it exposes
     one, else the names are the dataset indices as strings."""
-    images = list_images(data) if data is not None else _loader_files(loader)
+    base = _base_loader(loader)
+    own = _loader_files(base)
+    images = list_images(data) if data is not None else own
     names = None
     if images is not None:
         files = list(images.files)
-        base = _base_loader(loader)
+        if data is not None and own is not None and \
+                [os.path.realpath(f) for f in own.files] != [os.path.realpath(f) for f in files]:
+            raise ValueError(f"as_lightly: data {data!r} lists other files, or the same in another order, than the "
+                             f"loader reads ({len(files)} vs {len(own.files)}): its names would be other samples'; "
+                             f"leave data out (the loader's own list names them)")
         if data is not None and str(getattr(base, "path", "")).endswith(".beton"):
             # a .beton holds the folder's files in list order less those convert skipped: its index is there
-            gone = {os.path.realpath(p) for p in base.skipped}
-            files = [f for f in files if os.path.realpath(f) not in gone]
+            gone = _skipped_by_convert(files, images.root, base.skipped)
+            files = [f for f in files if f not in gone]
         total = getattr(getattr(base, "sampler", None), "num_samples", None)
         if total is not None and total != len(files):
             raise ValueError(f"as_lightly: data {data!r} lists {len(files)} files but the loader reads {total} "

@@ -206,6 +206,38 @@ def test_lightly_names_of_a_beton_skip_what_convert_skipped(tmp_path):
         adapters.as_lightly(FakeLoader(byol2(size=8), num_samples=6, batch_size=2), data=str(tmp_path))
 
 
+def test_lightly_names_of_a_beton_converted_elsewhere_or_before_the_data_moved(tmp_path):
+    # convert's list of skipped files holds the paths it was given: relative to the folder it ran in, or
+    # absolute under where the data was then
+    from sdmp_fast.data import make_synthetic_image_folder
+
+    make_synthetic_image_folder(str(tmp_path), num_classes=2, per_class=4, size=(20, 20))
+    files = list_images(str(tmp_path)).files
+    rel = [os.path.relpath(f, str(tmp_path)) for f in files]
+
+    class BetonLoader(FakeLoader):
+        path = str(tmp_path / "x.beton")
+        skipped = [os.path.join("imgs", rel[1]), os.path.join("/scratch/old/copy", rel[5])]
+
+    loader = BetonLoader(byol2(size=8), num_samples=6, batch_size=2, drop_last=False)
+    names = [n for _, _, fn in adapters.as_lightly(loader, data=str(tmp_path)) for n in fn]
+    assert sorted(names) == sorted(r for k, r in enumerate(rel) if k not in (1, 5))
+
+
+def test_lightly_data_listing_the_loaders_files_in_another_order_is_refused(tmp_path):
+    from sdmp_fast.data import make_synthetic_image_folder
+
+    make_synthetic_image_folder(str(tmp_path / "d"), num_classes=2, per_class=2, size=(20, 20))
+    files = list_images(str(tmp_path / "d")).files
+    listing = tmp_path / "list.txt"
+    listing.write_text("".join(f"{f} {k // 2}\n" for k, f in reversed(list(enumerate(files)))))
+    loader = make_loader("torchvision", str(listing), byol2(size=8), 2, device="cpu", num_workers=0)
+    with pytest.raises(ValueError, match="lists other files, or the same in another order"):
+        adapters.as_lightly(loader, data=str(tmp_path / "d"))
+    names = [n for _, _, fn in adapters.as_lightly(loader) for n in fn]  # its own list names them
+    assert sorted(names) == sorted(os.path.relpath(f, str(tmp_path)) for f in files)
+
+
 def test_solo_learn_default_batch_is_what_stock_methods_unpack():
     loader = FakeLoader(byol2(size=8))
     indexes, crops, targets = next(iter(adapters.as_solo_learn(loader)))  # solo-learn: `_, X, targets = batch`
