@@ -33,6 +33,7 @@ from .image_bytes import rgb8
 FORMATS = ("jpg", "raw", "proportion")
 DEFAULT_JPEG_QUALITY = 90  # of the stored JPEGs (--jpeg-quality)
 MAX_STORED_SIDE = 65535  # FFCV stores width/height as uint16
+LOAD_MAX_PIXELS = 1_000_000_000  # larger images are refused as decompression bombs (Pillow's default: ~179 MP)
 SUMMARY_LISTED = 20      # bad files printed in full; the sidecar lists all of them
 
 
@@ -93,6 +94,10 @@ def load_rgb(path: str, max_side: int = 0) -> np.ndarray:
 
     if os.path.getsize(path) == 0:
         raise ValueError("zero-byte file")
+    # Pillow refuses images over ~179 MP as decompression bombs; a data set may hold such photos (JPEGs are
+    # drafted down below): refused only past LOAD_MAX_PIXELS
+    if Image.MAX_IMAGE_PIXELS is not None and Image.MAX_IMAGE_PIXELS < LOAD_MAX_PIXELS // 2:
+        Image.MAX_IMAGE_PIXELS = LOAD_MAX_PIXELS // 2
     with Image.open(path) as im:
         if max_side:
             im.draft("RGB", (max_side, max_side))
@@ -122,6 +127,9 @@ def check_image(path: str, max_side: int = 0):
         h, w = stored_shape(arr.shape[:2], max_side)
         if max(h, w) > MAX_STORED_SIDE:
             return None, f"{arr.shape[1]}x{arr.shape[0]} exceeds FFCV's {MAX_STORED_SIDE}-pixel limit (use --max-side)"
+        if min(h, w) < 1:  # FFCV's resizer would make a 0-pixel side and fail the whole write
+            return None, (f"{arr.shape[1]}x{arr.shape[0]} is too thin to store with its longest side capped at "
+                          f"{max_side} (--max-side)")
         return (h, w), None
     except Exception as e:  # noqa: BLE001 - every failure is a skip reason, reported with its type
         return None, f"{type(e).__name__}: {e}"
@@ -299,7 +307,9 @@ def convert(src, out, *, fmt: str = "jpg", max_side: int = 512, jpeg_quality: in
 
     checks = check_images(images.files, max_side, workers, progress)
     good = [i for i, (shape, _) in enumerate(checks) if shape is not None]
-    skipped = [(images.files[i], reason) for i, (shape, reason) in enumerate(checks) if shape is None]
+    # absolute: the list is read later from other folders (the FFCV loader, as_lightly)
+    skipped = [(os.path.abspath(images.files[i]), reason) for i, (shape, reason) in enumerate(checks)
+               if shape is None]
     if not good:
         raise ValueError(f"src: none of the {len(images)} files in {images.root!r} could be decoded "
                          f"(first: {skipped[0][0]}: {skipped[0][1]})")

@@ -263,8 +263,13 @@ def load_backbone(path: str, random_init: bool = False, with_info: bool = False,
         side = os.path.join(os.path.dirname(os.path.abspath(path)), "backbone.json")
         if not os.path.isfile(side):
             raise FileNotFoundError(f"checkpoint: {side} (how to rebuild {path}) is missing")
-        with open(side) as fh:
-            info = json.load(fh)
+        try:
+            with open(side) as fh:
+                info = json.load(fh)
+            info["backbone_spec"]["arch"]
+        except (ValueError, KeyError, TypeError) as e:  # JSONDecodeError is a ValueError
+            raise ValueError(f"checkpoint: {side} (how to rebuild {path}) is not a backbone description "
+                             f"({type(e).__name__}: {e})") from None
         weights = state
     model = create_backbone(info["backbone_spec"])
     if not random_init:

@@ -179,7 +179,7 @@ def linear_probe(train_f: torch.Tensor, train_y: torch.Tensor, test_f: torch.Ten
         raise ValueError(f"linear probe optimizer: expected 'lbfgs' or 'adamw', got {optimizer!r}")
     dev = train_f.device if device is None else torch.device(device)
     mu = train_f.float().mean(0)
-    sd = train_f.float().std(0).clamp_min(1e-6)
+    sd = train_f.float().std(0, unbiased=False).clamp_min(1e-6)  # one training sample: 0, not NaN
     xtr = ((train_f.float() - mu) / sd).to(dev)
     xte = ((test_f.float() - mu) / sd).to(dev)
     ytr, yte = train_y.to(dev), test_y.to(dev)
@@ -221,9 +221,11 @@ def linear_probe(train_f: torch.Tensor, train_y: torch.Tensor, test_f: torch.Ten
 # Data and backbones for the CLI
 # ---------------------------------------------------------------------------------------------------------
 
-def load_eval_data(data: str, train_limit: int = 0, test_limit: int = 0):
+def load_eval_data(data: str, train_limit: int = 0, test_limit: int = 0, img_size: int = 64):
     """(train_images uint8, train_labels, test_images uint8, test_labels) of ``fashion-mnist`` or of a
-    directory holding ImageFolder trees ``train/`` and ``val/`` (or ``test/``)."""
+    directory holding ImageFolder trees ``train/`` and ``val/`` (or ``test/``), whose images are read at
+    ``img_size`` as DINO's evaluation reads them (short side resized to img_size * 256 / 224, centre crop).
+    The limits keep the first samples of a fixed seeded shuffle, so every class is there in expectation."""
     if data in ("fashion-mnist", "fashion_mnist", "fmnist"):
         from sdmp_fast.data import load_fashion_mnist
 
@@ -236,15 +238,15 @@ def load_eval_data(data: str, train_limit: int = 0, test_limit: int = 0):
         if not os.path.isdir(os.path.join(data, "train")) or split is None:
             raise ValueError(f"data: {data!r} must hold ImageFolder trees train/ and val/ (or test/)")
         train_dir, test_dir = os.path.join(data, "train"), os.path.join(data, split)
-        xtr, ytr, train_classes = _read_image_folder(train_dir)
-        xte, yte, test_classes = _read_image_folder(test_dir)
+        xtr, ytr, train_classes = _read_image_folder(train_dir, img_size)
+        xte, yte, test_classes = _read_image_folder(test_dir, img_size)
         yte = _map_labels(yte, test_classes, train_classes, test_dir, train_dir)
     if train_limit < 0 or test_limit < 0:
         raise ValueError(f"--train-limit / --test-limit: must be >= 0 (0: all), got {train_limit} / {test_limit}")
     if train_limit:
         xtr, ytr = _balanced_subset(xtr, ytr, train_limit)
-    if test_limit:
-        xte, yte = xte[:test_limit], yte[:test_limit]
+    if test_limit:  # the folders list their samples class by class: the first ones would be one class
+        xte, yte = _balanced_subset(xte, yte, test_limit)
     return xtr, ytr, xte, yte
 
 
@@ -270,7 +272,9 @@ def _map_labels(labels: torch.Tensor, classes: Sequence[str], ref_classes: Seque
 
 
 def _read_image_folder(root: str, size: int = 64):
-    """Small ImageFolder trees read into memory: (RGB uint8 [N, size, size, 3], labels [N], class names).
+    """Small ImageFolder trees read into memory: (RGB uint8 [N, size, size, 3], labels [N], class names), each
+    image resized (bicubic) so that its short side is size * 256 / 224, then centre-cropped to size x size, as
+    DINO's k-NN and linear evaluations read ImageNet at 224.
 
     An eval set is read exactly: a file that cannot be decoded is a ValueError naming it (skipping it would
     silently change what the accuracy is measured on)."""
@@ -287,11 +291,24 @@ def _read_image_folder(root: str, size: int = 64):
     for f in lst.files:
         try:
             with Image.open(f) as im:
-                imgs.append(np.asarray(im.convert("RGB").resize((size, size), Image.BILINEAR)))
+                imgs.append(np.asarray(_resize_centre_crop(im.convert("RGB"), size)))
         except (OSError, SyntaxError, ValueError) as e:  # UnidentifiedImageError is an OSError
             raise ValueError(f"data: cannot decode the image {f!r} ({type(e).__name__}: {e}); remove or replace "
                              f"it") from None
     return torch.from_numpy(np.stack(imgs)), torch.tensor(lst.labels, dtype=torch.long), tuple(lst.classes)
+
+
+def _resize_centre_crop(im, size: int):
+    """PIL image -> size x size: short side to round(size * 256 / 224) (bicubic, antialiased), centre crop."""
+    from PIL import Image
+
+    short = max(size, round(size * 256 / 224))
+    w, h = im.size
+    scale = short / min(w, h)
+    rw, rh = max(size, round(w * scale)), max(size, round(h * scale))
+    im = im.resize((rw, rh), Image.BICUBIC)
+    left, top = (rw - size) // 2, (rh - size) // 2
+    return im.crop((left, top, left + size, top + size))
 
 
 def load_backbone_for_eval(path: str, random_init: bool = False, seed: int = 0):
@@ -406,7 +423,7 @@ def main(args) -> int:
     img_size = args.img_size if args.img_size is not None else int(info.get("img_size", 28))
     check_img_size(model, img_size)
     mean, std = info.get("mean", DEFAULT_MEAN), info.get("std", DEFAULT_STD)
-    data = load_eval_data(args.data, args.train_limit, args.test_limit)
+    data = load_eval_data(args.data, args.train_limit, args.test_limit, img_size)
     res = evaluate_backbone(model, data, img_size, mean, std, args.knn_k, args.knn_t, args.linear,
                             args.batch_size, device,
                             {"optimizer": args.linear_optimizer, "epochs": args.linear_epochs})

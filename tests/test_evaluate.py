@@ -198,13 +198,26 @@ def test_eval_cli_on_a_run(tiny_run, tmp_path, capsys):
     assert "random init: k-NN" in capsys.readouterr().out
 
 
+def test_a_damaged_backbone_description_is_named(tiny_run, tmp_path):
+    import shutil
+
+    from sdmp_fast.evaluate import load_backbone_for_eval
+
+    run, _, _ = tiny_run
+    shutil.copy(os.path.join(run, "backbone.pt"), tmp_path / "backbone.pt")
+    for text in ("{\n", '{"img_size": 28}'):
+        (tmp_path / "backbone.json").write_text(text)
+        with pytest.raises(ValueError, match="backbone.json .*is not a backbone description"):
+            load_backbone_for_eval(str(tmp_path / "backbone.pt"))
+
+
 def test_eval_data_from_image_folders(tmp_path):
     from sdmp_fast.data import make_synthetic_image_folder
     from sdmp_fast.evaluate import load_eval_data
 
     make_synthetic_image_folder(str(tmp_path / "train"), num_classes=3, per_class=4)
     make_synthetic_image_folder(str(tmp_path / "val"), num_classes=3, per_class=2, seed=1)
-    xtr, ytr, xte, yte = load_eval_data(str(tmp_path))
+    xtr, ytr, xte, yte = load_eval_data(str(tmp_path))  # img_size 64 unless the model's is given
     assert xtr.shape == (12, 64, 64, 3) and xtr.dtype == torch.uint8 and xte.shape == (6, 64, 64, 3)
     assert sorted(set(ytr.tolist())) == [0, 1, 2] and len(yte) == 6
     with pytest.raises(ValueError, match="train/ and val/"):
@@ -293,6 +306,34 @@ def _class_tree(root, classes, per_class=3, seed=0):
         for i in range(per_class):
             px = np.clip(base + rng.integers(-20, 20, (16, 16, 3)), 0, 255).astype("uint8")
             Image.fromarray(px).save(d / f"{i}.png")
+
+
+def test_eval_folders_are_read_as_dino_reads_them_and_limits_keep_every_class(tmp_path):
+    """Read at the model's size: short side to size * 256 / 224, centre crop (not squashed to 64 px); the
+    limits take a seeded shuffle (a folder lists its samples class by class)."""
+    import numpy as np
+    from PIL import Image
+
+    from sdmp_fast.evaluate import load_eval_data, linear_probe
+
+    for split, per in (("train", 3), ("val", 4)):
+        for c in range(3):
+            d = tmp_path / split / f"c{c}"
+            d.mkdir(parents=True)
+            for k in range(per):
+                thirds = np.zeros((96, 288, 3), np.uint8)  # red | green | blue, a wide image
+                thirds[:, :96, 0] = thirds[:, 96:192, 1] = thirds[:, 192:, 2] = 200 + 10 * c + k
+                Image.fromarray(thirds).save(d / f"{k}.png")
+    xtr, ytr, xte, yte = load_eval_data(str(tmp_path), img_size=32)
+    assert xtr.shape == (9, 32, 32, 3) and xte.shape == (12, 32, 32, 3)
+    # 96 x 288 -> 37 x 110 (short side 32 * 256 / 224 = 36.6), centre 32 x 32: the green third only (a squash
+    # into a square would keep all three)
+    assert xtr[..., 1].min() > 150 and xtr[..., 0].max() < 30 and xtr[..., 2].max() < 30
+    _, _, xte2, yte2 = load_eval_data(str(tmp_path), test_limit=6, img_size=32)
+    assert len(yte2) == 6 and len(set(yte2.tolist())) > 1  # not the first class's 6 images
+    # one training sample: the linear probe's standardisation does not turn it into NaN
+    f = torch.randn(5, 4)
+    assert 0.0 <= linear_probe(f[:1], torch.tensor([0]), f[1:], torch.tensor([0, 1, 0, 1]), epochs=3) <= 1.0
 
 
 def test_eval_data_pairs_classes_by_name(tmp_path):

@@ -180,6 +180,18 @@ def test_load_rgb_converts_modes_and_orientation(tmp_path):
     assert out.shape == (30, 20, 3)  # upright: portrait
 
     assert conv.check_image(save("tiny.png", Image.new("RGB", (1, 1))))[0] == (1, 1)
+    # a side that --max-side would round to 0 pixels is a skip reason (FFCV's resizer failed the whole write)
+    shape, reason = conv.check_image(save("strip.png", Image.new("RGB", (2000, 2))), 512)
+    assert shape is None and "too thin" in reason and "--max-side" in reason
+    assert conv.check_image(save("strip.png", Image.new("RGB", (2000, 2))))[0] == (2, 2000)  # no cap: kept
+    # Pillow's decompression-bomb limit (twice MAX_IMAGE_PIXELS, ~179 MP by default) is raised for a data set's
+    # large photos; shown with a limit lowered to 2,000 pixels instead of a 180 MP image
+    default = Image.MAX_IMAGE_PIXELS
+    try:
+        Image.MAX_IMAGE_PIXELS = 1000
+        assert conv.check_image(save("big.png", Image.new("RGB", (100, 60))), 50)[0] == (30, 50)
+    finally:
+        Image.MAX_IMAGE_PIXELS = default
 
 
 # ------------------------------------------------------------------------------------------------ loader
