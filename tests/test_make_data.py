@@ -87,6 +87,18 @@ def _skimage_photos(monkeypatch):
         return load_photos()
 
 
+def test_make_data_settings_and_a_linked_out_dir(tmp_path):
+    with pytest.raises(ValueError, match="--classes: 8 class folders for 3 images"):
+        make_data(str(tmp_path / "few"), num_images=3)
+    with pytest.raises(ValueError, match="--seed: must be >= 0"):
+        make_data(str(tmp_path / "neg"), num_images=2, classes=1, seed=-1)
+    target = tmp_path / "real"
+    target.mkdir()
+    (tmp_path / "link").symlink_to(target)  # e.g. a scratch folder linked into the project
+    make_data(str(tmp_path / "link"), num_images=2, classes=1)
+    assert (tmp_path / "link").is_symlink() and len(list_images(str(target))) == 2
+
+
 def test_make_data_refuses_a_file_as_out_dir_and_leaves_no_tmp_folder(tmp_path, monkeypatch):
     afile = tmp_path / "afile"
     afile.write_text("not a folder")

@@ -141,7 +141,13 @@ def make_data(out_dir: str, num_images: int = 512, classes: int = 8, seed: int =
         raise ValueError(f"--num-images: must be >= 1, got {num_images}")
     if classes < 1:
         raise ValueError(f"--classes: must be >= 1, got {classes}")
-    out_dir = os.path.abspath(os.fspath(out_dir))
+    if classes > num_images:
+        raise ValueError(f"--classes: {classes} class folders for {num_images} images would leave some empty "
+                         f"(an ImageFolder with empty classes); give at most --num-images classes")
+    if seed < 0:
+        raise ValueError(f"--seed: must be >= 0, got {seed}")
+    # a link to a folder is the folder it names: the set is swapped in there, the link stays
+    out_dir = os.path.realpath(os.fspath(out_dir))
     if os.path.lexists(out_dir) and not os.path.isdir(out_dir):
         raise ValueError(f"make-data: OUT_DIR {out_dir!r} exists and is not a folder; choose a new or empty folder")
     parent = os.path.dirname(out_dir)
