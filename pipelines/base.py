@@ -412,12 +412,12 @@ class SampledLoader:
         rank 0 saw one process and would have read every shard."""
         if not self._shard_from_dist or not (torch.distributed.is_available() and torch.distributed.is_initialized()):
             return
-        self._shard_from_dist = False  # a process group's ranks do not change
         rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
         if (rank, world) != (self.sampler.shard_id, self.sampler.num_shards):
-            self.sampler.reshard(rank, world)
+            self.sampler.reshard(rank, world)  # a shard too small for a batch raises here, and again at every call
             self.shard_id = rank
             self._resharded()
+        self._shard_from_dist = False  # only once followed: a process group's ranks do not change
 
     def _resharded(self) -> None:
         """Backend state derived from the shard (the generators read ``shard_id`` at each pass): none here."""

@@ -337,6 +337,7 @@ class DaliLoader(SampledLoader):
         """The pipeline's seed and its epoch-start checkpoints belong to the old shard: built anew."""
         if self._active:
             self._drain()
+        self._pass = object()  # a pass begun on the old shard raises superseded_pass instead of ending early
         self._close_pipe()
         self._epoch_starts = {}
 

@@ -394,6 +394,37 @@ def test_a_loader_already_read_follows_the_group_too_dali_rebuilding_its_pipelin
     assert all(torch.equal(x.views[0], y.views[0]) and torch.equal(x.indices, y.indices) for x, y in zip(a, b))
 
 
+def test_a_shard_too_small_for_a_batch_fails_at_every_call_not_only_the_first(monkeypatch):
+    """16 samples over 4 ranks leave 4 per shard, fewer than a batch of 6 with drop_last: the loader must not
+    quietly go on reading the whole data set after the first call raised."""
+    for k in ("RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(k, raising=False)
+    imgs = torch.randint(0, 256, (16, 3, 12, 12), dtype=torch.uint8)
+    early = make_loader("memory", imgs, byol2(size=8), 6, device="cpu")
+    assert len(early) == 2
+    _fake_process_group(monkeypatch, 1, 4)
+    for call in (len, lambda l: l.set_epoch(0), iter, len):
+        with pytest.raises(ValueError, match="larger than shard 1"):
+            call(early)
+    assert (early.sampler.shard_id, early.sampler.num_shards) == (0, 1)
+
+
+def test_a_dali_pass_begun_before_the_group_is_superseded_when_the_loader_follows_it(monkeypatch, tmp_path):
+    pytest.importorskip("nvidia.dali")
+    from sdmp_fast.data import make_synthetic_image_folder
+
+    for k in ("RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(k, raising=False)
+    data = make_synthetic_image_folder(str(tmp_path / "d"), 2, 8)
+    early = make_loader("dali", data, byol2(size=16), 4, device="cpu", num_workers=0, seed=4)
+    old = iter(early)
+    next(old)
+    _fake_process_group(monkeypatch, 0, 2)
+    assert len(early) == 2  # follows the group: the old pass's pipeline is gone
+    with pytest.raises(RuntimeError, match="new pass"):
+        next(old)
+
+
 class _CountingLoader:
     """Batches are (epoch, index) labels; epochs of ``per_epoch`` batches (0 = an empty epoch)."""
 
