@@ -110,10 +110,26 @@ def settle(decoded: int, size: int, *, fill: bool, keep_even: bool) -> List[int]
     if decoded == size:
         return list(range(decoded))
     if fill:
-        return [j % decoded for j in range(size)]
+        return _refill(decoded, size)
     if keep_even and decoded % 2:
         return list(range(decoded - 1))
     return list(range(decoded))
+
+
+def _refill(decoded: int, size: int) -> List[int]:
+    """The decodable samples in order, then repeats of them up to ``size``, each repeat chosen so that the slot
+    batch-flip mixing pairs it with (n-1-s) does not hold the same sample (sdmp.md section 1: an image is never its
+    own partner); the next one in the cycle is taken where the plain cycle would repeat the partner. Only a batch
+    with a single decodable sample pairs it with itself."""
+    out = list(range(decoded))
+    c = 0
+    for s in range(decoded, size):
+        partner = size - 1 - s
+        if partner < s and out[partner] == c % decoded and decoded > 1:
+            c += 1
+        out.append(c % decoded)
+        c += 1
+    return out
 
 
 def short_reason(e: BaseException) -> str:

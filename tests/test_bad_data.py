@@ -257,10 +257,26 @@ def test_drop_last_batches_keep_their_size_on_every_rank_despite_bad_files(backe
             assert not used & bad_paths
             for b in batches:
                 assert b.lam.shape == (BATCH,) and len(b.mixed_views) == 2
+                idx = b.indices.tolist()  # a refilled repeat is never its own batch-flip partner
+                assert all(idx[i] != idx[-1 - i] for i in range(len(idx))), idx
         assert set(loader.skipped) <= bad_paths
         assert loader.log.trimmed == 0
         filled += loader.log.filled
     assert filled > 0  # the refill was exercised
+
+
+def test_refilled_slots_never_pair_a_sample_with_itself():
+    """sdmp.md section 1: image i is mixed with image n-1-i, never with itself. The refill repeats the decodable
+    samples (each at least once, the decoded ones first, in order) so that no slot's partner holds its sample."""
+    from sdmp_fast.pipelines.skips import settle
+
+    assert settle(7, 8, fill=True, keep_even=True) == [0, 1, 2, 3, 4, 5, 6, 1]  # the plain cycle put 0 at slot 7
+    for size in range(2, 41, 2):
+        for decoded in range(2, size + 1):
+            pos = settle(decoded, size, fill=True, keep_even=True)
+            assert len(pos) == size and pos[:decoded] == list(range(decoded))
+            assert all(pos[i] != pos[size - 1 - i] for i in range(size)), (decoded, size, pos)
+    assert settle(1, 4, fill=True, keep_even=True) == [0, 0, 0, 0]  # one decodable sample: nothing else to pair
 
 
 @pytest.mark.timeout(150)
