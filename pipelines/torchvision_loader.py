@@ -186,7 +186,10 @@ class TorchvisionLoader(SkippingLoader):
         self._loader = torch.utils.data.DataLoader(
             dataset, batch_sampler=self._batches, num_workers=self.num_workers,
             collate_fn=collate_views, pin_memory=self.device.type == "cuda", persistent_workers=workers,
-            prefetch_factor=prefetch_factor if workers else None, worker_init_fn=ignore_stop_signals)
+            prefetch_factor=prefetch_factor if workers else None, worker_init_fn=ignore_stop_signals,
+            # its own generator: each iter() draws the workers' base seed, which from the global RNG would shift
+            # the training step's draws (stochastic depth) by one in a resumed run that starts its pass later
+            generator=torch.Generator().manual_seed(seed))
 
     def _skips_unread(self) -> bool:
         return self.sampler.drop_last  # without it batch sizes depend on the files: read and drop

@@ -107,6 +107,22 @@ def test_torchvision_augmentation_does_not_depend_on_worker_count(folder, arrays
         assert torch.equal(x, y)
 
 
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("workers", [0, 2])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_pass_leaves_the_global_rng_alone(backend, workers, folder, arrays):
+    """The training step draws stochastic depth from the global RNG: a pass that drew from it (the DataLoader's
+    worker base seed) shifted every later mask of a resumed run, which starts its pass after restoring it."""
+    loader = _loader(backend, folder, arrays, recipe="dino", num_workers=workers)
+    torch.manual_seed(11)
+    before = torch.get_rng_state()
+    for epoch in range(2):
+        loader.set_epoch(epoch)
+        next(iter(loader))
+        list(loader)
+    assert torch.equal(torch.get_rng_state(), before)
+
+
 # ----------------------------------------------------------------------------------------------- bad files
 def _jpeg_bytes(arr, **kw):
     buf = io.BytesIO()
