@@ -360,6 +360,7 @@ class Trainer:
                 return [x2, x1] if swap else [x1, x2]
             if batch.lam is None or len(batch.mixed_views) < 2:
                 raise ValueError("loader: SDMP-MoCo needs batches with mixed views of both views (sdmp on)")
+            self._check_mixed_from(batch, (0, 1))
             x1m, x2m = batch.mixed_views[0], batch.mixed_views[1]
             return ([x2, x1, x2m, x1m] if swap else [x1, x2, x1m, x2m]) + [batch.lam]
         n_local = cfg.n_local
@@ -368,7 +369,17 @@ class Trainer:
         n_clean = n_local - cfg.n_local_mixed
         if batch.lam is None or len(batch.mixed_views) != 2 + cfg.n_local_mixed:
             raise ValueError("loader: SDMP-DINO needs batches with mixed global and local crops (sdmp on)")
+        self._check_mixed_from(batch, (0, 1) + tuple(range(2 + n_clean, 2 + n_local)))
         return list(batch.views[: 2 + n_clean]) + list(batch.mixed_views) + [batch.lam]
+
+    @staticmethod
+    def _check_mixed_from(batch: SDMPBatch, expected: Tuple[int, ...]) -> None:
+        """The mixed views are taken by position: a loader whose recipe mixed other views (a Trainer given its
+        own loader) would train them in the wrong roles, silently."""
+        if tuple(batch.mixed_from) != expected:
+            raise ValueError(f"loader: batches mix views {tuple(batch.mixed_from)} (mixed_from) but this run's "
+                             f"method and crops take mixed copies of views {expected}: make the loader with the "
+                             f"run's recipe (its mix.mixed_views)")
 
     # ----------------------------------------------------------------------------------------- losses
     def _moco_loss(self, inputs: Sequence[torch.Tensor], tau_t) -> Tuple[torch.Tensor, List[torch.Tensor]]:
