@@ -110,9 +110,9 @@ def main(args) -> int:
         raise ValueError(f"--loader-options: {', '.join(own)} set by show itself (from --seed, --device, "
                          f"--batch-size, ...): not a backend option")
     recipe = make_recipe(args.recipe)
-    from sdmp_fast.plot import image_out_path
+    from sdmp_fast.plot import check_writable, image_out_path
 
-    image_out_path(args.out, "grid.png")  # a bad --out fails before any data is read
+    check_writable(image_out_path(args.out, "grid.png"))  # a bad --out fails before any data is read
     loader = make_loader(args.backend, args.data, recipe, args.batch_size, device=device, seed=args.seed,
                          num_workers=args.num_workers, num_shards=1, shard_id=0, **options)
     batch = next(iter(loader), None)

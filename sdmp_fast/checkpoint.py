@@ -205,18 +205,43 @@ def export_backbone(backbone: torch.nn.Module, out: str, info: Dict[str, Any]) -
     """Write ``out/backbone.pt`` (a timm-loadable state dict, atomically) and ``out/backbone.json`` (info:
     backbone spec, mean/std, step)."""
     path = os.path.join(out, "backbone.pt")
-    tmp = f"{path}.tmp.{os.getpid()}"
     sd = {k: v.detach().cpu().clone() for k, v in backbone.state_dict().items()}
-    with open(tmp, "wb") as fh:
+
+    def write_pt(fh):
         torch.save(sd, fh)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    jtmp = os.path.join(out, f"backbone.json.tmp.{os.getpid()}")
-    with open(jtmp, "w") as fh:
-        json.dump(info, fh, indent=1)
-    os.replace(jtmp, os.path.join(out, "backbone.json"))
+
+    def write_json(fh):
+        fh.write(json.dumps(info, indent=1).encode())
+
+    _write_atomic(path, write_pt, "backbone")
+    _write_atomic(os.path.join(out, "backbone.json"), write_json, "backbone")
     return path
+
+
+def _write_atomic(path: str, write, what: str) -> None:
+    """Write ``path`` through a temporary file + os.replace. A failed write (disk full, no permission; torch.save
+    wraps most of these in a RuntimeError) removes the temporary file, leaves any earlier ``path`` as it was and
+    is a CheckpointError naming the file."""
+    tmp = f"{path}.tmp.{os.getpid()}"
+    try:
+        with open(tmp, "wb") as fh:
+            write(fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:
+        try:
+            os.remove(tmp)
+        except OSError:
+            pass
+        cause = _os_error(e)
+        if cause is None:
+            reason = f"{type(e).__name__}: {e}"
+        else:
+            reason = "disk full" if cause.errno == errno.ENOSPC else (cause.strerror or str(cause))
+        kept = "the earlier one is unchanged" if os.path.exists(path) else "none was written"
+        raise CheckpointError(f"{what}: could not write {path} ({reason}); {kept}; the run's checkpoints are "
+                              f"intact (`sdmp-fast train --resume` with the same settings exports it again)") from e
 
 
 def _candidates(path: str) -> List[str]:

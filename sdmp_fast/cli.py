@@ -68,6 +68,16 @@ def main(argv=None) -> int:
     except (ValueError, FileNotFoundError) as e:  # configuration / input errors: one clear line, no traceback
         print(f"sdmp-fast {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # a file that could not be written (read-only folder, disk full): one line naming it
+        print(f"sdmp-fast {args.command}: error: {_os_error_line(e)}", file=sys.stderr)
+        return 1
+
+
+def _os_error_line(e: OSError) -> str:
+    if e.filename is None:
+        return str(e)
+    names = f"{e.filename!r}" + (f" -> {e.filename2!r}" if e.filename2 is not None else "")
+    return f"{names}: {e.strerror or e}"
 
 
 if __name__ == "__main__":

@@ -219,6 +219,13 @@ def main(argv=None) -> int:
             torch.set_num_threads(cpu_threads(args.threads))
         except ValueError as e:
             ap.error(str(e))
+    try:  # every setting checked before any data is read or anything written (each seed's config differs by seed)
+        _config(args.preset, device.type if device.type == "cpu" else str(device), args.seed_list[0],
+                os.path.join(args.out, f"run-seed{args.seed_list[0]}"),
+                {"steps": args.steps, "batch_size": args.batch_size, "lr": args.lr,
+                 "warmup_steps": args.warmup_steps})
+    except ValueError as e:
+        ap.error(str(e))
     os.makedirs(args.out, exist_ok=True)
     t_setup = time.perf_counter()
     xtr, ytr = load_fashion_mnist("train")

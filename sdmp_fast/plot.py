@@ -34,6 +34,25 @@ def image_out_path(out: str, default_name: str, setting: str = "--out") -> str:
     return out
 
 
+def check_writable(out: str, setting: str = "--out") -> None:
+    """A ValueError naming ``setting`` when the image file ``out`` cannot be written (a read-only folder, a file
+    where a folder should be): found before any work is done, not as an OSError after it."""
+    out = os.path.abspath(out)
+    if os.path.isdir(out):
+        raise ValueError(f"{setting}: {out!r} is a folder, not an image file")
+    if os.path.exists(out):
+        if not os.access(out, os.W_OK):
+            raise ValueError(f"{setting}: cannot write {out!r}: the file is read-only or not this user's")
+        return
+    probe = os.path.dirname(out)
+    while not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe):
+        raise ValueError(f"{setting}: cannot write {out!r}: {probe!r} is a file, not a folder")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise ValueError(f"{setting}: cannot write {out!r}: the folder {probe!r} is read-only or not this user's")
+
+
 def read_metrics(path: str) -> List[Dict]:
     """Records of ``path`` (a run directory or its metrics.jsonl). A torn last line (a run killed mid-write)
     is skipped; a file without a single record is an error naming it."""
@@ -74,6 +93,7 @@ def plot_run(run: str, out: Optional[str] = None, title: Optional[str] = None) -
     if out is None:
         out = os.path.join(run if os.path.isdir(run) else os.path.dirname(os.path.abspath(run)), "curves.png")
     out = image_out_path(out, "curves.png")
+    check_writable(out)  # before drawing: a read-only run folder is named, and --out is the way out
     fig, (ax_loss, ax_speed) = plt.subplots(1, 2, figsize=(11, 4))
     steps, loss = _series(recs, "loss")
     handles = []

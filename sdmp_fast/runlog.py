@@ -10,6 +10,7 @@ records written after the checkpoint it resumes from, so the file never holds th
 """
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -66,7 +67,8 @@ class RunLogger:
             return
         path = os.path.join(out, "metrics.jsonl")
         truncate_metrics(path, initial_step)
-        self.fh = open(path, "a")
+        self.path = path
+        self.fh = open(path, "ab", buffering=0)  # unbuffered: a failed write is seen (and undone) at once
         if progress:
             from tqdm import tqdm
 
@@ -88,8 +90,7 @@ class RunLogger:
         if not self.enabled:
             return
         rec = {k: _clean(v) for k, v in rec.items()}
-        self.fh.write(json.dumps(rec) + "\n")
-        self.fh.flush()
+        self._append((json.dumps(rec) + "\n").encode(), rec.get("step"))
         if self.bar is not None:
             show = {k: rec[k] for k in ("loss", "img_per_s") if rec.get(k) is not None}
             show.update({k: v for k, v in rec.items() if k.startswith(("source", "mix_", "dino"))
@@ -100,6 +101,34 @@ class RunLogger:
             for k, v in rec.items():
                 if k != "step" and isinstance(v, (int, float)):
                     self.tb.add_scalar(f"train/{k}", v, rec["step"])
+
+    def _append(self, data: bytes, step) -> None:
+        """Append one record line, whole or not at all: a failed write (disk full) truncates the file back to
+        the records before it and is a CheckpointError naming the file."""
+        if self.fh is None:
+            return
+        fd = self.fh.fileno()
+        start = os.fstat(fd).st_size
+        try:
+            view = memoryview(data)
+            while view:
+                n = self.fh.write(view)
+                view = view[n:]
+        except OSError as e:
+            from sdmp_fast.checkpoint import CheckpointError
+
+            try:
+                os.ftruncate(fd, start)
+            except OSError:
+                pass
+            fh, self.fh = self.fh, None
+            try:
+                fh.close()
+            except OSError:
+                pass
+            reason = "disk full" if e.errno == errno.ENOSPC else (e.strerror or str(e))
+            raise CheckpointError(f"metrics: could not write the record of step {step} to {self.path} ({reason}); "
+                                  f"the records before it are intact") from e
 
     def write(self, msg: str) -> None:
         if not self.enabled:

@@ -57,6 +57,13 @@ def _check_out(cfg) -> None:
             raise ValueError(f"out: {out!r} is not empty and holds no run ({', '.join(others[:5])}"
                              f"{', ...' if len(others) > 5 else ''}); choose an empty or new folder")
         # only the start files of a run that stopped before its first step (bad data, say): a new run replaces them
+    if cfg.resume and not _has_checkpoint_files(out):
+        # nothing to resume from: starting afresh would truncate metrics.jsonl and overwrite backbone.pt
+        held = _run_output(out, entries)
+        if held:
+            raise ValueError(f"out: {out!r} holds a run's output ({', '.join(held)}) but no checkpoint in "
+                             f"{os.path.join(out, 'checkpoints')!r} to resume from; nothing was changed: restore "
+                             f"the checkpoints, or choose another --out to train afresh")
     # the nearest existing folder must take new files: found now, not as a traceback after the model is built
     probe = os.path.abspath(out)
     while not os.path.exists(probe):
@@ -65,6 +72,60 @@ def _check_out(cfg) -> None:
         raise ValueError(f"out: {probe!r} is a file, not a folder (out {out!r})")
     if not os.access(probe, os.W_OK | os.X_OK):
         raise ValueError(f"out: cannot write in {probe!r} (out {out!r}): read-only or no permission")
+
+
+def _has_checkpoint_files(out: str) -> bool:
+    d = os.path.join(out, "checkpoints")
+    return os.path.isdir(d) and any(re.fullmatch(r"ckpt-\d{9}\.pt", n) for n in os.listdir(d))
+
+
+def _run_output(out: str, entries) -> list:
+    """What of a run's output --out holds (backbone.pt, metrics.jsonl records past step 0), for messages."""
+    held = ["backbone.pt"] if "backbone.pt" in entries else []
+    metrics = os.path.join(out, "metrics.jsonl")
+    if os.path.isfile(metrics):
+        from sdmp_fast.runlog import iter_records
+
+        try:
+            last = max((r.get("step") for _, r in iter_records(metrics)
+                        if isinstance(r.get("step"), int) and not isinstance(r.get("step"), bool)), default=0)
+        except (OSError, UnicodeDecodeError):
+            last = 0
+        if last > 0:
+            held.append(f"metrics.jsonl up to step {last}")
+    return held
+
+
+_ENV_SET_BY_US = {}  # TORCHINDUCTOR_CACHE_DIR / TRITON_CACHE_DIR values an earlier run in this process set
+
+
+def _compile_cache_env(out: str) -> dict:
+    """Point torch.compile's caches into ``out/.cache`` unless the user chose a place. Returns the variables'
+    previous values (for restoring). ``import timm`` (in cfg.validate) already ran torch's cache_dir(), which
+    writes its default (/tmp/torchinductor_<user>) into TORCHINDUCTOR_CACHE_DIR: that value, or one an earlier
+    in-process run set, is not the user's choice and is replaced."""
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    cache = os.path.abspath(os.path.join(out, ".cache"))
+    previous = {}
+    for var, sub, default in (("TORCHINDUCTOR_CACHE_DIR", "inductor", os.path.abspath(default_cache_dir())),
+                              ("TRITON_CACHE_DIR", "triton", None)):
+        now = os.environ.get(var)
+        if now is not None and now != default and now != _ENV_SET_BY_US.get(var):
+            continue  # the user's own setting
+        previous[var] = now
+        os.environ[var] = _ENV_SET_BY_US[var] = os.path.join(cache, sub)
+    return previous
+
+
+def _restore_env(previous: dict) -> None:
+    for var, value in previous.items():
+        if os.environ.get(var) != _ENV_SET_BY_US.get(var):
+            continue  # changed since: leave it
+        if value is None:
+            os.environ.pop(var, None)
+        else:
+            os.environ[var] = value
 
 
 def _lock_out(out: str):
@@ -90,6 +151,31 @@ def _lock_out(out: str):
     return fh
 
 
+def _same_settings(old_text: str, new: dict) -> bool:
+    """Whether a saved config.yaml holds the settings of ``new``, apart from ``resume`` (a run's first resume
+    turns it on) and the spelling of ``out`` (runs/a, runs/a/, ./runs/a are the same folder)."""
+    import yaml
+
+    try:
+        old = yaml.safe_load(old_text)
+    except yaml.YAMLError:
+        return False
+    if not isinstance(old, dict):
+        return False
+
+    def norm(d):
+        d = {k: v for k, v in d.items() if k != "resume"}
+        if isinstance(d.get("out"), str):
+            d["out"] = os.path.normpath(d["out"])
+        return d
+
+    a, b = norm(old), norm(new)
+    if isinstance(a.get("out"), str) and isinstance(b.get("out"), str) and \
+            os.path.realpath(a["out"]) == os.path.realpath(b["out"]):
+        a["out"] = b["out"]
+    return a == b
+
+
 def _write_config(cfg, out: str) -> None:
     import yaml
 
@@ -98,7 +184,7 @@ def _write_config(cfg, out: str) -> None:
     if os.path.isfile(path):
         with open(path) as fh:
             old = fh.read()
-        if old == text:
+        if old == text or _same_settings(old, cfg.to_dict()):
             return
         k = 1  # a resume with other settings (more steps, another lr): the earlier ones stay, as config.<k>.yaml
         while os.path.exists(os.path.join(out, f"config.{k}.yaml")):
@@ -116,10 +202,15 @@ def main(args) -> int:
     cfg = config_from_args(args)
     cfg.validate()
     _check_out(cfg)
-    if cfg.compile:  # keep torch.compile's caches inside --out (nothing written elsewhere)
-        cache = os.path.abspath(os.path.join(cfg.out, ".cache"))
-        os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(cache, "inductor"))
-        os.environ.setdefault("TRITON_CACHE_DIR", os.path.join(cache, "triton"))
+    # keep torch.compile's caches inside --out (nothing written elsewhere); before any model is built
+    env_before = _compile_cache_env(cfg.out) if cfg.compile else {}
+    try:
+        return _main(cfg)
+    finally:
+        _restore_env(env_before)
+
+
+def _main(cfg) -> int:
 
     import torch
     import torch.distributed as dist
@@ -152,6 +243,14 @@ def main(args) -> int:
                 resumed_from, state = found
                 trainer.load_state_dict(state)
                 del state
+                if trainer.step > trainer.total_steps:
+                    # training "backwards" is impossible; not an error would re-export the backbone and say "done"
+                    name = "steps" if cfg.steps is not None else "epochs"
+                    asked = (f"{cfg.steps} steps" if cfg.steps is not None
+                             else f"{cfg.epochs} epochs = {trainer.total_steps} steps")
+                    raise ValueError(f"{name}: {asked} is below the step of the checkpoint {resumed_from} "
+                                     f"(step {trainer.step}); resume with --steps {trainer.step} or more; nothing "
+                                     f"was changed")
         if world > 1:
             _check_same_start(resumed_from, world)
         # ---- from here on --out is written

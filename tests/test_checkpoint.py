@@ -334,3 +334,58 @@ def test_fault_drill_with_the_torchvision_loader_and_its_workers(tmp_path):
            "--steps", "12", "--save-every", "2", "--workdir", str(tmp_path / "drill")]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=280, env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert done.returncode == 0 and "3/3 resumes matched" in done.stdout, done.stdout[-3000:] + done.stderr[-3000:]
+
+
+def test_disk_full_while_exporting_the_backbone_is_one_line_and_leaves_no_temp_file(tmp_path, monkeypatch, capsys):
+    """The final backbone.pt export ended in a raw OSError traceback and left backbone.pt.tmp.<pid> behind."""
+    from sdmp_fast import cli
+
+    real = torch.save
+
+    def save(obj, f, *a, **k):
+        if "backbone.pt.tmp" in str(getattr(f, "name", f)):
+            f.write(b"x" * 1000)  # a partial write, then the disk is full
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(obj, f, *a, **k)
+
+    monkeypatch.setattr(torch, "save", save)
+    out = tmp_path / "out"
+    code = cli.main(["train"] + TINY + ["--loader", "synthetic", "--batch-size", "8", "--steps", "2",
+                                        "--log-every", "2", "--out", str(out)])
+    err = capsys.readouterr().err
+    assert code == 1, err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert f"could not write {out / 'backbone.pt'}" in err and "disk full" in err, err
+    assert not [n for n in os.listdir(out) if ".tmp" in n] and not (out / "backbone.pt").exists()
+    assert ckpt.load_latest(str(out / "checkpoints"))[1]["step"] == 2  # the run itself is safe
+
+
+def test_disk_full_while_writing_metrics_keeps_the_earlier_records(tmp_path, monkeypatch, capsys):
+    """A failed metrics.jsonl append was a raw OSError traceback (and could leave half a line)."""
+    from sdmp_fast import cli, runlog
+
+    class Full:  # metrics.jsonl on a disk that fills during the second record
+        def __init__(self, fh):
+            self.fh, self.n = fh, 0
+
+        def write(self, data):
+            self.n += 1
+            if self.n == 2:
+                self.fh.write(data[:7])
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return self.fh.write(data)
+
+        def __getattr__(self, name):
+            return getattr(self.fh, name)
+
+    real_open = open
+    monkeypatch.setattr(runlog, "open", lambda *a, **k: Full(real_open(*a, **k)), raising=False)
+    out = tmp_path / "out"
+    code = cli.main(["train"] + TINY + ["--loader", "synthetic", "--batch-size", "8", "--steps", "6",
+                                        "--log-every", "2", "--out", str(out)])
+    err = capsys.readouterr().err
+    assert code == 1, err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert f"{out / 'metrics.jsonl'}" in err and "step 4" in err and "disk full" in err, err
+    assert (out / "metrics.jsonl").read_text().splitlines() and \
+        [__import__("json").loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [2]

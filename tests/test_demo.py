@@ -47,3 +47,14 @@ def test_cpu_threads_setting():
     assert demo.cpu_threads("auto") >= 1
     with pytest.raises(ValueError, match="threads"):
         demo.cpu_threads("0")
+
+
+def test_demo_bad_settings_are_one_argparse_line(tmp_path, capsys):
+    """An odd --batch-size ended in a ValueError traceback from the config's validation."""
+    out = tmp_path / "d"
+    with pytest.raises(SystemExit) as e:
+        demo.main(["--device", "cpu", "--batch-size", "7", "--out", str(out)])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "error: batch_size:" in err and "Traceback" not in err, err
+    assert not out.exists()

@@ -117,3 +117,69 @@ def test_show_command_out_without_suffix_or_a_folder(tmp_path, capsys):
     assert cli_main(base + [str(outdir)]) == 0
     assert (outdir / "grid.png").is_file()
     assert f"wrote {outdir / 'grid.png'}" in capsys.readouterr().out
+
+
+def _read_only(monkeypatch, folder):
+    """chmod a-w ``folder``; as root (chmod does not stop root's writes) os.access is made to say so too."""
+    import os
+
+    folder.chmod(0o555)
+    if os.access(folder, os.W_OK):
+        real = os.access
+        monkeypatch.setattr(os, "access", lambda p, mode, *a, **k: False if str(p) == str(folder) and mode & os.W_OK
+                            else real(p, mode, *a, **k))
+
+
+def test_plot_into_a_read_only_run_folder_is_one_line(tmp_path, capsys, monkeypatch):
+    import json
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text(json.dumps({"step": 1, "loss": 2.0, "img_per_s": 10.0}) + "\n")
+    _read_only(monkeypatch, run)
+    try:
+        assert cli_main(["plot", str(run)]) == 2
+        err = capsys.readouterr().err
+        assert "error: --out:" in err and str(run / "curves.png") in err and "read-only" in err, err
+        assert "Traceback" not in err and not (run / "curves.png").exists()
+        assert cli_main(["plot", str(run), "--out", str(tmp_path / "c.png")]) == 0  # the way out works
+    finally:
+        run.chmod(0o755)
+
+
+def test_show_into_a_read_only_folder_fails_before_reading_data(tmp_path, capsys, monkeypatch):
+    from sdmp_fast.pipelines import base
+
+    make_synthetic_image_folder(str(tmp_path / "data"), num_classes=2, per_class=2, size=(32, 40))
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    _read_only(monkeypatch, ro)
+
+    def no_loader(*a, **k):
+        raise AssertionError("data read before --out was checked")
+
+    monkeypatch.setattr(base, "make_loader", no_loader)
+    try:
+        assert cli_main(["show", "--data", str(tmp_path / "data"), "--device", "cpu", "--num-workers", "0",
+                         "--out", str(ro / "g.png")]) == 2
+        err = capsys.readouterr().err
+        assert "error: --out:" in err and str(ro / "g.png") in err and "Traceback" not in err, err
+    finally:
+        ro.chmod(0o755)
+
+
+def test_an_os_error_of_any_command_is_one_line_naming_the_file(tmp_path, capsys, monkeypatch):
+    """What no up-front check catches (a disk that fills, permissions changed meanwhile): exit 1, one line."""
+    import errno
+
+    from sdmp_fast import plot
+
+    target = str(tmp_path / "run" / "curves.png")
+
+    def fail(*a, **k):
+        raise PermissionError(errno.EACCES, "Permission denied", target)
+
+    monkeypatch.setattr(plot, "plot_run", fail)
+    assert cli_main(["plot", str(tmp_path / "run")]) == 1
+    err = capsys.readouterr().err
+    assert err.strip() == f"sdmp-fast plot: error: {target!r}: Permission denied"

@@ -1028,3 +1028,92 @@ def test_a_resume_with_other_settings_keeps_the_earlier_config(tmp_path, capsys)
     assert yaml.safe_load((out / "config.1.yaml").read_text())["lr"] == 0.001
     assert yaml.safe_load((out / "config.yaml").read_text())["lr"] == 0.002
     assert not (out / "config.2.yaml").exists()
+
+
+def _files(out):
+    return {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+
+
+def test_resume_of_a_finished_run_without_its_checkpoints_changes_nothing(tmp_path, capsys):
+    """--resume with checkpoints/ deleted started afresh at step 0: metrics.jsonl truncated, backbone.pt
+    overwritten. Refused (exit 2) before anything is written, naming --out and what it holds."""
+    import shutil
+
+    out = tmp_path / "run"
+    args = TINY + ["--loader", "synthetic", "--steps", "2", "--log-every", "2", "--out", str(out)]
+    assert run_cli(args, capsys)[0] == 0
+    shutil.rmtree(out / "checkpoints")
+    before = _files(out)
+    code, err = run_cli(args + ["--resume"], capsys)
+    assert code == 2 and "error: out:" in err and str(out) in err, err
+    assert "backbone.pt" in err and "metrics.jsonl up to step 2" in err and "no checkpoint" in err
+    assert _files(out) == before
+    (out / "backbone.pt").unlink()  # metrics alone are a run's output too
+    (out / "backbone.json").unlink()
+    before = _files(out)
+    code, err = run_cli(args + ["--resume"], capsys)
+    assert code == 2 and "metrics.jsonl up to step 2" in err and "backbone.pt" not in err, err
+    assert _files(out) == before
+
+
+def test_resume_with_fewer_steps_than_the_checkpoint_is_named(tmp_path, capsys):
+    """--resume --steps 2 on a run at step 4 said "done: 4 steps" and re-exported the backbone."""
+    out = tmp_path / "run"
+    base = TINY + ["--loader", "memory", "--data", "fashion-mnist", "--batch-size", "8", "--log-every", "2",
+                   "--out", str(out)]  # synthetic data: as many images as the steps need (steps/epoch would differ)
+    assert run_cli(base + ["--steps", "4"], capsys)[0] == 0
+    before = _files(out)
+    code, err = run_cli(base + ["--steps", "2", "--resume"], capsys)
+    assert code == 2 and "error: steps: 2 steps is below" in err and "(step 4)" in err, err
+    assert _files(out) == before
+    code, err = run_cli(base + ["--steps", "4", "--resume"], capsys)  # equal: nothing to train, still fine
+    assert code == 0, err
+    assert [r["step"] for r in read_metrics(str(out))] == [2, 4]
+
+
+def test_a_first_resume_with_the_same_settings_keeps_no_earlier_config(tmp_path, capsys):
+    """resume: false -> true (and out spelt with a trailing slash) is no change of settings: no config.1.yaml."""
+    out = tmp_path / "run"
+    base = TINY + ["--loader", "synthetic", "--steps", "2", "--log-every", "2"]
+    assert run_cli(base + ["--out", str(out)], capsys)[0] == 0
+    text = (out / "config.yaml").read_text()
+    assert run_cli(base + ["--out", str(out), "--resume"], capsys)[0] == 0
+    assert run_cli(base + ["--out", str(out) + "/", "--resume"], capsys)[0] == 0
+    assert sorted(p.name for p in out.glob("config*.yaml")) == ["config.yaml"]
+    assert (out / "config.yaml").read_text() == text
+    assert run_cli(base + ["--out", str(out), "--resume", "--lr", "0.002"], capsys)[0] == 0  # a real change
+    assert (out / "config.1.yaml").read_text() == text
+
+
+def test_compile_caches_go_under_out_although_timm_set_torchs_default(tmp_path, capsys, monkeypatch):
+    """`import timm` (in cfg.validate) runs torch's cache_dir(), which writes /tmp/torchinductor_<user> into
+    TORCHINDUCTOR_CACHE_DIR: a setdefault after it kept the caches outside --out. A value the user set stays."""
+    import sdmp_fast.trainer as trainer_mod
+    from torch._inductor.runtime.cache_dir_utils import cache_dir, default_cache_dir
+
+    seen = {}
+
+    class Stop(ValueError):
+        pass
+
+    def fake_trainer(cfg, **kw):  # what a compile would use, read where the model would be built
+        seen.update(inductor=os.environ.get("TORCHINDUCTOR_CACHE_DIR"), triton=os.environ.get("TRITON_CACHE_DIR"))
+        seen["cache_dir"] = cache_dir()
+        raise Stop("stopped before training")
+
+    monkeypatch.setattr(trainer_mod, "Trainer", fake_trainer)
+    monkeypatch.delenv("TRITON_CACHE_DIR", raising=False)
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", default_cache_dir())  # what import timm leaves behind
+    out = tmp_path / "run"
+    argv = TINY + ["--loader", "synthetic", "--steps", "2", "--compile", "--device", "cpu", "--out", str(out)]
+    code, err = run_cli(argv, capsys)
+    assert code == 2 and "stopped before training" in err, err
+    cache = os.path.join(str(out), ".cache")
+    assert seen["inductor"] == seen["cache_dir"] == os.path.join(cache, "inductor")
+    assert seen["triton"] == os.path.join(cache, "triton")
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == default_cache_dir()  # restored after the run
+    assert "TRITON_CACHE_DIR" not in os.environ
+    mine = str(tmp_path / "mine")
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", mine)
+    code, err = run_cli(argv, capsys)
+    assert code == 2 and seen["inductor"] == seen["cache_dir"] == mine
