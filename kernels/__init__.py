@@ -38,4 +38,8 @@ def available(device=None) -> bool:
         if not torch.cuda.is_available():
             return False
         device = torch.device("cuda", torch.cuda.current_device())
+    device = torch.device(device)
+    # no driver or no such GPU: nothing to serve (allocating the probe tensor there would raise)
+    if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
+        return False
     return _ext.extension_for(torch.empty(0, device=device)) is not None

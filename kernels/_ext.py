@@ -13,6 +13,7 @@ import warnings
 from typing import Optional
 
 import torch
+from torch.autograd import forward_ad
 
 _lock = threading.Lock()
 _cuda_ext = None
@@ -108,6 +109,31 @@ def direct(*tensors: Optional[torch.Tensor]) -> bool:
 
 def _functorch_wrapped(t: torch.Tensor) -> bool:  # torch.func transforms wrap tensors (no storage of their own)
     return torch._C._functorch.is_functorch_wrapped_tensor(t)
+
+
+def transformed(*tensors: Optional[torch.Tensor]) -> bool:
+    """Any tensor under a torch.func transform (grad, vmap, jvp, jacfwd, ...) or carrying a forward-mode tangent
+    (torch.autograd.forward_ad): the public functions then run the references. The ops' autograd formulas are
+    reverse-mode only, so forward-mode AD saw constant outputs (zero tangents, silently) and the functorch
+    transforms refused them."""
+    if torch.compiler.is_compiling():  # dynamo cannot trace these checks; compiled code takes the registered ops
+        return False
+    return any(t is not None and (_functorch_wrapped(t) or forward_ad.unpack_dual(t).tangent is not None)
+               for t in tensors)
+
+
+def double_backward(ctx, n_grads: int, inputs, outputs, grad_outputs):
+    """A backward called with create_graph=True (grad mode on inside a backward): the kernels' gradient has no
+    graph of its own, so a Hessian-vector product or gradient penalty would silently lose the second-order
+    terms. Instead the gradient comes from the reference recomputed on the saved inputs (those in
+    ``inputs``: index -> tensor, the ones ``ctx.needs_input_grad`` asks for), differentiable twice."""
+    want = {i: x for i, x in inputs.items() if ctx.needs_input_grad[i] and x is not None and x.requires_grad}
+    grads = [None] * n_grads
+    if want:
+        got = torch.autograd.grad(outputs(), list(want.values()), grad_outputs, create_graph=True, allow_unused=True)
+        for i, g in zip(want, got):
+            grads[i] = g
+    return tuple(grads)
 
 
 def route(op, ext_name: str, *tensors: Optional[torch.Tensor]):

@@ -36,8 +36,10 @@ def _batch_mix_fake(xs, lam, method, y0, x0, cut_h, cut_w, allow_resize):
     return [torch.empty_like(x, memory_format=torch.contiguous_format) for x in xs]
 
 
-def _use_kernel(xs: Sequence[Tensor]) -> bool:
+def _use_kernel(xs: Sequence[Tensor], *others: Tensor) -> bool:
     if not xs or any(x.dim() != 4 or x.requires_grad and torch.is_grad_enabled() for x in xs):
+        return False
+    if _ext.transformed(*xs, *others):  # torch.func / forward AD: the op has no formulas for them
         return False
     if any(x.dtype != xs[0].dtype or x.shape[0] != xs[0].shape[0] for x in xs):
         return False
@@ -56,7 +58,7 @@ def apply_mix_views(xs: Sequence[Tensor], lam: Tensor, method: Tensor, y0: Seque
     if not (len(y0) == len(x0) == len(cut_h) == len(cut_w) == len(xs)):
         raise ValueError(f"apply_mix_views: {len(xs)} views but {len(y0)}/{len(x0)}/{len(cut_h)}/{len(cut_w)} "
                          f"y0/x0/cut_h/cut_w")
-    if not _use_kernel(xs):
+    if not _use_kernel(xs, lam, method):
         return [apply_mix_ref(x, lam, method, a, b, c, d, method_set) for x, a, b, c, d in zip(xs, y0, x0, cut_h, cut_w)]
     n, dev = xs[0].shape[0], xs[0].device
     named = [("lam", lam), ("method", method)] + [
@@ -92,7 +94,7 @@ def mix_views(views: Sequence[Tensor], lam: Tensor, method: Tensor, generator: O
     ...) this is the reference itself.
     """
     views = list(views)
-    if per_sample or not _use_kernel(views):
+    if per_sample or not _use_kernel(views, lam, method):
         return mix_views_ref(views, lam, method, generator, method_set, per_sample)
     for v in views:
         check_batch_size(v.shape[0])

@@ -21,6 +21,7 @@ import argparse
 import glob
 import hashlib
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -42,27 +43,40 @@ def sources(kind: Optional[str] = None) -> List[Path]:
     return sorted(p for p in CSRC.rglob("*") if p.suffix in exts)
 
 
+_ARCH_RE = re.compile(r"(\d{1,2})(\d)(a?)")  # major, minor, arch-specific "a" (sm_90a: wgmma, setmaxnreg)
+
+
 def archs() -> List[str]:
-    """Compute capabilities to build, from $SDMP_KERNELS_ARCHS ("80;90", "8.0 9.0" and "sm_90" all work)."""
-    raw = os.environ.get("SDMP_KERNELS_ARCHS", DEFAULT_ARCHS)
+    """Compute capabilities to build, from $SDMP_KERNELS_ARCHS ("80;90", "8.0 9.0", "sm_90" and the arch-specific
+    "90a" / "9.0a" / "sm_90a" all work; unset or empty: the default). Anything else is an error naming it."""
+    raw = os.environ.get("SDMP_KERNELS_ARCHS", "").strip() or DEFAULT_ARCHS
     out = []
     for tok in raw.replace(",", ";").replace(" ", ";").split(";"):
         tok = tok.strip().lower().replace("sm_", "").replace(".", "").replace("+ptx", "")
         if not tok:
             continue
-        if not tok.isdigit():
-            raise ValueError(f"SDMP_KERNELS_ARCHS: cannot read compute capability {tok!r} in {raw!r}")
+        m = _ARCH_RE.fullmatch(tok)
+        # a bare "7" or "0" is no compute capability (nvcc would fail later, or build for something else)
+        if m is None or int(m.group(1)) < 3:
+            raise ValueError(f"SDMP_KERNELS_ARCHS={raw!r}: cannot read compute capability {tok!r} (expected e.g. "
+                             f"80, 8.0, sm_80 or 90a)")
         out.append(tok)
     if not out:
-        raise ValueError(f"SDMP_KERNELS_ARCHS: no architecture in {raw!r}")
+        raise ValueError(f"SDMP_KERNELS_ARCHS={raw!r}: no architecture in it")
     return out
+
+
+def _arch_number(a: str) -> int:
+    return int(a.rstrip("a"))
 
 
 def gencode_flags(arch_list: Optional[Sequence[str]] = None) -> List[str]:
     arch_list = list(arch_list or archs())
     flags = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in arch_list]
-    top = max(arch_list, key=int)
-    return flags + [f"-gencode=arch=compute_{top},code=compute_{top}"]  # PTX: JIT for newer GPUs
+    # PTX: JIT for newer GPUs. Arch-specific PTX (compute_90a) runs on that one architecture only, so the PTX is
+    # the plain one of the highest architecture.
+    top = max(_arch_number(a) for a in arch_list)
+    return flags + [f"-gencode=arch=compute_{top},code=compute_{top}"]
 
 
 def cache_dir() -> Path:
@@ -252,10 +266,12 @@ def runs_on(built: Sequence[str], capability: Tuple[int, int]) -> bool:
     """Whether code built for these compute capabilities runs on a GPU of ``capability``: a cubin runs on its
     own major version at an equal or higher minor one, the PTX of the highest one (gencode_flags) on any newer GPU."""
     major, minor = capability
-    ccs = [(int(a[:-1]), int(a[-1])) for a in built if a.isdigit() and len(a) >= 2]
+    ccs = [(int(m.group(1)), int(m.group(2)), m.group(3) == "a") for m in map(_ARCH_RE.fullmatch, built) if m]
     if not ccs:
         return False
-    return any(m == major and n <= minor for m, n in ccs) or (major, minor) >= max(ccs)
+    # an arch-specific cubin (sm_90a) runs on exactly its architecture
+    return (any(m == major and (n == minor if specific else n <= minor) for m, n, specific in ccs)
+            or (major, minor) >= max((m, n) for m, n, _ in ccs))
 
 
 def load_emulated(verbose: bool = False):

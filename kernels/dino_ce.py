@@ -136,6 +136,13 @@ def _backward(ctx, g_terms, *_unused):
     need_clean, need_mixed = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
     if g_terms is None:  # the loss terms were not used (grads are not materialised)
         return (None,) * 13
+    if torch.is_grad_enabled():  # create_graph=True: a gradient that can be differentiated again
+
+        def terms():
+            ref = sdmp_dino_terms_ref(s_clean, s_mixed, t_clean, t_mixed, center, lam, tau_s, tau_t, mix_weight)
+            return torch.stack([ref[k] for k in ("dino", "mix_source", "mix_teacher", "loss")])
+
+        return _ext.double_backward(ctx, 13, {0: s_clean, 1: s_mixed}, terms, g_terms)
     g = (g_terms[:3] + g_terms[3]).float().contiguous()  # loss = dino + mix_source + mix_teacher
     if ctx.precomputed:
         fixup = _ext.route(_dino_grad_fixup, "dino_grad_fixup", s_clean, g, g_clean)
@@ -197,6 +204,8 @@ def _prepare(student_clean, student_mixed, teacher_clean, teacher_mixed, center,
     t_mixed = losses._stack(teacher_mixed) if (teacher_mixed is not None and len(teacher_mixed) > 0) else None
     big = [x for x in (s_clean, s_mixed, t_clean, t_mixed) if x is not None]
     if any(x.dim() != 3 for x in big) or not _ext.kernel_ok(*big, center):
+        return None
+    if _ext.transformed(*big, center, lam):
         return None
     if any(x.dtype != s_clean.dtype for x in big) or not 1 <= t_clean.shape[0] <= MAX_TEACHER_CROPS:
         return None

@@ -64,6 +64,11 @@ def _backward(ctx, grad_loss, _grad_lse):
     logit_div, out_scale = ctx.scales
     if grad_loss is None:
         return (None,) * 7
+    if torch.is_grad_enabled():  # create_graph=True: a gradient that can be differentiated again
+        return _ext.double_backward(
+            ctx, 7, {0: logits, 3: weight_a, 4: weight_b},
+            lambda: out_scale * two_hot_cross_entropy_ref(logits / logit_div, index_a, index_b, weight_a, weight_b),
+            grad_loss)
     grad_loss = grad_loss.float()
     g_logits = g_wa = g_wb = None
     if ctx.needs_input_grad[0]:
@@ -90,8 +95,8 @@ def two_hot_ce(logits: Tensor, index_a: Tensor, index_b: Tensor, weight_a: Tenso
     ``logits / logit_div`` is evaluated like PyTorch on CUDA (fp32 reciprocal, rounded to the logits dtype),
     inside the kernel: MoCo passes the raw cosine logits with logit_div = tau and out_scale = 2 * tau.
     """
-    if logits.stride(-1) != 1:
-        logits = logits.contiguous()
+    if logits.stride(-1) != 1:  # .contiguous() keeps e.g. a [n, 1] column of stride (1, n): torch deems it contiguous
+        logits = logits.clone(memory_format=torch.contiguous_format)
     args = (logits, index_a.long().contiguous(), index_b.long().contiguous(), weight_a.float().contiguous(),
             weight_b.float().contiguous(), float(logit_div), float(out_scale))
     return (_two_hot_ce_eager.apply if _ext.direct(*args[:5]) else _two_hot_ce)(*args)[0]
@@ -108,7 +113,7 @@ def two_hot_cross_entropy(logits: Tensor, index_a: Tensor, index_b: Tensor, weig
     Kernel: one pass over each row forward, one read + one gradient write backward. An out-of-range index gives
     a NaN loss (checking it would need a host synchronisation); the reference raises instead.
     """
-    if not _use_kernel(logits):
+    if not _use_kernel(logits) or _ext.transformed(logits, index_a, index_b, weight_a, weight_b):
         return two_hot_cross_entropy_ref(logits, index_a, index_b, weight_a, weight_b)
     n = logits.shape[0]
     for name, t in (("index_a", index_a), ("index_b", index_b), ("weight_a", weight_a), ("weight_b", weight_b)):
@@ -126,7 +131,7 @@ def sdmp_moco_terms(q1: Tensor, q2m: Tensor, k1: Tensor, k2: Tensor, k1m: Tensor
     [n, N] logits); keys may be local [n, d] or all-gathered [world_size * n, d] with the per-rank offsets.
     """
     lam = losses.check_moco_inputs(q1, q2m, k1, k2, k1m, lam)
-    if not _ext.kernel_ok(q1, q2m, k1, k2, k1m) or q1.shape[0] == 0:
+    if not _ext.kernel_ok(q1, q2m, k1, k2, k1m) or q1.shape[0] == 0 or _ext.transformed(q1, q2m, k1, k2, k1m, lam):
         return sdmp_moco_terms_ref(q1, q2m, k1, k2, k1m, lam, tau, rank, world_size)
     n = q1.shape[0]
     r = losses._key_offset(n, k1.shape[0], rank, world_size)

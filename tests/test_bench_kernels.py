@@ -94,6 +94,21 @@ def test_bench_counts_are_checked_before_anything_runs(tmp_path, capsys, argv, m
     assert message in capsys.readouterr().err and not out.exists()
 
 
+@pytest.mark.parametrize("argv,message", [
+    (["bench", "losses", "--ops", ","], "--ops: no op in ','"),  # an empty table crashed print_table
+    (["bench", "mixing", "--cases", ","], "--cases: no case in ','"),
+    (["bench", "losses", "--dino-crops", "6,-1"], "--dino-crops: expected 'clean,mixed' crop counts"),  # traceback
+    (["bench", "mixing", "--sizes", "64,abc"], "--sizes: expected a comma list of view sizes"),  # int() message
+    (["bench", "losses", "--moco-n", "3", "--moco-keys", "7"],  # quietly benchmarked N = 6
+     "--moco-keys: moco_terms needs a multiple of --moco-n (3), got 7"),
+])
+def test_bench_list_options_are_checked_before_anything_runs(tmp_path, capsys, argv, message):
+    out = tmp_path / "r.json"
+    assert cli.main(argv + ["--json", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1 and not out.exists()
+
+
 def test_merge_variant_rows_recomputes_speedups_against_the_main_run(tmp_path):
     # bench/gpu_kernels.sh times the cluster DINO variants in a process of their own and merges their rows
     from sdmp_fast.benchmarks.losses import merge_variant_rows

@@ -492,6 +492,136 @@ def test_emulated_opcheck(emulated):
     opcheck(torch.ops.sdmp_fast.batch_mix.default, ([x], lam_m.float(), method, [y0], [x0], [ch], [cw], True))
 
 
+def test_available_is_false_without_a_driver(monkeypatch):
+    # available("cuda") allocated a probe tensor on the device first: without a driver that raised
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for device in ("cuda", "cuda:0", torch.device("cuda", 1)):
+        assert K.available(device) is False
+
+
+def test_archs_setting(monkeypatch):
+    monkeypatch.setenv("SDMP_KERNELS_ARCHS", "")  # empty: the default, not an error
+    assert build.archs() == build.DEFAULT_ARCHS.split(";")
+    for bad in ("0", "7", "9", "sm_9", "ninety", "90b"):  # no compute capability: named, before nvcc runs
+        monkeypatch.setenv("SDMP_KERNELS_ARCHS", bad)
+        with pytest.raises(ValueError, match="SDMP_KERNELS_ARCHS"):
+            build.archs()
+    for text in ("90a", "9.0a", "sm_90a", "SM_90A"):  # arch-specific code (wgmma, setmaxnreg)
+        monkeypatch.setenv("SDMP_KERNELS_ARCHS", text)
+        assert build.archs() == ["90a"]
+    monkeypatch.setenv("SDMP_KERNELS_ARCHS", "80;9.0a")
+    assert build.gencode_flags() == ["-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90a,code=sm_90a",
+                                     "-gencode=arch=compute_90,code=compute_90"]  # the PTX: portable, no "a"
+    assert build.runs_on(["90a"], (9, 0)) and build.runs_on(["80", "90a"], (8, 0))
+    assert build.runs_on(["86", "90a"], (8, 9)) and not build.runs_on(["90a"], (8, 9))
+
+
+def _two_hot_args(n=4, N=6, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    wa = torch.rand(n, generator=g)
+    return torch.randn(n, N, generator=g), torch.arange(n), torch.arange(n).flip(0), wa, 1 - wa
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_emulated_func_transforms_equal_reference(emulated):
+    # The ops' formulas are reverse-mode only: jvp / jacfwd / forward_ad gave zero tangents, grad / vmap / jacrev
+    # raised. Transformed or dual inputs run the references.
+    from torch.autograd import forward_ad as fwAD
+    from torch.func import grad, jacfwd, jacrev, jvp, vmap
+    x0, ia, ib, wa, wb = _two_hot_args()
+    t = torch.randn_like(x0)
+    f = lambda x: K.two_hot_cross_entropy(x, ia, ib, wa, wb)  # noqa: E731
+    r = lambda x: losses.two_hot_cross_entropy(x, ia, ib, wa, wb)  # noqa: E731
+    assert torch.allclose(jvp(f, (x0,), (t,))[1], jvp(r, (x0,), (t,))[1], atol=1e-6)
+    for transform in (jacfwd, jacrev):
+        assert torch.allclose(transform(f)(x0), transform(r)(x0), atol=1e-6)
+    assert torch.allclose(grad(lambda x: f(x).sum())(x0), grad(lambda x: r(x).sum())(x0), atol=1e-6)
+    assert torch.allclose(vmap(f)(x0[None].expand(3, -1, -1)), r(x0)[None].expand(3, -1), atol=1e-6)
+    with fwAD.dual_level():
+        got = fwAD.unpack_dual(K.two_hot_cross_entropy(fwAD.make_dual(x0, t), ia, ib, wa, wb)).tangent
+        want = fwAD.unpack_dual(losses.two_hot_cross_entropy(fwAD.make_dual(x0, t), ia, ib, wa, wb)).tangent
+    assert got is not None and torch.allclose(got, want, atol=1e-6)
+
+    sc, sm, tc, tm, center, lam = dino_inputs(3, 2, 2, 4, 8, torch.float32, "cpu")
+    ts = torch.randn_like(sc)
+    fd = lambda s: K.sdmp_dino_terms(s, sm, tc, tm, center, lam)["loss"]  # noqa: E731
+    rd = lambda s: losses.sdmp_dino_terms(s, sm, tc, tm, center, lam)["loss"]  # noqa: E731
+    got, want = jvp(fd, (sc,), (ts,))[1], jvp(rd, (sc,), (ts,))[1]
+    assert want.abs() > 1e-3 and torch.allclose(got, want, atol=1e-5)
+    assert torch.allclose(grad(fd)(sc), grad(rd)(sc), atol=1e-6)
+    assert torch.allclose(jacfwd(fd)(sc), jacrev(rd)(sc), atol=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_emulated_double_backward_matches_reference(emulated):
+    # create_graph=True returned the kernels' gradient without a graph: a Hessian-vector product lost the loss's
+    # second-order term silently. It now comes from the reference (or would raise), never silently wrong.
+    x0, ia, ib, wa, wb = _two_hot_args()
+    v = torch.linspace(-1, 1, x0.numel()).reshape(x0.shape)
+
+    def hvp(f, x0, v, *weights):
+        x = x0.clone().requires_grad_()
+        loss = f(x).sum() + 0.1 * (x ** 2).sum()
+        g = torch.autograd.grad(loss, [x, *weights], create_graph=True)
+        return torch.autograd.grad(g[0], [x, *weights], grad_outputs=v)
+
+    got = hvp(lambda x: K.two_hot_cross_entropy(x, ia, ib, wa, wb), x0, v)[0]
+    want = hvp(lambda x: losses.two_hot_cross_entropy(x, ia, ib, wa, wb), x0, v)[0]
+    assert torch.allclose(got, want, atol=1e-6)
+    wa2, wb2 = wa.clone().requires_grad_(), wb.clone().requires_grad_()
+    got = hvp(lambda x: K.two_hot_cross_entropy(x, ia, ib, wa2, wb2), x0, v, wa2, wb2)
+    want = hvp(lambda x: losses.two_hot_cross_entropy(x, ia, ib, wa2, wb2), x0, v, wa2, wb2)
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(got, want))
+
+    sc, sm, tc, tm, center, lam = dino_inputs(3, 2, 2, 4, 8, torch.float32, "cpu")
+    vs = torch.linspace(-1, 1, sc.numel()).reshape(sc.shape)
+    for fn in (K.sdmp_dino_terms, losses.sdmp_dino_terms):
+        s = sc.clone().requires_grad_()
+        g, = torch.autograd.grad(fn(s, sm, tc, tm, center, lam)["loss"] * 3.0, s, create_graph=True)
+        hv, = torch.autograd.grad(g, s, grad_outputs=vs)
+        if fn is K.sdmp_dino_terms:
+            got = hv
+    assert hv.abs().max() > 1e-3 and torch.allclose(got, hv, atol=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_emulated_two_hot_accepts_layouts_torch_deems_contiguous(emulated):
+    # a [n, 1] column of stride (1, n) and an empty strided batch passed .contiguous() unchanged, then the
+    # extension's unit-column-stride check rejected them
+    for x in (torch.randn(1, 5).t(), torch.randn(0, 16)[:, ::2]):
+        n = x.shape[0]
+        idx, w = torch.zeros(n, dtype=torch.long), torch.ones(n)
+        assert torch.equal(K.two_hot_cross_entropy(x, idx, idx, w, w), losses.two_hot_cross_entropy(x, idx, idx, w, w))
+        loss, _ = emulated.two_hot_ce_fwd(x, idx, idx, w, w, 1.0, 1.0)  # the extension's own check
+        assert torch.equal(loss, losses.two_hot_cross_entropy(x, idx, idx, w, w))
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_emulated_dino_fwd_without_teacher_mixed_writes_every_output(emulated):
+    # the mixed-teacher half of lse_t was left unwritten (poisoned here: NaN), which opcheck's compare caught
+    from torch.library import opcheck
+    sc, sm, tc, _, center, lam = dino_inputs(4, 2, 2, 6, 24, torch.float32, "cpu")
+    for mixed, l_ in ((None, None), (sm, lam)):
+        out = torch.ops.sdmp_fast.dino_fwd(sc, mixed, tc, None, center, l_, 0.1, 0.04, 0.5, False, False, False, 4)
+        assert torch.equal(out[3][2 * 6:], torch.zeros(2 * 6, 2))
+        opcheck(torch.ops.sdmp_fast.dino_fwd.default,
+                (sc, mixed, tc, None, center, l_, 0.1, 0.04, 0.5, False, False, False, 4))
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_emulated_dino_batch_above_launch_limit_is_an_error(emulated):
+    # the launches put the pairs of partner rows on gridDim.y (<= 65,535): larger batches are refused up front
+    b = 2 * 65535 + 1
+    sc, tc = torch.zeros(2, b, 1), torch.zeros(1, b, 1)
+    with pytest.raises(RuntimeError, match="batch size 131071 above the launch limit 131070"):
+        K.sdmp_dino_terms(sc, None, tc, None, torch.zeros(1), None)
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(1200)
 def test_emulated_torch_compile_matches_eager(emulated):

@@ -24,7 +24,7 @@ import json
 import os
 import re
 import traceback
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -164,10 +164,25 @@ def _kernels_ready(device: torch.device) -> bool:
 
 # ------------------------------------------------------------------------------------------------------ ops
 
+def moco_sizes(args, device) -> Tuple[int, int]:
+    """(queries n, keys N) of two_hot_ce / moco_terms: the options or the device's defaults."""
+    return args.moco_n or (1024 if device.type == "cuda" else 64), args.moco_keys or (4096 if device.type == "cuda" else 256)
+
+
+def dino_crops(text: str) -> Tuple[int, int]:
+    """--dino-crops 'clean,mixed': at least one clean crop, no negative count; else a ValueError naming it."""
+    try:
+        sc, sm = (int(x) for x in text.split(","))
+    except ValueError:
+        sc = sm = None
+    if sc is None or sc < 1 or sm < 0:
+        raise ValueError(f"--dino-crops: expected 'clean,mixed' crop counts (clean >= 1, mixed >= 0), got {text!r}")
+    return sc, sm
+
+
 def bench_two_hot(args, device, dtype, copy_gbps) -> List[Dict]:
     import sdmp_fast.kernels as K
-    n = args.moco_n or (1024 if device.type == "cuda" else 64)
-    N = args.moco_keys or (4096 if device.type == "cuda" else 256)
+    n, N = moco_sizes(args, device)
     g = torch.Generator(device=device).manual_seed(0)
     logits = (torch.randn(n, N, device=device, generator=g) * 5).to(dtype).requires_grad_(True)
     own, partner = losses.flip_indices(n, 0, device)
@@ -199,9 +214,8 @@ def bench_two_hot(args, device, dtype, copy_gbps) -> List[Dict]:
 
 def bench_moco_terms(args, device, dtype, copy_gbps) -> List[Dict]:
     import sdmp_fast.kernels as K
-    n = args.moco_n or (1024 if device.type == "cuda" else 64)
-    N = args.moco_keys or (4096 if device.type == "cuda" else 256)
-    world = max(1, N // n)
+    n, N = moco_sizes(args, device)
+    world = N // n  # main() checked N is a multiple of n
     g = torch.Generator(device=device).manual_seed(1)
     mk = lambda rows, grad: torch.randn(rows, args.moco_dim, device=device, generator=g).to(dtype).requires_grad_(grad)  # noqa: E731
     q1, q2m = mk(n, True), mk(n, True)
@@ -231,10 +245,7 @@ def bench_dino(args, device, dtype, copy_gbps) -> List[Dict]:
     import sdmp_fast.kernels as K
     b = args.dino_batch or (256 if device.type == "cuda" else 8)
     k = args.dino_k or (65536 if device.type == "cuda" else 1024)
-    try:
-        sc, sm = (int(x) for x in args.dino_crops.split(","))
-    except ValueError:
-        raise ValueError(f"--dino-crops: expected 'clean,mixed' crop counts, got {args.dino_crops!r}") from None
+    sc, sm = dino_crops(args.dino_crops)
     t = args.teacher_crops
     g = torch.Generator(device=device).manual_seed(2)
     mk = lambda *s: torch.randn(*s, device=device, generator=g).to(dtype)  # noqa: E731
@@ -386,13 +397,20 @@ def main(args) -> int:
     check_counts(args, iters=1, warmup=0, moco_n=2, moco_keys=2, moco_dim=1, dino_batch=2, dino_k=1,
                  teacher_crops=1)
     ops = [o.strip() for o in args.ops.split(",") if o.strip()]
+    if not ops:  # nothing to time: an empty table crashed the report
+        raise ValueError(f"--ops: no op in {args.ops!r}; choose among {', '.join(OPS)}")
     for o in ops:
         if o not in OPS:
             raise ValueError(f"--ops: unknown op {o!r}; choose among {', '.join(OPS)}")
+    if "dino" in ops:
+        dino_crops(args.dino_crops)
     for variant in (v.strip() for v in args.dino_variants.split(",") if v.strip()):
         dino_variant_env(variant)  # bad input fails before anything runs
     profile_configs(args.profile_configs)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    n, keys = moco_sizes(args, device)
+    if "moco_terms" in ops and keys % n:  # the keys are all-gathered from N / n ranks: else a quietly other N
+        raise ValueError(f"--moco-keys: moco_terms needs a multiple of --moco-n ({n}), got {keys}")
     dtype = DTYPES[args.dtype]
     copy_gbps = copy_bandwidth_gbps()
     print(f"bench losses on {device_description()}; copy bandwidth "

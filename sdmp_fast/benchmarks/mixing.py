@@ -51,9 +51,21 @@ def add_arguments(p) -> None:
     p.add_argument("--json", default=None, help="output JSON (default bench/results/mixing-<device>-<date>.json)")
 
 
+def view_sizes(args, device) -> List[int]:
+    """--sizes (or the device's default) as integers >= 1; else a ValueError naming the option."""
+    text = args.sizes or ("224,224" if device.type == "cuda" else "64,64")
+    try:
+        sizes = [int(s) for s in text.split(",")]
+    except ValueError:
+        sizes = []
+    if not sizes or min(sizes) < 1:
+        raise ValueError(f"--sizes: expected a comma list of view sizes >= 1, got {text!r}")
+    return sizes
+
+
 def _views_and_params(args, device, dtype, methods):
     n = args.batch_size or (256 if device.type == "cuda" else 8)
-    sizes = [int(s) for s in (args.sizes or ("224,224" if device.type == "cuda" else "64,64")).split(",")]
+    sizes = view_sizes(args, device)
     g = torch.Generator(device=device).manual_seed(0)
     views = [torch.randn(n, args.channels, s, s, device=device, generator=g).to(dtype) for s in sizes]
     lam, method = mixing.draw_mix_params(n, 1.0, methods, g, device)
@@ -155,10 +167,13 @@ def main(args) -> int:
     check_counts(args, iters=1, warmup=0, batch_size=2)
     parse_mix_variants(getattr(args, "mix_variants", ""))  # bad input fails before anything runs
     cases = [c.strip() for c in args.cases.split(",") if c.strip()]
+    if not cases:  # nothing to time: an empty table crashed the report
+        raise ValueError(f"--cases: no case in {args.cases!r}; choose among {', '.join(CASES)}")
     for c in cases:
         if c not in CASES:
             raise ValueError(f"--cases: unknown case {c!r}; choose among {', '.join(CASES)}")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    view_sizes(args, device)  # bad input fails before anything runs
     dtype = DTYPES[args.dtype]
     copy_gbps = copy_bandwidth_gbps()
     print(f"bench mixing on {device_description()}; copy bandwidth "

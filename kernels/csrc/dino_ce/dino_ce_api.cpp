@@ -57,6 +57,8 @@ DinoInputs check_inputs(const at::Tensor& s_clean, const std::optional<at::Tenso
   const int64_t T = t_clean.size(0);
   TORCH_CHECK(T >= 1 && T <= kDinoMaxTeacher, "teacher_clean: 1 to ", kDinoMaxTeacher, " teacher crops, got ", T);
   TORCH_CHECK(B >= 1 && K >= 1, "empty batch or prototype dimension");
+  // The launches put the pairs of partner rows on gridDim.y (at most 65,535 of them).
+  TORCH_CHECK(B <= 2 * 65535, "sdmp_dino_terms: batch size ", B, " above the launch limit 131070");
   CHECK_SHAPE(t_clean, T, B, K);
   DinoInputs in;
   read_settings(in);
@@ -241,6 +243,13 @@ std::vector<at::Tensor> dino_fwd(const at::Tensor& s_clean, const std::optional<
       SDMP_CHECK_STATUS(dino_student_stats(p, stream));
       SDMP_CHECK_STATUS(dino_student_grad(p, stream));
     }
+  }
+  if (p.t_mixed == nullptr) {
+    // Rows [TB, 2TB) hold the mixed teacher's statistics, none here: defined values (T*B floats), so the output
+    // never carries uninitialised memory (torch.library.opcheck compares it). Here: run_teacher_stats above may
+    // have allocated lse_t anew.
+    const int64_t TB = static_cast<int64_t>(p.T) * p.B;
+    lse_t.narrow(0, TB, TB).zero_();
   }
   return {terms, center_mean, row_stat, lse_t, g_clean, g_mixed};
 }

@@ -14,8 +14,9 @@ TwoHotParams make_params(const at::Tensor& logits, const at::Tensor& index_a, co
                          double out_scale) {
   SDMP_CHECK_DEVICE(logits);
   TORCH_CHECK(logits.dim() == 2, "logits must be [n, N], got ", logits.sizes());
-  TORCH_CHECK(logits.stride(1) == 1, "logits must have a unit column stride");
   const int64_t n = logits.size(0), N = logits.size(1);
+  // The column stride matters only where there are two columns to step between.
+  TORCH_CHECK(logits.stride(1) == 1 || N <= 1 || n == 0, "logits must have a unit column stride");
   TORCH_CHECK(N > 0, "logits must have at least one column");
   for (const at::Tensor* t : {&index_a, &index_b, &weight_a, &weight_b}) {
     CHECK_SAME_DEVICE(*t, logits);
