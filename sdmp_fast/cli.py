@@ -4,6 +4,7 @@ import torch.compile machinery, and a missing DALI breaks only the commands that
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import sys
 
@@ -69,8 +70,14 @@ def main(argv=None) -> int:
         print(f"sdmp-fast {args.command}: error: {e}", file=sys.stderr)
         return 2
     except OSError as e:  # a file that could not be written (read-only folder, disk full): one line naming it
+        if e.filename is None and e.errno not in _ENVIRONMENT_ERRNOS:
+            raise  # names no file and is no full disk / permission: a bug, whose traceback is the useful part
         print(f"sdmp-fast {args.command}: error: {_os_error_line(e)}", file=sys.stderr)
         return 1
+
+
+_ENVIRONMENT_ERRNOS = {getattr(errno, n) for n in ("ENOSPC", "EDQUOT", "EROFS", "EACCES", "EPERM", "EIO", "ENOLCK")
+                       if hasattr(errno, n)}
 
 
 def _os_error_line(e: OSError) -> str:

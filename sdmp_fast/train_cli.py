@@ -50,17 +50,22 @@ def _check_out(cfg) -> None:
     if entries and not cfg.resume:
         metrics = os.path.join(out, "metrics.jsonl")
         if (entries & {"checkpoints", "backbone.pt"}) or (os.path.isfile(metrics) and os.path.getsize(metrics)):
-            raise ValueError(f"out: {out!r} already holds a run; pass --resume to continue it or choose another "
-                             f"--out")
+            if _has_checkpoint_files(out) or _lost_checkpoints(out, entries, cfg):
+                raise ValueError(f"out: {out!r} already holds a run; pass --resume to continue it or choose "
+                                 f"another --out")
+            raise ValueError(f"out: {out!r} holds a run that stopped before its first checkpoint "
+                             f"({', '.join(_run_output(out, entries)) or 'no step recorded'}); pass --resume to "
+                             f"start it again from step 0 (its metrics.jsonl is replaced) or choose another --out")
         others = sorted(e for e in entries - _START_FILES if not re.fullmatch(r"config\.\d+\.yaml", e))
         if others:
             raise ValueError(f"out: {out!r} is not empty and holds no run ({', '.join(others[:5])}"
                              f"{', ...' if len(others) > 5 else ''}); choose an empty or new folder")
         # only the start files of a run that stopped before its first step (bad data, say): a new run replaces them
     if cfg.resume and not _has_checkpoint_files(out):
-        # nothing to resume from: starting afresh would truncate metrics.jsonl and overwrite backbone.pt
+        # nothing to resume from: starting afresh truncates metrics.jsonl and overwrites backbone.pt. Fine for a
+        # run killed before its first checkpoint (its records are redone); refused where checkpoints were lost
         held = _run_output(out, entries)
-        if held:
+        if held and _lost_checkpoints(out, entries, cfg):
             raise ValueError(f"out: {out!r} holds a run's output ({', '.join(held)}) but no checkpoint in "
                              f"{os.path.join(out, 'checkpoints')!r} to resume from; nothing was changed: restore "
                              f"the checkpoints, or choose another --out to train afresh")
@@ -79,20 +84,50 @@ def _has_checkpoint_files(out: str) -> bool:
     return os.path.isdir(d) and any(re.fullmatch(r"ckpt-\d{9}\.pt", n) for n in os.listdir(d))
 
 
+def _lost_checkpoints(out: str, entries, cfg) -> bool:
+    """Whether --out shows a run that had written a checkpoint (now gone): its backbone.pt, or metrics at or
+    past the earlier run's save_every or its last step (from its config.yaml; the new settings if unreadable)."""
+    if "backbone.pt" in entries:
+        return True
+    last = _last_step(out)
+    if last <= 0:
+        return False
+    save_every, total = cfg.save_every, None
+    try:
+        import yaml
+
+        with open(os.path.join(out, "config.yaml"), encoding="utf-8") as fh:
+            saved = yaml.safe_load(fh)
+        if isinstance(saved, dict):
+            save_every = saved.get("save_every", save_every)
+            total = saved.get("steps")
+    except (OSError, UnicodeDecodeError, ValueError, yaml.YAMLError):
+        pass
+    if isinstance(save_every, int) and save_every > 0 and last >= save_every:
+        return True
+    return isinstance(total, int) and last >= total
+
+
+def _last_step(out: str) -> int:
+    """The last step metrics.jsonl records (0: none, or the file is unreadable)."""
+    metrics = os.path.join(out, "metrics.jsonl")
+    if not os.path.isfile(metrics):
+        return 0
+    from sdmp_fast.runlog import iter_records
+
+    try:
+        return max((r.get("step") for _, r in iter_records(metrics)
+                    if isinstance(r.get("step"), int) and not isinstance(r.get("step"), bool)), default=0)
+    except (OSError, UnicodeDecodeError):
+        return 0
+
+
 def _run_output(out: str, entries) -> list:
     """What of a run's output --out holds (backbone.pt, metrics.jsonl records past step 0), for messages."""
     held = ["backbone.pt"] if "backbone.pt" in entries else []
-    metrics = os.path.join(out, "metrics.jsonl")
-    if os.path.isfile(metrics):
-        from sdmp_fast.runlog import iter_records
-
-        try:
-            last = max((r.get("step") for _, r in iter_records(metrics)
-                        if isinstance(r.get("step"), int) and not isinstance(r.get("step"), bool)), default=0)
-        except (OSError, UnicodeDecodeError):
-            last = 0
-        if last > 0:
-            held.append(f"metrics.jsonl up to step {last}")
+    last = _last_step(out)
+    if last > 0:
+        held.append(f"metrics.jsonl up to step {last}")
     return held
 
 

@@ -183,3 +183,24 @@ def test_an_os_error_of_any_command_is_one_line_naming_the_file(tmp_path, capsys
     assert cli_main(["plot", str(tmp_path / "run")]) == 1
     err = capsys.readouterr().err
     assert err.strip() == f"sdmp-fast plot: error: {target!r}: Permission denied"
+
+
+def test_an_os_error_naming_no_file_and_no_full_disk_keeps_its_traceback(tmp_path, monkeypatch):
+    """The one-line OSError exit is for the environment (a file, a full disk, permissions); anything else is a
+    bug and surfaces with its traceback rather than as a bare message."""
+    import errno
+
+    from sdmp_fast import plot
+
+    def bug(*a, **k):
+        raise OSError("unexpected state")
+
+    monkeypatch.setattr(plot, "plot_run", bug)
+    with pytest.raises(OSError, match="unexpected state"):
+        cli_main(["plot", str(tmp_path / "run")])
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(plot, "plot_run", full)
+    assert cli_main(["plot", str(tmp_path / "run")]) == 1

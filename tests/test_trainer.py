@@ -1117,3 +1117,36 @@ def test_compile_caches_go_under_out_although_timm_set_torchs_default(tmp_path, 
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", mine)
     code, err = run_cli(argv, capsys)
     assert code == 2 and seen["inductor"] == seen["cache_dir"] == mine
+
+
+def test_a_run_killed_before_its_first_checkpoint_starts_again_on_resume(tmp_path, capsys):
+    """A run killed before its first checkpoint (metrics up to step 4 < save_every, a torn checkpoint .tmp) was
+    refused both without --resume ("pass --resume") and with it ("restore the checkpoints"): stuck. --resume
+    starts it again from step 0; a run that had checkpointed (backbone.pt there) is still refused."""
+    import yaml
+
+    out = tmp_path / "run"
+    args = TINY + ["--loader", "synthetic", "--steps", "2", "--log-every", "1", "--save-every", "10",
+                   "--out", str(out)]
+    assert run_cli(args, capsys)[0] == 0
+    config = yaml.safe_load((out / "config.yaml").read_text())
+    for name in os.listdir(out / "checkpoints"):
+        os.unlink(out / "checkpoints" / name)
+    (out / "checkpoints" / "ckpt-000000010.pt.tmp").write_bytes(b"torn")
+    (out / "backbone.pt").unlink()
+    (out / "backbone.json").unlink()
+    config["steps"] = 500  # the killed run was to go on to 500 steps; it recorded 1, 2 and 4
+    (out / "config.yaml").write_text(yaml.safe_dump(config))
+    (out / "metrics.jsonl").write_text("".join(f'{{"step": {s}}}\n' for s in (1, 2, 4)))
+    code, err = run_cli(args, capsys)  # without --resume: refused, saying what --resume will do
+    assert code == 2 and "before its first checkpoint" in err and "metrics.jsonl up to step 4" in err, err
+    code, err = run_cli(args + ["--resume"], capsys)
+    assert code == 0, err
+    assert [r["step"] for r in read_metrics(str(out))] == [1, 2]  # the run's own records, the old ones replaced
+    assert (out / "backbone.pt").exists()
+    for name in os.listdir(out / "checkpoints"):
+        os.unlink(out / "checkpoints" / name)
+    before = _files(out)
+    code, err = run_cli(args + ["--resume"], capsys)  # checkpoints lost after a finished run: refused
+    assert code == 2 and "no checkpoint" in err and "backbone.pt" in err, err
+    assert _files(out) == before
