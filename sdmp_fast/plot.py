@@ -44,13 +44,11 @@ def check_writable(out: str, setting: str = "--out") -> None:
         if not os.access(out, os.W_OK):
             raise ValueError(f"{setting}: cannot write {out!r}: the file is read-only or not this user's")
         return
-    probe = os.path.dirname(out)
-    while not os.path.exists(probe):
-        probe = os.path.dirname(probe)
-    if not os.path.isdir(probe):
-        raise ValueError(f"{setting}: cannot write {out!r}: {probe!r} is a file, not a folder")
-    if not os.access(probe, os.W_OK | os.X_OK):
-        raise ValueError(f"{setting}: cannot write {out!r}: the folder {probe!r} is read-only or not this user's")
+    from sdmp_fast.paths import why_not_creatable
+
+    problem = why_not_creatable(out)
+    if problem:
+        raise ValueError(f"{setting}: cannot write {out!r}: {problem}")
 
 
 def read_metrics(path: str) -> List[Dict]:

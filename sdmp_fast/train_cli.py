@@ -70,13 +70,13 @@ def _check_out(cfg) -> None:
                              f"{os.path.join(out, 'checkpoints')!r} to resume from; nothing was changed: restore "
                              f"the checkpoints, or choose another --out to train afresh")
     # the nearest existing folder must take new files: found now, not as a traceback after the model is built
-    probe = os.path.abspath(out)
-    while not os.path.exists(probe):
-        probe = os.path.dirname(probe)
-    if not os.path.isdir(probe):
-        raise ValueError(f"out: {probe!r} is a file, not a folder (out {out!r})")
-    if not os.access(probe, os.W_OK | os.X_OK):
-        raise ValueError(f"out: cannot write in {probe!r} (out {out!r}): read-only or no permission")
+    from sdmp_fast.paths import why_not_creatable
+
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise ValueError(f"out: {out!r} is a file, not a folder")
+    problem = why_not_creatable(os.path.join(out, "metrics.jsonl"))
+    if problem:
+        raise ValueError(f"out: cannot write in {out!r}: {problem}")
 
 
 def _has_checkpoint_files(out: str) -> bool:
