@@ -326,6 +326,22 @@ def test_shards_from_torchrun_environment_before_init(monkeypatch):
         make_loader("memory", imgs, byol2(size=8), 2, device="cpu")
 
 
+def _no_launcher_env(monkeypatch):
+    for k in ("RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(k, raising=False)
+
+
+def _dali_loader_read_once(tmp_path):
+    """A DALI loader made and read before any process group: its pipeline belongs to the single-process shard."""
+    from sdmp_fast.data import make_synthetic_image_folder
+
+    data = make_synthetic_image_folder(str(tmp_path / "d"), 2, 8)
+    early = make_loader("dali", data, byol2(size=16), 4, device="cpu", num_workers=0, seed=4)
+    started = iter(early)
+    next(started)
+    return data, early, started
+
+
 def _fake_process_group(monkeypatch, rank, world):
     monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
     monkeypatch.setattr(torch.distributed, "get_rank", lambda *a, **k: rank)
@@ -343,8 +359,7 @@ def test_a_loader_made_before_the_process_group_takes_its_shard_once_it_exists(b
         pytest.importorskip("nvidia.dali")
     from sdmp_fast.data import make_synthetic_image_folder
 
-    for k in ("RANK", "WORLD_SIZE"):
-        monkeypatch.delenv(k, raising=False)
+    _no_launcher_env(monkeypatch)
     data = make_synthetic_image_folder(str(tmp_path / "d"), 2, 8)
     if backend == "memory":
         data = torch.randint(0, 256, (16, 3, 12, 12), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
@@ -367,8 +382,7 @@ def test_a_loader_made_before_the_process_group_takes_its_shard_once_it_exists(b
 def test_a_dataloader_view_of_a_loader_made_before_the_group_follows_it(monkeypatch):
     from sdmp_fast.pipelines import adapters
 
-    for k in ("RANK", "WORLD_SIZE"):
-        monkeypatch.delenv(k, raising=False)
+    _no_launcher_env(monkeypatch)
     imgs = torch.randint(0, 256, (16, 3, 12, 12), dtype=torch.uint8)
     dl = adapters.as_dataloader(adapters.as_dino(make_loader("memory", imgs, byol2(size=8), 4, device="cpu")))
     _fake_process_group(monkeypatch, 1, 2)
@@ -378,13 +392,8 @@ def test_a_dataloader_view_of_a_loader_made_before_the_group_follows_it(monkeypa
 
 def test_a_loader_already_read_follows_the_group_too_dali_rebuilding_its_pipeline(monkeypatch, tmp_path):
     pytest.importorskip("nvidia.dali")
-    from sdmp_fast.data import make_synthetic_image_folder
-
-    for k in ("RANK", "WORLD_SIZE"):
-        monkeypatch.delenv(k, raising=False)
-    data = make_synthetic_image_folder(str(tmp_path / "d"), 2, 8)
-    early = make_loader("dali", data, byol2(size=16), 4, device="cpu", num_workers=0, seed=4)
-    next(iter(early))  # an epoch left early: its pipeline and state belong to the single-process shard
+    _no_launcher_env(monkeypatch)
+    data, early, _ = _dali_loader_read_once(tmp_path)  # an epoch left early
     _fake_process_group(monkeypatch, 0, 2)
     early.set_epoch(0)
     mine = make_loader("dali", data, byol2(size=16), 4, device="cpu", num_workers=0, seed=4, shard_id=0,
@@ -397,8 +406,7 @@ def test_a_loader_already_read_follows_the_group_too_dali_rebuilding_its_pipelin
 def test_a_shard_too_small_for_a_batch_fails_at_every_call_not_only_the_first(monkeypatch):
     """16 samples over 4 ranks leave 4 per shard, fewer than a batch of 6 with drop_last: the loader must not
     quietly go on reading the whole data set after the first call raised."""
-    for k in ("RANK", "WORLD_SIZE"):
-        monkeypatch.delenv(k, raising=False)
+    _no_launcher_env(monkeypatch)
     imgs = torch.randint(0, 256, (16, 3, 12, 12), dtype=torch.uint8)
     early = make_loader("memory", imgs, byol2(size=8), 6, device="cpu")
     assert len(early) == 2
@@ -411,14 +419,8 @@ def test_a_shard_too_small_for_a_batch_fails_at_every_call_not_only_the_first(mo
 
 def test_a_dali_pass_begun_before_the_group_is_superseded_when_the_loader_follows_it(monkeypatch, tmp_path):
     pytest.importorskip("nvidia.dali")
-    from sdmp_fast.data import make_synthetic_image_folder
-
-    for k in ("RANK", "WORLD_SIZE"):
-        monkeypatch.delenv(k, raising=False)
-    data = make_synthetic_image_folder(str(tmp_path / "d"), 2, 8)
-    early = make_loader("dali", data, byol2(size=16), 4, device="cpu", num_workers=0, seed=4)
-    old = iter(early)
-    next(old)
+    _no_launcher_env(monkeypatch)
+    _, early, old = _dali_loader_read_once(tmp_path)
     _fake_process_group(monkeypatch, 0, 2)
     assert len(early) == 2  # follows the group: the old pass's pipeline is gone
     with pytest.raises(RuntimeError, match="new pass"):
