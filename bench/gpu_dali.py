@@ -27,30 +27,32 @@ from concurrent.futures import ProcessPoolExecutor
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
 
-def _map_pipelines_package() -> None:
-    """Without `pip install -e .` (a bare GPU machine), point sdmp_fast.pipelines at ROOT/pipelines, as
-    pyproject's package-dir does."""
+def _map_subpackages() -> None:
+    """Without `pip install -e .` (a bare GPU machine): sdmp_fast from ROOT, unless it imports already (installed,
+    or bench/steps.sh's shim), and its subpackages sdmp_fast.pipelines / sdmp_fast.kernels from ROOT/pipelines and
+    ROOT/kernels, as pyproject's package-dir maps them (pipelines.base imports sdmp_fast.kernels: mapping
+    pipelines alone was not enough)."""
     try:
-        import sdmp_fast.pipelines  # noqa: F401
+        import sdmp_fast
     except ImportError:
-        import importlib.util
+        sys.path.insert(0, ROOT)
+        import sdmp_fast
+    try:
+        import sdmp_fast.kernels  # noqa: F401
+        import sdmp_fast.pipelines  # noqa: F401
+    except ModuleNotFoundError as e:
+        if e.name not in ("sdmp_fast.kernels", "sdmp_fast.pipelines"):
+            raise
+        sdmp_fast.__path__.append(ROOT)  # ROOT/kernels, ROOT/pipelines become sdmp_fast.kernels / .pipelines
 
-        spec = importlib.util.spec_from_file_location(
-            "sdmp_fast.pipelines", os.path.join(ROOT, "pipelines", "__init__.py"),
-            submodule_search_locations=[os.path.join(ROOT, "pipelines")])
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["sdmp_fast.pipelines"] = module
-        spec.loader.exec_module(module)
 
-
-_map_pipelines_package()
+_map_subpackages()
 
 from sdmp_fast.pipelines.base import assemble_batch, make_generator, make_loader  # noqa: E402
 from sdmp_fast.benchmarks.loaders import endless_batches, time_batches  # noqa: E402  (the loaders bench's timing)
-from sdmp_fast.pipelines.recipes import INTERPOLATIONS, make_recipe  # noqa: E402
+from sdmp_fast.pipelines.recipes import INTERPOLATIONS, RECIPES, make_recipe  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -181,7 +183,7 @@ def main(argv=None) -> int:
         return name, mode, interp or "bicubic"
 
     bad = [c for c in configs if c not in ("mix-only", "decode-only", "feed-only")
-           and (parts(c)[1] not in modes or parts(c)[2] not in INTERPOLATIONS)]
+           and (parts(c)[0] not in RECIPES or parts(c)[1] not in modes or parts(c)[2] not in INTERPOLATIONS)]
     if bad:
         print(f"gpu_dali: unknown configs {bad} (expected <recipe>-mix|graphmix|torchphoto|nomix|sololearn"
               f"[-bilinear], "

@@ -136,6 +136,9 @@ if [ "${SKIP_BENCH:-0}" != 1 ]; then
   elif [ -n "$CLUSTER_VARIANTS" ]; then
     log "SKIP  bench_losses_cluster (cluster smoke check did not pass)"
   fi
+  # the anchor shape above has 2 teacher crops; SDMP-DINO training also feeds the 2 mixed-teacher crops
+  step bench_losses_tmixed 40 "$PY" -m sdmp_fast.cli bench losses --iters 10 --warmup 3 --ops dino --no-compile \
+    --teacher-mixed --json "$OUT/losses_tmixed.json"
   step bench_mixing 120 "$PY" -m sdmp_fast.cli bench mixing --iters 10 --warmup 3 \
     --mix-variants "${MIX_VARIANTS:-p2,p4,staged}" --json "$OUT/mixing.json"
   TAG=$("$PY" -c "import torch; from sdmp_fast.benchmarks.loaders import device_tag; print(device_tag(torch.device('cuda' if torch.cuda.is_available() else 'cpu')))" 2>/dev/null || echo gpu)

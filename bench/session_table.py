@@ -28,9 +28,10 @@ def verdict(ok: bool) -> str:
 
 def dali_rows(doc) -> None:
     print("DALI loaders (img/s, samples with all their views; x = ratio to the solo-learn-style baseline of the "
-          "same recipe, same run):")
-    base = {r["config"].partition("-")[0]: r["img_per_s"] for r in doc["records"]
-            if r["config"].endswith("-sololearn") and r.get("img_per_s")}
+          "same recipe and crop filter, same run):")
+    # keyed by (recipe, interpolation): a -bilinear row set against the bicubic baseline mixed two filters
+    base = {(r["config"].partition("-")[0], r.get("interpolation")): r["img_per_s"] for r in doc["records"]
+            if r.get("baseline") and r.get("recipe") and r.get("img_per_s")}
     for r in doc["records"]:
         if "error" in r:
             print(f"  {r['config']:<24} FAILED {r['error']}")
@@ -38,9 +39,9 @@ def dali_rows(doc) -> None:
         line = f"  {r['config']:<24} B={r['batch_size']:<4} {r['img_per_s']:>10,.0f}"
         if r.get("gpu_used_mb") is not None:
             line += f"  ({r['gpu_used_mb'] / 1024:.1f} GiB on the device)"
-        recipe = r["config"].partition("-")[0]
-        if recipe in base and not r.get("baseline"):
-            line += f"  {r['img_per_s'] / base[recipe]:5.2f}x"
+        key = (r["config"].partition("-")[0], r.get("interpolation"))
+        if key in base and not r.get("baseline"):
+            line += f"  {r['img_per_s'] / base[key]:5.2f}x"
         if r["config"].startswith("byol2-") and r.get("mixing"):
             line += f"   >= {DALI_BYOL2_MIX_TARGET:,}: {verdict(r['img_per_s'] >= DALI_BYOL2_MIX_TARGET)}"
         print(line)
@@ -50,9 +51,9 @@ def e2e_rows(name: str, doc, targets: bool) -> None:
     print(f"{name} (img/s; ratio = end to end / synthetic device data, same step mode):")
     for r in doc["records"]:
         ratio = r.get("ratio_to_synthetic_same_mode")
-        line = (f"  {r['run']:<10}{r['mode']:<8}{r.get('loader', ''):<10}B={r['batch_size']:<4}"
-                f"{r['img_per_s']:>9,.0f}   ratio {ratio:.2f}" if ratio is not None else
-                f"  {r['run']:<10}{r['mode']:<8}{r.get('loader', ''):<10}B={r['batch_size']:<4}{r['img_per_s']:>9,.0f}")
+        # the loader column fits every backend's name ("torchvision" ran into "B=" at 10)
+        line = (f"  {r['run']:<10}{r['mode']:<8}{r.get('loader', ''):<12}B={r['batch_size']:<4}"
+                f"{r['img_per_s']:>9,.0f}" + (f"   ratio {ratio:.2f}" if ratio is not None else ""))
         if targets and r["run"] == "e2e":
             line += (f"   >= {E2E_VIT_S_TARGET:,}: {verdict(r['img_per_s'] >= E2E_VIT_S_TARGET)}; "
                      f">= {E2E_RATIO_TARGET}x: {verdict((ratio or 0) >= E2E_RATIO_TARGET)}")

@@ -59,7 +59,11 @@ use_shim() {
   ln -s "$PWD/kernels" "$shim/sdmp_fast/kernels"
   ln -s "$PWD/pipelines" "$shim/sdmp_fast/pipelines"
   export PYTHONPATH="$shim${PYTHONPATH:+:$PYTHONPATH}"
-  log "pip install failed: using PYTHONPATH=$shim"
+  # `python -c` / `-m` put the current folder first on sys.path, and there the repository's own sdmp_fast/ (no
+  # kernels/, no pipelines/ inside) shadowed the shim: "No module named sdmp_fast.pipelines". Python >= 3.11
+  # leaves it out with PYTHONSAFEPATH (the GPU machines run 3.12).
+  export PYTHONSAFEPATH=1
+  log "pip install failed: using PYTHONPATH=$shim (PYTHONSAFEPATH=1)"
 }
 
 # With PACK_TO set (the device tool's $OUT: at most 8 files come back from it), everything under $OUT goes to

@@ -32,3 +32,23 @@ def test_bench_e2e_with_epochs_names_steps(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "--steps" in err and "Traceback" not in err
     assert not (tmp_path / "e.json").exists()
+
+
+def test_bench_e2e_refuses_a_mode_it_cannot_run_before_anything_runs(tmp_path, capsys, monkeypatch):
+    """graphs without a GPU was refused only after the end-to-end, eager and compile runs had taken their time;
+    an empty --modes ran no baseline at all (every ratio None)."""
+    import torch
+
+    from sdmp_fast.benchmarks import e2e
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    ran = []
+    monkeypatch.setattr(e2e, "_run", lambda *a, **k: ran.append(a) or {})
+    common = ["bench", "e2e"] + TINY + ["--loader", "memory", "--data", "fashion-mnist", "--batch-size", "8",
+                                        "--steps", "1", "--warmup", "0", "--json", str(tmp_path / "e.json")]
+    assert cli.main(common + ["--modes", "eager,graphs"]) == 2
+    err = capsys.readouterr().err
+    assert "--modes graphs: cuda_graphs: CUDA graphs need a GPU" in err and "Traceback" not in err
+    assert cli.main(common + ["--modes", ","]) == 2
+    assert "--modes: no step mode in ','" in capsys.readouterr().err
+    assert not ran and not (tmp_path / "e.json").exists()

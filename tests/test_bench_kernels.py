@@ -87,6 +87,8 @@ def test_bench_mixing_rejects_unknown_variant(tmp_path, capsys):
     (["bench", "losses", "--iters", "0"], "--iters: must be >= 1, got 0"),  # ran, wrote failed rows, exit 0
     (["bench", "losses", "--moco-n", "0"], "--moco-n: must be >= 2, got 0"),  # IndexError traceback
     (["bench", "mixing", "--batch-size", "-2"], "--batch-size: must be >= 2, got -2"),
+    (["bench", "mixing", "--channels", "0"], "--channels: must be >= 1, got 0"),  # 0: rows of empty tensors
+    (["bench", "mixing", "--channels", "-1"], "--channels: must be >= 1, got -1"),  # a traceback
 ])
 def test_bench_counts_are_checked_before_anything_runs(tmp_path, capsys, argv, message):
     out = tmp_path / "r.json"
@@ -101,6 +103,8 @@ def test_bench_counts_are_checked_before_anything_runs(tmp_path, capsys, argv, m
     (["bench", "mixing", "--sizes", "64,abc"], "--sizes: expected a comma list of view sizes"),  # int() message
     (["bench", "losses", "--moco-n", "3", "--moco-keys", "7"],  # quietly benchmarked N = 6
      "--moco-keys: moco_terms needs a multiple of --moco-n (3), got 7"),
+    (["bench", "losses", "--ops", "two_hot_ce", "--moco-n", "64", "--moco-keys", "32"],  # an IndexError traceback
+     "--moco-keys: two_hot_ce needs at least --moco-n (64) keys, got 32"),
 ])
 def test_bench_list_options_are_checked_before_anything_runs(tmp_path, capsys, argv, message):
     out = tmp_path / "r.json"
@@ -141,3 +145,15 @@ def test_bench_losses_rejects_unknown_profile_config(tmp_path, capsys):
     assert cli.main(["bench", "losses", "--profile-configs", "default,clustr", "--json", str(out)]) == 2
     assert "--profile-configs: cannot read 'clustr'" in capsys.readouterr().err
     assert not out.exists()
+
+
+@pytest.mark.parametrize("argv", [
+    ["bench", "losses", "--ops", "two_hot_ce,two_hot_ce", "--moco-n", "4", "--moco-keys", "8"],
+    ["bench", "mixing", "--cases", "mixup,mixup", "--batch-size", "2", "--sizes", "8"],
+])
+def test_a_list_entry_given_twice_still_gives_one_record_per_op_and_impl(tmp_path, argv):
+    out = tmp_path / "r.json"
+    assert cli.main(argv + ["--no-compile", "--iters", "1", "--warmup", "0", "--json", str(out)]) == 0
+    recs = json.loads(out.read_text())["records"]
+    pairs = [(r["op"], r["impl"]) for r in recs]
+    assert len(pairs) == len(set(pairs)) and pairs

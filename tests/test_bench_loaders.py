@@ -131,6 +131,37 @@ def test_bad_settings_are_one_clear_error(photos, tmp_path, capsys):
     assert not os.path.exists(tmp_path / "x.json")
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["--batch-size", "3"], "--batch-size: batch-flip mixing pairs image i with n-1-i"),  # was rows "unavailable"
+    (["--batch-size", "64"], "--batch-size 64: larger than the 16 images of --data"),  # was rows "unavailable"
+    (["--size", "0"], "--size: must be >= 8"),  # 0 quietly ran the recipe's size
+    (["--max-side", "-1"], "--max-side: must be >= 0"),
+])
+def test_settings_every_loader_refuses_fail_before_an_earlier_json_is_overwritten(photos, tmp_path, capsys, argv,
+                                                                                   message):
+    out = tmp_path / "x.json"
+    out.write_text("earlier run")
+    assert cli_main(["bench", "loaders", "--data", photos, "--json", str(out), "--device", "cpu",
+                     "--backends", "torchvision,dali", "--warmup", "1", "--batches", "1"] + argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert out.read_text() == "earlier run" and not (tmp_path / "x.png").exists()
+
+
+def test_an_odd_batch_is_fine_for_the_baselines_alone(photos):
+    """dali-solo-learn and decode-only do not mix: an odd batch is no error before they run."""
+    class Args:
+        data, backends, recipe, size, interpolation, batch_size, warmup, batches = photos, "decode-only", "byol2", \
+            None, "bicubic", 3, 0, 1
+        num_workers, device, dtype, repeats, seed, max_side, cache, verbose = 0, "cpu", "float32", 1, 0, 512, None, False
+        json = png = None
+    import tempfile
+    with tempfile.TemporaryDirectory() as d:
+        Args.json = os.path.join(d, "x.json")
+        doc = bench.run(Args)
+    assert [r["status"] for r in doc["records"]] == ["unavailable"]  # nvJPEG: GPU only; but no settings error
+
+
 def test_default_json_path_names_recipe_device_and_date():
     path = bench.default_json_path("dino", torch.device("cpu"))
     assert path.startswith(os.path.join("bench", "results", "loaders-dino-cpu")) and path.endswith(".json")
@@ -278,7 +309,7 @@ def test_a_run_on_an_oversubscribed_cpu_says_so(photos, tmp_path, monkeypatch, c
     monkeypatch.setattr(bench, "run_backend", fake)
     monkeypatch.setattr(bench, "usable_cores", lambda: 2)
     common = ["bench", "loaders", "--data", photos, "--backends", "torchvision,ffcv", "--device", "cpu",
-              "--json", str(tmp_path / "x.json")]
+              "--batch-size", "4", "--json", str(tmp_path / "x.json")]
     monkeypatch.setattr(os, "getloadavg", lambda: (9.5, 9.0, 8.0))
     assert cli_main(common) == 0
     err = capsys.readouterr().err
@@ -286,3 +317,32 @@ def test_a_run_on_an_oversubscribed_cpu_says_so(photos, tmp_path, monkeypatch, c
     monkeypatch.setattr(os, "getloadavg", lambda: (2.5, 2.0, 2.0))  # the run's own threads on 2 cores
     assert cli_main(common) == 0
     assert "oversubscribed" not in capsys.readouterr().err
+
+
+def test_without_matplotlib_the_json_is_written_and_the_chart_left_out(photos, tmp_path, monkeypatch, capsys):
+    """matplotlib is the [bench] extra: a core install timed every backend, wrote the JSON, then died in the
+    chart with an ImportError traceback."""
+    import sys
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
+    out = tmp_path / "x.json"
+    assert cli_main(["bench", "loaders", "--data", photos, "--json", str(out), "--device", "cpu", "--backends",
+                     "torchvision", "--size", "32", "--batch-size", "4", "--warmup", "1", "--batches", "1",
+                     "--num-workers", "0"]) == 0
+    captured = capsys.readouterr()
+    assert "no bar chart (matplotlib is not installed" in captured.err
+    assert json.loads(out.read_text())["records"][0]["status"] == "ok" and not (tmp_path / "x.png").exists()
+
+
+def test_a_backend_named_twice_is_timed_and_recorded_once(photos, tmp_path, monkeypatch):
+    ran = []
+
+    def fake(backend, args, recipe, images, device, dtype):
+        ran.append(backend)
+        return {"backend": backend, "status": "ok", "reason": None, "img_per_s": 10.0, "samples": 4, "seconds": 0.4}
+
+    monkeypatch.setattr(bench, "run_backend", fake)
+    out = tmp_path / "x.json"
+    assert cli_main(["bench", "loaders", "--data", photos, "--backends", "torchvision,dali,torchvision",
+                     "--device", "cpu", "--batch-size", "4", "--json", str(out)]) == 0
+    assert ran == ["torchvision", "dali"]
+    assert [r["backend"] for r in json.loads(out.read_text())["records"]] == ["torchvision", "dali"]

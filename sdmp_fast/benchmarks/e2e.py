@@ -8,7 +8,9 @@ bench/results/e2e.json or --json.
 
 Timing: ``--warmup`` steps first (compilation, graph capture, loader start-up), then ``--steps`` timed steps
 ending with a device synchronisation; img/s counts source images (batch size x world size) per second, as the
-trainer's metrics do. The end-to-end run uses the step mode given by --compile / --cuda-graphs.
+trainer's metrics do; the bench itself runs one process (world size 1, no process group: under torchrun every
+rank would time its own single-process run and write the same JSON). The end-to-end run uses the step mode
+given by --compile / --cuda-graphs; its ratio_to_synthetic_same_mode needs that mode in --modes.
 """
 from __future__ import annotations
 
@@ -74,18 +76,23 @@ def time_trainer(trainer, steps: int, warmup: int) -> Dict:
             "peak_mem_gb": peak}
 
 
+def _mode_cfg(cfg, steps: int, warmup: int, mode: str):
+    """The validated config of one timed run in step ``mode``. Steady-state steps: no teacher-temperature
+    warm-up and no frozen DINO prototypes (with a synthetic epoch spanning the whole run they would be frozen
+    throughout), both of which keep a graphs run eager and would put the capture inside the timed window."""
+    cfg = dataclasses.replace(cfg, compile=mode == "compile", cuda_graphs=mode == "graphs",
+                              steps=warmup + steps, epochs=None, warmup_steps=None, tau_t_warmup_steps=0,
+                              freeze_last_layer_epochs=0)
+    cfg.validate()
+    return cfg
+
+
 def _run(cfg, steps: int, warmup: int, label: str, mode: str) -> Dict:
     import torch
 
     from sdmp_fast.trainer import Trainer
 
-    # Steady-state steps: no teacher-temperature warm-up and no frozen DINO prototypes (with a synthetic epoch
-    # spanning the whole run they would be frozen throughout), both of which keep a graphs run eager and would
-    # put the capture inside the timed window.
-    cfg = dataclasses.replace(cfg, compile=mode == "compile", cuda_graphs=mode == "graphs",
-                              steps=warmup + steps, epochs=None, warmup_steps=None, tau_t_warmup_steps=0,
-                              freeze_last_layer_epochs=0)
-    cfg.validate()
+    cfg = _mode_cfg(cfg, steps, warmup, mode)
     trainer = Trainer(cfg, log=lambda *a, **k: None)
     res = time_trainer(trainer, steps, warmup)
     rec = {"run": label, "mode": mode, "loader": cfg.loader, "method": cfg.method, "sdmp": cfg.sdmp,
@@ -108,9 +115,11 @@ def main(args) -> int:
         args.steps = 50
     cfg = config_from_args(args)
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    if not modes:  # the synthetic runs are the baseline every ratio needs
+        raise ValueError(f"--modes: no step mode in {args.modes!r}; choose among {', '.join(MODES)}")
     for m in modes:
         if m not in MODES:
-            raise ValueError(f"modes: unknown step mode {m!r}; choose among {', '.join(MODES)}")
+            raise ValueError(f"--modes: unknown step mode {m!r}; choose among {', '.join(MODES)}")
     if cfg.steps is None:  # epochs given (flag or config file): an epoch's length depends on the data set
         raise ValueError(f"--steps: bench e2e times a fixed number of steps; give --steps N instead of --epochs "
                          f"(got epochs={cfg.epochs})")
@@ -120,10 +129,15 @@ def main(args) -> int:
     cfg = dataclasses.replace(cfg, steps=None, epochs=1, save_every=0, resume=False, progress=False,
                               tensorboard=False)
     cfg_e2e_mode = "graphs" if cfg.cuda_graphs else ("compile" if cfg.compile else "eager")
+    synth = dataclasses.replace(cfg, loader="synthetic", data=None, loader_options={})  # it takes none
+    for m in modes:  # a mode this machine cannot run (graphs without a GPU) fails now, not after the others ran
+        try:
+            _mode_cfg(synth, steps, warmup, m)
+        except ValueError as e:
+            raise ValueError(f"--modes {m}: {e}") from None
     records: List[Dict] = []
     if not args.skip_e2e and cfg.loader != "synthetic":
         records.append(_run(cfg, steps, warmup, "e2e", cfg_e2e_mode))
-    synth = dataclasses.replace(cfg, loader="synthetic", data=None, loader_options={})  # it takes none
     for m in modes:
         records.append(_run(synth, steps, warmup, "synthetic", m))
     by = {(r["run"], r["mode"]): r["img_per_s"] for r in records}

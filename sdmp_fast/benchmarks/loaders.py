@@ -358,7 +358,8 @@ def run(args) -> Dict:
     from sdmp_fast.config import device_setting
 
     device = torch.device(device_setting(args.device))  # ValueError naming --device (cuda without a GPU, ...)
-    backends = [b.strip() for b in (args.backends or default_backends(device)).split(",") if b.strip()]
+    backends = list(dict.fromkeys(b.strip() for b in (args.backends or default_backends(device)).split(",")
+                                  if b.strip()))  # a name given twice: still one record (and one round each)
     unknown = [b for b in backends if b not in BACKENDS and b not in VARIANTS and b not in BASELINES]
     if unknown or not backends:
         raise ValueError(f"--backends: unknown {unknown or backends}; choose among "
@@ -373,9 +374,22 @@ def run(args) -> Dict:
                          f"{args.num_workers}")
     if args.dtype not in DTYPES:
         raise ValueError(f"--dtype: choose among {', '.join(DTYPES)}, got {args.dtype!r}")
-    sizes = {"size" if args.recipe == "byol2" else "global_size": args.size} if args.size else {}
+    if args.size is not None and args.size < 8:  # 0 used to mean the recipe's size, quietly
+        raise ValueError(f"--size: must be >= 8 (omit it for the recipe's size), got {args.size}")
+    if args.max_side < 0:
+        raise ValueError(f"--max-side: must be >= 0 (0 keeps every image's size), got {args.max_side}")
+    sizes = {"size" if args.recipe == "byol2" else "global_size": args.size} if args.size is not None else {}
     recipe = make_recipe(args.recipe, interpolation=getattr(args, "interpolation", "bicubic"), **sizes)
     images = list_images(args.data)  # ValueError naming --data when it is missing or empty
+    # Settings every loader would refuse: one error now, not a JSON of "unavailable" rows written over an
+    # earlier run's file (the baselines do not mix; decode-only cycles its files)
+    loaders = [b for b in backends if b not in BASELINES]
+    if loaders and recipe.mix.enabled and args.batch_size % 2:
+        raise ValueError(f"--batch-size: batch-flip mixing pairs image i with n-1-i, so the loaders need an even "
+                         f"batch size, got {args.batch_size}")
+    if [b for b in backends if b != "decode-only"] and len(images) < args.batch_size:
+        raise ValueError(f"--batch-size {args.batch_size}: larger than the {len(images)} images of --data "
+                         f"{args.data!r}, no batch would fill")
     dtype = DTYPES[args.dtype] if args.dtype != "float32" else None
     args.json = args.json or default_json_path(recipe.name, device)
 
@@ -401,8 +415,15 @@ def run(args) -> Dict:
                  ratio_vs_solo_learn=rate / solo_rate if rate and solo_rate else None)
     doc = write_results(args.json, records, getattr(args, "command_line", "sdmp-fast bench loaders"))
     png = args.png or os.path.splitext(args.json)[0] + ".png"
-    bar_chart(records, png, f"{recipe.name} · batch {args.batch_size} · {len(images)} images · "
-                            f"{doc['device']} · {doc['date'][:10]}")
+    try:
+        import matplotlib  # noqa: F401  (the [bench] extra; a core install still gets its JSON, not a traceback)
+    except ImportError:
+        print("bench loaders: no bar chart (matplotlib is not installed: pip install 'sdmp-fast[bench]')",
+              file=sys.stderr)
+        png = None
+    if png:
+        bar_chart(records, png, f"{recipe.name} · batch {args.batch_size} · {len(images)} images · "
+                                f"{doc['device']} · {doc['date'][:10]}")
     doc["png"] = png
     return doc
 
@@ -461,7 +482,7 @@ def main(args) -> int:
               f"intra-op threads (ffcv, torch-gpu, memory on the CPU) then slow down several times more than "
               f"torchvision's worker processes and DALI (OpenMP's spin-waiting; OMP_WAIT_POLICY=PASSIVE in the "
               f"environment helps); compare them on an idle machine", file=sys.stderr)
-    print(f"bench loaders: wrote {args.json} and {doc['png']}")
+    print(f"bench loaders: wrote {args.json}" + (f" and {doc['png']}" if doc["png"] else ""))
     return 0
 
 

@@ -396,7 +396,7 @@ OPS = {"two_hot_ce": bench_two_hot, "moco_terms": bench_moco_terms, "dino": benc
 def main(args) -> int:
     check_counts(args, iters=1, warmup=0, moco_n=2, moco_keys=2, moco_dim=1, dino_batch=2, dino_k=1,
                  teacher_crops=1)
-    ops = [o.strip() for o in args.ops.split(",") if o.strip()]
+    ops = list(dict.fromkeys(o.strip() for o in args.ops.split(",") if o.strip()))  # one record per (op, impl)
     if not ops:  # nothing to time: an empty table crashed the report
         raise ValueError(f"--ops: no op in {args.ops!r}; choose among {', '.join(OPS)}")
     for o in ops:
@@ -409,6 +409,8 @@ def main(args) -> int:
     profile_configs(args.profile_configs)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     n, keys = moco_sizes(args, device)
+    if "two_hot_ce" in ops and keys < n:  # own / partner key indices run up to n - 1: was an indexing traceback
+        raise ValueError(f"--moco-keys: two_hot_ce needs at least --moco-n ({n}) keys, got {keys}")
     if "moco_terms" in ops and keys % n:  # the keys are all-gathered from N / n ranks: else a quietly other N
         raise ValueError(f"--moco-keys: moco_terms needs a multiple of --moco-n ({n}), got {keys}")
     dtype = DTYPES[args.dtype]

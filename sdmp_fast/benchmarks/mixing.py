@@ -164,9 +164,9 @@ def parse_mix_variants(text: str) -> List[str]:
 
 
 def main(args) -> int:
-    check_counts(args, iters=1, warmup=0, batch_size=2)
+    check_counts(args, iters=1, warmup=0, batch_size=2, channels=1)
     parse_mix_variants(getattr(args, "mix_variants", ""))  # bad input fails before anything runs
-    cases = [c.strip() for c in args.cases.split(",") if c.strip()]
+    cases = list(dict.fromkeys(c.strip() for c in args.cases.split(",") if c.strip()))  # one record per (op, impl)
     if not cases:  # nothing to time: an empty table crashed the report
         raise ValueError(f"--cases: no case in {args.cases!r}; choose among {', '.join(CASES)}")
     for c in cases:
