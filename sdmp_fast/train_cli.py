@@ -266,6 +266,8 @@ def _main(cfg) -> int:
     old_handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
         trainer = Trainer(cfg, rank=rank, world_size=world, local_rank=local, log=log)
+        if world > 1:  # after Trainer: it sets each rank's CUDA device, which NCCL's all_gather_object uses
+            _check_same_settings(cfg, world)
         resumed_from = None
         if cfg.resume:
             found = ckpt.load_latest(ckpt.checkpoint_dir(cfg.out))
@@ -287,6 +289,7 @@ def _main(cfg) -> int:
                                      f"(step {trainer.step}); resume with --steps {trainer.step} or more; nothing "
                                      f"was changed")
         if world > 1:
+            _check_same_data(trainer, world)
             _check_same_start(resumed_from, world)
         # ---- from here on --out is written
         if rank == 0:
@@ -321,6 +324,53 @@ def _main(cfg) -> int:
             logger.close()
         if world > 1 and dist.is_initialized():
             dist.destroy_process_group()
+
+
+# settings a process may have of its own (paths on its node, its own workers and output); every other one must be
+# the same on every rank
+_PER_PROCESS_SETTINGS = ("out", "data", "num_workers", "progress", "tensorboard", "resume", "device", "dist_timeout",
+                         "keep_checkpoints")
+
+
+def _check_same_settings(cfg, world: int) -> None:
+    """Every rank reads its own command line and --config file: where they differ (a config file edited on one node,
+    an option forgotten in one launch line) the ranks silently trained on with different learning rates (their
+    parameters drifting apart under DDP while rank 0 exported its own), took overlapping shards (another --seed), or
+    stalled for --dist-timeout seconds at mismatched collectives (another --log-every / --save-every / --steps) and
+    failed with a gloo message naming no setting. Stop before anything is written, naming the settings (a model
+    of another shape already fails in DDP's construction, naming the parameters)."""
+    import torch.distributed as dist
+
+    from sdmp_fast.config import THROUGHPUT_LOADER_OPTIONS
+
+    mine = {k: v for k, v in cfg.to_dict().items() if k not in _PER_PROCESS_SETTINGS}
+    mine["loader_options"] = {k: v for k, v in (mine.get("loader_options") or {}).items()
+                              if k not in THROUGHPUT_LOADER_OPTIONS}
+    found = [None] * world
+    dist.all_gather_object(found, mine)
+    differ = [k for k in mine if any(f.get(k) != mine[k] for f in found)]
+    if differ:
+        what = "; ".join(f"{k} (" + ", ".join(f"rank {r}: {f.get(k)!r}" for r, f in enumerate(found)) + ")"
+                         for k in differ)
+        raise ValueError(f"{differ[0]}: the ranks run with different settings: {what}; every rank must be started "
+                         f"with the same options and --config file; nothing was changed")
+
+
+def _check_same_data(trainer, world: int) -> None:
+    """--data may be a path of each node's own disk: where the copies differ (another file count, other files) the
+    ranks' shards of one permutation overlapped and missed samples silently, and with another number of steps
+    per epoch a run by --epochs ended on one rank first and failed in a gloo message naming nothing. Stop here."""
+    import torch.distributed as dist
+
+    mine = {"steps_per_epoch": trainer.steps_per_epoch, "data": trainer._data_identity()}
+    found = [None] * world
+    dist.all_gather_object(found, mine)
+    if any(f != mine for f in found):
+        seen = ", ".join(f"rank {r}: {f['steps_per_epoch']} steps per epoch"
+                         + (f", {f['data']['files']} files (sha1 {f['data']['sha1'][:12]})" if f["data"] else "")
+                         for r, f in enumerate(found))
+        raise ValueError(f"data: the ranks read different data ({seen}); every rank must read the same data set "
+                         f"(the same files in the same order); nothing was changed")
 
 
 def _check_same_start(resumed_from, world: int) -> None:
