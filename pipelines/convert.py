@@ -301,7 +301,10 @@ def convert(src, out, *, fmt: str = "jpg", max_side: int = 512, jpeg_quality: in
     out = validate_options(src, out, fmt, max_side, jpeg_quality, compress_probability, workers, chunk_size)
     images = list_images(src)  # ValueError naming src when it is empty
     workers = workers or os.cpu_count() or 1
-    from ffcv.fields import IntField, RGBImageField  # slow import (numba): before the clock starts
+    from .ffcv_loader import kept_torch_threads
+
+    with kept_torch_threads():  # importing ffcv sets the caller's torch threads to 1 (FFCV's Compiler)
+        from ffcv.fields import IntField, RGBImageField  # slow import (numba): before the clock starts
 
     t0 = time.perf_counter()
 

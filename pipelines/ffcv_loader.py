@@ -29,9 +29,11 @@ buffers belong to each epoch, not to the Loader).
 from __future__ import annotations
 
 import collections
+import contextlib
 import os
 import queue
 import time
+import warnings
 from dataclasses import replace
 from typing import Callable, Iterator, List, Optional, Sequence, Tuple
 
@@ -64,6 +66,21 @@ def _drain(q) -> None:
             q.get_nowait()
         except queue.Empty:
             return
+
+
+@contextlib.contextmanager
+def kept_torch_threads():
+    """Leave torch's intra-op thread count of the calling thread as it was around FFCV calls: FFCV's
+    ``Compiler.set_num_threads`` also calls ``torch.set_num_threads`` -- at ``import ffcv`` (1 thread), in every
+    ``Loader()`` and ``iter(loader)`` (its ``num_workers``) -- so building an FFCV loader with num_workers=1 left
+    the caller's model (a CPU training step, the next backend of a benchmark) on one thread for good. FFCV's
+    epoch thread sets its own numba / torch threads, which are per thread (OpenMP)."""
+    threads = torch.get_num_threads()
+    try:
+        yield
+    finally:
+        if torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
 
 
 def stop_epoch(epoch, timeout: float = 30.0) -> bool:
@@ -118,6 +135,12 @@ def _seed_sample_crops():
         np.random.seed(np.uint32(x & np.uint64(0xFFFFFFFF)))
 
     return seed_sample
+
+
+def _numba_max_threads() -> int:
+    from numba import config
+
+    return int(config.NUMBA_NUM_THREADS)
 
 
 def _multi_crop_decoder_class():
@@ -197,13 +220,23 @@ def _multi_crop_decoder_class():
 
 def read_beton(path) -> int:
     """Number of samples in the .beton at ``path``; ValueError naming it when it is not one of ours."""
+    return _open_beton(path)[0]
+
+
+def _open_beton(path) -> Tuple[int, Tuple[str, ...]]:
+    """(number of samples, the file's field names in their stored order) of the .beton at ``path``, checked:
+    ValueError naming it when it is not one of ours (no file, not a .beton, a field missing or of another type).
+    FFCV hands a batch's fields back in the file's order, so a .beton written by another tool with the same
+    names in another order, or with more fields, is read by name, not by position."""
     path = os.fspath(path)
     if os.path.isdir(path):
         raise ValueError(f"data: the ffcv backend reads a .beton file, {path!r} is a directory; "
                          f"convert it first: sdmp-fast convert {path} OUT.beton")
     if not os.path.isfile(path):
         raise ValueError(f"data: {path!r} does not exist")
-    from ffcv.reader import Reader
+    with kept_torch_threads():  # the first import of ffcv sets torch's threads to 1
+        from ffcv.fields import IntField, RGBImageField
+        from ffcv.reader import Reader
 
     try:
         reader = Reader(path)
@@ -212,9 +245,15 @@ def read_beton(path) -> int:
     missing = [f for f in REQUIRED_FIELDS if f not in reader.handlers]
     if missing:
         raise ValueError(f"data: {path!r} lacks the field(s) {missing}; write it with `sdmp-fast convert`")
+    want = {"image": RGBImageField, "label": IntField, "index": IntField}
+    wrong = [f"{name} is a {type(reader.handlers[name]).__name__}, expected {cls.__name__}"
+             for name, cls in want.items() if not isinstance(reader.handlers[name], cls)]
+    if wrong:
+        raise ValueError(f"data: {path!r} has fields of other types than the ffcv loader reads ({'; '.join(wrong)}); "
+                         f"write it with `sdmp-fast convert`")
     if reader.num_samples < 1:
         raise ValueError(f"data: {path!r} holds no samples")
-    return int(reader.num_samples)
+    return int(reader.num_samples), tuple(reader.handlers)
 
 
 class FFCVLoader(SkippingLoader):
@@ -225,15 +264,16 @@ class FFCVLoader(SkippingLoader):
                  num_shards: int = 1, shuffle: bool = True, drop_last: bool = True, seed: int = 0,
                  dtype: Optional[torch.dtype] = None, num_workers: Optional[int] = None,
                  multi_crop: bool = True, os_cache: bool = True, batches_ahead: int = 3):
-        from ffcv.fields.basics import IntDecoder
-        from ffcv.loader import Loader, OrderOption
-        from ffcv.transforms import ToDevice, ToTensor
+        with kept_torch_threads():
+            from ffcv.fields.basics import IntDecoder
+            from ffcv.loader import Loader, OrderOption
+            from ffcv.transforms import ToDevice, ToTensor
 
         from . import device_ops  # after the ffcv import: a missing ffcv is the error users should see first
 
         self._ops = device_ops
         self.path = os.fspath(data)
-        self.num_samples = read_beton(self.path)
+        self.num_samples, fields = _open_beton(self.path)
         self.recipe = recipe.validate()
         self.views: Tuple[ViewSpec, ...] = recipe.expanded_views()
         self.batch_size, self.device, self.dtype = batch_size, exact_device(device), dtype
@@ -243,29 +283,45 @@ class FFCVLoader(SkippingLoader):
             raise ValueError(f"data: {self.path!r} has {self.num_samples} samples, none for shard {shard_id} of "
                              f"{num_shards}")
         self.multi_crop = multi_crop
-        self.num_workers = workers = loader_threads(num_workers)  # FFCV's decoding threads
+        workers = loader_threads(num_workers)  # FFCV's decoding threads
+        numba_max = _numba_max_threads()
+        if workers > numba_max:  # numba refuses more (ValueError "must be between 1 and N" from FFCV's Loader)
+            warnings.warn(f"ffcv loader: num_workers={workers} decoding threads asked for, numba runs at most "
+                          f"{numba_max} (NUMBA_NUM_THREADS, default: the CPU count): using {numba_max}",
+                          RuntimeWarning, stacklevel=3)
+            workers = numba_max
+        self.num_workers = workers
 
         on_device = [ToDevice(self.device, non_blocking=True)] if self.device.type == "cuda" else []
         scalar = lambda: [IntDecoder(), ToTensor(), *on_device]  # noqa: E731
-        pipelines = {"label": scalar(), "index": scalar()}
+        # the file's other fields (another tool's .beton) are not decoded: FFCV would output them too
+        pipelines = {**{f: None for f in fields if f not in REQUIRED_FIELDS}, "label": scalar(), "index": scalar()}
+        stored = tuple(f for f in fields if f in REQUIRED_FIELDS)  # FFCV's output order: the file's fields first
         if multi_crop:
             decoder = _multi_crop_decoder_class()([v.size for v in self.views], [v.scale for v in self.views],
                                                   [v.ratio for v in self.views])
             self._offsets = decoder.offsets.tolist()
             pipelines["image"] = [decoder, ToTensor(), *on_device]
-            self._outputs = ("image", "label", "index")
+            self._outputs = stored
         else:
             from ffcv.fields.rgb_image import RandomResizedCropRGBImageDecoder
             from ffcv.pipeline import PipelineSpec
             from ffcv.transforms import ToTorchImage
 
-            names = ["image"] + [f"image_{k}" for k in range(1, len(self.views))]
+            # the views' outputs are named apart from every field of the file (FFCV would put a pipeline named
+            # like a field at that field's place)
+            prefix = "sdmp_view_"
+            while any(f.startswith(prefix) for f in fields):
+                prefix = "_" + prefix
+            names = ["image"] + [f"{prefix}{k}" for k in range(1, len(self.views))]
+            self._view_outputs = names[1:]
             for name, v in zip(names, self.views):
                 rrc = RandomResizedCropRGBImageDecoder((v.size, v.size), scale=v.scale, ratio=v.ratio)
                 pipelines[name] = PipelineSpec("image", decoder=rrc,
                                                transforms=[ToTensor(), *on_device, ToTorchImage()])
             # FFCV orders outputs: the file's fields first, then the extra pipelines in insertion order.
-            self._outputs = ("image", "label", "index", *names[1:])
+            self._outputs = (*stored, *names[1:])
+        self._at = {name: k for k, name in enumerate(self._outputs)}  # output name -> position in FFCV's tuple
 
         # Our sampler truncates with drop_last already: FFCV must keep every index it is given.
         first = self._epoch_order()
@@ -277,9 +333,10 @@ class FFCVLoader(SkippingLoader):
                      tuple((v.size, tuple(v.scale), tuple(v.ratio)) for v in self.views))
         self._loader = _PARKED.pop(self._key, None)
         if self._loader is None:
-            self._loader = Loader(self.path, batch_size=batch_size, num_workers=workers,
-                                  order=OrderOption.SEQUENTIAL, indices=first, pipelines=pipelines, drop_last=False,
-                                  os_cache=os_cache, batches_ahead=batches_ahead)
+            with kept_torch_threads():
+                self._loader = Loader(self.path, batch_size=batch_size, num_workers=workers,
+                                      order=OrderOption.SEQUENTIAL, indices=first, pipelines=pipelines,
+                                      drop_last=False, os_cache=os_cache, batches_ahead=batches_ahead)
             # the decoder whose compiled code reads it: kept with the Loader, which may be parked and reused
             self._loader.sdmp_crop_seed = decoder.crop_seed if multi_crop else None
 
@@ -299,9 +356,11 @@ class FFCVLoader(SkippingLoader):
     def _uint8_groups(self, out):
         """(spec, uint8 [k * n, 3, S, S] on the device, view-major) per recipe view spec: the ``count`` views
         of one spec (DINO's local crops) are augmented as one batch, as device_ops.make_views does."""
-        n = out[1].shape[0]
+        at = self._at
+        n = out[at["label"]].shape[0]
+        image = out[at["image"]]
         if not self.multi_crop:
-            views = [out[0]] + list(out[3:])
+            views = [image] + [out[at[name]] for name in self._view_outputs]
         k0 = 0
         for spec in self.recipe.views:
             k, s = spec.count, spec.size
@@ -309,7 +368,7 @@ class FFCVLoader(SkippingLoader):
                 continue
             if self.multi_crop:  # the spec's k crops sit side by side in each sample's row
                 a, b = self._offsets[k0], self._offsets[k0 + k]
-                x = out[0][:, a:b].view(n, k, s, s, 3).permute(1, 0, 4, 2, 3)
+                x = image[:, a:b].view(n, k, s, s, 3).permute(1, 0, 4, 2, 3)
             else:
                 x = torch.stack(views[k0:k0 + k])
             k0 += k
@@ -349,7 +408,8 @@ class FFCVLoader(SkippingLoader):
         if self._loader.sdmp_crop_seed is not None:  # before FFCV's epoch thread starts decoding
             self._loader.sdmp_crop_seed[0] = epoch_crop_seed(self.seed, self.sampler.epoch)
         mean, std = self.recipe.mean, self.recipe.std
-        epoch = self._epoch_thread = iter(self._loader)
+        with kept_torch_threads():
+            epoch = self._epoch_thread = iter(self._loader)
         try:
             while True:
                 if self._pass is not token:  # checked before each read (the buffers are the new pass's now)
@@ -357,10 +417,10 @@ class FFCVLoader(SkippingLoader):
                 out = next(epoch, None)
                 if out is None:
                     break
-                # copies: out[1] / out[2] are FFCV's reusable slots (already on the device when the pipeline
+                # copies: labels / indices are FFCV's reusable slots (already on the device when the pipeline
                 # ends in ToDevice, where .to() returns them as they are), overwritten a few batches later
-                labels = out[1].view(-1).to(self.device, non_blocking=True, copy=True)
-                indices = out[2].view(-1).to(self.device, non_blocking=True, copy=True)
+                labels = out[self._at["label"]].view(-1).to(self.device, non_blocking=True, copy=True)
+                indices = out[self._at["index"]].view(-1).to(self.device, non_blocking=True, copy=True)
                 views = []
                 for spec, x in self._uint8_groups(out):
                     x = self._ops.augment(x.float().div_(255), spec, gen)

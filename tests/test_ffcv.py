@@ -388,6 +388,51 @@ def test_ffcv_loader_rejects_a_folder_and_a_foreign_file(folder, tmp_path):
             make_loader("ffcv", str(junk), "byol2", 4, device="cpu", shard_id=0, num_shards=1)
 
 
+@pytest.mark.timeout(150)
+@NUMBA_FINALIZER_NOISE
+@pytest.mark.parametrize("multi_crop", [True, False])
+def test_ffcv_reads_another_writers_beton_by_field_name(folder, tmp_path, multi_crop):
+    """A .beton written by FFCV's own DatasetWriter with our fields in another order and one more field is read
+    by name (FFCV returns the file's fields in stored order: the label was taken for the image, and an extra
+    field for a view); fields of another type are refused naming them."""
+    from ffcv.fields import FloatField, IntField, RGBImageField
+    from ffcv.writer import DatasetWriter
+
+    files = [f for f in list_images(folder).files if not f.endswith(BAD)][:8]
+    images = [conv.load_rgb(f) for f in files]
+
+    class Samples:
+        def __init__(self, make):
+            self.make = make
+
+        def __len__(self):
+            return len(images)
+
+        def __getitem__(self, i):
+            return self.make(i)
+
+    path = str(tmp_path / "other.beton")
+    fields = {"weight": FloatField(), "label": IntField(), "image": RGBImageField(write_mode="raw"),
+              "image_1": IntField(), "index": IntField()}  # image_1: once the name of our second view's output
+    DatasetWriter(path, fields, num_workers=1).from_indexed_dataset(
+        Samples(lambda i: (0.5, 10 + i, images[i], 7, i)))
+    recipe = make_recipe("byol2", **SMALL_BYOL)
+    loader = make_loader("ffcv", path, recipe, 4, device="cpu", shard_id=0, num_shards=1, drop_last=False,
+                         shuffle=False, num_workers=1, multi_crop=multi_crop)
+    batches = list(loader)
+    assert [b.indices.tolist() for b in batches] == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    for b in batches:
+        assert b.labels.tolist() == (b.indices + 10).tolist()
+        _check_batch(b, recipe, np.arange(10, 18))
+    loader.close()
+
+    bad = str(tmp_path / "float_label.beton")
+    DatasetWriter(bad, {"image": RGBImageField(write_mode="raw"), "label": FloatField(), "index": IntField()},
+                  num_workers=1).from_indexed_dataset(Samples(lambda i: (images[i], 0.5, i)))
+    with pytest.raises(ValueError, match="label is a FloatField, expected IntField"):
+        make_loader("ffcv", bad, recipe, 4, device="cpu", shard_id=0, num_shards=1)
+
+
 @pytest.mark.cuda
 @pytest.mark.timeout(150)
 @NUMBA_FINALIZER_NOISE
@@ -417,10 +462,25 @@ def test_ffcv_num_workers_zero_is_one_thread_not_every_core(beton, monkeypatch):
 
     monkeypatch.setattr(ffcv.loader, "Loader", recording)
     _, path = beton
-    for workers, expected in ((0, 1), (None, os.cpu_count())):  # numba takes at most cpu_count threads
-        made.clear()
-        loader = make_loader("ffcv", path, make_recipe("byol2", **SMALL_BYOL), BATCH, device="cpu", shard_id=0,
-                             num_shards=1, num_workers=workers, seed=workers or 0)
-        assert loader.num_workers == expected
-        assert made.get("num_workers", expected) == expected  # a parked Loader of the same settings is reused
-        loader.close()
+    # FFCV sets torch's threads to its num_workers (1 at import): the caller's setting is kept (a CPU training
+    # step ran on one thread after a num_workers=1 FFCV loader was made)
+    before = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        # numba takes at most cpu_count threads: more are capped, with a warning (was numba's ValueError)
+        for workers, expected in ((0, 1), (None, os.cpu_count()), (os.cpu_count() + 1, os.cpu_count())):
+            made.clear()
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                loader = make_loader("ffcv", path, make_recipe("byol2", **SMALL_BYOL), BATCH, device="cpu",
+                                     shard_id=0, num_shards=1, num_workers=workers, seed=workers or 0)
+            capped = [w for w in caught if "NUMBA_NUM_THREADS" in str(w.message)]
+            assert len(capped) == (workers == os.cpu_count() + 1)
+            assert loader.num_workers == expected
+            assert made.get("num_workers", expected) == expected  # a parked Loader of the same settings is reused
+            assert torch.get_num_threads() == 3
+            next(iter(loader))
+            assert torch.get_num_threads() == 3
+            loader.close()
+    finally:
+        torch.set_num_threads(before)
