@@ -193,7 +193,9 @@ def as_lightly(loader, data=None, with_mix_info: bool = False,
             raise ValueError(f"as_lightly: data {data!r} lists other files, or the same in another order, than the "
                              f"loader reads ({len(files)} vs {len(own.files)}): its names would be other samples'; "
                              f"leave data out (the loader's own list names them)")
-        if data is not None and str(getattr(base, "path", "")).endswith(".beton"):
+        from .ffcv_loader import FFCVLoader  # imports no ffcv
+
+        if data is not None and (isinstance(base, FFCVLoader) or str(getattr(base, "path", "")).endswith(".beton")):
             # a .beton holds the folder's files in list order less those convert skipped: its index is there
             gone = _skipped_by_convert(files, images.root, base.skipped)
             files = [f for f in files if f not in gone]

@@ -244,3 +244,23 @@ def test_solo_learn_default_batch_is_what_stock_methods_unpack():
     assert len(crops) == 2  # == num_crops: clean views only
     indexes, crops, targets, mix = next(iter(adapters.as_solo_learn(loader, with_mix_info=True)))
     assert len(crops) == 4 and mix["num_clean"] == 2
+
+
+@pytest.mark.timeout(300)
+def test_lightly_names_of_a_converted_file_of_any_name_skip_what_convert_skipped(tmp_path):
+    """as_lightly knew a converted file by its .beton suffix: out/x.ffcv with skipped files was refused
+    ("lists 8 files but the loader reads 7 samples")."""
+    pytest.importorskip("ffcv")
+    from sdmp_fast.data import make_synthetic_image_folder
+    from sdmp_fast.pipelines.convert import convert
+
+    data = tmp_path / "d"
+    make_synthetic_image_folder(str(data), num_classes=2, per_class=4, size=(20, 20))
+    files = list_images(str(data)).files
+    with open(files[2], "wb") as f:
+        f.write(b"not an image")
+    convert(str(data), str(tmp_path / "x.ffcv"), workers=1)
+    loader = make_loader("ffcv", str(tmp_path / "x.ffcv"), byol2(size=8), 4, device="cpu", num_workers=1,
+                         drop_last=False, shuffle=False)
+    names = [n for _, _, fn in adapters.as_lightly(loader, data=str(data)) for n in fn]
+    assert names == [os.path.relpath(f, str(data)) for k, f in enumerate(files) if k != 2]
