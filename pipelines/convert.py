@@ -27,7 +27,7 @@ from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .base import list_images
+from .base import list_images, usable_cores
 from .image_bytes import rgb8
 
 FORMATS = ("jpg", "raw", "proportion")
@@ -48,7 +48,7 @@ def add_arguments(parser) -> None:
                         help="cap the longest side to this many pixels before storing (0: keep the original)")
     parser.add_argument("--jpeg-quality", type=int, default=DEFAULT_JPEG_QUALITY)
     parser.add_argument("--compress-probability", type=float, default=0.5, help="for --format proportion")
-    parser.add_argument("--workers", type=int, default=0, help="processes (0: every core)")
+    parser.add_argument("--workers", type=int, default=0, help="processes (0: every core this process may use)")
     parser.add_argument("--chunk-size", type=int, default=100, help="samples per writer work item")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -300,7 +300,7 @@ def convert(src, out, *, fmt: str = "jpg", max_side: int = 512, jpeg_quality: in
     """Write ``src`` (ImageFolder root or file list) to the FFCV file ``out``; see the module docstring."""
     out = validate_options(src, out, fmt, max_side, jpeg_quality, compress_probability, workers, chunk_size)
     images = list_images(src)  # ValueError naming src when it is empty
-    workers = workers or os.cpu_count() or 1
+    workers = workers or usable_cores()  # a container's CPU set, not the host's cores
     from .ffcv_loader import kept_torch_threads
 
     with kept_torch_threads():  # importing ffcv sets the caller's torch threads to 1 (FFCV's Compiler)

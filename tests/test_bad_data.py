@@ -308,3 +308,24 @@ def test_a_sharded_drop_last_batch_with_no_decodable_file_is_an_error_not_a_shor
         assert [b.indices.tolist() for b in make(shard_id=1, num_shards=2)] == [[1, 3], [7, 7]]  # 5 refilled
         alone = make(shard_id=0, num_shards=1)  # one process: the batch (4, 5) is left out, as before
         assert [b.indices.tolist() for b in alone] == [[0, 1], [2, 3], [7, 7]]
+
+
+def test_convert_workers_zero_counts_the_cores_this_process_may_use(tmp_path, monkeypatch):
+    """--workers 0 took os.cpu_count(): the host's cores, not a container's CPU set (64 processes on 2 cores)."""
+    pytest.importorskip("ffcv")
+    from sdmp_fast.data import make_synthetic_image_folder
+    from sdmp_fast.pipelines import convert as convert_mod
+
+    make_synthetic_image_folder(str(tmp_path / "d"), num_classes=2, per_class=2, size=(20, 20))
+    monkeypatch.setattr(os, "cpu_count", lambda: 64)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    seen = []
+
+    def check_images(files, max_side, workers, progress):
+        seen.append(workers)
+        raise KeyboardInterrupt  # stop before writing anything
+
+    monkeypatch.setattr(convert_mod, "check_images", check_images)
+    with pytest.raises(KeyboardInterrupt):
+        convert_mod.convert(str(tmp_path / "d"), str(tmp_path / "x.beton"), progress=False)
+    assert seen == [2] and not (tmp_path / "x.beton").exists()
