@@ -52,3 +52,17 @@ def test_bench_e2e_refuses_a_mode_it_cannot_run_before_anything_runs(tmp_path, c
     assert cli.main(common + ["--modes", ","]) == 2
     assert "--modes: no step mode in ','" in capsys.readouterr().err
     assert not ran and not (tmp_path / "e.json").exists()
+
+
+def test_bench_e2e_names_its_default_file_by_card_and_date(tmp_path, capsys, monkeypatch):
+    """The default was bench/results/e2e.json: each run overwrote the last one's numbers, whatever the card."""
+    import datetime
+    import os
+
+    monkeypatch.chdir(tmp_path)
+    args = TINY + ["--loader", "synthetic", "--batch-size", "8", "--steps", "1", "--warmup", "0", "--modes", "eager"]
+    assert cli.main(["bench", "e2e"] + args) == 0
+    name = f"e2e-cpu{os.cpu_count()}-{datetime.date.today():%Y%m%d}.json"
+    doc = json.loads((tmp_path / "bench" / "results" / name).read_text())
+    assert [r["device"] for r in doc["records"]] == ["cpu"]
+    assert not (tmp_path / "bench" / "results" / "e2e.json").exists()

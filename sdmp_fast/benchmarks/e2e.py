@@ -1,7 +1,7 @@
 """`sdmp-fast bench e2e`: end-to-end training images/sec from files with the chosen loader, and in the same run
 the same trainer fed synthetic data already on the device (the model-only ceiling) in each step mode (eager,
 torch.compile, CUDA graphs). Prints the table and the ratios; JSON (benchmarks.common format) to
-bench/results/e2e.json or --json.
+bench/results/e2e-<device>-<date>.json or --json.
 
     sdmp-fast bench e2e --loader dali --data /data/imagenet/train --arch vit_small_patch16_224 \
         --batch-size 256 --steps 100 --modes eager,compile
@@ -32,7 +32,8 @@ def add_arguments(p) -> None:
     p.add_argument("--modes", default="eager,compile",
                    help="step modes of the synthetic runs: eager, compile, graphs (GPU) (default eager,compile)")
     p.add_argument("--skip-e2e", action="store_true", help="only the synthetic (model-only) runs")
-    p.add_argument("--json", default="bench/results/e2e.json", help="results file ('' to skip)")
+    p.add_argument("--json", default=None,
+                   help="results file (default bench/results/e2e-<device>-<date>.json; '' to skip)")
 
 
 def _sync(device) -> None:
@@ -97,7 +98,8 @@ def _run(cfg, steps: int, warmup: int, label: str, mode: str) -> Dict:
     res = time_trainer(trainer, steps, warmup)
     rec = {"run": label, "mode": mode, "loader": cfg.loader, "method": cfg.method, "sdmp": cfg.sdmp,
            "arch": cfg.arch, "img_size": cfg.img_size, "batch_size": cfg.batch_size, "steps": steps,
-           "precision": "bf16" if trainer.amp_dtype is not None else "fp32", "loss_impl": trainer.loss_impl}
+           "precision": "bf16" if trainer.amp_dtype is not None else "fp32", "loss_impl": trainer.loss_impl,
+           "device": str(trainer.device)}
     rec.update(res)
     del trainer
     if torch.cuda.is_available():
@@ -153,7 +155,14 @@ def main(args) -> int:
     print_table(records, ["run", "mode", "loader", "method", "sdmp", "arch", "batch_size", "precision",
                           "img_per_s", "step_ms", "ratio_to_synthetic_same_mode", "speedup_vs_synthetic_eager",
                           "peak_mem_gb", "mem_vs_synthetic_eager"])
-    if args.json:
-        write_results(args.json, records, getattr(args, "command_line", "sdmp-fast bench e2e"))
-        print(f"wrote {args.json}")
+    path = args.json
+    if path is None:  # one file per card and day: a later run does not overwrite another machine's numbers
+        import torch
+
+        from sdmp_fast.benchmarks.losses import default_json_path
+
+        path = default_json_path("e2e", torch.device(records[-1]["device"]))
+    if path:
+        write_results(path, records, getattr(args, "command_line", "sdmp-fast bench e2e"))
+        print(f"wrote {path}")
     return 0
