@@ -70,14 +70,15 @@ def main(argv=None) -> int:
         print(f"sdmp-fast {args.command}: error: {e}", file=sys.stderr)
         return 2
     except OSError as e:  # a file that could not be written (read-only folder, disk full): one line naming it
-        if e.filename is None and e.errno not in _ENVIRONMENT_ERRNOS:
+        if e.filename is None and e.errno not in _ENVIRONMENT_ERRNOS and not isinstance(e, ConnectionError):
             raise  # names no file and is no full disk / permission: a bug, whose traceback is the useful part
         print(f"sdmp-fast {args.command}: error: {_os_error_line(e)}", file=sys.stderr)
         return 1
 
 
-_ENVIRONMENT_ERRNOS = {getattr(errno, n) for n in ("ENOSPC", "EDQUOT", "EROFS", "EACCES", "EPERM", "EIO", "ENOLCK")
-                       if hasattr(errno, n)}
+_ENVIRONMENT_ERRNOS = {getattr(errno, n) for n in ("ENOSPC", "EDQUOT", "EROFS", "EACCES", "EPERM", "EIO", "ENOLCK",
+                                                   "EMFILE", "ENFILE", "ENOMEM", "ESTALE", "ETIMEDOUT", "EPIPE",
+                                                   "ECONNRESET", "ECONNREFUSED") if hasattr(errno, n)}
 
 
 def _os_error_line(e: OSError) -> str:

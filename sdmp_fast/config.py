@@ -496,6 +496,14 @@ def _loader_option_defaults(loader: Optional[str]) -> Dict[str, Any]:
     return backend_option_defaults(loader) if loader else {}
 
 
+def significant_loader_options(options: Optional[Dict[str, Any]], loader: Optional[str]) -> Dict[str, Any]:
+    """The loader options that change what is trained: throughput-only options and options spelt out at the
+    backend's default (= not given) are left out."""
+    own = _loader_option_defaults(loader)
+    return {o: v for o, v in (options or {}).items()
+            if o not in THROUGHPUT_LOADER_OPTIONS and not (o in own and own[o] == v)}
+
+
 def mismatches(saved: Dict[str, Any], current: TrainConfig) -> List[str]:
     """Settings that differ between a checkpoint's config and the current one, among RESUME_MUST_MATCH."""
     cur = current.to_dict()
@@ -505,9 +513,7 @@ def mismatches(saved: Dict[str, Any], current: TrainConfig) -> List[str]:
         # a setting newer than the checkpoint had its default then (or what the code did before it existed)
         a, b = saved.get(k, SETTING_BEFORE_IT_EXISTED.get(k, defaults.get(k))), cur.get(k)
         if k == "loader_options":  # throughput-only options may change; an option at its default = not given
-            own = _loader_option_defaults(cur.get("loader"))
-            a, b = ({o: v for o, v in (d or {}).items()
-                     if o not in THROUGHPUT_LOADER_OPTIONS and not (o in own and own[o] == v)} for d in (a, b))
+            a, b = (significant_loader_options(d, cur.get("loader")) for d in (a, b))
         if isinstance(a, (list, tuple)) or isinstance(b, (list, tuple)):
             a, b = list(a or []), list(b or [])
         if a != b:

@@ -92,10 +92,14 @@ def _lost_checkpoints(out: str, entries, cfg) -> bool:
     last = _last_step(out)
     if last <= 0:
         return False
+    if any(re.fullmatch(r"config\.\d+\.yaml", e) for e in entries):
+        return True  # kept by a resume with other settings: that resume had a checkpoint
+    import yaml
+
+    # the trainer writes a save step's metrics record after the checkpoint: a record at or past a save step (or at
+    # the last step) means a checkpoint was written. A first save that failed left no record of its step
     save_every, total = cfg.save_every, None
     try:
-        import yaml
-
         with open(os.path.join(out, "config.yaml"), encoding="utf-8") as fh:
             saved = yaml.safe_load(fh)
         if isinstance(saved, dict):
@@ -341,11 +345,10 @@ def _check_same_settings(cfg, world: int) -> None:
     of another shape already fails in DDP's construction, naming the parameters)."""
     import torch.distributed as dist
 
-    from sdmp_fast.config import THROUGHPUT_LOADER_OPTIONS
+    from sdmp_fast.config import significant_loader_options
 
     mine = {k: v for k, v in cfg.to_dict().items() if k not in _PER_PROCESS_SETTINGS}
-    mine["loader_options"] = {k: v for k, v in (mine.get("loader_options") or {}).items()
-                              if k not in THROUGHPUT_LOADER_OPTIONS}
+    mine["loader_options"] = significant_loader_options(mine.get("loader_options"), cfg.loader)
     found = [None] * world
     dist.all_gather_object(found, mine)
     differ = [k for k in mine if any(f.get(k) != mine[k] for f in found)]

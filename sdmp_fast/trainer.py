@@ -768,15 +768,17 @@ class Trainer:
             rec["time_s"] = round(now - t_start, 3)
             if self.device.type == "cuda":  # the allocator's own counter: a host read, no device sync
                 rec["max_mem_gb"] = round(torch.cuda.max_memory_allocated(self.device) / 2**30, 3)
+            t_last, step_last = now, self.step
+            if save_due or last or stop:
+                # before the step's record: a record at a save step then proves its checkpoint was written
+                # (train --resume tells lost checkpoints from a first save that failed by it)
+                path = self.save(out)
+                if path and (stop or last):
+                    logger.write(f"checkpoint: {path}")
             logger.record(rec)
             if metrics["skipped"]:
                 logger.write(f"warning: {metrics['skipped']} step(s) with a non-finite loss/gradient skipped "
                              f"before step {self.step} (nan_policy=skip)")
-            t_last, step_last = now, self.step
-            if save_due or last or stop:
-                path = self.save(out)
-                if path and (stop or last):
-                    logger.write(f"checkpoint: {path}")
             if stop:
                 result = "signal"
                 break

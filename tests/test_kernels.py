@@ -15,6 +15,10 @@ import sys
 
 import pytest
 import torch
+# forward-mode AD's decompositions, loaded here (shallow stack, once) rather than by the first jvp deep in a long
+# session: that first load torch.jit-scripts them, and CPython 3.11's ast.parse failed there once in `make test`
+# ("SystemError: AST constructor recursion depth mismatch", a CPython bug), passing alone
+import torch._decomp.decompositions_for_jvp  # noqa: F401,E402
 
 import sdmp_fast.kernels as K
 from sdmp_fast import losses, mixing

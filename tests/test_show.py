@@ -204,3 +204,15 @@ def test_an_os_error_naming_no_file_and_no_full_disk_keeps_its_traceback(tmp_pat
 
     monkeypatch.setattr(plot, "plot_run", full)
     assert cli_main(["plot", str(tmp_path / "run")]) == 1
+
+
+def test_an_os_error_of_the_environment_without_a_file_is_one_line(tmp_path, capsys, monkeypatch):
+    """Too many open files (DataLoader pipes), no memory to fork, a stale NFS handle: the environment, one line."""
+    import errno
+
+    from sdmp_fast import plot
+
+    for err in (OSError(errno.EMFILE, "Too many open files"), ConnectionResetError("reset by peer")):
+        monkeypatch.setattr(plot, "plot_run", lambda *a, _e=err, **k: (_ for _ in ()).throw(_e))
+        assert cli_main(["plot", str(tmp_path / "run")]) == 1
+        assert "Traceback" not in capsys.readouterr().err

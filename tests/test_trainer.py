@@ -1150,3 +1150,70 @@ def test_a_run_killed_before_its_first_checkpoint_starts_again_on_resume(tmp_pat
     code, err = run_cli(args + ["--resume"], capsys)  # checkpoints lost after a finished run: refused
     assert code == 2 and "no checkpoint" in err and "backbone.pt" in err, err
     assert _files(out) == before
+
+
+def test_a_run_whose_first_checkpoint_write_failed_starts_again_on_resume(tmp_path, capsys, monkeypatch):
+    """The save step's metrics record was written before its checkpoint: a first save that failed (disk full, a
+    kill during it) left metrics at save_every and no checkpoint, which --resume took for lost checkpoints."""
+    from sdmp_fast import checkpoint as ckpt
+
+    out = tmp_path / "run"
+    args = TINY + ["--loader", "synthetic", "--steps", "4", "--save-every", "2", "--log-every", "2",
+                   "--out", str(out)]
+
+    def full(*a, **k):
+        raise ckpt.CheckpointError("checkpoint: could not write (disk full)")
+
+    with monkeypatch.context() as m:
+        m.setattr(ckpt, "save_checkpoint", full)
+        assert run_cli(args, capsys)[0] == 1
+    assert [r["step"] for r in read_metrics(str(out))] == []  # the failed save step left no record
+    code, err = run_cli(args + ["--resume"], capsys)
+    assert code == 0, err
+    assert [r["step"] for r in read_metrics(str(out))] == [2, 4]
+
+
+def test_resume_after_a_changed_save_every_still_refuses_when_checkpoints_were_lost(tmp_path, capsys):
+    """config.yaml holds the last resume's save_every; an earlier config.<k>.yaml proves a resume, and so a
+    checkpoint, happened: --resume without checkpoints must not restart over the run's metrics."""
+    import shutil
+
+    import yaml
+
+    out = tmp_path / "run"
+    base = TINY + ["--loader", "memory", "--data", "fashion-mnist", "--batch-size", "8", "--log-every", "1",
+                   "--out", str(out)]  # synthetic data would have as many steps per epoch as --steps
+    assert run_cli(base + ["--steps", "2", "--save-every", "1"], capsys)[0] == 0
+    assert run_cli(base + ["--steps", "3", "--save-every", "1000", "--resume"], capsys)[0] == 0
+    assert (out / "config.1.yaml").exists()
+    config = yaml.safe_load((out / "config.yaml").read_text())
+    config["steps"] = 500  # that resume was to go on to 500 steps and was killed at step 3
+    (out / "config.yaml").write_text(yaml.safe_dump(config))
+    shutil.rmtree(out / "checkpoints")
+    (out / "backbone.pt").unlink()
+    (out / "backbone.json").unlink()
+    before = _files(out)
+    code, err = run_cli(base + ["--steps", "500", "--save-every", "1000", "--resume"], capsys)
+    assert code == 2 and "no checkpoint" in err, err
+    assert _files(out) == before
+
+
+def test_ranks_whose_loader_options_differ_only_by_a_spelt_out_default_agree(monkeypatch):
+    """One node's config spelling out a backend default (photometric: dali) is the same run (as the resume rule
+    has it); another value is not."""
+    import torch.distributed as dist
+
+    from sdmp_fast.config import TrainConfig
+    from sdmp_fast.train_cli import _check_same_settings
+
+    def ranks(rank0, rank1):
+        seen = []
+        monkeypatch.setattr(dist, "all_gather_object", lambda found, mine: seen.append(mine) or found.__setitem__(
+            slice(None), seen + [mine] * (len(found) - len(seen))))
+        _check_same_settings(rank0, 1)  # rank 0's gathered settings
+        _check_same_settings(rank1, 2)
+
+    plain = TrainConfig(loader="dali", loader_options={})
+    ranks(plain, TrainConfig(loader="dali", loader_options={"photometric": "dali", "mix_in_graph": False}))
+    with pytest.raises(ValueError, match="loader_options: the ranks run with different settings"):
+        ranks(plain, TrainConfig(loader="dali", loader_options={"photometric": "torch"}))
