@@ -642,8 +642,8 @@ class Trainer:
         then, now = state.get("data"), self._data_identity()
         if then is not None and now is not None and then != now:
             warnings.warn(f"resume: the data set is not the one the checkpoint was trained on ({then['files']} files "
-                          f"then, {now['files']} now, or other names / labels / order): the batches from here on "
-                          f"are not the ones the interrupted run would have seen", RuntimeWarning)
+                          f"then, {now['files']} now, or other names / labels / order / content): the batches from "
+                          f"here on are not the ones the interrupted run would have seen", RuntimeWarning)
         rngs = state["rng"]
         mine = rngs[self.rank] if len(rngs) == self.world_size else rngs[0]
         ckpt.set_rng_state(mine)
@@ -657,12 +657,15 @@ class Trainer:
                               "the loader's own random state (DALI's) starts afresh, so augmentations differ")
 
     def _data_identity(self) -> Optional[Dict]:
-        """{"files", "sha1"} of an image-file loader's list (None for in-memory, synthetic and .beton data)."""
-        images = getattr(self.loader, "images", None)
-        if not hasattr(images, "fingerprint"):
-            return None
+        """{"files", "sha1"} of the loader's data: an image-file loader's list, a loader's own ``data_identity()``
+        (FFCV: the .beton's content); None for in-memory and synthetic data."""
         if self._data_id is None:  # a million paths hash in about a second: once per run
-            self._data_id = {"files": len(images), "sha1": images.fingerprint()}
+            own = getattr(self.loader, "data_identity", None)
+            images = getattr(self.loader, "images", None)
+            if callable(own):
+                self._data_id = dict(own())
+            elif hasattr(images, "fingerprint"):
+                self._data_id = {"files": len(images), "sha1": images.fingerprint()}
         return self._data_id
 
     def save(self, out: str) -> Optional[str]:

@@ -484,3 +484,70 @@ def test_ffcv_num_workers_zero_is_one_thread_not_every_core(beton, monkeypatch):
             loader.close()
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.mark.timeout(150)
+def test_beton_fingerprint_follows_the_content_not_the_layout(beton, folder, tmp_path):
+    """The .beton's digest (what a resume and the ranks compare) is kept by a copy and by a second conversion of
+    the same folder with other workers, and changes with one image's pixels or one label."""
+    import shutil
+
+    from sdmp_fast.pipelines.ffcv_loader import beton_fingerprint
+
+    _, path = beton
+    digest = beton_fingerprint(path)
+    shutil.copy(path, tmp_path / "copy.beton")
+    assert beton_fingerprint(tmp_path / "copy.beton") == digest
+    again = str(tmp_path / "again.beton")
+    conv.convert(folder, again, max_side=64, workers=1, chunk_size=1, progress=False)
+    assert beton_fingerprint(again) == digest
+
+    changed = tmp_path / "changed"
+    shutil.copytree(folder, changed)
+    first = changed / "class1" / "0001.jpg"
+    Image.fromarray(255 - np.asarray(Image.open(first))).save(first, quality=95)  # same size, other pixels
+    conv.convert(str(changed), str(tmp_path / "changed.beton"), max_side=64, workers=1, progress=False)
+    assert beton_fingerprint(tmp_path / "changed.beton") != digest
+
+    relabeled = tmp_path / "relabeled"
+    shutil.copytree(folder, relabeled)
+    os.rename(relabeled / "class0", relabeled / "class3")  # same images: class0's come last, labels shift
+    conv.convert(str(relabeled), str(tmp_path / "relabeled.beton"), max_side=64, workers=1, progress=False)
+    assert beton_fingerprint(tmp_path / "relabeled.beton") != digest
+
+
+@pytest.mark.timeout(150)
+@NUMBA_FINALIZER_NOISE
+def test_resume_over_another_beton_warns(beton, folder, tmp_path):
+    """A .beton had no identity: a resume over another .beton at the same path (re-converted from other data)
+    went on silently with batches the interrupted run would never have seen, as the image-file loaders warn."""
+    import shutil
+
+    from test_trainer import tiny_cfg
+
+    from sdmp_fast.pipelines.ffcv_loader import beton_fingerprint, read_beton
+    from sdmp_fast.trainer import Trainer
+
+    _, path = beton
+    data = str(tmp_path / "data.beton")
+    shutil.copy(path, data)
+    first = Trainer(tiny_cfg(tmp_path, loader="ffcv", data=data, num_workers=1, steps=1))
+    state = first.state_dict()
+    assert state["data"] == {"files": read_beton(path), "sha1": beton_fingerprint(path)}
+    first.loader.close()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        same = Trainer(tiny_cfg(tmp_path, loader="ffcv", data=data, num_workers=1, steps=1))
+        same.load_state_dict(state)
+        same.loader.close()
+    changed = tmp_path / "changed"
+    shutil.copytree(folder, changed)
+    os.remove(changed / "class1" / "0002.jpg")
+    shutil.copy(changed / "class1" / "0003.jpg", changed / "class1" / "0002.jpg")  # same count, other content
+    conv.convert(str(changed), data, max_side=64, workers=1, progress=False)
+    other = Trainer(tiny_cfg(tmp_path, loader="ffcv", data=data, num_workers=1, steps=1))
+    with pytest.raises(RuntimeWarning, match="the data set is not the one the checkpoint was trained on"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", RuntimeWarning)
+            other.load_state_dict(state)
+    other.loader.close()
