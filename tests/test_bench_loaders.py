@@ -263,6 +263,20 @@ def test_a_backend_failing_in_a_later_round_is_reported_failed(monkeypatch):
     assert "img_per_s" not in rec and rec["rounds_img_per_s"] == [50.0]
 
 
+@pytest.mark.parametrize("speeds,reported", [([30.0, 10.0], 10.0), ([40.0, 10.0, 30.0, 20.0], 20.0),
+                                             ([30.0, 10.0, 20.0], 20.0)])
+def test_the_reported_round_is_the_median_and_the_slower_middle_of_an_even_count(monkeypatch, speeds, reported):
+    """--repeats 2 reported the faster round (the upper middle): a benchmark's median must not be its best."""
+    from types import SimpleNamespace
+
+    left = list(speeds)
+    monkeypatch.setattr(bench, "run_backend", lambda *a: {"backend": a[0], "status": "ok", "reason": None,
+                                                          "img_per_s": left.pop(0), "samples": 8, "seconds": 1})
+    rec, = bench.measure_rounds(["torchvision"], SimpleNamespace(repeats=len(speeds)), None, None,
+                                torch.device("cpu"), None)
+    assert rec["img_per_s"] == reported and rec["rounds_img_per_s"] == speeds
+
+
 def test_records_name_the_resize_filter_each_backend_applies():
     """The JSON tells a bicubic run from a bilinear one, and FFCV's own resizer / the device ops' missing
     antialiasing from the recipe's filter (the README's 'Crops are resized as ...')."""

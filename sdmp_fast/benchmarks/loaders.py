@@ -288,7 +288,8 @@ def _timed(record: Dict, batches: Iterator, args, device: torch.device, count: O
 
 def measure_rounds(backends: List[str], args, recipe, images, device: torch.device, dtype) -> List[Dict]:
     """``--repeats`` rounds over the backends in turn (so a busy neighbour slows every backend alike, not just
-    one); each backend's record keeps the median round and every round's img/s."""
+    one); each backend's record keeps the median round (of an even count the slower middle one, so that two
+    rounds report the worse, not the best) and every round's img/s."""
     rounds: Dict[str, List[Dict]] = {b: [] for b in backends}
     for _ in range(args.repeats):
         for b in backends:
@@ -301,7 +302,7 @@ def measure_rounds(backends: List[str], args, recipe, images, device: torch.devi
     for b in backends:
         ok = sorted((r for r in rounds[b] if r["status"] == "ok"), key=lambda r: r["img_per_s"])
         if len(ok) == len(rounds[b]):
-            rec = dict(ok[len(ok) // 2])
+            rec = dict(ok[(len(ok) - 1) // 2])  # an even count: the slower middle round (2 rounds: not the best)
         else:  # a round that failed (or could not build) makes the backend's record that failure, not its ok rounds'
             rec = dict(rounds[b][-1])
             if args.repeats > 1:
@@ -454,7 +455,8 @@ def add_arguments(p) -> None:
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--dtype", default="float32", help="output image dtype: float32, bfloat16, float16")
     p.add_argument("--repeats", type=int, default=1,
-                   help="rounds over all backends in turn; the median round is reported (default 1)")
+                   help="rounds over all backends in turn; the median round is reported (of an even count the slower "
+                        "middle one) (default 1)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-side", type=int, default=512,
                    help="longest side stored in the FFCV .beton (default 512, FFCV's ImageNet setting; larger "
