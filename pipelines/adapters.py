@@ -85,7 +85,8 @@ class _Wrapper:
 
 class BatchAdapter(_Wrapper):
     """Wraps a loader; ``convert(batch)`` gives one batch in the target format. ``.sampler`` is a DataLoader's
-    (``set_epoch``, ``len`` = samples of this shard, iterating gives them)."""
+    (``set_epoch``, ``len`` = samples of this shard, iterating gives them); ``len(.dataset)`` is the whole data
+    set's sample count (solo-learn's DeepClusterV2 sizes its memory from ``trainer.train_dataloader.dataset``)."""
 
     def __init__(self, loader, with_mix_info: bool = False, append_mixed: Optional[bool] = None):
         self.loader = loader
@@ -97,6 +98,14 @@ class BatchAdapter(_Wrapper):
     @property
     def sampler(self) -> "_SamplerView":
         return _SamplerView(self)
+
+    @property
+    def dataset(self) -> "_DatasetView":
+        size = _dataset_size(_base_loader(self.loader))
+        if size is None:
+            raise AttributeError(f"{type(self).__name__}.dataset: the wrapped loader does not tell its sample "
+                                 f"count; use adapters.as_dataloader(adapter, dataset_size=...)")
+        return _DatasetView(size)
 
     def __iter__(self) -> Iterator:
         for batch in self.loader:
@@ -269,6 +278,23 @@ def _probe_int(loader, *attrs) -> Optional[int]:
     return None
 
 
+def _dataset_size(base) -> Optional[int]:
+    """The whole data set's sample count (every shard), as the loader tells it; None when it does not."""
+    return _probe_int(base, "num_samples", "sampler.num_samples", "images", "image_list")
+
+
+def _setting(name: str, given, known: Optional[int], what: str) -> Optional[int]:
+    """``given`` (an as_dataloader argument): a positive integer, and the loader's own value when it tells one."""
+    if given is None:
+        return known
+    if isinstance(given, bool) or not isinstance(given, int) or given < 1:
+        raise ValueError(f"as_dataloader: {name} must be a positive integer, got {given!r}")
+    if known is not None and given != known:
+        raise ValueError(f"as_dataloader: {name}={given} but the loader {what} {known}: leave {name} out (it is "
+                         f"only for a loader that does not tell it)")
+    return given
+
+
 class DataLoaderLike(_Wrapper):
     """What training scripts read off a torch DataLoader: iteration, ``len``, ``.dataset`` (length),
     ``.batch_size``, ``.sampler.set_epoch``, ``.drop_last``, ``.num_workers``. Yields what the wrapped object
@@ -277,10 +303,11 @@ class DataLoaderLike(_Wrapper):
     def __init__(self, loader, dataset_size: Optional[int] = None, batch_size: Optional[int] = None):
         self.loader = loader
         base = _base_loader(loader)
-        self.batch_size = batch_size or _probe_int(base, "batch_size", "sampler.batch_size")
+        self.batch_size = _setting("batch_size", batch_size, _probe_int(base, "batch_size", "sampler.batch_size"),
+                                   "makes batches of")
         if self.batch_size is None:
             raise ValueError("as_dataloader: the loader exposes no batch_size; pass batch_size=")
-        size = dataset_size or _probe_int(base, "num_samples", "sampler.num_samples", "images", "image_list")
+        size = _setting("dataset_size", dataset_size, _dataset_size(base), "reads a data set of")
         self.dataset = _DatasetView(size if size is not None else len(loader) * self.batch_size)
         self.sampler = _SamplerView(self)
         sampler = getattr(base, "sampler", None)
@@ -289,7 +316,10 @@ class DataLoaderLike(_Wrapper):
         self.pin_memory = False
 
     def __iter__(self):
-        return iter(self.loader)
+        # a generator, as BatchAdapter's: iter(dl) alone begins no pass of the loader (Lightning calls iter() once
+        # on a non-DataLoader to check it is iterable and drops it: DALI's eager pass began there, and consumed
+        # the state load_state_dict restored; skip_batches(k) set before was consumed too)
+        yield from self.loader
 
 
 def as_dataloader(loader, dataset_size: Optional[int] = None, batch_size: Optional[int] = None) -> DataLoaderLike:

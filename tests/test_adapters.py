@@ -264,3 +264,66 @@ def test_lightly_names_of_a_converted_file_of_any_name_skip_what_convert_skipped
                          drop_last=False, shuffle=False)
     names = [n for _, _, fn in adapters.as_lightly(loader, data=str(data)) for n in fn]
     assert names == [os.path.relpath(f, str(data)) for k, f in enumerate(files) if k != 2]
+
+
+def test_dataloader_like_begins_no_pass_of_a_bare_loader_until_read():
+    """Lightning calls iter() once on a non-DataLoader to check it is iterable, and drops it: as_dataloader(loader)
+    began the loader's pass right there (DALI's __iter__ starts it at once, and takes the state load_state_dict
+    restored) and consumed a skip_batches(k) set before, so the pass the trainer read started at batch 0."""
+    images = torch.randint(0, 256, (12, 3, 16, 16), dtype=torch.uint8)
+    loader = make_loader("memory", images, byol2(size=8), 2, device="cpu", shard_id=0, num_shards=1)
+    whole = [b.indices.tolist() for b in loader]
+    loader.set_epoch(0)
+    dl = adapters.as_dataloader(loader)
+    loader.skip_batches(2)
+    iter(dl)  # Lightning's _check_dataloader_iterable
+    assert [b.indices.tolist() for b in dl] == whole[2:]
+
+    class Eager(FakeLoader):  # begins its pass in __iter__ itself, as the DALI loader does
+        passes = 0
+
+        def __iter__(self):
+            self.passes += 1
+            return super().__iter__()
+
+    eager = Eager(byol2(size=8))
+    dl = adapters.as_dataloader(eager)
+    iter(dl)
+    assert eager.passes == 0
+    assert len(list(dl)) == len(eager) and eager.passes == 1
+
+
+def test_as_dataloader_refuses_bad_or_contradicting_sizes():
+    # batch_size=0 / dataset_size=0 were silently replaced by the loader's, dataset_size=-1 failed at len(dl.dataset)
+    # ("__len__() should return >= 0"), and a batch_size or dataset_size other than the loader's was taken as given
+    loader = FakeLoader(byol2(size=8), num_samples=22, batch_size=4)
+    for kw in ({"batch_size": 0}, {"batch_size": -4}, {"batch_size": 4.0}, {"dataset_size": 0},
+               {"dataset_size": -1}):
+        with pytest.raises(ValueError, match=f"as_dataloader: {next(iter(kw))} must be a positive integer"):
+            adapters.as_dataloader(loader, **kw)
+    with pytest.raises(ValueError, match="batch_size=8 but the loader makes batches of 4"):
+        adapters.as_dataloader(loader, batch_size=8)
+    with pytest.raises(ValueError, match="dataset_size=30 but the loader reads a data set of 22"):
+        adapters.as_dataloader(adapters.as_dino(loader), dataset_size=30)
+    dl = adapters.as_dataloader(loader, batch_size=4, dataset_size=22)  # the loader's own values: accepted
+    assert dl.batch_size == 4 and len(dl.dataset) == 22
+
+    class Quiet:  # tells neither its batch size nor its sample count
+        def __len__(self):
+            return 3
+
+        def __iter__(self):
+            return iter(())
+
+    dl = adapters.as_dataloader(Quiet(), dataset_size=10, batch_size=2)
+    assert dl.batch_size == 2 and len(dl.dataset) == 10
+
+
+def test_adapter_dataset_is_the_whole_data_set_as_solo_learns_deepclusterv2_reads():
+    # DeepClusterV2.on_train_start: len(self.trainer.train_dataloader.dataset), Lightning's train_dataloader being
+    # the object given to trainer.fit: the adapter raised AttributeError ('...Loader' has no attribute 'dataset')
+    loader = FakeLoader(byol2(size=8), num_samples=22, batch_size=4)
+    loader.sampler = EpochSampler(22, 4, shard_id=1, num_shards=2, seed=1)
+    a = adapters.as_solo_learn(loader)
+    assert len(a.dataset) == 22 and len(a.sampler) == 8 and len(a) == 2
+    assert len(adapters.as_dataloader(a).dataset) == 22
