@@ -327,3 +327,32 @@ def test_adapter_dataset_is_the_whole_data_set_as_solo_learns_deepclusterv2_read
     a = adapters.as_solo_learn(loader)
     assert len(a.dataset) == 22 and len(a.sampler) == 8 and len(a) == 2
     assert len(adapters.as_dataloader(a).dataset) == 22
+
+
+@pytest.mark.timeout(120)
+def test_dataloader_like_of_a_dali_loader_resumes_its_epoch_after_an_iterability_check(tmp_path):
+    """The DALI loader's __iter__ begins its pass at once: Lightning's iter() check through as_dataloader(loader)
+    began one, which took the state load_state_dict restored, so the resumed epoch drew other crops."""
+    pytest.importorskip("nvidia.dali")
+    from sdmp_fast.data import make_synthetic_image_folder
+
+    make_synthetic_image_folder(str(tmp_path), num_classes=2, per_class=8, size=(24, 24))
+
+    def make():
+        return make_loader("dali", str(tmp_path), byol2(size=16), 4, device="cpu", num_workers=1, shard_id=0,
+                           num_shards=1)
+
+    first = make()
+    list(first)
+    first.set_epoch(1)
+    it = iter(first)
+    ref = [next(it).views[0].clone()]
+    state = first.state_dict()  # as a checkpoint written during epoch 1
+    ref += [b.views[0].clone() for b in it]
+    resumed = make()
+    resumed.load_state_dict(state)
+    dl = adapters.as_dataloader(resumed)
+    iter(dl)  # Lightning's _check_dataloader_iterable
+    dl.sampler.set_epoch(1)  # Lightning's _set_sampler_epoch
+    got = [b.views[0] for b in dl]
+    assert len(got) == len(ref) and all(torch.equal(a, b) for a, b in zip(got, ref))
