@@ -175,15 +175,20 @@ def _loader_files(loader):
 
 def _skipped_by_convert(files: Sequence[str], root: str, skipped: Sequence[str]) -> set:
     """The ``files`` (of the folder at ``root``) that ``convert`` left out of a .beton. Its list holds the paths
-    it was given: relative to where it ran, or absolute, possibly before the data moved; so a file matches by
-    its path below ``root`` being the tail of a skipped path, or by the same real path."""
-    real = {os.path.realpath(p) for p in skipped}
-    tails = set()
+    it was given: relative to where it ran, or absolute, possibly before the data moved; so a skipped path names
+    the file of the same real path, else the file whose path below ``root`` is its longest tail ("a/b/x.jpg" of
+    class a, not class b's "b/x.jpg", which is a tail too)."""
+    by_real = {os.path.realpath(f): f for f in files}
+    by_rel = {os.path.relpath(f, root).replace(os.sep, "/"): f for f in files}
+    gone = set()
     for p in skipped:
-        parts = os.path.normpath(p).replace(os.sep, "/").split("/")
-        tails.update("/".join(parts[k:]) for k in range(len(parts)))
-    return {f for f in files
-            if os.path.realpath(f) in real or os.path.relpath(f, root).replace(os.sep, "/") in tails}
+        f = by_real.get(os.path.realpath(p))
+        if f is None:
+            parts = os.path.normpath(p).replace(os.sep, "/").split("/")
+            f = next((by_rel[t] for t in ("/".join(parts[k:]) for k in range(len(parts))) if t in by_rel), None)
+        if f is not None:
+            gone.add(f)
+    return gone
 
 
 def as_lightly(loader, data=None, with_mix_info: bool = False,

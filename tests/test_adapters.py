@@ -356,3 +356,23 @@ def test_dataloader_like_of_a_dali_loader_resumes_its_epoch_after_an_iterability
     dl.sampler.set_epoch(1)  # Lightning's _set_sampler_epoch
     got = [b.views[0] for b in dl]
     assert len(got) == len(ref) and all(torch.equal(a, b) for a, b in zip(got, ref))
+
+
+def test_lightly_names_of_a_beton_skip_only_the_file_a_skipped_path_names(tmp_path):
+    # a skipped path (from before the data moved) matched every file whose path below the root was a tail of it:
+    # class b's b/x.png went with class a's a/b/x.png, and as_lightly refused the folder ("lists 3 files but the
+    # loader reads 4 samples")
+    from PIL import Image
+
+    for rel in ("a/b/x.png", "a/y.png", "b/x.png", "b/z.png", "c/x.png"):
+        os.makedirs(os.path.dirname(tmp_path / "d" / rel), exist_ok=True)
+        Image.new("RGB", (12, 12)).save(tmp_path / "d" / rel)
+    data = str(tmp_path / "d")
+
+    class BetonLoader(FakeLoader):
+        path = str(tmp_path / "x.beton")
+        skipped = ["/scratch/old/d/a/b/x.png"]
+
+    loader = BetonLoader(byol2(size=8), num_samples=4, batch_size=2, drop_last=False)
+    names = [n for _, _, fn in adapters.as_lightly(loader, data=data) for n in fn]
+    assert sorted(names) == ["a/y.png", "b/x.png", "b/z.png", "c/x.png"]
