@@ -12,6 +12,7 @@ loss treats as "no mixing" (c = 0), so the loss stays consistent.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import inspect
 import itertools
 import os
@@ -480,6 +481,23 @@ BACKENDS = {
     "ffcv": "sdmp_fast.pipelines.ffcv_loader:FFCVLoader",
     "memory": "sdmp_fast.pipelines.memory:MemoryLoader",
 }
+# the third-party package a backend reads with, and the extra that installs it (pyproject.toml)
+BACKEND_PACKAGES = {"dali": ("nvidia.dali", "dali"), "ffcv": ("ffcv", "ffcv")}
+
+
+def _check_backend_package(backend: str) -> None:
+    """A backend whose package is not installed is a ModuleNotFoundError naming it and its pip extra, before
+    any data is read (it was a traceback from the first batch, or from FFCV's import)."""
+    if backend not in BACKEND_PACKAGES:
+        return
+    package, extra = BACKEND_PACKAGES[backend]
+    try:
+        found = importlib.util.find_spec(package) is not None  # finds it without importing it (FFCV's is slow)
+    except (ImportError, ValueError):  # a parent package missing, or a blocked / half-imported module
+        found = False
+    if not found:
+        raise ModuleNotFoundError(f"the {backend} loader needs {package}, which is not installed here: "
+                                  f"pip install 'sdmp-fast[{extra}]'", name=package)
 
 
 def backend_option_defaults(backend: str) -> Dict[str, object]:
@@ -587,8 +605,13 @@ def make_loader(backend: str, data, recipe: Union[str, Recipe] = "byol2", batch_
         raise ValueError(f"num_workers: must be an integer >= 0 (None: the backend's default), got {num_workers!r}")
     device = _loader_device(device)
     module_name, cls_name = BACKENDS[backend].split(":")
-    cls = getattr(importlib.import_module(module_name), cls_name)
+    try:
+        cls = getattr(importlib.import_module(module_name), cls_name)
+    except ImportError:
+        _check_backend_package(backend)  # FFCV's module imports FFCV: name the package and its extra
+        raise
     _check_backend_options(backend, cls, backend_options)
+    _check_backend_package(backend)  # DALI's imports DALI at its first batch, inside a run that wrote its --out
     loader = cls(data, recipe, batch_size, device=torch.device(device), shard_id=shard_id, num_shards=num_shards,
                  shuffle=shuffle, drop_last=drop_last, seed=seed, dtype=dtype, num_workers=num_workers,
                  **backend_options)

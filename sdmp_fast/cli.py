@@ -74,6 +74,26 @@ def main(argv=None) -> int:
             raise  # names no file and is no full disk / permission: a bug, whose traceback is the useful part
         print(f"sdmp-fast {args.command}: error: {_os_error_line(e)}", file=sys.stderr)
         return 1
+    except ImportError as e:  # an optional package the command needs is not installed: one line naming its extra
+        line = _missing_package_line(e)
+        if line is None:
+            raise  # a package the core needs, or a broken install: the traceback is the useful part
+        print(f"sdmp-fast {args.command}: error: {line}", file=sys.stderr)
+        return 2
+
+
+# optional packages (module name prefix) -> the pyproject extra that installs them
+_OPTIONAL_PACKAGES = {"matplotlib": "bench", "skimage": "bench", "psutil": "bench", "nvidia.dali": "dali",
+                      "ffcv": "ffcv", "numba": "ffcv"}
+
+
+def _missing_package_line(e: ImportError):
+    name = getattr(e, "name", None) or ""
+    extra = next((x for p, x in _OPTIONAL_PACKAGES.items() if name == p or name.startswith(p + ".")), None)
+    if extra is None:
+        return None
+    text = str(e)
+    return text if "pip install" in text else f"{text} (pip install 'sdmp-fast[{extra}]')"
 
 
 _ENVIRONMENT_ERRNOS = {getattr(errno, n) for n in ("ENOSPC", "EDQUOT", "EROFS", "EACCES", "EPERM", "EIO", "ENOLCK",

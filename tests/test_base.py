@@ -1,4 +1,5 @@
 import os
+import sys
 
 import pytest
 import torch
@@ -468,3 +469,19 @@ def test_resume_batches_name_an_epoch_without_batches():
 
     with pytest.raises(EmptyEpochError, match="epoch 4 gave no batch"):
         next(resume_batches(_CountingLoader(per_epoch=0), 4))
+
+
+def test_make_loader_names_the_extra_of_a_missing_backend_package(tmp_path, monkeypatch):
+    """DALI or FFCV not installed: a ModuleNotFoundError naming the package and `pip install 'sdmp-fast[...]'`
+    from make_loader (DALI's was a traceback from the first batch, after `sdmp-fast train` had written its --out)."""
+    for backend, package in (("dali", "nvidia.dali"), ("ffcv", "ffcv")):
+        with monkeypatch.context() as m:
+            m.setitem(sys.modules, package, None)  # import -> ImportError, as where it is not installed
+            with pytest.raises(ModuleNotFoundError, match=rf"the {backend} loader needs {package}, which is not "
+                                                          rf"installed here: pip install 'sdmp-fast\[{backend}\]'"):
+                make_loader(backend, tmp_path, "byol2", 8, device="cpu")
+    # a bad option of the backend is still named first (it needs no DALI to be found)
+    with monkeypatch.context() as m:
+        m.setitem(sys.modules, "nvidia.dali", None)
+        with pytest.raises(ValueError, match="dali loader: unknown option"):
+            make_loader("dali", tmp_path, "byol2", 8, device="cpu", bogus=1)

@@ -117,3 +117,17 @@ def test_make_data_refuses_a_file_as_out_dir_and_leaves_no_tmp_folder(tmp_path, 
     with pytest.raises(OSError, match="disk full"):
         make_data(str(tmp_path / "out"), num_images=2, classes=1)
     assert sorted(os.listdir(tmp_path)) == ["afile"]
+
+
+def test_cli_make_data_without_photos_is_one_line(tmp_path, monkeypatch, capsys):
+    """SDMP_PHOTOS_DIR without exported photos (or no scikit-image): exit 2 and one line naming the setting, not a
+    RuntimeError traceback; nothing is created."""
+    from sdmp_fast import cli
+    from sdmp_fast.benchmarks.make_data import PHOTOS_ENV
+
+    monkeypatch.setenv(PHOTOS_ENV, str(tmp_path / "nowhere"))
+    assert cli.main(["make-data", str(tmp_path / "set"), "--num-images", "4", "--classes", "2"]) == 2
+    err = capsys.readouterr().err
+    nowhere = tmp_path / "nowhere"
+    assert err.strip() == f"sdmp-fast make-data: error: {PHOTOS_ENV}={nowhere}: no exported .png photos there"
+    assert not (tmp_path / "set").exists()

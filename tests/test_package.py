@@ -2,6 +2,8 @@
 import subprocess
 import sys
 
+import pytest
+
 BLOCK = r"""
 import importlib.abc, sys
 class Block(importlib.abc.MetaPathFinder):
@@ -63,3 +65,42 @@ def test_kernels_module_help_descriptions_are_whole_sentences():
         out = subprocess.run([sys.executable, "-m", mod, "--help"], capture_output=True, text=True, timeout=120)
         assert out.returncode == 0, out.stderr
         assert tail in " ".join(out.stdout.split()), out.stdout
+
+
+def test_cli_names_the_extra_of_a_missing_optional_package(tmp_path, monkeypatch, capsys):
+    """A command whose optional package is not installed (core `pip install -e .`) ends with one line naming it and
+    the pip extra, exit 2, instead of a ModuleNotFoundError traceback; `train` before anything is written."""
+    from sdmp_fast import cli
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text('{"step": 1, "loss": 1.0}\n')
+    with monkeypatch.context() as m:
+        m.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError, as where it is missing
+        assert cli.main(["plot", str(run)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("sdmp-fast plot: error: ") and "matplotlib" in err and "pip install 'sdmp-fast[bench]'" in err
+    assert len(err.strip().splitlines()) == 1, err
+    out = tmp_path / "out"
+    with monkeypatch.context() as m:
+        m.setitem(sys.modules, "nvidia.dali", None)
+        assert cli.main(["train", "--loader", "dali", "--data", str(tmp_path), "--arch", "vit_tiny_patch16_224",
+                         "--img-size", "32", "--patch-size", "8", "--depth", "1", "--embed-dim", "32",
+                         "--num-heads", "2", "--proj-hidden-dim", "32", "--proj-dim", "16", "--batch-size", "4",
+                         "--steps", "2", "--device", "cpu", "--progress", "off", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "the dali loader needs nvidia.dali, which is not installed here: pip install 'sdmp-fast[dali]'" in err
+    assert len(err.strip().splitlines()) == 1, err
+    assert not out.exists()
+
+
+def test_cli_missing_core_package_keeps_its_traceback(monkeypatch):
+    """Only the optional extras' packages get the one-line message; anything else is a broken install."""
+    from sdmp_fast import cli
+
+    def broken(args):
+        raise ModuleNotFoundError("No module named 'yaml'", name="yaml")
+
+    monkeypatch.setattr("sdmp_fast.plot.main", broken)
+    with pytest.raises(ModuleNotFoundError):
+        cli.main(["plot", "x"])

@@ -39,16 +39,22 @@ CROP_AREA = (0.35, 1.0)     # fraction of the largest crop of the target aspect 
 QUALITY = (75, 95)
 
 
+class PhotosUnavailable(RuntimeError):
+    """No source photos: scikit-image missing, or SDMP_PHOTOS_DIR without exported photos."""
+
+
 def load_photos() -> List[Tuple[str, np.ndarray]]:
     """The offline scikit-image photos as (name, HxWx3 uint8). Photos that need a download are skipped, so
-    this never touches the network; raises RuntimeError when none loads (scikit-image missing)."""
+    this never touches the network; raises PhotosUnavailable (a RuntimeError) when none loads (scikit-image
+    missing)."""
     if os.environ.get(PHOTOS_ENV):
         return load_exported_photos(os.environ[PHOTOS_ENV])
     try:
         import skimage.data as skd
     except ImportError as e:
-        raise RuntimeError(f"make-data needs scikit-image (pip install 'sdmp-fast[bench]') or {PHOTOS_ENV}=DIR "
-                           f"from `python -m sdmp_fast.benchmarks.make_data --export-photos DIR`") from e
+        raise PhotosUnavailable(f"make-data needs scikit-image (pip install 'sdmp-fast[bench]') or "
+                                f"{PHOTOS_ENV}=DIR from `python -m sdmp_fast.benchmarks.make_data --export-photos "
+                                f"DIR`") from e
     photos = []
     for name in COLOR_PHOTOS + GRAY_PHOTOS:
         try:
@@ -66,7 +72,7 @@ def load_photos() -> List[Tuple[str, np.ndarray]]:
             img = np.repeat(img[:, :, None], 3, axis=2)
         photos.append((name, np.ascontiguousarray(img[:, :, :3])))
     if not photos:
-        raise RuntimeError("make-data: no scikit-image photo could be loaded offline")
+        raise PhotosUnavailable("make-data: no scikit-image photo could be loaded offline")
     return photos
 
 
@@ -88,7 +94,7 @@ def load_exported_photos(photo_dir: str) -> List[Tuple[str, np.ndarray]]:
 
     names = sorted(f for f in os.listdir(photo_dir) if f.endswith(".png")) if os.path.isdir(photo_dir) else []
     if not names:
-        raise RuntimeError(f"{PHOTOS_ENV}={photo_dir}: no exported .png photos there")
+        raise PhotosUnavailable(f"{PHOTOS_ENV}={photo_dir}: no exported .png photos there")
     return [(f[3:-4], np.asarray(Image.open(os.path.join(photo_dir, f)).convert("RGB"))) for f in names]
 
 
@@ -212,7 +218,10 @@ def add_arguments(p) -> None:
 
 
 def main(args) -> int:
-    make_data(args.out_dir, args.num_images, args.classes, args.seed, force=args.force, quiet=False)
+    try:
+        make_data(args.out_dir, args.num_images, args.classes, args.seed, force=args.force, quiet=False)
+    except PhotosUnavailable as e:  # a setting or a package to fix: one line (the CLI's ValueError), no traceback
+        raise ValueError(str(e)) from None
     return 0
 
 
