@@ -383,6 +383,14 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if not (args.check or args.build or args.emulated):
         ap.error("choose --check, --build and/or --emulated")
+    try:
+        return _run(args)
+    except ValueError as e:  # a bad setting (SDMP_KERNELS_ARCHS, SDMP_KERNELS_AOT, ...): one line naming it
+        print(f"{ap.prog}: error: {e}", file=sys.stderr)
+        return 2
+
+
+def _run(args) -> int:
     rc = 0
     if args.check:
         print(f"nvcc: {nvcc_path()}  archs: {' '.join('sm_' + a for a in archs())}", flush=True)

@@ -520,6 +520,18 @@ def test_archs_setting(monkeypatch):
     assert build.runs_on(["86", "90a"], (8, 9)) and not build.runs_on(["90a"], (8, 9))
 
 
+def test_build_cli_names_a_bad_setting_in_one_line(monkeypatch, capsys):
+    """`python -m sdmp_fast.kernels.build --check` with a bad SDMP_KERNELS_ARCHS: exit 2 and the one-line message
+    (it was a ValueError traceback), before nvcc runs."""
+    monkeypatch.setenv("SDMP_KERNELS_ARCHS", "7")
+    monkeypatch.setattr(build, "compile_check", lambda **kw: pytest.fail("nvcc ran with a bad setting"))
+    assert build.main(["--check"]) == 2
+    err = capsys.readouterr().err  # torch's cpp_extension may warn first (no CUDA runtime): the last line
+    assert err.strip().splitlines()[-1] == ("python -m sdmp_fast.kernels.build: error: SDMP_KERNELS_ARCHS='7': cannot "
+                                            "read compute capability '7' (expected e.g. 80, 8.0, sm_80 or 90a)"), err
+    assert "Traceback" not in err
+
+
 def _two_hot_args(n=4, N=6, seed=0):
     g = torch.Generator().manual_seed(seed)
     wa = torch.rand(n, generator=g)

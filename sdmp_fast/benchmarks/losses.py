@@ -62,9 +62,10 @@ def add_arguments(p) -> None:
                    help="also feed the teacher's mixed global crops (eq. 8 with a mixed teacher)")
     p.add_argument("--dino-variants", default="",
                    help="extra CUDA-graph kernel rows for DINO, comma-separated launch configurations: 'cluster' "
-                        "(one-read forward, sm_90), 'fused' / 'unfused', gN pairs per group of the fused forward, "
-                        "chN pairs per chunk, kbN columns and pwN warps per pair block, joined by '+' "
-                        "(e.g. 'cluster,fused+g8,ch16')")
+                        "(one-read forward, sm_90) with 'tfold' (teacher statistics in the clusters) and 'cpipe' "
+                        "(next rows loaded during a round), 'fused' / 'unfused', gN pairs per group of the fused "
+                        "forward, chN pairs per chunk, kbN columns and pwN warps per pair block, joined by '+' "
+                        "(e.g. 'cluster,cluster+tfold+cpipe,fused+g8,ch16')")
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows")
