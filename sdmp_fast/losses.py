@@ -164,7 +164,9 @@ def sdmp_dino_terms(student_clean, student_mixed, teacher_clean, teacher_mixed, 
     student_mixed  [Sm, B, K] logits of the mixed (local) crops, or None / empty.
     teacher_clean  [T, B, K] teacher logits of the clean global crops (T = 2).
     teacher_mixed  [T, B, K] teacher logits of the same global crops mixed with the same lam, or None.
-    lam            [B] area-corrected lam of the mixed crops (partner = batch flip, local to the rank).
+    lam            [B] area-corrected lam of the mixed student crops (partner = batch flip, local to the rank);
+                   the trainer passes the mixed local crops' own lam (eq. 7 exact), which the mixed teacher
+                   global crops share up to box rounding (sdmp.md: "mixed with the same lam").
 
     Choices the paper leaves open, made here:
       * every (teacher global crop, student crop) pair counts once, same-view clean pairs excluded (DINO);

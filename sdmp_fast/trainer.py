@@ -370,7 +370,11 @@ class Trainer:
         if batch.lam is None or len(batch.mixed_views) != 2 + cfg.n_local_mixed:
             raise ValueError("loader: SDMP-DINO needs batches with mixed global and local crops (sdmp on)")
         self._check_mixed_from(batch, (0, 1) + tuple(range(2 + n_clean, 2 + n_local)))
-        return list(batch.views[: 2 + n_clean]) + list(batch.mixed_views) + [batch.lam]
+        # The loss's lam is that of the mixed crops the *student* sees, the local ones (eq. 7: lam_i of x_i^m),
+        # i.e. mixed_lam[2] (every local crop has one size, so one lam). batch.lam is the first mixed view's, a
+        # global crop's: its box rounds otherwise (224 vs 96 px: up to ~1.2 points off the pasted area).
+        lam = batch.mixed_lam[2] if batch.mixed_lam else batch.lam
+        return list(batch.views[: 2 + n_clean]) + list(batch.mixed_views) + [lam]
 
     @staticmethod
     def _check_mixed_from(batch: SDMPBatch, expected: Tuple[int, ...]) -> None:
