@@ -228,3 +228,27 @@ def test_trainer_dino_step_is_the_loop_formula_on_its_crops_with_the_local_crops
                       local_lam.double(), cfg.tau_s, tau_t, cfg.mix_weight)
     for k in ("dino", "mix_source", "mix_teacher", "loss"):
         assert rec[k] == pytest.approx(want[k], rel=2e-5), k
+
+
+def test_trainer_moco_roles_follow_the_view_swap(tmp_path):
+    """q1 = f(x1), q2m = f(x2m), keys f_k(x1), f_k(x2), f_k(x1m): when the views swap, the mixed views swap with
+    them (x1m stays the mixed copy of whichever view plays x1), and both share one lam."""
+    from test_trainer import tiny_cfg
+
+    from sdmp_fast.trainer import Trainer
+
+    tr = Trainer(tiny_cfg(tmp_path, steps=1))
+    b = next(iter(tr.loader))
+    assert b.mixed_from == (0, 1) and torch.equal(b.mixed_lam[0], b.mixed_lam[1])
+    n = b.batch_size
+    for swap in (False, True):
+        x1, x2, x1m, x2m, lam = tr.step_inputs(b, swap)
+        one, two = (1, 0) if swap else (0, 1)
+        assert x1 is b.views[one] and x2 is b.views[two] and torch.equal(lam, b.mixed_lam[0])
+        for clean, mixed in ((x1, x1m), (x2, x2m)):  # each mixed view is its clean view mixed with the flip
+            for i in range(n):
+                if b.method[i] == MIXUP:
+                    torch.testing.assert_close(mixed[i], lam[i] * clean[i] + (1 - lam[i]) * clean[n - 1 - i])
+                else:
+                    kept = (mixed[i] == clean[i]).all(0).double().mean().item()
+                    assert kept == pytest.approx(lam[i].item(), abs=1e-6)
