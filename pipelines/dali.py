@@ -42,7 +42,7 @@ import contextlib
 import functools
 import warnings
 from concurrent.futures import ThreadPoolExecutor
-from typing import Deque, Dict, Iterator, List, NamedTuple, Optional, Sequence
+from typing import Any, Deque, Dict, Iterator, List, NamedTuple, Optional, Sequence
 
 import numpy as np
 import torch
@@ -342,15 +342,18 @@ class DaliLoader(SampledLoader):
         self._epoch_starts = {}
 
     # -- resumable state (torchdata's StatefulDataLoader names) ---------------------------------------------
-    def state_dict(self) -> Dict[str, Dict[int, bytes]]:
+    def state_dict(self) -> Dict[str, Any]:
         """DALI checkpoints of the random state at the start of the last epochs started (and of the next one
         once its last batch has been returned): see the module docstring. Unlike torchdata's, it holds no
         position inside the epoch: after ``load_state_dict`` the epoch runs from its first batch, and a caller
         resuming mid-epoch drops the batches it had trained on (what the trainer does), which keeps the state
         independent of how far ahead the caller prefetches."""
-        return {"dali_epoch_starts": {**self._epoch_starts, **self._restore}}  # a loaded state not yet used too
+        # dali_checkpointing: an empty dali_epoch_starts then means "no epoch started yet" (nothing to restore),
+        # not "this DALI could not checkpoint"
+        return {"dali_epoch_starts": {**self._epoch_starts, **self._restore},  # a loaded state not yet used too
+                "dali_checkpointing": self._checkpointing}
 
-    def load_state_dict(self, state: Dict[str, Dict[int, bytes]]) -> None:
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
         """Take a ``state_dict()``: the next epoch started that it covers builds its pipeline from it."""
         starts = state.get("dali_epoch_starts") if isinstance(state, dict) else None
         if not isinstance(starts, dict) or not all(isinstance(e, int) and isinstance(c, (bytes, str))
@@ -359,9 +362,10 @@ class DaliLoader(SampledLoader):
                              f"{list(state)[:4] if isinstance(state, dict) else ''})")
         if self._active:
             self._drain()
-        if not starts:
-            warnings.warn("DALI loader: the state loaded holds no DALI checkpoint (the run that saved it could not "
-                          "checkpoint): crops and colours will differ from that run's")
+        if not starts:  # nothing to restore: said unless the saving loader had started no epoch yet
+            if not state.get("dali_checkpointing", False):  # absent: a state saved before 2026-11-29
+                warnings.warn("DALI loader: the state loaded holds no DALI checkpoint (the run that saved it could "
+                              "not checkpoint): crops and colours will differ from that run's")
         elif not self._checkpointing:
             warnings.warn("DALI loader: this DALI build cannot restore checkpoints: crops and colours will differ "
                           "from the saved run's")

@@ -384,6 +384,27 @@ def test_state_dict_lets_a_new_loader_repeat_an_epoch(folder, device, photometri
         assert same(list(damaged), epoch_1(None))
 
 
+def test_state_dict_taken_before_the_first_batch_loads_without_a_false_warning(folder):
+    """A state_dict() taken before any epoch started (a checkpoint at step 0 of one's own trainer) holds no DALI
+    checkpoint because there is nothing to restore yet: loading it warned that the saving run 'could not checkpoint'
+    and that crops would differ, but the new loader repeats that run exactly."""
+    recipe = byol2(size=32)
+    before_any_batch = dali(folder, recipe, seed=3).state_dict()
+    fresh = dali(folder, recipe, seed=3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fresh.load_state_dict(before_any_batch)
+        got = list(fresh)
+    ref = list(dali(folder, recipe, seed=3))
+    assert len(got) == len(ref) > 0
+    for x, y in zip(got, ref):
+        assert torch.equal(x.indices, y.indices) and all(torch.equal(u, v) for u, v in zip(x.views, y.views))
+    # a state of a DALI that could not checkpoint (or one saved before the flag existed) still says so
+    for state in ({"dali_epoch_starts": {}, "dali_checkpointing": False}, {"dali_epoch_starts": {}}):
+        with pytest.warns(UserWarning, match="holds no DALI checkpoint"):
+            dali(folder, recipe, seed=3).load_state_dict(state)
+
+
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("drop_last,photometric", [(True, "dali"), (False, "dali"), (True, "torch")])
 def test_state_dict_resume_is_exact_past_a_file_dali_cannot_decode(folder, tmp_path, drop_last, photometric):
