@@ -40,6 +40,7 @@ A torch ``DataLoader`` look-alike (``len(dl.dataset)``, ``dl.batch_size``, ``dl.
 """
 from __future__ import annotations
 
+import operator
 import os
 from typing import Any, Dict, Iterator, List, Optional, Sequence
 
@@ -83,6 +84,10 @@ class _Wrapper:
         return getattr(self.loader, name)
 
 
+_NO_DATASET = ("{}.dataset: the wrapped loader does not tell its sample count; use "
+               "adapters.as_dataloader(adapter, dataset_size=...)")
+
+
 class BatchAdapter(_Wrapper):
     """Wraps a loader; ``convert(batch)`` gives one batch in the target format. ``.sampler`` is a DataLoader's
     (``set_epoch``, ``len`` = samples of this shard, iterating gives them); ``len(.dataset)`` is the whole data
@@ -100,12 +105,19 @@ class BatchAdapter(_Wrapper):
         return _SamplerView(self)
 
     @property
-    def dataset(self) -> "_DatasetView":
+    def dataset(self):
+        own = getattr(self.loader, "dataset", None)
+        if own is not None:  # a torch DataLoader's, as_dataloader's: what the adapter forwarded before it had one
+            return own
         size = _dataset_size(_base_loader(self.loader))
         if size is None:
-            raise AttributeError(f"{type(self).__name__}.dataset: the wrapped loader does not tell its sample "
-                                 f"count; use adapters.as_dataloader(adapter, dataset_size=...)")
+            raise AttributeError(_NO_DATASET.format(type(self).__name__))
         return _DatasetView(size)
+
+    def __getattr__(self, name):
+        if name == "dataset":  # reached when the property above raised: keep its message, not the loader's
+            raise AttributeError(_NO_DATASET.format(type(self).__name__))
+        return super().__getattr__(name)
 
     def __iter__(self) -> Iterator:
         for batch in self.loader:
@@ -176,13 +188,19 @@ def _loader_files(loader):
 def _skipped_by_convert(files: Sequence[str], root: str, skipped: Sequence[str]) -> set:
     """The ``files`` (of the folder at ``root``) that ``convert`` left out of a .beton. Its list holds the paths
     it was given: relative to where it ran, or absolute, possibly before the data moved; so a skipped path names
-    the file of the same real path, else the file whose path below ``root`` is its longest tail ("a/b/x.jpg" of
-    class a, not class b's "b/x.jpg", which is a tail too)."""
-    by_real = {os.path.realpath(f): f for f in files}
+    the file of the same path, else one of the same real path (links to one undecodable file are each skipped),
+    else the file whose path below ``root`` is its longest tail ("a/b/x.jpg" of class a, not class b's
+    "b/x.jpg", which is a tail too)."""
+    by_path = {os.path.abspath(f): f for f in files}
+    by_real: Dict[str, List[str]] = {}  # several files of one real path: links to one file, each listed
+    for f in files:
+        by_real.setdefault(os.path.realpath(f), []).append(f)
     by_rel = {os.path.relpath(f, root).replace(os.sep, "/"): f for f in files}
     gone = set()
     for p in skipped:
-        f = by_real.get(os.path.realpath(p))
+        f = by_path.get(os.path.abspath(p))  # convert lists absolute paths: the same path, where it still is
+        if f is None or f in gone:
+            f = next((g for g in by_real.get(os.path.realpath(p), ()) if g not in gone), None)
         if f is None:
             parts = os.path.normpath(p).replace(os.sep, "/").split("/")
             f = next((by_rel[t] for t in ("/".join(parts[k:]) for k in range(len(parts))) if t in by_rel), None)
@@ -284,16 +302,26 @@ def _probe_int(loader, *attrs) -> Optional[int]:
 
 
 def _dataset_size(base) -> Optional[int]:
-    """The whole data set's sample count (every shard), as the loader tells it; None when it does not."""
-    return _probe_int(base, "num_samples", "sampler.num_samples", "images", "image_list")
+    """The whole data set's sample count (every shard), as the loader tells it; None when it does not. A torch
+    DataLoader's ``.dataset``; a sampler's ``num_samples`` only when it is the whole set (an EpochSampler's): a
+    torch DistributedSampler's is one replica's share, its ``.dataset`` the whole set."""
+    sampler = getattr(base, "sampler", None)
+    distributed = not isinstance(sampler, EpochSampler) and getattr(sampler, "num_replicas", None) is not None
+    return _probe_int(base, "num_samples", "dataset", "sampler.dataset" if distributed else "sampler.num_samples",
+                      "images", "image_list")
 
 
 def _setting(name: str, given, known: Optional[int], what: str) -> Optional[int]:
     """``given`` (an as_dataloader argument): a positive integer, and the loader's own value when it tells one."""
     if given is None:
         return known
-    if isinstance(given, bool) or not isinstance(given, int) or given < 1:
+    try:  # numpy / torch integers too (a size computed with numpy), as before sizes were checked
+        value = operator.index(given) if not isinstance(given, bool) else None
+    except TypeError:
+        value = None
+    if value is None or value < 1:
         raise ValueError(f"as_dataloader: {name} must be a positive integer, got {given!r}")
+    given = value
     if known is not None and given != known:
         raise ValueError(f"as_dataloader: {name}={given} but the loader {what} {known}: leave {name} out (it is "
                          f"only for a loader that does not tell it)")

@@ -376,3 +376,73 @@ def test_lightly_names_of_a_beton_skip_only_the_file_a_skipped_path_names(tmp_pa
     loader = BetonLoader(byol2(size=8), num_samples=4, batch_size=2, drop_last=False)
     names = [n for _, _, fn in adapters.as_lightly(loader, data=data) for n in fn]
     assert sorted(names) == ["a/y.png", "b/x.png", "b/z.png", "c/x.png"]
+
+
+def test_lightly_names_of_a_beton_skip_each_link_to_one_undecodable_file(tmp_path):
+    # convert lists each path it could not decode: two links to one bad file are two skipped samples. Matching by
+    # real path alone mapped both to one file, and as_lightly refused the folder ("lists 5 files but the loader
+    # reads 4 samples"); it worked before 083e64f
+    from PIL import Image
+
+    for rel in ("a/x.png", "a/y.png", "b/z.png", "b/w.png"):
+        os.makedirs(os.path.dirname(tmp_path / "d" / rel), exist_ok=True)
+        Image.new("RGB", (12, 12)).save(tmp_path / "d" / rel)
+    (tmp_path / "bad.png").write_bytes(b"not an image")
+    os.symlink(tmp_path / "bad.png", tmp_path / "d" / "a" / "bad.png")
+    os.symlink(tmp_path / "bad.png", tmp_path / "d" / "b" / "bad.png")
+    data = str(tmp_path / "d")
+
+    class BetonLoader(FakeLoader):
+        path = str(tmp_path / "x.beton")
+        skipped = [os.path.abspath(os.path.join(data, "a", "bad.png")),
+                   os.path.abspath(os.path.join(data, "b", "bad.png"))]
+
+    loader = BetonLoader(byol2(size=8), num_samples=4, batch_size=2, drop_last=False)
+    names = [n for _, _, fn in adapters.as_lightly(loader, data=data) for n in fn]
+    assert sorted(names) == ["a/x.png", "a/y.png", "b/w.png", "b/z.png"]
+
+
+def test_adapters_over_a_torch_dataloader_with_a_distributed_sampler_see_the_whole_data_set():
+    # a torch DistributedSampler's num_samples is one replica's share: the adapter's .dataset (the DataLoader's
+    # own before it had one) became a view of 500 samples of 1000, and as_dataloader(dl, dataset_size=1000)
+    # was refused as contradicting the loader ("reads a data set of 500")
+    from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
+
+    ds = TensorDataset(torch.arange(1000))
+    dl = DataLoader(ds, batch_size=10, sampler=DistributedSampler(ds, num_replicas=2, rank=0))
+    assert adapters.as_dino(dl).dataset is ds
+    assert len(adapters.as_dataloader(dl).dataset) == 1000
+    assert len(adapters.as_dataloader(dl, dataset_size=1000).dataset) == 1000
+
+    class OwnLoader(FakeLoader):  # a loader of one's own holding torch's sampler, without a .dataset
+        def __init__(self):
+            super().__init__(byol2(size=8))
+            self.sampler = DistributedSampler(ds, num_replicas=4, rank=1, shuffle=False)
+
+    assert len(adapters.as_dino(OwnLoader()).dataset) == 1000
+
+
+def test_as_dataloader_takes_numpy_and_torch_integer_sizes_and_names_a_missing_dataset():
+    # as before sizes were checked: a size computed with numpy / torch is an integer (it was refused as
+    # "must be a positive integer, got np.int64(22)")
+    import numpy as np
+
+    loader = FakeLoader(byol2(size=8), num_samples=22, batch_size=4)
+    dl = adapters.as_dataloader(loader, batch_size=np.int64(4), dataset_size=torch.tensor(22))
+    assert dl.batch_size == 4 and type(dl.batch_size) is int and len(dl.dataset) == 22
+    with pytest.raises(ValueError, match="dataset_size must be a positive integer"):
+        adapters.as_dataloader(loader, dataset_size=np.float64(22.0))
+
+    class Quiet:  # tells no sample count: the adapter's message says what to do, not "'Quiet' has no attribute"
+        batch_size = 2
+
+        def __len__(self):
+            return 3
+
+        def __iter__(self):
+            return iter(())
+
+    with pytest.raises(AttributeError, match=r"dataset_size=\.\.\."):
+        adapters.as_dino(Quiet()).dataset
+    assert not hasattr(adapters.as_dino(Quiet()), "dataset")
+    assert len(adapters.as_dino(adapters.as_dataloader(Quiet(), dataset_size=6)).dataset) == 6
