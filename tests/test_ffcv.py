@@ -551,3 +551,22 @@ def test_resume_over_another_beton_warns(beton, folder, tmp_path):
             warnings.simplefilter("error", RuntimeWarning)
             other.load_state_dict(state)
     other.loader.close()
+
+
+@pytest.mark.timeout(150)
+def test_beton_fingerprint_changes_with_the_labels_alone(beton, folder, tmp_path):
+    """Same images in the same order, every label one higher (an empty class folder sorted first is a class):
+    the relabeling case above also reorders the images, so a digest without the labels passed it."""
+    import shutil
+
+    from sdmp_fast.pipelines.ffcv_loader import beton_fingerprint
+
+    _, path = beton
+    shifted = tmp_path / "shifted"
+    shutil.copytree(folder, shifted)
+    os.mkdir(shifted / "a_empty")
+    before, after = list_images(folder), list_images(str(shifted))
+    assert [os.path.relpath(f, folder) for f in before.files] == [os.path.relpath(f, after.root) for f in after.files]
+    assert [x + 1 for x in before.labels] == list(after.labels)
+    conv.convert(str(shifted), str(tmp_path / "shifted.beton"), max_side=64, workers=1, progress=False)
+    assert beton_fingerprint(tmp_path / "shifted.beton") != beton_fingerprint(path)
