@@ -662,12 +662,13 @@ class Trainer:
 
     def _data_identity(self) -> Optional[Dict]:
         """{"files", "sha1"} of the loader's data: an image-file loader's list, a loader's own ``data_identity()``
-        (FFCV: the .beton's content); None for in-memory and synthetic data."""
+        (FFCV: the .beton's content; None: it cannot tell); None for in-memory and synthetic data."""
         if self._data_id is None:  # a million paths hash in about a second: once per run
             own = getattr(self.loader, "data_identity", None)
             images = getattr(self.loader, "images", None)
             if callable(own):
-                self._data_id = dict(own())
+                got = own()  # a loader of one's own that cannot tell returns None, as this method does
+                self._data_id = dict(got) if got is not None else None
             elif hasattr(images, "fingerprint"):
                 self._data_id = {"files": len(images), "sha1": images.fingerprint()}
         return self._data_id

@@ -1217,3 +1217,24 @@ def test_ranks_whose_loader_options_differ_only_by_a_spelt_out_default_agree(mon
     ranks(plain, TrainConfig(loader="dali", loader_options={"photometric": "dali", "mix_in_graph": False}))
     with pytest.raises(ValueError, match="loader_options: the ranks run with different settings"):
         ranks(plain, TrainConfig(loader="dali", loader_options={"photometric": "torch"}))
+
+
+def test_a_loaders_own_data_identity_may_be_none(tmp_path):
+    """A loader of one's own whose data_identity() cannot tell (None, as Trainer._data_identity returns for such
+    data) was a TypeError ('NoneType' object is not iterable) at the first checkpoint, after training."""
+    from sdmp_fast.synthetic import SyntheticLoader
+    from sdmp_fast.trainer import build_recipe
+
+    class Unknown(SyntheticLoader):
+        def data_identity(self):
+            return None
+
+    cfg = tiny_cfg(tmp_path, steps=1)
+    assert Trainer(cfg, loader=Unknown(build_recipe(cfg), 8, device="cpu", length=2)).state_dict()["data"] is None
+
+    class Known(SyntheticLoader):
+        def data_identity(self):
+            return {"files": 16, "sha1": "ab" * 20}
+
+    tr = Trainer(cfg, loader=Known(build_recipe(cfg), 8, device="cpu", length=2))
+    assert tr.state_dict()["data"] == {"files": 16, "sha1": "ab" * 20}
