@@ -249,7 +249,8 @@ def _replace_text(path: str, text: Optional[str]) -> None:
             os.remove(path)
         return
     tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
+    # a file name that is not UTF-8 (os.listdir gives its bytes as surrogates) is written back as those bytes
+    with open(tmp, "w", encoding="utf-8", errors="surrogateescape") as f:
         f.write(text)
     os.replace(tmp, path)
 

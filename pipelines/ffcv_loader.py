@@ -385,7 +385,7 @@ class FFCVLoader(SkippingLoader):
         sidecar = self.path + ".skipped.txt"
         if not os.path.exists(sidecar):
             return []
-        with open(sidecar) as f:
+        with open(sidecar, encoding="utf-8", errors="surrogateescape") as f:  # as convert wrote it: any file name
             return [line.split("\t", 1)[0] for line in f if line.strip()]
 
     def _epoch_order(self) -> np.ndarray:

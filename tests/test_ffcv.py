@@ -570,3 +570,29 @@ def test_beton_fingerprint_changes_with_the_labels_alone(beton, folder, tmp_path
     assert [x + 1 for x in before.labels] == list(after.labels)
     conv.convert(str(shifted), str(tmp_path / "shifted.beton"), max_side=64, workers=1, progress=False)
     assert beton_fingerprint(tmp_path / "shifted.beton") != beton_fingerprint(path)
+
+
+@pytest.mark.timeout(150)
+def test_convert_lists_a_skipped_file_whose_name_is_not_utf8(tmp_path):
+    """An undecodable file whose name is not UTF-8 (os.listdir gives its bytes as surrogates): convert wrote the
+    .beton, then failed writing .skipped.txt (UnicodeEncodeError, no sidecar), so as_lightly(data=) refused the
+    folder; the sidecar holds the name's own bytes and the loader reads it back as the listed file."""
+    from sdmp_fast.pipelines import adapters
+
+    root = tmp_path / "d"
+    make_synthetic_image_folder(str(root), num_classes=2, per_class=3, size=(20, 20))
+    bad = os.path.join(os.fsencode(str(root / "class0")), b"bad\xff.jpg")
+    try:
+        with open(bad, "wb") as f:
+            f.write(b"not an image")
+    except (OSError, UnicodeError):
+        pytest.skip("this file system takes UTF-8 names only")
+    out = str(tmp_path / "x.beton")
+    summary = conv.convert(str(root), out, max_side=32, workers=1, progress=False)
+    assert [p for p, _ in summary.skipped] == [os.fsdecode(bad)]
+    assert open(out + ".skipped.txt", "rb").read().startswith(bad + b"\t")
+    loader = make_loader("ffcv", out, make_recipe("byol2", size=16), 2, device="cpu", shard_id=0, num_shards=1,
+                         num_workers=1)
+    assert loader.skipped == [os.fsdecode(bad)]
+    names = adapters.as_lightly(loader, data=str(root)).filenames
+    assert len(names) == 6 and not any("bad" in n for n in names)
