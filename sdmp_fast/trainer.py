@@ -337,6 +337,9 @@ class Trainer:
         self.debug = _debug_env()
         self.skipped_total = 0
         self._data_id: Optional[Dict] = None  # _data_identity, computed on first use
+        if callable(getattr(self.loader, "data_identity", None)):
+            # now, not at the first checkpoint: a file read later (a .beton replaced meanwhile) is not what is trained
+            self._data_identity()
         self.meta = {"backbone_spec": self.spec, "method": cfg.method, "sdmp": cfg.sdmp,
                      "backbone_prefix": "base.backbone." if cfg.method == "mocov3" else "teacher.backbone.",
                      "mean": [float(v) for v in getattr(self.loader, "mean", self.recipe.mean)],

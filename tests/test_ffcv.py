@@ -596,3 +596,29 @@ def test_convert_lists_a_skipped_file_whose_name_is_not_utf8(tmp_path):
     assert loader.skipped == [os.fsdecode(bad)]
     names = adapters.as_lightly(loader, data=str(root)).filenames
     assert len(names) == 6 and not any("bad" in n for n in names)
+
+
+@pytest.mark.timeout(150)
+@NUMBA_FINALIZER_NOISE
+def test_a_beton_replaced_after_the_trainer_was_built_is_not_taken_for_its_data(beton, folder, tmp_path):
+    """The .beton's identity is read when the Trainer is built: read at the first checkpoint instead, a file
+    replaced in between was recorded as the data trained on."""
+    import shutil
+
+    from test_trainer import tiny_cfg
+
+    from sdmp_fast.pipelines.ffcv_loader import beton_fingerprint
+    from sdmp_fast.trainer import Trainer
+
+    _, path = beton
+    data = str(tmp_path / "data.beton")
+    shutil.copy(path, data)
+    trainer = Trainer(tiny_cfg(tmp_path, loader="ffcv", data=data, num_workers=1, steps=1))
+    changed = tmp_path / "changed"
+    shutil.copytree(folder, changed)
+    os.remove(changed / "class1" / "0002.jpg")
+    shutil.copy(changed / "class1" / "0003.jpg", changed / "class1" / "0002.jpg")
+    conv.convert(str(changed), data, max_side=64, workers=1, progress=False)
+    assert beton_fingerprint(data) != beton_fingerprint(path)
+    assert trainer.state_dict()["data"]["sha1"] == beton_fingerprint(path)
+    trainer.loader.close()
