@@ -141,6 +141,9 @@ def _looks_like_a_label(token: str) -> bool:
 
 
 def _read_file_list(path: str) -> ImageList:
+    if _is_image_name(os.path.basename(path)):  # an image whose bytes happen to decode as text is no file list
+        raise ValueError(f"data: {path!r} is an image file, not a folder or a text file list ('path [label]' "
+                         f"lines); an image folder is given as its directory")
     base = os.path.dirname(os.path.abspath(path))
     files, labels = [], []
     try:

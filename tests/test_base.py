@@ -141,8 +141,14 @@ def test_list_images_errors_name_the_path(tmp_path):
     listing.write_text("a.jpg 1\nmy photo 2.jpg\n")  # a name with spaces ending in a word: a path, label -1
     assert list_images(str(listing)).labels == (1, -1)
     (tmp_path / "photo.jpg").write_bytes(b"\xff\xd8\xff\xe0 not text")
-    with pytest.raises(ValueError, match=r"data: .*photo\.jpg' is a file but not a text file list"):
+    with pytest.raises(ValueError, match=r"data: .*photo\.jpg' is an image file, not a folder or a text file list"):
         list_images(str(tmp_path / "photo.jpg"))
+    (tmp_path / "text.png").write_text("a.jpg 1\n")  # an image name whose bytes read as text: not a file list
+    with pytest.raises(ValueError, match=r"data: .*text\.png' is an image file"):
+        list_images(str(tmp_path / "text.png"))
+    (tmp_path / "blob.bin").write_bytes(b"\xff\xd8\xff\xe0 not text")
+    with pytest.raises(ValueError, match=r"data: .*blob\.bin' is a file but not a text file list"):
+        list_images(str(tmp_path / "blob.bin"))
     listing.write_text("a.jpg 1\nb.jpg 2.0\n")
     with pytest.raises(ValueError, match=r"list\.txt'?, line 2: label '2\.0' is not an integer"):
         list_images(str(listing))
