@@ -25,7 +25,10 @@ from typing import Callable, Optional, Sequence
 from nvidia.dali import fn, pipeline_def, types
 import nvidia.dali.math as dmath
 
+from . import dali_fork
 from .recipes import Recipe, ViewSpec
+
+dali_fork.install()  # a forked child (a DataLoader worker) must never tear down a pipeline it inherited
 
 _INTERP_TYPES = {"bicubic": types.INTERP_CUBIC, "bilinear": types.INTERP_LINEAR}
 

@@ -489,3 +489,76 @@ def test_num_workers_zero_is_one_dali_thread_not_every_core(folder, monkeypatch)
     assert dali(folder, byol2(size=32)).num_threads == 8
     assert dali(folder, byol2(size=32), num_workers=0, num_threads=2).num_threads == 2
     assert [loader_threads(n) for n in (0, 3, None)] == [1, 3, 8]  # the solo-learn-style baseline's
+
+
+# A DALI loader is built, used, then (case) dropped inside a reference cycle the parent has not collected yet,
+# and the process forks: the child collects it, or exits normally (DALI's atexit hook and interpreter shutdown),
+# or the fork is a torchvision DataLoader worker whose reads run the collector. Run in a fresh interpreter so the
+# fork happens outside pytest; the parent gives the child 30 s.
+_FORK_SCRIPT = r"""
+import gc, os, sys, time
+from sdmp_fast.pipelines.base import make_loader
+from sdmp_fast.pipelines.recipes import byol2
+folder, case = sys.argv[1], sys.argv[2]
+kw = dict(device="cpu", shard_id=0, num_shards=1, shuffle=False, drop_last=False)
+loader = make_loader("dali", folder, byol2(size=16), 4, **kw)
+next(iter(loader))
+if case != "exit":
+    gc.disable()  # as a parent that has not run its collector since the loader became garbage
+    loader.cycle = loader
+    del loader
+if case == "dataloader":
+    import signal
+    import sdmp_fast.pipelines.torchvision_loader as tl
+    get = tl.ViewDataset.__getitem__
+    tl.ViewDataset.__getitem__ = lambda self, item: (gc.collect(), get(self, item))[1]
+    tv = make_loader("torchvision", folder, byol2(size=16), 4, num_workers=2, **kw)
+    def hung(*_):
+        raise TimeoutError("the epoch hung")
+    signal.signal(signal.SIGALRM, hung)
+    signal.alarm(30)
+    print("epoch", len(list(tv)), flush=True)
+    sys.exit(0)
+pid = os.fork()
+if pid == 0:
+    if case == "collected":
+        gc.collect()
+        os._exit(0)
+    sys.exit(0)  # "exit": atexit hooks (DALI's shuts its pipelines down), then interpreter shutdown
+t0 = time.time()
+while time.time() - t0 < 30:
+    done, status = os.waitpid(pid, os.WNOHANG)
+    if done:
+        print("child exited", status, flush=True)
+        break
+    time.sleep(0.05)
+else:
+    os.kill(pid, 9)
+    print("child HUNG", flush=True)
+"""
+
+
+@pytest.mark.timeout(150)
+@pytest.mark.parametrize("case", ["collected", "exit", "dataloader"])
+def test_a_forked_child_never_tears_down_an_inherited_dali_pipeline(folder, case, tmp_path):
+    """The child's copy of a DALI pipeline has none of the parent's executor threads: destroying it waited for
+    them for ever (a torchvision loader's DataLoader worker hung in ``Executor2::~Impl``, and with it the epoch
+    and the process's exit). ``dali_fork`` keeps inherited pipelines alive and detached in the child."""
+    import contextlib
+    import signal
+    import subprocess
+    import sys
+
+    script = tmp_path / "fork.py"
+    script.write_text(_FORK_SCRIPT)
+    proc = subprocess.Popen([sys.executable, str(script), folder, case], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    try:
+        out, err = proc.communicate(timeout=120)
+    finally:  # a hung child or DataLoader worker must not outlive the test (it holds the output pipes)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 0, err[-3000:]
+    expected = f"epoch {N // 4}" if case == "dataloader" else "child exited 0"
+    assert expected in out, out + err[-3000:]

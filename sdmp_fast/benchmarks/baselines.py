@@ -97,6 +97,8 @@ def solo_learn_pipeline(images, recipe, batch_size: int, *, gpu: bool, device_id
     graph on a machine without CUDA, as ``pipelines.dali_ops.define_pipeline``)."""
     from nvidia.dali import fn, pipeline_def, types
 
+    from sdmp_fast.pipelines import dali_fork
+    dali_fork.install()
     out_dtype = types.FLOAT16 if dtype in (torch.float16, torch.bfloat16) else types.FLOAT
     views = recipe.expanded_views()
 
