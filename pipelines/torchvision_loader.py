@@ -14,9 +14,12 @@ them.
 """
 from __future__ import annotations
 
+import atexit
 import os
 import signal
 import threading
+import time
+import weakref
 from typing import Iterator, List, Optional, Sequence
 
 import torch
@@ -84,7 +87,9 @@ def ignore_stop_signals(worker_id: int) -> None:
     graceful stop, with no checkpoint written. Ignoring SIGTERM outright would also ignore the parent's own
     ``terminate()`` (DataLoader's shutdown of a stuck worker, and multiprocessing's at exit, which then waits
     for ever), so SIGTERM is blocked and read by a thread that exits when the parent sent it (torch's own rule
-    for workers) and drops it otherwise. Workers also exit once the parent is gone (torch's watchdog)."""
+    for workers) and drops it otherwise. Workers also exit once the parent is gone (torch's watchdog). A worker
+    stuck in native code that holds the GIL cannot run that thread: ``kill_workers_that_ignore_terminate``
+    kills it when the parent exits."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     parent = os.getppid()
     # blocked before the thread starts: threads made later (this one, OpenMP's) inherit the mask, so SIGTERM
@@ -97,6 +102,36 @@ def ignore_stop_signals(worker_id: int) -> None:
                 os._exit(0)
 
     threading.Thread(target=obey_parent_only, name="sdmp-worker-sigterm", daemon=True).start()
+
+
+def kill_workers_that_ignore_terminate(grace: float = 2.0) -> int:
+    """At exit: terminate this process's DataLoader workers set up by ``ignore_stop_signals``, then kill those
+    still alive after ``grace`` seconds. Returns how many had to be killed.
+
+    Their SIGTERM watcher is a Python thread, so it needs the GIL to exit: a worker stuck in native code that
+    holds the GIL (seen: a DALI pipeline's destructor waiting for threads that exist only in the parent) never
+    obeys ``terminate()``, and multiprocessing's own exit hook, which joins every child after terminating it,
+    then waited for ever: the epoch's hang became a process that never exited (a CI run killed after 90 min).
+    Registered at import, so it runs before multiprocessing's hook (atexit runs last-registered first)."""
+    ours = [p for p in list(_WORKERS) if p.is_alive()]
+    for p in ours:
+        p.terminate()
+    deadline = time.monotonic() + grace
+    for p in ours:
+        p.join(max(0.0, deadline - time.monotonic()))
+    stuck = [p for p in ours if p.is_alive()]
+    if stuck and threading.current_thread() is threading.main_thread():
+        # torch's SIGCHLD handler raises for a worker killed by a signal: it would end this hook after one kill
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    for p in stuck:
+        p.kill()
+    for p in stuck:
+        p.join(5)
+    return len(stuck)
+
+
+_WORKERS: "weakref.WeakSet" = weakref.WeakSet()  # the worker processes of TorchvisionLoader's DataLoaders
+atexit.register(kill_workers_that_ignore_terminate)
 
 
 class ViewDataset(torch.utils.data.Dataset):
@@ -208,6 +243,7 @@ class TorchvisionLoader(SkippingLoader):
         if skip:
             self._batches.start = self._skip_unread(skip, gen)
         reader = iter(self._loader)
+        _WORKERS.update(getattr(reader, "_workers", ()))  # see kill_workers_that_ignore_terminate
         while True:
             # checked before each read: a stale pass must not take the new one's batches (persistent workers:
             # one iterator for every pass; without workers each pass has its own and both may run)

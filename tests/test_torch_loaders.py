@@ -517,3 +517,53 @@ def test_loader_workers_ignore_others_sigterm_but_obey_their_parent(tmp_path):
     worker.join(10)
     assert not worker.is_alive() and time.time() - t0 < 15
     assert signal.getsignal(signal.SIGTERM) is not signal.SIG_IGN  # the test process itself is untouched
+
+
+_STUCK_WORKER_SCRIPT = r"""
+import ctypes, signal, sys
+import sdmp_fast.pipelines.torchvision_loader as tl
+from sdmp_fast.pipelines.base import make_loader
+from sdmp_fast.pipelines.recipes import byol2
+
+def stuck(self, item):
+    ctypes.PyDLL(None).sleep(3600)  # native code holding the GIL: PyDLL calls do not release it
+
+def hung(*_):
+    raise TimeoutError("the read hung")
+
+tl.ViewDataset.__getitem__ = stuck
+loader = make_loader("torchvision", sys.argv[1], byol2(size=16), 4, device="cpu", shard_id=0, num_shards=1,
+                     num_workers=2)
+signal.signal(signal.SIGALRM, hung)
+signal.alarm(5)
+try:
+    next(iter(loader))
+except TimeoutError:
+    print("workers", *[p.pid for p in tl._WORKERS], flush=True)
+"""
+
+
+@pytest.mark.timeout(120)
+def test_workers_stuck_holding_the_gil_are_killed_when_the_process_exits(folder, tmp_path):
+    """A worker stuck in native code that holds the GIL cannot run its SIGTERM watcher: multiprocessing's exit
+    hook (terminate, then join) waited for it for ever, so a hung epoch became a process that never exited."""
+    import contextlib
+    import signal
+    import subprocess
+    import sys
+
+    script = tmp_path / "stuck.py"
+    script.write_text(_STUCK_WORKER_SCRIPT)
+    proc = subprocess.Popen([sys.executable, str(script), folder], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=60)
+    finally:  # a stuck worker must not outlive the test (it holds the output pipes)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 0, err[-3000:]
+    pids = [int(p) for p in out.split("workers", 1)[1].split()]
+    assert len(pids) == 2
+    for pid in pids:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
