@@ -22,3 +22,16 @@ def cpu_unless_marked_cuda(request, monkeypatch):
         return
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # child processes see no GPU
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_unconfigure(config):
+    """A suite whose process hangs at exit (a child that ignores terminate(), a thread joined for ever) fails in
+    minutes with every thread's stack on stderr, instead of holding CI until its own limit (stop 23: 90 min)."""
+    import faulthandler
+    import os
+    import sys
+
+    seconds = float(os.environ.get("SDMP_TEST_EXIT_WATCHDOG_S", "180"))
+    if seconds > 0:
+        faulthandler.dump_traceback_later(seconds, exit=True, file=sys.__stderr__)
