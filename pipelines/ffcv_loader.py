@@ -375,9 +375,7 @@ class FFCVLoader(SkippingLoader):
     def data_identity(self) -> Dict[str, object]:
         """{"files", "sha1"} of the .beton's content (``beton_fingerprint``), as the image-file loaders' lists
         give: a resume over another .beton at the same path, or ranks reading different copies, are told."""
-        if getattr(self, "_identity", None) is None:
-            self._identity = {"files": self.num_samples, "sha1": beton_fingerprint(self.path)}
-        return self._identity
+        return {"files": self.num_samples, "sha1": beton_fingerprint(self.path)}
 
     @property
     def skipped(self) -> List[str]:

@@ -336,10 +336,9 @@ class Trainer:
         self.stop_signal: Optional[int] = None
         self.debug = _debug_env()
         self.skipped_total = 0
-        self._data_id: Optional[Dict] = None  # _data_identity, computed on first use
-        if callable(getattr(self.loader, "data_identity", None)):
-            # now, not at the first checkpoint: a file read later (a .beton replaced meanwhile) is not what is trained
-            self._data_identity()
+        self._data_id: Optional[Dict] = None
+        # now, not at the first checkpoint: a file read later (a .beton replaced meanwhile) is not what is trained
+        self._data_identity()
         self.meta = {"backbone_spec": self.spec, "method": cfg.method, "sdmp": cfg.sdmp,
                      "backbone_prefix": "base.backbone." if cfg.method == "mocov3" else "teacher.backbone.",
                      "mean": [float(v) for v in getattr(self.loader, "mean", self.recipe.mean)],
@@ -666,7 +665,7 @@ class Trainer:
     def _data_identity(self) -> Optional[Dict]:
         """{"files", "sha1"} of the loader's data: an image-file loader's list, a loader's own ``data_identity()``
         (FFCV: the .beton's content; None: it cannot tell); None for in-memory and synthetic data."""
-        if self._data_id is None:  # a million paths hash in about a second: once per run
+        if self._data_id is None:  # a million paths hash in about a second: once per run (at __init__)
             own = getattr(self.loader, "data_identity", None)
             images = getattr(self.loader, "images", None)
             if callable(own):

@@ -622,3 +622,28 @@ def test_a_beton_replaced_after_the_trainer_was_built_is_not_taken_for_its_data(
     assert beton_fingerprint(data) != beton_fingerprint(path)
     assert trainer.state_dict()["data"]["sha1"] == beton_fingerprint(path)
     trainer.loader.close()
+
+
+@pytest.mark.timeout(150)
+def test_beton_fingerprint_names_a_file_whose_images_are_not_in_its_allocation_table(beton, tmp_path):
+    """A damaged .beton (image pointers the allocation table does not hold) is a ValueError naming it, and the
+    file is left as it was."""
+    import shutil
+
+    from ffcv.reader import Reader
+
+    from sdmp_fast.pipelines.ffcv_loader import beton_fingerprint
+
+    _, path = beton
+    bad = str(tmp_path / "damaged.beton")
+    shutil.copy(path, bad)
+    reader = Reader(bad)
+    table = np.array(reader.alloc_table)
+    table["ptr"] += 1  # every image's pointer now falls between the table's entries
+    with open(bad, "r+b") as f:
+        f.seek(int(reader.header["alloc_table_ptr"]))
+        f.write(table.tobytes())
+    before = open(bad, "rb").read()
+    with pytest.raises(ValueError, match=r"damaged\.beton' is damaged: an image's data is missing"):
+        beton_fingerprint(bad)
+    assert open(bad, "rb").read() == before
