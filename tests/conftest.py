@@ -35,3 +35,30 @@ def pytest_unconfigure(config):
     seconds = float(os.environ.get("SDMP_TEST_EXIT_WATCHDOG_S", "180"))
     if seconds > 0:
         faulthandler.dump_traceback_later(seconds, exit=True, file=sys.__stderr__)
+
+
+@pytest.fixture
+def run_script(tmp_path):
+    """``run_script(text, *args, timeout=) -> (returncode, stdout, stderr)``: the script run by this Python in a
+    session of its own, from the repository root. Whatever it leaves behind (a hung child, a stuck DataLoader
+    worker, which would also hold the output pipes open) is killed with its process group."""
+    import contextlib
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    def run(text: str, *args: str, timeout: float):
+        script = tmp_path / "script.py"
+        script.write_text(text)
+        proc = subprocess.Popen([sys.executable, str(script), *args], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, start_new_session=True,
+                                cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+        return proc.returncode, out, err
+
+    return run

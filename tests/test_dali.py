@@ -540,25 +540,11 @@ else:
 
 @pytest.mark.timeout(150)
 @pytest.mark.parametrize("case", ["collected", "exit", "dataloader"])
-def test_a_forked_child_never_tears_down_an_inherited_dali_pipeline(folder, case, tmp_path):
+def test_a_forked_child_never_tears_down_an_inherited_dali_pipeline(folder, case, run_script):
     """The child's copy of a DALI pipeline has none of the parent's executor threads: destroying it waited for
     them for ever (a torchvision loader's DataLoader worker hung in ``Executor2::~Impl``, and with it the epoch
     and the process's exit). ``dali_fork`` keeps inherited pipelines alive and detached in the child."""
-    import contextlib
-    import signal
-    import subprocess
-    import sys
-
-    script = tmp_path / "fork.py"
-    script.write_text(_FORK_SCRIPT)
-    proc = subprocess.Popen([sys.executable, str(script), folder, case], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True,
-                            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    try:
-        out, err = proc.communicate(timeout=120)
-    finally:  # a hung child or DataLoader worker must not outlive the test (it holds the output pipes)
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-    assert proc.returncode == 0, err[-3000:]
+    returncode, out, err = run_script(_FORK_SCRIPT, folder, case, timeout=120)
+    assert returncode == 0, err[-3000:]
     expected = f"epoch {N // 4}" if case == "dataloader" else "child exited 0"
     assert expected in out, out + err[-3000:]

@@ -544,24 +544,11 @@ except TimeoutError:
 
 
 @pytest.mark.timeout(120)
-def test_workers_stuck_holding_the_gil_are_killed_when_the_process_exits(folder, tmp_path):
+def test_workers_stuck_holding_the_gil_are_killed_when_the_process_exits(folder, run_script):
     """A worker stuck in native code that holds the GIL cannot run its SIGTERM watcher: multiprocessing's exit
     hook (terminate, then join) waited for it for ever, so a hung epoch became a process that never exited."""
-    import contextlib
-    import signal
-    import subprocess
-    import sys
-
-    script = tmp_path / "stuck.py"
-    script.write_text(_STUCK_WORKER_SCRIPT)
-    proc = subprocess.Popen([sys.executable, str(script), folder], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True)
-    try:
-        out, err = proc.communicate(timeout=60)
-    finally:  # a stuck worker must not outlive the test (it holds the output pipes)
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-    assert proc.returncode == 0, err[-3000:]
+    returncode, out, err = run_script(_STUCK_WORKER_SCRIPT, folder, timeout=60)
+    assert returncode == 0, err[-3000:]
     pids = [int(p) for p in out.split("workers", 1)[1].split()]
     assert len(pids) == 2
     for pid in pids:
