@@ -311,9 +311,11 @@ def _main(cfg) -> int:
         _install_signal_handlers(trainer)
         result = trainer.fit(cfg.out, logger)
         if result == "signal":
-            name = signal.Signals(trainer.stop_signal).name if trainer.stop_signal else "a signal"
-            logger.write(f"stopped by {name} at step {trainer.step}; resume with --resume")
-            return EXIT_SIGINT if trainer.stop_signal == signal.SIGINT else 0
+            sig = trainer.agreed_stop_signal  # the same on every rank, whichever rank got the signal
+            name = signal.Signals(sig).name if sig else "a signal"
+            where = "" if trainer.stop_signal == sig else " (on another rank)"
+            logger.write(f"stopped by {name}{where} at step {trainer.step}; resume with --resume")
+            return EXIT_SIGINT if sig == signal.SIGINT else 0
         logger.write(f"done: {trainer.step} steps; backbone exported to {os.path.join(cfg.out, 'backbone.pt')}")
         return 0
     except NonFiniteError as e:

@@ -35,6 +35,7 @@ import contextlib
 import dataclasses
 import math
 import os
+import signal
 import time
 import warnings
 from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
@@ -333,7 +334,8 @@ class Trainer:
         self._graph = None
         self._static: Optional[List] = None
         self._side_stream = None  # the eager warm-up steps' stream (_graph_step)
-        self.stop_signal: Optional[int] = None
+        self.stop_signal: Optional[int] = None  # set by the signal handler of this process
+        self.agreed_stop_signal: Optional[int] = None  # what all ranks stop for (set at sync points)
         self.debug = _debug_env()
         self.skipped_total = 0
         self._data_id: Optional[Dict] = None
@@ -710,12 +712,17 @@ class Trainer:
         """Whether to stop now. One process: the signal flag. Several: any rank's flag, agreed through one
         all-reduce at sync points only (so a signal stops the run within log_every steps, on every rank at
         the same step)."""
-        flag = self.stop_signal is not None
         if self.world_size == 1:
-            return flag
-        t = torch.tensor([1.0 if flag else 0.0], device=self.device)
+            self.agreed_stop_signal = self.stop_signal
+            return self.stop_signal is not None
+        # the signal itself is agreed too, so that every rank reports it and exits with the same code: SIGINT on
+        # any rank (a user's Ctrl-C) outranks a SIGTERM elsewhere (preemption)
+        mine = {None: 0.0, signal.SIGINT: 2.0}.get(self.stop_signal, 1.0)
+        t = torch.tensor([mine], device=self.device)
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return bool(t.item() > 0)
+        agreed = int(t.item())
+        self.agreed_stop_signal = (None, signal.SIGTERM, signal.SIGINT)[agreed]  # handlers cover these two
+        return agreed > 0
 
     def fit(self, out: str, logger=None) -> str:
         """Train until ``total_steps`` ("done") or a stop signal ("signal", after a checkpoint). Metrics are

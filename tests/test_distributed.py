@@ -3,7 +3,9 @@ keep both ranks' parameters identical, the loaders' shards are disjoint, and a r
 fail within a bounded time instead of hanging."""
 from __future__ import annotations
 
+import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -68,9 +70,9 @@ def test_dead_rank_fails_the_run_within_bounded_time(tmp_path):
     assert "exitcode  : 17" in text or "exit code 17" in text or "17" in text
 
 
-def _ranks(tmp_path, argvs, timeout, **env):
+def _start_ranks(tmp_path, argvs, **env):
     """One `sdmp-fast train` process per rank, each with its own argv (what torchrun cannot do: e.g. two nodes
-    whose --out is the same path on each node's own disk)."""
+    whose --out is the same path on each node's own disk) and its own pid (a signal to one rank only)."""
     import socket
 
     with socket.socket() as s:
@@ -82,6 +84,10 @@ def _ranks(tmp_path, argvs, timeout, **env):
                  WORLD_SIZE=len(argvs), **env)
         procs.append(subprocess.Popen([sys.executable, "-m", "sdmp_fast.cli", "train"] + argv, env=e,
                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    return procs
+
+
+def _finish_ranks(procs, timeout):
     try:
         outs = [p.communicate(timeout=timeout)[0] for p in procs]
     finally:
@@ -89,6 +95,10 @@ def _ranks(tmp_path, argvs, timeout, **env):
             if p.poll() is None:
                 p.kill()
     return [p.returncode for p in procs], outs
+
+
+def _ranks(tmp_path, argvs, timeout, **env):
+    return _finish_ranks(_start_ranks(tmp_path, argvs, **env), timeout)
 
 
 @pytest.mark.timeout(120)
@@ -181,3 +191,30 @@ def test_two_process_sdmp_moco_uses_global_key_indices_and_ddp_averages_the_rank
     for name, g in ranks[0]["grads"].items():
         assert torch.equal(g, ranks[1]["grads"][name]), name  # DDP: one gradient on every rank
         torch.testing.assert_close(g, params[name].grad, atol=1e-5, rtol=1e-3, msg=name)
+
+
+@pytest.mark.timeout(150)
+@pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 0)], ids=["SIGINT", "SIGTERM"])
+def test_a_signal_to_one_rank_stops_every_rank_at_the_same_step_with_the_same_exit_code(tmp_path, sig, code):
+    """A Ctrl-C (or a kill) that reaches rank 1 only: both ranks stop at the same step after a checkpoint, and
+    both exit with the signal's code. Rank 0 used to exit 0 beside rank 1's 130 and log "stopped by a signal"."""
+    out = tmp_path / "out"
+    argv = TINY + ["--loader", "synthetic", "--batch-size", "8", "--steps", "100000", "--log-every", "2",
+                   "--save-every", "0", "--lr", "1e-3", "--dist-timeout", "30", "--out", str(out)]
+    procs = _start_ranks(tmp_path, [argv, argv], SDMP_DEBUG_DUMP=1)
+    metrics = out / "metrics.jsonl"
+    deadline = time.time() + 100
+    while time.time() < deadline and all(p.poll() is None for p in procs):
+        if metrics.exists() and metrics.read_text().count("\n") >= 1:
+            break
+        time.sleep(0.2)
+    assert all(p.poll() is None for p in procs), _finish_ranks(procs, 10)
+    procs[1].send_signal(sig)
+    codes, texts = _finish_ranks(procs, 100)
+    assert codes == [code, code], texts
+    assert f"stopped by {sig.name} (on another rank)" in texts[0], texts[0][-3000:]
+    steps = [torch.load(out / f"debug-rank{r}.pt", weights_only=True)["step"] for r in (0, 1)]
+    assert steps[0] == steps[1] and steps[0] % 2 == 0, steps
+    assert (out / "checkpoints" / f"ckpt-{steps[0]:09d}.pt").exists()
+    last = json.loads(metrics.read_text().splitlines()[-1])
+    assert last["step"] == steps[0]
