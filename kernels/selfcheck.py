@@ -140,6 +140,9 @@ def check_mix(device, dtype, n, c, h, w, methods=mixing.METHODS):
     ref = K.apply_mix_ref(x, lam, method, y0, x0, ch, cw, method_set)
     assert got.dtype == ref.dtype and got.shape == ref.shape
     assert torch.isfinite(got.float()).all()
+    # mixup is the fp32 blend rounded once, op for op as the reference: bit-exact in every dtype
+    blend = method == mixing.MIXUP
+    assert torch.equal(got[blend], ref[blend]), "mixup samples differ from the reference"
     if dtype == torch.float32:
         torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
         boxed = method != mixing.MIXUP  # cutmix boxes and the untouched parts are copies: exact

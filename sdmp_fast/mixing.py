@@ -172,9 +172,17 @@ def apply_mix(x: torch.Tensor, lam: torch.Tensor, method: torch.Tensor, y0: torc
         resized = _resized_partner(partner, y0, x0, cut_h, cut_w)
         paste = torch.where((method == RESIZEMIX)[:, None, None, None], resized, partner)
     boxed = torch.where(inside, paste, x)
-    lam_x = lam.to(x.dtype)[:, None, None, None]
-    blended = lam_x * x + (1.0 - lam_x) * partner
+    blended = _blend(x, partner, lam[:, None, None, None])
     return torch.where((method == MIXUP)[:, None, None, None], blended, boxed)
+
+
+def _blend(x: torch.Tensor, partner: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
+    """lam x + (1 - lam) partner. In bf16 / fp16 it is computed in fp32 and rounded once, as the resize is:
+    rounding lam to the image dtype first (about 1e-3 in bf16) mixed the pixels by another lam than the one the
+    loss is given, and near lam = 0.5 the two rounded terms could cancel to 0."""
+    work = x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
+    lam = lam.to(work)
+    return (lam * x.to(work) + (1.0 - lam) * partner.to(work)).to(x.dtype)
 
 
 def mix_view(x: torch.Tensor, lam: torch.Tensor, method: torch.Tensor,
@@ -226,14 +234,13 @@ def mix_view_per_sample(x: torch.Tensor, lam: torch.Tensor, method: torch.Tensor
     check_batch_size(n)
     check_per_sample(n, lam, method)
     (y0, x0, cut_h, cut_w), lam_eff = draw_box(lam, method, h, w, generator)
-    lam_x = lam.to(x.dtype)
     out = torch.empty_like(x)
     resize = RESIZEMIX in method_set  # as apply_mix: without it a resizemix id pastes like cutmix
     rows = zip(method.tolist(), y0.tolist(), x0.tolist(), cut_h.tolist(), cut_w.tolist())
     for i, (m, top, left, ch, cw) in enumerate(rows):
         own, partner = x[i], x[n - 1 - i]
         if m == MIXUP:
-            torch.add(lam_x[i] * own, (1.0 - lam_x[i]) * partner, out=out[i])
+            out[i].copy_(_blend(own, partner, lam[i]))
             continue
         out[i].copy_(own)
         if ch == 0 or cw == 0:

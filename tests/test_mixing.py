@@ -152,3 +152,31 @@ def test_host_and_vectorised_paths_agree_on_method_set_and_check_lengths():
     for host in (True, False):
         with pytest.raises(ValueError, match=r"lam: expected one per sample \[4\], got \(2,\)"):
             mix_views([x], lam[:2], method[:2], torch.Generator(), per_sample=host)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("per_sample", [False, True])
+def test_reduced_precision_mixup_blends_by_the_exact_lam(dtype, per_sample):
+    """bf16 / fp16 views are blended in fp32 and rounded once, by the fp32 lam the loss is given. Rounding lam to
+    the image dtype first mixed by another lam: with lam = 0.5009 an image of +1 and its partner of -1 gave 0
+    instead of 2 lam - 1 = 0.0018 in bf16."""
+    n = 4
+    x = torch.ones(n, 3, 8, 8, dtype=dtype)
+    x[n // 2:] = -1.0  # partner of image i (n-1-i) has the opposite sign
+    lam = torch.tensor([0.5009, 0.25013, 0.7771, 0.5], dtype=torch.float32)
+    method = torch.full((n,), MIXUP)
+    out, lam_eff = mix_views([x], lam, method, torch.Generator().manual_seed(0), per_sample=per_sample)
+    out = out[0]
+    assert out.dtype == dtype and torch.equal(lam_eff[0], lam)
+    sign = torch.tensor([1.0, 1.0, -1.0, -1.0])
+    exact = sign * (2 * lam.double() - 1)  # lam * s + (1 - lam) * (-s)
+    expected = (exact.float().to(dtype))[:, None, None, None].expand_as(out)
+    assert torch.equal(out, expected), (out[:, 0, 0, 0], expected[:, 0, 0, 0])
+    assert out[0, 0, 0, 0] != 0
+    # the general case: the fp32 blend rounded once
+    g = torch.Generator().manual_seed(3)
+    y = torch.randn(6, 3, 5, 7, generator=g).to(dtype)
+    lam = torch.rand(6, generator=g)
+    got = mix_views([y], lam, torch.full((6,), MIXUP), g, per_sample=per_sample)[0][0]
+    lam4 = lam[:, None, None, None]
+    assert torch.equal(got, (lam4 * y.float() + (1 - lam4) * y.flip(0).float()).to(dtype))

@@ -95,11 +95,10 @@ __device__ __forceinline__ float mixed_pixel(const RowMix& r, float a, float b, 
                                              int W, int x) {
   const SampleMix& s = r.s;
   if (s.method == kMixup) {
-    // lam_x * x + (1.0 - lam_x) * partner with lam_x = lam.to(x.dtype): one rounding per op, as eager PyTorch.
-    const float l = round_through<T>(s.lam);
-    const float t1 = round_through<T>(__fmul_rn(l, a));
-    const float t2 = round_through<T>(__fmul_rn(round_through<T>(__fsub_rn(1.f, l)), b));
-    return round_through<T>(__fadd_rn(t1, t2));
+    // lam * x + (1 - lam) * partner in fp32, rounded once to the image dtype (mixing._blend): no FMA, each op
+    // rounded as the reference's separate fp32 kernels round it.
+    const float l = s.lam;
+    return round_through<T>(__fadd_rn(__fmul_rn(l, a), __fmul_rn(__fsub_rn(1.f, l), b)));
   }
   if (!r.row_inside || x < s.x0 || x >= s.x0 + s.cw) return a;
   if (s.method == kCutmix) return b;
