@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import operator
 import os
+import warnings
 from typing import Any, Dict, Iterator, List, Optional, Sequence
 
 import torch
@@ -68,9 +69,17 @@ def _images(batch: SDMPBatch, append_mixed: bool) -> List[torch.Tensor]:
 
 class _Wrapper:
     """What every wrapper of a loader forwards: len, set_epoch and any attribute it does not define itself
-    (``.batch_size``, ``.recipe``, ``.mix_info``, ``.skipped`` ...)."""
+    (``.batch_size``, ``.recipe``, ``.mix_info``, ``.skipped`` ...).
+
+    Over an sdmp-fast loader it is also resumable mid-epoch (``state_dict`` / ``load_state_dict``, the protocol
+    Lightning checks to restore a loader, as torchdata's StatefulDataLoader): the state holds the epoch and the
+    batches of it handed out so far (and the DALI loader's own state); after ``load_state_dict`` the next pass
+    begins with the batch after them, the one the interrupted run would have trained on next. A caller that
+    reads ahead must save its state before (Lightning reads no batch ahead of a loader that has a length)."""
 
     loader: Any
+    _resume: Optional[Dict[str, int]] = None  # from load_state_dict: where the next pass of that epoch begins
+    _at: Optional[List[int]] = None  # [epoch, batches handed out] of the pass being read
 
     def __len__(self) -> int:
         return len(self.loader)
@@ -82,6 +91,94 @@ class _Wrapper:
         if name == "loader":
             raise AttributeError(name)
         return getattr(self.loader, name)
+
+    # -- mid-epoch resume: kept by the wrapper of the loader itself; wrappers of wrappers pass it on ---------
+    def _position_keeper(self) -> Optional["_Wrapper"]:
+        inner = self.loader
+        if isinstance(inner, _Wrapper):
+            return inner._position_keeper()
+        return self if isinstance(getattr(inner, "sampler", None), EpochSampler) else None
+
+    def _init_position(self) -> None:
+        """Called once ``self.loader`` is set. Over an sdmp-fast loader, ``state_dict`` / ``load_state_dict`` are
+        the position's, set on the instance; over another loader (a torch DataLoader) the wrapper has none, so
+        Lightning does not take it for a loader it can restore (its check would find a method on the class even
+        where the wrapped loader has none)."""
+        keeper = self._position_keeper()
+        if keeper is not None:
+            self.state_dict = keeper._state
+            self.load_state_dict = keeper._load_state
+
+    def _state(self) -> Dict[str, Any]:
+        """``{"epoch", "batches", "num_batches", "shard", "loader"}``: the pass being read (or the position
+        loaded and not yet used, or the start of the next pass when none was begun)."""
+        sampler = self.loader.sampler
+        if self._resume is not None:
+            epoch, done = self._resume["epoch"], self._resume["batches"]
+        elif self._at is not None:
+            epoch, done = self._at
+        else:
+            epoch, done = sampler.upcoming_epoch(), 0
+        own = getattr(self.loader, "state_dict", None)
+        return {"epoch": int(epoch), "batches": int(done), "num_batches": len(self.loader),
+                "shard": [sampler.shard_id, sampler.num_shards], "loader": own() if callable(own) else None}
+
+    def _load_state(self, state: Dict[str, Any]) -> None:
+        keys = ("epoch", "batches", "num_batches", "shard", "loader")
+        own = getattr(self.loader, "load_state_dict", None)
+        if isinstance(state, dict) and "dali_epoch_starts" in state and callable(own):
+            own(state)  # the DALI loader's own state_dict(), as the adapters forwarded before they kept a position
+            return
+        if not isinstance(state, dict) or any(k not in state for k in keys):
+            raise ValueError(f"load_state_dict: not an sdmp-fast adapter state_dict() (expected the keys {keys}, "
+                             f"got {list(state)[:6] if isinstance(state, dict) else type(state).__name__})")
+        epoch, done, total = (state[k] for k in ("epoch", "batches", "num_batches"))
+        if not all(isinstance(v, int) and v >= 0 for v in (epoch, done, total)):
+            raise ValueError(f"load_state_dict: epoch, batches and num_batches must be integers >= 0, got "
+                             f"{epoch!r}, {done!r}, {total!r}")
+        if total != len(self.loader):
+            raise ValueError(f"load_state_dict: the state was saved by a loader of {total} batches per epoch, this "
+                             f"one makes {len(self.loader)} (another data set, batch size or number of ranks): its "
+                             f"position would name other batches")
+        sampler = self.loader.sampler
+        if state["loader"] is not None and callable(own):
+            if list(state["shard"]) == [sampler.shard_id, sampler.num_shards]:
+                own(state["loader"])
+            else:  # Lightning saves rank 0's state only; DALI's random state is per shard
+                warnings.warn(f"load_state_dict: the loader state was saved by shard {state['shard'][0]} of "
+                              f"{state['shard'][1]}, this loader reads shard {sampler.shard_id} of "
+                              f"{sampler.num_shards}: its position is kept, its random state is not restored "
+                              f"(crops and colours will differ from the saved run's)")
+        self._at = None
+        if done >= total:  # the saved pass was whole: the next one is the next epoch
+            self._resume = None
+            self.loader.set_epoch(epoch + 1)
+        else:
+            self._resume = {"epoch": epoch, "batches": done} if done else None
+            self.loader.set_epoch(epoch)
+
+    def _batches(self) -> Iterator:
+        """A pass of the wrapped loader, begun at the first ``next`` (not at ``iter``: Lightning calls iter()
+        once to check a loader and drops it), from the position ``load_state_dict`` gave for its epoch."""
+        if self._position_keeper() is not self:
+            yield from self.loader
+            return
+        base = self.loader
+        epoch = base.sampler.upcoming_epoch()
+        skip = self._resume["batches"] if self._resume is not None and self._resume["epoch"] == epoch else 0
+        self._resume = None
+        drop = 0
+        if skip:
+            skip_to = getattr(base, "skip_batches", None)
+            if callable(skip_to):
+                skip_to(skip)  # unread: the next pass begins there
+            else:
+                drop = skip  # read and dropped (DALI): its random state goes on as in the interrupted run
+        self._at = at = [epoch, skip]
+        for i, batch in enumerate(base):
+            if i >= drop:
+                at[1] += 1
+                yield batch
 
 
 _NO_DATASET = ("{}.dataset: the wrapped loader does not tell its sample count; use "
@@ -95,6 +192,7 @@ class BatchAdapter(_Wrapper):
 
     def __init__(self, loader, with_mix_info: bool = False, append_mixed: Optional[bool] = None):
         self.loader = loader
+        self._init_position()
         self.with_mix_info = with_mix_info
         # Mixed views without their lam are unusable by any loss, so by default they come only with the info.
         self.append_mixed = with_mix_info if append_mixed is None else append_mixed
@@ -120,7 +218,7 @@ class BatchAdapter(_Wrapper):
         return super().__getattr__(name)
 
     def __iter__(self) -> Iterator:
-        for batch in self.loader:
+        for batch in self._batches():
             if not isinstance(batch, SDMPBatch):
                 raise TypeError(f"{type(self).__name__}: the wrapped loader yielded {type(batch).__name__}, "
                                 f"expected SDMPBatch")
@@ -335,6 +433,7 @@ class DataLoaderLike(_Wrapper):
 
     def __init__(self, loader, dataset_size: Optional[int] = None, batch_size: Optional[int] = None):
         self.loader = loader
+        self._init_position()
         base = _base_loader(loader)
         self.batch_size = _setting("batch_size", batch_size, _probe_int(base, "batch_size", "sampler.batch_size"),
                                    "makes batches of")
@@ -352,7 +451,7 @@ class DataLoaderLike(_Wrapper):
         # a generator, as BatchAdapter's: iter(dl) alone begins no pass of the loader (Lightning calls iter() once
         # on a non-DataLoader to check it is iterable and drops it: DALI's eager pass began there, and consumed
         # the state load_state_dict restored; skip_batches(k) set before was consumed too)
-        yield from self.loader
+        yield from self._batches()
 
 
 def as_dataloader(loader, dataset_size: Optional[int] = None, batch_size: Optional[int] = None) -> DataLoaderLike:

@@ -446,3 +446,114 @@ def test_as_dataloader_takes_numpy_and_torch_integer_sizes_and_names_a_missing_d
         adapters.as_dino(Quiet()).dataset
     assert not hasattr(adapters.as_dino(Quiet()), "dataset")
     assert len(adapters.as_dino(adapters.as_dataloader(Quiet(), dataset_size=6)).dataset) == 6
+
+
+def _memory_loader():
+    images = torch.randint(0, 256, (24, 3, 20, 20), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    return make_loader("memory", (images, torch.arange(24) % 3), byol2(size=16), 4, device="cpu")
+
+
+def _first_view(wrap, b):
+    return {"solo_learn": lambda: b[1][0], "dataloader_of_dino": lambda: b[0][0], "dataloader": lambda: b.views[0],
+            "lightly": lambda: b[0][0]}[wrap]()
+
+
+ADAPT = {"solo_learn": adapters.as_solo_learn, "lightly": adapters.as_lightly,
+         "dataloader_of_dino": lambda l: adapters.as_dataloader(adapters.as_dino(l)),
+         "dataloader": adapters.as_dataloader}
+
+
+@pytest.mark.parametrize("wrap", list(ADAPT))
+def test_an_adapter_resumes_mid_epoch_with_the_batches_the_interrupted_run_would_have_read(tmp_path, wrap):
+    """Lightning restores a loader that has state_dict / load_state_dict and expects it to go on where it was:
+    the adapters keep the epoch and the batches handed out (nested adapters keep one position), and the resumed
+    pass begins with the next batch (memory loader: skipped unread)."""
+    whole = ADAPT[wrap](_memory_loader())
+    ref = []
+    for e in (0, 1, 2):
+        whole.sampler.set_epoch(e)
+        ref += [_first_view(wrap, b) for b in whole]
+    first = ADAPT[wrap](_memory_loader())
+    got = []
+    first.sampler.set_epoch(0)
+    got += [_first_view(wrap, b) for b in first]
+    first.sampler.set_epoch(1)
+    it = iter(first)
+    got += [_first_view(wrap, next(it)) for _ in range(2)]
+    state = first.state_dict()
+    assert {k: state[k] for k in ("epoch", "batches", "num_batches", "shard")} == \
+        {"epoch": 1, "batches": 2, "num_batches": 6, "shard": [0, 1]}
+    torch.save(state, tmp_path / "ckpt.pt")  # as in a checkpoint
+    resumed = ADAPT[wrap](_memory_loader())
+    resumed.load_state_dict(torch.load(tmp_path / "ckpt.pt", weights_only=True))
+    assert resumed.state_dict()["batches"] == 2  # loaded, not used yet: still what a checkpoint would save
+    iter(resumed)  # Lightning's iterability check begins nothing
+    resumed.sampler.set_epoch(1)  # Lightning's, every epoch
+    got += [_first_view(wrap, b) for b in resumed]
+    assert resumed.state_dict()["batches"] == 6
+    resumed.sampler.set_epoch(2)
+    got += [_first_view(wrap, b) for b in resumed]
+    assert len(got) == len(ref) == 18 and all(torch.equal(a, b) for a, b in zip(got, ref))
+
+
+def test_a_resumed_adapter_goes_on_without_set_epoch_and_refuses_another_loaders_state():
+    """A loop that never calls set_epoch resumes too (load_state_dict sets the epoch); a pass saved whole
+    resumes at the next epoch; a state of a loader with another number of batches is refused, naming both."""
+    ref = adapters.as_dino(_memory_loader())
+    epochs = [[b[0][0] for b in ref] for _ in range(3)]  # epochs 0, 1, 2 (no set_epoch: each pass the next)
+    a = adapters.as_dino(_memory_loader())
+    list(a)
+    it = iter(a)
+    next(it)
+    b = adapters.as_dino(_memory_loader())
+    b.load_state_dict(a.state_dict())
+    rest = [x[0][0] for x in b]
+    assert len(rest) == 5 and all(torch.equal(x, y) for x, y in zip(rest, epochs[1][1:]))
+    c = adapters.as_dino(_memory_loader())
+    c.load_state_dict(b.state_dict())  # the pass was read to its end
+    assert all(torch.equal(x[0][0], y) for x, y in zip(c, epochs[2]))
+    images = torch.zeros(12, 3, 20, 20, dtype=torch.uint8)
+    other = adapters.as_dino(make_loader("memory", (images, torch.zeros(12, dtype=torch.long)), byol2(size=16), 4))
+    with pytest.raises(ValueError, match="saved by a loader of 6 batches per epoch, this one makes 3"):
+        other.load_state_dict(a.state_dict())
+    with pytest.raises(ValueError, match="not an sdmp-fast adapter state_dict"):
+        other.load_state_dict({"epoch": 1})
+    # over a loader of another kind the adapters have no state of their own (Lightning would call it)
+    import inspect
+
+    dl = adapters.as_dino(torch.utils.data.DataLoader(list(range(8)), batch_size=4))
+    assert not hasattr(dl, "state_dict") and not hasattr(dl, "load_state_dict")
+    with pytest.raises(AttributeError):
+        inspect.getattr_static(dl, "state_dict")
+
+
+@pytest.mark.timeout(180)
+def test_an_adapter_over_a_dali_loader_resumes_mid_epoch_with_its_random_state(tmp_path):
+    """DALI cannot skip unread: the adapter restores the DALI state it saved beside its position, reads the
+    epoch's first batches and drops them; the batches after are the interrupted run's, crops and colours too."""
+    pytest.importorskip("nvidia.dali")
+    from sdmp_fast.data import make_synthetic_image_folder
+
+    make_synthetic_image_folder(str(tmp_path), num_classes=2, per_class=8, size=(24, 24))
+
+    def make():
+        return adapters.as_solo_learn(make_loader("dali", str(tmp_path), byol2(size=16), 4, device="cpu",
+                                                  num_workers=1, shard_id=0, num_shards=1))
+
+    first = make()
+    first.sampler.set_epoch(0)
+    list(first)
+    first.sampler.set_epoch(1)
+    it = iter(first)
+    next(it)
+    state = first.state_dict()
+    assert state["batches"] == 1 and state["loader"]["dali_epoch_starts"]
+    ref = [b[1][0].clone() for b in it]
+    resumed = make()
+    resumed.load_state_dict(state)
+    iter(resumed)
+    resumed.sampler.set_epoch(1)
+    got = [b[1][0] for b in resumed]
+    assert len(got) == len(ref) == 3 and all(torch.equal(a, b) for a, b in zip(got, ref))
+    lone = make()  # the DALI loader's own state, as adapters took it before they kept a position
+    lone.load_state_dict(state["loader"])
