@@ -82,26 +82,10 @@ import pytorch_lightning as pl
 from sdmp_fast.pipelines import adapters
 from sdmp_fast.pipelines.base import make_loader
 from sdmp_fast.pipelines.recipes import byol2
+from test_lightning import Recorder
 
 mode, out = sys.argv[1], sys.argv[2]
 torch.set_num_threads(1)
-
-
-class Recorder(pl.LightningModule):
-    def __init__(self):
-        super().__init__()
-        self.head = torch.nn.Linear(3, 1)
-        self.seen = []
-
-    def training_step(self, batch, batch_idx):
-        indexes, crops, targets = batch
-        self.seen.append([self.current_epoch, batch_idx, indexes.tolist(), crops[0].sum().item()])
-        return self.head(crops[0].mean(dim=(2, 3))).pow(2).mean()
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=0.01)
-
-
 images = torch.randint(0, 256, (48, 3, 20, 20), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
 # made before Lightning initialises the process group: the loader takes its shard when it is first read
 loader = adapters.as_solo_learn(make_loader("memory", (images, torch.arange(48) % 3), byol2(size=16), 4))
@@ -131,7 +115,7 @@ def test_lightning_ddp_shards_the_adapter_and_resumes_every_rank_mid_epoch(tmp_p
     script = tmp_path / "fit.py"
     script.write_text(DDP_SCRIPT)
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=root)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([root, os.path.join(root, "tests")]))
 
     def launch(*args):
         p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
@@ -143,7 +127,7 @@ def test_lightning_ddp_shards_the_adapter_and_resumes_every_rank_mid_epoch(tmp_p
     launch("whole", out)
     whole = [json.loads((tmp_path / f"whole-rank{r}.json").read_text()) for r in (0, 1)]
     for epoch in range(3):
-        shards = [{i for e, _, idx, _ in w if e == epoch for i in idx} for w in whole]
+        shards = [{i for e, _, idx, *_ in w if e == epoch for i in idx} for w in whole]
         assert not shards[0] & shards[1] and shards[0] | shards[1] == set(range(48))
     launch("head", out)
     saved = sorted((tmp_path / "ckpts").glob("*.ckpt"))
