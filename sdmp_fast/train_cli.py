@@ -266,7 +266,7 @@ def _main(cfg) -> int:
         os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
         dist.init_process_group(backend, timeout=datetime.timedelta(seconds=cfg.dist_timeout))
     log = print if rank == 0 else (lambda *a, **k: None)
-    logger = None
+    logger = trainer = None
     old_handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
         trainer = Trainer(cfg, rank=rank, world_size=world, local_rank=local, log=log)
@@ -329,6 +329,8 @@ def _main(cfg) -> int:
         if logger is not None:
             logger.close()
         if world > 1 and dist.is_initialized():
+            if trainer is not None:
+                trainer.release_ddp()  # first: see release_ddp
             dist.destroy_process_group()
 
 

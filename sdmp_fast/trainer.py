@@ -234,6 +234,28 @@ class Trainer:
 
     def __init__(self, cfg: TrainConfig, *, rank: int = 0, world_size: int = 1, local_rank: int = 0,
                  loader=None, log: Callable[[str], None] = print):
+        try:
+            self._build(cfg, rank, world_size, local_rank, loader, log)
+        except BaseException:
+            self.release_ddp()  # a wrapper built before the error: the exception's frames would keep it
+            raise
+
+    def release_ddp(self) -> None:
+        """Free the DDP wrapper's reducer now, before the process group is destroyed (``sdmp-fast train`` calls
+        it when it ends; the trainer does not train after). The reducer holds the group in C++: freed after the
+        group's Python object, it destroyed the group holding the GIL, which joins gloo's worker threads, and one
+        of them could still need the GIL to free a finished collective's tensors. On torch 2.11 about 1 in 5
+        two-rank CPU runs that stopped at a pre-flight check hung there for ever. Its reducer goes even where an
+        exception's frames keep the wrapper itself alive."""
+        ddp, module = getattr(self, "train_module", None), getattr(self, "module", None)
+        if ddp is None or ddp is module:
+            return
+        self.train_module = self.fwd_student = module
+        for name in ("logger", "reducer"):  # the C++ logger holds the reducer too
+            ddp.__dict__.pop(name, None)
+
+    def _build(self, cfg: TrainConfig, rank: int, world_size: int, local_rank: int, loader,
+               log: Callable[[str], None]) -> None:
         self.cfg, self.rank, self.world_size, self.log = cfg, rank, world_size, log
         check_gpu_per_rank(cfg.device, world_size)
         self.device = resolve_device(cfg.device, local_rank)
