@@ -37,6 +37,8 @@ def _loader(backend, folder):
         images = torch.randint(0, 256, (24, 3, 20, 20), dtype=torch.uint8,
                                generator=torch.Generator().manual_seed(0))
         return adapters.as_solo_learn(make_loader("memory", (images, torch.arange(24) % 3), byol2(size=16), 4))
+    if backend == "torchvision":  # DataLoader workers; the resumed pass skips the earlier batches unread
+        return adapters.as_solo_learn(make_loader("torchvision", folder, byol2(size=16), 4, num_workers=2))
     # DALI: the adapter restores DALI's random state beside the position, then reads and drops
     return adapters.as_solo_learn(make_loader("dali", folder, byol2(size=16), 4, device="cpu", num_workers=1,
                                               shard_id=0, num_shards=1))
@@ -53,11 +55,12 @@ def _fit(loader, root, ckpt_path=None, **kw):
 
 
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("backend", ["memory", "dali"])
+@pytest.mark.parametrize("backend", ["memory", "torchvision", "dali"])
 def test_lightning_resumes_an_adapter_mid_epoch_with_the_uninterrupted_runs_batches(tmp_path, backend):
     folder = str(tmp_path / "data")
-    if backend == "dali":
-        pytest.importorskip("nvidia.dali")
+    if backend != "memory":
+        if backend == "dali":
+            pytest.importorskip("nvidia.dali")
         from sdmp_fast.data import make_synthetic_image_folder
 
         make_synthetic_image_folder(folder, num_classes=2, per_class=12, size=(24, 24))
