@@ -49,7 +49,7 @@ import torch
 
 from sdmp_fast.batch import SDMPBatch
 
-from .base import EpochSampler, list_images
+from .base import EpochSampler, list_images, pass_from
 
 __all__ = ["as_dino", "as_mocov3", "as_solo_learn", "as_lightly", "as_dataloader", "mix_info",
            "BatchAdapter", "DataLoaderLike"]
@@ -167,18 +167,10 @@ class _Wrapper:
         epoch = base.sampler.upcoming_epoch()
         skip = self._resume["batches"] if self._resume is not None and self._resume["epoch"] == epoch else 0
         self._resume = None
-        drop = 0
-        if skip:
-            skip_to = getattr(base, "skip_batches", None)
-            if callable(skip_to):
-                skip_to(skip)  # unread: the next pass begins there
-            else:
-                drop = skip  # read and dropped (DALI): its random state goes on as in the interrupted run
         self._at = at = [epoch, skip]
-        for i, batch in enumerate(base):
-            if i >= drop:
-                at[1] += 1
-                yield batch
+        for batch in pass_from(base, skip):
+            at[1] += 1
+            yield batch
 
 
 _NO_DATASET = ("{}.dataset: the wrapped loader does not tell its sample count; use "

@@ -368,19 +368,24 @@ def resume_batches(loader, epoch: int = 0, position: int = 0) -> Iterator[Tuple[
     start = position
     while True:
         loader.set_epoch(epoch)
-        skip_to = getattr(loader, "skip_batches", None)
-        i = 0
-        if start and callable(skip_to):
-            skip_to(start)  # before iter: it belongs to the next pass begun
-            i = start
-        it = iter(loader)
-        for batch in it:
-            if i >= start:
-                yield epoch, i, batch
+        i = start
+        for batch in pass_from(loader, start):
+            yield epoch, i, batch
             i += 1
         if i == 0:
             raise EmptyEpochError(epoch)
         epoch, start = epoch + 1, 0
+
+
+def pass_from(loader, start: int) -> Iterator[SDMPBatch]:
+    """A new pass of ``loader`` (its epoch as set) from batch ``start`` on: the loader's ``skip_batches`` skips
+    the earlier ones unread; a loader without it (DALI) reads and drops them, so its random state goes on as in
+    a whole pass."""
+    skip_to = getattr(loader, "skip_batches", None)
+    if start and callable(skip_to):
+        skip_to(start)  # before iter: it belongs to the next pass begun
+        return iter(loader)
+    return itertools.islice(iter(loader), start, None)
 
 
 @runtime_checkable
