@@ -58,16 +58,10 @@ def apply_mix_views(xs: Sequence[Tensor], lam: Tensor, method: Tensor, y0: Seque
     if not (len(y0) == len(x0) == len(cut_h) == len(cut_w) == len(xs)):
         raise ValueError(f"apply_mix_views: {len(xs)} views but {len(y0)}/{len(x0)}/{len(cut_h)}/{len(cut_w)} "
                          f"y0/x0/cut_h/cut_w")
+    for k, (x, a, b, c, d) in enumerate(zip(xs, y0, x0, cut_h, cut_w)):  # the reference's checks, on every route
+        mixing.check_mix_inputs(f"apply_mix (view {k})", x, lam, method, a, b, c, d)
     if not _use_kernel(xs, lam, method):
         return [apply_mix_ref(x, lam, method, a, b, c, d, method_set) for x, a, b, c, d in zip(xs, y0, x0, cut_h, cut_w)]
-    n, dev = xs[0].shape[0], xs[0].device
-    named = [("lam", lam), ("method", method)] + [
-        (f"{name}[{k}]", t) for name, ts in (("y0", y0), ("x0", x0), ("cut_h", cut_h), ("cut_w", cut_w))
-        for k, t in enumerate(ts)]
-    for name, t in named:  # the kernel reads one value per sample from each
-        if tuple(t.shape) != (n,) or t.device != dev:
-            raise ValueError(f"apply_mix: {name} must be [{n}] on {dev} (one per sample), got {tuple(t.shape)} "
-                             f"on {t.device}")
     lam32, meth = lam.float().contiguous(), _ints(method)
     out: List[Tensor] = []
     for s in range(0, len(xs), MAX_VIEWS_PER_LAUNCH):

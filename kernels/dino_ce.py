@@ -196,32 +196,22 @@ def _fused_launch() -> Tuple[bool, int]:
 
 
 def _prepare(student_clean, student_mixed, teacher_clean, teacher_mixed, center, lam):
-    """Stacked, contiguous kernel inputs, or None when the reference must run."""
-    s_clean = losses._stack(student_clean)
-    t_clean = losses._stack(teacher_clean)
-    has_mixed = student_mixed is not None and len(student_mixed) > 0
-    s_mixed = losses._stack(student_mixed) if has_mixed else None
-    t_mixed = losses._stack(teacher_mixed) if (teacher_mixed is not None and len(teacher_mixed) > 0) else None
+    """Stacked, contiguous kernel inputs, or None when the reference must run. Inputs that do not fit raise the
+    reference's errors (``losses.check_dino_inputs``) on every route."""
+    s_clean, t_clean = losses._stack(student_clean), losses._stack(teacher_clean)
+    s_mixed, t_mixed = losses._stacked_mixed(student_mixed), losses._stacked_mixed(teacher_mixed)
+    lam = losses.check_dino_inputs(s_clean, s_mixed, t_clean, t_mixed, center, lam)
     big = [x for x in (s_clean, s_mixed, t_clean, t_mixed) if x is not None]
-    if any(x.dim() != 3 for x in big) or not _ext.kernel_ok(*big, center):
+    if not _ext.kernel_ok(*big, center) or _ext.transformed(*big, center, lam):
         return None
-    if _ext.transformed(*big, center, lam):
-        return None
-    if any(x.dtype != s_clean.dtype for x in big) or not 1 <= t_clean.shape[0] <= MAX_TEACHER_CROPS:
+    if any(x.dtype != s_clean.dtype for x in big) or t_clean.shape[0] > MAX_TEACHER_CROPS:
         return None
     sc, b, k = s_clean.shape
     t = t_clean.shape[0]
-    if t_clean.shape[1:] != (b, k) or (s_mixed is not None and s_mixed.shape[1:] != (b, k)):
-        return None
-    if t_mixed is not None and t_mixed.shape != t_clean.shape:
-        return None
-    if has_mixed and (lam is None or lam.shape != (b,) or lam.device != s_clean.device):
-        return None
     if t * sc - min(t, sc) + t * (0 if s_mixed is None else s_mixed.shape[0]) == 0:
         return None  # no pair: let the reference produce its NaN
-    if center.shape not in ((k,), (1, k)):  # [1, K] is DINO's own layout (a registered buffer), [K] the mean's
-        return None
-    lam32 = lam.detach().float().contiguous() if has_mixed else None
+    # center [1, K] is DINO's own layout (a registered buffer), [K] the mean's: both are read as [K]
+    lam32 = lam.detach().float().contiguous() if s_mixed is not None else None
     return (s_clean.contiguous(), None if s_mixed is None else s_mixed.contiguous(), t_clean.detach().contiguous(),
             None if t_mixed is None else t_mixed.detach().contiguous(),
             center.detach().float().reshape(k).contiguous(), lam32)
@@ -240,7 +230,9 @@ def _run(prepared, tau_s, tau_t, mix_weight) -> Tuple[Tensor, Tensor]:
 
 
 def _terms_dict(terms: Tensor) -> Dict[str, Tensor]:
-    return dict(zip(("dino", "mix_source", "mix_teacher", "loss"), terms.unbind()))
+    # Tensors of their own, not views of ``terms`` (unbind's): autograd forbids changing a view of a custom op's
+    # output in place, and ``loss /= accumulation_steps`` on the reference's terms works.
+    return {name: terms[i].clone() for i, name in enumerate(("dino", "mix_source", "mix_teacher", "loss"))}
 
 
 def sdmp_dino_terms(student_clean, student_mixed, teacher_clean, teacher_mixed, center: Tensor,

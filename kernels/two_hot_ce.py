@@ -113,13 +113,9 @@ def two_hot_cross_entropy(logits: Tensor, index_a: Tensor, index_b: Tensor, weig
     Kernel: one pass over each row forward, one read + one gradient write backward. An out-of-range index gives
     a NaN loss (checking it would need a host synchronisation); the reference raises instead.
     """
+    weight_a, weight_b = losses.check_two_hot_inputs(logits, index_a, index_b, weight_a, weight_b)
     if not _use_kernel(logits) or _ext.transformed(logits, index_a, index_b, weight_a, weight_b):
         return two_hot_cross_entropy_ref(logits, index_a, index_b, weight_a, weight_b)
-    n = logits.shape[0]
-    for name, t in (("index_a", index_a), ("index_b", index_b), ("weight_a", weight_a), ("weight_b", weight_b)):
-        if tuple(t.shape) != (n,) or t.device != logits.device:
-            raise ValueError(f"{name}: expected [{n}] on {logits.device} (one per row of logits), got "
-                             f"{tuple(t.shape)} on {t.device}")
     return two_hot_ce(logits, index_a, index_b, weight_a, weight_b)
 
 

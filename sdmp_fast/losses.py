@@ -42,12 +42,38 @@ def _upcast(x: torch.Tensor) -> torch.Tensor:
     return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
 
+def _one_per_row(name: str, t: torch.Tensor, n: int, device: torch.device, single_ok: bool) -> torch.Tensor:
+    """``t`` as [n] on ``device`` or a ValueError naming it; with ``single_ok`` a single value (0-dim or [1]) is
+    expanded to every row, as :func:`check_moco_inputs` does for lam (metadata only: no host sync)."""
+    if single_ok and t.dim() <= 1 and t.numel() == 1 and n != 1:
+        t = t.reshape(()).expand(n)
+    if tuple(t.shape) != (n,):
+        what = "one per row or a single one" if single_ok else "one per row"
+        raise ValueError(f"{name}: expected [{n}] ({what}), got {tuple(t.shape)}")
+    if t.device != device:
+        raise ValueError(f"{name}: on {t.device}, the logits on {device}: every input must be on one device")
+    return t
+
+
+def check_two_hot_inputs(logits, index_a, index_b, weight_a, weight_b) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Shapes and devices of :func:`two_hot_cross_entropy`'s inputs, checked alike by the reference and the
+    kernel (so that code passing on a CPU does not fail on a GPU); returns the weights as [n]."""
+    if logits.dim() != 2:
+        raise ValueError(f"logits: expected [n, N], got shape {tuple(logits.shape)}")
+    n, dev = logits.shape[0], logits.device
+    _one_per_row("index_a", index_a, n, dev, False)
+    _one_per_row("index_b", index_b, n, dev, False)
+    return _one_per_row("weight_a", weight_a, n, dev, True), _one_per_row("weight_b", weight_b, n, dev, True)
+
+
 def two_hot_cross_entropy(logits: torch.Tensor, index_a: torch.Tensor, index_b: torch.Tensor,
                           weight_a: torch.Tensor, weight_b: torch.Tensor) -> torch.Tensor:
     """Per-row -(w_a log p[a] + w_b log p[b]), p = softmax(logits) over the last dim; returns [n] in fp32.
 
-    The paper's soft-label CE (a weighted sum of log-probabilities), not -log(w_a p[a] + w_b p[b]).
+    The paper's soft-label CE (a weighted sum of log-probabilities), not -log(w_a p[a] + w_b p[b]). logits
+    [n, N]; indices [n]; weights [n] or a single one for every row.
     """
+    weight_a, weight_b = check_two_hot_inputs(logits, index_a, index_b, weight_a, weight_b)
     x = _upcast(logits)
     lse = torch.logsumexp(x, dim=-1)
     la = x.gather(1, index_a[:, None]).squeeze(1)
@@ -155,6 +181,51 @@ def _stack(x: Union[torch.Tensor, Sequence[torch.Tensor]]) -> torch.Tensor:
     return x if isinstance(x, torch.Tensor) else torch.stack(list(x))
 
 
+def check_dino_inputs(s_clean: torch.Tensor, s_mixed: Optional[torch.Tensor], t_clean: torch.Tensor,
+                      t_mixed: Optional[torch.Tensor], center: torch.Tensor,
+                      lam: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """Shapes and devices of :func:`sdmp_dino_terms`' (stacked) inputs, an error naming the argument that is off,
+    checked alike by the reference and the kernel (metadata only: no host sync). Returns lam as [B] (a single
+    lam is expanded), or None without mixed crops."""
+    if s_clean.dim() != 3:
+        raise ValueError(f"student_clean: expected [crops, B, K] (or a list of [B, K]), got {tuple(s_clean.shape)}")
+    _, b, k = s_clean.shape
+    for name, t in (("teacher_clean", t_clean), ("student_mixed", s_mixed), ("teacher_mixed", t_mixed)):
+        if t is None:
+            continue
+        if t.dim() != 3 or tuple(t.shape[1:]) != (b, k):
+            raise ValueError(f"{name}: expected [crops, {b}, {k}] (B and K of student_clean), got {tuple(t.shape)}")
+        if t.device != s_clean.device:
+            raise ValueError(f"{name}: on {t.device}, student_clean on {s_clean.device}: every input must be on "
+                             f"one device")
+    if t_clean.shape[0] < 1:
+        raise ValueError("teacher_clean: no teacher crop")
+    if t_mixed is not None and t_mixed.shape[0] != t_clean.shape[0]:
+        raise ValueError(f"teacher_mixed: {t_mixed.shape[0]} crops, teacher_clean {t_clean.shape[0]}: one mixed "
+                         f"teacher crop per clean one")
+    if tuple(center.shape) not in ((k,), (1, k)):
+        raise ValueError(f"center: expected [{k}] or [1, {k}] (K of the logits), got {tuple(center.shape)}")
+    if center.device != s_clean.device:
+        raise ValueError(f"center: on {center.device}, student_clean on {s_clean.device}")
+    if s_mixed is None:
+        return None
+    if lam is None:
+        raise ValueError("lam: the mixed crops' lam [B] is needed with student_mixed")
+    if not isinstance(lam, torch.Tensor):
+        lam = torch.as_tensor(lam, dtype=torch.float32, device=s_clean.device)
+    if lam.dim() <= 1 and lam.numel() == 1 and b != 1:
+        lam = lam.reshape(()).expand(b)
+    if tuple(lam.shape) != (b,):
+        raise ValueError(f"lam: expected one per image [{b}] (or a single one), got {tuple(lam.shape)}")
+    if lam.device != s_clean.device:
+        raise ValueError(f"lam: on {lam.device}, student_clean on {s_clean.device}: every input must be on one device")
+    return lam
+
+
+def _stacked_mixed(x) -> Optional[torch.Tensor]:
+    return _stack(x) if x is not None and len(x) > 0 else None
+
+
 def sdmp_dino_terms(student_clean, student_mixed, teacher_clean, teacher_mixed, center: torch.Tensor,
                     lam: Optional[torch.Tensor], tau_s: float = 0.1, tau_t: float = 0.04,
                     mix_weight: float = 0.5) -> Dict[str, torch.Tensor]:
@@ -178,8 +249,9 @@ def sdmp_dino_terms(student_clean, student_mixed, teacher_clean, teacher_mixed, 
     term takes the whole pair weight (2 * mix_weight).
     Returns {"dino", "mix_source", "mix_teacher", "loss"} with loss = dino + mix_source + mix_teacher.
     """
-    s_clean = _stack(student_clean)
-    t_clean = _stack(teacher_clean)
+    s_clean, t_clean = _stack(student_clean), _stack(teacher_clean)
+    s_mixed, t_mixed = _stacked_mixed(student_mixed), _stacked_mixed(teacher_mixed)
+    lam = check_dino_inputs(s_clean, s_mixed, t_clean, t_mixed, center, lam)
     n_teacher = t_clean.shape[0]
     p_t = dino_teacher_probs(t_clean, center, tau_t)  # [T, B, K]
     zero = s_clean.new_zeros((), dtype=_upcast(s_clean).dtype)
@@ -191,20 +263,18 @@ def sdmp_dino_terms(student_clean, student_mixed, teacher_clean, teacher_mixed, 
             dino_sum = dino_sum + soft_target_cross_entropy(s_clean[v] / tau_s, p_t[iq]).mean()
             n_pairs += 1
     src_sum, mix_sum = zero, zero
-    has_mixed = student_mixed is not None and len(student_mixed) > 0
-    if has_mixed:
-        s_mixed = _stack(student_mixed)
+    if s_mixed is not None:
         lam_ = lam.to(zero.dtype)[:, None]
-        w_src = mix_weight if teacher_mixed is not None else 2.0 * mix_weight
-        if teacher_mixed is not None:
-            p_tm = dino_teacher_probs(_stack(teacher_mixed), center, tau_t)
+        w_src = mix_weight if t_mixed is not None else 2.0 * mix_weight
+        if t_mixed is not None:
+            p_tm = dino_teacher_probs(t_mixed, center, tau_t)
             w1, w2 = mix_mix_weights(mix_coefficient(lam.to(zero.dtype)))
         for iq in range(n_teacher):
             source_target = lam_ * p_t[iq] + (1 - lam_) * p_t[iq].flip(0)  # eq. 7
             for m in range(s_mixed.shape[0]):
                 logits = s_mixed[m] / tau_s
                 src_sum = src_sum + w_src * soft_target_cross_entropy(logits, source_target).mean()
-                if teacher_mixed is not None:  # eq. 8; one log-softmax shared by both targets
+                if t_mixed is not None:  # eq. 8; one log-softmax shared by both targets
                     target = w1[:, None] * p_tm[iq] + w2[:, None] * p_tm[iq].flip(0)
                     mix_sum = mix_sum + mix_weight * soft_target_cross_entropy(logits, target).mean()
                 n_pairs += 1

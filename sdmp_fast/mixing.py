@@ -21,7 +21,8 @@ import torch.nn.functional as F
 from .batch import exact_device
 
 __all__ = ["METHODS", "method_ids", "sample_beta", "draw_mix_params", "box_size", "box_position",
-           "box_lam", "draw_box", "apply_mix", "mix_view", "mix_view_per_sample", "mix_views", "sdmp_mix", "check_batch_size"]
+           "box_lam", "draw_box", "apply_mix", "mix_view", "mix_view_per_sample", "mix_views", "sdmp_mix", "check_batch_size",
+           "check_view", "check_per_sample", "check_lam_range", "check_mix_inputs"]
 
 METHODS: Tuple[str, ...] = ("mixup", "cutmix", "resizemix")
 MIXUP, CUTMIX, RESIZEMIX = 0, 1, 2
@@ -161,6 +162,7 @@ def apply_mix(x: torch.Tensor, lam: torch.Tensor, method: torch.Tensor, y0: torc
     [x0, x0+cut_w) pasted at the same place; resizemix -> the whole x_p bilinearly resized to the box and pasted
     there. p = n-1-i, read from the unmixed x. ``method_set`` (static) skips the resize when it cannot occur.
     """
+    check_mix_inputs("apply_mix", x, lam, method, y0, x0, cut_h, cut_w)
     _, _, h, w = x.shape
     partner = x.flip(0)
     ys = torch.arange(h, device=x.device)[None, :, None]
@@ -192,10 +194,7 @@ def mix_view(x: torch.Tensor, lam: torch.Tensor, method: torch.Tensor,
 
     ``lam`` and ``method`` come from :func:`draw_mix_params`; the box position is drawn here, per view.
     """
-    if not x.is_floating_point():
-        raise TypeError(f"mix_view: views must be floating point (normalised images), got {x.dtype}")
-    if x.dim() != 4:
-        raise ValueError(f"mix_view: expected a view of shape [n, C, H, W], got {tuple(x.shape)}")
+    check_view("mix_view", x)
     n, _, h, w = x.shape
     check_batch_size(n)
     check_per_sample(n, lam, method)
@@ -203,10 +202,44 @@ def mix_view(x: torch.Tensor, lam: torch.Tensor, method: torch.Tensor,
     return apply_mix(x, lam, method, y0, x0, cut_h, cut_w, method_set), lam_eff
 
 
+def check_view(where: str, x: torch.Tensor) -> None:
+    """A view to mix: floating point [n, C, H, W] (integer pixels would be blended and truncated)."""
+    if not x.is_floating_point():
+        raise TypeError(f"{where}: views must be floating point (normalised images), got {x.dtype}")
+    if x.dim() != 4:
+        raise ValueError(f"{where}: expected a view of shape [n, C, H, W], got {tuple(x.shape)}")
+
+
 def check_per_sample(n: int, lam: torch.Tensor, method: torch.Tensor) -> None:
     for name, t in (("lam", lam), ("method", method)):
         if tuple(t.shape) != (n,):
             raise ValueError(f"{name}: expected one per sample [{n}], got {tuple(t.shape)}")
+    check_lam_range(lam)
+
+
+def check_lam_range(lam: torch.Tensor) -> None:
+    """lam in [0, 1] (a mixup lam outside it extrapolates the pixels; a box lam is clamped). Checked where it
+    costs no synchronisation: on the CPU, outside torch.compile. On a GPU lam comes from draw_mix_params."""
+    if lam.device.type != "cpu" or torch.compiler.is_compiling():
+        return
+    bad = ~((lam >= 0) & (lam <= 1))
+    if bool(bad.any()):
+        i = int(bad.nonzero()[0, 0])
+        raise ValueError(f"lam: every value must lie in [0, 1], got {float(lam[i])} for sample {i}")
+
+
+def check_mix_inputs(where: str, x: torch.Tensor, lam: torch.Tensor, method: torch.Tensor, y0: torch.Tensor,
+                     x0: torch.Tensor, cut_h: torch.Tensor, cut_w: torch.Tensor) -> None:
+    """apply_mix's inputs, checked alike by the reference and the kernel: a floating [n, C, H, W] view with n even,
+    and one value per sample on the view's device in each of lam, method and the box."""
+    check_view(where, x)
+    n = x.shape[0]
+    check_batch_size(n)
+    for name, t in (("lam", lam), ("method", method), ("y0", y0), ("x0", x0), ("cut_h", cut_h), ("cut_w", cut_w)):
+        if tuple(t.shape) != (n,) or t.device != x.device:
+            raise ValueError(f"{where}: {name} must be [{n}] on {x.device} (one per sample), got {tuple(t.shape)} "
+                             f"on {t.device}")
+    check_lam_range(lam)
 
 
 def _resize_into_box(partner: torch.Tensor, cut_h: int, cut_w: int) -> torch.Tensor:
@@ -230,6 +263,7 @@ def mix_view_per_sample(x: torch.Tensor, lam: torch.Tensor, method: torch.Tensor
     partner. On a CPU those full-batch passes cost more than decoding and augmenting the images, while here a
     sample does only its own method. Reading the box sizes to Python syncs, which is free on a CPU.
     """
+    check_view("mix_view_per_sample", x)
     n, _, h, w = x.shape
     check_batch_size(n)
     check_per_sample(n, lam, method)

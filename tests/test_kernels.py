@@ -704,11 +704,91 @@ def check_masked_columns(device):
 @pytest.mark.timeout(600)
 def test_emulated_bad_arguments_are_named(emulated):
     x, lam, method, y0, x0, ch, cw = mix_inputs(4, 3, 8, 8, torch.float32, "cpu")
-    with pytest.raises(ValueError, match=r"apply_mix: y0\[0\] must be \[4\]"):
+    with pytest.raises(ValueError, match=r"apply_mix \(view 0\): y0 must be \[4\]"):
         K.apply_mix(x, lam, method, y0[:1], x0, ch, cw)
     logits, i = torch.randn(3, 40), torch.tensor([1, 2, 3])
     with pytest.raises(ValueError, match=r"index_b: expected \[3\]"):
         K.two_hot_cross_entropy(logits, i, i[:2], torch.ones(3), torch.zeros(3))
+
+
+def _misfits():
+    """(name, call(ops), error or None): calls that a route must reject, or accept, the same way on every route.
+    ``ops`` is a namespace of the public functions (the references, or the kernels' on their route)."""
+    g = torch.Generator().manual_seed(0)
+    x, lam, method, y0, x0, ch, cw = mix_inputs(4, 3, 8, 8, torch.float32, "cpu")
+    logits, i = torch.randn(4, 9, generator=g), torch.arange(4)
+    s, sm, t = torch.randn(3, 4, 16, generator=g), torch.randn(2, 4, 16, generator=g), torch.randn(2, 4, 16)
+    c, lam4 = torch.zeros(16), torch.rand(4, generator=g)
+    return [
+        ("apply_mix lam [1]", lambda o: o.apply_mix(x, lam[:1], method, y0, x0, ch, cw), r"lam must be \[4\]"),
+        ("apply_mix 0-dim lam", lambda o: o.apply_mix(x, lam[0], method, y0, x0, ch, cw), r"lam must be \[4\]"),
+        ("apply_mix odd batch", lambda o: o.apply_mix(x[:3], lam[:3], method[:3], y0[:3], x0[:3], ch[:3], cw[:3]),
+         r"batch size 3"),
+        ("apply_mix lam > 1", lambda o: o.apply_mix(x, lam + 1.5, method, y0, x0, ch, cw), r"lam: .* \[0, 1\]"),
+        ("apply_mix integer images", lambda o: o.apply_mix(x.long(), lam, method, y0, x0, ch, cw),
+         r"floating point"),
+        ("mix_views integer images", lambda o: o.mix_views([x.long()], lam, method, g), r"floating point"),
+        ("mix_views 3-D view", lambda o: o.mix_views([x[:, 0]], lam, method, g), r"\[n, C, H, W\]"),
+        ("two_hot single weights", lambda o: o.two_hot_cross_entropy(logits, i, i.flip(0), torch.tensor(0.7),
+                                                                     torch.tensor([0.3])), None),
+        ("two_hot weights [3]", lambda o: o.two_hot_cross_entropy(logits, i, i.flip(0), torch.ones(3),
+                                                                  torch.zeros(4)), r"weight_a: expected \[4\]"),
+        ("two_hot 1-D logits", lambda o: o.two_hot_cross_entropy(logits[0], i, i, lam4, lam4), r"logits: expected"),
+        ("dino single lam", lambda o: o.sdmp_dino_terms(s, sm, t, t, c, lam4[:1]), None),
+        ("dino lam None", lambda o: o.sdmp_dino_terms(s, sm, t, t, c, None), r"lam: the mixed crops' lam"),
+        ("dino lam [3]", lambda o: o.sdmp_dino_terms(s, sm, t, t, c, lam4[:3]), r"lam: expected one per image \[4\]"),
+        ("dino center [15]", lambda o: o.sdmp_dino_terms(s, sm, t, t, torch.zeros(15), lam4), r"center: expected"),
+        ("dino teacher_mixed [2, 1, K]", lambda o: o.sdmp_dino_terms(s, sm, t, t[:, :1], c, lam4),
+         r"teacher_mixed: expected \[crops, 4, 16\]"),
+        ("dino student_mixed [2, 1, K]", lambda o: o.sdmp_dino_terms(s, sm[:, :1], t, t, c, lam4),
+         r"student_mixed: expected \[crops, 4, 16\]"),
+        ("dino 3 mixed teacher crops", lambda o: o.sdmp_dino_terms(s, sm, t, torch.cat([t, t[:1]]), c, lam4),
+         r"teacher_mixed: 3 crops"),
+        ("dino 2-D student", lambda o: o.sdmp_dino_terms(s[0], sm, t, t, c, lam4), r"student_clean: expected"),
+    ]
+
+
+REFERENCES = type("References", (), dict(
+    apply_mix=staticmethod(mixing.apply_mix), mix_views=staticmethod(mixing.mix_views),
+    two_hot_cross_entropy=staticmethod(losses.two_hot_cross_entropy),
+    sdmp_dino_terms=staticmethod(losses.sdmp_dino_terms)))
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_emulated_inputs_that_do_not_fit_are_refused_alike_on_both_routes(emulated):
+    """Code that runs on a CPU (the references) must not fail on a GPU (the kernels), nor the other way round: the
+    same call gets the same error naming the argument, or works on both, with the same value."""
+    for name, call, error in _misfits():
+        for ops in (REFERENCES, K):
+            if error is None:
+                out = call(ops)
+                out = out["loss"] if isinstance(out, dict) else out
+                if ops is REFERENCES:
+                    want = out
+                else:
+                    torch.testing.assert_close(out, want, msg=name)
+            else:
+                with pytest.raises((ValueError, TypeError), match=error):
+                    call(ops)
+                    pytest.fail(f"{name}: accepted by {ops.__name__}")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_emulated_dino_terms_can_be_changed_in_place_as_the_reference_s(emulated):
+    """``loss /= accumulation_steps`` before backward (gradient accumulation) works on the reference's terms; the
+    kernel's terms were views of one tensor, which autograd refuses to change in place."""
+    sc, sm, t_clean, t_mixed, center, lam = dino_inputs(3, 2, 2, 4, 40, torch.float32, "cpu", seed=1)
+    grads = []
+    for fn in (losses.sdmp_dino_terms, K.sdmp_dino_terms):
+        s, m = leaf(sc), leaf(sm)
+        terms = fn(s, m, t_clean, t_mixed, center, lam)
+        loss = terms["loss"]
+        loss /= 4
+        loss.backward()
+        grads.append((s.grad, m.grad))
+    torch.testing.assert_close(grads[1], grads[0])
 
 
 @pytest.mark.slow
