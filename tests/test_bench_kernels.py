@@ -76,6 +76,14 @@ def test_bench_mixing_graph_rows_compare_with_graph_copy(tmp_path):
                                                             "kernel_graph_staged"))
 
 
+def test_bench_mixing_shape_names_every_view_size(tmp_path):
+    out = tmp_path / "mixing.json"
+    assert cli.main(["bench", "mixing", "--no-compile", "--iters", "1", "--warmup", "0", "--cases", "mixup",
+                     "--batch-size", "4", "--channels", "3", "--sizes", "16,9", "--json", str(out)]) == 0
+    shapes = {r["shape"] for r in _records(out)}
+    assert shapes == {"(4, 3, 16, 16) + (4, 3, 9, 9) float32"}, shapes  # was "2 x (4, 3, 16, 16)"
+
+
 def test_bench_mixing_rejects_unknown_variant(tmp_path, capsys):
     out = tmp_path / "mixing.json"
     assert cli.main(["bench", "mixing", "--no-compile", "--mix-variants", "p3", "--json", str(out)]) == 2
@@ -105,6 +113,8 @@ def test_bench_counts_are_checked_before_anything_runs(tmp_path, capsys, argv, m
      "--moco-keys: moco_terms needs a multiple of --moco-n (3), got 7"),
     (["bench", "losses", "--ops", "two_hot_ce", "--moco-n", "64", "--moco-keys", "32"],  # an IndexError traceback
      "--moco-keys: two_hot_ce needs at least --moco-n (64) keys, got 32"),
+    (["bench", "losses", "--ops", "dino", "--dino-crops", "1,0", "--teacher-crops", "1"],  # rows "failed", exit 0
+     "--dino-crops 1,0 with --teacher-crops 1: no (teacher, student) pair"),
 ])
 def test_bench_list_options_are_checked_before_anything_runs(tmp_path, capsys, argv, message):
     out = tmp_path / "r.json"

@@ -404,7 +404,11 @@ def main(args) -> int:
         if o not in OPS:
             raise ValueError(f"--ops: unknown op {o!r}; choose among {', '.join(OPS)}")
     if "dino" in ops:
-        dino_crops(args.dino_crops)
+        sc, sm = dino_crops(args.dino_crops)
+        t = args.teacher_crops
+        if t * sc - min(t, sc) + t * sm == 0:  # DINO leaves out the same-view pairs: nothing would be timed
+            raise ValueError(f"--dino-crops {args.dino_crops} with --teacher-crops {t}: no (teacher, student) pair "
+                             f"to compute (a teacher crop is never paired with its own view); add crops")
     for variant in (v.strip() for v in args.dino_variants.split(",") if v.strip()):
         dino_variant_env(variant)  # bad input fails before anything runs
     profile_configs(args.profile_configs)

@@ -84,7 +84,9 @@ def bench_case(case: str, args, device, dtype, copy_gbps) -> List[Dict]:
     ids = mixing.method_ids(methods)
     views, lam, method, boxes = _views_and_params(args, device, dtype, methods)
     nbytes = 2 * sum(v.numel() * v.element_size() for v in views)
-    shape = f"{len(views)} x {tuple(views[0].shape)} {str(dtype).replace('torch.', '')}"
+    sizes = [tuple(v.shape) for v in views]
+    shape = (f"{len(views)} x {sizes[0]}" if len(set(sizes)) == 1 else " + ".join(map(str, sizes))) + \
+        f" {str(dtype).replace('torch.', '')}"
     outs = [torch.empty_like(v) for v in views]
     cols = [list(c) for c in zip(*boxes)]  # y0s, x0s, cut_hs, cut_ws
 
