@@ -23,7 +23,8 @@ give the same batches), fed with the batch's images as small per-sample arrays, 
 (``fn.permute_batch`` for the partner, arithmetic for mixup, ``fn.multi_paste`` / ``fn.resize`` for cutmix and
 resizemix, a DALI ``if`` per sample so each sample pays only for its own method). The mixed views come out of
 the pipeline beside the clean ones and ``assemble_batch`` is not called. With mixing disabled (or no mixed
-view) the option changes nothing.
+view) the option changes nothing. Batches re-fed after a file failed inside DALI draw again from where they
+first drew, so a bad file found mid-epoch (in the first run, and anew in a resumed one) leaves the draws alone.
 
 Why ``external_source`` and not DALI's file reader: the reader pads and shards by its own rules, while feeding
 the order ourselves gives EpochSampler's exact semantics and lets a bad file be dropped before DALI sees it.
@@ -105,12 +106,14 @@ class _Fed(NamedTuple):
     """A batch DALI has taken: the sampler's ``indices``, the ``kept`` ones handed to DALI (refilled or kept
     even: skips.settle), and the skips (``bad`` indices, ``decoded`` files) that are logged only once DALI
     returns it: a batch re-fed after a failed run starts again from ``indices``. ``mix``: the
-    ``dali_mix.MixDraw`` fed with it (``mix_in_graph`` only)."""
+    ``dali_mix.MixDraw`` fed with it and ``mix_state`` the mixing generator's state before that draw
+    (``mix_in_graph`` only)."""
     indices: List[int]
     kept: List[int]
     bad: List[int]
     decoded: int
     mix: object = None
+    mix_state: Optional[torch.Tensor] = None
 
 
 class _Feeder:
@@ -130,11 +133,12 @@ class _Feeder:
         self._pool: Optional[ThreadPoolExecutor] = None  # started by the first read, stopped by shutdown()
         self._ahead = None  # (indices, indices being read, [futures]) of the batch read in advance
         self.draw_mix = None  # mix_in_graph: n -> dali_mix.MixDraw, drawn as each batch is fed
+        self.mix_gen: Optional[torch.Generator] = None  # the generator draw_mix draws from
         self.error: Optional[Exception] = None  # a batch that may not be left out (check_empty_batch) ended feeding
 
-    def start(self, batches: Sequence[List[int]], draw_mix=None) -> None:
+    def start(self, batches: Sequence[List[int]], draw_mix=None, mix_gen: Optional[torch.Generator] = None) -> None:
         self.pending = collections.deque(batches)
-        self.draw_mix = draw_mix
+        self.draw_mix, self.mix_gen = draw_mix, mix_gen
         self.in_flight.clear()
         self._ahead = None
         self.error = None
@@ -147,6 +151,10 @@ class _Feeder:
         """After a failed run: everything DALI held, and the read-ahead batch, go back to the front, in order."""
         back = [fed.indices for fed in self.in_flight] + ([self._ahead[0]] if self._ahead is not None else [])
         self.pending.extendleft(reversed(back))
+        if self.in_flight and self.in_flight[0].mix_state is not None:
+            # the re-fed batches draw their mixing again: from where the first of them drew, so that the epoch's
+            # draws do not depend on whether (and when) a bad file was found (a resumed run finds it anew)
+            self.mix_gen.set_state(self.in_flight[0].mix_state)
         self.in_flight.clear()
         self._ahead = None
 
@@ -183,11 +191,12 @@ class _Feeder:
                 pos = settle(decoded, len(indices), fill=self.fill, keep_even=self.keep_even)
                 data, kept = [data[p] for p in pos], [kept[p] for p in pos]
             if kept:
-                mix = None
+                mix = mix_state = None
                 if self.draw_mix is not None:
+                    mix_state = self.mix_gen.get_state() if self.mix_gen is not None else None
                     with one_torch_thread():  # tiny ops while DALI's threads hold the cores (see one_torch_thread)
                         mix = self.draw_mix(len(kept))
-                self.in_flight.append(_Fed(indices, kept, bad, decoded, mix))
+                self.in_flight.append(_Fed(indices, kept, bad, decoded, mix, mix_state))
                 if mix is None:
                     return data, np.asarray(kept, dtype=np.int64)
                 return (data, np.asarray(kept, dtype=np.int64), *mix.feeds)
@@ -322,13 +331,13 @@ class DaliLoader(SampledLoader):
             self._drain()
         epoch = self.sampler.begin_pass()
         self._start_epoch(epoch)
-        draw = None
+        draw = mix_gen = None
         if self.mix_in_graph:  # host draws on a CPU generator; equal to assemble_batch's on a CPU loader
             from .dali_mix import draw_mix
 
             mix_gen = make_generator(self.seed, epoch, self.shard_id, "cpu")
             draw = functools.partial(draw_mix, recipe=self.recipe, generator=mix_gen)
-        self._feeder.start([b.tolist() for b in self.sampler.batches()], draw)
+        self._feeder.start([b.tolist() for b in self.sampler.batches()], draw, mix_gen)
         self._active = True
         self._pass = object()  # a later pass drains and restarts the pipeline under this one
         return self._epoch(epoch, make_generator(self.seed, epoch, self.shard_id, self.device), self._pass)

@@ -157,9 +157,11 @@ def test_no_mixing_means_the_plain_path_and_bad_values_are_named(folder):
 
 
 @pytest.mark.timeout(120)
-def test_bad_files_are_skipped_and_refed_batches_are_drawn_anew(folder, tmp_path, monkeypatch):
+def test_bad_files_are_skipped_and_refed_batches_draw_what_they_drew(folder, tmp_path, monkeypatch):
     """A file that passes the byte sniff but fails inside DALI fails its batch: the loader finds it, rebuilds the
-    pipeline and re-feeds; the re-fed batches get fresh draws that still match their mixed views."""
+    pipeline and re-feeds; the re-fed batches draw their mixing again from where they first drew, so the epoch's
+    draws are those of the default placement (which draws after DALI) and of a run that knew the file was bad (a
+    resumed run finds it anew: before 2026-11-29 its batches were mixed otherwise than the interrupted run's)."""
     root = tmp_path / "bad"
     shutil.copytree(folder, root)
     good = (root / "class0" / "0000.jpg").read_bytes()
@@ -179,6 +181,18 @@ def test_bad_files_are_skipped_and_refed_batches_are_drawn_anew(folder, tmp_path
         check_graph_mixing(dl, recipe)
     assert sorted(dl.skipped) == sorted(bad)
     assert len(recoveries) == 1  # the corrupt JPEG failed inside DALI once, then was known
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for epoch in (0, 1):  # epoch 0 finds the file (a re-feed), epoch 1 knows it
+            fresh, plain = loader(str(root), recipe, mix_in_graph=True), loader(str(root), recipe)
+            fresh.set_epoch(epoch), plain.set_epoch(epoch)
+            dl.set_epoch(epoch)
+            got, want, again = list(fresh), list(plain), list(dl)
+            assert [b.batch_size for b in got] == [b.batch_size for b in want] == [b.batch_size for b in again]
+            for a, b, c in zip(got, want, again):
+                assert torch.equal(a.indices, b.indices) and torch.equal(a.indices, c.indices)
+                assert torch.equal(a.lam, b.lam) and torch.equal(a.method, b.method)
+                assert torch.equal(a.lam, c.lam) and torch.equal(a.method, c.method)
 
 
 @pytest.mark.timeout(120)
