@@ -282,6 +282,7 @@ def _read_image_folder(root: str, size: int = 64):
     from PIL import Image
 
     from sdmp_fast.pipelines.base import list_images
+    from sdmp_fast.pipelines.image_bytes import pil_rgb
 
     lst = list_images(root)
     if not lst.classes:
@@ -290,8 +291,8 @@ def _read_image_folder(root: str, size: int = 64):
     imgs = []
     for f in lst.files:
         try:
-            with Image.open(f) as im:
-                imgs.append(np.asarray(_resize_centre_crop(im.convert("RGB"), size)))
+            # as the training loaders read it: upright (EXIF), 16-bit / float modes rescaled, not clipped to white
+            imgs.append(np.asarray(_resize_centre_crop(pil_rgb(f), size)))
         except (OSError, SyntaxError, ValueError) as e:  # UnidentifiedImageError is an OSError
             raise ValueError(f"data: cannot decode the image {f!r} ({type(e).__name__}: {e}); remove or replace "
                              f"it") from None

@@ -370,6 +370,36 @@ def test_eval_cli_pairs_classes_by_name(tiny_run, tmp_path, capsys):
     assert json.loads(js.read_text())["knn_top1"] == 1.0  # identical images, k=1: every one found
 
 
+def test_eval_images_are_read_as_the_training_loaders_read_them(tmp_path):
+    """16-bit PNGs are rescaled (PIL's convert("RGB") clipped them to white: k-NN at chance) and EXIF-rotated
+    photos stand upright, as ``image_bytes.pil_rgb`` gives them to the training loaders."""
+    import numpy as np
+    from PIL import Image
+
+    from sdmp_fast.evaluate import load_eval_data
+    from sdmp_fast.pipelines.image_bytes import pil_rgb
+
+    for split in ("train", "val"):
+        for c, level in enumerate((8000, 30000)):  # 16-bit grey: 31 and 117 in 8 bits
+            d = tmp_path / split / f"c{c}"
+            d.mkdir(parents=True)
+            Image.fromarray(np.full((40, 40), level, np.uint16)).save(d / "grey16.png")
+            tall = np.zeros((48, 32, 3), np.uint8)  # stored 32 wide x 48 high, top half bright
+            tall[:24] = 250
+            exif = Image.Exif()
+            exif[0x0112] = 6  # rotate 90 degrees clockwise to view: the bright half ends up on the right
+            Image.fromarray(tall).save(d / "rotated.jpg", exif=exif.tobytes(), quality=95)
+    xtr, ytr, _, _ = load_eval_data(str(tmp_path), img_size=16)
+    files = sorted((tmp_path / "train" / "c1").iterdir())
+    for f, x in zip(files, xtr[ytr == 1]):
+        want = np.asarray(pil_rgb(str(f)))
+        if f.name == "grey16.png":
+            assert abs(float(x.float().mean()) - 117) < 2 and abs(float(want.mean()) - 117) < 2, float(x.float().mean())
+        else:
+            assert want.shape[1] > want.shape[0]  # upright: wider than high
+            assert x[:, -4:].float().mean() > 200 and x[:, :4].float().mean() < 50
+
+
 def test_eval_data_undecodable_image_is_a_clear_error(tmp_path):
     from sdmp_fast.evaluate import load_eval_data
 
