@@ -51,6 +51,11 @@ def load_memory_data(data) -> Tuple[torch.Tensor, torch.Tensor]:
     n = images.shape[0]
     if n == 0:
         raise ValueError("data: no images")
+    if images.is_floating_point():  # the device ops clamp to [0, 1]: 0..255 data would come out black and white
+        lo, hi = float(images.min()), float(images.max())
+        if not (0.0 <= lo and hi <= 1.0):  # NaN fails both
+            raise ValueError(f"data: float images must lie in [0, 1], got values from {lo} to {hi} (pass uint8 "
+                             f"0..255, or divide by 255)")
     if labels is None:
         labels = torch.full((n,), -1, dtype=torch.long)
     labels = torch.as_tensor(labels).long().view(-1)

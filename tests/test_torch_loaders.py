@@ -420,6 +420,16 @@ def test_memory_accepts_grayscale_tensors_and_fashion_mnist_names():
         assert len(fm) == 10_000 // 8 and fm.images.shape == (10_000, 1, 28, 28)
 
 
+@pytest.mark.parametrize("bad", [255.0, -0.5, float("nan")])
+def test_memory_refuses_float_images_outside_0_1(bad):
+    """Float pixels are 0..1: 0..255 data was clamped by the device ops into black-and-white views, silently."""
+    imgs = torch.rand(6, 3, 12, 12)
+    make_loader("memory", imgs, byol2(size=8), 2, device="cpu")  # in range: taken
+    imgs[3, 1, 4, 4] = bad
+    with pytest.raises(ValueError, match=r"float images must lie in \[0, 1\]"):
+        make_loader("memory", imgs, byol2(size=8), 2, device="cpu")
+
+
 # -------------------------------------------------------------------------------------------------- CUDA
 @pytest.mark.cuda
 @pytest.mark.timeout(300)
