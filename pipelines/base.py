@@ -147,7 +147,7 @@ def _read_file_list(path: str) -> ImageList:
     base = os.path.dirname(os.path.abspath(path))
     files, labels = [], []
     try:
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8-sig") as f:  # -sig: a BOM (Windows editors) is no part of the first path
             lines = f.readlines()
     except UnicodeDecodeError:
         raise ValueError(f"data: {path!r} is a file but not a text file list ('path [label]' lines); an image "

@@ -154,6 +154,13 @@ def test_list_images_errors_name_the_path(tmp_path):
         list_images(str(listing))
 
 
+def test_a_file_list_saved_with_a_bom_keeps_its_first_entry(tmp_path):
+    listing = tmp_path / "list.txt"
+    listing.write_bytes("a.jpg 1\nb.jpg 0\n".encode("utf-8-sig"))  # Notepad's "UTF-8 with BOM"
+    got = list_images(str(listing))
+    assert got.files == (str(tmp_path / "a.jpg"), str(tmp_path / "b.jpg")) and got.labels == (1, 0)
+
+
 def test_flat_folders_are_unlabeled_and_class_folders_are_walked_like_imagefolder(tmp_path):
     from PIL import Image
 
