@@ -159,6 +159,20 @@ class TrainConfig:
         return d
 
     # ------------------------------------------------------------------------------------------ validation
+    def check_warmups(self, total_steps: int) -> None:
+        """Warm-ups given in steps must end inside the run (``total_steps``: --steps, or --epochs times the
+        loader's batches, known once the loader is built): a longer one was cut to the run in silence, the lr
+        peaking at the last step, DINO's teacher temperature never reaching tau_t_end."""
+        checks = [("warmup_steps", self.warmup_steps, "warm-up steps leave nothing of")]
+        if self.method == "dino":
+            checks.append(("tau_t_warmup_steps", self.tau_t_warmup_steps,
+                           f"teacher-temperature warm-up steps (tau_t {self.tau_t} -> tau_t_end {self.tau_t_end}) "
+                           f"do not end inside"))
+        for name, value, what in checks:
+            if value is not None and value >= total_steps:
+                epochs = f" ({self.epochs} epochs)" if self.steps is None and self.epochs else ""
+                raise ValueError(f"{name}: {value} {what} a run of {total_steps} steps{epochs}; give fewer")
+
     def validate(self) -> "TrainConfig":
         """Raise ValueError naming the first bad setting. Cheap: no data read, no model built, nothing written."""
         def need(cond: bool, name: str, msg: str):
@@ -238,9 +252,8 @@ class TrainConfig:
         number("tau_t_end", 0, lo_open=True, allow_none=False)
         number("center_momentum", 0, 1, allow_none=False)
         number("dist_timeout", 0, lo_open=True, allow_none=False)
-        if self.steps is not None and self.warmup_steps is not None:
-            need(self.warmup_steps < self.steps, "warmup_steps",
-                 f"{self.warmup_steps} warm-up steps leave nothing of a {self.steps}-step run")
+        if self.steps is not None:
+            self.check_warmups(self.steps)
         # SDMP
         need(isinstance(self.mix_methods, (list, tuple)) and len(self.mix_methods) > 0, "mix_methods",
              "at least one of mixup, cutmix, resizemix")

@@ -83,6 +83,7 @@ BAD_SETTINGS = [
     (["--cuda-graphs", "--device", "cpu"], "cuda_graphs"),
     (["--steps", "5", "--epochs", "2"], "steps"),
     (["--warmup-steps", "10"], "warmup_steps"),
+    (["--method", "dino", "--tau-t-warmup-steps", "5"], "tau_t_warmup_steps"),  # was cut to the run, silently
     (["--lr", "0"], "lr"),
     (["--n-local-mixed", "9", "--method", "dino"], "n_local_mixed"),
     (["--n-local", "-1", "--method", "dino"], "n_local"),  # was reported under n_local_mixed
@@ -98,6 +99,19 @@ def test_bad_setting_is_named_and_out_untouched(tmp_path, capsys, extra, setting
     code, err = run_cli(argv + extra, capsys)
     assert code == 2
     assert f"error: {setting}:" in err, err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("extra,setting", [(["--warmup-steps", "8"], "warmup_steps"),
+                                           (["--method", "dino", "--tau-t-warmup-steps", "9"], "tau_t_warmup_steps")])
+def test_a_warmup_longer_than_an_epochs_run_is_named_and_out_untouched(tmp_path, capsys, extra, setting, image_dir):
+    """With --epochs the run's length is known once the loader is built (8 images, batch 2: 4 steps an epoch): a
+    longer warm-up was cut to the run in silence (the lr peaking at the last step), as --steps refuses it."""
+    out = tmp_path / "out"
+    argv = TINY + ["--loader", "torchvision", "--data", image_dir, "--batch-size", "2", "--num-workers", "0",
+                   "--epochs", "2", "--out", str(out)]
+    code, err = run_cli(argv + extra, capsys)
+    assert code == 2 and f"error: {setting}:" in err and "a run of 8 steps (2 epochs)" in err, err
     assert not out.exists()
 
 
