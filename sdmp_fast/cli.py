@@ -60,7 +60,20 @@ def _chosen_module(argv):
     return None
 
 
+def _escape_unprintable_names() -> None:
+    """A file name may hold bytes that are not UTF-8 (Python keeps them as surrogates): print them escaped. A
+    strict stdout (a UTF-8 locale, PYTHONIOENCODING=utf-8) failed the command on its summary, after its work."""
+    for stream in (sys.stdout, sys.stderr):
+        reconfigure = getattr(stream, "reconfigure", None)
+        if callable(reconfigure) and getattr(stream, "errors", None) == "strict":
+            try:
+                reconfigure(errors="backslashreplace")
+            except (ValueError, OSError):  # a stream that cannot change (detached, closed): left as it is
+                pass
+
+
 def main(argv=None) -> int:
+    _escape_unprintable_names()
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser(argv).parse_args(argv)
     args.command_line = "sdmp-fast " + " ".join(argv)

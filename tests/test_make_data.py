@@ -36,6 +36,28 @@ def test_make_data_writes_n_decodable_photo_jpegs_deterministically(tmp_path):
 
 
 @pytest.mark.timeout(120)
+def test_a_damaged_set_is_built_again_not_reported_complete(tmp_path, capsys):
+    """The stamp alone said "already holds N images" after a class folder was deleted or a file cut short."""
+    import shutil
+
+    out = str(tmp_path / "set")
+    make_data(out, num_images=8, classes=4, seed=0)
+    whole = _digest(out)
+    shutil.rmtree(os.path.join(out, sorted(d for d in os.listdir(out) if not d.startswith("."))[0]))
+    capsys.readouterr()
+    make_data(out, num_images=8, classes=4, seed=0, quiet=False)
+    assert "2 of its 8 images are missing; building it again" in capsys.readouterr().out
+    assert _digest(out) == whole and len(list_images(out)) == 8
+    victim = list_images(out).files[3]
+    with open(victim, "r+b") as f:
+        f.truncate(100)
+    make_data(out, num_images=8, classes=4, seed=0, quiet=False)
+    assert "bytes, not the" in capsys.readouterr().out and _digest(out) == whole
+    make_data(out, num_images=8, classes=4, seed=0, quiet=False)
+    assert "nothing to do" in capsys.readouterr().out
+
+
+@pytest.mark.timeout(120)
 def test_make_data_is_idempotent_and_guards_foreign_folders(tmp_path):
     out = str(tmp_path / "set")
     make_data(out, num_images=6, classes=2, seed=0)
@@ -131,3 +153,18 @@ def test_cli_make_data_without_photos_is_one_line(tmp_path, monkeypatch, capsys)
     nowhere = tmp_path / "nowhere"
     assert err.strip() == f"sdmp-fast make-data: error: {PHOTOS_ENV}={nowhere}: no exported .png photos there"
     assert not (tmp_path / "set").exists()
+
+
+@pytest.mark.timeout(120)
+def test_cli_prints_a_name_that_is_not_utf8_escaped_on_a_strict_stdout(tmp_path):
+    """A path with bytes that are not UTF-8 (Python's surrogates) under a UTF-8 locale's strict stdout: the command
+    did its work, then failed printing its summary (exit 2, "'utf-8' codec can't encode")."""
+    import subprocess
+    import sys
+
+    out = os.path.join(os.fsencode(tmp_path), b"set\xff")
+    env = dict(os.environ, PYTHONIOENCODING="utf-8")
+    r = subprocess.run([sys.executable, "-m", "sdmp_fast.cli", "make-data", os.fsdecode(out), "--num-images", "2",
+                        "--classes", "1"], capture_output=True, env=env, timeout=100)
+    assert r.returncode == 0, r.stderr
+    assert b"set\\udcff" in r.stdout and len(list_images(os.fsdecode(out))) == 2

@@ -18,7 +18,7 @@ import json
 import os
 import shutil
 import time
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
@@ -128,6 +128,26 @@ def _settings(num_images: int, classes: int, seed: int) -> Dict:
     return {"num_images": num_images, "classes": classes, "seed": seed, "version": FORMAT_VERSION}
 
 
+def _damage(out_dir: str, stamp: Dict) -> Optional[str]:
+    """What is wrong with a set whose stamp matches (a deleted class folder, a truncated or replaced file), or
+    None when every image is where the stamp says and their total size is the stamp's."""
+    photos, classes, n = stamp.get("photos") or [], stamp["classes"], stamp["num_images"]
+    if not photos:
+        return "its stamp lists no photos"
+    names = [f"{c:03d}_{photos[c % len(photos)]}" for c in range(classes)]
+    missing, total = 0, 0
+    for i in range(n):
+        try:
+            total += os.stat(os.path.join(out_dir, names[i % classes], f"{i:06d}.jpg")).st_size
+        except OSError:
+            missing += 1
+    if missing:
+        return f"{missing} of its {n} images are missing"
+    if stamp.get("bytes") not in (None, total):
+        return f"its images hold {total} bytes, not the {stamp['bytes']} written"
+    return None
+
+
 def read_stamp(out_dir: str):
     try:
         with open(os.path.join(out_dir, STAMP)) as f:
@@ -163,15 +183,20 @@ def make_data(out_dir: str, num_images: int = 512, classes: int = 8, seed: int =
         raise ValueError(f"make-data: OUT_DIR {out_dir!r} lies under {parent!r}, which is not a folder")
     want = _settings(num_images, classes, seed)
     stamp = read_stamp(out_dir)
-    if stamp is not None and {k: stamp.get(k) for k in want} == want:
-        if not quiet:
-            print(f"make-data: {out_dir} already holds {num_images} images (seed {seed}); nothing to do")
-        return out_dir
+    same = stamp is not None and {k: stamp.get(k) for k in want} == want
+    if same:
+        damage = _damage(out_dir, stamp)
+        if damage is None:
+            if not quiet:
+                print(f"make-data: {out_dir} already holds {num_images} images (seed {seed}); nothing to do")
+            return out_dir
+        if not quiet:  # our own set, with these settings: rebuilt as it was (the images depend on (seed, i) only)
+            print(f"make-data: {out_dir}: {damage}; building it again")
     if os.path.isdir(out_dir) and os.listdir(out_dir):
         if stamp is None:
             raise ValueError(f"make-data: {out_dir!r} is a non-empty folder that make-data did not build; "
                              f"choose an empty or new OUT_DIR")
-        if not force:
+        if not force and not same:
             raise ValueError(f"make-data: {out_dir!r} holds a set made with other settings "
                              f"({ {k: stamp.get(k) for k in want} }); pass --force to rebuild it")
 
