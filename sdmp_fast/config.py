@@ -71,7 +71,7 @@ class TrainConfig:
     n_local: int = _f(8, "DINO local crops per image")
     n_local_mixed: int = _f(4, "DINO local crops replaced by mixed local crops (SDMP on)")
     # data
-    loader: str = _f("torchvision", "loader backend ('synthetic': random tensors already on the device)", LOADERS)
+    loader: str = _f("torchvision", "loader backend ('synthetic': random tensors already on the device, 1000 batches an epoch)", LOADERS)
     data: Optional[str] = _f(None, "ImageFolder dir (or a flat folder of unlabeled images) / .beton / 'fashion-mnist' (memory loader)")
     num_workers: Optional[int] = _f(None, "loader worker processes / threads")
     loader_options: Dict[str, Any] = field(default_factory=dict, metadata={

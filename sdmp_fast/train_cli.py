@@ -79,6 +79,27 @@ def _check_out(cfg) -> None:
         raise ValueError(f"out: cannot write in {out!r}: {problem}")
 
 
+def _checkpoint_names(out: str) -> list:
+    d = os.path.join(out, "checkpoints")
+    return sorted(n for n in os.listdir(d) if re.fullmatch(r"ckpt-\d{9}\.pt", n)) if os.path.isdir(d) else []
+
+
+def _recheck_out(cfg, seen: list) -> None:
+    """Under the lock: --out as it was checked and read before the build (which may take minutes: a large image
+    listing, DALI). Another run that started on the same --out, trained and let go of the lock meanwhile would
+    otherwise be overwritten (its metrics truncated, its checkpoints mixed with these)."""
+    now = _checkpoint_names(cfg.out)
+    if now != seen:
+        raise ValueError(f"out: another run wrote checkpoints to {cfg.out!r} while this one was being set up "
+                         f"({', '.join(sorted(set(now) - set(seen))) or 'some removed'}); nothing was changed: "
+                         f"start again (with --resume to continue that run) or choose another --out")
+    try:
+        _check_out(cfg)
+    except ValueError as e:
+        raise ValueError(f"{e} (written by another run while this one was being set up; nothing was changed)") \
+            from None
+
+
 def _has_checkpoint_files(out: str) -> bool:
     d = os.path.join(out, "checkpoints")
     return os.path.isdir(d) and any(re.fullmatch(r"ckpt-\d{9}\.pt", n) for n in os.listdir(d))
@@ -88,6 +109,8 @@ def _lost_checkpoints(out: str, entries, cfg) -> bool:
     """Whether --out shows a run that had written a checkpoint (now gone): its backbone.pt, or metrics at or
     past the earlier run's save_every or its last step (from its config.yaml; the new settings if unreadable)."""
     if "backbone.pt" in entries:
+        return True
+    if _recorded_checkpoint(out):  # since 2026-11-29 a record says so, a signal's save (no save_every step) too
         return True
     last = _last_step(out)
     if last <= 0:
@@ -124,6 +147,19 @@ def _last_step(out: str) -> int:
                     if isinstance(r.get("step"), int) and not isinstance(r.get("step"), bool)), default=0)
     except (OSError, UnicodeDecodeError):
         return 0
+
+
+def _recorded_checkpoint(out: str) -> bool:
+    """Whether a metrics.jsonl record follows a checkpoint (``"checkpoint": true``)."""
+    metrics = os.path.join(out, "metrics.jsonl")
+    if not os.path.isfile(metrics):
+        return False
+    from sdmp_fast.runlog import iter_records
+
+    try:
+        return any(r.get("checkpoint") is True for _, r in iter_records(metrics))
+    except (OSError, UnicodeDecodeError):
+        return False
 
 
 def _run_output(out: str, entries) -> list:
@@ -273,6 +309,7 @@ def _main(cfg) -> int:
         if world > 1:  # after Trainer: it sets each rank's CUDA device, which NCCL's all_gather_object uses
             _check_same_settings(cfg, world)
         resumed_from = None
+        seen = _checkpoint_names(cfg.out)  # compared under the lock: another run may write in the meantime
         if cfg.resume:
             found = ckpt.load_latest(ckpt.checkpoint_dir(cfg.out))
             if found is None and ckpt.list_checkpoints(ckpt.checkpoint_dir(cfg.out)):
@@ -296,9 +333,21 @@ def _main(cfg) -> int:
             _check_same_data(trainer, world)
             _check_same_start(resumed_from, world)
         # ---- from here on --out is written
+        problem = None
         if rank == 0:
-            os.makedirs(cfg.out, exist_ok=True)
-            lock = _lock_out(cfg.out)  # held until this process exits
+            try:
+                os.makedirs(cfg.out, exist_ok=True)
+                lock = _lock_out(cfg.out)  # held until this process exits
+                _recheck_out(cfg, seen)
+            except ValueError as e:
+                problem = str(e)
+        if world > 1:  # every rank stops alike, none waits at a barrier rank 0 never reaches
+            box = [problem]
+            dist.broadcast_object_list(box, src=0)
+            problem = box[0]
+        if problem is not None:
+            raise ValueError(problem)
+        if rank == 0:
             _write_config(cfg, cfg.out)
         if world > 1:
             dist.barrier()

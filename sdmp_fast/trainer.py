@@ -271,8 +271,10 @@ class Trainer:
             raise ValueError("cuda_graphs: whole-step capture is single-process only (DDP capture is not supported)")
 
         self.recipe = build_recipe(cfg)
+        # synthetic epochs hold 1000 batches whatever --steps is: tied to --steps, a resume with more steps was
+        # refused ("steps per epoch now ..."), and --epochs N meant N x 1000 steps anyway
         self.loader = loader if loader is not None else build_loader(cfg, self.recipe, self.device, rank,
-                                                                      world_size, cfg.steps or 1000)
+                                                                      world_size)
         self.steps_per_epoch = len(self.loader)
         if self.steps_per_epoch < 1:
             raise ValueError(f"batch_size: {cfg.batch_size} per process leaves no full batch in an epoch")
@@ -815,6 +817,7 @@ class Trainer:
                 path = self.save(out)
                 if path and (stop or last):
                     logger.write(f"checkpoint: {path}")
+                rec["checkpoint"] = True  # written (save raises otherwise): a stop's save is no save_every step
             logger.record(rec)
             if metrics["skipped"]:
                 logger.write(f"warning: {metrics['skipped']} step(s) with a non-finite loss/gradient skipped "

@@ -1252,3 +1252,91 @@ def test_a_loaders_own_data_identity_may_be_none(tmp_path):
 
     tr = Trainer(cfg, loader=Known(build_recipe(cfg), 8, device="cpu", length=2))
     assert tr.state_dict()["data"] == {"files": 16, "sha1": "ab" * 20}
+
+
+def _tree(root):
+    """{relative path: bytes} of every file under ``root``."""
+    got = {}
+    for d, _, files in os.walk(root):
+        for f in files:
+            with open(os.path.join(d, f), "rb") as fh:
+                got[os.path.relpath(os.path.join(d, f), root)] = fh.read()
+    return got
+
+
+def test_a_run_that_another_run_wrote_during_the_build_is_left_alone(tmp_path, capsys, monkeypatch):
+    """--out is checked before the (maybe minutes-long) build and locked after it: a second run started on the same
+    fresh --out, that trained and let go of the lock meanwhile, was overwritten (metrics truncated, checkpoints
+    mixed, backbone replaced). Now --out is checked again under the lock and nothing is written."""
+    import shutil
+
+    import sdmp_fast.trainer as trainer_mod
+    from sdmp_fast import train_cli
+
+    base = TINY + ["--loader", "synthetic", "--batch-size", "4", "--log-every", "1"]
+    finished = tmp_path / "a"
+    assert run_cli(base + ["--steps", "2", "--out", str(finished)], capsys)[0] == 0
+    before = _tree(finished)
+    out = tmp_path / "b"
+    real_init = trainer_mod.Trainer.__init__
+
+    def build_while_the_other_run_finishes(self, cfg, *a, **k):
+        real_init(self, cfg, *a, **k)
+        if not os.path.exists(cfg.out):
+            shutil.copytree(finished, cfg.out)  # the other run, started on the same --out, is done
+
+    monkeypatch.setattr(trainer_mod.Trainer, "__init__", build_while_the_other_run_finishes)
+    code, err = run_cli(base + ["--steps", "1", "--seed", "1", "--out", str(out)], capsys)
+    assert code == 2 and "already holds a run" in err and "while this one was being set up" in err, err
+    assert _tree(out) == before
+    monkeypatch.setattr(trainer_mod.Trainer, "__init__", real_init)
+
+    real_lock = train_cli._lock_out
+
+    def lock_after_another_checkpoint(path):  # a resume that found ckpt 2: the other run saved step 3 meanwhile
+        shutil.copy(os.path.join(path, "checkpoints", "ckpt-000000002.pt"),
+                    os.path.join(path, "checkpoints", "ckpt-000000003.pt"))
+        return real_lock(path)
+
+    monkeypatch.setattr(train_cli, "_lock_out", lock_after_another_checkpoint)
+    code, err = run_cli(base + ["--steps", "4", "--out", str(finished), "--resume"], capsys)
+    assert code == 2 and "another run wrote checkpoints" in err and "ckpt-000000003.pt" in err, err
+    after = _tree(finished)
+    assert after.pop(os.path.join("checkpoints", "ckpt-000000003.pt")) and after == before
+
+
+def test_a_synthetic_run_resumes_with_more_steps(tmp_path, capsys):
+    """The synthetic loader's epoch was --steps batches long, so a resume with more steps was refused as a change
+    of data ("steps per epoch now 3, 2 in the checkpoint")."""
+    out = tmp_path / "run"
+    base = TINY + ["--loader", "synthetic", "--batch-size", "4", "--log-every", "1", "--out", str(out)]
+    assert run_cli(base + ["--steps", "2"], capsys)[0] == 0
+    code, err = run_cli(base + ["--steps", "3", "--resume"], capsys)
+    assert code == 0, err
+    assert [r["step"] for r in read_metrics(str(out))] == [1, 2, 3]
+
+
+def test_resume_over_a_signal_stopped_run_whose_checkpoints_were_lost_is_refused(tmp_path, capsys):
+    """A signal's checkpoint falls on no save_every step (nor the last): once checkpoints/ was lost, --resume took
+    the run for one stopped before its first checkpoint and started afresh over its metrics. The record written
+    after each checkpoint now says so."""
+    import shutil
+
+    import yaml
+
+    out = tmp_path / "run"
+    base = TINY + ["--loader", "synthetic", "--batch-size", "4", "--log-every", "1", "--save-every", "0",
+                   "--out", str(out)]
+    assert run_cli(base + ["--steps", "2"], capsys)[0] == 0
+    records = read_metrics(str(out))
+    assert [r.get("checkpoint") for r in records] == [None, True]
+    # as a run of 10 steps stopped by SIGTERM at step 2 leaves it: no backbone, a checkpoint, then it is lost
+    cfg = yaml.safe_load((out / "config.yaml").read_text())
+    (out / "config.yaml").write_text(yaml.safe_dump(dict(cfg, steps=10), sort_keys=False))
+    for name in ("backbone.pt", "backbone.json"):
+        (out / name).unlink()
+    shutil.rmtree(out / "checkpoints")
+    before = _files(out)
+    code, err = run_cli(base + ["--steps", "10", "--resume"], capsys)
+    assert code == 2 and "but no checkpoint" in err, err
+    assert _files(out) == before
