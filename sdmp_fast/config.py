@@ -487,6 +487,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     if getattr(args, "config", None):
         values.update(load_config(args.config))
     cli = {k: getattr(args, k) for k in FIELDS if getattr(args, k, None) is not None}
+    if cli.get("method") not in (None, values.get("method")) and values.get("method") in METHOD_DEFAULTS:
+        _drop_other_method_defaults(values, args.config, cli["method"])
     # --steps on the command line replaces a config file's epochs (and vice versa): not a conflict.
     if "steps" in cli:
         values.pop("epochs", None)
@@ -495,6 +497,27 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     values.update(cli)
     kwargs = {k: _coerce(k, v, FIELDS[k]) for k, v in values.items()}
     return TrainConfig(**kwargs).resolve()
+
+
+def _drop_other_method_defaults(values: Dict[str, Any], path: str, method: str) -> None:
+    """A run's config.yaml holds its method's defaults filled in: reused with another --method, they would train
+    DINO with MoCo v3's lr, decay, clipping... Settings there equal to the file's method's defaults are left out
+    (the new method's defaults apply), with a warning naming them."""
+    import warnings
+
+    old, given = values["method"], dict(values)
+    dropped = []
+    for k, default in METHOD_DEFAULTS[old].items():
+        if k not in given:
+            continue
+        if default is None:  # resolved from another setting (weight_decay_end = weight_decay)
+            default = given.get("weight_decay") if k == "weight_decay_end" else None
+        if given[k] == default:
+            dropped.append(f"{k} {values.pop(k)}")
+    if dropped:
+        warnings.warn(f"config: {path!r} is a {old} config, trained here with --method {method}: its {old} defaults "
+                      f"({', '.join(dropped)}) are left out so that {method}'s apply; give them on the command "
+                      f"line to keep them", UserWarning)
 
 
 def config_from_dict(d: Dict[str, Any]) -> TrainConfig:

@@ -264,6 +264,34 @@ def test_loader_options_reach_the_backend(tmp_path, capsys, image_dir):
     assert not (tmp_path / "o").exists()
 
 
+def test_a_run_config_reused_with_another_method_takes_that_method_s_defaults(tmp_path):
+    """A run's config.yaml holds its method's defaults filled in: reused with --method dino it trained DINO with
+    MoCo v3's lr, decay, clipping, no drop path, no frozen prototypes. A value set apart from them stays."""
+    import argparse
+
+    import yaml
+
+    from sdmp_fast.config import METHOD_DEFAULTS, TrainConfig, config_from_args
+    from sdmp_fast.train_cli import add_arguments
+
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    moco = TrainConfig(method="mocov3", out="x", steps=10).resolve().to_dict()
+    moco["clip_grad"] = 1.0  # the user's own choice, not MoCo v3's default
+    f = tmp_path / "config.yaml"
+    f.write_text(yaml.safe_dump(moco, sort_keys=False))
+    with pytest.warns(UserWarning, match=r"mocov3 config, trained here with --method dino: .*base_lr 0.00015"):
+        got = config_from_args(p.parse_args(["--config", str(f), "--method", "dino", "--out", "x"]))
+    dino = METHOD_DEFAULTS["dino"]
+    assert (got.base_lr, got.weight_decay, got.weight_decay_end, got.momentum, got.drop_path_rate,
+            got.freeze_last_layer_epochs) == (dino["base_lr"], dino["weight_decay"], dino["weight_decay_end"],
+                                              dino["momentum"], dino["drop_path_rate"], dino["freeze_last_layer_epochs"])
+    assert got.clip_grad == 1.0
+    same = config_from_args(p.parse_args(["--config", str(f), "--method", "mocov3", "--out", "x"]))
+    assert same.base_lr == METHOD_DEFAULTS["mocov3"]["base_lr"] and same.clip_grad == 1.0
+
+
+
 def test_config_file_that_is_a_folder_or_not_text_is_named(tmp_path, capsys):
     code, err = run_cli(TINY + ["--config", str(tmp_path), "--out", str(tmp_path / "o")], capsys)
     assert code == 2 and "is a folder, expected a YAML file" in err
