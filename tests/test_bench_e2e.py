@@ -25,6 +25,25 @@ def test_bench_e2e_writes_ratios(tmp_path, capsys):
     assert "ratio_to_synthetic_same_mode" in printed and "peak_mem_gb" in printed
 
 
+def test_bench_e2e_runs_a_mode_given_twice_once(tmp_path, capsys):
+    """--modes eager,eager ran the synthetic baseline twice, the first row's ratio against the second run."""
+    out = tmp_path / "e2e.json"
+    code = cli.main(["bench", "e2e"] + TINY + ["--loader", "memory", "--data", "fashion-mnist", "--batch-size", "8",
+                                               "--steps", "1", "--warmup", "0", "--modes", "eager,eager",
+                                               "--json", str(out)])
+    assert code == 0
+    runs = [(r["run"], r["mode"]) for r in json.loads(out.read_text())["records"]]
+    assert sorted(runs) == [("e2e", "eager"), ("synthetic", "eager")]
+
+
+def test_bench_e2e_refuses_an_unwritable_json_before_running(tmp_path, capsys):
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    code = cli.main(["bench", "e2e"] + TINY + ["--loader", "memory", "--data", "fashion-mnist", "--batch-size", "8",
+                                               "--steps", "1", "--modes", "eager", "--json", str(afile / "e.json")])
+    assert code == 2 and "--json: cannot write" in capsys.readouterr().err
+
+
 def test_bench_e2e_with_epochs_names_steps(tmp_path, capsys):
     code = cli.main(["bench", "e2e"] + TINY + ["--loader", "memory", "--data", "fashion-mnist", "--batch-size", "8",
                                                "--epochs", "1", "--modes", "eager", "--json", str(tmp_path / "e.json")])

@@ -123,6 +123,40 @@ def test_bench_list_options_are_checked_before_anything_runs(tmp_path, capsys, a
     assert message in err and len(err.strip().splitlines()) == 1 and not out.exists()
 
 
+def test_merge_into_refuses_rows_of_other_sizes_or_machines_and_files_that_are_no_bench_json(tmp_path, capsys):
+    """Merged rows got speed-ups against the eager row of a 64x smaller bf16 problem, in silence; a loaders JSON
+    gave a KeyError traceback after the run."""
+    from sdmp_fast.benchmarks.losses import merge_variant_rows
+    main = tmp_path / "losses.json"
+    rec = lambda impl, shape: {"op": "dino", "impl": impl, "ms": 1.0, "status": "ok", "shape": shape}  # noqa: E731
+    main.write_text(json.dumps({"device": "d", "records": [rec("eager", "B=2 K=64 bf16")]}))
+    before = main.read_text()
+    with pytest.raises(ValueError, match=r"times dino at B=2 K=64 bf16, these rows at B=16 K=4096 fp32"):
+        merge_variant_rows(str(main), {"device": "d", "records": [rec("kernel_graph_fused", "B=16 K=4096 fp32")]})
+    with pytest.raises(ValueError, match=r"measured on 'd', these rows on 'e'"):
+        merge_variant_rows(str(main), {"device": "e", "records": [rec("kernel_graph_fused", "B=2 K=64 bf16")]})
+    assert main.read_text() == before
+    loaders = tmp_path / "loaders.json"
+    loaders.write_text(json.dumps({"device": "d", "records": [{"backend": "dali", "img_per_s": 3.0}]}))
+    out = tmp_path / "r.json"
+    argv = ["bench", "losses", "--ops", "two_hot_ce", "--no-compile", "--iters", "1", "--warmup", "0", "--json",
+            str(out), "--merge-into", str(loaders)]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "is no `sdmp-fast bench losses` JSON" in err and not out.exists()  # before anything ran
+
+
+@pytest.mark.parametrize("cmd", [["losses", "--ops", "two_hot_ce"], ["mixing", "--cases", "mixup"]])
+def test_an_output_that_cannot_be_written_is_named_before_anything_is_timed(tmp_path, capsys, cmd):
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    for path, message in ((afile / "r.json", "is a file, not a folder"), (tmp_path, "is a folder")):
+        assert cli.main(["bench"] + cmd + ["--no-compile", "--iters", "1", "--json", str(path)]) == 2
+        captured = capsys.readouterr()
+        assert "--json: " in captured.err and message in captured.err, captured.err
+        assert "copy bandwidth" not in captured.out  # nothing ran
+
+
 def test_merge_variant_rows_recomputes_speedups_against_the_main_run(tmp_path):
     # bench/gpu_kernels.sh times the cluster DINO variants in a process of their own and merges their rows
     from sdmp_fast.benchmarks.losses import merge_variant_rows

@@ -360,3 +360,32 @@ def test_a_backend_named_twice_is_timed_and_recorded_once(photos, tmp_path, monk
                      "--device", "cpu", "--batch-size", "4", "--json", str(out)]) == 0
     assert ran == ["torchvision", "dali"]
     assert [r["backend"] for r in json.loads(out.read_text())["records"]] == ["torchvision", "dali"]
+
+
+@pytest.mark.timeout(120)
+def test_a_backend_whose_epochs_give_no_batch_fails_its_row_instead_of_looping(tmp_path, capsys):
+    """Every file undecodable: each epoch gave no batch and the next epoch began, forever (a warning per epoch)."""
+    bad = tmp_path / "bad" / "c"
+    bad.mkdir(parents=True)
+    for i in range(4):
+        (bad / f"{i}.jpg").write_bytes(os.urandom(300))
+    out = tmp_path / "r.json"
+    rc = cli_main(["bench", "loaders", "--data", str(tmp_path / "bad"), "--backends", "torchvision", "--size", "32",
+                   "--batch-size", "2", "--batches", "1", "--warmup", "1", "--num-workers", "0", "--device", "cpu",
+                   "--json", str(out)])
+    assert rc == 0
+    (rec,) = json.loads(out.read_text())["records"]
+    assert rec["status"] == "failed" and "gave no batch" in rec["reason"]
+
+
+def test_bench_loaders_checks_its_outputs_and_backends_before_timing(photos, tmp_path, capsys):
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    base = ["bench", "loaders", "--data", photos, "--size", "32", "--batch-size", "2", "--device", "cpu"]
+    for extra, message in ((["--backends", "torchvision", "--json", str(afile / "r.json")], "--json: cannot write"),
+                           (["--backends", "torchvision", "--json", str(tmp_path / "r.json"), "--png", str(tmp_path)],
+                            "--png: "),
+                           (["--backends", "memory"], "memory: reads a tensor or 'fashion-mnist'")):
+        assert cli_main(base + extra) == 2
+        assert message in capsys.readouterr().err
+    assert not (tmp_path / "r.json").exists()

@@ -40,6 +40,20 @@ def write_results(path: Optional[str], records: List[Dict], command: str) -> Dic
     return doc
 
 
+def check_output_path(option: str, path: Optional[str]) -> None:
+    """An output the run will write (--json, --png), checked before anything is timed: found unwritable at the
+    end, it cost every row measured (the table of some commands is printed only after it)."""
+    if not path:
+        return
+    from sdmp_fast.paths import why_not_creatable
+
+    if os.path.isdir(path):
+        raise ValueError(f"{option}: {path!r} is a folder; give a file name")
+    problem = why_not_creatable(path)
+    if problem:
+        raise ValueError(f"{option}: cannot write {path!r}: {problem}")
+
+
 def write_json(path: str, doc: Dict) -> None:
     """Atomic write (tmp + rename): a reader never sees half a file, an interrupted run leaves the old one."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)

@@ -116,7 +116,7 @@ def main(args) -> int:
     if args.steps is None and args.epochs is None:
         args.steps = 50
     cfg = config_from_args(args)
-    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    modes = list(dict.fromkeys(m.strip() for m in args.modes.split(",") if m.strip()))  # one row per mode
     if not modes:  # the synthetic runs are the baseline every ratio needs
         raise ValueError(f"--modes: no step mode in {args.modes!r}; choose among {', '.join(MODES)}")
     for m in modes:
@@ -137,6 +137,10 @@ def main(args) -> int:
             _mode_cfg(synth, steps, warmup, m)
         except ValueError as e:
             raise ValueError(f"--modes {m}: {e}") from None
+    if args.json:  # checked before the runs: found unwritable at the end, it cost the JSON of all of them
+        from sdmp_fast.benchmarks.common import check_output_path
+
+        check_output_path("--json", args.json)
     records: List[Dict] = []
     if not args.skip_e2e and cfg.loader != "synthetic":
         records.append(_run(cfg, steps, warmup, "e2e", cfg_e2e_mode))

@@ -44,7 +44,7 @@ import numpy as np
 import torch
 
 from sdmp_fast.benchmarks.baselines import BASELINES, make_baseline
-from sdmp_fast.benchmarks.common import print_table, write_results
+from sdmp_fast.benchmarks.common import check_output_path, print_table, write_results
 from sdmp_fast.pipelines.base import loader_threads, usable_cores
 from sdmp_fast.pipelines.convert import DEFAULT_JPEG_QUALITY
 
@@ -123,6 +123,10 @@ def beton_note(path: str, max_side: int) -> Dict:
             "at_max_side": int((longest == max_side).sum()) if max_side else 0}
 
 
+# backends that cannot read --data's image files (their row was always "unavailable")
+NOT_FROM_FILES = {"memory": "reads a tensor or 'fashion-mnist', not image files; `bench e2e --loader memory` times it"}
+
+
 def endless_batches(loader) -> Iterator:
     """Batches across epoch boundaries, reshuffling like a training loop does."""
     if len(loader) == 0:
@@ -130,7 +134,12 @@ def endless_batches(loader) -> Iterator:
     epoch = 0
     while True:
         loader.set_epoch(epoch)
-        yield from loader
+        got = 0
+        for batch in loader:
+            got += 1
+            yield batch
+        if got == 0:  # every file undecodable, say: the next epoch would give none either (was an endless loop)
+            raise ValueError(f"epoch {epoch} gave no batch (every file undecodable?)")
         epoch += 1
 
 
@@ -361,10 +370,12 @@ def run(args) -> Dict:
     device = torch.device(device_setting(args.device))  # ValueError naming --device (cuda without a GPU, ...)
     backends = list(dict.fromkeys(b.strip() for b in (args.backends or default_backends(device)).split(",")
                                   if b.strip()))  # a name given twice: still one record (and one round each)
-    unknown = [b for b in backends if b not in BACKENDS and b not in VARIANTS and b not in BASELINES]
+    known = [b for b in list(BACKENDS) + list(VARIANTS) + list(BASELINES) if b not in NOT_FROM_FILES]
+    unknown = [b for b in backends if b not in known]
     if unknown or not backends:
-        raise ValueError(f"--backends: unknown {unknown or backends}; choose among "
-                         f"{', '.join(list(BACKENDS) + list(VARIANTS) + list(BASELINES))}")
+        why = (f" ({', '.join(f'{b}: {NOT_FROM_FILES[b]}' for b in unknown if b in NOT_FROM_FILES)})"
+               if any(b in NOT_FROM_FILES for b in unknown) else "")
+        raise ValueError(f"--backends: unknown {unknown or backends}{why}; choose among {', '.join(known)}")
     for name in ("batch_size", "batches", "repeats"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')}: must be >= 1, got {getattr(args, name)}")
@@ -393,6 +404,8 @@ def run(args) -> Dict:
                          f"{args.data!r}, no batch would fill")
     dtype = DTYPES[args.dtype] if args.dtype != "float32" else None
     args.json = args.json or default_json_path(recipe.name, device)
+    check_output_path("--json", args.json)
+    check_output_path("--png", args.png)
 
     records = measure_rounds(backends, args, recipe, images, device, dtype)
     if device.type == "cuda":

@@ -31,8 +31,8 @@ import torch.nn.functional as F
 
 from sdmp_fast import losses
 from sdmp_fast.kernels.selfcheck import env
-from sdmp_fast.benchmarks.common import (check_counts, copy_bandwidth_gbps, cuda_time_ms, device_description,
-                                         peak_memory_mb, print_table, write_json, write_results)
+from sdmp_fast.benchmarks.common import (check_counts, check_output_path, copy_bandwidth_gbps, cuda_time_ms,
+                                         device_description, peak_memory_mb, print_table, write_json, write_results)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 COLUMNS = ["op", "impl", "status", "ms", "gb_per_s", "pct_of_copy", "speedup_vs_eager", "speedup_vs_compile",
@@ -419,6 +419,12 @@ def main(args) -> int:
     if "moco_terms" in ops and keys % n:  # the keys are all-gathered from N / n ranks: else a quietly other N
         raise ValueError(f"--moco-keys: moco_terms needs a multiple of --moco-n ({n}), got {keys}")
     dtype = DTYPES[args.dtype]
+    path = args.json or default_json_path("losses", device)
+    check_output_path("--json", path)
+    if args.merge_into:
+        check_output_path("--merge-into", args.merge_into)
+        if os.path.exists(args.merge_into):
+            read_losses_doc(args.merge_into)  # a file that is no `bench losses` JSON: said now, not after the run
     copy_gbps = copy_bandwidth_gbps()
     print(f"bench losses on {device_description()}; copy bandwidth "
           f"{'%.0f GB/s' % copy_gbps if copy_gbps else 'n/a (CPU)'}", flush=True)
@@ -429,7 +435,6 @@ def main(args) -> int:
             torch.cuda.empty_cache()
     for r in records:
         r["copy_gb_per_s"] = copy_gbps
-    path = args.json or default_json_path("losses", device)
     doc = write_results(path, records, getattr(args, "command_line", "sdmp-fast bench losses"))
     print_table(records, COLUMNS)
     print(f"wrote {path}")
@@ -450,8 +455,16 @@ def merge_variant_rows(main_path: str, extra: Dict) -> int:
     if not os.path.exists(main_path):
         main = dict(extra)
     else:
-        with open(main_path) as f:
-            main = json.load(f)
+        main = read_losses_doc(main_path)
+        if main.get("device") != extra.get("device"):
+            raise ValueError(f"--merge-into: {main_path!r} was measured on {main.get('device')!r}, these rows on "
+                             f"{extra.get('device')!r}: speed-ups across machines mean nothing (nothing merged)")
+        for r in rows:
+            theirs = {m.get("shape") for m in main["records"] if m["op"] == r["op"]}
+            if theirs and r.get("shape") not in theirs:
+                raise ValueError(f"--merge-into: {main_path!r} times {r['op']} at {', '.join(map(str, theirs))}, "
+                                 f"these rows at {r.get('shape')}: give this run the same sizes and dtype "
+                                 f"(nothing merged)")
         replaced = {(r["op"], r["impl"]) for r in rows}
         main["records"] = [r for r in main["records"] if (r["op"], r["impl"]) not in replaced] + rows
         for op in {r["op"] for r in rows}:
@@ -459,6 +472,20 @@ def merge_variant_rows(main_path: str, extra: Dict) -> int:
         main["command"] = f"{main.get('command', '')}; merged: {extra.get('command', '')}"
     write_json(main_path, main)
     return len(rows)
+
+
+def read_losses_doc(path: str) -> Dict:
+    """A `bench losses` JSON (records with op / impl), or a ValueError naming the file and --merge-into."""
+    try:
+        with open(path) as f:
+            doc = json.load(f)
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise ValueError(f"--merge-into: cannot read {path!r} as a bench JSON ({e})") from None
+    records = doc.get("records") if isinstance(doc, dict) else None
+    if not isinstance(records, list) or not all(isinstance(r, dict) and "op" in r and "impl" in r for r in records):
+        raise ValueError(f"--merge-into: {path!r} is no `sdmp-fast bench losses` JSON (its records have no op / "
+                         f"impl)")
+    return doc
 
 
 def _ms(doc: Dict, op: str, impl: str) -> Optional[float]:

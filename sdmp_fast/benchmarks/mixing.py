@@ -26,8 +26,8 @@ from typing import Dict, List
 import torch
 
 from sdmp_fast import mixing
-from sdmp_fast.benchmarks.common import (check_counts, copy_bandwidth_gbps, cuda_time_ms, device_description,
-                                         peak_memory_mb, print_table, write_results)
+from sdmp_fast.benchmarks.common import (check_counts, check_output_path, copy_bandwidth_gbps, cuda_time_ms,
+                                         device_description, peak_memory_mb, print_table, write_results)
 from sdmp_fast.benchmarks.losses import DTYPES, default_json_path, graph_step
 from sdmp_fast.kernels.selfcheck import env
 
@@ -177,6 +177,8 @@ def main(args) -> int:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     view_sizes(args, device)  # bad input fails before anything runs
     dtype = DTYPES[args.dtype]
+    path = args.json or default_json_path("mixing", device)
+    check_output_path("--json", path)
     copy_gbps = copy_bandwidth_gbps()
     print(f"bench mixing on {device_description()}; copy bandwidth "
           f"{'%.0f GB/s' % copy_gbps if copy_gbps else 'n/a (CPU)'}", flush=True)
@@ -185,7 +187,6 @@ def main(args) -> int:
         records += bench_case(c, args, device, dtype, copy_gbps)
     for r in records:
         r["copy_gb_per_s"] = copy_gbps
-    path = args.json or default_json_path("mixing", device)
     write_results(path, records, getattr(args, "command_line", "sdmp-fast bench mixing"))
     print_table(records, COLUMNS)
     print(f"wrote {path}")
