@@ -45,7 +45,7 @@ def _upcast(x: torch.Tensor) -> torch.Tensor:
 def _one_per_row(name: str, t: torch.Tensor, n: int, device: torch.device, single_ok: bool) -> torch.Tensor:
     """``t`` as [n] on ``device`` or a ValueError naming it; with ``single_ok`` a single value (0-dim or [1]) is
     expanded to every row, as :func:`check_moco_inputs` does for lam (metadata only: no host sync)."""
-    if single_ok and t.dim() <= 1 and t.numel() == 1 and n != 1:
+    if single_ok and t.dim() <= 1 and t.numel() == 1:
         t = t.reshape(()).expand(n)
     if tuple(t.shape) != (n,):
         what = "one per row or a single one" if single_ok else "one per row"
@@ -116,8 +116,8 @@ def check_moco_inputs(q1, q2m, k1, k2, k1m, lam) -> torch.Tensor:
         if k.dim() != 2 or k.shape[1] != d or k.shape[0] != k1.shape[0]:
             raise ValueError(f"{name}: expected keys [N, {d}] with the N of k1 ({k1.shape[0]}), got "
                              f"{tuple(k.shape)}")
-    if lam.numel() == 1 and n != 1:
-        lam = lam.reshape(1).expand(n)
+    if lam.numel() == 1:
+        lam = lam.reshape(()).expand(n)
     if tuple(lam.shape) != (n,):
         raise ValueError(f"lam: expected one lam per query [{n}] (or a single one), got {tuple(lam.shape)}")
     for name, t in (("q2m", q2m), ("k1", k1), ("k2", k2), ("k1m", k1m), ("lam", lam)):
@@ -213,7 +213,7 @@ def check_dino_inputs(s_clean: torch.Tensor, s_mixed: Optional[torch.Tensor], t_
         raise ValueError("lam: the mixed crops' lam [B] is needed with student_mixed")
     if not isinstance(lam, torch.Tensor):
         lam = torch.as_tensor(lam, dtype=torch.float32, device=s_clean.device)
-    if lam.dim() <= 1 and lam.numel() == 1 and b != 1:
+    if lam.dim() <= 1 and lam.numel() == 1:
         lam = lam.reshape(()).expand(b)
     if tuple(lam.shape) != (b,):
         raise ValueError(f"lam: expected one per image [{b}] (or a single one), got {tuple(lam.shape)}")

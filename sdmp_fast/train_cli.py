@@ -332,6 +332,7 @@ def _main(cfg) -> int:
         if world > 1:
             _check_same_data(trainer, world)
             _check_same_start(resumed_from, world)
+            cfg.check_warmups(trainer.total_steps)  # the same on every rank now that they read the same data
         # ---- from here on --out is written
         problem = None
         if rank == 0:

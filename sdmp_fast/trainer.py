@@ -279,7 +279,8 @@ class Trainer:
         if self.steps_per_epoch < 1:
             raise ValueError(f"batch_size: {cfg.batch_size} per process leaves no full batch in an epoch")
         self.total_steps = int(cfg.steps if cfg.steps is not None else cfg.epochs * self.steps_per_epoch)
-        cfg.check_warmups(self.total_steps)  # with --epochs the run's length is known only now
+        if world_size == 1:  # with --epochs the run's length is known only now; several ranks check it once they
+            cfg.check_warmups(self.total_steps)  # agree on their data (train_cli), else only some would raise
         self.global_batch = cfg.batch_size * world_size
 
         self.model, self.spec = build_model(cfg)

@@ -120,8 +120,11 @@ def test_ranks_that_read_different_data_stop_naming_it(tmp_path):
                      "--log-every", "2", "--save-every", "0", "--dist-timeout", "20"]
     a, b = _image_folder(tmp_path / "a", 37), _image_folder(tmp_path / "b", 40)
     outs = [tmp_path / "node0", tmp_path / "node1"]
-    codes, texts = _ranks(tmp_path, [common + ["--out", str(outs[0]), "--data", str(a)],
-                                     common + ["--out", str(outs[1]), "--data", str(b)]], 100)
+    # a warm-up of 4 steps fits rank 1's 5-step run, not rank 0's 4: checked before the ranks agreed on their data,
+    # rank 0 alone stopped (naming warmup_steps) while rank 1 waited for it in a collective
+    warm = ["--warmup-steps", "4"]
+    codes, texts = _ranks(tmp_path, [common + warm + ["--out", str(outs[0]), "--data", str(a)],
+                                     common + warm + ["--out", str(outs[1]), "--data", str(b)]], 100)
     assert codes == [2, 2], texts
     for text in texts:
         assert "data: the ranks read different data" in text, text[-3000:]

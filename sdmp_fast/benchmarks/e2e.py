@@ -137,10 +137,14 @@ def main(args) -> int:
             _mode_cfg(synth, steps, warmup, m)
         except ValueError as e:
             raise ValueError(f"--modes {m}: {e}") from None
-    if args.json:  # checked before the runs: found unwritable at the end, it cost the JSON of all of them
-        from sdmp_fast.benchmarks.common import check_output_path
+    if args.json != "":  # checked before the runs: found unwritable at the end, it cost the JSON of all of them
+        import torch
 
-        check_output_path("--json", args.json)
+        from sdmp_fast.benchmarks.common import check_output_path
+        from sdmp_fast.benchmarks.losses import default_json_path
+
+        device = torch.device("cuda" if cfg.device != "cpu" and torch.cuda.is_available() else "cpu")
+        check_output_path("--json", args.json or default_json_path("e2e", device))
     records: List[Dict] = []
     if not args.skip_e2e and cfg.loader != "synthetic":
         records.append(_run(cfg, steps, warmup, "e2e", cfg_e2e_mode))

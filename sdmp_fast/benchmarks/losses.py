@@ -423,8 +423,11 @@ def main(args) -> int:
     check_output_path("--json", path)
     if args.merge_into:
         check_output_path("--merge-into", args.merge_into)
-        if os.path.exists(args.merge_into):
-            read_losses_doc(args.merge_into)  # a file that is no `bench losses` JSON: said now, not after the run
+        if os.path.exists(args.merge_into):  # no losses JSON, or another machine's: said now, not after the run
+            theirs = read_losses_doc(args.merge_into).get("device")
+            if theirs != device_description():
+                raise ValueError(f"--merge-into: {args.merge_into!r} was measured on {theirs!r}, this run is on "
+                                 f"{device_description()!r}: speed-ups across machines mean nothing")
     copy_gbps = copy_bandwidth_gbps()
     print(f"bench losses on {device_description()}; copy bandwidth "
           f"{'%.0f GB/s' % copy_gbps if copy_gbps else 'n/a (CPU)'}", flush=True)
