@@ -5,13 +5,17 @@ from sdmp_fast import cli
 
 from test_trainer import TINY
 
+MEMORY = ["--loader", "memory", "--data", "fashion-mnist", "--batch-size", "8"]
+
+
+def e2e(*extra) -> int:
+    """`sdmp-fast bench e2e` of the tiny ViT on Fashion-MNIST from memory, with ``extra`` options."""
+    return cli.main(["bench", "e2e"] + TINY + MEMORY + list(extra))
+
 
 def test_bench_e2e_writes_ratios(tmp_path, capsys):
     out = tmp_path / "e2e.json"
-    code = cli.main(["bench", "e2e"] + TINY + ["--loader", "memory", "--data", "fashion-mnist", "--batch-size", "8",
-                                               "--steps", "2", "--warmup", "1", "--modes", "eager",
-                                               "--json", str(out)])
-    assert code == 0
+    assert e2e("--steps", "2", "--warmup", "1", "--modes", "eager", "--json", str(out)) == 0
     doc = json.loads(out.read_text())
     runs = {(r["run"], r["mode"]): r for r in doc["records"]}
     assert set(runs) == {("e2e", "eager"), ("synthetic", "eager")}
@@ -28,10 +32,7 @@ def test_bench_e2e_writes_ratios(tmp_path, capsys):
 def test_bench_e2e_runs_a_mode_given_twice_once(tmp_path, capsys):
     """--modes eager,eager ran the synthetic baseline twice, the first row's ratio against the second run."""
     out = tmp_path / "e2e.json"
-    code = cli.main(["bench", "e2e"] + TINY + ["--loader", "memory", "--data", "fashion-mnist", "--batch-size", "8",
-                                               "--steps", "1", "--warmup", "0", "--modes", "eager,eager",
-                                               "--json", str(out)])
-    assert code == 0
+    assert e2e("--steps", "1", "--warmup", "0", "--modes", "eager,eager", "--json", str(out)) == 0
     runs = [(r["run"], r["mode"]) for r in json.loads(out.read_text())["records"]]
     assert sorted(runs) == [("e2e", "eager"), ("synthetic", "eager")]
 
@@ -39,8 +40,7 @@ def test_bench_e2e_runs_a_mode_given_twice_once(tmp_path, capsys):
 def test_bench_e2e_refuses_an_unwritable_json_before_running(tmp_path, capsys):
     afile = tmp_path / "afile"
     afile.write_text("x")
-    code = cli.main(["bench", "e2e"] + TINY + ["--loader", "memory", "--data", "fashion-mnist", "--batch-size", "8",
-                                               "--steps", "1", "--modes", "eager", "--json", str(afile / "e.json")])
+    code = e2e("--steps", "1", "--modes", "eager", "--json", str(afile / "e.json"))
     assert code == 2 and "--json: cannot write" in capsys.readouterr().err
 
 
