@@ -292,6 +292,14 @@ def validate_options(src, out, fmt, max_side, jpeg_quality, compress_probability
         raise ValueError(f"src: {os.fspath(src)!r} does not exist")
     if os.path.exists(out) and os.path.samefile(out, os.fspath(src)):
         raise ValueError(f"out: {out!r} is the source file list itself; give the .beton another path")
+    if os.path.exists(out):  # replaced at the end: only an earlier .beton, never a file of another kind
+        from .ffcv_loader import _open_beton
+
+        try:
+            _open_beton(out)
+        except ValueError:
+            raise ValueError(f"out: {out!r} exists and is not an FFCV .beton that convert may replace; remove it "
+                             f"first or choose another path") from None
     return out
 
 

@@ -95,10 +95,12 @@ def test_convert_reports_bad_files_and_keeps_the_good_ones(beton, folder):
 
 
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize("previous", [None, b"the previous good file"])
-def test_convert_failure_leaves_no_partial_file(folder, tmp_path, monkeypatch, previous):
+@pytest.mark.parametrize("keep_previous", [False, True])
+def test_convert_failure_leaves_no_partial_file(folder, beton, tmp_path, monkeypatch, keep_previous):
     out = tmp_path / "data.beton"
-    if previous is not None:
+    previous = None
+    if keep_previous:  # an earlier conversion's good file
+        previous = open(beton[1], "rb").read()
         out.write_bytes(previous)
     real = conv._ImageDataset.__getitem__
 
@@ -147,6 +149,15 @@ def test_convert_bad_arguments_name_the_path(tmp_path, folder):
     assert listing.read_text().endswith(" 0\n")
     listing.unlink()
     assert sorted(os.listdir(tmp_path)) == ["empty"]
+    # only an earlier .beton is replaced: a file of another kind at OUT was overwritten, a source image too
+    notes = tmp_path / "notes.txt"
+    notes.write_text("precious")
+    image = list_images(folder).files[0]
+    before = open(image, "rb").read()
+    for out in (str(notes), image):
+        with pytest.raises(ValueError, match="out: .* exists and is not an FFCV .beton that convert may replace"):
+            conv.convert(folder, out)
+    assert notes.read_text() == "precious" and open(image, "rb").read() == before
 
 
 def test_load_rgb_converts_modes_and_orientation(tmp_path):
