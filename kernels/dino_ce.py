@@ -208,7 +208,7 @@ def _prepare(student_clean, student_mixed, teacher_clean, teacher_mixed, center,
         return None
     sc, b, k = s_clean.shape
     t = t_clean.shape[0]
-    if t * sc - min(t, sc) + t * (0 if s_mixed is None else s_mixed.shape[0]) == 0:
+    if losses.dino_pair_count(sc, 0 if s_mixed is None else s_mixed.shape[0], t) == 0:
         return None  # no pair: let the reference produce its NaN
     # center [1, K] is DINO's own layout (a registered buffer), [K] the mean's: both are read as [K]
     lam32 = lam.detach().float().contiguous() if s_mixed is not None else None

@@ -222,6 +222,12 @@ def check_dino_inputs(s_clean: torch.Tensor, s_mixed: Optional[torch.Tensor], t_
     return lam
 
 
+def dino_pair_count(n_clean: int, n_mixed: int, n_teacher: int) -> int:
+    """(teacher, student) pairs :func:`sdmp_dino_terms` averages over: every teacher crop with every student crop,
+    but not with its own view (the first n_teacher clean crops are the teacher's)."""
+    return n_teacher * n_clean - min(n_teacher, n_clean) + n_teacher * n_mixed
+
+
 def _stacked_mixed(x) -> Optional[torch.Tensor]:
     return _stack(x) if x is not None and len(x) > 0 else None
 

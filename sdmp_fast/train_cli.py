@@ -20,6 +20,7 @@ import os
 import re
 import signal
 import sys
+from typing import Tuple
 
 __all__ = ["add_arguments", "main", "EXIT_SIGINT", "EXIT_NONFINITE"]
 
@@ -80,6 +81,8 @@ def _check_out(cfg) -> None:
 
 
 def _checkpoint_names(out: str) -> list:
+    """The complete checkpoints' file names in --out, sorted (checkpoint.list_checkpoints' names, without importing
+    torch before the settings are checked)."""
     d = os.path.join(out, "checkpoints")
     return sorted(n for n in os.listdir(d) if re.fullmatch(r"ckpt-\d{9}\.pt", n)) if os.path.isdir(d) else []
 
@@ -101,8 +104,7 @@ def _recheck_out(cfg, seen: list) -> None:
 
 
 def _has_checkpoint_files(out: str) -> bool:
-    d = os.path.join(out, "checkpoints")
-    return os.path.isdir(d) and any(re.fullmatch(r"ckpt-\d{9}\.pt", n) for n in os.listdir(d))
+    return bool(_checkpoint_names(out))
 
 
 def _lost_checkpoints(out: str, entries, cfg) -> bool:
@@ -110,9 +112,9 @@ def _lost_checkpoints(out: str, entries, cfg) -> bool:
     past the earlier run's save_every or its last step (from its config.yaml; the new settings if unreadable)."""
     if "backbone.pt" in entries:
         return True
-    if _recorded_checkpoint(out):  # since 2026-11-29 a record says so, a signal's save (no save_every step) too
+    last, recorded = _metrics_summary(out)
+    if recorded:  # since 2026-11-29 a record says so, a signal's save (no save_every step) too
         return True
-    last = _last_step(out)
     if last <= 0:
         return False
     if any(re.fullmatch(r"config\.\d+\.yaml", e) for e in entries):
@@ -135,31 +137,29 @@ def _lost_checkpoints(out: str, entries, cfg) -> bool:
     return isinstance(total, int) and last >= total
 
 
+def _metrics_summary(out: str) -> Tuple[int, bool]:
+    """(the last step metrics.jsonl records, whether a record follows a checkpoint: ``"checkpoint": true``);
+    (0, False) without the file or when it is unreadable."""
+    metrics = os.path.join(out, "metrics.jsonl")
+    if not os.path.isfile(metrics):
+        return 0, False
+    from sdmp_fast.runlog import iter_records
+
+    last, recorded = 0, False
+    try:
+        for _, r in iter_records(metrics):
+            step = r.get("step")
+            if isinstance(step, int) and not isinstance(step, bool):
+                last = max(last, step)
+            recorded = recorded or r.get("checkpoint") is True
+    except (OSError, UnicodeDecodeError):
+        return 0, False
+    return last, recorded
+
+
 def _last_step(out: str) -> int:
     """The last step metrics.jsonl records (0: none, or the file is unreadable)."""
-    metrics = os.path.join(out, "metrics.jsonl")
-    if not os.path.isfile(metrics):
-        return 0
-    from sdmp_fast.runlog import iter_records
-
-    try:
-        return max((r.get("step") for _, r in iter_records(metrics)
-                    if isinstance(r.get("step"), int) and not isinstance(r.get("step"), bool)), default=0)
-    except (OSError, UnicodeDecodeError):
-        return 0
-
-
-def _recorded_checkpoint(out: str) -> bool:
-    """Whether a metrics.jsonl record follows a checkpoint (``"checkpoint": true``)."""
-    metrics = os.path.join(out, "metrics.jsonl")
-    if not os.path.isfile(metrics):
-        return False
-    from sdmp_fast.runlog import iter_records
-
-    try:
-        return any(r.get("checkpoint") is True for _, r in iter_records(metrics))
-    except (OSError, UnicodeDecodeError):
-        return False
+    return _metrics_summary(out)[0]
 
 
 def _run_output(out: str, entries) -> list:

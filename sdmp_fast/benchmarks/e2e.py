@@ -137,14 +137,15 @@ def main(args) -> int:
             _mode_cfg(synth, steps, warmup, m)
         except ValueError as e:
             raise ValueError(f"--modes {m}: {e}") from None
-    if args.json != "":  # checked before the runs: found unwritable at the end, it cost the JSON of all of them
-        import torch
-
-        from sdmp_fast.benchmarks.common import check_output_path
+    path = args.json
+    if path is None:  # one file per card and day: a later run does not overwrite another machine's numbers
         from sdmp_fast.benchmarks.losses import default_json_path
+        from sdmp_fast.trainer import resolve_device
 
-        device = torch.device("cuda" if cfg.device != "cpu" and torch.cuda.is_available() else "cpu")
-        check_output_path("--json", args.json or default_json_path("e2e", device))
+        path = default_json_path("e2e", resolve_device(cfg.device))
+    from sdmp_fast.benchmarks.common import check_output_path
+
+    check_output_path("--json", path)  # before the runs: found unwritable at the end, it cost all of them
     records: List[Dict] = []
     if not args.skip_e2e and cfg.loader != "synthetic":
         records.append(_run(cfg, steps, warmup, "e2e", cfg_e2e_mode))
@@ -163,13 +164,6 @@ def main(args) -> int:
     print_table(records, ["run", "mode", "loader", "method", "sdmp", "arch", "batch_size", "precision",
                           "img_per_s", "step_ms", "ratio_to_synthetic_same_mode", "speedup_vs_synthetic_eager",
                           "peak_mem_gb", "mem_vs_synthetic_eager"])
-    path = args.json
-    if path is None:  # one file per card and day: a later run does not overwrite another machine's numbers
-        import torch
-
-        from sdmp_fast.benchmarks.losses import default_json_path
-
-        path = default_json_path("e2e", torch.device(records[-1]["device"]))
     if path:
         write_results(path, records, getattr(args, "command_line", "sdmp-fast bench e2e"))
         print(f"wrote {path}")

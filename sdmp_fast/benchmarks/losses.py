@@ -406,7 +406,7 @@ def main(args) -> int:
     if "dino" in ops:
         sc, sm = dino_crops(args.dino_crops)
         t = args.teacher_crops
-        if t * sc - min(t, sc) + t * sm == 0:  # DINO leaves out the same-view pairs: nothing would be timed
+        if losses.dino_pair_count(sc, sm, t) == 0:  # DINO leaves out the same-view pairs: nothing to time
             raise ValueError(f"--dino-crops {args.dino_crops} with --teacher-crops {t}: no (teacher, student) pair "
                              f"to compute (a teacher crop is never paired with its own view); add crops")
     for variant in (v.strip() for v in args.dino_variants.split(",") if v.strip()):
