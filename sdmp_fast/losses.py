@@ -12,6 +12,8 @@ from typing import Dict, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn.functional as F
 
+from .mixing import check_lam_range
+
 __all__ = ["mix_coefficient", "mix_mix_weights", "flip_indices", "two_hot_cross_entropy",
            "soft_target_cross_entropy", "moco_logits", "sdmp_moco_terms", "sdmp_moco_loss",
            "dino_teacher_probs", "dino_center_update", "sdmp_dino_terms"]
@@ -106,7 +108,8 @@ def _key_offset(n: int, num_keys: int, rank: int, world_size: int) -> int:
 
 def check_moco_inputs(q1, q2m, k1, k2, k1m, lam) -> torch.Tensor:
     """Shapes of the SDMP-MoCo inputs (metadata only: no host sync), an error naming the argument that is off;
-    returns lam as [n] (a single lam, one for the whole batch, is expanded)."""
+    returns lam as [n] (a single lam, one for the whole batch, is expanded). lam's range [0, 1] is checked where
+    that costs no sync (a CPU lam, see mixing.check_lam_range): outside it the targets are no distribution."""
     if q1.dim() != 2:
         raise ValueError(f"q1: expected queries [n, d], got shape {tuple(q1.shape)}")
     n, d = q1.shape
@@ -123,6 +126,7 @@ def check_moco_inputs(q1, q2m, k1, k2, k1m, lam) -> torch.Tensor:
     for name, t in (("q2m", q2m), ("k1", k1), ("k2", k2), ("k1m", k1m), ("lam", lam)):
         if t.device != q1.device:
             raise ValueError(f"{name}: on {t.device}, q1 on {q1.device}: every input must be on one device")
+    check_lam_range(lam)
     return lam
 
 
@@ -186,7 +190,7 @@ def check_dino_inputs(s_clean: torch.Tensor, s_mixed: Optional[torch.Tensor], t_
                       lam: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     """Shapes and devices of :func:`sdmp_dino_terms`' (stacked) inputs, an error naming the argument that is off,
     checked alike by the reference and the kernel (metadata only: no host sync). Returns lam as [B] (a single
-    lam is expanded), or None without mixed crops."""
+    lam is expanded), or None without mixed crops. A CPU lam must lie in [0, 1] (mixing.check_lam_range)."""
     if s_clean.dim() != 3:
         raise ValueError(f"student_clean: expected [crops, B, K] (or a list of [B, K]), got {tuple(s_clean.shape)}")
     _, b, k = s_clean.shape
@@ -219,6 +223,7 @@ def check_dino_inputs(s_clean: torch.Tensor, s_mixed: Optional[torch.Tensor], t_
         raise ValueError(f"lam: expected one per image [{b}] (or a single one), got {tuple(lam.shape)}")
     if lam.device != s_clean.device:
         raise ValueError(f"lam: on {lam.device}, student_clean on {s_clean.device}: every input must be on one device")
+    check_lam_range(lam)
     return lam
 
 

@@ -719,6 +719,7 @@ def _misfits():
     logits, i = torch.randn(4, 9, generator=g), torch.arange(4)
     s, sm, t = torch.randn(3, 4, 16, generator=g), torch.randn(2, 4, 16, generator=g), torch.randn(2, 4, 16)
     c, lam4 = torch.zeros(16), torch.rand(4, generator=g)
+    q = torch.nn.functional.normalize(torch.randn(4, 8, generator=g), dim=1)
     return [
         ("apply_mix lam [1]", lambda o: o.apply_mix(x, lam[:1], method, y0, x0, ch, cw), r"lam must be \[4\]"),
         ("apply_mix 0-dim lam", lambda o: o.apply_mix(x, lam[0], method, y0, x0, ch, cw), r"lam must be \[4\]"),
@@ -750,13 +751,20 @@ def _misfits():
         ("dino 3 mixed teacher crops", lambda o: o.sdmp_dino_terms(s, sm, t, torch.cat([t, t[:1]]), c, lam4),
          r"teacher_mixed: 3 crops"),
         ("dino 2-D student", lambda o: o.sdmp_dino_terms(s[0], sm, t, t, c, lam4), r"student_clean: expected"),
+        ("dino lam > 1", lambda o: o.sdmp_dino_terms(s, sm, t, t, c, lam4 + 1), r"lam: every value .* \[0, 1\]"),
+        ("dino single lam < 0", lambda o: o.sdmp_dino_terms(s, sm, t, t, c, torch.tensor(-0.5)),
+         r"lam: every value .* \[0, 1\]"),
+        ("moco lam NaN", lambda o: o.sdmp_moco_terms(q, q, q, q, q, torch.full((4,), float("nan"))),
+         r"lam: every value .* \[0, 1\]"),
+        ("moco single lam", lambda o: losses.sdmp_moco_loss(o.sdmp_moco_terms(q, q, q, q, q, torch.tensor(0.25))),
+         None),
     ]
 
 
 REFERENCES = type("References", (), dict(
     apply_mix=staticmethod(mixing.apply_mix), mix_views=staticmethod(mixing.mix_views),
     two_hot_cross_entropy=staticmethod(losses.two_hot_cross_entropy),
-    sdmp_dino_terms=staticmethod(losses.sdmp_dino_terms)))
+    sdmp_dino_terms=staticmethod(losses.sdmp_dino_terms), sdmp_moco_terms=staticmethod(losses.sdmp_moco_terms)))
 
 
 @pytest.mark.slow
