@@ -85,3 +85,24 @@ def test_bench_e2e_names_its_default_file_by_card_and_date(tmp_path, capsys, mon
     doc = json.loads((tmp_path / "bench" / "results" / name).read_text())
     assert [r["device"] for r in doc["records"]] == ["cpu"]
     assert not (tmp_path / "bench" / "results" / "e2e.json").exists()
+
+
+def test_ctrl_c_keeps_the_finished_runs_beside_an_earlier_result(tmp_path, capsys, monkeypatch):
+    """Ctrl-C during the synthetic baseline lost the e2e run already timed; now it is written beside --json."""
+    from sdmp_fast.benchmarks import e2e as bench_e2e
+
+    real = bench_e2e._run
+
+    def run(cfg, steps, warmup, run, mode):
+        if run == "synthetic":
+            raise KeyboardInterrupt
+        return real(cfg, steps, warmup, run, mode)
+
+    monkeypatch.setattr(bench_e2e, "_run", run)
+    out = tmp_path / "e2e.json"
+    out.write_text('{"earlier": "complete run"}')
+    assert e2e("--steps", "1", "--warmup", "0", "--modes", "eager", "--json", str(out)) == 130
+    assert json.loads(out.read_text()) == {"earlier": "complete run"}
+    part = json.loads((tmp_path / "e2e.interrupted.json").read_text())
+    assert part["interrupted"] is True and [r["run"] for r in part["records"]] == ["e2e"]
+    assert part["records"][0]["img_per_s"] > 0 and part["records"][0]["ratio_to_synthetic_same_mode"] is None

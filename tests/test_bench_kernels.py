@@ -201,3 +201,30 @@ def test_a_list_entry_given_twice_still_gives_one_record_per_op_and_impl(tmp_pat
     recs = json.loads(out.read_text())["records"]
     pairs = [(r["op"], r["impl"]) for r in recs]
     assert len(pairs) == len(set(pairs)) and pairs
+
+
+@pytest.mark.parametrize("cmd", ["losses", "mixing"])
+def test_ctrl_c_keeps_the_rows_of_the_finished_parts_beside_an_earlier_result(tmp_path, monkeypatch, capsys, cmd):
+    """Ctrl-C during a later op / case lost the rows of those already timed; now they are written beside --json
+    (``.interrupted.json``, "interrupted": true), the earlier complete file is left as it was, exit status 130."""
+    from sdmp_fast.benchmarks import losses as bench_losses
+    from sdmp_fast.benchmarks import mixing as bench_mixing
+
+    def stop(*args):
+        raise KeyboardInterrupt
+
+    if cmd == "losses":
+        monkeypatch.setitem(bench_losses.OPS, "dino", stop)
+        argv, key = ["--ops", "two_hot_ce,dino"], "op"
+    else:
+        real = bench_mixing.bench_case
+        monkeypatch.setattr(bench_mixing, "bench_case", lambda c, *a: stop() if c == "cutmix" else real(c, *a))
+        argv, key = ["--cases", "mixup,cutmix"], "op"
+    out = tmp_path / "r.json"
+    out.write_text('{"earlier": "complete run"}')
+    assert cli.main(["bench", cmd, "--no-compile", "--iters", "1", "--warmup", "0", "--json", str(out)] + argv) == 130
+    assert json.loads(out.read_text()) == {"earlier": "complete run"}
+    part = json.loads((tmp_path / "r.interrupted.json").read_text())
+    assert part["interrupted"] is True and part["records"]
+    assert {r[key] for r in part["records"]} == ({"two_hot_ce"} if cmd == "losses" else {"mix_mixup"})
+    assert "r.interrupted.json" in capsys.readouterr().err

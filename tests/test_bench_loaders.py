@@ -257,7 +257,7 @@ def test_a_backend_failing_in_a_later_round_is_reported_failed(monkeypatch):
         return {"backend": backend, "status": "failed", "reason": "RuntimeError: worker died"}
 
     monkeypatch.setattr(bench, "run_backend", flaky)
-    rec, = bench.measure_rounds(["torchvision"], SimpleNamespace(repeats=3), None, None, torch.device("cpu"), None)
+    (rec,), _ = bench.measure_rounds(["torchvision"], SimpleNamespace(repeats=3), None, None, torch.device("cpu"), None)
     assert calls["n"] == 2  # not retried after the failure
     assert rec["status"] == "failed" and "round 2 of 3" in rec["reason"] and "worker died" in rec["reason"]
     assert "img_per_s" not in rec and rec["rounds_img_per_s"] == [50.0]
@@ -272,8 +272,8 @@ def test_the_reported_round_is_the_median_and_the_slower_middle_of_an_even_count
     left = list(speeds)
     monkeypatch.setattr(bench, "run_backend", lambda *a: {"backend": a[0], "status": "ok", "reason": None,
                                                           "img_per_s": left.pop(0), "samples": 8, "seconds": 1})
-    rec, = bench.measure_rounds(["torchvision"], SimpleNamespace(repeats=len(speeds)), None, None,
-                                torch.device("cpu"), None)
+    (rec,), _ = bench.measure_rounds(["torchvision"], SimpleNamespace(repeats=len(speeds)), None, None,
+                                     torch.device("cpu"), None)
     assert rec["img_per_s"] == reported and rec["rounds_img_per_s"] == speeds
 
 
@@ -389,3 +389,26 @@ def test_bench_loaders_checks_its_outputs_and_backends_before_timing(photos, tmp
         assert cli_main(base + extra) == 2
         assert message in capsys.readouterr().err
     assert not (tmp_path / "r.json").exists()
+
+
+def test_ctrl_c_keeps_the_rounds_that_finished_beside_an_earlier_result(photos, tmp_path, monkeypatch, capsys):
+    """Ctrl-C in the middle of a run lost every row measured so far; now they are written beside --json
+    (``.interrupted.json``), an earlier complete result at --json is left as it was, and the exit status is 130."""
+    def fake(backend, args, recipe, images, device, dtype):
+        if backend == "ffcv":
+            raise KeyboardInterrupt
+        return {"backend": backend, "status": "ok", "reason": None, "img_per_s": 10.0, "samples": 4, "seconds": 0.4}
+
+    monkeypatch.setattr(bench, "run_backend", fake)
+    out = tmp_path / "x.json"
+    out.write_text('{"earlier": "complete run"}')
+    rc = cli_main(["bench", "loaders", "--data", photos, "--backends", "torchvision,ffcv,dali", "--device", "cpu",
+                   "--batch-size", "4", "--json", str(out)])
+    assert rc == 130
+    assert json.loads(out.read_text()) == {"earlier": "complete run"}
+    part = json.loads((tmp_path / "x.interrupted.json").read_text())
+    assert part["interrupted"] is True and [r["backend"] for r in part["records"]] == ["torchvision"]
+    assert part["records"][0]["img_per_s"] == 10.0 and part["records"][0]["ratio_vs_torchvision"] == 1.0
+    assert not (tmp_path / "x.png").exists() and not (tmp_path / "x.interrupted.png").exists()
+    err = capsys.readouterr().err
+    assert "interrupted" in err and "x.interrupted.json" in err

@@ -10,7 +10,8 @@ import os
 import platform
 import statistics
 import time
-from typing import Callable, Dict, List, Optional
+import sys
+from typing import Callable, Dict, Iterable, List, Optional, Tuple
 
 import torch
 
@@ -31,13 +32,50 @@ def device_description() -> str:
     return f"CPU {platform.processor() or platform.machine()} x{os.cpu_count()}, torch {torch.__version__}"
 
 
-def write_results(path: Optional[str], records: List[Dict], command: str) -> Dict:
-    """Write the shared bench JSON atomically (tmp + rename); returns the document."""
+def write_results(path: Optional[str], records: List[Dict], command: str, interrupted: bool = False) -> Dict:
+    """Write the shared bench JSON atomically (tmp + rename); returns the document. An interrupted run's rows go
+    beside ``path`` (:func:`interrupted_path`, the document says ``"interrupted": true``): a complete earlier
+    result at ``path`` is never replaced by part of a run."""
     doc = {"device": device_description(), "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
            "command": command, "records": records}
+    if interrupted:
+        doc["interrupted"] = True
+        path = interrupted_path(path) if path else None
     if path:
         write_json(path, doc)
+    doc["path"] = path
     return doc
+
+
+EXIT_INTERRUPTED = 130  # as the trainer (and a shell) report Ctrl-C
+
+
+def interrupted_path(path: str) -> str:
+    """bench/results/losses-x.json -> bench/results/losses-x.interrupted.json"""
+    stem, ext = os.path.splitext(path)
+    return f"{stem}.interrupted{ext or '.json'}"
+
+
+def rows_until_interrupted(parts: Iterable[Callable[[], List[Dict]]]) -> Tuple[List[Dict], bool]:
+    """Run each part (an op, a case, a mode: a callable returning its rows) in turn; Ctrl-C stops the loop and
+    keeps the rows of the parts that finished, instead of losing the whole run's (a part cut short gives none:
+    its rows would be timed against baselines it never measured). Returns (rows, interrupted)."""
+    rows: List[Dict] = []
+    try:
+        for part in parts:
+            rows += part()
+    except KeyboardInterrupt:
+        print(f"\ninterrupted (Ctrl-C): keeping the {len(rows)} rows measured so far", file=sys.stderr, flush=True)
+        return rows, True
+    return rows, False
+
+
+def report_interrupted(doc: Dict, kind: str) -> int:
+    """The closing line of an interrupted bench, and its exit status."""
+    where = f"wrote them to {doc['path']}" if doc.get("path") else "nothing written"
+    print(f"bench {kind}: interrupted with {len(doc['records'])} rows measured; {where} (a complete earlier "
+          f"result keeps its own file)", file=sys.stderr)
+    return EXIT_INTERRUPTED
 
 
 def check_output_path(option: str, path: Optional[str]) -> None:

@@ -108,7 +108,7 @@ def _run(cfg, steps: int, warmup: int, label: str, mode: str) -> Dict:
 
 
 def main(args) -> int:
-    from sdmp_fast.benchmarks.common import print_table, write_results
+    from sdmp_fast.benchmarks.common import print_table, report_interrupted, rows_until_interrupted, write_results
     from sdmp_fast.config import config_from_args
 
     if getattr(args, "out", None) is None:
@@ -146,11 +146,10 @@ def main(args) -> int:
     from sdmp_fast.benchmarks.common import check_output_path
 
     check_output_path("--json", path)  # before the runs: found unwritable at the end, it cost all of them
-    records: List[Dict] = []
-    if not args.skip_e2e and cfg.loader != "synthetic":
-        records.append(_run(cfg, steps, warmup, "e2e", cfg_e2e_mode))
-    for m in modes:
-        records.append(_run(synth, steps, warmup, "synthetic", m))
+    parts = [] if args.skip_e2e or cfg.loader == "synthetic" else [(cfg, "e2e", cfg_e2e_mode)]
+    parts += [(synth, "synthetic", m) for m in modes]
+    records, interrupted = rows_until_interrupted(
+        (lambda c=c, run=run, m=m: [_run(c, steps, warmup, run, m)]) for c, run, m in parts)
     by = {(r["run"], r["mode"]): r["img_per_s"] for r in records}
     mem = {(r["run"], r["mode"]): r.get("peak_mem_gb") for r in records}
     for r in records:
@@ -164,7 +163,9 @@ def main(args) -> int:
     print_table(records, ["run", "mode", "loader", "method", "sdmp", "arch", "batch_size", "precision",
                           "img_per_s", "step_ms", "ratio_to_synthetic_same_mode", "speedup_vs_synthetic_eager",
                           "peak_mem_gb", "mem_vs_synthetic_eager"])
+    doc = write_results(path, records, getattr(args, "command_line", "sdmp-fast bench e2e"), interrupted)
+    if interrupted:
+        return report_interrupted(doc, "e2e")
     if path:
-        write_results(path, records, getattr(args, "command_line", "sdmp-fast bench e2e"))
         print(f"wrote {path}")
     return 0

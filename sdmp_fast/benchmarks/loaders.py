@@ -38,13 +38,13 @@ import re
 import sys
 import time
 import traceback
-from typing import Dict, Iterator, List, Optional
+from typing import Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 import torch
 
 from sdmp_fast.benchmarks.baselines import BASELINES, make_baseline
-from sdmp_fast.benchmarks.common import check_output_path, print_table, write_results
+from sdmp_fast.benchmarks.common import check_output_path, print_table, report_interrupted, write_results
 from sdmp_fast.pipelines.base import loader_threads, usable_cores
 from sdmp_fast.pipelines.convert import DEFAULT_JPEG_QUALITY
 
@@ -295,20 +295,27 @@ def _timed(record: Dict, batches: Iterator, args, device: torch.device, count: O
     return record
 
 
-def measure_rounds(backends: List[str], args, recipe, images, device: torch.device, dtype) -> List[Dict]:
+def measure_rounds(backends: List[str], args, recipe, images, device: torch.device,
+                   dtype) -> Tuple[List[Dict], bool]:
     """``--repeats`` rounds over the backends in turn (so a busy neighbour slows every backend alike, not just
     one); each backend's record keeps the median round (of an even count the slower middle one, so that two
-    rounds report the worse, not the best) and every round's img/s."""
+    rounds report the worse, not the best) and every round's img/s. Ctrl-C ends the rounds early: the records
+    are then those of the rounds that finished (a backend not reached has none); returns (records, interrupted)."""
     rounds: Dict[str, List[Dict]] = {b: [] for b in backends}
-    for _ in range(args.repeats):
-        for b in backends:
-            if rounds[b] and rounds[b][-1]["status"] != "ok":
-                continue  # unavailable / failed once: not retried
-            rec = run_backend(b, args, recipe, images, device, dtype)
-            rec["load_avg_1m"] = round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
-            rounds[b].append(rec)
+    interrupted = False
+    try:
+        for _ in range(args.repeats):
+            for b in backends:
+                if rounds[b] and rounds[b][-1]["status"] != "ok":
+                    continue  # unavailable / failed once: not retried
+                rec = run_backend(b, args, recipe, images, device, dtype)
+                rec["load_avg_1m"] = round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
+                rounds[b].append(rec)
+    except KeyboardInterrupt:
+        interrupted = True
+        print("\ninterrupted (Ctrl-C): keeping the rounds that finished", file=sys.stderr, flush=True)
     records = []
-    for b in backends:
+    for b in (b for b in backends if rounds[b]):
         ok = sorted((r for r in rounds[b] if r["status"] == "ok"), key=lambda r: r["img_per_s"])
         if len(ok) == len(rounds[b]):
             rec = dict(ok[(len(ok) - 1) // 2])  # an even count: the slower middle round (2 rounds: not the best)
@@ -320,7 +327,7 @@ def measure_rounds(backends: List[str], args, recipe, images, device: torch.devi
                 rec.pop(key, None)
         rec["rounds_img_per_s"] = [r["img_per_s"] for r in rounds[b] if r["status"] == "ok"]
         records.append(rec)
-    return records
+    return records, interrupted
 
 
 def bar_chart(records: List[Dict], path: str, title: str) -> str:
@@ -407,8 +414,8 @@ def run(args) -> Dict:
     check_output_path("--json", args.json)
     check_output_path("--png", args.png)
 
-    records = measure_rounds(backends, args, recipe, images, device, dtype)
-    if device.type == "cuda":
+    records, interrupted = measure_rounds(backends, args, recipe, images, device, dtype)
+    if device.type == "cuda" and not interrupted:
         synth = {"backend": SYNTHETIC, "status": "ok", "reason": None, "batches": args.batches}
         synth.update(time_batches(synthetic_batches(recipe, args.batch_size, device, dtype, args.seed),
                                   args.warmup, args.batches, device))
@@ -427,13 +434,14 @@ def run(args) -> Dict:
                  ratio_vs_torchvision=rate / ref["img_per_s"] if rate and ref else None,
                  ratio_vs_synthetic=rate / synth_rate if rate and synth_rate else None,
                  ratio_vs_solo_learn=rate / solo_rate if rate and solo_rate else None)
-    doc = write_results(args.json, records, getattr(args, "command_line", "sdmp-fast bench loaders"))
-    png = args.png or os.path.splitext(args.json)[0] + ".png"
+    doc = write_results(args.json, records, getattr(args, "command_line", "sdmp-fast bench loaders"), interrupted)
+    png = None if interrupted else args.png or os.path.splitext(args.json)[0] + ".png"
     try:
         import matplotlib  # noqa: F401  (the [bench] extra; a core install still gets its JSON, not a traceback)
     except ImportError:
-        print("bench loaders: no bar chart (matplotlib is not installed: pip install 'sdmp-fast[bench]')",
-              file=sys.stderr)
+        if png:
+            print("bench loaders: no bar chart (matplotlib is not installed: pip install 'sdmp-fast[bench]')",
+                  file=sys.stderr)
         png = None
     if png:
         bar_chart(records, png, f"{recipe.name} · batch {args.batch_size} · {len(images)} images · "
@@ -490,6 +498,8 @@ def main(args) -> int:
             print(f"note: {r['backend']} decodes a .beton whose longest sides are capped at --max-side "
                   f"{r['beton']['max_side']} ({r['beton']['at_max_side']} of {r['num_images']} images at the cap; "
                   f"the other backends decode the files at their own size)")
+    if doc.get("interrupted"):
+        return report_interrupted(doc, "loaders")
     busy = oversubscribed(doc["records"])
     if busy:
         print(f"warning: the CPU was oversubscribed while {', '.join(busy)} ran (1-minute load above twice the "

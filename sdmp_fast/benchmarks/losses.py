@@ -20,6 +20,7 @@ device-to-device copy bandwidth. On a CPU-only machine sizes shrink and kernel r
 from __future__ import annotations
 
 import datetime as _dt
+import functools
 import json
 import os
 import re
@@ -32,7 +33,8 @@ import torch.nn.functional as F
 from sdmp_fast import losses
 from sdmp_fast.kernels.selfcheck import env
 from sdmp_fast.benchmarks.common import (check_counts, check_output_path, copy_bandwidth_gbps, cuda_time_ms,
-                                         device_description, peak_memory_mb, print_table, write_json, write_results)
+                                         device_description, peak_memory_mb, print_table, report_interrupted,
+                                         rows_until_interrupted, write_json, write_results)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 COLUMNS = ["op", "impl", "status", "ms", "gb_per_s", "pct_of_copy", "speedup_vs_eager", "speedup_vs_compile",
@@ -431,15 +433,19 @@ def main(args) -> int:
     copy_gbps = copy_bandwidth_gbps()
     print(f"bench losses on {device_description()}; copy bandwidth "
           f"{'%.0f GB/s' % copy_gbps if copy_gbps else 'n/a (CPU)'}", flush=True)
-    records: List[Dict] = []
-    for o in ops:
-        records += OPS[o](args, device, dtype, copy_gbps)
+    def op_rows(o: str) -> List[Dict]:
+        rows = OPS[o](args, device, dtype, copy_gbps)
         if device.type == "cuda":
             torch.cuda.empty_cache()
+        return rows
+
+    records, interrupted = rows_until_interrupted(functools.partial(op_rows, o) for o in ops)
     for r in records:
         r["copy_gb_per_s"] = copy_gbps
-    doc = write_results(path, records, getattr(args, "command_line", "sdmp-fast bench losses"))
+    doc = write_results(path, records, getattr(args, "command_line", "sdmp-fast bench losses"), interrupted)
     print_table(records, COLUMNS)
+    if interrupted:  # part of a run: not merged into another run's file either
+        return report_interrupted(doc, "losses")
     print(f"wrote {path}")
     if args.merge_into:
         added = merge_variant_rows(args.merge_into, doc)

@@ -20,6 +20,7 @@ over the copy's time (the issue's target: kernel within 1.5x of the copy); graph
 """
 from __future__ import annotations
 
+import functools
 import traceback
 from typing import Dict, List
 
@@ -27,7 +28,8 @@ import torch
 
 from sdmp_fast import mixing
 from sdmp_fast.benchmarks.common import (check_counts, check_output_path, copy_bandwidth_gbps, cuda_time_ms,
-                                         device_description, peak_memory_mb, print_table, write_results)
+                                         device_description, peak_memory_mb, print_table, report_interrupted,
+                                         rows_until_interrupted, write_results)
 from sdmp_fast.benchmarks.losses import DTYPES, default_json_path, graph_step
 from sdmp_fast.kernels.selfcheck import env
 
@@ -182,12 +184,13 @@ def main(args) -> int:
     copy_gbps = copy_bandwidth_gbps()
     print(f"bench mixing on {device_description()}; copy bandwidth "
           f"{'%.0f GB/s' % copy_gbps if copy_gbps else 'n/a (CPU)'}", flush=True)
-    records: List[Dict] = []
-    for c in cases:
-        records += bench_case(c, args, device, dtype, copy_gbps)
+    records, interrupted = rows_until_interrupted(functools.partial(bench_case, c, args, device, dtype, copy_gbps)
+                                                  for c in cases)
     for r in records:
         r["copy_gb_per_s"] = copy_gbps
-    write_results(path, records, getattr(args, "command_line", "sdmp-fast bench mixing"))
+    doc = write_results(path, records, getattr(args, "command_line", "sdmp-fast bench mixing"), interrupted)
     print_table(records, COLUMNS)
+    if interrupted:
+        return report_interrupted(doc, "mixing")
     print(f"wrote {path}")
     return 0
