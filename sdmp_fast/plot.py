@@ -58,10 +58,15 @@ def read_metrics(path: str) -> List[Dict]:
         path = os.path.join(path, "metrics.jsonl")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"metrics: {path!r} does not exist (is it a run directory of sdmp-fast train?)")
-    recs = [rec for rec in runlog_records(path) if "step" in rec]
+    recs = [rec for rec in runlog_records(path) if _is_number(rec.get("step"))]
     if not recs:
-        raise ValueError(f"metrics: {path!r} holds no records with a 'step'")
+        raise ValueError(f"metrics: {path!r} holds no records with a numeric 'step'")
     return recs
+
+
+def _is_number(v) -> bool:
+    """int or float, not bool (True is an int to Python, and would be drawn as 1.0)."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
 def loss_terms(recs: List[Dict]) -> List[str]:
@@ -69,13 +74,13 @@ def loss_terms(recs: List[Dict]) -> List[str]:
     names: List[str] = []
     for r in recs:
         for k, v in r.items():
-            if k not in NOT_LOSS_TERMS and k not in names and isinstance(v, (int, float)) and not isinstance(v, bool):
+            if k not in NOT_LOSS_TERMS and k not in names and _is_number(v):
                 names.append(k)
     return names
 
 
 def _series(recs: List[Dict], key: str):
-    pts = [(r["step"], r[key]) for r in recs if isinstance(r.get(key), (int, float))]
+    pts = [(r["step"], r[key]) for r in recs if _is_number(r.get(key))]
     return [p[0] for p in pts], [p[1] for p in pts]
 
 

@@ -257,6 +257,25 @@ def test_plot_writes_png(tmp_path):
     assert os.path.getsize(out) > 5000
 
 
+def test_plot_draws_only_numbers_against_numeric_steps(tmp_path):
+    """A record whose step is no number (a hand-edited or foreign line) was kept, and matplotlib drew the steps
+    as categories; a bool loss (True is an int to Python) was drawn as 1.0."""
+    from sdmp_fast.plot import _series
+
+    run = tmp_path / "run"
+    run.mkdir()
+    _write_metrics(run / "metrics.jsonl", n=3)
+    with open(run / "metrics.jsonl", "a") as fh:
+        fh.write(json.dumps({"step": "40", "loss": 1.0}) + "\n")
+        fh.write(json.dumps({"step": True, "loss": 1.0}) + "\n")
+        fh.write(json.dumps({"step": 50, "loss": True, "source": 2.0}) + "\n")
+    recs = read_metrics(str(run))
+    assert [r["step"] for r in recs] == [10, 20, 30, 50]
+    assert _series(recs, "loss") == ([10, 20, 30], [4.9, 4.8, 4.7])
+    assert _series(recs, "source")[0] == [10, 20, 30, 50]
+    assert plot_run(str(run)) == str(run / "curves.png")
+
+
 def test_plot_cli(tmp_path, capsys):
     run = tmp_path / "run"
     run.mkdir()
