@@ -22,6 +22,8 @@ def test_bench_e2e_writes_ratios(tmp_path, capsys):
     for r in runs.values():
         assert r["img_per_s"] > 0 and r["loss"] > 0
     assert runs[("synthetic", "eager")]["ratio_to_synthetic_same_mode"] == 1.0
+    for r in runs.values():  # TINY cuts the ViT down: the record says so, not just the arch name
+        assert r["backbone"]["depth"] == int(TINY[TINY.index("--depth") + 1]) and 0 < r["backbone_params_m"] < 1
     assert runs[("e2e", "eager")]["ratio_to_synthetic_same_mode"] > 0
     for r in runs.values():  # memory is measured beside speed on a GPU; on the CPU the columns say nothing
         assert "peak_mem_gb" in r and "mem_vs_synthetic_eager" in r and r["peak_mem_gb"] is None

@@ -88,6 +88,12 @@ def _mode_cfg(cfg, steps: int, warmup: int, mode: str):
     return cfg
 
 
+def _backbone_params_m(trainer) -> float:
+    """Millions of parameters of the trained ViT: with "backbone" (its timm spec, --depth / --embed-dim /
+    --num-heads overrides included) a record tells a ViT-S from a cut-down model of the same arch name."""
+    return round(sum(p.numel() for p in trainer.model.backbone.parameters()) / 1e6, 3)
+
+
 def _run(cfg, steps: int, warmup: int, label: str, mode: str) -> Dict:
     import torch
 
@@ -97,7 +103,8 @@ def _run(cfg, steps: int, warmup: int, label: str, mode: str) -> Dict:
     trainer = Trainer(cfg, log=lambda *a, **k: None)
     res = time_trainer(trainer, steps, warmup)
     rec = {"run": label, "mode": mode, "loader": cfg.loader, "method": cfg.method, "sdmp": cfg.sdmp,
-           "arch": cfg.arch, "img_size": cfg.img_size, "batch_size": cfg.batch_size, "steps": steps,
+           "arch": cfg.arch, "backbone": dict(trainer.spec), "backbone_params_m": _backbone_params_m(trainer),
+           "img_size": cfg.img_size, "batch_size": cfg.batch_size, "steps": steps,
            "precision": "bf16" if trainer.amp_dtype is not None else "fp32", "loss_impl": trainer.loss_impl,
            "device": str(trainer.device)}
     rec.update(res)
