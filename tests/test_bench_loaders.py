@@ -187,6 +187,22 @@ def test_anchor_baselines_run_beside_the_loaders(photos, tmp_path):
     assert recs["decode-only"]["status"] == "unavailable" and "CUDA" in recs["decode-only"]["reason"]
 
 
+def test_a_solo_learn_run_that_cannot_decode_its_first_batch_failed_and_was_not_unavailable(tmp_path):
+    """DALI runs the first batch while its iterator is made: a file it cannot decode there was reported as a
+    pipeline that could not be built ("unavailable", as a missing library) instead of a failed run."""
+    pytest.importorskip("nvidia.dali")
+    folder = tmp_path / "data" / "a"
+    folder.mkdir(parents=True)
+    for i in range(4):  # a JPEG start marker, then noise: listed as JPEGs, undecodable
+        (folder / f"x{i}.jpg").write_bytes(b"\xff\xd8\xff" + bytes(range(256)) * 8)
+    out = tmp_path / "loaders.json"
+    assert cli_main(["bench", "loaders", "--data", str(tmp_path / "data"), "--backends", "dali-solo-learn",
+                     "--batch-size", "4", "--warmup", "1", "--batches", "1", "--num-workers", "1", "--device", "cpu",
+                     "--json", str(out)]) == 0
+    rec, = json.loads(out.read_text())["records"]
+    assert rec["status"] == "failed" and "decoders.image" in rec["reason"], rec
+
+
 def test_solo_learn_baseline_applies_the_recipe_augmentations(photos):
     """Coin-flip selection as solo-learn's Mux: grayscale with p 1 greys every view, p 0 none."""
     pytest.importorskip("nvidia.dali")

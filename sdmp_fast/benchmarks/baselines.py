@@ -85,9 +85,10 @@ def dali_solo_learn(images, recipe, batch_size: int, device: torch.device, dtype
                                num_shards=num_shards)
     pipe.build()
     names = [f"view{j}" for j in range(len(recipe.expanded_views()))] + ["labels"]
-    it = DALIGenericIterator(pipe, names, reader_name="Reader", auto_reset=True,
-                             last_batch_policy=LastBatchPolicy.DROP)
-    return _dali_batches(it, names)
+    # The iterator runs the first batch as it is made: made at the first next(), a file DALI cannot decode is a
+    # failed run (timed start-up), not a pipeline that could not be built ("unavailable")
+    return _dali_batches(lambda: DALIGenericIterator(pipe, names, reader_name="Reader", auto_reset=True,
+                                                     last_batch_policy=LastBatchPolicy.DROP), names)
 
 
 def solo_learn_pipeline(images, recipe, batch_size: int, *, gpu: bool, device_id: Optional[int],
@@ -115,7 +116,8 @@ def solo_learn_pipeline(images, recipe, batch_size: int, *, gpu: bool, device_id
                             seed=seed)
 
 
-def _dali_batches(it, names) -> Iterator[SDMPBatch]:
+def _dali_batches(make_iterator, names) -> Iterator[SDMPBatch]:
+    it = make_iterator()
     while True:
         for out in it:
             d = out[0]
