@@ -29,9 +29,18 @@ def moco_inputs(n, d, world_size, dtype, device, seed=0):
     g = torch.Generator().manual_seed(seed)
     q1, q2m = (torch.randn(n, d, generator=g).to(device, dtype) for _ in range(2))
     k1, k2, k1m = (torch.randn(n * world_size, d, generator=g).to(device, dtype) for _ in range(3))
-    lam = torch.rand(n, generator=g).to(device)
-    lam[0] = 1.0
+    lam = _lam(n, g, device)
     return q1, q2m, k1, k2, k1m, lam
+
+
+def _lam(n, g, device):
+    """Random lam with lam 1 (an unmixed sample) first and, in an odd batch, at the middle: that image is its own
+    batch-flip partner, and the losses take it only unmixed (losses.check_unpaired_middle)."""
+    lam = torch.rand(n, generator=g)
+    lam[0] = 1.0
+    if n % 2:
+        lam[n // 2] = 1.0
+    return lam.to(device)
 
 
 def dino_inputs(sc, sm, t, b, k, dtype, device, teacher_mixed=True, seed=0):
@@ -41,8 +50,7 @@ def dino_inputs(sc, sm, t, b, k, dtype, device, teacher_mixed=True, seed=0):
     s_mixed = mk(sm, b, k) if sm else None
     t_mixed = mk(t, b, k) if (sm and teacher_mixed) else None
     center = (torch.randn(k, generator=g) * 0.3).to(device)
-    lam = torch.rand(b, generator=g).to(device)
-    lam[0] = 1.0
+    lam = _lam(b, g, device)
     return s_clean, s_mixed, t_clean, t_mixed, center, lam
 
 

@@ -106,6 +106,18 @@ def _key_offset(n: int, num_keys: int, rank: int, world_size: int) -> int:
                      f"{world_size}) rows, got {num_keys}")
 
 
+def check_unpaired_middle(lam: torch.Tensor) -> None:
+    """An odd batch's middle image is its own batch-flip partner (sdmp.md §1): it can only be an unmixed copy,
+    lam = 1, as the loaders hand out in a short odd last batch (drop_last=False). Any other lam there would
+    quietly turn its mixed terms into plain ones, so it is refused where that costs no sync (a CPU lam)."""
+    n = lam.shape[0]
+    if n % 2 == 0 or lam.device.type != "cpu" or torch.compiler.is_compiling():
+        return
+    if float(lam[n // 2]) != 1.0:
+        raise ValueError(f"lam: batch size {n} is odd, so image {n // 2} is its own batch-flip partner and must be "
+                         f"unmixed (lam 1), got {float(lam[n // 2])}; mix an even batch (sdmp.md §1)")
+
+
 def check_moco_inputs(q1, q2m, k1, k2, k1m, lam) -> torch.Tensor:
     """Shapes of the SDMP-MoCo inputs (metadata only: no host sync), an error naming the argument that is off;
     returns lam as [n] (a single lam, one for the whole batch, is expanded). lam's range [0, 1] is checked where
@@ -127,6 +139,7 @@ def check_moco_inputs(q1, q2m, k1, k2, k1m, lam) -> torch.Tensor:
         if t.device != q1.device:
             raise ValueError(f"{name}: on {t.device}, q1 on {q1.device}: every input must be on one device")
     check_lam_range(lam)
+    check_unpaired_middle(lam)
     return lam
 
 
@@ -190,7 +203,8 @@ def check_dino_inputs(s_clean: torch.Tensor, s_mixed: Optional[torch.Tensor], t_
                       lam: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     """Shapes and devices of :func:`sdmp_dino_terms`' (stacked) inputs, an error naming the argument that is off,
     checked alike by the reference and the kernel (metadata only: no host sync). Returns lam as [B] (a single
-    lam is expanded), or None without mixed crops. A CPU lam must lie in [0, 1] (mixing.check_lam_range)."""
+    lam is expanded), or None without mixed crops. A CPU lam must lie in [0, 1] (mixing.check_lam_range), and
+    in an odd batch the middle image's lam must be 1 (:func:`check_unpaired_middle`)."""
     if s_clean.dim() != 3:
         raise ValueError(f"student_clean: expected [crops, B, K] (or a list of [B, K]), got {tuple(s_clean.shape)}")
     _, b, k = s_clean.shape
@@ -224,6 +238,7 @@ def check_dino_inputs(s_clean: torch.Tensor, s_mixed: Optional[torch.Tensor], t_
     if lam.device != s_clean.device:
         raise ValueError(f"lam: on {lam.device}, student_clean on {s_clean.device}: every input must be on one device")
     check_lam_range(lam)
+    check_unpaired_middle(lam)
     return lam
 
 

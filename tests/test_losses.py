@@ -4,6 +4,8 @@ import math
 import pytest
 import torch
 
+from sdmp_fast import losses
+
 from sdmp_fast.losses import (flip_indices, mix_coefficient, mix_mix_weights, sdmp_dino_terms,
                               sdmp_moco_loss, sdmp_moco_terms, two_hot_cross_entropy, moco_logits,
                               soft_target_cross_entropy, dino_center_update)
@@ -216,3 +218,22 @@ def test_moco_inputs_that_do_not_fit_are_named(impl):
     one = fn(q1, q2m, k1, k2, k1m, lam[:1], 0.2, 1, 2)  # a single lam serves the whole batch
     full = fn(q1, q2m, k1, k2, k1m, lam[:1].expand(4), 0.2, 1, 2)
     assert all(torch.equal(one[k], full[k]) for k in one)
+
+
+def test_an_odd_batch_is_taken_only_with_its_middle_image_unmixed():
+    """An odd batch's middle image is its own batch-flip partner (sdmp.md §1): the loaders hand it out unmixed
+    (lam 1, a short odd last batch); with any other lam its mixed terms silently became plain ones."""
+    import torch.nn.functional as F
+
+    g = torch.Generator().manual_seed(0)
+    q = F.normalize(torch.randn(3, 8, generator=g), dim=1)
+    s, t = torch.randn(2, 3, 16, generator=g), torch.randn(2, 3, 16, generator=g)
+    for bad in (torch.tensor([1.0, 0.5, 0.2]), torch.tensor(0.7)):
+        with pytest.raises(ValueError, match=r"batch size 3 is odd, so image 1 is its own batch-flip partner"):
+            losses.sdmp_moco_terms(q, q, q, q, q, bad)
+        with pytest.raises(ValueError, match=r"batch size 3 is odd"):
+            losses.sdmp_dino_terms(s, s, t, t, torch.zeros(16), bad)
+    ok = torch.tensor([0.3, 1.0, 0.6])
+    assert torch.isfinite(losses.sdmp_moco_loss(losses.sdmp_moco_terms(q, q, q, q, q, ok)))
+    assert torch.isfinite(losses.sdmp_dino_terms(s, s, t, t, torch.zeros(16), ok)["loss"])
+    losses.sdmp_dino_terms(s, None, t, None, torch.zeros(16), None)  # plain DINO: no partners, any batch

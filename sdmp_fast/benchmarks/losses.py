@@ -224,6 +224,8 @@ def bench_moco_terms(args, device, dtype, copy_gbps) -> List[Dict]:
     q1, q2m = mk(n, True), mk(n, True)
     k1, k2, k1m = mk(n * world, False), mk(n * world, False), mk(n * world, False)
     lam = torch.rand(n, device=device, generator=g)
+    if n % 2:  # an odd batch's middle image is its own partner: unmixed (losses.check_unpaired_middle)
+        lam[n // 2] = 1.0
     min_bytes = 3 * 2 * n * n * world * q1.element_size()  # three [n, N] logits read once, gradients written once
     shape = f"n={n} N={n * world} d={args.moco_dim} {str(dtype).replace('torch.', '')}"
 
@@ -258,6 +260,8 @@ def bench_dino(args, device, dtype, copy_gbps) -> List[Dict]:
     t_mixed = mk(t, b, k) if (sm and args.teacher_mixed) else None
     center = torch.randn(k, device=device, generator=g) * 0.1
     lam = torch.rand(b, device=device, generator=g)
+    if b % 2:  # an odd batch's middle image is its own partner: unmixed (losses.check_unpaired_middle)
+        lam[b // 2] = 1.0
     elt = s_clean.element_size()
     student = (sc + sm) * b * k * elt
     teacher = (t + (t if t_mixed is not None else 0)) * b * k * elt
