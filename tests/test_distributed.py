@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -64,10 +65,11 @@ def test_dead_rank_fails_the_run_within_bounded_time(tmp_path):
     out = tmp_path / "out"
     argv = TINY + ["--loader", "synthetic", "--batch-size", "8", "--steps", "200", "--log-every", "5",
                    "--save-every", "0", "--out", str(out), "--dist-timeout", "20"]
-    code, text, elapsed = _torchrun(tmp_path, argv, 100, SDMP_FAULT_EXIT_STEP=3, SDMP_FAULT_RANK=1)
+    # the bound is the subprocess timeout (a hang raises TimeoutExpired), not a wall-clock assertion: a rank
+    # left waiting on a dead peer must end with the run, not sit out NCCL's default 10 minutes
+    code, text, _ = _torchrun(tmp_path, argv, 100, SDMP_FAULT_EXIT_STEP=3, SDMP_FAULT_RANK=1)
     assert code != 0, text[-4000:]
-    assert elapsed < 60, f"took {elapsed:.0f} s"
-    assert "exitcode  : 17" in text or "exit code 17" in text or "17" in text
+    assert re.search(r"exit ?code\s*:?\s*17\b", text), text[-4000:]  # torchrun names the dead rank's own code
 
 
 def _start_ranks(tmp_path, argvs, **env):

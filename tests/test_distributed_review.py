@@ -49,6 +49,8 @@ def _dino_step_on_rank(rank, world, port, run_dir, sdmp):
                               freeze_last_layer_epochs=0), rank=rank, world_size=world)
         inputs = tr.step_inputs(next(iter(tr.loader)), False)
         tau_t = tr.schedules.teacher_temp(0)
+        with torch.no_grad():  # a center with a history: its EMA must keep 0.9 of it, not start from nothing
+            tr.model.center.copy_(torch.linspace(-1.0, 1.0, tr.model.center.numel()).reshape(tr.model.center.shape))
         state = {k: v.clone() for k, v in tr.model.state_dict().items()}
         loss, terms = tr._dino_loss(inputs, tau_t)
         loss.backward()
@@ -93,7 +95,8 @@ def test_two_process_dino_center_is_the_global_mean_and_ddp_averages_the_rank_lo
     for name, g in ranks[0]["grads"].items():
         assert torch.equal(g, ranks[1]["grads"][name]), name
         torch.testing.assert_close(g, params[name].grad, atol=1e-6, rtol=1e-4, msg=name)
-    expected = 0.1 * (ranks[0]["local_mean"] + ranks[1]["local_mean"]) / 2  # center 0, momentum 0.9
+    c0 = ranks[0]["state"]["center"]
+    expected = 0.9 * c0.reshape(-1) + 0.1 * (ranks[0]["local_mean"] + ranks[1]["local_mean"]) / 2  # momentum 0.9
     assert torch.equal(ranks[0]["center"], ranks[1]["center"])
     torch.testing.assert_close(ranks[0]["center"], expected.reshape(1, -1))
     assert not torch.allclose(ranks[0]["local_mean"], ranks[1]["local_mean"])  # the all-reduce matters

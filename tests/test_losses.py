@@ -196,9 +196,13 @@ def test_dino_gradcheck():
 
 
 def test_center_update():
-    center = torch.zeros(3, dtype=D)
+    """An EMA: 0.9 of the old center (its history, not zero) plus 0.1 of the clean teacher outputs' mean, or of
+    the all-reduced mean a distributed caller passes."""
+    center = torch.tensor([1.0, -2.0, 4.0], dtype=D)
     t = torch.tensor([[[1.0, 2.0, 3.0]], [[3.0, 2.0, 1.0]]], dtype=D)
-    torch.testing.assert_close(dino_center_update(center, t, 0.9), torch.full((3,), 0.2, dtype=D))
+    torch.testing.assert_close(dino_center_update(center, t, 0.9), torch.tensor([1.1, -1.6, 3.8], dtype=D))
+    torch.testing.assert_close(dino_center_update(center, t, 0.5, batch_mean=torch.tensor([0.0, 2.0, 6.0], dtype=D)),
+                               torch.tensor([0.5, 0.0, 5.0], dtype=D))
 
 
 @pytest.mark.parametrize("impl", ["reference", "kernels"])

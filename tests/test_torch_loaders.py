@@ -522,10 +522,9 @@ def test_loader_workers_ignore_others_sigterm_but_obey_their_parent(tmp_path):
     time.sleep(0.5)
     assert worker.is_alive()
     next(it)
-    t0 = time.time()
     del it  # join 5 s, then terminate(): the parent's SIGTERM
     worker.join(10)
-    assert not worker.is_alive() and time.time() - t0 < 15
+    assert not worker.is_alive()
     assert signal.getsignal(signal.SIGTERM) is not signal.SIG_IGN  # the test process itself is untouched
 
 
