@@ -251,7 +251,10 @@ def _same_settings(old_text: str, new: dict) -> bool:
     return a == b
 
 
-def _write_config(cfg, out: str) -> None:
+def _write_config(cfg, out: str, resumes_a_checkpoint: bool) -> None:
+    """config.yaml of this run. A resume from a checkpoint with other settings keeps the earlier ones as
+    config.<k>.yaml (which also tells _lost_checkpoints that a checkpoint existed); a run started again from
+    step 0 (none to resume) replaces the abandoned run's config, as it replaces its metrics."""
     import yaml
 
     path = os.path.join(out, "config.yaml")
@@ -261,10 +264,11 @@ def _write_config(cfg, out: str) -> None:
             old = fh.read()
         if old == text or _same_settings(old, cfg.to_dict()):
             return
-        k = 1  # a resume with other settings (more steps, another lr): the earlier ones stay, as config.<k>.yaml
-        while os.path.exists(os.path.join(out, f"config.{k}.yaml")):
-            k += 1
-        os.replace(path, os.path.join(out, f"config.{k}.yaml"))
+        if resumes_a_checkpoint:  # other settings (more steps, another lr): the earlier ones stay, config.<k>.yaml
+            k = 1
+            while os.path.exists(os.path.join(out, f"config.{k}.yaml")):
+                k += 1
+            os.replace(path, os.path.join(out, f"config.{k}.yaml"))
     tmp = f"{path}.tmp.{os.getpid()}"
     with open(tmp, "w") as fh:
         fh.write(text)
@@ -349,7 +353,7 @@ def _main(cfg) -> int:
         if problem is not None:
             raise ValueError(problem)
         if rank == 0:
-            _write_config(cfg, cfg.out)
+            _write_config(cfg, cfg.out, resumes_a_checkpoint=resumed_from is not None)
         if world > 1:
             dist.barrier()
         logger = RunLogger(cfg.out, trainer.total_steps, trainer.step, enabled=rank == 0,

@@ -1165,6 +1165,8 @@ def test_a_run_killed_before_its_first_checkpoint_starts_again_on_resume(tmp_pat
     """A run killed before its first checkpoint (metrics up to step 4 < save_every, a torn checkpoint .tmp) was
     refused both without --resume ("pass --resume") and with it ("restore the checkpoints"): stuck. --resume
     starts it again from step 0; a run that had checkpointed (backbone.pt there) is still refused."""
+    import shutil
+
     import yaml
 
     out = tmp_path / "run"
@@ -1186,6 +1188,17 @@ def test_a_run_killed_before_its_first_checkpoint_starts_again_on_resume(tmp_pat
     assert code == 0, err
     assert [r["step"] for r in read_metrics(str(out))] == [1, 2]  # the run's own records, the old ones replaced
     assert (out / "backbone.pt").exists()
+    # the abandoned run's config is replaced, as its metrics: kept as config.1.yaml it said "a resume with a
+    # checkpoint happened here", and this restart killed before its own first checkpoint was then stuck
+    assert not (out / "config.1.yaml").exists() and yaml.safe_load((out / "config.yaml").read_text())["steps"] == 2
+    shutil.rmtree(out / "checkpoints")
+    (out / "backbone.pt").unlink()
+    (out / "backbone.json").unlink()
+    (out / "metrics.jsonl").write_text("".join(f'{{"step": {s}}}\n' for s in (1, 2, 4)))
+    config["steps"] = 400  # killed again, before its first checkpoint; then restarted with other settings
+    (out / "config.yaml").write_text(yaml.safe_dump(config))
+    code, err = run_cli(args + ["--resume"], capsys)
+    assert code == 0, err
     for name in os.listdir(out / "checkpoints"):
         os.unlink(out / "checkpoints" / name)
     before = _files(out)
