@@ -12,7 +12,7 @@ from typing import Dict, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn.functional as F
 
-from .mixing import check_lam_range
+from .mixing import check_lam_range, values_checkable
 
 __all__ = ["mix_coefficient", "mix_mix_weights", "flip_indices", "two_hot_cross_entropy",
            "soft_target_cross_entropy", "moco_logits", "sdmp_moco_terms", "sdmp_moco_loss",
@@ -111,7 +111,7 @@ def check_unpaired_middle(lam: torch.Tensor) -> None:
     lam = 1, as the loaders hand out in a short odd last batch (drop_last=False). Any other lam there would
     quietly turn its mixed terms into plain ones, so it is refused where that costs no sync (a CPU lam)."""
     n = lam.shape[0]
-    if n % 2 == 0 or lam.device.type != "cpu" or torch.compiler.is_compiling():
+    if n % 2 == 0 or not values_checkable(lam):
         return
     if float(lam[n // 2]) != 1.0:
         raise ValueError(f"lam: batch size {n} is odd, so image {n // 2} is its own batch-flip partner and must be "

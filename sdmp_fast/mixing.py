@@ -217,10 +217,18 @@ def check_per_sample(n: int, lam: torch.Tensor, method: torch.Tensor) -> None:
     check_lam_range(lam)
 
 
+def values_checkable(t: torch.Tensor) -> bool:
+    """Whether an input check may read ``t``'s values: a plain CPU tensor in eager code. A CUDA tensor's would cost
+    a host sync (and break CUDA-graph capture); under torch.compile, in a fake / functional tensor subclass
+    (make_fx, FakeTensorMode) or inside a torch.func transform (vmap) there are no values to read."""
+    return (type(t) is torch.Tensor and t.device.type == "cpu" and not torch.compiler.is_compiling()
+            and not torch._C._functorch.is_functorch_wrapped_tensor(t))
+
+
 def check_lam_range(lam: torch.Tensor) -> None:
     """lam in [0, 1] (a mixup lam outside it extrapolates the pixels; a box lam is clamped). Checked where it
-    costs no synchronisation: on the CPU, outside torch.compile. On a GPU lam comes from draw_mix_params."""
-    if lam.device.type != "cpu" or torch.compiler.is_compiling():
+    costs no synchronisation (:func:`values_checkable`). On a GPU lam comes from draw_mix_params."""
+    if not values_checkable(lam):
         return
     bad = ~((lam >= 0) & (lam <= 1))
     if bool(bad.any()):

@@ -228,3 +228,24 @@ def test_ctrl_c_keeps_the_rows_of_the_finished_parts_beside_an_earlier_result(tm
     assert part["interrupted"] is True and part["records"]
     assert {r[key] for r in part["records"]} == ({"two_hot_ce"} if cmd == "losses" else {"mix_mixup"})
     assert "r.interrupted.json" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("cmd", ["losses", "mixing"])
+def test_ctrl_c_before_any_row_exits_130_and_writes_nothing(tmp_path, monkeypatch, capsys, cmd):
+    """Ctrl-C in the first op / case: the empty table crashed (TypeError, exit 1) and an empty file was left."""
+    from sdmp_fast.benchmarks import losses as bench_losses
+    from sdmp_fast.benchmarks import mixing as bench_mixing
+
+    def stop(*args):
+        raise KeyboardInterrupt
+
+    if cmd == "losses":
+        monkeypatch.setitem(bench_losses.OPS, "two_hot_ce", stop)
+        argv = ["--ops", "two_hot_ce"]
+    else:
+        monkeypatch.setattr(bench_mixing, "bench_case", stop)
+        argv = ["--cases", "mixup"]
+    out = tmp_path / "r.json"
+    assert cli.main(["bench", cmd, "--no-compile", "--iters", "1", "--json", str(out)] + argv) == 130
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+    assert "nothing written" in capsys.readouterr().err

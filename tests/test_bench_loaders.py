@@ -428,3 +428,33 @@ def test_ctrl_c_keeps_the_rounds_that_finished_beside_an_earlier_result(photos, 
     assert not (tmp_path / "x.png").exists() and not (tmp_path / "x.interrupted.png").exists()
     err = capsys.readouterr().err
     assert "interrupted" in err and "x.interrupted.json" in err
+
+
+def test_ctrl_c_in_the_synthetic_baseline_keeps_the_loaders_rounds(photos, tmp_path, monkeypatch, capsys):
+    """On a GPU the synthetic ceiling is timed after the loaders' rounds: Ctrl-C there lost every round."""
+    import sdmp_fast.config as config
+
+    def stop(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(config, "device_setting", lambda d: "cuda")  # as on a GPU machine
+    monkeypatch.setattr(bench, "measure_rounds", lambda *a: ([{"backend": "torchvision", "status": "ok",
+                                                               "reason": None, "img_per_s": 100.0, "samples": 8,
+                                                               "seconds": 0.08}], False))
+    monkeypatch.setattr(bench, "synthetic_batches", lambda *a: iter(()))
+    monkeypatch.setattr(bench, "time_batches", stop)
+    out = tmp_path / "x.json"
+    assert cli_main(["bench", "loaders", "--data", photos, "--backends", "torchvision", "--batch-size", "4",
+                     "--json", str(out)]) == 130
+    part = json.loads((tmp_path / "x.interrupted.json").read_text())
+    assert [r["backend"] for r in part["records"]] == ["torchvision"] and not out.exists()
+
+
+def test_ctrl_c_before_any_round_exits_130_and_writes_nothing(photos, tmp_path, monkeypatch, capsys):
+    def stop(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(bench, "run_backend", stop)
+    assert cli_main(["bench", "loaders", "--data", photos, "--backends", "torchvision", "--device", "cpu",
+                     "--batch-size", "4", "--json", str(tmp_path / "x.json")]) == 130
+    assert list(tmp_path.iterdir()) == [] and "nothing written" in capsys.readouterr().err

@@ -241,3 +241,26 @@ def test_an_odd_batch_is_taken_only_with_its_middle_image_unmixed():
     assert torch.isfinite(losses.sdmp_moco_loss(losses.sdmp_moco_terms(q, q, q, q, q, ok)))
     assert torch.isfinite(losses.sdmp_dino_terms(s, s, t, t, torch.zeros(16), ok)["loss"])
     losses.sdmp_dino_terms(s, None, t, None, torch.zeros(16), None)  # plain DINO: no partners, any batch
+
+
+def test_the_lam_checks_leave_tracing_and_vmap_alone():
+    """The value checks on a CPU lam read it (bool / float): under fake tensors (make_fx, FakeTensorMode) and
+    torch.func's vmap there is no value to read, and the traces failed on a data-dependent guard."""
+    import torch.nn.functional as F
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    g = torch.Generator().manual_seed(0)
+    s, t = torch.randn(2, 5, 16, generator=g), torch.randn(2, 5, 16, generator=g)
+    lam = torch.rand(5, generator=g)
+    lam[2] = 1.0
+
+    def dino(s, t, lam):
+        return losses.sdmp_dino_terms(s, s, t, t, torch.zeros(16), lam)["loss"]
+
+    make_fx(dino, tracing_mode="fake")(s, t, lam)
+    with FakeTensorMode() as mode:
+        assert dino(mode.from_tensor(s), mode.from_tensor(t), mode.from_tensor(lam)).shape == ()
+    q = F.normalize(torch.randn(4, 8, generator=g), dim=1)
+    out = torch.func.vmap(lambda lam: losses.sdmp_moco_terms(q, q, q, q, q, lam)["mix_source"])(torch.rand(3, 4))
+    assert out.shape == (3,)

@@ -38,12 +38,11 @@ def write_results(path: Optional[str], records: List[Dict], command: str, interr
     result at ``path`` is never replaced by part of a run."""
     doc = {"device": device_description(), "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
            "command": command, "records": records}
-    if interrupted:
+    if interrupted:  # stopped before any row: nothing worth a file
         doc["interrupted"] = True
-        path = interrupted_path(path) if path else None
+        path = interrupted_path(path) if (path and records) else None
     if path:
         write_json(path, doc)
-    doc["path"] = path
     return doc
 
 
@@ -70,9 +69,9 @@ def rows_until_interrupted(parts: Iterable[Callable[[], List[Dict]]]) -> Tuple[L
     return rows, False
 
 
-def report_interrupted(doc: Dict, kind: str) -> int:
-    """The closing line of an interrupted bench, and its exit status."""
-    where = f"wrote them to {doc['path']}" if doc.get("path") else "nothing written"
+def report_interrupted(doc: Dict, path: Optional[str], kind: str) -> int:
+    """The closing line of a bench interrupted before it could write ``path`` (its --json), and its exit status."""
+    where = f"wrote them to {interrupted_path(path)}" if (path and doc["records"]) else "nothing written"
     print(f"bench {kind}: interrupted with {len(doc['records'])} rows measured; {where} (a complete earlier "
           f"result keeps its own file)", file=sys.stderr)
     return EXIT_INTERRUPTED
@@ -149,7 +148,7 @@ def copy_bandwidth_gbps(nbytes: int = 1 << 30) -> Optional[float]:
 
 
 def print_table(rows: List[Dict], columns: List[str]) -> None:
-    widths = [max(len(c), *(len(_fmt(r.get(c))) for r in rows)) for c in columns]
+    widths = [max([len(c)] + [len(_fmt(r.get(c))) for r in rows]) for c in columns]
     print("  ".join(c.ljust(w) for c, w in zip(columns, widths)))
     for r in rows:
         print("  ".join(_fmt(r.get(c)).ljust(w) for c, w in zip(columns, widths)))

@@ -172,7 +172,7 @@ def main(args) -> int:
                           "peak_mem_gb", "mem_vs_synthetic_eager"])
     doc = write_results(path, records, getattr(args, "command_line", "sdmp-fast bench e2e"), interrupted)
     if interrupted:
-        return report_interrupted(doc, "e2e")
+        return report_interrupted(doc, path, "e2e")
     if path:
         print(f"wrote {path}")
     return 0

@@ -417,9 +417,14 @@ def run(args) -> Dict:
     records, interrupted = measure_rounds(backends, args, recipe, images, device, dtype)
     if device.type == "cuda" and not interrupted:
         synth = {"backend": SYNTHETIC, "status": "ok", "reason": None, "batches": args.batches}
-        synth.update(time_batches(synthetic_batches(recipe, args.batch_size, device, dtype, args.seed),
-                                  args.warmup, args.batches, device))
-        records.append(synth)
+        try:
+            synth.update(time_batches(synthetic_batches(recipe, args.batch_size, device, dtype, args.seed),
+                                      args.warmup, args.batches, device))
+            records.append(synth)
+        except KeyboardInterrupt:  # the loaders' rounds are kept all the same
+            interrupted = True
+            print("\ninterrupted (Ctrl-C) in the synthetic baseline: keeping the loaders' rounds", file=sys.stderr,
+                  flush=True)
     ref = next((r for r in records if r["backend"] == REFERENCE and r.get("img_per_s")), None)
     synth_rate = next((r["img_per_s"] for r in records if r["backend"] == SYNTHETIC), None)
     solo_rate = next((r["img_per_s"] for r in records if r["backend"] == SOLO_LEARN and r.get("img_per_s")), None)
@@ -499,7 +504,7 @@ def main(args) -> int:
                   f"{r['beton']['max_side']} ({r['beton']['at_max_side']} of {r['num_images']} images at the cap; "
                   f"the other backends decode the files at their own size)")
     if doc.get("interrupted"):
-        return report_interrupted(doc, "loaders")
+        return report_interrupted(doc, args.json, "loaders")
     busy = oversubscribed(doc["records"])
     if busy:
         print(f"warning: the CPU was oversubscribed while {', '.join(busy)} ran (1-minute load above twice the "

@@ -449,7 +449,7 @@ def main(args) -> int:
     doc = write_results(path, records, getattr(args, "command_line", "sdmp-fast bench losses"), interrupted)
     print_table(records, COLUMNS)
     if interrupted:  # part of a run: not merged into another run's file either
-        return report_interrupted(doc, "losses")
+        return report_interrupted(doc, path, "losses")
     print(f"wrote {path}")
     if args.merge_into:
         added = merge_variant_rows(args.merge_into, doc)

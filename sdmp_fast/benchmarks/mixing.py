@@ -191,6 +191,6 @@ def main(args) -> int:
     doc = write_results(path, records, getattr(args, "command_line", "sdmp-fast bench mixing"), interrupted)
     print_table(records, COLUMNS)
     if interrupted:
-        return report_interrupted(doc, "mixing")
+        return report_interrupted(doc, path, "mixing")
     print(f"wrote {path}")
     return 0
