@@ -9,8 +9,8 @@ import json
 import os
 import platform
 import statistics
-import time
 import sys
+import time
 from typing import Callable, Dict, Iterable, List, Optional, Tuple
 
 import torch

@@ -17,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
-from typing import Dict, List
+from typing import Dict
 
 __all__ = ["add_arguments", "main", "time_trainer"]
 

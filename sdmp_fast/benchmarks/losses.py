@@ -215,6 +215,15 @@ def bench_two_hot(args, device, dtype, copy_gbps) -> List[Dict]:
     return _run_impls("two_hot_ce", shape, min_bytes, impls, args, copy_gbps)
 
 
+def _mixing_lam(n: int, device, g) -> torch.Tensor:
+    """One lam per image; in an odd batch the middle image, its own batch-flip partner, unmixed (lam 1), the only
+    lam the losses take there (losses.check_unpaired_middle)."""
+    lam = torch.rand(n, device=device, generator=g)
+    if n % 2:
+        lam[n // 2] = 1.0
+    return lam
+
+
 def bench_moco_terms(args, device, dtype, copy_gbps) -> List[Dict]:
     import sdmp_fast.kernels as K
     n, N = moco_sizes(args, device)
@@ -223,9 +232,7 @@ def bench_moco_terms(args, device, dtype, copy_gbps) -> List[Dict]:
     mk = lambda rows, grad: torch.randn(rows, args.moco_dim, device=device, generator=g).to(dtype).requires_grad_(grad)  # noqa: E731
     q1, q2m = mk(n, True), mk(n, True)
     k1, k2, k1m = mk(n * world, False), mk(n * world, False), mk(n * world, False)
-    lam = torch.rand(n, device=device, generator=g)
-    if n % 2:  # an odd batch's middle image is its own partner: unmixed (losses.check_unpaired_middle)
-        lam[n // 2] = 1.0
+    lam = _mixing_lam(n, device, g)
     min_bytes = 3 * 2 * n * n * world * q1.element_size()  # three [n, N] logits read once, gradients written once
     shape = f"n={n} N={n * world} d={args.moco_dim} {str(dtype).replace('torch.', '')}"
 
@@ -259,9 +266,7 @@ def bench_dino(args, device, dtype, copy_gbps) -> List[Dict]:
     t_clean = mk(t, b, k)
     t_mixed = mk(t, b, k) if (sm and args.teacher_mixed) else None
     center = torch.randn(k, device=device, generator=g) * 0.1
-    lam = torch.rand(b, device=device, generator=g)
-    if b % 2:  # an odd batch's middle image is its own partner: unmixed (losses.check_unpaired_middle)
-        lam[b // 2] = 1.0
+    lam = _mixing_lam(b, device, g)
     elt = s_clean.element_size()
     student = (sc + sm) * b * k * elt
     teacher = (t + (t if t_mixed is not None else 0)) * b * k * elt
@@ -437,6 +442,7 @@ def main(args) -> int:
     copy_gbps = copy_bandwidth_gbps()
     print(f"bench losses on {device_description()}; copy bandwidth "
           f"{'%.0f GB/s' % copy_gbps if copy_gbps else 'n/a (CPU)'}", flush=True)
+
     def op_rows(o: str) -> List[Dict]:
         rows = OPS[o](args, device, dtype, copy_gbps)
         if device.type == "cuda":
