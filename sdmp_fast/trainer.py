@@ -599,7 +599,10 @@ class Trainer:
         torch.cuda.synchronize(self.device)
         self.optimizer.zero_grad(set_to_none=True)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        # thread_local: the capture forbids unsafe CUDA calls on this thread only. In the default "global" mode a
+        # loader's own threads (DataLoader's pin-memory thread pinning the next batch, DALI's prefetching
+        # executor) would fail, or wreck the capture, with any cudaHostAlloc / event query made meanwhile
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
             self._step_body(*args, False)
         self._graph = graph
         graph.replay()  # capture records without running: this replay is the step itself

@@ -782,6 +782,44 @@ def test_cuda_graph_matches_eager(tmp_path, method):
 
 
 @pytest.mark.cuda
+def test_cuda_graph_captures_while_another_thread_pins_memory(tmp_path):
+    # a GPU loader keeps working in its own threads during the step the trainer captures (DataLoader's
+    # pin-memory thread, DALI's executor): their cudaHostAlloc / event calls must neither fail nor wreck the
+    # capture (the default "global" capture mode forbids them on every thread)
+    import threading
+    stop, errors = threading.Event(), []
+
+    def pin_like_a_loader():
+        try:
+            side, held, i = torch.cuda.Stream(), [], 0
+            while not stop.is_set():
+                held.append(torch.empty(1 << (12 + i % 12)).pin_memory())  # cudaHostAlloc while sizes grow
+                del held[:-8]
+                with torch.cuda.stream(side):  # a copy out of pinned memory, then an event query
+                    held[-1].to("cuda", non_blocking=True)
+                    ev = torch.cuda.Event()
+                    ev.record(side)
+                ev.query()
+                i += 1
+        except Exception as e:  # noqa: BLE001 - reported by the assertion below
+            errors.append(e)
+
+    cfg = tiny_cfg(tmp_path, method="mocov3", device="cuda", precision="fp32", steps=8, log_every=4,
+                   deterministic=False, drop_path_rate=0.0, cuda_graphs=True)
+    worker = threading.Thread(target=pin_like_a_loader, daemon=True)
+    worker.start()
+    try:
+        t = Trainer(cfg)
+        t.fit(str(tmp_path / "g"))
+    finally:
+        stop.set()
+        worker.join(timeout=30)
+    assert not errors, errors
+    assert t._graph is not None
+    assert all(math.isfinite(r["loss"]) for r in read_metrics(str(tmp_path / "g")))
+
+
+@pytest.mark.cuda
 def test_cuda_graph_captures_after_the_frozen_prototypes(tmp_path):
     # DINO's prototype layer gets its AdamW state on its first update: that must happen before the capture, or
     # every replay re-runs the state's zero-fills (the layer would never take more than one Adam step)
