@@ -139,7 +139,15 @@ class PackedImages:
         meta = torch.tensor([starts, [t.shape[1] for t in images], [t.shape[2] for t in images]],
                             dtype=torch.int64)
         meta = meta.to(device, non_blocking=True)
-        data = torch.cat([t.to(device, non_blocking=True).permute(1, 2, 0).reshape(-1) for t in images])
+        flat = [t.permute(1, 2, 0).reshape(-1) for t in images]
+        on_host = [j for j, t in enumerate(flat) if t.device.type == "cpu"]
+        if device.type == "cuda" and on_host:
+            # CPU-decoded images (PNGs, files nvJPEG refused) go over in one copy from pinned memory: a copy
+            # from pageable memory may make the host wait for the step already queued on the stream
+            staged = torch.cat([flat[j] for j in on_host]).pin_memory().to(device, non_blocking=True)
+            for j, part in zip(on_host, staged.split([flat[j].numel() for j in on_host])):
+                flat[j] = part
+        data = torch.cat([t.to(device, non_blocking=True) for t in flat])
         return cls(data, meta[0], meta[1], meta[2])
 
     def __len__(self) -> int:

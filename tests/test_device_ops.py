@@ -297,6 +297,21 @@ def test_make_views_on_cuda_never_syncs_with_the_host():
     assert [v.shape for v in views] == [v.shape for v in cpu]
 
 
+@pytest.mark.cuda
+@pytest.mark.parametrize("device", ["cuda", "cuda:0"])
+def test_packed_images_mix_gpu_decoded_and_cpu_decoded_images(device):
+    # the torch-gpu loader's batches: nvJPEG's images already on the GPU, PNGs / refused JPEGs decoded on the CPU
+    # (staged through pinned memory in one copy); order and bytes as in the all-CPU pack
+    sizes = [(30, 20), (24, 41), (1, 1), (57, 9), (5, 6)]
+    imgs = [torch.randint(0, 256, (3, h, w), dtype=torch.uint8, generator=_gen(i)) for i, (h, w) in enumerate(sizes)]
+    mixed = [t.cuda() if i % 2 else t for i, t in enumerate(imgs)]
+    packed, ref = D.PackedImages.from_list(mixed, device), D.PackedImages.from_list(imgs)
+    assert packed.data.is_cuda and packed.offsets.is_cuda
+    assert torch.equal(packed.data.cpu(), ref.data)
+    for got, want in ((packed.offsets, ref.offsets), (packed.heights, ref.heights), (packed.widths, ref.widths)):
+        assert torch.equal(got.cpu(), want)
+
+
 def test_packed_images_crop_like_the_padded_batch():
     sizes = [(30, 20), (24, 41), (1, 1), (57, 9)]
     imgs = [torch.randint(0, 256, (3, h, w), dtype=torch.uint8, generator=_gen(i)) for i, (h, w) in enumerate(sizes)]
