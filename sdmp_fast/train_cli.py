@@ -279,17 +279,78 @@ def main(args) -> int:
     from sdmp_fast.config import config_from_args
 
     cfg = config_from_args(args)
-    cfg.validate()
-    _check_out(cfg)
+    rank, world, _ = _dist_env()
+    store = None
+    if world > 1 and not _dist_initialized():
+        # every rank checks its own settings, --out and device; a rank that stopped here alone left the others
+        # waiting --dist-timeout seconds in the rendezvous, then failing with a store timeout naming nothing
+        problem = None
+        try:
+            cfg.validate()
+            _check_out(cfg)
+        except ValueError as e:
+            problem = e
+        store = _rendezvous(cfg)
+        _agree(store, "settings", rank, world, problem)
+    else:
+        cfg.validate()
+        _check_out(cfg)
     # keep torch.compile's caches inside --out (nothing written elsewhere); before any model is built
     env_before = _compile_cache_env(cfg.out) if cfg.compile else {}
     try:
-        return _main(cfg)
+        return _main(cfg, store)
     finally:
         _restore_env(env_before)
 
 
-def _main(cfg) -> int:
+def _dist_initialized() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized()
+
+
+def _rendezvous(cfg):
+    """torchrun's (env://) rendezvous store, under a prefix of its own per torchrun restart.
+
+    torchrun shares its agent's store with the workers, and a restart (``--max-restarts``) reused the failed
+    attempt's keys: gloo connected to the dead workers' addresses ("connectFullMesh failed ... Connection
+    refused") and the restart failed (pytorch/pytorch#135712). The process group and the start checks use this
+    store."""
+    import torch.distributed as dist
+
+    seconds = cfg.dist_timeout
+    if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not seconds > 0:
+        seconds = 300.0  # not valid (the settings check reports it): the default, to agree on that report
+    timeout = datetime.timedelta(seconds=seconds)
+    store, _, _ = next(dist.rendezvous("env://", timeout=timeout))
+    store.set_timeout(timeout)
+    return dist.PrefixStore(f"sdmp_fast/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+
+
+def _agree(store, stage: str, rank: int, world: int, problem) -> None:
+    """Every rank tells through the store whether ``stage`` went well on it, then reads every rank's word: if one
+    failed, all stop at once, the others with a ValueError naming that rank and its reason (the failed rank
+    raises its own error). Before, a rank that stopped alone left the others waiting in a collective."""
+    store.set(f"{stage}/{rank}", "" if problem is None else f"{type(problem).__name__}\0{problem}")
+    words = [store.get(f"{stage}/{r}").decode() for r in range(world)]
+    failed = [r for r, w in enumerate(words) if w]
+    if not failed:
+        return
+    store.set(f"{stage}/read/{rank}", "1")
+    if rank == 0:  # without torchrun rank 0 serves the store: stay until every rank has read it
+        try:
+            store.wait([f"{stage}/read/{r}" for r in range(world)], datetime.timedelta(seconds=30))
+        except Exception:  # noqa: BLE001 - a rank that died meanwhile: nothing left to wait for
+            pass
+    if problem is not None:
+        raise problem
+    kind, _, text = words[failed[0]].partition("\0")
+    more = f" (ranks {', '.join(map(str, failed[1:]))} failed too)" if len(failed) > 1 else ""
+    raise ValueError(f"rank {failed[0]} of {world} could not start{more}: {text}"
+                     + ("" if kind in ("ValueError", "FileNotFoundError") else f" ({kind})"))
+
+
+def _main(cfg, store=None) -> int:
 
     import torch
     import torch.distributed as dist
@@ -304,35 +365,33 @@ def _main(cfg) -> int:
         backend = "nccl" if device.type == "cuda" else "gloo"
         # NCCL: fail collectives on error instead of hanging; the timeout bounds the wait on a dead peer.
         os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
-        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=cfg.dist_timeout))
+        timeout = datetime.timedelta(seconds=cfg.dist_timeout)
+        if store is None:
+            store = _rendezvous(cfg)
+        dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timeout)
+
+    def agree(stage, problem):  # a rank's own error, or the first failed rank's, on every rank
+        if store is not None:
+            _agree(store, stage, rank, world, problem)
+        elif problem is not None:
+            raise problem
+
     log = print if rank == 0 else (lambda *a, **k: None)
     logger = trainer = None
     old_handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
-        trainer = Trainer(cfg, rank=rank, world_size=world, local_rank=local, log=log)
+        # data a node lacks, a model that does not fit on its GPU, ...: agreed on before DDP's first collective
+        trainer = Trainer(cfg, rank=rank, world_size=world, local_rank=local, log=log,
+                          agree=lambda problem: agree("build", problem))
         if world > 1:  # after Trainer: it sets each rank's CUDA device, which NCCL's all_gather_object uses
             _check_same_settings(cfg, world)
-        resumed_from = None
         seen = _checkpoint_names(cfg.out)  # compared under the lock: another run may write in the meantime
-        if cfg.resume:
-            found = ckpt.load_latest(ckpt.checkpoint_dir(cfg.out))
-            if found is None and ckpt.list_checkpoints(ckpt.checkpoint_dir(cfg.out)):
-                # not "no checkpoint yet": starting afresh would overwrite the run's metrics and checkpoints
-                raise ckpt.CheckpointError(
-                    f"resume: no checkpoint of {ckpt.checkpoint_dir(cfg.out)!r} can be read (see the warnings "
-                    f"above); nothing was changed")
-            if found is not None:
-                resumed_from, state = found
-                trainer.load_state_dict(state)
-                del state
-                if trainer.step > trainer.total_steps:
-                    # training "backwards" is impossible; not an error would re-export the backbone and say "done"
-                    name = "steps" if cfg.steps is not None else "epochs"
-                    asked = (f"{cfg.steps} steps" if cfg.steps is not None
-                             else f"{cfg.epochs} epochs = {trainer.total_steps} steps")
-                    raise ValueError(f"{name}: {asked} is below the step of the checkpoint {resumed_from} "
-                                     f"(step {trainer.step}); resume with --steps {trainer.step} or more; nothing "
-                                     f"was changed")
+        problem = resumed_from = None
+        try:
+            resumed_from = _load_checkpoint(cfg, trainer) if cfg.resume else None
+        except Exception as e:  # noqa: BLE001 - as above
+            problem = e
+        agree("resume", problem)
         if world > 1:
             _check_same_data(trainer, world)
             _check_same_start(resumed_from, world)
@@ -386,6 +445,32 @@ def _main(cfg) -> int:
             if trainer is not None:
                 trainer.release_ddp()  # first: see release_ddp
             dist.destroy_process_group()
+
+
+def _load_checkpoint(cfg, trainer):
+    """Loads the latest checkpoint of --out into ``trainer``; returns its path, or None when there is none yet."""
+    from sdmp_fast import checkpoint as ckpt
+
+    found = ckpt.load_latest(ckpt.checkpoint_dir(cfg.out))
+    if found is None and ckpt.list_checkpoints(ckpt.checkpoint_dir(cfg.out)):
+        # not "no checkpoint yet": starting afresh would overwrite the run's metrics and checkpoints
+        raise ckpt.CheckpointError(
+            f"resume: no checkpoint of {ckpt.checkpoint_dir(cfg.out)!r} can be read (see the warnings "
+            f"above); nothing was changed")
+    if found is None:
+        return None
+    resumed_from, state = found
+    trainer.load_state_dict(state)
+    del state
+    if trainer.step > trainer.total_steps:
+        # training "backwards" is impossible; not an error would re-export the backbone and say "done"
+        name = "steps" if cfg.steps is not None else "epochs"
+        asked = (f"{cfg.steps} steps" if cfg.steps is not None
+                 else f"{cfg.epochs} epochs = {trainer.total_steps} steps")
+        raise ValueError(f"{name}: {asked} is below the step of the checkpoint {resumed_from} "
+                         f"(step {trainer.step}); resume with --steps {trainer.step} or more; nothing "
+                         f"was changed")
+    return resumed_from
 
 
 # settings a process may have of its own (paths on its node, its own workers and output); every other one must be

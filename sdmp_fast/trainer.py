@@ -233,9 +233,22 @@ class Trainer:
     ``rank`` / ``world_size`` follow torch.distributed (already initialised by the caller when > 1)."""
 
     def __init__(self, cfg: TrainConfig, *, rank: int = 0, world_size: int = 1, local_rank: int = 0,
-                 loader=None, log: Callable[[str], None] = print):
+                 loader=None, log: Callable[[str], None] = print,
+                 agree: Optional[Callable[[Optional[BaseException]], None]] = None):
+        """``agree`` (several ranks): called with this rank's error of building the loader and model (or None)
+        before the first collective (DDP's); it raises on every rank if one failed (``sdmp-fast train`` shares the
+        errors through the rendezvous store), where a rank that stopped alone left the others waiting in DDP."""
         try:
-            self._build(cfg, rank, world_size, local_rank, loader, log)
+            problem = None
+            try:
+                self._build(cfg, rank, world_size, local_rank, loader, log)
+            except Exception as e:  # noqa: BLE001 - raised below, by agree on every rank
+                problem = e
+            if agree is not None:
+                agree(problem)
+            if problem is not None:
+                raise problem
+            self._build_shared(cfg, world_size)
         except BaseException:
             self.release_ddp()  # a wrapper built before the error: the exception's frames would keep it
             raise
@@ -295,6 +308,9 @@ class Trainer:
                 setattr(self.model, name, nn.SyncBatchNorm.convert_sync_batchnorm(getattr(self.model, name)))
         self.module, self.target = (getattr(self.model, name) for name in names)
         self.train_module: nn.Module = self.module
+
+    def _build_shared(self, cfg: TrainConfig, world_size: int) -> None:
+        """The rest of the build, from the first collective on (DDP's)."""
         if world_size > 1:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -333,7 +349,7 @@ class Trainer:
                                    tau_warm, cfg.momentum_end)
         self.freeze_last_steps = (cfg.freeze_last_layer_epochs or 0) * self.steps_per_epoch
         if cfg.method == "dino" and self.freeze_last_steps >= self.total_steps:
-            log(f"warning: the DINO prototype layer stays frozen for the whole run (freeze_last_layer_epochs="
+            self.log(f"warning: the DINO prototype layer stays frozen for the whole run (freeze_last_layer_epochs="
                 f"{cfg.freeze_last_layer_epochs}: {self.freeze_last_steps} steps of {self.steps_per_epoch}-step "
                 f"epochs, the run has {self.total_steps}); --freeze-last-layer-epochs 0 trains it from the start")
         self.moco_terms_fn, self.dino_terms_fn, self.loss_impl = loss_functions(cfg, self.device)
