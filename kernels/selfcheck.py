@@ -141,6 +141,23 @@ def check_dino(device, dtype, sc, sm, t, b, k, teacher_mixed=True, upstream="los
         assert rel_err(sma.grad, smb.grad) <= grad_tol
 
 
+def check_dino_unpaired(device, dtype, k=64, seed=0):
+    """One teacher crop: student crop 0 (the teacher's own view) is in no pair. A NaN and a -inf there must not
+    reach the terms (the reference never reads that crop) and its gradient is zero."""
+    s_clean, s_mixed, t_clean, t_mixed, center, lam = dino_inputs(2, 1, 1, 4, k, dtype, device, True, seed)
+    s_clean[0, 1, 3], s_clean[0, 2, 5] = float("nan"), float("-inf")
+    sca, scb, sma, smb = leaf(s_clean), leaf(s_clean), leaf(s_mixed), leaf(s_mixed)
+    got = K.sdmp_dino_terms(sca, sma, t_clean, t_mixed, center, lam)
+    ref = K.sdmp_dino_terms_ref(scb, smb, t_clean, t_mixed, center, lam)
+    for name in ref:
+        assert torch.isfinite(got[name]), name
+        assert abs(got[name].item() - ref[name].item()) <= TOL[dtype] * max(abs(ref[name].item()), 1e-3), name
+    got["loss"].backward()
+    ref["loss"].backward()
+    assert torch.equal(sca.grad[0], torch.zeros_like(sca.grad[0])), "crop 0's gradient is not zero"
+    assert rel_err(sca.grad, scb.grad) <= TOL[dtype] and rel_err(sma.grad, smb.grad) <= TOL[dtype]
+
+
 def check_mix(device, dtype, n, c, h, w, methods=mixing.METHODS):
     x, lam, method, y0, x0, ch, cw = mix_inputs(n, c, h, w, dtype, device, methods=methods)
     method_set = mixing.method_ids(methods)
@@ -173,6 +190,8 @@ def run_suite(device: str = "cuda", quick: bool = False, cluster: str = "include
         ("dino fp32 sc3 sm2 b6 k1000", lambda: check_dino(device, torch.float32, 3, 2, 2, 6, 1000)),
         ("dino bf16 sc3 sm2 b6 k1024", lambda: check_dino(device, torch.bfloat16, 3, 2, 2, 6, 1024)),
         ("dino fp32 no teacher_mixed k999 b5", lambda: check_dino(device, torch.float32, 3, 0, 2, 5, 999, False)),
+        ("dino fp32 one teacher crop, NaN / -inf in the unpaired crop", lambda: check_dino_unpaired(
+            device, torch.float32)),
         ("mix fp32 6x3x13x16", lambda: check_mix(device, torch.float32, 6, 3, 13, 16)),
         ("mix bf16 6x3x9x9", lambda: check_mix(device, torch.bfloat16, 6, 3, 9, 9)),
         ("mix fp32 6x3x45x64 4 packs per thread", lambda: _with_env(
@@ -192,6 +211,8 @@ def run_suite(device: str = "cuda", quick: bool = False, cluster: str = "include
             kv, lambda: check_dino(device, torch.bfloat16, 3, 2, 2, 7, k3))))
         cluster_checks.append((f"dino cluster bf16 sc3 sm2 b3 k{k16}", lambda: _with_env(
             kv, lambda: check_dino(device, torch.bfloat16, 3, 2, 2, 3, k16))))
+        cluster_checks.append(("dino cluster fp32 one teacher crop, NaN / -inf in the unpaired crop", lambda: _with_env(
+            kv, lambda: check_dino_unpaired(device, torch.float32, k=k3 - k3 % 8))))
         cluster_checks.append((f"dino cluster pipelined + teacher statistics fp32 sc3 sm2 b3 k{k16}",
                                lambda: _with_env(dict(kv, SDMP_DINO_CLUSTER_TEACHER=1, SDMP_DINO_CLUSTER_PIPELINE=1),
                                                  lambda: check_dino(device, torch.float32, 3, 2, 2, 3, k16))))

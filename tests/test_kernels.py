@@ -324,6 +324,22 @@ def test_emulated_dino_chunked_matches_ref(emulated, chunk, upstream):
         check_dino("cpu", torch.float32, 3, 2, 2, 7, 600, True, upstream, seed=chunk)
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+@pytest.mark.parametrize("variant", [
+    {}, {"SDMP_DINO_FUSED": "1"}, {"SDMP_DINO_PRECOMPUTE_GRAD": "0"}, {"SDMP_DINO_CHUNK_PAIRS": "1"},
+    {"SDMP_DINO_CLUSTER": "require", "SDMP_DINO_CLUSTER_THREADS": "32"},
+    {"SDMP_DINO_CLUSTER": "require", "SDMP_DINO_CLUSTER_THREADS": "32", "SDMP_DINO_CLUSTER_TEACHER": "1",
+     "SDMP_DINO_CLUSTER_PIPELINE": "1"}], ids=lambda v: ",".join(f"{k[10:]}={x}" for k, x in v.items()) or "default")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_emulated_dino_unpaired_crop_adds_nothing(emulated, variant, dtype):
+    # one teacher crop: a NaN / -inf in student crop 0 (in no pair) made every path's terms NaN (0 x inf in the
+    # row's statistics) and its gradient NaN, where the reference, which never reads that crop, is finite
+    from sdmp_fast.kernels.selfcheck import check_dino_unpaired
+    with env(**variant):
+        check_dino_unpaired("cpu", dtype, k=520)
+
+
 def test_emulated_dino_cluster_require_names_the_setting(emulated):
     s_clean, s_mixed, t_clean, t_mixed, center, lam = dino_inputs(2, 0, 2, 4, 999, torch.float32, "cpu", False, 0)
     with env(SDMP_DINO_CLUSTER="require"), pytest.raises(RuntimeError, match="SDMP_DINO_CLUSTER=require"):
@@ -473,7 +489,7 @@ def test_emulated_selfcheck_suite(emulated, capsys):
     assert run_suite("cpu", quick=True, cluster="only") == 0
     only = [line for line in capsys.readouterr().out.splitlines() if line.startswith("ok")]
     assert len(skipped) >= 8 and not any("cluster" in line for line in skipped)
-    assert len(only) == 3 and all("cluster" in line for line in only)
+    assert len(only) == 4 and all("cluster" in line for line in only)
 
 
 @pytest.mark.slow

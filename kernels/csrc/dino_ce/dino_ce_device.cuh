@@ -312,6 +312,20 @@ struct RowTargets {
   bool mixed;
 };
 
+// A clean global crop is paired with every other teacher crop: with one teacher crop, crop 0 (the teacher's own
+// view) is in no pair. Its row is still streamed with its pair's rows but adds nothing, whatever it holds: no
+// loss, a zero gradient (a NaN or -inf there made the terms NaN, as 0 x inf; the reference never reads it).
+__device__ __forceinline__ bool row_unpaired(const DinoParams& p, int v) { return p.T == 1 && v == 0 && p.Sc > 0; }
+
+template <typename T, int VEC>
+__device__ __forceinline__ void zero_row(T* dst, int64_t kcount, int lane) {
+  float z[VEC];
+#pragma unroll
+  for (int j = 0; j < VEC; ++j) z[j] = 0.f;
+  for (int64_t lc = static_cast<int64_t>(lane) * VEC; lc < kcount; lc += static_cast<int64_t>(kWarpSize) * VEC)
+    store_floats<T, VEC>(dst + lc, z);
+}
+
 __device__ __forceinline__ RowTargets row_targets(const DinoParams& p, int v) {
   if (v >= p.Sc) return RowTargets{kSlotSrc, p.t_mixed != nullptr ? kSlotMix : -1, true};
   if (v < p.T) return RowTargets{kSlotGlobal + v, -1, false};
@@ -411,13 +425,14 @@ __device__ void stats_unit(const DinoParams& p, int pair, int kb, float* tg) {
 // The merged state of student row `row` with ls = log s: its statistics (m, log s, q1, q2) for the gradient
 // and the backward, and its contribution to the three loss terms.
 __device__ __forceinline__ void publish_row(const DinoParams& p, int row, const RowAcc& acc, float ls) {
-  const float h1 = acc.q1 * ls - acc.d1, h2 = acc.q2 * ls - acc.d2;  // H = -sum t (x - lse)
+  const bool unpaired = row_unpaired(p, row / p.B);
+  const float h1 = unpaired ? 0.f : acc.q1 * ls - acc.d1, h2 = acc.q2 * ls - acc.d2;  // H = -sum t (x - lse)
   const bool mixed = row / p.B >= p.Sc;
   float* st = p.row_stat + static_cast<int64_t>(row) * 4;
-  st[0] = acc.m;
-  st[1] = ls;
-  st[2] = acc.q1;
-  st[3] = acc.q2;
+  st[0] = unpaired ? 0.f : acc.m;
+  st[1] = unpaired ? 0.f : ls;
+  st[2] = unpaired ? 0.f : acc.q1;
+  st[3] = unpaired ? 0.f : acc.q2;
   float* rl = p.row_loss + static_cast<int64_t>(row) * 3;
   rl[0] = mixed ? 0.f : h1;
   rl[1] = mixed ? p.w_src * h1 : 0.f;
@@ -490,6 +505,10 @@ __device__ void grad_unit(const DinoParams& p, int pair, int kb, float* tg, bool
     const int v = rr / pr.nr, r = rr % pr.nr, b = pr.row(r);
     T* dst = grad_row<T>(p, v, b);
     if (dst == nullptr) continue;
+    if (row_unpaired(p, v)) {
+      zero_row<T, VEC>(dst + k0, kcount, lane);
+      continue;
+    }
     const RowTargets rt = row_targets(p, v);
     const T* src = student_row<T>(p, v, b) + k0;
     const float* stat = p.row_stat + static_cast<int64_t>(v * p.B + b) * 4;

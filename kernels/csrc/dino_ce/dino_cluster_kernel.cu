@@ -160,6 +160,17 @@ struct ClusterRounds {
       const int v = rr / pr.nr, r = rr % pr.nr;
       T* dst = grad_row<T>(p, v, pr.row(r));
       if (dst == nullptr) continue;
+      if (row_unpaired(p, v)) {
+        float z[VEC];
+#pragma unroll
+        for (int j = 0; j < VEC; ++j) z[j] = 0.f;
+#pragma unroll
+        for (int u = 0; u < PPT; ++u) {
+          const int64_t lc = (static_cast<int64_t>(u) * blockDim.x + threadIdx.x) * VEC;
+          if (lc < kcount) store_floats<T, VEC>(dst + k0 + lc, z);
+        }
+        continue;
+      }
       const RowTargets rt = row_targets(p, v);
       const bool two = rt.slot2 >= 0;
       const float* t1 = target_slot(p, tg, r, rt.slot1);
