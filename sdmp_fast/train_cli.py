@@ -415,6 +415,7 @@ def _main(cfg, store=None) -> int:
             _write_config(cfg, cfg.out, resumes_a_checkpoint=resumed_from is not None)
         if world > 1:
             dist.barrier()
+            _check_out_shared(cfg.out, rank, world, log)
         logger = RunLogger(cfg.out, trainer.total_steps, trainer.step, enabled=rank == 0,
                            progress=cfg.progress, tensorboard=cfg.tensorboard, log=log)
         where = f"resuming from {resumed_from} at step {trainer.step}" if resumed_from else "starting"
@@ -532,6 +533,33 @@ def _check_same_start(resumed_from, world: int) -> None:
         seen = ", ".join(f"rank {r}: {name or 'none'}" for r, name in enumerate(found))
         raise ValueError(f"resume: the ranks found different checkpoints in --out ({seen}); every rank must read "
                          f"the same --out (a shared file system); nothing was changed")
+
+
+def _check_out_shared(out: str, rank: int, world: int, log) -> None:
+    """Only rank 0 writes --out. Where it lies on each node's own disk the run trains to its end, but its
+    checkpoints exist on rank 0's node only, and a --resume (or a torchrun restart) would stop, the ranks finding
+    different checkpoints. Say so at the start: every rank reads back the config.yaml rank 0 has just written."""
+    import torch.distributed as dist
+
+    path = os.path.join(out, "config.yaml")
+
+    def text():
+        try:
+            with open(path) as fh:
+                return fh.read()
+        except OSError:
+            return None
+
+    box = [text() if rank == 0 else None]
+    dist.broadcast_object_list(box, src=0)
+    found = [None] * world
+    dist.all_gather_object(found, box[0] is not None and text() == box[0])
+    blind = [r for r, ok in enumerate(found) if not ok]
+    if blind:
+        log(f"warning: out: rank{'s' if len(blind) > 1 else ''} {', '.join(map(str, blind))} of {world} do"
+            f"{'' if len(blind) > 1 else 'es'} not see the {path!r} rank 0 wrote (node-local disks?): checkpoints "
+            f"are written by rank 0 only, so --resume and torchrun restarts need --out on a file system every "
+            f"node shares")
 
 
 def _restore_signal_handlers(old) -> None:

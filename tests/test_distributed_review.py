@@ -238,3 +238,21 @@ def test_a_torchrun_restart_resumes_the_run(tmp_path):
     b = torch.load(out / "backbone.pt", weights_only=True)
     a, b = (x.get("state_dict", x) if isinstance(x, dict) else x for x in (a, b))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a if torch.is_tensor(a[k]))
+
+
+@pytest.mark.timeout(150)
+def test_node_local_out_is_named_at_the_start(tmp_path):
+    """Only rank 0 writes --out: with a folder on each node's own disk the run trained to its end in silence, and
+    only a later --resume found that the other nodes had no checkpoint. Now rank 0 warns at the start; on a
+    shared --out nothing is said."""
+    common = TINY + ["--loader", "synthetic", "--batch-size", "8", "--steps", "2", "--log-every", "2",
+                     "--save-every", "0", "--dist-timeout", "60"]
+    outs = [tmp_path / "node0", tmp_path / "node1"]
+    codes, texts = _ranks(tmp_path, [common + ["--out", str(outs[0])], common + ["--out", str(outs[1])]], 120)
+    assert codes == [0, 0], texts
+    assert f"warning: out: rank 1 of 2 does not see the '{outs[0] / 'config.yaml'}' rank 0 wrote" in texts[0]
+    assert not outs[1].exists()
+    shared = tmp_path / "shared"
+    codes, texts = _ranks(tmp_path, [common + ["--out", str(shared)]] * 2, 120)
+    assert codes == [0, 0], texts
+    assert "does not see" not in texts[0] + texts[1]
