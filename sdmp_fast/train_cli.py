@@ -276,23 +276,39 @@ def _write_config(cfg, out: str, resumes_a_checkpoint: bool) -> None:
 
 
 def main(args) -> int:
+    try:
+        return _start(args)
+    except _RankFailed as e:  # another rank's failure of no configuration kind (its own rank shows its traceback)
+        print(f"sdmp-fast train: error: {e}", file=sys.stderr)
+        return 1
+
+
+def _start(args) -> int:
     from sdmp_fast.config import config_from_args
 
-    cfg = config_from_args(args)
     rank, world, _ = _dist_env()
     store = None
     if world > 1 and not _dist_initialized():
-        # every rank checks its own settings, --out and device; a rank that stopped here alone left the others
-        # waiting --dist-timeout seconds in the rendezvous, then failing with a store timeout naming nothing
-        problem = None
+        # every rank reads its own command line and --config and checks its --out: a rank that stopped here
+        # alone left the others waiting --dist-timeout seconds in the rendezvous, then failing naming nothing
+        cfg = problem = None
         try:
+            cfg = config_from_args(args)
             cfg.validate()
             _check_out(cfg)
-        except ValueError as e:
+        except (ValueError, OSError) as e:
             problem = e
-        store = _rendezvous(cfg)
-        _agree(store, "settings", rank, world, problem)
+            print(f"sdmp-fast train: rank {rank} of {world}: {e} (telling the other ranks)", file=sys.stderr,
+                  flush=True)
+        try:
+            store = _rendezvous(cfg.dist_timeout if cfg is not None else getattr(args, "dist_timeout", None))
+        except Exception as e:  # noqa: BLE001 - the other ranks never came: this rank's own error first
+            if problem is not None:
+                raise problem from e
+            raise
+        _agree(_store_words(store, "settings", rank, world, problem), rank, world, problem)
     else:
+        cfg = config_from_args(args)
         cfg.validate()
         _check_out(cfg)
     # keep torch.compile's caches inside --out (nothing written elsewhere); before any model is built
@@ -303,51 +319,82 @@ def main(args) -> int:
         _restore_env(env_before)
 
 
+class _RankFailed(RuntimeError):
+    """Another rank failed at the start with an error of no configuration kind (a CUDA error, out of memory)."""
+
+
 def _dist_initialized() -> bool:
     import torch.distributed as dist
 
     return dist.is_available() and dist.is_initialized()
 
 
-def _rendezvous(cfg):
-    """torchrun's (env://) rendezvous store, under a prefix of its own per torchrun restart.
+def _rendezvous(seconds):
+    """torchrun's (env://) rendezvous store; under torchrun's shared store, a prefix of its own per restart.
 
     torchrun shares its agent's store with the workers, and a restart (``--max-restarts``) reused the failed
     attempt's keys: gloo connected to the dead workers' addresses ("connectFullMesh failed ... Connection
-    refused") and the restart failed (pytorch/pytorch#135712). The process group and the start checks use this
-    store."""
+    refused") and the restart failed (pytorch/pytorch#135712). The restart count is each node's own, so this
+    holds on one node; several nodes need torchrun's store unshared (TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1: a new
+    store per attempt, no prefix). The process group and the start checks use this store."""
     import torch.distributed as dist
 
-    seconds = cfg.dist_timeout
     if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not seconds > 0:
-        seconds = 300.0  # not valid (the settings check reports it): the default, to agree on that report
+        seconds = 300.0  # unset or not valid (the settings check reports it): the default
     timeout = datetime.timedelta(seconds=seconds)
     store, _, _ = next(dist.rendezvous("env://", timeout=timeout))
     store.set_timeout(timeout)
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != str(True):
+        return store
     return dist.PrefixStore(f"sdmp_fast/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
 
 
-def _agree(store, stage: str, rank: int, world: int, problem) -> None:
-    """Every rank tells through the store whether ``stage`` went well on it, then reads every rank's word: if one
-    failed, all stop at once, the others with a ValueError naming that rank and its reason (the failed rank
-    raises its own error). Before, a rank that stopped alone left the others waiting in a collective."""
-    store.set(f"{stage}/{rank}", "" if problem is None else f"{type(problem).__name__}\0{problem}")
+def _word(problem) -> str:
+    return "" if problem is None else f"{type(problem).__name__}\0{problem}"
+
+
+def _store_words(store, stage: str, rank: int, world: int, problem) -> list:
+    """Every rank's word on ``stage`` through the store (before the process group exists)."""
+    store.set(f"{stage}/{rank}", _word(problem))
     words = [store.get(f"{stage}/{r}").decode() for r in range(world)]
+    if any(words):
+        store.set(f"{stage}/read/{rank}", "1")
+        if rank == 0:  # without torchrun rank 0 serves the store: stay until every rank has read it
+            try:
+                store.wait([f"{stage}/read/{r}" for r in range(world)], datetime.timedelta(seconds=30))
+            except Exception:  # noqa: BLE001 - a rank that died meanwhile: nothing left to wait for
+                pass
+    return words
+
+
+def _group_words(group, problem) -> list:
+    """Every rank's word through a gloo group: a rank that dies meanwhile fails the others within seconds (a
+    store read would wait for it --dist-timeout seconds)."""
+    import torch.distributed as dist
+
+    words = [None] * dist.get_world_size(group)
+    dist.all_gather_object(words, _word(problem), group=group)
+    return words
+
+
+def _agree(words: list, rank: int, world: int, problem) -> None:
+    """If a rank failed, every rank stops now: the failed rank with its own error, the others with the same kind
+    of error (exit code) naming that rank and its reason."""
+    from sdmp_fast.checkpoint import CheckpointError
+
     failed = [r for r, w in enumerate(words) if w]
     if not failed:
         return
-    store.set(f"{stage}/read/{rank}", "1")
-    if rank == 0:  # without torchrun rank 0 serves the store: stay until every rank has read it
-        try:
-            store.wait([f"{stage}/read/{r}" for r in range(world)], datetime.timedelta(seconds=30))
-        except Exception:  # noqa: BLE001 - a rank that died meanwhile: nothing left to wait for
-            pass
     if problem is not None:
         raise problem
     kind, _, text = words[failed[0]].partition("\0")
     more = f" (ranks {', '.join(map(str, failed[1:]))} failed too)" if len(failed) > 1 else ""
-    raise ValueError(f"rank {failed[0]} of {world} could not start{more}: {text}"
-                     + ("" if kind in ("ValueError", "FileNotFoundError") else f" ({kind})"))
+    line = f"rank {failed[0]} of {world} could not start{more}: {text or kind}"
+    if kind in ("ValueError", "FileNotFoundError"):
+        raise ValueError(line)
+    if kind == "CheckpointError":
+        raise CheckpointError(line)
+    raise _RankFailed(f"{line} ({kind})" if text else line)
 
 
 def _main(cfg, store=None) -> int:
@@ -367,16 +414,24 @@ def _main(cfg, store=None) -> int:
         os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
         timeout = datetime.timedelta(seconds=cfg.dist_timeout)
         if store is None:
-            store = _rendezvous(cfg)
+            store = _rendezvous(cfg.dist_timeout)
         dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timeout)
+    # the start's later checks are agreed on over gloo (CPU objects; a dead rank is seen within seconds)
+    group = dist.new_group(backend="gloo") if store is not None else None
 
     def agree(stage, problem):  # a rank's own error, or the first failed rank's, on every rank
-        if store is not None:
-            _agree(store, stage, rank, world, problem)
+        if group is not None:
+            _agree(_group_words(group, problem), rank, world, problem)
         elif problem is not None:
             raise problem
 
     log = print if rank == 0 else (lambda *a, **k: None)
+    env = os.environ
+    if (store is not None and env.get("TORCHELASTIC_USE_AGENT_STORE") == str(True)
+            and int(env.get("GROUP_WORLD_SIZE", "1")) > 1 and int(env.get("TORCHELASTIC_MAX_RESTARTS", "0")) > 0):
+        log("warning: torchrun --max-restarts over several nodes with torchrun's shared store: a restart would meet "
+            "the failed attempt's keys (pytorch/pytorch#135712) and each node counts its restarts apart; launch "
+            "torchrun with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 (a new store per attempt) for restarts to resume")
     logger = trainer = None
     old_handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
@@ -389,7 +444,7 @@ def _main(cfg, store=None) -> int:
         problem = resumed_from = None
         try:
             resumed_from = _load_checkpoint(cfg, trainer) if cfg.resume else None
-        except Exception as e:  # noqa: BLE001 - as above
+        except BaseException as e:  # noqa: BLE001 - as above; Ctrl-C too, so that the others do not wait for it
             problem = e
         agree("resume", problem)
         if world > 1:

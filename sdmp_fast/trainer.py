@@ -242,7 +242,7 @@ class Trainer:
             problem = None
             try:
                 self._build(cfg, rank, world_size, local_rank, loader, log)
-            except Exception as e:  # noqa: BLE001 - raised below, by agree on every rank
+            except BaseException as e:  # noqa: BLE001 - raised below, by agree on every rank (Ctrl-C too)
                 problem = e
             if agree is not None:
                 agree(problem)

@@ -143,34 +143,74 @@ def test_ranks_that_read_different_data_stop_naming_it(tmp_path):
 
 
 @pytest.mark.timeout(150)
-@pytest.mark.parametrize("stage", ["settings", "out", "build"])
+@pytest.mark.parametrize("stage", ["settings", "config", "out", "build", "checkpoint"])
 def test_a_rank_that_cannot_start_stops_every_rank_naming_it(tmp_path, stage):
-    """A rank that stopped at its own checks (its --data missing, its --out holding another run: node-local
-    paths) or while building its loader (an empty copy of the data) left the other ranks waiting --dist-timeout
-    seconds in the rendezvous or in DDP's first collective, then failing with a store / gloo timeout naming
-    nothing. Now every rank stops at once (exit 2), the others naming the rank and its reason; nothing written."""
+    """A rank that stopped at its own checks (its --data missing, an unknown key in its --config, its --out
+    holding another run: node-local paths), while building its loader (an empty copy of the data) or loading its
+    checkpoint left the other ranks waiting --dist-timeout seconds in the rendezvous or in a collective, then
+    failing with a store / gloo timeout naming nothing. Now every rank stops at once with the same exit code, the
+    others naming the rank and its reason; nothing is written."""
     common = TINY + ["--loader", "torchvision", "--batch-size", "4", "--steps", "2", "--num-workers", "0",
                      "--log-every", "2", "--save-every", "0", "--dist-timeout", "90"]
     data = _image_folder(tmp_path / "data", 16)
     outs = [tmp_path / "node0", tmp_path / "node1"]
-    bad_data, why = data, None
+    bad, code = ["--data", str(data)], 2
     if stage == "settings":
-        bad_data, why = tmp_path / "missing", f"data: '{tmp_path / 'missing'}' does not exist"
+        bad, why = ["--data", str(tmp_path / "missing")], f"data: '{tmp_path / 'missing'}' does not exist"
+    elif stage == "config":
+        (tmp_path / "run.yaml").write_text("batch_sise: 4\n")
+        bad += ["--config", str(tmp_path / "run.yaml")]
+        why = f"config: unknown setting 'batch_sise' in '{tmp_path / 'run.yaml'}'"
     elif stage == "out":
         outs[1].mkdir()
         (outs[1] / "notes.txt").write_text("someone else's")
         why = f"out: '{outs[1]}' is not empty and holds no run (notes.txt)"
-    else:
+    elif stage == "build":
         (tmp_path / "empty" / "cls").mkdir(parents=True)
-        bad_data, why = tmp_path / "empty", f"data: '{tmp_path / 'empty'}' holds no image files"
-    argvs = [common + ["--out", str(outs[0]), "--data", str(data)],
-             common + ["--out", str(outs[1]), "--data", str(bad_data)]]
+        bad, why = ["--data", str(tmp_path / "empty")], f"data: '{tmp_path / 'empty'}' holds no image files"
+    else:
+        (outs[1] / "checkpoints").mkdir(parents=True)
+        (outs[1] / "checkpoints" / "ckpt-000000002.pt").write_bytes(b"not a checkpoint")
+        common += ["--resume"]
+        code, why = 1, f"resume: no checkpoint of '{outs[1] / 'checkpoints'}' can be read"
+    argvs = [common + ["--out", str(outs[0]), "--data", str(data)], common + ["--out", str(outs[1])] + bad]
     codes, texts = _ranks(tmp_path, argvs, 80)  # < --dist-timeout: a rank left waiting fails the test
-    assert codes == [2, 2], texts
+    assert codes == [code, code], texts
     assert f"error: rank 1 of 2 could not start: {why}" in texts[0], texts[0][-3000:]
     assert f"error: {why}" in texts[1], texts[1][-3000:]
     assert not outs[0].exists()
     assert stage != "out" or sorted(os.listdir(outs[1])) == ["notes.txt"]
+
+
+@pytest.mark.timeout(150)
+@pytest.mark.parametrize("how", ["killed", "out of memory"])
+def test_a_rank_lost_while_building_fails_the_others_within_seconds(tmp_path, how):
+    """A rank killed while it builds its model (the OOM killer, a node lost) must not leave the others waiting
+    --dist-timeout seconds for its word: they agree over gloo, which sees the dead peer at once; a rank whose
+    build raised an error of no configuration kind (CUDA out of memory) ends every rank with exit code 1."""
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(
+        "import os\n"
+        "if os.environ.get('RANK') == '1' and os.environ.get('BUILD_FAULT'):\n"
+        "    import sdmp_fast.trainer as t\n"
+        "    def build_model(cfg):\n"
+        "        if os.environ['BUILD_FAULT'] == 'killed':\n"
+        "            os.kill(os.getpid(), 9)\n"
+        "        raise RuntimeError('CUDA out of memory (simulated)')\n"
+        "    t.build_model = build_model\n")
+    common = TINY + ["--loader", "synthetic", "--batch-size", "8", "--steps", "2", "--log-every", "2",
+                     "--save-every", "0", "--dist-timeout", "120"]
+    path = os.pathsep.join([str(hook)] + [p for p in [os.environ.get("PYTHONPATH")] if p])
+    argvs = [common + ["--out", str(tmp_path / f"node{r}")] for r in range(2)]
+    codes, texts = _ranks(tmp_path, argvs, 80, PYTHONPATH=path, BUILD_FAULT=how)  # 80 s < --dist-timeout
+    if how == "killed":
+        assert codes[1] == -9 and codes[0] == 1, texts
+        assert "Connection" in texts[0] or "peer" in texts[0], texts[0][-3000:]
+    else:
+        assert codes == [1, 1], texts
+        assert "error: rank 1 of 2 could not start: CUDA out of memory (simulated) (RuntimeError)" in texts[0]
+    assert not (tmp_path / "node0").exists()
 
 
 @pytest.mark.timeout(300)
