@@ -283,9 +283,17 @@ def main(args) -> int:
         return 1
 
 
-def _start(args) -> int:
+def _checked_config(args):
+    """The run's settings (command line over --config), validated, and --out checked (read-only)."""
     from sdmp_fast.config import config_from_args
 
+    cfg = config_from_args(args)
+    cfg.validate()
+    _check_out(cfg)
+    return cfg
+
+
+def _start(args) -> int:
     rank, world, _ = _dist_env()
     store = None
     if world > 1 and not _dist_initialized():
@@ -293,9 +301,7 @@ def _start(args) -> int:
         # alone left the others waiting --dist-timeout seconds in the rendezvous, then failing naming nothing
         cfg = problem = None
         try:
-            cfg = config_from_args(args)
-            cfg.validate()
-            _check_out(cfg)
+            cfg = _checked_config(args)
         except (ValueError, OSError) as e:
             problem = e
             print(f"sdmp-fast train: rank {rank} of {world}: {e} (telling the other ranks)", file=sys.stderr,
@@ -308,9 +314,7 @@ def _start(args) -> int:
             raise
         _agree(_store_words(store, "settings", rank, world, problem), rank, world, problem)
     else:
-        cfg = config_from_args(args)
-        cfg.validate()
-        _check_out(cfg)
+        cfg = _checked_config(args)
     # keep torch.compile's caches inside --out (nothing written elsewhere); before any model is built
     env_before = _compile_cache_env(cfg.out) if cfg.compile else {}
     try:

@@ -237,7 +237,7 @@ class Trainer:
                  agree: Optional[Callable[[Optional[BaseException]], None]] = None):
         """``agree`` (several ranks): called with this rank's error of building the loader and model (or None)
         before the first collective (DDP's); it raises on every rank if one failed (``sdmp-fast train`` shares the
-        errors through the rendezvous store), where a rank that stopped alone left the others waiting in DDP."""
+        errors over a gloo group), where a rank that stopped alone left the others waiting in DDP."""
         try:
             problem = None
             try:

@@ -429,10 +429,10 @@ __device__ __forceinline__ void publish_row(const DinoParams& p, int row, const 
   const float h1 = unpaired ? 0.f : acc.q1 * ls - acc.d1, h2 = acc.q2 * ls - acc.d2;  // H = -sum t (x - lse)
   const bool mixed = row / p.B >= p.Sc;
   float* st = p.row_stat + static_cast<int64_t>(row) * 4;
-  st[0] = unpaired ? 0.f : acc.m;
-  st[1] = unpaired ? 0.f : ls;
-  st[2] = unpaired ? 0.f : acc.q1;
-  st[3] = unpaired ? 0.f : acc.q2;
+  st[0] = acc.m;  // an unpaired row's are never read: its gradient is written as zeros
+  st[1] = ls;
+  st[2] = acc.q1;
+  st[3] = acc.q2;
   float* rl = p.row_loss + static_cast<int64_t>(row) * 3;
   rl[0] = mixed ? 0.f : h1;
   rl[1] = mixed ? p.w_src * h1 : 0.f;
