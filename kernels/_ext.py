@@ -142,14 +142,6 @@ def route(op, ext_name: str, *tensors: Optional[torch.Tensor]):
     return getattr(require(tensors[0]), ext_name) if direct(*tensors) else op
 
 
-def mark_written(*tensors: torch.Tensor) -> None:
-    """Bump the version counters of tensors a direct extension call wrote in place, as the registered op's
-    ``mutates_args`` does: autograd then refuses a saved copy of them instead of reading changed values."""
-    for t in tensors:
-        if t.numel():
-            torch.autograd.graph.increment_version(t)
-
-
 def eager_function(ext_name: str, setup_context, backward):
     """An autograd.Function running the extension's `ext_name` with a custom op's own setup_context / backward:
     the direct route for ops with gradients. Old style (ctx in forward): a separate setup_context costs ~13 us

@@ -20,8 +20,8 @@ reference, re-exported as ``sdmp_dino_terms_ref``). On a device with the kernels
   it otherwise -- decided on the device, no host synchronisation. Without a precomputed gradient (torch.compile
   tracing, ``SDMP_DINO_PRECOMPUTE_GRAD=0``) ``sdmp_fast::dino_grad`` computes it from the saved statistics.
 
-Calling backward twice through one graph (retain_graph) raises autograd's in-place error: the precomputed
-gradient is corrected in place by the first backward.
+A second backward through one graph (retain_graph, or one term after another) computes the gradient from the
+saved statistics: the precomputed one was handed on by the first.
 """
 from __future__ import annotations
 
@@ -125,14 +125,19 @@ def _setup_context(ctx, inputs, output):
     # No zero-filled gradients for the outputs the loss does not use: for g_clean / g_mixed those would be two
     # full [V, B, K] fills per backward (~0.1 ms at 10 x 256 x 65,536 on an H100, measured).
     ctx.set_materialize_grads(False)
-    ctx.precomputed = bool(grad_clean or grad_mixed)
     ctx.scalars = (tau_s, tau_t, mix_weight)
-    ctx.save_for_backward(s_clean, s_mixed, t_clean, t_mixed, center, lam, row_stat, lse_t, g_clean, g_mixed)
+    ctx.save_for_backward(s_clean, s_mixed, t_clean, t_mixed, center, lam, row_stat, lse_t)
+    # The forward's gradient buffers are not saved tensors: the first backward corrects them in place and hands
+    # them on, then lets go of them; a second one through the same graph (retain_graph, or one term after
+    # another) finds None and computes the gradient from the saved statistics, as it would without them.
+    # Nothing else holds them (``_run`` drops them), so their in-place correction cannot be seen elsewhere.
+    ctx.grad_buffers = (g_clean, g_mixed) if (grad_clean or grad_mixed) else None
 
 
 def _backward(ctx, g_terms, *_unused):
-    s_clean, s_mixed, t_clean, t_mixed, center, lam, row_stat, lse_t, g_clean, g_mixed = ctx.saved_tensors
+    s_clean, s_mixed, t_clean, t_mixed, center, lam, row_stat, lse_t = ctx.saved_tensors
     tau_s, tau_t, mix_weight = ctx.scalars
+    buffers, ctx.grad_buffers = ctx.grad_buffers, None
     need_clean, need_mixed = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
     if g_terms is None:  # the loss terms were not used (grads are not materialised)
         return (None,) * 13
@@ -144,12 +149,11 @@ def _backward(ctx, g_terms, *_unused):
 
         return _ext.double_backward(ctx, 13, {0: s_clean, 1: s_mixed}, terms, g_terms)
     g = (g_terms[:3] + g_terms[3]).float().contiguous()  # loss = dino + mix_source + mix_teacher
-    if ctx.precomputed:
+    if buffers is not None:
+        g_clean, g_mixed = buffers
         fixup = _ext.route(_dino_grad_fixup, "dino_grad_fixup", s_clean, g, g_clean)
         fixup(g_clean, g_mixed, g, s_clean, s_mixed, t_clean, t_mixed, center, lam, row_stat, lse_t, tau_s, tau_t,
               mix_weight)
-        if fixup is not _dino_grad_fixup:  # the extension wrote the saved buffers behind autograd's back: a
-            _ext.mark_written(g_clean, g_mixed)  # second backward (retain_graph) must raise, not rescale them again
     else:
         grad = _ext.route(_dino_grad, "dino_grad", s_clean, g)
         g_clean, g_mixed = grad(g, s_clean, s_mixed, t_clean, t_mixed, center, lam, row_stat, lse_t, tau_s, tau_t,

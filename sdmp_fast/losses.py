@@ -280,7 +280,12 @@ def sdmp_dino_terms(student_clean, student_mixed, teacher_clean, teacher_mixed, 
     lam = check_dino_inputs(s_clean, s_mixed, t_clean, t_mixed, center, lam)
     n_teacher = t_clean.shape[0]
     p_t = dino_teacher_probs(t_clean, center, tau_t)  # [T, B, K]
-    zero = s_clean.new_zeros((), dtype=_upcast(s_clean).dtype)
+    # A zero in the students' graph (a sum of no element, never 0 * an inf logit): every term is differentiable
+    # as the kernel's are, so terms["mix_teacher"].backward() without mixed crops gives zero gradients.
+    dtype = _upcast(s_clean).dtype
+    zero = s_clean[..., :0].sum(dtype=dtype)
+    if s_mixed is not None:
+        zero = zero + s_mixed[..., :0].sum(dtype=dtype)
     dino_sum, n_pairs = zero, 0
     for iq in range(n_teacher):
         for v in range(s_clean.shape[0]):

@@ -830,6 +830,26 @@ def test_emulated_dino_terms_can_be_changed_in_place_as_the_reference_s(emulated
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
+@pytest.mark.parametrize("mixed_crops,teacher_mixed", [(0, False), (2, False)])
+def test_emulated_dino_terms_without_pairs_backpropagate_as_the_reference_s(emulated, mixed_crops, teacher_mixed):
+    """A term with no pairs (mix_source without mixed crops, mix_teacher without mixed teacher crops) is a zero
+    with zero gradients on both routes; the reference's used to be a constant whose backward() raised."""
+    sc, sm, t_clean, t_mixed, center, lam = dino_inputs(3, mixed_crops, 2, 4, 40, torch.float32, "cpu",
+                                                        teacher_mixed=teacher_mixed, seed=2)
+    if not mixed_crops:
+        sm, lam = None, None
+    for fn in (losses.sdmp_dino_terms, K.sdmp_dino_terms):
+        s, m = leaf(sc), (leaf(sm) if sm is not None else None)
+        terms = fn(s, m, t_clean, t_mixed, center, lam)
+        for name in ("mix_source", "mix_teacher")[(1 if mixed_crops else 0):]:
+            grads = torch.autograd.grad(terms[name], [x for x in (s, m) if x is not None], retain_graph=True,
+                                        allow_unused=True)
+            assert terms[name].item() == 0.0, (fn.__module__, name)
+            assert all(g is None or not g.any() for g in grads), (fn.__module__, name)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
 def test_emulated_masked_columns(emulated):
     check_masked_columns("cpu")
 
@@ -839,28 +859,38 @@ def test_cuda_masked_columns(cuda_kernels):
     check_masked_columns("cuda")
 
 
-def check_second_backward_refused(device, monkeypatch, route):
-    """The backward writes its scaled gradient into the saved forward buffers, so a second backward through the
-    same graph (retain_graph) must raise autograd's in-place error on both routes, not rescale them again."""
+def check_second_backward_recomputes(device, monkeypatch, route):
+    """The first backward hands on the gradient the forward precomputed (corrected in place); a second backward
+    through the same graph (retain_graph), or a backward of one term after another, computes it from the saved
+    statistics, as the reference's does: it used to raise autograd's in-place error."""
     if route == "op":
         monkeypatch.setattr(_ext, "direct", lambda *t: False)
     s_clean, s_mixed, t_clean, t_mixed, center, lam = dino_inputs(3, 2, 2, 6, 256, torch.float32, device)
-    a = s_clean.clone().requires_grad_(True)
-    with env(SDMP_DINO_PRECOMPUTE_GRAD=1):
-        terms = K.sdmp_dino_terms(a, s_mixed, t_clean, t_mixed, center, lam)
-    (4.0 * terms["loss"]).backward(retain_graph=True)
-    ref = s_clean.clone().requires_grad_(True)
-    (4.0 * K.sdmp_dino_terms_ref(ref, s_mixed, t_clean, t_mixed, center, lam)["loss"]).backward()
-    torch.testing.assert_close(a.grad, ref.grad, rtol=1e-5, atol=1e-6)
-    with pytest.raises(RuntimeError, match="inplace operation"):
-        (4.0 * terms["loss"]).backward()
+    grads = []
+    for fn in (K.sdmp_dino_terms, K.sdmp_dino_terms_ref):
+        a, m = s_clean.clone().requires_grad_(True), s_mixed.clone().requires_grad_(True)
+        with env(SDMP_DINO_PRECOMPUTE_GRAD=1):
+            terms = fn(a, m, t_clean, t_mixed, center, lam)
+        (4.0 * terms["loss"]).backward(retain_graph=True)
+        first = a.grad.clone(), m.grad.clone()
+        (4.0 * terms["loss"]).backward(retain_graph=True)  # accumulates the same gradient again
+        per_term = [torch.autograd.grad(terms[k], (a, m), retain_graph=True, allow_unused=True)
+                    for k in ("dino", "mix_source", "mix_teacher")]
+        grads.append((first, (a.grad, m.grad), per_term))
+    (k_first, k_twice, k_terms), (r_first, r_twice, r_terms) = grads
+    tol = dict(rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(k_first, r_first, **tol)
+    torch.testing.assert_close(k_twice, tuple(2 * g for g in r_first), **tol)
+    for kt, rt in zip(k_terms, r_terms):
+        torch.testing.assert_close([torch.zeros_like(x) if g is None else g for g, x in zip(kt, (a, m))],
+                                   [torch.zeros_like(x) if g is None else g for g, x in zip(rt, (a, m))], **tol)
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize("route", ["direct", "op"])
-def test_emulated_dino_second_backward_is_refused(emulated, monkeypatch, route):
-    check_second_backward_refused("cpu", monkeypatch, route)
+def test_emulated_dino_second_backward_recomputes(emulated, monkeypatch, route):
+    check_second_backward_recomputes("cpu", monkeypatch, route)
 
 
 @pytest.mark.slow
@@ -908,8 +938,8 @@ def cuda_kernels(monkeypatch):
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("route", ["direct", "op"])
-def test_cuda_dino_second_backward_is_refused(cuda_kernels, monkeypatch, route):
-    check_second_backward_refused("cuda", monkeypatch, route)
+def test_cuda_dino_second_backward_recomputes(cuda_kernels, monkeypatch, route):
+    check_second_backward_recomputes("cuda", monkeypatch, route)
 
 
 @pytest.mark.cuda

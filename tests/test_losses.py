@@ -195,6 +195,32 @@ def test_dino_gradcheck():
     assert torch.autograd.gradcheck(f, (clean, mixed))
 
 
+@pytest.mark.parametrize("mixed_crops,teacher_mixed", [(0, False), (2, False), (2, True)])
+def test_dino_every_term_is_differentiable_even_without_its_pairs(mixed_crops, teacher_mixed):
+    """Each term can be backpropagated alone, as the kernel's can: a term without pairs (mix_source without
+    mixed crops, mix_teacher without mixed teacher crops) is a zero in the students' graph with zero gradients,
+    not a constant that makes ``backward()`` raise. An inf logit does not make it NaN."""
+    g = torch.Generator().manual_seed(7)
+    B, K = 4, 6
+    clean = torch.randn(3, B, K, dtype=D, generator=g)
+    clean[2, 0, 0] = float("inf")  # 0 * inf would be NaN: the zero must not be built from the logits' values
+    clean.requires_grad_()
+    mixed = torch.randn(mixed_crops, B, K, dtype=D, generator=g, requires_grad=True) if mixed_crops else None
+    teacher = torch.randn(2, B, K, dtype=D, generator=g)
+    teacher_m = torch.randn(2, B, K, dtype=D, generator=g) if teacher_mixed else None
+    lam = torch.rand(B, dtype=D, generator=g) if mixed_crops else None
+    terms = sdmp_dino_terms(clean, mixed, teacher, teacher_m, torch.zeros(K, dtype=D), lam)
+    empty = {"mix_source"} if not mixed_crops else set()
+    empty |= {"mix_teacher"} if not teacher_mixed else set()
+    for name in ("mix_source", "mix_teacher"):
+        assert terms[name].requires_grad, name
+        grads = torch.autograd.grad(terms[name], [clean] + ([mixed] if mixed_crops else []), allow_unused=True,
+                                    retain_graph=True)
+        if name in empty:
+            assert terms[name].item() == 0.0
+            assert all(gr is None or not gr.any() for gr in grads), name
+
+
 def test_center_update():
     """An EMA: 0.9 of the old center (its history, not zero) plus 0.1 of the clean teacher outputs' mean, or of
     the all-reduced mean a distributed caller passes."""
