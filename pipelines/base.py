@@ -15,6 +15,7 @@ import importlib
 import importlib.util
 import inspect
 import itertools
+import operator
 import os
 import warnings
 from dataclasses import dataclass
@@ -196,13 +197,27 @@ def dist_shard() -> Tuple[int, int]:
     return 0, 1
 
 
+def whole_number(name: str, value, low: Optional[int] = None, hint: str = "") -> int:
+    """``value`` as a Python int: numpy / torch integers too (a seed or shard id from ``np.arange``), whose own
+    arithmetic would overflow in the seed mixing; bools, floats and strings are refused naming ``name``."""
+    try:
+        number = operator.index(value) if not isinstance(value, bool) else None
+    except TypeError:
+        number = None
+    if number is None or (low is not None and number < low):
+        want = "an integer" if low is None else f"an integer >= {low}"
+        raise ValueError(f"{name}: must be {want}{hint}, got {value!r}")
+    return number
+
+
 class EpochSampler:
     """Deterministic per-epoch, per-shard sample order (see the module docstring for the exact rules)."""
 
     def __init__(self, num_samples: int, batch_size: int, shard_id: int = 0, num_shards: int = 1,
                  shuffle: bool = True, seed: int = 0, drop_last: bool = True):
-        if batch_size < 1:
-            raise ValueError(f"batch_size: must be >= 1, got {batch_size}")
+        batch_size = whole_number("batch_size", batch_size, 1)
+        shard_id, num_shards = whole_number("shard_id", shard_id, 0), whole_number("num_shards", num_shards, 1)
+        seed = whole_number("seed", seed)
         if not 0 <= shard_id < num_shards:
             raise ValueError(f"shard_id {shard_id} out of range for num_shards {num_shards}")
         self.num_samples, self.batch_size = num_samples, batch_size
@@ -222,6 +237,7 @@ class EpochSampler:
 
     def reshard(self, shard_id: int, num_shards: int) -> None:
         """Another shard of the same data, the epoch and pass bookkeeping kept (checked as in the constructor)."""
+        shard_id, num_shards = whole_number("shard_id", shard_id, 0), whole_number("num_shards", num_shards, 1)
         if not 0 <= shard_id < num_shards:
             raise ValueError(f"shard_id {shard_id} out of range for num_shards {num_shards}")
         old = self.shard_id, self.num_shards
@@ -595,8 +611,8 @@ def make_loader(backend: str, data, recipe: Union[str, Recipe] = "byol2", batch_
     if not isinstance(recipe, Recipe):
         recipe = make_recipe(recipe)
     recipe.validate()
-    if not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size: must be a positive integer, got {batch_size!r}")
+    batch_size = whole_number("batch_size", batch_size, 1)
+    seed = whole_number("seed", seed)
     if recipe.mix.enabled and batch_size % 2:
         raise ValueError(f"batch_size {batch_size}: batch-flip mixing needs an even batch size "
                          f"(the middle image would be its own partner)")
@@ -606,11 +622,14 @@ def make_loader(backend: str, data, recipe: Union[str, Recipe] = "byol2", batch_
     auto_shard = shard_id is None
     if auto_shard:
         shard_id, num_shards = dist_shard()
+    shard_id, num_shards = whole_number("shard_id", shard_id, 0), whole_number("num_shards", num_shards, 1)
+    if shard_id >= num_shards:
+        raise ValueError(f"shard_id {shard_id} out of range for num_shards {num_shards}")
     if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         raise ValueError(f"dtype: the views are normalised floats: a floating torch dtype (float32, bfloat16, "
                          f"float16, ...; None: float32), got {dtype!r}")
-    if num_workers is not None and (not isinstance(num_workers, int) or num_workers < 0):
-        raise ValueError(f"num_workers: must be an integer >= 0 (None: the backend's default), got {num_workers!r}")
+    if num_workers is not None:
+        num_workers = whole_number("num_workers", num_workers, 0, " (None: the backend's default)")
     device = _loader_device(device)
     module_name, cls_name = BACKENDS[backend].split(":")
     try:

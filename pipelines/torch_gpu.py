@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import collections
 import io
-import os
 import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Iterator, List, Optional, Sequence, Tuple
@@ -28,7 +27,8 @@ import torch
 
 from sdmp_fast.batch import SDMPBatch, exact_device
 
-from .base import EpochSampler, SkippingLoader, assemble_batch, list_images, make_generator, skip_batch_draws
+from .base import (EpochSampler, SkippingLoader, assemble_batch, list_images, make_generator, skip_batch_draws,
+                   usable_cores)
 from .device_ops import PackedImages, make_views
 from .image_bytes import pil_rgb, read_file_bytes
 from .recipes import Recipe
@@ -130,7 +130,7 @@ class TorchGPULoader(SkippingLoader):
         self.shard_id, self.seed = shard_id, seed
         self.sampler = EpochSampler(len(self.images), batch_size, shard_id, num_shards, shuffle, seed, drop_last)
         # 0 as in a DataLoader: no parallel reading (one thread, so reads still overlap the device work)
-        self.num_workers = min(os.cpu_count() or 1, 16) if num_workers is None else max(1, int(num_workers))
+        self.num_workers = min(usable_cores(), 16) if num_workers is None else max(1, int(num_workers))
         if prefetch < 1:
             raise ValueError(f"prefetch: must be >= 1, got {prefetch}")
         self.prefetch = prefetch

@@ -27,7 +27,7 @@ import torch
 from sdmp_fast.batch import SDMPBatch
 
 from .base import (EpochSampler, SkippingLoader, assemble_batch, list_images, make_generator, skip_mixing_draws,
-                   superseded_pass)
+                   superseded_pass, usable_cores)
 from .device_ops import blur_kernel_size
 from .image_bytes import pil_rgb
 from .recipes import Recipe, ViewSpec
@@ -211,7 +211,7 @@ class TorchvisionLoader(SkippingLoader):
         self.batch_size, self.device, self.dtype = batch_size, torch.device(device), dtype
         self.shard_id, self.seed = shard_id, seed
         self.sampler = EpochSampler(len(self.images), batch_size, shard_id, num_shards, shuffle, seed, drop_last)
-        self.num_workers = min(os.cpu_count() or 1, 16) if num_workers is None else int(num_workers)
+        self.num_workers = min(usable_cores(), 16) if num_workers is None else int(num_workers)
         if self.num_workers < 0:
             raise ValueError(f"num_workers: must be >= 0, got {num_workers}")
         self.log = SkipLog("torchvision", self.sampler)

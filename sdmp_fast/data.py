@@ -34,26 +34,6 @@ def load_fashion_mnist(split: str = "train", root: str = FASHION_MNIST_DIR) -> T
     return torch.from_numpy(images.copy()), torch.from_numpy(labels.astype(np.int64))
 
 
-def export_image_folder(images: torch.Tensor, labels: torch.Tensor, out_dir: str, classes=FASHION_CLASSES,
-                        fmt: str = "png", limit: int = 0) -> str:
-    """Write uint8 images [N, H, W] or [N, H, W, 3] as out_dir/class/NNNNN.fmt, once (a stamp marks completion;
-    an interrupted export is redone, never half-used)."""
-    from PIL import Image
-
-    stamp = os.path.join(out_dir, ".complete")
-    if os.path.exists(stamp):
-        return out_dir
-    n = len(images) if not limit else min(limit, len(images))
-    for c in classes:
-        os.makedirs(os.path.join(out_dir, c), exist_ok=True)
-    for i in range(n):
-        arr = images[i].numpy()
-        Image.fromarray(arr).save(os.path.join(out_dir, classes[int(labels[i])], f"{i:05d}.{fmt}"))
-    with open(stamp, "w") as f:
-        f.write(f"{n}\n")
-    return out_dir
-
-
 def make_synthetic_image_folder(out_dir: str, num_classes: int = 3, per_class: int = 8, size=(40, 48),
                                 fmt: str = "jpg", seed: int = 0) -> str:
     """A tiny ImageFolder of random-colour RGB images with shapes on them (tests)."""

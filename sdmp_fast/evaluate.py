@@ -279,7 +279,6 @@ def _read_image_folder(root: str, size: int = 64):
     An eval set is read exactly: a file that cannot be decoded is a ValueError naming it (skipping it would
     silently change what the accuracy is measured on)."""
     import numpy as np
-    from PIL import Image
 
     from sdmp_fast.pipelines.base import list_images
     from sdmp_fast.pipelines.image_bytes import pil_rgb

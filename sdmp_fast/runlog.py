@@ -15,7 +15,7 @@ import json
 import math
 import os
 import sys
-from typing import Dict, Optional
+from typing import Dict
 
 __all__ = ["RunLogger", "read_metrics", "iter_records", "truncate_metrics"]
 

@@ -774,7 +774,6 @@ class Trainer:
         read at sync points: every log_every steps, before each checkpoint, at the end."""
         from sdmp_fast.runlog import RunLogger
 
-        cfg = self.cfg
         own_logger = logger is None
         if own_logger:  # in-process use: metrics.jsonl only
             if self.rank == 0:

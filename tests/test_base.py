@@ -211,6 +211,29 @@ def test_flat_folders_are_unlabeled_and_class_folders_are_walked_like_imagefolde
         list_images(tmp_path / "only_loose")
 
 
+def test_numpy_integer_seed_and_shard_are_the_same_as_python_ints():
+    """A seed or shard id computed with numpy (np.arange(world)) gives the batches of the same Python int; numpy's
+    own int64 arithmetic overflowed in the seed mixing at the first batch, with an error naming nothing."""
+    np = pytest.importorskip("numpy")
+    images = torch.randint(0, 256, (16, 3, 12, 12), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+
+    def first(seed, shard_id, num_shards):
+        loader = make_loader("memory", images, byol2(size=8), 4, device="cpu", seed=seed, shard_id=shard_id,
+                             num_shards=num_shards)
+        return next(iter(loader))
+
+    want, got = first(3, 1, 2), first(np.int64(3), np.int64(1), np.int32(2))
+    torch.testing.assert_close(got.views, want.views, rtol=0, atol=0)
+    torch.testing.assert_close(got.lam, want.lam, rtol=0, atol=0)
+    for name, kw in (("seed", dict(seed=3.0)), ("seed", dict(seed=True)), ("shard_id", dict(shard_id=1.0)),
+                     ("num_shards", dict(num_shards="2")), ("shard_id", dict(shard_id=2))):
+        args = dict(seed=3, shard_id=1, num_shards=2) | kw
+        with pytest.raises(ValueError, match=f"^{name}"):
+            first(**args)
+    with pytest.raises(ValueError, match="seed: must be an integer, got 3.0"):
+        EpochSampler(16, 4, seed=3.0)
+
+
 def test_make_loader_rejects_bad_settings_before_reading(tmp_path):
     with pytest.raises(ValueError, match="unknown loader backend 'pil'"):
         make_loader("pil", tmp_path, "byol2", 8)

@@ -16,7 +16,6 @@ import pytest
 import torch
 
 from sdmp_fast import checkpoint as ckpt
-from sdmp_fast.config import TrainConfig
 from sdmp_fast.trainer import Trainer
 
 from test_trainer import TINY, _env, tiny_cfg

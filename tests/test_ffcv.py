@@ -3,7 +3,6 @@
 FFCV compiles a numba pipeline per loader (seconds each on 2 cores): one .beton is converted per module and
 only four loaders are built (two shards of byol2, DINO, FFCV's stock per-view decoders).
 """
-import glob
 import os
 import warnings
 

@@ -107,6 +107,17 @@ def test_torchvision_augmentation_does_not_depend_on_worker_count(folder, arrays
         assert torch.equal(x, y)
 
 
+@pytest.mark.parametrize("backend", ["torchvision", "torch-gpu"])
+def test_default_workers_count_the_cores_this_process_may_use(backend, folder, monkeypatch):
+    """num_workers=None took os.cpu_count(): the host's cores, not a container's CPU set (as DALI and FFCV
+    count them), so these loaders oversubscribed a CPU-limited container and the loader bench gave the
+    torchvision baseline more workers than the GPU loaders."""
+    monkeypatch.setattr(os, "cpu_count", lambda: 64)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2}, raising=False)
+    loader = make_loader(backend, folder, byol2(size=16), 4, device="cpu", shard_id=0, num_shards=1)
+    assert loader.num_workers == 3
+
+
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("workers", [0, 2])
 @pytest.mark.parametrize("backend", BACKENDS)

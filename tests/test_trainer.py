@@ -12,7 +12,6 @@ import time
 
 import pytest
 import torch
-import yaml
 
 from sdmp_fast import cli
 from sdmp_fast.config import TrainConfig

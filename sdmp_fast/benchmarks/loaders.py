@@ -247,7 +247,7 @@ def run_backend(backend: str, args, recipe, images, device: torch.device, dtype)
         data = args.data
         if backend == "ffcv":
             cache = args.cache or os.path.dirname(os.path.abspath(args.json))
-            data = beton_for(args.data, images, cache, args.max_side, args.num_workers or os.cpu_count() or 1)
+            data = beton_for(args.data, images, cache, args.max_side, args.num_workers or usable_cores())
             record["beton"] = beton_note(data, args.max_side)
         loader = make_loader(backend, data, recipe, args.batch_size, device=device, shard_id=0, num_shards=1,
                              shuffle=True, drop_last=True, seed=args.seed, dtype=dtype, num_workers=args.num_workers,
