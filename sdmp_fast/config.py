@@ -137,7 +137,7 @@ class TrainConfig:
     save_every: int = _f(1000, "steps between checkpoints (0: only at the end)")
     keep_checkpoints: int = _f(3, "checkpoints kept (oldest deleted)")
     nan_policy: str = _f("stop", "non-finite loss/gradient: stop the run, or skip the step", ("stop", "skip"))
-    dist_timeout: float = _f(300.0, "seconds before a collective with a dead peer fails")
+    dist_timeout: float = _f(300.0, "seconds before a collective with a dead peer fails (at most 1e8)")
     progress: bool = _f(True, "tqdm progress bar", kind="onoff")
     tensorboard: bool = _f(True, "TensorBoard events in out/tb when tensorboard is importable", kind="onoff")
 
@@ -246,12 +246,12 @@ class TrainConfig:
             need(self.drop_path_rate < 1, "drop_path_rate",
                  f"must be < 1 (1 drops every block), got {self.drop_path_rate}")
         number("alpha", 0, lo_open=True, allow_none=False)
-        number("tau", 0, lo_open=True, allow_none=False)
-        number("tau_s", 0, lo_open=True, allow_none=False)
-        number("tau_t", 0, lo_open=True, allow_none=False)
-        number("tau_t_end", 0, lo_open=True, allow_none=False)
+        # temperatures divide fp32 / bf16 logits: below ~1e-30 they are 0 there, and step 1 would be NaN
+        for name in ("tau", "tau_s", "tau_t", "tau_t_end"):
+            number(name, 1e-30, allow_none=False)
         number("center_momentum", 0, 1, allow_none=False)
-        number("dist_timeout", 0, lo_open=True, allow_none=False)
+        # above ~1e8 s (3 years) torch's timedelta / socket timeouts overflow or wrap: a crash or a silent hang
+        number("dist_timeout", 0, 1e8, lo_open=True, allow_none=False)
         if self.steps is not None:
             self.check_warmups(self.steps)
         # SDMP
@@ -268,9 +268,9 @@ class TrainConfig:
         if self.method == "dino":
             need(self.local_size % self.patch_size == 0, "local_size",
                  f"{self.local_size} is not a multiple of patch_size {self.patch_size}")
-            need(0 <= self.n_local_mixed <= self.n_local, "n_local_mixed",
-                 f"must be in [0, n_local={self.n_local}], got {self.n_local_mixed}")
-            if self.sdmp:
+            if self.sdmp:  # plain DINO makes no mixed crop: its n_local_mixed is unused, not checked
+                need(0 <= self.n_local_mixed <= self.n_local, "n_local_mixed",
+                     f"must be in [0, n_local={self.n_local}], got {self.n_local_mixed}")
                 need(self.n_local_mixed >= 1, "n_local_mixed", "SDMP-DINO needs at least one mixed local crop")
         need(self.nan_policy in ("stop", "skip"), "nan_policy", f"choose stop or skip, got {self.nan_policy!r}")
         need(self.precision in ("auto", "bf16", "fp32"), "precision", f"choose auto, bf16 or fp32, got {self.precision!r}")
@@ -494,9 +494,20 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         values.pop("epochs", None)
     if "epochs" in cli:
         values.pop("steps", None)
+    if "weight_decay" in cli and "weight_decay_end" not in cli and _derived_decay_end(values):
+        values.pop("weight_decay_end")  # derived again from the new --weight-decay (MoCo v3: constant)
     values.update(cli)
     kwargs = {k: _coerce(k, v, FIELDS[k]) for k, v in values.items()}
     return TrainConfig(**kwargs).resolve()
+
+
+def _derived_decay_end(values: Dict[str, Any]) -> bool:
+    """Whether a config file's weight_decay_end is the one ``resolve`` derived from its weight_decay (a run's
+    config.yaml holds it filled in): for a method whose end defaults to the start (MoCo v3's constant decay),
+    equal to the file's weight_decay. Kept, a new --weight-decay would decay along a cosine to the old value."""
+    method = values.get("method", FIELDS["method"].default)
+    derived = METHOD_DEFAULTS.get(method, {}).get("weight_decay_end", None) is None
+    return derived and "weight_decay_end" in values and values["weight_decay_end"] == values.get("weight_decay")
 
 
 def _drop_other_method_defaults(values: Dict[str, Any], path: str, method: str) -> None:
@@ -548,6 +559,8 @@ def mismatches(saved: Dict[str, Any], current: TrainConfig) -> List[str]:
     for k in RESUME_MUST_MATCH:
         # a setting newer than the checkpoint had its default then (or what the code did before it existed)
         a, b = saved.get(k, SETTING_BEFORE_IT_EXISTED.get(k, defaults.get(k))), cur.get(k)
+        if k == "n_local_mixed" and not cur.get("sdmp") and not saved.get("sdmp", True):
+            continue  # plain DINO makes no mixed crop
         if k == "loader_options":  # throughput-only options may change; an option at its default = not given
             a, b = (significant_loader_options(d, cur.get("loader")) for d in (a, b))
         if isinstance(a, (list, tuple)) or isinstance(b, (list, tuple)):

@@ -51,6 +51,12 @@ def create_backbone(spec: Dict, drop_path_rate: float = 0.0) -> nn.Module:
         model = timm.create_model(arch, pretrained=False, num_classes=0, **spec)
     except TypeError as e:  # a non-ViT architecture does not take img_size / patch_size / depth ...
         raise ValueError(f"arch: {arch!r} is not a Vision Transformer taking {sorted(spec)} ({e})") from None
+    except AssertionError as e:  # timm's own checks: "dim should be divisible by num_heads" when one is given alone
+        given = [k for k in ("embed_dim", "num_heads") if k in spec]
+        sizes = ", ".join(f"{k} {spec[k]}" for k in given)
+        raise ValueError(f"{given[0] if len(given) == 1 else 'arch'}: timm cannot build {arch!r} with {sizes or spec}"
+                         f" ({e or 'a failed check'}): the arch's own width / head count may not fit it; give embed_dim and"
+                         f" num_heads together (embed_dim a multiple of num_heads)") from None
     if not hasattr(model, "patch_embed"):
         raise ValueError(f"arch: {arch!r} has no patch embedding; sdmp-fast trains timm Vision Transformers")
     return model

@@ -48,20 +48,24 @@ def _check_out(cfg) -> None:
     """Read-only checks of --out (nothing is created here)."""
     out = cfg.out
     entries = set(os.listdir(out)) if os.path.isdir(out) else set()
-    if entries and not cfg.resume:
-        metrics = os.path.join(out, "metrics.jsonl")
-        if (entries & {"checkpoints", "backbone.pt"}) or (os.path.isfile(metrics) and os.path.getsize(metrics)):
-            if _has_checkpoint_files(out) or _lost_checkpoints(out, entries, cfg):
-                raise ValueError(f"out: {out!r} already holds a run; pass --resume to continue it or choose "
-                                 f"another --out")
-            raise ValueError(f"out: {out!r} holds a run that stopped before its first checkpoint "
-                             f"({', '.join(_run_output(out, entries)) or 'no step recorded'}); pass --resume to "
-                             f"start it again from step 0 (its metrics.jsonl is replaced) or choose another --out")
+    metrics = os.path.join(out, "metrics.jsonl")
+    holds_run = bool(entries & {"checkpoints", "backbone.pt"}) or (os.path.isfile(metrics) and
+                                                                   os.path.getsize(metrics) > 0)
+    if entries and not cfg.resume and holds_run:
+        if _has_checkpoint_files(out) or _lost_checkpoints(out, entries, cfg):
+            raise ValueError(f"out: {out!r} already holds a run; pass --resume to continue it or choose "
+                             f"another --out")
+        raise ValueError(f"out: {out!r} holds a run that stopped before its first checkpoint "
+                         f"({', '.join(_run_output(out, entries)) or 'no step recorded'}); pass --resume to "
+                         f"start it again from step 0 (its metrics.jsonl is replaced) or choose another --out")
+    if entries and not holds_run:
+        # a folder of other things: refused with or without --resume (elastic runs pass --resume from the first
+        # attempt, and a --resume that finds no checkpoint starts afresh, writing its config.yaml over theirs).
+        # Only the start files of a run that stopped before its first step (bad data, say) are replaced.
         others = sorted(e for e in entries - _START_FILES if not re.fullmatch(r"config\.\d+\.yaml", e))
         if others:
             raise ValueError(f"out: {out!r} is not empty and holds no run ({', '.join(others[:5])}"
                              f"{', ...' if len(others) > 5 else ''}); choose an empty or new folder")
-        # only the start files of a run that stopped before its first step (bad data, say): a new run replaces them
     if cfg.resume and not _has_checkpoint_files(out):
         # nothing to resume from: starting afresh truncates metrics.jsonl and overwrites backbone.pt. Fine for a
         # run killed before its first checkpoint (its records are redone); refused where checkpoints were lost

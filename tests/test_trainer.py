@@ -87,6 +87,9 @@ BAD_SETTINGS = [
     (["--n-local-mixed", "9", "--method", "dino"], "n_local_mixed"),
     (["--n-local", "-1", "--method", "dino"], "n_local"),  # was reported under n_local_mixed
     (["--batch-size", "abc"], "batch_size"),
+    (["--dist-timeout", "1e10"], "dist_timeout"),  # passed, then overflowed in torch's timeouts or hung silently
+    (["--tau", "1e-300"], "tau"),  # passed "> 0", then 0 in fp32: a NaN loss at step 1 blamed on the lr
+    (["--method", "dino", "--tau-t", "1e-45"], "tau_t"),
 ]
 
 
@@ -162,6 +165,18 @@ def test_data_with_nothing_decodable_is_an_error_not_a_hang(tmp_path, capsys):
     (tmp_path / "other" / "notes.txt").write_text("mine")
     code, err = run_cli(TINY + ["--loader", "synthetic", "--steps", "1", "--out", str(tmp_path / "other")], capsys)
     assert code == 2 and "is not empty and holds no run (notes.txt)" in err
+    # with --resume too (elastic runs pass it from the first attempt): it went on, writing its config.yaml over
+    # the folder's own
+    (tmp_path / "other" / "config.yaml").write_text("dataset: theirs\n")
+    code, err = run_cli(TINY + ["--loader", "synthetic", "--steps", "1", "--resume", "--out",
+                                str(tmp_path / "other")], capsys)
+    assert code == 2 and "is not empty and holds no run (notes.txt)" in err
+    assert sorted(os.listdir(tmp_path / "other")) == ["config.yaml", "notes.txt"]
+    assert (tmp_path / "other" / "config.yaml").read_text() == "dataset: theirs\n"
+    # --resume on the start files of a run that stopped before its first step: a fresh start, as without it
+    code, err = run_cli(TINY + ["--loader", "synthetic", "--steps", "1", "--resume", "--out", str(tmp_path / "o2")],
+                        capsys)
+    assert code == 0, err
 
 
 def test_out_that_cannot_be_written_is_named_before_anything_runs(tmp_path, capsys, monkeypatch):
@@ -289,6 +304,58 @@ def test_a_run_config_reused_with_another_method_takes_that_method_s_defaults(tm
     same = config_from_args(p.parse_args(["--config", str(f), "--method", "mocov3", "--out", "x"]))
     assert same.base_lr == METHOD_DEFAULTS["mocov3"]["base_lr"] and same.clip_grad == 1.0
 
+
+
+@pytest.mark.parametrize("given", [["--embed-dim", "64"], ["--num-heads", "5"]])
+def test_a_width_or_head_count_alone_that_does_not_fit_the_arch_is_named(tmp_path, capsys, given):
+    """--embed-dim without --num-heads (or the reverse) against the arch's own other value: timm's bare
+    AssertionError ("dim should be divisible by num_heads"), exit 1, named nothing."""
+    out = tmp_path / "out"
+    arch = ["--arch", "vit_small_patch16_224"] if given[0] == "--embed-dim" else ["--arch", "vit_tiny_patch16_224"]
+    code, err = run_cli(arch + given + ["--depth", "1", "--img-size", "32", "--patch-size", "8", "--loader",
+                                        "synthetic", "--steps", "2", "--batch-size", "4", "--device", "cpu",
+                                        "--progress", "off", "--tensorboard", "off", "--out", str(out)], capsys)
+    name = given[0][2:].replace("-", "_")
+    assert code == 2 and f"error: {name}: timm cannot build" in err and "together" in err, err
+    assert not out.exists()
+
+
+def test_plain_dino_does_not_check_or_match_the_mixed_crop_count():
+    """--sdmp off makes no mixed crop: n_local_mixed (default 4) above --n-local was refused, and a resume compared
+    it with the checkpoint's."""
+    from sdmp_fast.config import mismatches
+
+    plain = dict(TINY_KW, method="dino", n_local=1, steps=2, out="x", loader="synthetic")
+    cfg = TrainConfig(**dict(plain, sdmp=False)).resolve().validate()
+    saved = dict(cfg.to_dict(), n_local_mixed=3)
+    assert mismatches(saved, cfg) == []
+    assert mismatches(dict(saved, sdmp=True), cfg) == ["sdmp (checkpoint True, now False)",
+                                                       "n_local_mixed (checkpoint 3, now 2)"]
+    with pytest.raises(ValueError, match="n_local_mixed: must be in"):
+        TrainConfig(**plain).resolve().validate()
+
+
+def test_a_reused_moco_config_with_a_new_weight_decay_keeps_it_constant(tmp_path):
+    """A run's config.yaml holds weight_decay_end filled in (= its weight_decay for MoCo v3): reused with
+    --weight-decay 0.02, the decay went along a cosine back to the old 0.1. A weight_decay_end set apart from
+    the decay, or DINO's own, stays."""
+    import argparse
+
+    import yaml
+
+    from sdmp_fast.config import config_from_args
+    from sdmp_fast.train_cli import add_arguments
+
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    f = tmp_path / "config.yaml"
+    for method, saved_end, want_end in (("mocov3", None, 0.02), ("mocov3", 0.3, 0.3), ("dino", None, 0.4)):
+        saved = TrainConfig(method=method, out="x", steps=10, weight_decay_end=saved_end).resolve().to_dict()
+        f.write_text(yaml.safe_dump(saved, sort_keys=False))
+        got = config_from_args(p.parse_args(["--config", str(f), "--weight-decay", "0.02", "--out", "x"]))
+        assert (got.weight_decay, got.weight_decay_end) == (0.02, want_end), (method, saved_end)
+        same = config_from_args(p.parse_args(["--config", str(f), "--out", "x"]))
+        assert same.weight_decay_end == saved["weight_decay_end"]
 
 
 def test_config_file_that_is_a_folder_or_not_text_is_named(tmp_path, capsys):
