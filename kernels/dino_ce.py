@@ -20,8 +20,9 @@ reference, re-exported as ``sdmp_dino_terms_ref``). On a device with the kernels
   it otherwise -- decided on the device, no host synchronisation. Without a precomputed gradient (torch.compile
   tracing, ``SDMP_DINO_PRECOMPUTE_GRAD=0``) ``sdmp_fast::dino_grad`` computes it from the saved statistics.
 
-A second backward through one graph (retain_graph, or one term after another) computes the gradient from the
-saved statistics: the precomputed one was handed on by the first.
+A second backward through one graph (after ``backward(retain_graph=True)``, e.g. one term's after another's)
+computes the gradient from the saved statistics: the precomputed one was handed on by the first. Under
+torch.compile and under saved-tensor hooks (activation checkpointing, save_on_cpu) none is precomputed.
 """
 from __future__ import annotations
 
@@ -186,11 +187,18 @@ def _env_int(name: str, default: int, choices: Optional[Tuple[int, ...]] = None,
     return value
 
 
+def _saved_tensor_hooks_active() -> bool:
+    top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)  # private: absent -> assume none
+    return top is not None and top(False) is not None
+
+
 def _precompute_grad() -> bool:
     if not _env_int("SDMP_DINO_PRECOMPUTE_GRAD", 1, (0, 1)):
         return False
-    # Under torch.compile the backward graph would have to mutate a saved tensor: use the functional path.
-    return not torch.compiler.is_compiling()
+    # Under torch.compile the backward graph would have to mutate a buffer it holds: use the functional path.
+    # Under saved-tensor hooks (activation checkpointing, save_on_cpu) too: the precomputed gradient is held
+    # outside them ([V, B, K], as large as the logits), where they would drop or offload what the op saves.
+    return not torch.compiler.is_compiling() and not _saved_tensor_hooks_active()
 
 
 def _fused_launch() -> Tuple[bool, int]:

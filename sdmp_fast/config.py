@@ -246,7 +246,8 @@ class TrainConfig:
             need(self.drop_path_rate < 1, "drop_path_rate",
                  f"must be < 1 (1 drops every block), got {self.drop_path_rate}")
         number("alpha", 0, lo_open=True, allow_none=False)
-        # temperatures divide fp32 / bf16 logits: below ~1e-30 they are 0 there, and step 1 would be NaN
+        # temperatures divide the logits: 1e-300 passed "> 0" and is 0 in fp32 (a NaN loss at step 1, blamed on the
+        # lr); a bound far below any real temperature that keeps logits / tau finite in fp32
         for name in ("tau", "tau_s", "tau_t", "tau_t_end"):
             number(name, 1e-30, allow_none=False)
         number("center_momentum", 0, 1, allow_none=False)
@@ -494,18 +495,18 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         values.pop("epochs", None)
     if "epochs" in cli:
         values.pop("steps", None)
-    if "weight_decay" in cli and "weight_decay_end" not in cli and _derived_decay_end(values):
+    if "weight_decay" in cli and "weight_decay_end" not in cli and _derived_decay_end(values, cli):
         values.pop("weight_decay_end")  # derived again from the new --weight-decay (MoCo v3: constant)
     values.update(cli)
     kwargs = {k: _coerce(k, v, FIELDS[k]) for k, v in values.items()}
     return TrainConfig(**kwargs).resolve()
 
 
-def _derived_decay_end(values: Dict[str, Any]) -> bool:
+def _derived_decay_end(values: Dict[str, Any], cli: Dict[str, Any]) -> bool:
     """Whether a config file's weight_decay_end is the one ``resolve`` derived from its weight_decay (a run's
     config.yaml holds it filled in): for a method whose end defaults to the start (MoCo v3's constant decay),
     equal to the file's weight_decay. Kept, a new --weight-decay would decay along a cosine to the old value."""
-    method = values.get("method", FIELDS["method"].default)
+    method = cli.get("method", values.get("method", FIELDS["method"].default))  # the method this run uses
     derived = METHOD_DEFAULTS.get(method, {}).get("weight_decay_end", None) is None
     return derived and "weight_decay_end" in values and values["weight_decay_end"] == values.get("weight_decay")
 

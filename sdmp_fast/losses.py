@@ -280,26 +280,21 @@ def sdmp_dino_terms(student_clean, student_mixed, teacher_clean, teacher_mixed, 
     lam = check_dino_inputs(s_clean, s_mixed, t_clean, t_mixed, center, lam)
     n_teacher = t_clean.shape[0]
     p_t = dino_teacher_probs(t_clean, center, tau_t)  # [T, B, K]
-    # A zero in the students' graph (a sum of no element, never 0 * an inf logit): every term is differentiable
-    # as the kernel's are, so terms["mix_teacher"].backward() without mixed crops gives zero gradients.
-    dtype = _upcast(s_clean).dtype
-    zero = s_clean[..., :0].sum(dtype=dtype)
-    if s_mixed is not None:
-        zero = zero + s_mixed[..., :0].sum(dtype=dtype)
-    dino_sum, n_pairs = zero, 0
+    dino_sum, n_pairs = 0.0, 0
     for iq in range(n_teacher):
         for v in range(s_clean.shape[0]):
             if v == iq:
                 continue
             dino_sum = dino_sum + soft_target_cross_entropy(s_clean[v] / tau_s, p_t[iq]).mean()
             n_pairs += 1
-    src_sum, mix_sum = zero, zero
+    src_sum, mix_sum = 0.0, 0.0
+    dtype = _upcast(s_clean).dtype
     if s_mixed is not None:
-        lam_ = lam.to(zero.dtype)[:, None]
+        lam_ = lam.to(dtype)[:, None]
         w_src = mix_weight if t_mixed is not None else 2.0 * mix_weight
         if t_mixed is not None:
             p_tm = dino_teacher_probs(t_mixed, center, tau_t)
-            w1, w2 = mix_mix_weights(mix_coefficient(lam.to(zero.dtype)))
+            w1, w2 = mix_mix_weights(mix_coefficient(lam.to(dtype)))
         for iq in range(n_teacher):
             source_target = lam_ * p_t[iq] + (1 - lam_) * p_t[iq].flip(0)  # eq. 7
             for m in range(s_mixed.shape[0]):
@@ -309,6 +304,15 @@ def sdmp_dino_terms(student_clean, student_mixed, teacher_clean, teacher_mixed, 
                     target = w1[:, None] * p_tm[iq] + w2[:, None] * p_tm[iq].flip(0)
                     mix_sum = mix_sum + mix_weight * soft_target_cross_entropy(logits, target).mean()
                 n_pairs += 1
-    terms = {"dino": dino_sum / n_pairs, "mix_source": src_sum / n_pairs, "mix_teacher": mix_sum / n_pairs}
+    # A term with no pair is a zero in the students' graph (a sum of no element, never 0 * an inf logit): every
+    # term is differentiable as the kernel's are, so terms["mix_teacher"].backward() without mixed teacher crops
+    # gives zero gradients. Only such terms carry it: it would add a zero gradient to every backward.
+    sums = [dino_sum, src_sum, mix_sum]
+    if not all(torch.is_tensor(x) for x in sums):
+        zero = s_clean[..., :0].sum(dtype=dtype)
+        if s_mixed is not None:
+            zero = zero + s_mixed[..., :0].sum(dtype=dtype)
+        sums = [x if torch.is_tensor(x) else zero for x in sums]
+    terms = {name: x / n_pairs for name, x in zip(("dino", "mix_source", "mix_teacher"), sums)}
     terms["loss"] = terms["dino"] + terms["mix_source"] + terms["mix_teacher"]
     return terms

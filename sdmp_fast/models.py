@@ -55,8 +55,8 @@ def create_backbone(spec: Dict, drop_path_rate: float = 0.0) -> nn.Module:
         given = [k for k in ("embed_dim", "num_heads") if k in spec]
         sizes = ", ".join(f"{k} {spec[k]}" for k in given)
         raise ValueError(f"{given[0] if len(given) == 1 else 'arch'}: timm cannot build {arch!r} with {sizes or spec}"
-                         f" ({e or 'a failed check'}): the arch's own width / head count may not fit it; give embed_dim and"
-                         f" num_heads together (embed_dim a multiple of num_heads)") from None
+                         f" ({str(e) or 'a failed check'}): the arch's own width / head count may not fit it;"
+                         f" give embed_dim and num_heads together (embed_dim a multiple of num_heads)") from None
     if not hasattr(model, "patch_embed"):
         raise ValueError(f"arch: {arch!r} has no patch embedding; sdmp-fast trains timm Vision Transformers")
     return model

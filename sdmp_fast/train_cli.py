@@ -41,7 +41,10 @@ def _dist_env():
     return rank, world, local
 
 
-_START_FILES = {"config.yaml", "metrics.jsonl", ".lock", ".cache"}  # what a run writes before its first step
+# what a run writes before its first metrics record: TensorBoard's tb/ at its start, a config.yaml.tmp.<pid> or
+# metrics.jsonl.tmp.<pid> of a process killed while replacing the file
+_START_FILES = {"config.yaml", "metrics.jsonl", ".lock", ".cache", "tb"}
+_START_FILE_PATTERN = r"config\.\d+\.yaml|(config\.yaml|metrics\.jsonl)\.tmp\.\d+"
 
 
 def _check_out(cfg) -> None:
@@ -62,7 +65,7 @@ def _check_out(cfg) -> None:
         # a folder of other things: refused with or without --resume (elastic runs pass --resume from the first
         # attempt, and a --resume that finds no checkpoint starts afresh, writing its config.yaml over theirs).
         # Only the start files of a run that stopped before its first step (bad data, say) are replaced.
-        others = sorted(e for e in entries - _START_FILES if not re.fullmatch(r"config\.\d+\.yaml", e))
+        others = sorted(e for e in entries - _START_FILES if not re.fullmatch(_START_FILE_PATTERN, e))
         if others:
             raise ValueError(f"out: {out!r} is not empty and holds no run ({', '.join(others[:5])}"
                              f"{', ...' if len(others) > 5 else ''}); choose an empty or new folder")

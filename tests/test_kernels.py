@@ -888,6 +888,43 @@ def check_second_backward_recomputes(device, monkeypatch, route):
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
+@pytest.mark.parametrize("hooks", ["save_on_cpu", "checkpoint"])
+def test_emulated_dino_under_saved_tensor_hooks_precomputes_no_gradient(emulated, monkeypatch, hooks):
+    """The forward's precomputed gradient (as large as the logits) is held outside saved-tensor hooks: under
+    activation checkpointing or save_on_cpu it would stay on the device between forward and backward, where the
+    hooks drop or offload what the op saves. There the gradient is computed in the backward instead."""
+    from sdmp_fast.kernels import dino_ce
+
+    calls = []
+
+    class Spy:
+        @staticmethod
+        def apply(*args):
+            calls.append(args[9:11])  # grad_clean, grad_mixed
+            return eager.apply(*args)
+
+    eager = dino_ce._dino_fwd_eager
+    monkeypatch.setattr(dino_ce, "_dino_fwd_eager", Spy)
+    sc, sm, t_clean, t_mixed, center, lam = dino_inputs(3, 2, 2, 4, 40, torch.float32, "cpu", seed=3)
+    grads = []
+    for fn in (K.sdmp_dino_terms, losses.sdmp_dino_terms):
+        s, m = leaf(sc), leaf(sm)
+        if hooks == "save_on_cpu":
+            with torch.autograd.graph.save_on_cpu():
+                loss = fn(s, m, t_clean, t_mixed, center, lam)["loss"]
+        else:
+            loss = torch.utils.checkpoint.checkpoint(lambda a, b: fn(a, b, t_clean, t_mixed, center, lam)["loss"],
+                                                     s, m, use_reentrant=False)
+        loss.backward()
+        grads.append((s.grad, m.grad))
+    assert calls and all(c == (False, False) for c in calls), calls
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=1e-6)
+    loss = K.sdmp_dino_terms(leaf(sc), leaf(sm), t_clean, t_mixed, center, lam)["loss"]  # no hooks: precomputed
+    assert calls[-1] == (True, True)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
 @pytest.mark.parametrize("route", ["direct", "op"])
 def test_emulated_dino_second_backward_recomputes(emulated, monkeypatch, route):
     check_second_backward_recomputes("cpu", monkeypatch, route)

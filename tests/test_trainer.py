@@ -173,10 +173,15 @@ def test_data_with_nothing_decodable_is_an_error_not_a_hang(tmp_path, capsys):
     assert code == 2 and "is not empty and holds no run (notes.txt)" in err
     assert sorted(os.listdir(tmp_path / "other")) == ["config.yaml", "notes.txt"]
     assert (tmp_path / "other" / "config.yaml").read_text() == "dataset: theirs\n"
-    # --resume on the start files of a run that stopped before its first step: a fresh start, as without it
-    code, err = run_cli(TINY + ["--loader", "synthetic", "--steps", "1", "--resume", "--out", str(tmp_path / "o2")],
-                        capsys)
-    assert code == 0, err
+    # --resume on what a run killed before its first metrics record leaves (TensorBoard's tb/ made at the start,
+    # a config.yaml.tmp.<pid> of a process killed while writing it): a fresh start, as without --resume
+    for resume in (["--resume"], []):
+        o2 = tmp_path / f"o2{'-resume' if resume else ''}"
+        (o2 / "tb").mkdir(parents=True)
+        for name in (".lock", "metrics.jsonl", "config.yaml", "config.yaml.tmp.123"):
+            (o2 / name).write_text("")
+        code, err = run_cli(TINY + ["--loader", "synthetic", "--steps", "1", "--out", str(o2)] + resume, capsys)
+        assert code == 0, err
 
 
 def test_out_that_cannot_be_written_is_named_before_anything_runs(tmp_path, capsys, monkeypatch):
@@ -356,6 +361,11 @@ def test_a_reused_moco_config_with_a_new_weight_decay_keeps_it_constant(tmp_path
         assert (got.weight_decay, got.weight_decay_end) == (0.02, want_end), (method, saved_end)
         same = config_from_args(p.parse_args(["--config", str(f), "--out", "x"]))
         assert same.weight_decay_end == saved["weight_decay_end"]
+    # the method the run uses decides: a file without one, trained as DINO (whose end is its own), keeps its end
+    f.write_text("weight_decay: 0.1\nweight_decay_end: 0.1\n")
+    got = config_from_args(p.parse_args(["--config", str(f), "--method", "dino", "--weight-decay", "0.05",
+                                         "--out", "x"]))
+    assert (got.weight_decay, got.weight_decay_end) == (0.05, 0.1)
 
 
 def test_config_file_that_is_a_folder_or_not_text_is_named(tmp_path, capsys):
