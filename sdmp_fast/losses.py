@@ -252,6 +252,10 @@ def _stacked_mixed(x) -> Optional[torch.Tensor]:
     return _stack(x) if x is not None and len(x) > 0 else None
 
 
+def _added(total: Optional[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    return x if total is None else total + x
+
+
 def sdmp_dino_terms(student_clean, student_mixed, teacher_clean, teacher_mixed, center: torch.Tensor,
                     lam: Optional[torch.Tensor], tau_s: float = 0.1, tau_t: float = 0.04,
                     mix_weight: float = 0.5) -> Dict[str, torch.Tensor]:
@@ -280,14 +284,14 @@ def sdmp_dino_terms(student_clean, student_mixed, teacher_clean, teacher_mixed, 
     lam = check_dino_inputs(s_clean, s_mixed, t_clean, t_mixed, center, lam)
     n_teacher = t_clean.shape[0]
     p_t = dino_teacher_probs(t_clean, center, tau_t)  # [T, B, K]
-    dino_sum, n_pairs = 0.0, 0
+    dino_sum, n_pairs = None, 0  # None: no pair yet (a Python 0.0 start upsets torch.func's jacrev)
     for iq in range(n_teacher):
         for v in range(s_clean.shape[0]):
             if v == iq:
                 continue
-            dino_sum = dino_sum + soft_target_cross_entropy(s_clean[v] / tau_s, p_t[iq]).mean()
+            dino_sum = _added(dino_sum, soft_target_cross_entropy(s_clean[v] / tau_s, p_t[iq]).mean())
             n_pairs += 1
-    src_sum, mix_sum = 0.0, 0.0
+    src_sum, mix_sum = None, None
     dtype = _upcast(s_clean).dtype
     if s_mixed is not None:
         lam_ = lam.to(dtype)[:, None]
@@ -299,20 +303,20 @@ def sdmp_dino_terms(student_clean, student_mixed, teacher_clean, teacher_mixed, 
             source_target = lam_ * p_t[iq] + (1 - lam_) * p_t[iq].flip(0)  # eq. 7
             for m in range(s_mixed.shape[0]):
                 logits = s_mixed[m] / tau_s
-                src_sum = src_sum + w_src * soft_target_cross_entropy(logits, source_target).mean()
+                src_sum = _added(src_sum, w_src * soft_target_cross_entropy(logits, source_target).mean())
                 if t_mixed is not None:  # eq. 8; one log-softmax shared by both targets
                     target = w1[:, None] * p_tm[iq] + w2[:, None] * p_tm[iq].flip(0)
-                    mix_sum = mix_sum + mix_weight * soft_target_cross_entropy(logits, target).mean()
+                    mix_sum = _added(mix_sum, mix_weight * soft_target_cross_entropy(logits, target).mean())
                 n_pairs += 1
     # A term with no pair is a zero in the students' graph (a sum of no element, never 0 * an inf logit): every
     # term is differentiable as the kernel's are, so terms["mix_teacher"].backward() without mixed teacher crops
     # gives zero gradients. Only such terms carry it: it would add a zero gradient to every backward.
     sums = [dino_sum, src_sum, mix_sum]
-    if not all(torch.is_tensor(x) for x in sums):
+    if any(x is None for x in sums):
         zero = s_clean[..., :0].sum(dtype=dtype)
         if s_mixed is not None:
             zero = zero + s_mixed[..., :0].sum(dtype=dtype)
-        sums = [x if torch.is_tensor(x) else zero for x in sums]
+        sums = [zero if x is None else x for x in sums]
     terms = {name: x / n_pairs for name, x in zip(("dino", "mix_source", "mix_teacher"), sums)}
     terms["loss"] = terms["dino"] + terms["mix_source"] + terms["mix_teacher"]
     return terms
