@@ -129,8 +129,8 @@ def _setup_context(ctx, inputs, output):
     ctx.scalars = (tau_s, tau_t, mix_weight)
     ctx.save_for_backward(s_clean, s_mixed, t_clean, t_mixed, center, lam, row_stat, lse_t)
     # The forward's gradient buffers are not saved tensors: the first backward corrects them in place and hands
-    # them on, then lets go of them; a second one through the same graph (retain_graph, or one term after
-    # another) finds None and computes the gradient from the saved statistics, as it would without them.
+    # them on, then lets go of them; a second one through the same graph (after backward(retain_graph=True))
+    # finds None and computes the gradient from the saved statistics, as it would without them.
     # Nothing else holds them (``_run`` drops them), so their in-place correction cannot be seen elsewhere.
     ctx.grad_buffers = (g_clean, g_mixed) if (grad_clean or grad_mixed) else None
 

@@ -54,7 +54,7 @@ def _check_out(cfg) -> None:
     metrics = os.path.join(out, "metrics.jsonl")
     holds_run = bool(entries & {"checkpoints", "backbone.pt"}) or (os.path.isfile(metrics) and
                                                                    os.path.getsize(metrics) > 0)
-    if entries and not cfg.resume and holds_run:
+    if holds_run and not cfg.resume:
         if _has_checkpoint_files(out) or _lost_checkpoints(out, entries, cfg):
             raise ValueError(f"out: {out!r} already holds a run; pass --resume to continue it or choose "
                              f"another --out")
