@@ -21,6 +21,7 @@ import warnings
 from dataclasses import dataclass
 from typing import Dict, Iterator, List, Optional, Protocol, Sequence, Tuple, Union, runtime_checkable
 
+import numpy as np
 import torch
 
 from sdmp_fast.batch import SDMPBatch
@@ -197,17 +198,35 @@ def dist_shard() -> Tuple[int, int]:
     return 0, 1
 
 
-def whole_number(name: str, value, low: Optional[int] = None, hint: str = "") -> int:
+def whole_number(name: str, value, low: Optional[int] = None, hint: str = "", high: Optional[int] = None) -> int:
     """``value`` as a Python int: numpy / torch integers too (a seed or shard id from ``np.arange``), whose own
-    arithmetic would overflow in the seed mixing; bools, floats and strings are refused naming ``name``."""
+    arithmetic would overflow in the seed mixing; bools (numpy's and torch's too), floats and strings are refused
+    naming ``name``."""
     try:
-        number = operator.index(value) if not isinstance(value, bool) else None
+        number = None if _is_bool(value) else operator.index(value)
     except TypeError:
         number = None
-    if number is None or (low is not None and number < low):
+    if number is None or (low is not None and number < low) or (high is not None and number > high):
         want = "an integer" if low is None else f"an integer >= {low}"
+        want += f" and <= {high}" if high is not None else ""
         raise ValueError(f"{name}: must be {want}{hint}, got {value!r}")
     return number
+
+
+def _is_bool(value) -> bool:
+    """True / False in any dress: operator.index takes numpy's bool_ and a 0-dim torch bool tensor as 0 / 1."""
+    return isinstance(value, (bool, np.bool_)) or (isinstance(value, torch.Tensor) and value.dtype == torch.bool)
+
+
+# Upper bounds of the counts a loader takes. Past them a setting is a typo or a unit mix-up, and torch, DALI or
+# FFCV would not refuse it: 10**9 DataLoader workers fork until the machine gives out, a prefetch_factor of 10**9
+# spins in DataLoader's start-up loop (prefetch_factor x workers index puts), and DALI starts 10**9 threads.
+MAX_WORKERS = 1024
+MAX_THREADS = 1024
+MAX_BATCHES_AHEAD = 64  # each holds whole batches in (pinned or device) memory; the backends' defaults are 2-3
+OPTION_MAX = {"prefetch_factor": MAX_BATCHES_AHEAD, "prefetch": MAX_BATCHES_AHEAD,
+              "prefetch_queue_depth": MAX_BATCHES_AHEAD, "batches_ahead": MAX_BATCHES_AHEAD,
+              "num_threads": MAX_THREADS, "read_threads": MAX_THREADS}
 
 
 class EpochSampler:
@@ -568,8 +587,9 @@ def _check_option_type(backend: str, name: str, value, annotation) -> None:
     if "bool" in ann:
         ok, want = isinstance(value, bool), "True or False"
     elif "int" in ann and "float" not in ann:
-        low = 0 if optional else 1
-        ok, want = isinstance(value, int) and not isinstance(value, bool) and value >= low, f"an integer >= {low}"
+        low, high = 0 if optional else 1, OPTION_MAX.get(name)
+        ok = isinstance(value, int) and not isinstance(value, bool) and low <= value <= (high or value)
+        want = f"an integer >= {low}" + (f" and <= {high}" if high else "")
     elif "dict" in ann:
         ok, want = isinstance(value, dict), "a dict"
     else:
@@ -629,7 +649,7 @@ def make_loader(backend: str, data, recipe: Union[str, Recipe] = "byol2", batch_
         raise ValueError(f"dtype: the views are normalised floats: a floating torch dtype (float32, bfloat16, "
                          f"float16, ...; None: float32), got {dtype!r}")
     if num_workers is not None:
-        num_workers = whole_number("num_workers", num_workers, 0, " (None: the backend's default)")
+        num_workers = whole_number("num_workers", num_workers, 0, " (None: the backend's default)", MAX_WORKERS)
     device = _loader_device(device)
     module_name, cls_name = BACKENDS[backend].split(":")
     try:

@@ -226,6 +226,8 @@ def test_numpy_integer_seed_and_shard_are_the_same_as_python_ints():
     torch.testing.assert_close(got.views, want.views, rtol=0, atol=0)
     torch.testing.assert_close(got.lam, want.lam, rtol=0, atol=0)
     for name, kw in (("seed", dict(seed=3.0)), ("seed", dict(seed=True)), ("shard_id", dict(shard_id=1.0)),
+                     # a bool in numpy's or torch's dress was taken as 1 (operator.index takes them)
+                     ("seed", dict(seed=np.bool_(True))), ("seed", dict(seed=torch.tensor(True))),
                      ("num_shards", dict(num_shards="2")), ("shard_id", dict(shard_id=2))):
         args = dict(seed=3, shard_id=1, num_shards=2) | kw
         with pytest.raises(ValueError, match=f"^{name}"):
@@ -243,6 +245,8 @@ def test_make_loader_rejects_bad_settings_before_reading(tmp_path):
         make_loader("torchvision", tmp_path, "byol2", 8, dtype=torch.uint8)
     with pytest.raises(ValueError, match="num_workers: .* -1"):
         make_loader("torchvision", tmp_path, "byol2", 8, num_workers=-1)
+    with pytest.raises(ValueError, match=r"num_workers: must be an integer >= 0 and <= 1024 .*got 100000"):
+        make_loader("torchvision", tmp_path, "byol2", 8, num_workers=100000)  # forked until the machine gave out
     # an option of another backend, or a recipe setting, named with what the backend takes (was a TypeError
     # from the constructor); tmp_path holds no image, so the check runs before any data is listed
     with pytest.raises(ValueError, match=r"torchvision loader: unknown option\(s\) size; it takes prefetch_factor .*"
@@ -253,10 +257,17 @@ def test_make_loader_rejects_bad_settings_before_reading(tmp_path):
     # option values against the backend's annotations (were asserts / TypeErrors inside, or "off" read as True)
     for backend, opts, message in (
             ("torchvision", {"prefetch_factor": 0}, "torchvision loader: prefetch_factor: expected an integer >= 1"),
-            ("torchvision", {"prefetch_factor": 2.5}, "prefetch_factor: expected an integer >= 1, got 2.5"),
-            ("torch-gpu", {"prefetch": "x"}, "torch-gpu loader: prefetch: expected an integer >= 1, got 'x'"),
+            ("torchvision", {"prefetch_factor": 2.5}, "prefetch_factor: expected an integer >= 1 and <= 64, got 2.5"),
+            ("torch-gpu", {"prefetch": "x"}, "torch-gpu loader: prefetch: expected an integer >= 1 and <= 64, got 'x'"),
             ("dali", {"conditionals": "off"}, "dali loader: conditionals: expected True or False or None"),
-            ("dali", {"read_threads": -3}, "dali loader: read_threads: expected an integer >= 0 or None")):
+            ("dali", {"read_threads": -3}, "dali loader: read_threads: expected an integer >= 0 and <= 1024 or None"),
+            # past the bounds a count is a typo the backends do not refuse: a prefetch_factor of 10**9 spun in
+            # DataLoader's start-up (after the trainer had written its run folder), DALI started 10**9 threads
+            ("torchvision", {"prefetch_factor": 10**9}, r"prefetch_factor: expected an integer >= 1 and <= 64, "),
+            ("torch-gpu", {"prefetch": 65}, r"prefetch: expected an integer >= 1 and <= 64, got 65"),
+            ("dali", {"prefetch_queue_depth": 65}, r"prefetch_queue_depth: expected an integer >= 1 and <= 64"),
+            ("dali", {"num_threads": 1025}, r"num_threads: expected an integer >= 0 and <= 1024 or None"),
+            ("ffcv", {"batches_ahead": 65}, r"batches_ahead: expected an integer >= 1 and <= 64")):
         with pytest.raises(ValueError, match=message):
             make_loader(backend, tmp_path, "byol2", 8, device="cpu", **opts)
     with pytest.raises(ValueError, match="device: not a device, 'gpu'"):

@@ -271,7 +271,13 @@ def test_loader_options_reach_the_backend(tmp_path, capsys, image_dir):
     code, err = run_cli(argv + ["--loader-options", "prefetch_facto=3"], capsys)
     assert code == 2 and "unknown option(s) prefetch_facto; it takes prefetch_factor" in err
     code, err = run_cli(argv + ["--loader-options", "prefetch_factor=0"], capsys)  # was the DataLoader's assert
-    assert code == 2 and "torchvision loader: prefetch_factor: expected an integer >= 1, got 0" in err
+    assert code == 2 and "torchvision loader: prefetch_factor: expected an integer >= 1 and <= 64, got 0" in err
+    # counts past any machine's needs: the run spun in DataLoader's start-up (prefetch_factor) or forked until
+    # the machine gave out (num_workers), with its config.yaml and metrics.jsonl already written
+    code, err = run_cli(argv + ["--loader-options", "prefetch_factor=1000000000"], capsys)
+    assert code == 2 and "prefetch_factor: expected an integer >= 1 and <= 64, got 1000000000" in err
+    code, err = run_cli(argv + ["--num-workers", "100000"], capsys)
+    assert code == 2 and "num_workers: must be an integer >= 0 and <= 1024" in err
     for opts, message in (("seed=3", "loader_options: seed set by the trainer itself"),
                           ("oops", "loader_options: expected key=value pairs"),
                           ("{a: [1", "loader_options: not YAML")):
