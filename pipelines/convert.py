@@ -27,7 +27,7 @@ from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .base import list_images, usable_cores
+from .base import MAX_WORKERS, list_images, usable_cores
 from .image_bytes import rgb8
 
 FORMATS = ("jpg", "raw", "proportion")
@@ -279,8 +279,8 @@ def validate_options(src, out, fmt, max_side, jpeg_quality, compress_probability
         raise ValueError(f"--jpeg-quality: expected 1..100, got {jpeg_quality}")
     if not 0 <= compress_probability <= 1:
         raise ValueError(f"--compress-probability: expected a probability, got {compress_probability}")
-    if workers < 0:
-        raise ValueError(f"--workers: expected >= 0 (0: every core), got {workers}")
+    if not 0 <= workers <= MAX_WORKERS:
+        raise ValueError(f"--workers: expected >= 0 and <= {MAX_WORKERS} (0: every core), got {workers}")
     if chunk_size < 1:
         raise ValueError(f"--chunk-size: expected >= 1, got {chunk_size}")
     out = os.path.abspath(os.fspath(out))

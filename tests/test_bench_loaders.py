@@ -119,6 +119,8 @@ def test_bad_settings_are_one_clear_error(photos, tmp_path, capsys):
     assert "unknown ['nope']" in capsys.readouterr().err
     assert cli_main(common + ["--backends", "torchvision", "--num-workers", "-1"]) == 2
     assert "--num-workers: must be >= 0" in capsys.readouterr().err
+    assert cli_main(common + ["--backends", "torchvision", "--num-workers", "100000"]) == 2  # forked them
+    assert "--num-workers: must be >= 0 and <= 1024" in capsys.readouterr().err
     assert cli_main(["bench", "loaders", "--data", str(tmp_path / "missing"), "--device", "cpu",
                      "--backends", "torchvision"]) == 2
     assert "does not exist" in capsys.readouterr().err

@@ -141,6 +141,8 @@ def test_convert_bad_arguments_name_the_path(tmp_path, folder):
         conv.convert(folder, str(tmp_path / "no_such_dir" / "x.beton"))
     with pytest.raises(ValueError, match="--max-side"):
         conv.convert(folder, str(tmp_path / "x.beton"), max_side=3)
+    with pytest.raises(ValueError, match=r"--workers: expected >= 0 and <= 1024 \(0: every core\), got 100000"):
+        conv.convert(folder, str(tmp_path / "x.beton"), workers=100000)  # forked them
     listing = tmp_path / "list.txt"
     listing.write_text(f"{list_images(folder).files[0]} 0\n")
     with pytest.raises(ValueError, match="out: .* is the source file list itself"):

@@ -45,7 +45,7 @@ import torch
 
 from sdmp_fast.benchmarks.baselines import BASELINES, make_baseline
 from sdmp_fast.benchmarks.common import check_output_path, print_table, report_interrupted, write_results
-from sdmp_fast.pipelines.base import loader_threads, usable_cores
+from sdmp_fast.pipelines.base import MAX_WORKERS, loader_threads, usable_cores
 from sdmp_fast.pipelines.convert import DEFAULT_JPEG_QUALITY
 
 REFERENCE = "torchvision"
@@ -388,9 +388,9 @@ def run(args) -> Dict:
             raise ValueError(f"--{name.replace('_', '-')}: must be >= 1, got {getattr(args, name)}")
     if args.warmup < 0:
         raise ValueError(f"--warmup: must be >= 0, got {args.warmup}")
-    if args.num_workers is not None and args.num_workers < 0:
-        raise ValueError(f"--num-workers: must be >= 0 (0: none, or one thread where a loader needs one), got "
-                         f"{args.num_workers}")
+    if args.num_workers is not None and not 0 <= args.num_workers <= MAX_WORKERS:
+        raise ValueError(f"--num-workers: must be >= 0 and <= {MAX_WORKERS} (0: none, or one thread where a loader "
+                         f"needs one), got {args.num_workers}")
     if args.dtype not in DTYPES:
         raise ValueError(f"--dtype: choose among {', '.join(DTYPES)}, got {args.dtype!r}")
     if args.size is not None and args.size < 8:  # 0 used to mean the recipe's size, quietly
