@@ -281,9 +281,17 @@ def load_backbone(path: str, random_init: bool = False, with_info: bool = False,
 
     path, state = _load_first_readable(_candidates(path), map_location)
     if isinstance(state, dict) and "format" in state:  # training checkpoint
-        info = dict(state["meta"])
-        prefix = info["backbone_prefix"]
-        weights = {k[len(prefix):]: v for k, v in state["model"].items() if k.startswith(prefix)}
+        try:
+            info = dict(state["meta"])
+            prefix = info["backbone_prefix"]
+            weights = {k[len(prefix):]: v for k, v in state["model"].items() if k.startswith(prefix)}
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise ValueError(f"checkpoint: {path} has a 'format' key but not the rest of an sdmp-fast training "
+                             f"checkpoint ({type(e).__name__}: {e})") from None
+    elif not (isinstance(state, dict) and state and all(isinstance(v, torch.Tensor) for v in state.values())):
+        keys = f" (keys {sorted(map(str, state))[:6]})" if isinstance(state, dict) else ""
+        raise ValueError(f"checkpoint: {path} is neither an sdmp-fast training checkpoint nor an exported "
+                         f"backbone.pt (a state dict of tensors): it holds a {type(state).__name__}{keys}")
     else:  # exported backbone.pt: the info sits beside it
         side = os.path.join(os.path.dirname(os.path.abspath(path)), "backbone.json")
         if not os.path.isfile(side):
@@ -298,7 +306,12 @@ def load_backbone(path: str, random_init: bool = False, with_info: bool = False,
         weights = state
     model = create_backbone(info["backbone_spec"])
     if not random_init:
-        model.load_state_dict(weights)
+        try:
+            model.load_state_dict(weights)
+        except (RuntimeError, TypeError) as e:  # another model's weights (a backbone.pt beside another backbone.json)
+            raise ValueError(f"checkpoint: the weights in {path} do not fit the backbone it describes "
+                             f"({info['backbone_spec'].get('arch')}): {str(e).splitlines()[0]} "
+                             f"{' '.join(str(e).split())[:400]}") from None
     model.eval()
     info.setdefault("img_size", info["backbone_spec"]["img_size"])
     info.setdefault("patch_size", info["backbone_spec"]["patch_size"])

@@ -109,7 +109,7 @@ def _missing_package_line(e: ImportError):
     return text if "pip install" in text else f"{text} (pip install 'sdmp-fast[{extra}]')"
 
 
-_ENVIRONMENT_ERRNOS = {getattr(errno, n) for n in ("ENOSPC", "EDQUOT", "EROFS", "EACCES", "EPERM", "EIO", "ENOLCK",
+_ENVIRONMENT_ERRNOS = {getattr(errno, n) for n in ("ENOSPC", "EDQUOT", "EFBIG", "EROFS", "EACCES", "EPERM", "EIO", "ENOLCK",
                                                    "EMFILE", "ENFILE", "ENOMEM", "ESTALE", "ETIMEDOUT", "EPIPE",
                                                    "ECONNRESET", "ECONNREFUSED") if hasattr(errno, n)}
 

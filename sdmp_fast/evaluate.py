@@ -147,7 +147,9 @@ def knn_predict(train_f: torch.Tensor, train_y: torch.Tensor, test_f: torch.Tens
         q = F.normalize(test_f[start:start + chunk].to(dev).float(), dim=1)
         sim, idx = (q @ train_n.T).topk(k, dim=1)
         votes = torch.zeros(q.shape[0], num_classes, device=dev)
-        votes.scatter_add_(1, train_y[idx], (sim / T).exp())
+        # exp((sim - max) / T): DINO's exp(sim / T) up to a per-row factor, so the same vote, without its float32
+        # overflow: at T <= ~0.011 every voting class scored inf and the argmax fell to the lowest class index
+        votes.scatter_add_(1, train_y[idx], ((sim - sim[:, :1]) / T).exp())
         preds.append(votes.argmax(1))
     return torch.cat(preds)
 
@@ -174,12 +176,15 @@ def linear_probe(train_f: torch.Tensor, train_y: torch.Tensor, test_f: torch.Ten
 
     ``lbfgs``: full batch, ``epochs`` = L-BFGS iterations, L2 penalty ``weight_decay`` / 2 * ||W||^2.
     ``adamw``: ``epochs`` passes of minibatch AdamW (cosine lr), decoupled weight decay on W.
+    A feature constant over the training set is centred, not scaled (scale 1, as sklearn's StandardScaler): a
+    tiny test-set variation of it, divided by a clamped ~0 deviation, swamped the logits.
     """
     if optimizer not in ("lbfgs", "adamw"):
         raise ValueError(f"linear probe optimizer: expected 'lbfgs' or 'adamw', got {optimizer!r}")
     dev = train_f.device if device is None else torch.device(device)
     mu = train_f.float().mean(0)
-    sd = train_f.float().std(0, unbiased=False).clamp_min(1e-6)  # one training sample: 0, not NaN
+    sd = train_f.float().std(0, unbiased=False)  # one training sample: 0, not NaN
+    sd = torch.where(sd > 1e-6 * mu.abs().clamp_min(1.0), sd, torch.ones_like(sd))
     xtr = ((train_f.float() - mu) / sd).to(dev)
     xte = ((test_f.float() - mu) / sd).to(dev)
     ytr, yte = train_y.to(dev), test_y.to(dev)
@@ -202,7 +207,8 @@ def linear_probe(train_f: torch.Tensor, train_y: torch.Tensor, test_f: torch.Ten
 
             opt.step(closure)
         else:
-            opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=weight_decay)
+            opt = torch.optim.AdamW([{"params": [head.weight]}, {"params": [head.bias], "weight_decay": 0.0}],
+                                    lr=lr, weight_decay=weight_decay)
             steps_per_epoch = math.ceil(len(xtr) / batch_size)
             sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, epochs * steps_per_epoch)
             for _ in range(epochs):
@@ -240,7 +246,7 @@ def load_eval_data(data: str, train_limit: int = 0, test_limit: int = 0, img_siz
         train_dir, test_dir = os.path.join(data, "train"), os.path.join(data, split)
         xtr, ytr, train_classes = _read_image_folder(train_dir, img_size)
         xte, yte, test_classes = _read_image_folder(test_dir, img_size)
-        yte = _map_labels(yte, test_classes, train_classes, test_dir, train_dir)
+        yte = _map_labels(yte, test_classes, train_classes, test_dir, train_dir, ytr)
     if train_limit < 0 or test_limit < 0:
         raise ValueError(f"--train-limit / --test-limit: must be >= 0 (0: all), got {train_limit} / {test_limit}")
     if train_limit:
@@ -257,15 +263,17 @@ def _balanced_subset(x: torch.Tensor, y: torch.Tensor, n: int):
 
 
 def _map_labels(labels: torch.Tensor, classes: Sequence[str], ref_classes: Sequence[str], folder: str,
-                ref_folder: str) -> torch.Tensor:
+                ref_folder: str, ref_labels: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Labels indexing ``classes`` re-expressed as indices of ``ref_classes`` (classes are paired by name, not by
-    folder position). A class holding images in ``folder`` but absent from ``ref_folder`` is a ValueError."""
+    folder position). A class holding images in ``folder`` but none in ``ref_folder`` (absent, or an empty
+    folder there: ``ref_labels`` says which hold images) is a ValueError."""
     present = sorted(set(labels.tolist()))
-    missing = [classes[i] for i in present if classes[i] not in ref_classes]
+    held = ref_classes if ref_labels is None else [ref_classes[i] for i in sorted(set(ref_labels.tolist()))]
+    missing = [classes[i] for i in present if classes[i] not in held]
     if missing:
         raise ValueError(f"data: class folder(s) {missing[:5]}{'...' if len(missing) > 5 else ''} of {folder!r} "
-                         f"are not classes of {ref_folder!r} (its classes: {list(ref_classes)[:10]}"
-                         f"{'...' if len(ref_classes) > 10 else ''}): k-NN / linear probe can only predict "
+                         f"have no images in {ref_folder!r} (its classes with images: {list(held)[:10]}"
+                         f"{'...' if len(held) > 10 else ''}): k-NN / linear probe can only predict "
                          f"the training classes")
     lut = torch.tensor([ref_classes.index(c) if c in ref_classes else -1 for c in classes], dtype=torch.long)
     return lut[labels.long()] if len(labels) else labels.long()
@@ -299,15 +307,19 @@ def _read_image_folder(root: str, size: int = 64):
 
 
 def _resize_centre_crop(im, size: int):
-    """PIL image -> size x size: short side to round(size * 256 / 224) (bicubic, antialiased), centre crop."""
+    """PIL image -> size x size: short side to round(size * 256 / 224) (bicubic, antialiased), centre crop,
+    with torchvision's Resize(short) + CenterCrop(size) arithmetic on PIL images (DINO's evaluation transform):
+    the long side truncated, int(short * long / short_side), the crop offset rounded, int(round(excess / 2))."""
     from PIL import Image
 
     short = max(size, round(size * 256 / 224))
     w, h = im.size
-    scale = short / min(w, h)
-    rw, rh = max(size, round(w * scale)), max(size, round(h * scale))
+    if w <= h:
+        rw, rh = short, int(short * h / w)
+    else:
+        rw, rh = int(short * w / h), short
     im = im.resize((rw, rh), Image.BICUBIC)
-    left, top = (rw - size) // 2, (rh - size) // 2
+    left, top = int(round((rw - size) / 2.0)), int(round((rh - size) / 2.0))
     return im.crop((left, top, left + size, top + size))
 
 
@@ -356,6 +368,11 @@ def evaluate_backbone(model: nn.Module, data, img_size: int, mean=DEFAULT_MEAN, 
     t0 = time.perf_counter()
     ftr, _ = extract_features(model, xtr, ytr, img_size, mean, std, batch_size, device)
     fte, _ = extract_features(model, xte, yte, img_size, mean, std, batch_size, device)
+    for name, f in (("training", ftr), ("test", fte)):
+        bad = int((~torch.isfinite(f)).any(1).sum())
+        if bad:  # one NaN training feature takes every k-NN query's top slot: chance-level scores, silently
+            raise ValueError(f"checkpoint: the backbone's features of {bad} of {len(f)} {name} images are not "
+                             f"finite (NaN / inf): its weights are (a diverged run?), or the inputs overflow it")
     t1 = time.perf_counter()
     res = {"knn_top1": knn_classify(ftr.to(device), ytr, fte.to(device), yte, k, T),
            "feature_dim": ftr.shape[1], "extract_s": round(t1 - t0, 2),
@@ -427,12 +444,16 @@ def main(args) -> int:
     res = evaluate_backbone(model, data, img_size, mean, std, args.knn_k, args.knn_t, args.linear,
                             args.batch_size, device,
                             {"optimizer": args.linear_optimizer, "epochs": args.linear_epochs})
+    k = min(args.knn_k, len(data[0]))  # what knn_predict uses: the whole training set when it holds fewer
     res.update(checkpoint=args.checkpoint, random_init=args.random_init, data=args.data, img_size=img_size,
-               k=args.knn_k, T=args.knn_t, n_train=len(data[0]), n_test=len(data[2]), device=str(device))
+               k=k, T=args.knn_t, n_train=len(data[0]), n_test=len(data[2]), device=str(device))
+    if k < args.knn_k:
+        res["k_asked"] = args.knn_k
     if args.raw_pixels:
         res["raw_pixel_knn_top1"] = raw_pixel_knn(data[0], data[1], data[2], data[3], args.knn_k, args.knn_t)
     tag = "random init" if args.random_init else "pretrained"
-    print(f"{tag}: k-NN (k={args.knn_k}, T={args.knn_t}) top-1 {100 * res['knn_top1']:.2f}% "
+    asked = f", --knn-k {args.knn_k} > the {k} training images" if k < args.knn_k else ""
+    print(f"{tag}: k-NN (k={k}{asked}, T={args.knn_t}) top-1 {100 * res['knn_top1']:.2f}% "
           f"on {res['n_test']} test / {res['n_train']} train images ({res['extract_s']} s features, "
           f"{res['knn_s']} s k-NN)")
     if "linear_top1" in res:
@@ -440,6 +461,22 @@ def main(args) -> int:
     if "raw_pixel_knn_top1" in res:
         print(f"raw pixels: k-NN top-1 {100 * res['raw_pixel_knn_top1']:.2f}%")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(res, f, indent=1)
+        _write_json(args.json, res)
     return 0
+
+
+def _write_json(path: str, res: dict) -> None:
+    """Through a temporary file + os.replace: a failed write (disk full, file size limit) leaves an earlier
+    ``path`` whole (``open(path, "w")`` had emptied it first) and is an OSError naming ``path``."""
+    tmp = f"{path}.tmp.{os.getpid()}"
+    try:
+        with open(tmp, "w") as f:
+            json.dump(res, f, indent=1)
+        os.replace(tmp, path)
+    except OSError as e:
+        try:
+            os.remove(tmp)
+        except OSError:
+            pass
+        raise OSError(e.errno, f"--json: could not write the results ({e.strerror or e}); an earlier file is "
+                               f"unchanged; they were printed above", path) from None

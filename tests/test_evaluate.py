@@ -7,6 +7,7 @@ import os
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from sdmp_fast import cli
 from sdmp_fast.evaluate import (extract_features, knn_classify, knn_predict, linear_probe, raw_pixel_knn,
@@ -483,3 +484,134 @@ def test_check_img_size_dynamic_model_needs_a_patch_multiple():
     check_img_size(m, 35)
     with pytest.raises(ValueError, match="multiple of the model's patch size 7"):
         check_img_size(m, 30)
+
+
+# ------------------------------------------------------------------------------------------ review 2026-11-29
+
+def test_knn_small_temperature_votes_without_overflow():
+    """exp(sim / T) overflowed float32 for T <= ~0.011: every voting class scored inf and the argmax fell to the
+    lowest class index. Here the 19 nearest neighbours are class 1, one farther one class 0: class 1 at any T."""
+    q = torch.tensor([[1.0, 0.0]])
+    train = torch.cat([torch.tensor([[1.0, 0.33]]), torch.tensor([[1.0, 0.1]]).repeat(19, 1)])
+    y = torch.tensor([0] + [1] * 19)
+    for T in (0.07, 0.02, 0.011, 0.01, 0.005, 0.001):
+        assert knn_predict(train, y, q, k=20, T=T).item() == 1, T
+    # and the vote is DINO's weighted one: 3 class-0 neighbours outweigh 4 farther class-1 ones at small T only
+    train = torch.tensor([[1.0, 0.05]] * 3 + [[1.0, 0.5]] * 4)
+    y = torch.tensor([0] * 3 + [1] * 4)
+    assert [knn_predict(train, y, q, k=7, T=T).item() for T in (10.0, 0.001)] == [1, 0]
+
+
+def test_linear_probe_constant_training_feature_is_not_blown_up():
+    """A feature constant over the training set was divided by a clamped 1e-6 deviation: a small test-set
+    variation of it (1e-2) became 1e4 and swamped the logits (accuracy 0.25-0.75 on a separable set)."""
+    x, y = _clusters(n_per_class=50, num_classes=4, spread=0.05)
+    xte, yte = _clusters(n_per_class=20, num_classes=4, spread=0.05, seed=0)
+    for v in (1e-2, 1.0):
+        tr = torch.cat([x, torch.zeros(len(x), 1)], 1)
+        te = torch.cat([xte, torch.full((len(xte), 1), v)], 1)
+        for opt in ("lbfgs", "adamw"):
+            assert linear_probe(tr, y, te, yte, optimizer=opt, epochs=30) == 1.0, (v, opt)
+
+
+def test_eval_data_empty_training_class_folder_is_refused(tmp_path):
+    """An empty train/<class>/ made its val class look predictable (classes were matched by name only)."""
+    from sdmp_fast.evaluate import load_eval_data
+
+    _class_tree(tmp_path / "train", ["a", "b"])
+    (tmp_path / "train" / "c").mkdir()
+    _class_tree(tmp_path / "val", ["a", "b", "c"])
+    with pytest.raises(ValueError, match=r"\['c'\] .* have no images in .*train.*classes with images: \['a', 'b'\]"):
+        load_eval_data(str(tmp_path))
+
+
+def test_eval_folder_images_resize_and_crop_as_torchvision(tmp_path):
+    """DINO's evaluation transform is torchvision's Resize(short) + CenterCrop(size) on PIL images: the long side
+    truncated, the crop offset rounded (round / floor differed by a pixel on some sizes)."""
+    import numpy as np
+    from PIL import Image
+    from torchvision import transforms
+
+    from sdmp_fast.evaluate import _resize_centre_crop
+
+    rng = np.random.default_rng(0)
+    for w, h in ((300, 257), (259, 256), (263, 256), (256, 300), (97, 41), (64, 64), (41, 97)):
+        im = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+        for size in (32, 224):
+            short = round(size * 256 / 224)
+            want = transforms.Compose([transforms.Resize(short, transforms.InterpolationMode.BICUBIC),
+                                       transforms.CenterCrop(size)])(im)
+            assert np.array_equal(np.asarray(_resize_centre_crop(im, size)), np.asarray(want)), (w, h, size)
+
+
+def test_eval_cli_non_finite_features_are_an_error(tiny_run, tmp_path, capsys):
+    """One NaN weight gave chance-level k-NN and linear scores, silently (NaN similarities rank first)."""
+    import shutil
+
+    run, _, _ = tiny_run
+    shutil.copy(os.path.join(run, "backbone.json"), tmp_path / "backbone.json")
+    sd = torch.load(os.path.join(run, "backbone.pt"), weights_only=True)
+    sd["norm.weight"][0] = float("nan")
+    torch.save(sd, tmp_path / "backbone.pt")
+    assert cli.main(["eval", "--checkpoint", str(tmp_path / "backbone.pt"), "--train-limit", "40",
+                     "--test-limit", "20", "--device", "cpu"]) == 2
+    assert "features of 40 of 40 training images are not finite" in capsys.readouterr().err
+
+
+def test_eval_cli_reports_the_k_it_used(tiny_run, tmp_path, capsys):
+    run, _, _ = tiny_run
+    js = tmp_path / "k.json"
+    assert cli.main(["eval", "--checkpoint", run, "--train-limit", "12", "--test-limit", "5", "--knn-k", "1000",
+                     "--device", "cpu", "--json", str(js)]) == 0
+    assert "k-NN (k=12, --knn-k 1000 > the 12 training images" in capsys.readouterr().out
+    res = json.loads(js.read_text())
+    assert res["k"] == 12 and res["k_asked"] == 1000
+
+
+def test_eval_cli_failed_json_write_keeps_the_earlier_file(tiny_run, tmp_path, capsys, monkeypatch):
+    """open(path, "w") emptied an earlier results file before a write that then failed (disk full, a file size
+    limit): it is kept whole now, and the error is one line naming the file."""
+    import errno
+
+    from sdmp_fast import evaluate
+
+    run, _, _ = tiny_run
+    js = tmp_path / "res.json"
+    js.write_text('{"precious": 1}')
+
+    def full(obj, fh, **kw):
+        fh.write('{\n "knn_to')
+        raise OSError(errno.EFBIG, "File too large")
+
+    monkeypatch.setattr(evaluate.json, "dump", full)
+    assert cli.main(["eval", "--checkpoint", run, "--train-limit", "12", "--test-limit", "5", "--device", "cpu",
+                     "--json", str(js)]) == 1
+    err = capsys.readouterr().err
+    assert str(js) in err and "an earlier file is unchanged" in err and "Traceback" not in err
+    assert js.read_text() == '{"precious": 1}' and os.listdir(tmp_path) == ["res.json"]
+
+
+def test_foreign_checkpoints_are_named_as_such(tiny_run, tmp_path):
+    """Official DINO's {'teacher', 'student'} file, a bare tensor, a 'format' dict without 'meta', another model's
+    state dict beside a backbone.json: each was a misleading 'backbone.json is missing', a KeyError or a
+    load_state_dict traceback."""
+    import shutil
+
+    from sdmp_fast.evaluate import load_backbone_for_eval
+
+    run, _, _ = tiny_run
+    d = tmp_path / "foreign"
+    d.mkdir()
+    for name, obj, message in (
+            ("dino.pth", {"teacher": {"w": torch.zeros(1)}, "student": {}}, r"neither an sdmp-fast training "
+             r"checkpoint nor an exported backbone.pt .*holds a dict \(keys \['student', 'teacher'\]\)"),
+            ("t.pth", torch.zeros(3), "holds a Tensor"),
+            ("f.pth", {"format": 1}, "has a 'format' key but not the rest of an sdmp-fast training checkpoint")):
+        torch.save(obj, d / name)
+        with pytest.raises(ValueError, match=message):
+            load_backbone_for_eval(str(d / name))
+    shutil.copy(os.path.join(run, "backbone.json"), d / "backbone.json")
+    torch.save({"fc.weight": torch.zeros(2, 2)}, d / "other.pt")
+    with pytest.raises(ValueError, match=r"the weights in .*other.pt do not fit the backbone it describes "
+                                         r"\(vit_tiny_patch16_224\)"):
+        load_backbone_for_eval(str(d / "other.pt"))
