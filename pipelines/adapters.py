@@ -67,6 +67,20 @@ def _images(batch: SDMPBatch, append_mixed: bool) -> List[torch.Tensor]:
     return list(batch.views) + (list(batch.mixed_views) if append_mixed else [])
 
 
+def _check_loader(who: str, loader):
+    """``loader`` itself when it can be one (iterable, with a length: the trainers size their schedules by it); a
+    path or None is a ValueError saying so (``as_dino("/data/train")`` had len 11, the string's, and failed at
+    the first set_epoch with "'str' object has no attribute 'set_epoch'")."""
+    if loader is None or isinstance(loader, (str, bytes, os.PathLike)):
+        raise ValueError(f"{who}: expected a loader (make_loader(backend, data, recipe, batch_size) or a torch "
+                         f"DataLoader), got {loader!r}")
+    missing = [m for m in ("__iter__", "__len__") if not hasattr(type(loader), m)]
+    if missing:
+        raise ValueError(f"{who}: expected a loader (iterable, with a length), got a {type(loader).__name__} "
+                         f"without {' or '.join(missing)}")
+    return loader
+
+
 class _Wrapper:
     """What every wrapper of a loader forwards: len, set_epoch and any attribute it does not define itself
     (``.batch_size``, ``.recipe``, ``.mix_info``, ``.skipped`` ...).
@@ -85,7 +99,15 @@ class _Wrapper:
         return len(self.loader)
 
     def set_epoch(self, epoch: int) -> None:
-        self.loader.set_epoch(epoch)
+        own = getattr(self.loader, "set_epoch", None)
+        if callable(own):
+            own(epoch)
+            return
+        # a torch DataLoader has no set_epoch: its sampler may (DistributedSampler), as Lightning and DINO call it;
+        # a sampler without one (RandomSampler) has nothing to set, and Lightning skips it too
+        sampler_set = getattr(getattr(self.loader, "sampler", None), "set_epoch", None)
+        if callable(sampler_set):
+            sampler_set(epoch)
 
     def __getattr__(self, name):  # only reached for attributes not found on the wrapper itself
         if name == "loader":
@@ -182,8 +204,10 @@ class BatchAdapter(_Wrapper):
     (``set_epoch``, ``len`` = samples of this shard, iterating gives them); ``len(.dataset)`` is the whole data
     set's sample count (solo-learn's DeepClusterV2 sizes its memory from ``trainer.train_dataloader.dataset``)."""
 
+    _maker = "BatchAdapter"  # the function the user called, for error messages
+
     def __init__(self, loader, with_mix_info: bool = False, append_mixed: Optional[bool] = None):
-        self.loader = loader
+        self.loader = _check_loader(self._maker, loader)
         self._init_position()
         self.with_mix_info = with_mix_info
         # Mixed views without their lam are unusable by any loss, so by default they come only with the info.
@@ -222,6 +246,8 @@ class BatchAdapter(_Wrapper):
 
 
 class _DinoAdapter(BatchAdapter):
+    _maker = "as_dino / as_mocov3"
+
     def convert(self, batch: SDMPBatch):
         images = _images(batch, self.append_mixed)
         if self.with_mix_info:
@@ -230,6 +256,8 @@ class _DinoAdapter(BatchAdapter):
 
 
 class _SoloLearnAdapter(BatchAdapter):
+    _maker = "as_solo_learn"
+
     def convert(self, batch: SDMPBatch):
         out = [batch.indices, _images(batch, self.append_mixed), batch.labels]
         if self.with_mix_info:
@@ -238,6 +266,8 @@ class _SoloLearnAdapter(BatchAdapter):
 
 
 class _LightlyAdapter(BatchAdapter):
+    _maker = "as_lightly"
+
     def __init__(self, loader, filenames: Optional[Sequence[str]] = None, **kw):
         super().__init__(loader, **kw)
         self.filenames = filenames
@@ -299,12 +329,23 @@ def _skipped_by_convert(files: Sequence[str], root: str, skipped: Sequence[str])
     return gone
 
 
+def _relative_names(files: Sequence[str], root: str) -> List[str]:
+    """Names relative to ``root`` (a folder, or a file list's own folder), or, when a file list names files
+    outside its folder ("../images/a.jpg"), to the deepest folder holding them all."""
+    names = [os.path.relpath(f, root) for f in files]
+    if files and any(n == os.pardir or n.startswith(os.pardir + os.sep) for n in names):
+        common = os.path.commonpath([os.path.dirname(os.path.abspath(f)) for f in files])
+        names = [os.path.relpath(os.path.abspath(f), common) for f in files]
+    return names
+
+
 def as_lightly(loader, data=None, with_mix_info: bool = False,
                append_mixed: Optional[bool] = None) -> BatchAdapter:
     """``(views, targets, filenames)`` per batch, as lightly's MultiViewCollate gives. ``data`` (the folder or
     file list the loader reads) names the files; without it the loader's own file list is used if it exposes
-    one, else the names are the dataset indices as strings."""
-    base = _base_loader(loader)
+    one, else the names are the dataset indices as strings. Names are relative to the folder, or for a file
+    list to its own folder, or to the deepest folder holding all its files when some lie outside that."""
+    base = _base_loader(_check_loader("as_lightly", loader))
     own = _loader_files(base)
     images = list_images(data) if data is not None else own
     names = None
@@ -325,7 +366,7 @@ def as_lightly(loader, data=None, with_mix_info: bool = False,
         if total is not None and total != len(files):
             raise ValueError(f"as_lightly: data {data!r} lists {len(files)} files but the loader reads {total} "
                              f"samples: pass the folder or file list the loader was made from")
-        names = [os.path.relpath(f, images.root) for f in files]
+        names = _relative_names(files, images.root)
     return _LightlyAdapter(loader, filenames=names, with_mix_info=with_mix_info, append_mixed=append_mixed)
 
 
@@ -424,7 +465,7 @@ class DataLoaderLike(_Wrapper):
     yields (SDMPBatch for a bare loader, the adapter's format for an adapter)."""
 
     def __init__(self, loader, dataset_size: Optional[int] = None, batch_size: Optional[int] = None):
-        self.loader = loader
+        self.loader = _check_loader("as_dataloader", loader)
         self._init_position()
         base = _base_loader(loader)
         self.batch_size = _setting("batch_size", batch_size, _probe_int(base, "batch_size", "sampler.batch_size"),

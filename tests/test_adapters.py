@@ -557,3 +557,48 @@ def test_an_adapter_over_a_dali_loader_resumes_mid_epoch_with_its_random_state(t
     assert len(got) == len(ref) == 3 and all(torch.equal(a, b) for a, b in zip(got, ref))
     lone = make()  # the DALI loader's own state, as adapters took it before they kept a position
     lone.load_state_dict(state["loader"])
+
+
+def test_set_epoch_over_a_torch_dataloader_reaches_its_sampler():
+    """Lightning, DINO and MoCo v3 call ``loader.sampler.set_epoch(e)``: over a torch DataLoader it raised
+    "'DataLoader' object has no attribute 'set_epoch'" (Lightning's fit crashed at its first epoch)."""
+    from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
+
+    ds = TensorDataset(torch.arange(16))
+    sampler = DistributedSampler(ds, num_replicas=2, rank=0)
+    for make in (adapters.as_dino, adapters.as_solo_learn, adapters.as_dataloader):
+        dl = make(DataLoader(ds, batch_size=4, sampler=sampler))
+        dl.sampler.set_epoch(3)
+        assert sampler.epoch == 3
+        dl.set_epoch(5)
+        assert sampler.epoch == 5
+    plain = adapters.as_dino(DataLoader(ds, batch_size=4, shuffle=True))  # a RandomSampler: nothing to set
+    plain.sampler.set_epoch(1)
+    adapters.as_dataloader(plain).sampler.set_epoch(2)
+
+
+@pytest.mark.parametrize("make", ["as_dino", "as_mocov3", "as_solo_learn", "as_lightly", "as_dataloader"])
+def test_an_adapter_of_something_that_is_no_loader_says_so(make, tmp_path):
+    """``as_dino("/data/train")`` (make_loader forgotten) had len 11, the string's, which DINO's schedules took,
+    and failed later with "'str' object has no attribute 'set_epoch'"; None failed at the first batch."""
+    for bad, message in (("/data/train", r"expected a loader \(make_loader\(backend, data, recipe, batch_size\) "
+                                         r"or a torch DataLoader\), got '/data/train'"),
+                         (tmp_path, "expected a loader"), (None, "got None"),
+                         (iter([]), "without __len__"), (3, "a int without __iter__ or __len__")):
+        with pytest.raises(ValueError, match=f"{make.split('_')[0] if make == 'as_dataloader' else ''}.*{message}"):
+            getattr(adapters, make)(bad)
+
+
+def test_lightly_names_of_a_file_list_outside_its_folder_stay_below_a_common_folder(tmp_path):
+    """A file list of absolute paths elsewhere gave names such as '../data/class0/0004.jpg'."""
+    from sdmp_fast.data import make_synthetic_image_folder
+
+    make_synthetic_image_folder(str(tmp_path / "data"), num_classes=2, per_class=2, size=(40, 48))
+    files = list_images(str(tmp_path / "data"))
+    (tmp_path / "lists").mkdir()
+    (tmp_path / "lists" / "train.txt").write_text("".join(f"{f} {y}\n" for f, y in zip(files.files, files.labels)))
+    loader = make_loader("torchvision", str(tmp_path / "lists" / "train.txt"), byol2(size=32), 4, device="cpu",
+                         num_workers=0, shuffle=False)
+    _, _, fnames = next(iter(adapters.as_lightly(loader)))
+    assert fnames == [os.path.relpath(f, str(tmp_path / "data")) for f in files.files]
+    assert all(not n.startswith("..") and "class" in n for n in fnames)
