@@ -127,7 +127,8 @@ def save_checkpoint(state: Dict[str, Any], directory: str, step: int, keep: int 
             os.remove(tmp)
         except OSError:
             pass
-        prev = latest_checkpoint(directory)
+        # the newest earlier one that is a file (what blocked the save may be a folder of the new name)
+        prev = next((p for s, p in reversed(list_checkpoints(directory)) if s < step and os.path.isfile(p)), None)
         kept = f"the previous checkpoint {prev} is intact" if prev else "no earlier checkpoint exists"
         cause = _os_error(e)
         if cause is None:
@@ -135,7 +136,11 @@ def save_checkpoint(state: Dict[str, Any], directory: str, step: int, keep: int 
         else:
             reason = "disk full" if cause.errno == errno.ENOSPC else (cause.strerror or str(cause))
         raise CheckpointError(f"checkpoint: could not write step {step} to {directory} ({reason}); {kept}") from e
-    for _, old in list_checkpoints(directory)[:-max(int(keep), 1)]:
+    # Keep the newest `keep` of the steps up to this one. A checkpoint of a later step is one a --resume could not
+    # read (it went back to an earlier one): counted among the newest, it pruned the good ones, this one included
+    # with keep=1, and left only itself. It is left where it is, uncounted.
+    upto = [p for s, p in list_checkpoints(directory) if s <= step]
+    for old in upto[:-max(int(keep), 1)]:
         try:
             os.remove(old)
         except OSError:

@@ -38,6 +38,33 @@ def test_atomic_names_keep_last_k_and_stale_tmp(tmp_path):
     assert path.endswith("ckpt-000000004.pt") and st["step"] == 4
 
 
+def test_pruning_after_a_resume_from_an_older_checkpoint_keeps_the_good_ones(tmp_path):
+    """A --resume that could not read the newest checkpoint (ckpt-6) went back to ckpt-4 and saved ckpt-5: the
+    unreadable ckpt-6 counted among the newest, so keep=1 pruned ckpt-4 and the new ckpt-5 and kept only it."""
+    d = str(tmp_path / "ck")
+    for s in (2, 4):
+        ckpt.save_checkpoint(_state(s), d, s, keep=3)
+    open(os.path.join(d, "ckpt-000000006.pt"), "wb").write(b"PK\x03\x04 truncated")
+    ckpt.save_checkpoint(_state(5), d, 5, keep=1)
+    assert [s for s, _ in ckpt.list_checkpoints(d)] == [5, 6]  # the later, unreadable one is left, uncounted
+    with pytest.warns(UserWarning, match="cannot read"):
+        path, st = ckpt.load_latest(d)
+    assert st["step"] == 5
+    ckpt.save_checkpoint(_state(7), d, 7, keep=1)  # past it: the normal rule again
+    assert [s for s, _ in ckpt.list_checkpoints(d)] == [7]
+
+
+def test_a_failed_save_names_the_previous_checkpoint_file(tmp_path):
+    """A folder of the new checkpoint's name blocked the save, and the message called that folder "the previous
+    checkpoint ... intact"."""
+    d = str(tmp_path / "ck")
+    ckpt.save_checkpoint(_state(2), d, 2)
+    os.mkdir(os.path.join(d, "ckpt-000000004.pt"))
+    with pytest.raises(ckpt.CheckpointError, match=r"could not write step 4 .*the previous checkpoint "
+                                                   r".*ckpt-000000002.pt is intact"):
+        ckpt.save_checkpoint(_state(4), d, 4)
+
+
 def test_resume_ignores_partial_files(tmp_path):
     d = str(tmp_path / "ck")
     ckpt.save_checkpoint(_state(3), d, 3)
