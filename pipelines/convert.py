@@ -185,6 +185,10 @@ def _page_size(largest_hw: Tuple[int, int]) -> int:
     return size
 
 
+class WriterDied(RuntimeError):
+    """An FFCV writer process exited with an error (its own traceback went to stderr)."""
+
+
 def _make_writer(path, fields, page_size, num_workers):
     """FFCV's DatasetWriter with a worker watchdog (its own loop spins forever when a worker dies)."""
     from ffcv.memory_allocator import MemoryAllocator
@@ -224,8 +228,8 @@ def _make_writer(path, fields, page_size, num_workers):
                         except queue.Empty:
                             dead = [p.exitcode for p in processes if p.exitcode not in (None, 0)]
                             if dead:
-                                raise RuntimeError(f"convert: a writer process failed (exit code {dead[0]}); "
-                                                   f"its traceback is printed above")
+                                raise WriterDied(f"convert: a writer process failed (exit code {dead[0]}); "
+                                                 f"its traceback is printed above")
                         bar.update(done_number.value - shown)
                         shown = done_number.value
                 for p in processes:
@@ -242,17 +246,32 @@ def _make_writer(path, fields, page_size, num_workers):
     return SafeDatasetWriter(path, fields, page_size=page_size, num_workers=num_workers)
 
 
-def _replace_text(path: str, text: Optional[str]) -> None:
-    """Atomically write ``text`` to ``path`` (None: remove a stale file there)."""
-    if text is None:
-        if os.path.exists(path):
-            os.remove(path)
-        return
-    tmp = f"{path}.tmp-{os.getpid()}"
+def _write_text(path: str, text: str) -> None:
     # a file name that is not UTF-8 (os.listdir gives its bytes as surrogates) is written back as those bytes
-    with open(tmp, "w", encoding="utf-8", errors="surrogateescape") as f:
+    with open(path, "w", encoding="utf-8", errors="surrogateescape") as f:
         f.write(text)
-    os.replace(tmp, path)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _write_failed(e: BaseException, out: str, page_size: int) -> OSError:
+    """One OSError naming ``out`` for a failed conversion (the CLI prints it as one line): a writer process's own
+    error (disk full, most often) reaches this process only as its exit code, and FFCV's as a bare OSError."""
+    import errno
+    import shutil
+
+    from sdmp_fast.paths import os_error_reason
+
+    kept = "the earlier file is unchanged" if os.path.isfile(out) else "nothing was written there"
+    if isinstance(e, OSError):
+        return OSError(e.errno, f"convert: could not write it ({os_error_reason(e)}); {kept}", out)
+    try:  # measured before the partial file is removed: a full disk shows as no room for another page
+        full = shutil.disk_usage(os.path.dirname(out) or ".").free < 2 * page_size
+    except OSError:
+        full = False
+    reason = "disk full" if full else "a writer process failed"
+    return OSError(errno.ENOSPC if full else errno.EIO,
+                   f"convert: could not write it ({reason}; the writer's traceback is printed above); {kept}", out)
 
 
 def _remove_stale_temporaries(out: str) -> None:
@@ -260,7 +279,7 @@ def _remove_stale_temporaries(out: str) -> None:
     their process is gone; a live conversion's temporary is left alone."""
     import glob
 
-    for path in glob.glob(glob.escape(out) + ".tmp-*"):
+    for path in glob.glob(glob.escape(out) + ".tmp-*") + glob.glob(glob.escape(out) + ".skipped.txt.tmp-*"):
         try:
             os.kill(int(path.rsplit("-", 1)[1]), 0)
         except ProcessLookupError:
@@ -334,17 +353,25 @@ def convert(src, out, *, fmt: str = "jpg", max_side: int = 512, jpeg_quality: in
     }
     dataset = _ImageDataset([images.files[i] for i in good], [images.labels[i] for i in good], max_side)
     _remove_stale_temporaries(out)
-    tmp = f"{out}.tmp-{os.getpid()}"
+    sidecar = out + ".skipped.txt"
+    tmp, sidecar_tmp = f"{out}.tmp-{os.getpid()}", f"{sidecar}.tmp-{os.getpid()}"
+    page_size = _page_size(largest)
     try:
-        writer = _make_writer(tmp, fields, _page_size(largest), min(workers, len(good)))
+        writer = _make_writer(tmp, fields, page_size, min(workers, len(good)))
         writer.progress = progress
         writer.from_indexed_dataset(dataset, chunksize=chunk_size)
+        if skipped:  # written before either file is replaced: the .beton never sits beside another's list
+            _write_text(sidecar_tmp, "".join(f"{p}\t{r}\n" for p, r in skipped))
         os.replace(tmp, out)
+        if skipped:
+            os.replace(sidecar_tmp, sidecar)
+        elif os.path.exists(sidecar):
+            os.remove(sidecar)  # the earlier conversion's list: this one skipped nothing
+    except (OSError, WriterDied) as e:
+        raise _write_failed(e, out, page_size) from None
     finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-    sidecar = out + ".skipped.txt"
-    _replace_text(sidecar, "".join(f"{p}\t{r}\n" for p, r in skipped) if skipped else None)
+        for t in (tmp, sidecar_tmp):
+            if os.path.exists(t):
+                os.remove(t)
     return ConvertSummary(out, len(good), len(images.classes), skipped, time.perf_counter() - t0,
                           sidecar if skipped else None)

@@ -78,7 +78,9 @@ def plot_batch(batch: SDMPBatch, recipe: Recipe, out: str, title: Optional[str] 
                  f"first {n} of {full_n} samples", fontsize=10)
     fig.tight_layout(rect=(0, 0, 1, 0.98))
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    fig.savefig(out, dpi=110 if len(rows) <= 6 else 80)  # tall DINO grids stay a few MB
+    from sdmp_fast.plot import save_figure
+
+    save_figure(fig, out, dpi=110 if len(rows) <= 6 else 80)  # tall DINO grids stay a few MB
     plt.close(fig)
     return out
 

@@ -218,22 +218,41 @@ def export_backbone(backbone: torch.nn.Module, out: str, info: Dict[str, Any]) -
     def write_json(fh):
         fh.write(json.dumps(info, indent=1).encode())
 
-    _write_atomic(path, write_pt, "backbone")
-    _write_atomic(os.path.join(out, "backbone.json"), write_json, "backbone")
+    # both written before either replaces its earlier file: a full disk at backbone.json left the new weights
+    # beside the description of an earlier step
+    side = os.path.join(out, "backbone.json")
+    tmp_pt = _write_atomic(path, write_pt, "backbone", replace=False)
+    try:
+        tmp_json = _write_atomic(side, write_json, "backbone", replace=False)
+    except CheckpointError:
+        _discard(tmp_pt)
+        raise
+    os.replace(tmp_pt, path)
+    os.replace(tmp_json, side)
     return path
 
 
-def _write_atomic(path: str, write, what: str) -> None:
-    """Write ``path`` through a temporary file + os.replace. A failed write (disk full, no permission; torch.save
-    wraps most of these in a RuntimeError) removes the temporary file, leaves any earlier ``path`` as it was and
-    is a CheckpointError naming the file."""
+def _discard(path: str) -> None:
+    try:
+        os.remove(path)
+    except OSError:
+        pass
+
+
+def _write_atomic(path: str, write, what: str, replace: bool = True) -> str:
+    """Write ``path`` through a temporary file + os.replace (``replace=False``: the caller replaces; the temporary
+    file's name is returned). A failed write (disk full, no permission; torch.save wraps most of these in a
+    RuntimeError) removes the temporary file, leaves any earlier ``path`` as it was and is a CheckpointError
+    naming the file."""
     tmp = f"{path}.tmp.{os.getpid()}"
     try:
         with open(tmp, "wb") as fh:
             write(fh)
             fh.flush()
             os.fsync(fh.fileno())
-        os.replace(tmp, path)
+        if replace:
+            os.replace(tmp, path)
+        return tmp
     except (OSError, RuntimeError) as e:
         try:
             os.remove(tmp)

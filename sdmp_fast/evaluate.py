@@ -466,17 +466,7 @@ def main(args) -> int:
 
 
 def _write_json(path: str, res: dict) -> None:
-    """Through a temporary file + os.replace: a failed write (disk full, file size limit) leaves an earlier
-    ``path`` whole (``open(path, "w")`` had emptied it first) and is an OSError naming ``path``."""
-    tmp = f"{path}.tmp.{os.getpid()}"
-    try:
-        with open(tmp, "w") as f:
-            json.dump(res, f, indent=1)
-        os.replace(tmp, path)
-    except OSError as e:
-        try:
-            os.remove(tmp)
-        except OSError:
-            pass
-        raise OSError(e.errno, f"--json: could not write the results ({e.strerror or e}); an earlier file is "
-                               f"unchanged; they were printed above", path) from None
+    """Whole or not at all (``open(path, "w")`` emptied an earlier file before a write that could then fail)."""
+    from sdmp_fast.paths import write_replacing
+
+    write_replacing(path, lambda f: json.dump(res, f, indent=1), "--json (the results printed above)")

@@ -1,10 +1,12 @@
-"""Checks that a file or folder can be created, made before the work that would write it (not after it)."""
+"""Output files: checks that one can be created, made before the work that would write it (not after it), and
+writes that replace a file whole or not at all."""
 from __future__ import annotations
 
+import errno
 import os
-from typing import Optional
+from typing import IO, Callable, Optional
 
-__all__ = ["why_not_creatable"]
+__all__ = ["why_not_creatable", "write_replacing", "discard", "os_error_reason"]
 
 
 def why_not_creatable(path: str) -> Optional[str]:
@@ -18,3 +20,37 @@ def why_not_creatable(path: str) -> Optional[str]:
     if not os.access(probe, os.W_OK | os.X_OK):
         return f"the folder {probe!r} is read-only or not this user's"
     return None
+
+
+def write_replacing(path: str, write: Callable[[IO], None], what: str, binary: bool = False,
+                    tmp: Optional[str] = None, **open_kw) -> None:
+    """Write ``path`` through a temporary file beside it + os.replace: a reader never sees half a file, and a
+    failed write (disk full, a file size limit) removes the temporary file, leaves an earlier ``path`` as it was
+    and is an OSError naming ``path``, ``what`` it is and what is intact. ``tmp``: the temporary file's name
+    (default ``path.tmp.<pid>``)."""
+    tmp = tmp or f"{path}.tmp.{os.getpid()}"
+    try:
+        with open(tmp, "wb" if binary else "w", **open_kw) as fh:
+            write(fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        discard(tmp)
+        kept = "the earlier file is unchanged" if os.path.isfile(path) else "nothing was written there"
+        raise OSError(e.errno, f"{what}: could not write it ({os_error_reason(e)}); {kept}", path) from None
+
+
+def discard(path: str) -> None:
+    """Remove ``path`` if it is there (a temporary file after a failed write); never raises."""
+    try:
+        os.remove(path)
+    except OSError:
+        pass
+
+
+def os_error_reason(e: OSError) -> str:
+    """"disk full" for ENOSPC / EDQUOT, else the system's words."""
+    if e.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
+        return "disk full"
+    return e.strerror or str(e)

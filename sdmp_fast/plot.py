@@ -128,9 +128,18 @@ def plot_run(run: str, out: Optional[str] = None, title: Optional[str] = None) -
     fig.tight_layout()
     d = os.path.dirname(os.path.abspath(out))
     os.makedirs(d, exist_ok=True)
-    fig.savefig(out, dpi=110)
+    save_figure(fig, out, dpi=110)
     plt.close(fig)
     return out
+
+
+def save_figure(fig, out: str, **savefig_kw) -> None:
+    """``fig.savefig(out)`` whole or not at all: savefig writes in place, so a full disk left an earlier PNG
+    empty, with an error naming no file."""
+    from sdmp_fast.paths import write_replacing
+
+    fmt = os.path.splitext(out)[1].lstrip(".").lower() or "png"
+    write_replacing(out, lambda fh: fig.savefig(fh, format=fmt, **savefig_kw), "figure", binary=True)
 
 
 def add_arguments(p) -> None:

@@ -44,12 +44,14 @@ def truncate_metrics(path: str, last_step: int) -> None:
     """Keep only records with step <= last_step (atomic rewrite); a torn last line is dropped."""
     if not os.path.isfile(path):
         return
+    from sdmp_fast.paths import write_replacing
+
     kept = [line if line.endswith("\n") else line + "\n"
             for line, rec in iter_records(path) if rec.get("step", 0) <= last_step]
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w") as fh:
-        fh.writelines(kept)
-    os.replace(tmp, path)
+    with open(path) as fh:
+        if fh.read() == "".join(kept):
+            return  # nothing to drop: no rewrite (which needs the file's size again in free space)
+    write_replacing(path, lambda fh: fh.writelines(kept), "metrics (records after the checkpoint dropped)")
 
 
 def _clean(v):

@@ -264,8 +264,11 @@ def _write_config(cfg, out: str, resumes_a_checkpoint: bool) -> None:
     step 0 (none to resume) replaces the abandoned run's config, as it replaces its metrics."""
     import yaml
 
+    from sdmp_fast.paths import discard, os_error_reason
+
     path = os.path.join(out, "config.yaml")
     text = yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+    keep_as = None
     if os.path.isfile(path):
         with open(path) as fh:
             old = fh.read()
@@ -275,10 +278,22 @@ def _write_config(cfg, out: str, resumes_a_checkpoint: bool) -> None:
             k = 1
             while os.path.exists(os.path.join(out, f"config.{k}.yaml")):
                 k += 1
-            os.replace(path, os.path.join(out, f"config.{k}.yaml"))
+            keep_as = os.path.join(out, f"config.{k}.yaml")
+    # the new file is written in full before the earlier one moves aside (renames need no space): a full disk
+    # left the run with no config.yaml, its earlier one renamed, and a temporary file nothing removed
     tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w") as fh:
-        fh.write(text)
+    try:
+        with open(tmp, "w") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+    except OSError as e:
+        discard(tmp)
+        kept = "the earlier one is unchanged" if os.path.isfile(path) else "none was written"
+        raise OSError(e.errno, f"config: could not write it ({os_error_reason(e)}); {kept}; nothing was "
+                               f"trained", path) from None
+    if keep_as:
+        os.replace(path, keep_as)
     os.replace(tmp, path)
 
 

@@ -460,3 +460,21 @@ def test_ctrl_c_before_any_round_exits_130_and_writes_nothing(photos, tmp_path, 
     assert cli_main(["bench", "loaders", "--data", photos, "--backends", "torchvision", "--device", "cpu",
                      "--batch-size", "4", "--json", str(tmp_path / "x.json")]) == 130
     assert list(tmp_path.iterdir()) == [] and "nothing written" in capsys.readouterr().err
+
+
+def test_a_failed_json_write_names_the_file_and_leaves_no_temporary(tmp_path, monkeypatch):
+    import errno
+
+    from sdmp_fast.benchmarks import common
+
+    path = tmp_path / "b.json"
+    path.write_text('{"old": 1}')
+
+    def full(doc, fh, **kw):
+        fh.write('{"rec')
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(common.json, "dump", full)
+    with pytest.raises(OSError, match=r"--json .*could not write it \(disk full\); the earlier file is unchanged"):
+        common.write_json(str(path), {"records": []})
+    assert path.read_text() == '{"old": 1}' and os.listdir(tmp_path) == ["b.json"]

@@ -415,3 +415,71 @@ def test_disk_full_while_writing_metrics_keeps_the_earlier_records(tmp_path, mon
     assert f"{out / 'metrics.jsonl'}" in err and "step 4" in err and "disk full" in err, err
     assert (out / "metrics.jsonl").read_text().splitlines() and \
         [__import__("json").loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [2]
+
+
+def test_a_failed_backbone_export_replaces_neither_file(tmp_path, monkeypatch):
+    """backbone.pt was replaced before backbone.json was written: a full disk there left the new weights beside
+    the description of an earlier step."""
+    model = torch.nn.Linear(3, 2)
+    ckpt.export_backbone(model, str(tmp_path), {"step": 2})
+    before = {n: (tmp_path / n).read_bytes() for n in ("backbone.pt", "backbone.json")}
+    with torch.no_grad():
+        model.weight.add_(1.0)
+
+    def full(*a, **kw):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(ckpt.json, "dumps", full)
+    with pytest.raises(ckpt.CheckpointError, match=r"backbone: could not write .*backbone.json \(disk full\); "
+                                                   r"the earlier one is unchanged"):
+        ckpt.export_backbone(model, str(tmp_path), {"step": 4})
+    assert {n: (tmp_path / n).read_bytes() for n in before} == before
+    assert sorted(os.listdir(tmp_path)) == ["backbone.json", "backbone.pt"]
+    monkeypatch.undo()
+    ckpt.export_backbone(model, str(tmp_path), {"step": 4})
+    assert '"step": 4' in (tmp_path / "backbone.json").read_text()
+    assert torch.equal(torch.load(tmp_path / "backbone.pt", weights_only=True)["weight"], model.weight)
+
+
+def test_a_full_disk_at_config_yaml_keeps_the_earlier_config(tmp_path, monkeypatch):
+    """A resume with other settings moved config.yaml aside (config.1.yaml) before writing the new one: a full
+    disk then left the run without a config.yaml, a temporary file nothing removed and an error naming no file."""
+    from sdmp_fast import train_cli
+
+    cfg = tiny_cfg(tmp_path, steps=4)
+    out = str(tmp_path / "run")
+    os.makedirs(out)
+    train_cli._write_config(cfg, out, resumes_a_checkpoint=True)
+    before = open(os.path.join(out, "config.yaml")).read()
+    cfg.steps = 8
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(train_cli.os, "fsync", full)
+    with pytest.raises(OSError, match=r"config: could not write it \(disk full\); the earlier one is unchanged") as e:
+        train_cli._write_config(cfg, out, resumes_a_checkpoint=True)
+    assert e.value.filename == os.path.join(out, "config.yaml")
+    assert os.listdir(out) == ["config.yaml"] and open(os.path.join(out, "config.yaml")).read() == before
+    monkeypatch.undo()
+    train_cli._write_config(cfg, out, resumes_a_checkpoint=True)
+    assert sorted(os.listdir(out)) == ["config.1.yaml", "config.yaml"]
+    assert open(os.path.join(out, "config.1.yaml")).read() == before
+
+
+def test_truncating_metrics_rewrites_only_what_changes_and_names_the_file_when_it_cannot(tmp_path, monkeypatch):
+    from sdmp_fast import paths, runlog
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("".join(f'{{"step": {s}, "loss": 1.0}}\n' for s in (1, 2, 3)))
+    inode = os.stat(path).st_ino
+    runlog.truncate_metrics(str(path), 3)  # nothing to drop: not rewritten (a full disk could not take a copy)
+    assert os.stat(path).st_ino == inode
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(paths.os, "fsync", full)
+    with pytest.raises(OSError, match=r"metrics .*could not write it \(disk full\); the earlier file is unchanged"):
+        runlog.truncate_metrics(str(path), 2)
+    assert path.read_text().count("\n") == 3 and os.listdir(tmp_path) == ["metrics.jsonl"]

@@ -109,7 +109,9 @@ def test_convert_failure_leaves_no_partial_file(folder, beton, tmp_path, monkeyp
         return real(self, i)
 
     monkeypatch.setattr(conv._ImageDataset, "__getitem__", dies_midway)
-    with pytest.raises(RuntimeError, match="writer process failed"):
+    kept = "the earlier file is unchanged" if previous else "nothing was written there"
+    with pytest.raises(OSError, match=rf"could not write it \(a writer process failed; the writer's traceback is "
+                                      rf"printed above\); {kept}"):
         conv.convert(folder, str(out), max_side=64, workers=2, chunk_size=4, progress=False)
     if previous is None:
         assert not out.exists()
@@ -659,3 +661,32 @@ def test_beton_fingerprint_names_a_file_whose_images_are_not_in_its_allocation_t
     with pytest.raises(ValueError, match=r"damaged\.beton' is damaged: an image's data is missing"):
         beton_fingerprint(bad)
     assert open(bad, "rb").read() == before
+
+
+@pytest.mark.timeout(300)
+def test_a_failed_conversion_keeps_the_earlier_beton_and_its_list_and_says_why(folder, tmp_path, monkeypatch, capsys):
+    """The .beton was replaced before its list of skipped files was written: a failure there left the new .beton
+    beside the earlier conversion's list (and a temporary file nothing removed). A writer process that died (a
+    full disk, most often) was a traceback naming no file; FFCV's own OSError named none either."""
+    import errno
+
+    from sdmp_fast.cli import main as cli_main
+
+    out = tmp_path / "data.beton"
+    conv.convert(folder, str(out), max_side=64, workers=1, progress=False)
+    before = {p: p.read_bytes() for p in (out, tmp_path / "data.beton.skipped.txt")}
+
+    def full(path, text):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(conv, "_write_text", full)
+    assert cli_main(["convert", folder, str(out), "--max-side", "48", "--workers", "1", "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert f"'{out}': convert: could not write it (disk full); the earlier file is unchanged" in err, err
+    assert {p: p.read_bytes() for p in before} == before and sorted(os.listdir(tmp_path)) == [
+        "data.beton", "data.beton.skipped.txt"]
+    # a writer process that died: its exit code is all this process sees; free space tells a full disk
+    monkeypatch.setattr("shutil.disk_usage", lambda p: type("Usage", (), {"free": 0})())
+    e = conv._write_failed(conv.WriterDied("convert: a writer process failed (exit code 1)"), str(out), 1 << 20)
+    assert e.errno == errno.ENOSPC and e.filename == str(out)
+    assert "(disk full; the writer's traceback is printed above); the earlier file is unchanged" in e.strerror

@@ -216,3 +216,40 @@ def test_an_os_error_of_the_environment_without_a_file_is_one_line(tmp_path, cap
         monkeypatch.setattr(plot, "plot_run", lambda *a, _e=err, **k: (_ for _ in ()).throw(_e))
         assert cli_main(["plot", str(tmp_path / "run")]) == 1
         assert "Traceback" not in capsys.readouterr().err
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("command", ["show", "plot"])
+def test_a_failed_png_write_keeps_the_earlier_png(command, tmp_path, capsys, monkeypatch):
+    """savefig wrote over the PNG in place: a full disk left the earlier one empty, with an error naming no
+    file. Now it is replaced whole or not at all, and the error is one line naming it."""
+    import errno
+    import json
+
+    import matplotlib.figure
+
+    if command == "show":
+        make_synthetic_image_folder(str(tmp_path / "data"), num_classes=2, per_class=4, size=(64, 80))
+        out = tmp_path / "grid.png"
+        argv = ["show", "--data", str(tmp_path / "data"), "--backend", "torchvision", "--batch-size", "4",
+                "--out", str(out), "--device", "cpu", "--num-workers", "0"]
+    else:
+        run = tmp_path / "run"
+        run.mkdir()
+        (run / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "loss": 5.0 - s}) + "\n"
+                                                   for s in (1, 2, 3)))
+        out = tmp_path / "curves.png"
+        argv = ["plot", str(run), "--out", str(out)]
+    assert cli_main(argv) == 0
+    before = out.read_bytes()
+    real = matplotlib.figure.Figure.savefig
+
+    def full_disk(self, fname, **kw):
+        real(self, fname, **kw)  # most of it went out before the disk filled
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", full_disk)
+    assert cli_main(argv) == 1
+    err = capsys.readouterr().err
+    assert f"'{out}': figure: could not write it (disk full); the earlier file is unchanged" in err, err
+    assert out.read_bytes() == before and not list(tmp_path.glob("*.tmp.*"))

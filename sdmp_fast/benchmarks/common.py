@@ -93,11 +93,10 @@ def check_output_path(option: str, path: Optional[str]) -> None:
 
 def write_json(path: str, doc: Dict) -> None:
     """Atomic write (tmp + rename): a reader never sees half a file, an interrupted run leaves the old one."""
+    from sdmp_fast.paths import write_replacing
+
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(doc, f, indent=2)
-    os.replace(tmp, path)
+    write_replacing(path, lambda f: json.dump(doc, f, indent=2), "--json (the table printed above)")
 
 
 def cuda_time_ms(fn: Callable[[], object], warmup: int = 5, iters: int = 20) -> float:
