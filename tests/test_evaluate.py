@@ -7,7 +7,6 @@ import os
 import pytest
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from sdmp_fast import cli
 from sdmp_fast.evaluate import (extract_features, knn_classify, knn_predict, linear_probe, raw_pixel_knn,
