@@ -42,11 +42,12 @@ RESUME_MUST_MATCH = ("method", "sdmp", "arch", "img_size", "patch_size", "depth"
                      "local_size", "n_local", "n_local_mixed", "batch_size", "seed", "proj_hidden_dim", "proj_dim",
                      "dino_out_dim", "dino_hidden_dim", "dino_bottleneck_dim", "dino_head_bn", "freeze_patch_embed", "loader",
                      "alpha", "mix_methods", "mix_weight", "tau", "interpolation", "drop_path_rate",
-                     "dino_norm_last_layer", "loader_options")
+                     "dino_norm_last_layer", "loader_options", "moco_predictor_bn")
 # What a checkpoint written before a setting existed ran with, where that differs from today's default.
 SETTING_BEFORE_IT_EXISTED = {"interpolation": "bilinear",  # crops were resized bilinearly until 2026-11-27
                              "drop_path_rate": 0.0,  # no stochastic depth until 2026-11-27
-                             "loader_options": {}}  # no backend options from the trainer until 2026-11-28
+                             "loader_options": {},  # no backend options from the trainer until 2026-11-28
+                             "moco_predictor_bn": False}  # MoCo v3's predictor ended without BN until 2026-11-30
 
 
 def _f(default, help_, choices=None, **meta):
@@ -107,6 +108,8 @@ class TrainConfig:
     proj_hidden_dim: int = _f(4096, "MoCo v3 projector / predictor hidden width")
     proj_dim: int = _f(256, "MoCo v3 output dim")
     freeze_patch_embed: bool = _f(True, "MoCo v3 frozen random patch embedding", kind="onoff")
+    moco_predictor_bn: bool = _f(True, "MoCo v3: the predictor ends in an affine-free BatchNorm, as MoCo v3's ViT "
+                                       "model (off: its ResNet one; runs before 2026-11-30)", kind="onoff")
     dino_out_dim: int = _f(65536, "DINO prototypes K")
     dino_hidden_dim: int = _f(2048, "DINO head hidden width")
     dino_bottleneck_dim: int = _f(256, "DINO head bottleneck")

@@ -1,8 +1,10 @@
 """Per-step schedules as pure functions of the optimiser step (so a resumed run needs no schedule state).
 
-lr: linear warm-up from 0 to the peak over ``warmup_steps``, then half-cosine to ``min_lr`` (MoCo v3, DINO).
+lr: linear warm-up to the peak over ``warmup_steps`` (step s at peak * (s + 1) / warmup_steps: the first step
+trains, where the papers' first is at 0 or near it), then half-cosine to ``min_lr`` (MoCo v3, DINO).
 weight decay: cosine from ``wd`` to ``wd_end`` (DINO 0.04 -> 0.4; MoCo v3 keeps it constant).
-momentum / EMA keep rate: cosine from ``m`` to 1 (MoCo v3 0.99 -> 1, DINO 0.996 -> 1).
+momentum / EMA keep rate: cosine from ``m`` to 1 (MoCo v3 0.99 -> 1, DINO 0.996 -> 1); the trainer's MoCo v3
+update after step s uses the rate of s + 1, as MoCo v3's own update at the next iteration's start does.
 DINO teacher temperature: linear warm-up ``tau_t`` -> ``tau_t_end`` over ``tau_t_warmup_steps``, then constant.
 """
 from __future__ import annotations

@@ -103,7 +103,8 @@ def build_model(cfg: TrainConfig) -> Tuple[nn.Module, Dict]:
         torch.manual_seed(cfg.seed)
         backbone = create_backbone(spec, cfg.drop_path_rate or 0.0)  # the trained encoder's; its EMA copy has none
         if cfg.method == "mocov3":
-            model = MoCoV3(backbone, cfg.proj_hidden_dim, cfg.proj_dim, cfg.freeze_patch_embed)
+            model = MoCoV3(backbone, cfg.proj_hidden_dim, cfg.proj_dim, cfg.freeze_patch_embed,
+                           predictor_last_bn=cfg.moco_predictor_bn)
         else:
             model = DINO(backbone, cfg.dino_out_dim, cfg.dino_hidden_dim, cfg.dino_bottleneck_dim,
                          norm_last_layer=cfg.dino_norm_last_layer, use_bn_in_head=cfg.dino_head_bn)
@@ -555,13 +556,20 @@ class Trainer:
         self._first_bad_step.copy_(torch.where(record, self._dev_step - 1, self._first_bad_step))
         self._first_bad_mask.copy_(torch.where(record, nonfinite, self._first_bad_mask))
 
+    def ema_keep(self, step: int) -> float:
+        """The EMA keep rate of the update after optimiser step ``step``. DINO updates its teacher right after the
+        step with that step's momentum; MoCo v3 updates its momentum encoder at the start of the next iteration
+        (in the forward, before the keys), with the next iteration's momentum m(step + 1), the same base weights
+        blended in. Its update at iteration 0 is a no-op (the copy is fresh), so this is MoCo v3's exactly."""
+        return self.schedules.ema_keep(step + 1 if self.cfg.method == "mocov3" else step)
+
     def train_step(self, batch: SDMPBatch) -> None:
         """One optimiser step on ``batch`` (already on the device); no host sync."""
         swap = bool(torch.randint(0, 2, (1,), generator=self.swap_gen).item()) if self.cfg.method == "mocov3" \
             else False
         inputs = self.step_inputs(batch, swap)
         s = self.schedules
-        lr, wd, keep, tau_t = s.lr(self.step), s.weight_decay(self.step), s.ema_keep(self.step), \
+        lr, wd, keep, tau_t = s.lr(self.step), s.weight_decay(self.step), self.ema_keep(self.step), \
             s.teacher_temp(self.step)
         freeze_last = self.step < self.freeze_last_steps
         for g in self.optimizer.param_groups:
@@ -823,6 +831,8 @@ class Trainer:
             rec = {"step": self.step, "epoch": round(self.epoch + self.position / self.steps_per_epoch, 4)}
             rec.update(metrics)
             rec.update(self.schedules.at(self.step - 1) if self.step > 0 else {})
+            if self.step > 0:
+                rec["momentum"] = self.ema_keep(self.step - 1)  # the keep rate the step used
             if cfg.method != "dino":
                 rec.pop("tau_t", None)
             rec["img_per_s"] = (self.step - step_last) * self.global_batch / max(now - t_last, 1e-9)

@@ -1501,3 +1501,54 @@ def test_resume_over_a_signal_stopped_run_whose_checkpoints_were_lost_is_refused
     code, err = run_cli(base + ["--steps", "10", "--resume"], capsys)
     assert code == 2 and "but no checkpoint" in err, err
     assert _files(out) == before
+
+
+# ------------------------------------------------------------------------ recipe fidelity (audit 2026-11-30)
+
+def test_moco_predictor_ends_in_an_affine_free_batchnorm_as_moco_v3_vit(tmp_path):
+    """MoCo v3's ViT model builds its predictor with _build_mlp(2, dim, mlp_dim, dim) (last_bn=True); only its
+    ResNet one passes False, which is what this predictor copied."""
+    pred = Trainer(tiny_cfg(tmp_path)).model.base.predictor
+    assert [type(m).__name__ for m in pred] == ["Linear", "BatchNorm1d", "ReLU", "Linear", "BatchNorm1d"]
+    assert not pred[-1].affine and pred[-1].num_features == pred[-2].out_features
+    old = Trainer(tiny_cfg(tmp_path, moco_predictor_bn=False)).model.base.predictor
+    assert [type(m).__name__ for m in old] == ["Linear", "BatchNorm1d", "ReLU", "Linear"]
+    # a checkpoint from before the setting existed was trained without it: resuming it names the setting
+    from sdmp_fast.config import mismatches
+
+    saved = tiny_cfg(tmp_path).to_dict()
+    del saved["moco_predictor_bn"]
+    assert mismatches(saved, tiny_cfg(tmp_path)) == ["moco_predictor_bn (checkpoint False, now True)"]
+    assert mismatches(saved, tiny_cfg(tmp_path, moco_predictor_bn=False)) == []
+
+
+@pytest.mark.parametrize("method", ["mocov3", "dino"])
+def test_the_ema_update_uses_the_reference_s_momentum(method, tmp_path):
+    """MoCo v3 updates its momentum encoder at the start of iteration s + 1 (in its forward, before the keys) with
+    m(s + 1), blending in the base weights of after step s; the trainer updates right after step s, so it must
+    use m(s + 1) (it used m(s): a (1 - m) up to 10% too large). DINO updates after the step with m(s)."""
+    tr = Trainer(tiny_cfg(tmp_path, method=method, steps=4, momentum=0.9, freeze_last_layer_epochs=0))
+    online = tr.model.base if method == "mocov3" else tr.model.student
+    target = tr.model.momentum if method == "mocov3" else tr.model.teacher
+    it = iter(tr.loader)
+    for step in range(2):
+        before = {n: p.detach().clone() for n, p in target.named_parameters()}
+        tr.train_step(next(it))
+        keep = tr.schedules.ema_keep(step + 1 if method == "mocov3" else step)
+        assert keep != tr.schedules.ema_keep(step + 1 if method == "dino" else step)  # the test can tell them apart
+        params = dict(online.named_parameters())
+        for n, p in target.named_parameters():
+            torch.testing.assert_close(p, keep * before[n] + (1 - keep) * params[n], rtol=1e-5, atol=1e-6,
+                                       msg=lambda m: f"{n}: {m}")
+
+
+def test_dino_prototypes_start_as_dinos_nn_linear_init():
+    """DINO builds its weight-normed last layer after the head's trunc_normal(0.02) init, so v keeps nn.Linear's
+    default init; with trunc_normal(0.02) its rows were 1.8x shorter and Adam turned the prototypes 1.8x faster."""
+    from sdmp_fast.models import WeightNormLinear
+
+    torch.manual_seed(0)
+    v = WeightNormLinear(256, 512).weight_v
+    torch.manual_seed(0)
+    torch.testing.assert_close(v, torch.nn.Linear(256, 512, bias=False).weight, rtol=0, atol=0)
+    assert v.norm(dim=1).mean().item() == pytest.approx(3 ** -0.5, rel=0.02)  # U(+-1/16) rows of 256: sqrt(1/3)
