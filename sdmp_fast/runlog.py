@@ -15,7 +15,7 @@ import json
 import math
 import os
 import sys
-from typing import Dict
+from typing import Dict, Optional
 
 __all__ = ["RunLogger", "read_metrics", "iter_records", "truncate_metrics"]
 
@@ -62,7 +62,7 @@ def _clean(v):
 
 class RunLogger:
     def __init__(self, out: str, total_steps: int, initial_step: int = 0, enabled: bool = True,
-                 progress: bool = True, tensorboard: bool = True, log=print):
+                 progress: bool = True, tensorboard: bool = True, log=print, resumed_record: Optional[Dict] = None):
         self.enabled, self.log = enabled, log
         self.bar = self.tb = self.fh = None
         if not enabled:
@@ -71,6 +71,11 @@ class RunLogger:
         truncate_metrics(path, initial_step)
         self.path = path
         self.fh = open(path, "ab", buffering=0)  # unbuffered: a failed write is seen (and undone) at once
+        if resumed_record is not None and resumed_record.get("step") == initial_step and initial_step > 0:
+            steps = [rec.get("step") for _, rec in iter_records(path)] if os.path.isfile(path) else []
+            if initial_step not in steps:  # the run stopped between its last save and that step's record
+                self._append((json.dumps({k: _clean(v) for k, v in resumed_record.items()}) + "\n").encode(),
+                             initial_step)
         if progress:
             from tqdm import tqdm
 

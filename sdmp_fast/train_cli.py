@@ -498,7 +498,8 @@ def _main(cfg, store=None) -> int:
             dist.barrier()
             _check_out_shared(cfg.out, rank, world, log)
         logger = RunLogger(cfg.out, trainer.total_steps, trainer.step, enabled=rank == 0,
-                           progress=cfg.progress, tensorboard=cfg.tensorboard, log=log)
+                           progress=cfg.progress, tensorboard=cfg.tensorboard, log=log,
+                           resumed_record=trainer.resumed_record)
         where = f"resuming from {resumed_from} at step {trainer.step}" if resumed_from else "starting"
         logger.write(f"sdmp-fast train: {where}; {cfg.method} sdmp={'on' if cfg.sdmp else 'off'} {cfg.arch} "
                      f"on {trainer.device} x{world}, {trainer.total_steps} steps of {trainer.global_batch} images, "

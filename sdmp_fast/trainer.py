@@ -381,6 +381,7 @@ class Trainer:
         self.agreed_stop_signal: Optional[int] = None  # what all ranks stop for (set at sync points)
         self.debug = _debug_env()
         self.skipped_total = 0
+        self.resumed_record: Optional[Dict] = None  # set by load_state_dict
         self._data_id: Optional[Dict] = None
         # now, not at the first checkpoint: a file read later (a .beton replaced meanwhile) is not what is trained
         self._data_identity()
@@ -686,6 +687,7 @@ class Trainer:
             raise ValueError(f"resume: {self.steps_per_epoch} steps per epoch now, {state['steps_per_epoch']} in "
                              f"the checkpoint (data or world size changed)")
         self.model.load_state_dict(state["model"])
+        self.resumed_record = state.get("record")  # the checkpoint step's metrics record (RunLogger)
         try:
             self.optimizer.load_state_dict(state["optimizer"])
         except ValueError as e:  # other parameter groups: written before they followed DINO / MoCo v3 (2026-11-27)
@@ -730,9 +732,13 @@ class Trainer:
                 self._data_id = {"files": len(images), "sha1": images.fingerprint()}
         return self._data_id
 
-    def save(self, out: str) -> Optional[str]:
-        """Checkpoint (rank 0 writes; all ranks take part in gathering RNG states)."""
+    def save(self, out: str, record: Optional[Dict] = None) -> Optional[str]:
+        """Checkpoint (rank 0 writes; all ranks take part in gathering RNG states). ``record``: the step's
+        metrics record, kept in the checkpoint so that a resume can append it when the run stopped between the
+        save and the record (a kill, a full disk): it was lost for good."""
         state = self.state_dict()
+        if record is not None:
+            state["record"] = {k: v for k, v in record.items() if v is None or isinstance(v, (bool, int, float, str))}
         path = None
         if self.rank == 0:
             path = ckpt.save_checkpoint(state, ckpt.checkpoint_dir(out), self.step, self.cfg.keep_checkpoints)
@@ -787,7 +793,7 @@ class Trainer:
             if self.rank == 0:
                 os.makedirs(out, exist_ok=True)
             logger = RunLogger(out, self.total_steps, self.step, enabled=self.rank == 0, progress=False,
-                               tensorboard=False)
+                               tensorboard=False, resumed_record=self.resumed_record)
         try:
             return self._fit(out, logger)
         finally:
@@ -843,10 +849,10 @@ class Trainer:
             if save_due or last or stop:
                 # before the step's record: a record at a save step then proves its checkpoint was written
                 # (train --resume tells lost checkpoints from a first save that failed by it)
-                path = self.save(out)
+                rec["checkpoint"] = True  # written (save raises otherwise): a stop's save is no save_every step
+                path = self.save(out, record=rec)
                 if path and (stop or last):
                     logger.write(f"checkpoint: {path}")
-                rec["checkpoint"] = True  # written (save raises otherwise): a stop's save is no save_every step
             logger.record(rec)
             if metrics["skipped"]:
                 logger.write(f"warning: {metrics['skipped']} step(s) with a non-finite loss/gradient skipped "

@@ -483,3 +483,34 @@ def test_truncating_metrics_rewrites_only_what_changes_and_names_the_file_when_i
     with pytest.raises(OSError, match=r"metrics .*could not write it \(disk full\); the earlier file is unchanged"):
         runlog.truncate_metrics(str(path), 2)
     assert path.read_text().count("\n") == 3 and os.listdir(tmp_path) == ["metrics.jsonl"]
+
+
+def test_a_resume_appends_the_record_of_a_save_step_the_run_did_not_write(tmp_path, monkeypatch, capsys):
+    """A run stopped between a checkpoint and that step's metrics record (a full disk at the record, a kill):
+    the resume went on from the checkpoint and the record (loss, "checkpoint": true) was missing for good. The
+    checkpoint now holds it, and the resume appends it."""
+    import json
+
+    from sdmp_fast import cli, runlog
+
+    real = runlog.RunLogger._append
+
+    def full_at_step_4(self, data, step):
+        if step == 4:
+            raise ckpt.CheckpointError("metrics: disk full (simulated)")
+        return real(self, data, step)
+
+    out = tmp_path / "out"
+    argv = ["train"] + TINY + ["--loader", "synthetic", "--batch-size", "8", "--steps", "6", "--log-every", "2",
+                               "--save-every", "2", "--out", str(out)]
+    monkeypatch.setattr(runlog.RunLogger, "_append", full_at_step_4)
+    assert cli.main(argv) == 1
+    assert [s for s, _ in ckpt.list_checkpoints(str(out / "checkpoints"))] == [2, 4]
+    monkeypatch.undo()
+    assert cli.main(argv + ["--resume"]) == 0, capsys.readouterr().err
+    recs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in recs] == [2, 4, 6] and all(r.get("checkpoint") for r in recs)
+    assert all(isinstance(r["loss"], float) for r in recs)
+    # a resume whose record is there appends nothing more
+    assert cli.main(argv[:-2] + ["--steps", "8", "--out", str(out), "--resume"]) == 0
+    assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [2, 4, 6, 8]
