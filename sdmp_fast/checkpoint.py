@@ -127,9 +127,9 @@ def save_checkpoint(state: Dict[str, Any], directory: str, step: int, keep: int 
             os.remove(tmp)
         except OSError:
             pass
-        # the newest earlier one that is a file (what blocked the save may be a folder of the new name)
+        # the newest earlier file (what blocked the save may be a folder of the new name); not read back here
         prev = next((p for s, p in reversed(list_checkpoints(directory)) if s < step and os.path.isfile(p)), None)
-        kept = f"the previous checkpoint {prev} is intact" if prev else "no earlier checkpoint exists"
+        kept = f"the earlier checkpoints are untouched (newest: {prev})" if prev else "no earlier checkpoint exists"
         cause = _os_error(e)
         if cause is None:
             reason = f"{type(e).__name__}: {e}"

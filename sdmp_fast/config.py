@@ -565,6 +565,8 @@ def mismatches(saved: Dict[str, Any], current: TrainConfig) -> List[str]:
         a, b = saved.get(k, SETTING_BEFORE_IT_EXISTED.get(k, defaults.get(k))), cur.get(k)
         if k == "n_local_mixed" and not cur.get("sdmp") and not saved.get("sdmp", True):
             continue  # plain DINO makes no mixed crop
+        if k == "moco_predictor_bn" and cur.get("method") != "mocov3":
+            continue  # no predictor: a DINO run from before the setting existed resumes as it is
         if k == "loader_options":  # throughput-only options may change; an option at its default = not given
             a, b = (significant_loader_options(d, cur.get("loader")) for d in (a, b))
         if isinstance(a, (list, tuple)) or isinstance(b, (list, tuple)):

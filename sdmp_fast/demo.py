@@ -256,10 +256,13 @@ def main(argv=None) -> int:
     print_table(records, raw, len(xte), len(xtr))
     total_s = time.perf_counter() - t_all
     print(f"total {total_s:.0f} s; loss curves: {args.out}/loss_seed*.png, views: {args.out}/mixed_views.png")
-    with open(os.path.join(args.out, "results.json"), "w") as fh:
-        json.dump({"preset": args.preset, "config": PRESETS[args.preset], "records": records,
-                   "raw_pixel_knn": raw, "n_train": len(xtr), "n_test": len(xte), "total_s": round(total_s, 1),
-                   "torch_threads": torch.get_num_threads(), "load_average_end": round(_load(), 2)}, fh, indent=1)
+    from sdmp_fast.paths import write_replacing
+
+    doc = {"preset": args.preset, "config": PRESETS[args.preset], "records": records, "raw_pixel_knn": raw,
+           "n_train": len(xtr), "n_test": len(xte), "total_s": round(total_s, 1),
+           "torch_threads": torch.get_num_threads(), "load_average_end": round(_load(), 2)}
+    write_replacing(os.path.join(args.out, "results.json"), lambda fh: json.dump(doc, fh, indent=1),
+                    "results (printed above)")
     return 0
 
 

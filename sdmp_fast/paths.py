@@ -39,6 +39,9 @@ def write_replacing(path: str, write: Callable[[IO], None], what: str, binary: b
         discard(tmp)
         kept = "the earlier file is unchanged" if os.path.isfile(path) else "nothing was written there"
         raise OSError(e.errno, f"{what}: could not write it ({os_error_reason(e)}); {kept}", path) from None
+    except BaseException:  # a writer's own error (matplotlib without LaTeX for .pgf), Ctrl-C
+        discard(tmp)
+        raise
 
 
 def discard(path: str) -> None:

@@ -60,8 +60,8 @@ def test_a_failed_save_names_the_previous_checkpoint_file(tmp_path):
     d = str(tmp_path / "ck")
     ckpt.save_checkpoint(_state(2), d, 2)
     os.mkdir(os.path.join(d, "ckpt-000000004.pt"))
-    with pytest.raises(ckpt.CheckpointError, match=r"could not write step 4 .*the previous checkpoint "
-                                                   r".*ckpt-000000002.pt is intact"):
+    with pytest.raises(ckpt.CheckpointError, match=r"could not write step 4 .*the earlier checkpoints are "
+                                                   r"untouched \(newest: .*ckpt-000000002.pt\)"):
         ckpt.save_checkpoint(_state(4), d, 4)
 
 
@@ -87,8 +87,8 @@ def test_disk_full_leaves_previous_checkpoint_intact(tmp_path, monkeypatch):
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(ckpt, "_write", full_disk)
-    with pytest.raises(ckpt.CheckpointError, match=r"could not write step 6 .*disk full.*ckpt-000000005.pt is "
-                                                   r"intact"):
+    with pytest.raises(ckpt.CheckpointError, match=r"could not write step 6 .*disk full.*untouched "
+                                                   r"\(newest: .*ckpt-000000005.pt\)"):
         ckpt.save_checkpoint(_state(6), d, 6)
     assert os.listdir(d) == ["ckpt-000000005.pt"]
     assert open(os.path.join(d, "ckpt-000000005.pt"), "rb").read() == before
@@ -116,8 +116,8 @@ def test_disk_full_inside_torch_save_is_a_checkpoint_error(tmp_path, monkeypatch
 
     monkeypatch.setattr(ckpt, "_write", lambda state, fh: torch.save(state, FillsUp(fh)))
     big = dict(_state(6), blob=torch.zeros(200_000))
-    with pytest.raises(ckpt.CheckpointError, match=r"could not write step 6 .*disk full.*ckpt-000000005.pt is "
-                                                   r"intact"):
+    with pytest.raises(ckpt.CheckpointError, match=r"could not write step 6 .*disk full.*untouched "
+                                                   r"\(newest: .*ckpt-000000005.pt\)"):
         ckpt.save_checkpoint(big, d, 6)
     assert os.listdir(d) == ["ckpt-000000005.pt"]
 
@@ -140,7 +140,7 @@ def test_disk_full_during_training_is_a_clear_error(tmp_path, monkeypatch, capsy
                                         "--save-every", "2", "--log-every", "2", "--out", str(out)])
     err = capsys.readouterr().err
     assert code == 1
-    assert "could not write step 4" in err and "disk full" in err and "ckpt-000000002.pt is intact" in err
+    assert "could not write step 4" in err and "disk full" in err and "untouched (newest: " in err and "ckpt-000000002.pt)" in err
     assert ckpt.load_latest(str(out / "checkpoints"))[1]["step"] == 2
 
 

@@ -253,3 +253,17 @@ def test_a_failed_png_write_keeps_the_earlier_png(command, tmp_path, capsys, mon
     err = capsys.readouterr().err
     assert f"'{out}': figure: could not write it (disk full); the earlier file is unchanged" in err, err
     assert out.read_bytes() == before and not list(tmp_path.glob("*.tmp.*"))
+
+
+def test_a_writer_s_own_error_leaves_no_temporary_file(tmp_path):
+    """Only OSError removed the temporary file: matplotlib's own error (a .pgf without LaTeX) or Ctrl-C left it."""
+    from sdmp_fast.paths import write_replacing
+
+    for error in (RuntimeError("no LaTeX"), KeyboardInterrupt()):
+        def write(fh):
+            fh.write("part")
+            raise error
+
+        with pytest.raises(type(error)):
+            write_replacing(str(tmp_path / "out.pgf"), write, "figure")
+        assert list(tmp_path.iterdir()) == []

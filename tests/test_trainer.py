@@ -1552,3 +1552,13 @@ def test_dino_prototypes_start_as_dinos_nn_linear_init():
     torch.manual_seed(0)
     torch.testing.assert_close(v, torch.nn.Linear(256, 512, bias=False).weight, rtol=0, atol=0)
     assert v.norm(dim=1).mean().item() == pytest.approx(3 ** -0.5, rel=0.02)  # U(+-1/16) rows of 256: sqrt(1/3)
+
+
+def test_a_dino_run_from_before_the_predictor_setting_resumes_as_it_is(tmp_path):
+    """moco_predictor_bn (MoCo v3 only) counted False for every checkpoint without it: a DINO run from before it
+    existed was refused ("moco_predictor_bn (checkpoint False, now True)"), torchrun's restarts included."""
+    from sdmp_fast.config import mismatches
+
+    saved = tiny_cfg(tmp_path, method="dino").to_dict()
+    del saved["moco_predictor_bn"]
+    assert mismatches(saved, tiny_cfg(tmp_path, method="dino")) == []

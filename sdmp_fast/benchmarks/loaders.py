@@ -363,7 +363,9 @@ def bar_chart(records: List[Dict], path: str, title: str) -> str:
     ax.spines[["top", "right"]].set_visible(False)
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=120)
+    from sdmp_fast.plot import save_figure
+
+    save_figure(fig, path, dpi=120)
     plt.close(fig)
     return path
 
