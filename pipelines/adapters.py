@@ -68,16 +68,14 @@ def _images(batch: SDMPBatch, append_mixed: bool) -> List[torch.Tensor]:
 
 
 def _check_loader(who: str, loader):
-    """``loader`` itself when it can be one (iterable, with a length: the trainers size their schedules by it); a
-    path or None is a ValueError saying so (``as_dino("/data/train")`` had len 11, the string's, and failed at
-    the first set_epoch with "'str' object has no attribute 'set_epoch'")."""
+    """``loader`` itself when it can be one (iterable; a loop that needs no len, lightly's, may wrap one without);
+    a path or None is a ValueError saying so (``as_dino("/data/train")`` had len 11, the string's, which DINO's
+    schedules took, and failed at the first set_epoch with "'str' object has no attribute 'set_epoch'")."""
     if loader is None or isinstance(loader, (str, bytes, os.PathLike)):
         raise ValueError(f"{who}: expected a loader (make_loader(backend, data, recipe, batch_size) or a torch "
                          f"DataLoader), got {loader!r}")
-    missing = [m for m in ("__iter__", "__len__") if not hasattr(type(loader), m)]
-    if missing:
-        raise ValueError(f"{who}: expected a loader (iterable, with a length), got a {type(loader).__name__} "
-                         f"without {' or '.join(missing)}")
+    if not hasattr(type(loader), "__iter__"):
+        raise ValueError(f"{who}: expected a loader (an iterable of batches), got a {type(loader).__name__}")
     return loader
 
 
