@@ -13,7 +13,6 @@ Export: ``backbone.pt`` is a plain timm state dict (``timm.create_model(arch, nu
 """
 from __future__ import annotations
 
-import errno
 import json
 import os
 import random
@@ -24,6 +23,8 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
+
+from sdmp_fast.paths import discard, os_error_reason
 
 __all__ = ["CheckpointError", "checkpoint_dir", "list_checkpoints", "latest_checkpoint", "save_checkpoint",
            "load_checkpoint", "load_latest", "rng_state", "set_rng_state", "export_backbone", "load_backbone",
@@ -123,10 +124,7 @@ def save_checkpoint(state: Dict[str, Any], directory: str, step: int, keep: int 
         os.replace(tmp, final)
         _fsync_dir(directory)
     except (OSError, RuntimeError) as e:  # torch.save's zip writer reports a failed write as a RuntimeError
-        try:
-            os.remove(tmp)
-        except OSError:
-            pass
+        discard(tmp)
         # the newest earlier file (what blocked the save may be a folder of the new name); not read back here
         prev = next((p for s, p in reversed(list_checkpoints(directory)) if s < step and os.path.isfile(p)), None)
         kept = f"the earlier checkpoints are untouched (newest: {prev})" if prev else "no earlier checkpoint exists"
@@ -134,7 +132,7 @@ def save_checkpoint(state: Dict[str, Any], directory: str, step: int, keep: int 
         if cause is None:
             reason = f"{type(e).__name__}: {e}"
         else:
-            reason = "disk full" if cause.errno == errno.ENOSPC else (cause.strerror or str(cause))
+            reason = os_error_reason(cause)
         raise CheckpointError(f"checkpoint: could not write step {step} to {directory} ({reason}); {kept}") from e
     # Keep the newest `keep` of the steps up to this one. A checkpoint of a later step is one a --resume could not
     # read (it went back to an earlier one): counted among the newest, it pruned the good ones, this one included
@@ -225,18 +223,11 @@ def export_backbone(backbone: torch.nn.Module, out: str, info: Dict[str, Any]) -
     try:
         tmp_json = _write_atomic(side, write_json, "backbone", replace=False)
     except CheckpointError:
-        _discard(tmp_pt)
+        discard(tmp_pt)
         raise
     os.replace(tmp_pt, path)
     os.replace(tmp_json, side)
     return path
-
-
-def _discard(path: str) -> None:
-    try:
-        os.remove(path)
-    except OSError:
-        pass
 
 
 def _write_atomic(path: str, write, what: str, replace: bool = True) -> str:
@@ -254,15 +245,12 @@ def _write_atomic(path: str, write, what: str, replace: bool = True) -> str:
             os.replace(tmp, path)
         return tmp
     except (OSError, RuntimeError) as e:
-        try:
-            os.remove(tmp)
-        except OSError:
-            pass
+        discard(tmp)
         cause = _os_error(e)
         if cause is None:
             reason = f"{type(e).__name__}: {e}"
         else:
-            reason = "disk full" if cause.errno == errno.ENOSPC else (cause.strerror or str(cause))
+            reason = os_error_reason(cause)
         kept = "the earlier one is unchanged" if os.path.exists(path) else "none was written"
         raise CheckpointError(f"{what}: could not write {path} ({reason}); {kept}; the run's checkpoints are "
                               f"intact (`sdmp-fast train --resume` with the same settings exports it again)") from e

@@ -15,7 +15,7 @@ import json
 import math
 import os
 import sys
-from typing import Dict, Optional
+from typing import Dict, List, Optional
 
 __all__ = ["RunLogger", "read_metrics", "iter_records", "truncate_metrics"]
 
@@ -40,18 +40,21 @@ def iter_records(path: str):
                 yield line, rec
 
 
-def truncate_metrics(path: str, last_step: int) -> None:
-    """Keep only records with step <= last_step (atomic rewrite); a torn last line is dropped."""
+def truncate_metrics(path: str, last_step: int) -> List:
+    """Keep only records with step <= last_step (atomic rewrite); a torn last line is dropped. Returns the steps
+    of the records kept."""
     if not os.path.isfile(path):
-        return
+        return []
     from sdmp_fast.paths import write_replacing
 
-    kept = [line if line.endswith("\n") else line + "\n"
-            for line, rec in iter_records(path) if rec.get("step", 0) <= last_step]
-    with open(path) as fh:
-        if fh.read() == "".join(kept):
-            return  # nothing to drop: no rewrite (which needs the file's size again in free space)
-    write_replacing(path, lambda fh: fh.writelines(kept), "metrics (records after the checkpoint dropped)")
+    kept, steps = [], []
+    for line, rec in iter_records(path):
+        if rec.get("step", 0) <= last_step:
+            kept.append(line if line.endswith("\n") else line + "\n")
+            steps.append(rec.get("step"))
+    if os.path.getsize(path) != sum(len(line.encode()) for line in kept):  # something to drop (a line, torn or not)
+        write_replacing(path, lambda fh: fh.writelines(kept), "metrics (records after the checkpoint dropped)")
+    return steps
 
 
 def _clean(v):
@@ -68,11 +71,10 @@ class RunLogger:
         if not enabled:
             return
         path = os.path.join(out, "metrics.jsonl")
-        truncate_metrics(path, initial_step)
+        steps = truncate_metrics(path, initial_step)
         self.path = path
         self.fh = open(path, "ab", buffering=0)  # unbuffered: a failed write is seen (and undone) at once
         if resumed_record is not None and resumed_record.get("step") == initial_step and initial_step > 0:
-            steps = [rec.get("step") for _, rec in iter_records(path)] if os.path.isfile(path) else []
             if initial_step not in steps:  # the run stopped between its last save and that step's record
                 self._append((json.dumps({k: _clean(v) for k, v in resumed_record.items()}) + "\n").encode(),
                              initial_step)

@@ -836,9 +836,8 @@ class Trainer:
             now = time.perf_counter()
             rec = {"step": self.step, "epoch": round(self.epoch + self.position / self.steps_per_epoch, 4)}
             rec.update(metrics)
-            rec.update(self.schedules.at(self.step - 1) if self.step > 0 else {})
-            if self.step > 0:
-                rec["momentum"] = self.ema_keep(self.step - 1)  # the keep rate the step used
+            if self.step > 0:  # the values the last step used (the EMA's keep rate is the trainer's, not at()'s)
+                rec.update(self.schedules.at(self.step - 1), momentum=self.ema_keep(self.step - 1))
             if cfg.method != "dino":
                 rec.pop("tau_t", None)
             rec["img_per_s"] = (self.step - step_last) * self.global_batch / max(now - t_last, 1e-9)
