@@ -17,6 +17,7 @@ import inspect
 import itertools
 import operator
 import os
+import re
 import warnings
 from dataclasses import dataclass
 from typing import Dict, Iterator, List, Optional, Protocol, Sequence, Tuple, Union, runtime_checkable
@@ -75,17 +76,21 @@ def list_images(data: Union[str, os.PathLike, "ImageList"]) -> ImageList:
         return _read_file_list(path)
     entries = _listdir(path)
     classes = sorted(d for d in entries if os.path.isdir(os.path.join(path, d)))
-    loose = [n for n in entries if _is_image_name(n)]
+    loose = [n for n in entries if _is_image_name(n) and n not in classes]  # a folder "x.jpg" is a class
     if not classes:
         if not loose:
             raise ValueError(f"data: {path!r} has no class sub-folders and no image files "
                              f"({', '.join(IMAGE_EXTENSIONS[:5])}, ...): expected root/class/img or root/img")
         return ImageList(tuple(os.path.join(path, n) for n in sorted(loose)), (-1,) * len(loose), (), path)
     files, labels = [], []
+    # folders are read once across classes: a link inside one class folder to another (cat/more_dogs -> ../dog)
+    # or to the root would list the same images under two labels. Class folders belong to their class only.
+    walk = _FolderWalk(path, [os.path.join(path, c) for c in classes])
     for label, cls in enumerate(classes):
-        found = _walk_images(os.path.join(path, cls))
+        found = walk.images(os.path.join(path, cls))
         files += found
         labels += [label] * len(found)
+    walk.warn_skipped()
     if not files:
         raise ValueError(f"data: {path!r} holds no image files in its class folders "
                          f"({', '.join(IMAGE_EXTENSIONS[:5])}, ...)"
@@ -110,23 +115,47 @@ def _listdir(folder: str) -> List[str]:
         raise ValueError(f"data: cannot read the folder {folder!r} ({e.strerror})") from None
 
 
-def _walk_images(folder: str) -> List[str]:
-    """Image files under ``folder``, in sorted (root, name) order as ImageFolder's, following links but reading
-    each folder once."""
-    def unreadable(err: OSError):
-        raise ValueError(f"data: cannot read the folder {err.filename!r} ({err.strerror})")
+def _folder_id(path: str) -> Tuple[int, int]:
+    st = os.stat(path)
+    return st.st_dev, st.st_ino
 
-    seen, found = set(), []
-    for root, dirs, names in os.walk(folder, followlinks=True, onerror=unreadable):
-        st = os.stat(root)
-        if (st.st_dev, st.st_ino) in seen:  # a link back to a folder already read (a loop, or a second path)
-            dirs[:] = []
-            continue
-        seen.add((st.st_dev, st.st_ino))
-        # sorted: which path of a folder reached twice is read does not depend on the listing order
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        found.append((root, sorted(n for n in names if _is_image_name(n))))
-    return [os.path.join(root, n) for root, names in sorted(found) for n in names]
+
+class _FolderWalk:
+    """Walks class folders following links, reading each folder once over the whole tree: a folder reached a
+    second time (a link loop, a second path to it, a link into another class's folder or to the root) is not
+    read again, and is named in one warning (``warn_skipped``)."""
+
+    def __init__(self, root: str, class_folders: Sequence[str]):
+        self.read = {_folder_id(root): root}  # folder id -> the path it was read (or reserved) under
+        self.classes = {_folder_id(c): c for c in class_folders}  # read only as their own class
+        self.skipped: List[Tuple[str, str]] = []  # (path not read, the path of the same folder)
+
+    def images(self, folder: str) -> List[str]:
+        """Image files under ``folder``, in sorted (root, name) order as ImageFolder's."""
+        def unreadable(err: OSError):
+            raise ValueError(f"data: cannot read the folder {err.filename!r} ({err.strerror})")
+
+        found = []
+        for root, dirs, names in os.walk(folder, followlinks=True, onerror=unreadable):
+            fid = _folder_id(root)
+            first = self.read.get(fid) or (self.classes.get(fid) if root != folder else None)
+            if first is not None:
+                self.skipped.append((root, first))
+                dirs[:] = []
+                continue
+            self.read[fid] = root
+            # sorted: which path of a folder reached twice is read does not depend on the listing order
+            dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+            found.append((root, sorted(n for n in names if _is_image_name(n))))
+        return [os.path.join(root, n) for root, names in sorted(found) for n in names]
+
+    def warn_skipped(self) -> None:
+        if self.skipped:
+            shown = "; ".join(f"{p!r} (the folder {q!r})" for p, q in self.skipped[:3])
+            more = f" and {len(self.skipped) - 3} more" if len(self.skipped) > 3 else ""
+            warnings.warn(f"data: {len(self.skipped)} folder(s) reached a second time through links are read once, "
+                          f"under their first path or their own class: {shown}{more}", RuntimeWarning,
+                          stacklevel=3)
 
 
 def _resolve(base: str, name: str) -> str:
@@ -149,13 +178,22 @@ def _read_file_list(path: str) -> ImageList:
     base = os.path.dirname(os.path.abspath(path))
     files, labels = [], []
     try:
-        with open(path, encoding="utf-8-sig") as f:  # -sig: a BOM (Windows editors) is no part of the first path
-            lines = f.readlines()
-    except UnicodeDecodeError:
-        raise ValueError(f"data: {path!r} is a file but not a text file list ('path [label]' lines); an image "
-                         f"folder is given as its directory, a .beton with the ffcv loader") from None
+        with open(path, "rb") as f:
+            raw = f.read()
     except OSError as e:
         raise ValueError(f"data: cannot read the file list {path!r} ({e.strerror or e})") from None
+    not_a_list = (f"data: {path!r} is a file but not a text file list ('path [label]' lines); an image folder is "
+                  f"given as its directory, a .beton with the ffcv loader")
+    if b"\0" in raw:  # binary (a .beton, an archive); text in any encoding holds no NUL byte, UTF-16 aside
+        raise ValueError(not_a_list)
+    # -sig: a BOM (Windows editors) is no part of the first path. Bytes that are not UTF-8 are either names the
+    # file system holds so (Latin-1 file names, kept as os.listdir gives them: surrogateescape) or no text at
+    # all: the files' existence below tells which
+    try:
+        text, utf8 = raw.decode("utf-8-sig"), True
+    except UnicodeDecodeError:
+        text, utf8 = raw.decode("utf-8-sig", errors="surrogateescape"), False
+    lines = re.split(r"\r\n|\r|\n", text)  # the line ends open() knows; str.splitlines also splits at \x0c, \x85...
     for lineno, line in enumerate(lines, 1):
         line = line.strip()
         if not line or line.startswith("#"):
@@ -171,7 +209,16 @@ def _read_file_list(path: str) -> ImageList:
         files.append(_resolve(base, name))
         labels.append(label)
     if not files:
-        raise ValueError(f"data: file list {path!r} names no images")
+        raise ValueError(not_a_list if not utf8 else f"data: file list {path!r} names no images")
+    # a list written from another folder (find data ... > lists/train.txt) names paths that are not there: said
+    # now, not after an epoch of skipped files. The first few entries only: a stat each, over NFS too.
+    if not any(os.path.exists(f) for f in files[:8]):
+        if not utf8:
+            raise ValueError(not_a_list)
+        first = next(line.strip() for line in lines if line.strip() and not line.strip().startswith("#"))
+        raise ValueError(f"data: file list {path!r}: none of its first {min(len(files), 8)} files exists ({first!r} "
+                         f"is read as {files[0]!r}); relative paths are read from the list's own folder "
+                         f"{base!r}")
     n_cls = max(labels) + 1 if max(labels) >= 0 else 0
     return ImageList(tuple(files), tuple(labels), tuple(str(i) for i in range(n_cls)), base)
 

@@ -6,8 +6,9 @@ a batch holds). Three guarantees:
 
 - Bad files never cost the conversion: every file is decoded once with PIL before writing (corrupt, truncated,
   zero-byte and non-image files fail here), skipped, counted, named in the printed summary and listed in
-  ``OUT.skipped.txt`` (one "path<TAB>reason" line each). Grayscale / palette / CMYK / 16-bit / alpha / EXIF-
-  rotated images are converted to upright 8-bit RGB.
+  ``OUT.skipped.txt`` (one "path<TAB>reason" line each; a backslash, tab or line end in either is escaped as in a
+  Python string). Grayscale / palette / CMYK / 16-bit / alpha / EXIF-rotated images are converted to upright
+  8-bit RGB.
 - Atomic output: the writer fills ``OUT.tmp-<pid>`` in OUT's directory and ``os.replace``s it at the end, so a
   partial file never sits under the final name and a previous OUT survives a failed run.
 - No hang: FFCV's writer waits forever when a worker process dies; ours watches the workers and raises.
@@ -28,12 +29,12 @@ from typing import List, Optional, Sequence, Tuple
 import numpy as np
 
 from .base import MAX_WORKERS, list_images, usable_cores
-from .image_bytes import rgb8
+from .image_bytes import open_image, rgb8
+from .skips import escape_name
 
 FORMATS = ("jpg", "raw", "proportion")
 DEFAULT_JPEG_QUALITY = 90  # of the stored JPEGs (--jpeg-quality)
 MAX_STORED_SIDE = 65535  # FFCV stores width/height as uint16
-LOAD_MAX_PIXELS = 1_000_000_000  # larger images are refused as decompression bombs (Pillow's default: ~179 MP)
 SUMMARY_LISTED = 20      # bad files printed in full; the sidecar lists all of them
 
 
@@ -74,10 +75,10 @@ class ConvertSummary:
         size_mb = os.path.getsize(self.out) / 2**20
         lines = [f"wrote {self.out}: {self.written} images, {self.num_classes} classes, {size_mb:.1f} MiB in "
                  f"{self.seconds:.1f} s ({self.written / max(self.seconds, 1e-9):.0f} img/s); "
-                 f"skipped {len(self.skipped)} unreadable file(s)"]
+                 f"skipped {len(self.skipped)} file(s)"]
         if self.skipped:
             lines.append(f"skipped files (all listed in {self.skipped_list}):")
-            lines += [f"  {path}: {reason}" for path, reason in self.skipped[:SUMMARY_LISTED]]
+            lines += [f"  {escape_name(path)}: {escape_name(reason)}" for path, reason in self.skipped[:SUMMARY_LISTED]]
             if len(self.skipped) > SUMMARY_LISTED:
                 lines.append(f"  ... and {len(self.skipped) - SUMMARY_LISTED} more")
         return "\n".join(lines)
@@ -90,15 +91,11 @@ def load_rgb(path: str, max_side: int = 0) -> np.ndarray:
 
     With ``max_side``, JPEGs are decoded at a reduced DCT scale that still covers ``max_side`` (FFCV then
     area-resizes to exactly max_side): much less work for large photos, same stored result size."""
-    from PIL import Image, ImageOps
+    from PIL import ImageOps
 
-    if os.path.getsize(path) == 0:
-        raise ValueError("zero-byte file")
-    # Pillow refuses images over ~179 MP as decompression bombs; a data set may hold such photos (JPEGs are
-    # drafted down below): refused only past LOAD_MAX_PIXELS
-    if Image.MAX_IMAGE_PIXELS is not None and Image.MAX_IMAGE_PIXELS < LOAD_MAX_PIXELS // 2:
-        Image.MAX_IMAGE_PIXELS = LOAD_MAX_PIXELS // 2
-    with Image.open(path) as im:
+    # the pixel limit of every backend (image_bytes.max_pixels: Pillow's ~179 MP unless SDMP_MAX_IMAGE_PIXELS
+    # says otherwise), so a .beton holds the images the other loaders read
+    with open_image(path) as im:
         if max_side:
             im.draft("RGB", (max_side, max_side))
         im.load()  # the full decode: truncated / corrupt data raises here
@@ -361,7 +358,7 @@ def convert(src, out, *, fmt: str = "jpg", max_side: int = 512, jpeg_quality: in
         writer.progress = progress
         writer.from_indexed_dataset(dataset, chunksize=chunk_size)
         if skipped:  # written before either file is replaced: the .beton never sits beside another's list
-            _write_text(sidecar_tmp, "".join(f"{p}\t{r}\n" for p, r in skipped))
+            _write_text(sidecar_tmp, "".join(f"{escape_name(p)}\t{escape_name(r)}\n" for p, r in skipped))
         os.replace(tmp, out)
         if skipped:
             os.replace(sidecar_tmp, sidecar)

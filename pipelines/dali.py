@@ -29,7 +29,8 @@ first drew, so a bad file found mid-epoch (in the first run, and anew in a resum
 Why ``external_source`` and not DALI's file reader: the reader pads and shards by its own rules, while feeding
 the order ourselves gives EpochSampler's exact semantics and lets a bad file be dropped before DALI sees it.
 
-Bad data: zero-byte, truncated, non-image files are caught by the byte sniff; a file that passes the sniff but
+Bad data: zero-byte, truncated, non-image files, named pipes and images over the shared pixel limit
+(``image_bytes.max_pixels``, read from the header) are caught by the byte sniff; a file that passes the sniff but
 still fails inside DALI fails its whole batch, so the loader decodes that batch's files one by one with a probe
 decoder, marks the culprits, rebuilds the pipeline and feeds the rest again. Skipped files are counted and
 named (``loader.skipped``, one warning at each epoch's end); with drop_last the batch keeps its size (the

@@ -45,6 +45,7 @@ from sdmp_fast.batch import SDMPBatch, exact_device
 from .base import (EpochSampler, SkippingLoader, assemble_batch, loader_threads, make_generator, skip_batch_draws,
                    superseded_pass)
 from .recipes import Recipe, ViewSpec
+from .skips import unescape_name
 
 REQUIRED_FIELDS = ("image", "label", "index")
 PARKED_MAX = 4
@@ -383,8 +384,10 @@ class FFCVLoader(SkippingLoader):
         sidecar = self.path + ".skipped.txt"
         if not os.path.exists(sidecar):
             return []
-        with open(sidecar, encoding="utf-8", errors="surrogateescape") as f:  # as convert wrote it: any file name
-            return [line.split("\t", 1)[0] for line in f if line.strip()]
+        # as convert wrote it: any file name (its tabs and line ends escaped); newline="\n": a raw \r in an older
+        # list's name is no line end
+        with open(sidecar, encoding="utf-8", errors="surrogateescape", newline="\n") as f:
+            return [unescape_name(line.split("\t", 1)[0]) for line in f if line.strip()]
 
     def _epoch_order(self) -> np.ndarray:
         # One dtype every epoch: numba specialises the compiled pipeline on the index array's type.

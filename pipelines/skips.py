@@ -85,8 +85,9 @@ class SkipLog:
         self.filled += max(0, used - decoded)
         self._epoch_filled += max(0, used - decoded)
 
-    def end_epoch(self, epoch: int) -> None:
-        """Warn once about this epoch's skipped files (if any), then start counting afresh."""
+    def end_epoch(self, epoch: int, unfinished: bool = False) -> None:
+        """Warn once about this epoch's skipped files (if any), then start counting afresh. ``unfinished``: the
+        reader stopped inside the epoch (a training run's last steps, a stop signal): what it skipped so far."""
         bad, trimmed, filled = self._epoch, self._epoch_trimmed, self._epoch_filled
         self._epoch, self._epoch_trimmed, self._epoch_filled = [], 0, 0
         if not bad:
@@ -96,7 +97,7 @@ class SkipLog:
         kept_even = (f"; {trimmed} decodable sample(s) left out to keep mixed batches even" if trimmed else "")
         refilled = (f"; {filled} slot(s) refilled with repeats of decodable samples of the same batch "
                     f"(drop_last keeps every batch at its size)" if filled else "")
-        warnings.warn(f"{self.backend} loader, epoch {epoch}: skipped {len(bad)} undecodable file(s): "
+        warnings.warn(f"{self.backend} loader, epoch {epoch}{' (unfinished)' if unfinished else ''}: skipped {len(bad)} undecodable file(s): "
                       f"{listed}{more}{kept_even}{refilled}", RuntimeWarning, stacklevel=3)
 
 
@@ -137,3 +138,18 @@ def short_reason(e: BaseException) -> str:
     text = re.sub(r"^\w+, \S+\.cpp:\d+, ", "", str(e).replace("\n", " ").strip())
     text = f"{type(e).__name__}: {text}"
     return text if len(text) <= 160 else text[:157] + "..."
+
+
+_ESCAPES = {"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"}
+_UNESCAPES = {v: k for k, v in _ESCAPES.items()}
+
+
+def escape_name(path: str) -> str:
+    """``path`` for one field of a "path<TAB>reason" line: backslash, tab and line ends written as \\, \\t, \\n,
+    \\r (a file name may hold any of them; a raw one split the line)."""
+    return re.sub(r"[\\\t\n\r]", lambda m: _ESCAPES[m.group()], path)
+
+
+def unescape_name(field: str) -> str:
+    """The inverse of ``escape_name``."""
+    return re.sub(r"\\[\\tnr]", lambda m: _UNESCAPES[m.group()], field)

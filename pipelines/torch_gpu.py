@@ -10,7 +10,9 @@ the same device ops run on the CPU.
 Decoded on the CPU (in the reading threads) even with a GPU: non-JPEG files (PNG, BMP, ...), JPEGs whose EXIF
 orientation is not upright (nvJPEG ignores EXIF), JPEGs without an end-of-image marker (truncated: libjpeg
 rejects them, so both devices skip the same files), and any file nvJPEG rejects (each retried alone): JPEGs
-with libjpeg-turbo, every other format with PIL (as the torchvision backend). A file
+with libjpeg-turbo (turned upright by our own EXIF reader, which finds EXIF after an XMP segment too), every
+other format with PIL (as the torchvision backend). Images whose header declares more pixels than
+``image_bytes.max_pixels`` are skipped before any decode (torchvision.io and nvJPEG have no limit). A file
 neither decoder can read is skipped, counted and named (``loader.skipped``, a warning at each epoch's end).
 16-bit images are scaled to 8 bits; grayscale / CMYK / palette images come out RGB.
 """
@@ -30,7 +32,7 @@ from sdmp_fast.batch import SDMPBatch, exact_device
 from .base import (EpochSampler, SkippingLoader, assemble_batch, list_images, make_generator, skip_batch_draws,
                    usable_cores)
 from .device_ops import PackedImages, make_views
-from .image_bytes import pil_rgb, read_file_bytes
+from .image_bytes import pil_rgb, read_file_bytes, too_large
 from .recipes import Recipe
 from .skips import SkipLog, short_reason
 
@@ -39,12 +41,19 @@ _JPEG_END = b"\xff\xd9"
 
 
 def exif_orientation(data: bytes) -> int:
-    """EXIF orientation (1..8) of a JPEG, 1 when it has none (walks the markers before the image data)."""
+    """EXIF orientation (1..8) of a JPEG, 1 when it has none (walks the markers before the image data: the
+    first APP1 segment holding EXIF, wherever it is, as PIL; an XMP segment may come first)."""
     i, n = 2, len(data)
     while i + 4 <= n and data[i] == 0xFF:
         marker = data[i + 1]
+        if marker == 0xFF:  # a fill byte before the marker
+            i += 1
+            continue
         if marker in (0xD9, 0xDA):  # end of image / start of scan: no metadata after this
             break
+        if 0xD0 <= marker <= 0xD7 or marker == 0x01:  # standalone markers: no length
+            i += 2
+            continue
         seg_len = int.from_bytes(data[i + 2:i + 4], "big")
         if marker == 0xE1 and data[i + 4:i + 10] == b"Exif\x00\x00":
             tiff = i + 10
@@ -69,7 +78,10 @@ def decode_cpu(data: torch.Tensor) -> torch.Tensor:
     if bytes(data[:3]) == _JPEG_MAGIC:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)  # torchvision 0.29 points at TorchCodec
-            img = tio.decode_jpeg(data, mode=tio.ImageReadMode.RGB, apply_exif_orientation=True)
+            img = tio.decode_jpeg(data, mode=tio.ImageReadMode.RGB)
+        # turned here, not by torchvision's apply_exif_orientation: that reads only a first APP1 segment, so a
+        # photo whose XMP segment comes before its EXIF one stayed on its side (PIL, DALI and nvJPEG's route agree)
+        img = orient(img, exif_orientation(data.numpy().tobytes()))
     else:
         from PIL import UnidentifiedImageError
 
@@ -81,6 +93,25 @@ def decode_cpu(data: torch.Tensor) -> torch.Tensor:
     if img.dtype != torch.uint8 or img.dim() != 3 or img.shape[0] != 3 or min(img.shape[1:]) < 1:
         raise ValueError(f"decoded to an unusable {img.dtype} {tuple(img.shape)} image")
     return img
+
+
+def orient(img: torch.Tensor, orientation: int) -> torch.Tensor:
+    """[C, H, W] image turned upright for its EXIF orientation (1..8), as PIL's ImageOps.exif_transpose."""
+    if orientation == 2:
+        img = img.flip(-1)
+    elif orientation == 3:
+        img = img.flip(-1, -2)
+    elif orientation == 4:
+        img = img.flip(-2)
+    elif orientation == 5:
+        img = img.transpose(-1, -2)
+    elif orientation == 6:
+        img = img.rot90(-1, (-2, -1))
+    elif orientation == 7:
+        img = img.flip(-1, -2).transpose(-1, -2)
+    elif orientation == 8:
+        img = img.rot90(1, (-2, -1))
+    return img.contiguous()
 
 
 class _Bad:
@@ -104,6 +135,9 @@ def read_sample(path: str, gpu_jpeg: bool):
         raw = read_file_bytes(path)
         if not raw:
             return _Bad("zero-byte file")
+        big = too_large(raw)  # torchvision.io and nvJPEG have no decompression-bomb limit of their own
+        if big:
+            return _Bad(big)
         data = torch.frombuffer(bytearray(raw), dtype=torch.uint8)
         # nvJPEG gets whole, upright JPEGs only: a file without its end-of-image marker (truncated) goes to
         # libjpeg, which rejects it, so both devices skip the same files

@@ -34,9 +34,8 @@ from .recipes import Recipe, ViewSpec
 from .skips import SkipLog, short_reason
 
 def open_rgb(path: str):
-    """Fully decoded, upright 8-bit RGB PIL image; raises on anything undecodable."""
-    if os.path.getsize(path) == 0:
-        raise ValueError("zero-byte file")
+    """Fully decoded, upright 8-bit RGB PIL image; raises on anything undecodable (``image_bytes.open_image``:
+    also a zero-byte file, a named pipe, an image over the pixel limit)."""
     return pil_rgb(path)
 
 

@@ -859,6 +859,7 @@ class Trainer:
             if stop:
                 result = "signal"
                 break
+        self._report_skipped_files(ahead=self.step < self.total_steps)
         if dump:
             torch.save({"model": self.model.state_dict(), "indices": torch.cat(seen) if seen else torch.empty(0),
                         "step": self.step}, os.path.join(out, f"debug-rank{self.rank}.pt"))
@@ -866,6 +867,17 @@ class Trainer:
             bb = self.model.base.backbone if cfg.method == "mocov3" else self.model.teacher.backbone
             ckpt.export_backbone(bb, out, dict(self.meta, step=self.step))
         return result
+
+    def _report_skipped_files(self, ahead: bool) -> None:
+        """The loader warns of skipped files at the end of each epoch it finishes; the run's last epoch, cut short
+        by total_steps or a signal (or ended at its last batch, before the loader's own report), is told here.
+        ``ahead``: the loop had fetched the next batch (a stop signal), which is in epoch ``self.epoch``."""
+        from sdmp_fast.pipelines.skips import SkipLog
+
+        log = getattr(self.loader, "log", None)
+        if isinstance(log, SkipLog):
+            unfinished = ahead or self.position > 0
+            log.end_epoch(self.epoch if unfinished else self.epoch - 1, unfinished=unfinished)
 
     def _debug_hooks(self) -> None:
         d = self.debug

@@ -157,6 +157,7 @@ def test_list_images_errors_name_the_path(tmp_path):
 def test_a_file_list_saved_with_a_bom_keeps_its_first_entry(tmp_path):
     listing = tmp_path / "list.txt"
     listing.write_bytes("a.jpg 1\nb.jpg 0\n".encode("utf-8-sig"))  # Notepad's "UTF-8 with BOM"
+    (tmp_path / "a.jpg").write_bytes(b"")
     got = list_images(str(listing))
     assert got.files == (str(tmp_path / "a.jpg"), str(tmp_path / "b.jpg")) and got.labels == (1, 0)
 
@@ -197,9 +198,12 @@ def test_flat_folders_are_unlabeled_and_class_folders_are_walked_like_imagefolde
     (tree / "cat" / "._x.jpg").write_bytes(b"macOS resource fork")
     os.symlink(".", tree / "cat" / "again")
     os.symlink(".", tree / "cat" / "and_again")
-    with pytest.warns(RuntimeWarning, match="1 image.s. at the top level, which are not read"):
+    with pytest.warns(RuntimeWarning) as caught:
         again = list_images(tree)
     assert again.files == got.files and again.classes == ("cat", "dog")
+    said = " | ".join(str(w.message) for w in caught)
+    assert "1 image(s) at the top level, which are not read" in said
+    assert "2 folder(s) reached a second time through links are read once" in said and "cat/and_again" in said
     img(flat / ".thumbnails" / "a.jpg")  # a hidden sub-folder leaves a flat folder flat
     assert list_images(flat).labels == (-1, -1, -1)
     (tmp_path / "nothing").mkdir()
@@ -532,3 +536,64 @@ def test_make_loader_names_the_extra_of_a_missing_backend_package(tmp_path, monk
         m.setitem(sys.modules, "nvidia.dali", None)
         with pytest.raises(ValueError, match="dali loader: unknown option"):
             make_loader("dali", tmp_path, "byol2", 8, device="cpu", bogus=1)
+
+
+def _img(path):
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (8, 8), (10, 20, 30)).save(path)
+
+
+def test_a_folder_linked_from_another_class_is_read_once_under_its_own_class(tmp_path):
+    """cat/more_dogs -> ../dog and a class 'all' -> the root listed dog's images three times under three labels
+    (the folders seen were reset for each class)."""
+    tree = tmp_path / "tree"
+    for rel in ("cat/c.jpg", "dog/d.jpg", "dog/sub/e.jpg"):
+        _img(tree / rel)
+    os.symlink("../dog", tree / "cat" / "more_dogs")
+    os.symlink(".", tree / "all")
+    os.symlink("dog", tree / "hound")  # a second class folder that is the same folder
+    with pytest.warns(RuntimeWarning, match=r"3 folder\(s\) reached a second time through links are read once"):
+        got = list_images(tree)
+    assert got.classes == ("all", "cat", "dog", "hound")
+    rel = [(os.path.relpath(f, tree), y) for f, y in zip(got.files, got.labels)]
+    assert rel == [("cat/c.jpg", 1), ("dog/d.jpg", 2), ("dog/sub/e.jpg", 2)]
+
+
+def test_a_folder_named_like_an_image_is_a_class_not_a_loose_image(tmp_path):
+    _img(tmp_path / "x.jpg" / "a.png")
+    _img(tmp_path / "y" / "b.png")
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # warned of "1 image(s) at the top level, which are not read"
+        got = list_images(tmp_path)
+    assert got.classes == ("x.jpg", "y") and got.labels == (0, 1)
+
+
+def test_a_file_list_naming_files_that_are_not_utf8_is_read(tmp_path):
+    name = "caf\xe9.png".encode("latin-1")
+    try:
+        with open(os.path.join(os.fsencode(str(tmp_path)), name), "wb") as f:
+            f.write(b"x")
+    except (OSError, UnicodeError):
+        pytest.skip("this file system takes UTF-8 names only")
+    (tmp_path / "list.txt").write_bytes(name + b" 0\n")
+    got = list_images(str(tmp_path / "list.txt"))
+    assert [os.fsencode(f) for f in got.files] == [os.path.join(os.fsencode(str(tmp_path)), name)]
+    assert got.labels == (0,)
+
+
+def test_a_file_list_whose_paths_are_not_there_is_refused_when_read(tmp_path):
+    """A list written from another folder failed an epoch later with 'gave no batch'; the paths are now tried at
+    once (its first few) and the error says where relative paths are read from."""
+    (tmp_path / "data").mkdir()
+    _img(tmp_path / "data" / "a.png")
+    (tmp_path / "lists").mkdir()
+    (tmp_path / "lists" / "train.txt").write_text("# made by find\ndata/a.png 0\n")
+    with pytest.raises(ValueError, match=r"none of its first 1 files exists \('data/a.png 0' is read as .*lists/data/"
+                                         r"a.png'\); relative paths are read from the list's own folder"):
+        list_images(str(tmp_path / "lists" / "train.txt"))
+    (tmp_path / "lists" / "train.txt").write_text("../data/a.png 0\n")
+    assert list_images(str(tmp_path / "lists" / "train.txt")).labels == (0,)

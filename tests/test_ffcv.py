@@ -75,7 +75,7 @@ def test_convert_reports_bad_files_and_keeps_the_good_ones(beton, folder):
     bad = {os.path.join(folder, b) for b in BAD}
     assert {p for p, _ in summary.skipped} == bad
     report = summary.report()
-    assert "skipped 3 unreadable" in report and all(p in report for p in bad)
+    assert "skipped 3 file(s)" in report and all(p in report for p in bad)
     with open(out + ".skipped.txt") as f:
         assert {line.split("\t")[0] for line in f} == bad
 
@@ -198,12 +198,16 @@ def test_load_rgb_converts_modes_and_orientation(tmp_path):
     shape, reason = conv.check_image(save("strip.png", Image.new("RGB", (2000, 2))), 512)
     assert shape is None and "too thin" in reason and "--max-side" in reason
     assert conv.check_image(save("strip.png", Image.new("RGB", (2000, 2))))[0] == (2, 2000)  # no cap: kept
-    # Pillow's decompression-bomb limit (twice MAX_IMAGE_PIXELS, ~179 MP by default) is raised for a data set's
-    # large photos; shown with a limit lowered to 2,000 pixels instead of a 180 MP image
+    # the pixel limit of every backend (Pillow's decompression-bomb limit, twice MAX_IMAGE_PIXELS, ~179 MP by
+    # default, or SDMP_MAX_IMAGE_PIXELS): convert used to raise Pillow's for the whole process, so a .beton held
+    # photos the other loaders skip; shown with a limit of 2,000 pixels instead of a 180 MP image
     default = Image.MAX_IMAGE_PIXELS
     try:
         Image.MAX_IMAGE_PIXELS = 1000
-        assert conv.check_image(save("big.png", Image.new("RGB", (100, 60))), 50)[0] == (30, 50)
+        shape, reason = conv.check_image(save("big.png", Image.new("RGB", (100, 60))), 50)
+        assert shape is None and "too large (6,000 pixels, over the limit of 2,000 pixels" in reason and "SDMP_MAX_IMAGE_PIXELS" in reason
+        assert Image.MAX_IMAGE_PIXELS == 1000
+        assert conv.check_image(save("fits.png", Image.new("RGB", (50, 40))), 50)[0] == (40, 50)
     finally:
         Image.MAX_IMAGE_PIXELS = default
 
@@ -601,13 +605,20 @@ def test_convert_lists_a_skipped_file_whose_name_is_not_utf8(tmp_path):
             f.write(b"not an image")
     except (OSError, UnicodeError):
         pytest.skip("this file system takes UTF-8 names only")
+    # names with a line end, a tab or a backslash: a raw one split the sidecar's "path<TAB>reason" line
+    odd = [str(root / "class1" / name) for name in ("bad\nline.jpg", "tab\tbad.jpg", "back\\slash\\n.jpg")]
+    for path in odd:
+        open(path, "wb").close()
     out = str(tmp_path / "x.beton")
     summary = conv.convert(str(root), out, max_side=32, workers=1, progress=False)
-    assert [p for p, _ in summary.skipped] == [os.fsdecode(bad)]
-    assert open(out + ".skipped.txt", "rb").read().startswith(bad + b"\t")
+    want = sorted([os.fsdecode(bad)] + odd)
+    assert sorted(p for p, _ in summary.skipped) == want
+    raw = open(out + ".skipped.txt", "rb").read()
+    assert raw.startswith(bad + b"\t") and raw.count(b"\n") == 4 and b"bad\\nline.jpg\tValueError" in raw
+    assert len(summary.report().splitlines()) == 2 + 4
     loader = make_loader("ffcv", out, make_recipe("byol2", size=16), 2, device="cpu", shard_id=0, num_shards=1,
                          num_workers=1)
-    assert loader.skipped == [os.fsdecode(bad)]
+    assert sorted(loader.skipped) == want
     names = adapters.as_lightly(loader, data=str(root)).filenames
     assert len(names) == 6 and not any("bad" in n for n in names)
 

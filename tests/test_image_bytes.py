@@ -65,10 +65,91 @@ def test_sniff_takes_bytes_and_arrays_alike():
 def test_sniff_accepts_padding_after_the_jpeg_end_marker():
     data = _encoded("JPEG")
     assert sniff_image(data + b"\x00" * 1000) is None  # some writers pad after EOI
-    assert "truncated" in sniff_image(data + b"\x00" * 5000)  # the marker is looked for in the last 4 kB only
+    assert sniff_image(data + b"\x00" * 5000) is None  # past the last 4 kB: found after the scan
+    assert "truncated" in sniff_image(data[:-2] + b"\x00" * 5000)  # no end marker anywhere
 
 
 @pytest.mark.parametrize("n", [1, 2, 3])
 def test_sniff_of_tiny_files(n):
     assert sniff_image(b"\xff\xd8\xff"[:n]) in ("not an image (unknown signature)",
                                                 "truncated JPEG (no end-of-image marker)")
+
+
+def _with_size(data: bytes, fmt: str, w: int, h: int) -> bytes:
+    """``data`` with its header claiming w x h pixels (a decompression bomb's trick: a few kB of file)."""
+    import struct
+
+    d = bytearray(data)
+    if fmt == "JPEG":
+        i = d.index(b"\xff\xc0")
+        struct.pack_into(">HH", d, i + 5, h, w)
+    else:
+        struct.pack_into(">II", d, 16, w, h)
+    return bytes(d)
+
+
+def test_image_size_reads_the_header_of_every_format():
+    for fmt in ("JPEG", "PNG", "BMP", "TIFF", "WEBP"):
+        assert image_bytes.image_size(_encoded(fmt, (33, 21))) == (33, 21), fmt
+    out = io.BytesIO()
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.new("RGB", (40, 30)).save(out, format="JPEG", progressive=True, exif=exif)
+    assert image_bytes.image_size(out.getvalue()) == (40, 30)  # SOF2, after the EXIF segment
+    data = _encoded("JPEG", (33, 21))
+    assert image_bytes.image_size(data[:2] + b"\xff" + data[2:]) == (33, 21)  # a fill byte before a marker
+    assert image_bytes.image_size(data[:40]) is None
+
+
+def test_an_image_over_the_pixel_limit_is_refused_from_its_header(tmp_path, monkeypatch):
+    """torch-gpu decoded a 1 kB JPEG claiming 60000 x 60000 into a 10.8 GB tensor; DALI and FFCV took photos
+    that the torchvision backend refused. One limit now, read from the header: Pillow's (~179 MP) unless
+    SDMP_MAX_IMAGE_PIXELS says otherwise."""
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", Image.MAX_IMAGE_PIXELS)  # the variable sets it: restored
+    monkeypatch.delenv("SDMP_MAX_IMAGE_PIXELS", raising=False)
+    for fmt in ("JPEG", "PNG"):
+        bomb = _with_size(_encoded(fmt), fmt, 60000, 60000)
+        reason = sniff_image(bomb)
+        assert reason.startswith("too large (60000 x 60000 = 3,600 MP, over the limit of 179 MP"), reason
+        assert "SDMP_MAX_IMAGE_PIXELS" in reason
+    (tmp_path / "big.png").write_bytes(_encoded("PNG", (40, 30)))
+    monkeypatch.setenv("SDMP_MAX_IMAGE_PIXELS", "1000")
+    assert sniff_image(_encoded("JPEG", (40, 25))) is None  # 1,000 pixels: at the limit
+    assert sniff_image(_encoded("JPEG", (40, 30))).startswith("too large (40 x 30")
+    assert "too large" in read_encoded(str(tmp_path / "big.png"))[1]
+    with pytest.raises(ValueError, match="too large"):  # the PIL-decoding backends and eval: the same limit
+        image_bytes.pil_rgb(str(tmp_path / "big.png"))
+    with pytest.raises(ValueError, match="too large"):
+        image_bytes.pil_rgb(io.BytesIO(_encoded("BMP", (40, 30))))
+    monkeypatch.setenv("SDMP_MAX_IMAGE_PIXELS", "0")  # no limit
+    assert sniff_image(_with_size(_encoded("JPEG"), "JPEG", 60000, 60000)) is None
+    assert image_bytes.pil_rgb(str(tmp_path / "big.png")).size == (40, 30)
+    monkeypatch.setenv("SDMP_MAX_IMAGE_PIXELS", "lots")
+    with pytest.raises(ValueError, match="SDMP_MAX_IMAGE_PIXELS='lots'"):
+        sniff_image(_encoded("JPEG"))
+
+
+def test_data_after_the_image_is_not_a_truncation():
+    """A phone's motion photo appends a video after the JPEG's end marker; DALI's sniff called it truncated."""
+    jpeg = _encoded("JPEG", (300, 200))
+    assert sniff_image(jpeg + b"ftypmp42" + bytes(20000)) is None
+    assert sniff_image(_encoded("PNG") + bytes(200)) is None
+    # a cut file stays refused, an end marker inside an EXIF thumbnail (before the scan) notwithstanding
+    rng = np.random.default_rng(0)
+    noisy = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, (200, 300, 3), dtype=np.uint8)).save(noisy, format="JPEG")
+    noisy = noisy.getvalue()
+    thumb = b"Exif\x00\x00" + b"\xff\xd8 a thumbnail \xff\xd9"
+    cut = noisy[:2] + b"\xff\xe1" + (len(thumb) + 2).to_bytes(2, "big") + thumb + noisy[2:len(noisy) // 2]
+    assert sniff_image(cut) == "truncated JPEG (no end-of-image marker)"
+
+
+@pytest.mark.timeout(60)
+def test_a_named_pipe_is_refused_not_waited_on(tmp_path):
+    """Opening a FIFO named x.jpg blocked DALI's and torch-gpu's readers forever."""
+    fifo = str(tmp_path / "pipe.jpg")
+    os.mkfifo(fifo)
+    buf, reason = read_encoded(fifo)
+    assert buf is None and "not a regular file (a named pipe)" in reason
+    with pytest.raises(ValueError, match="not a regular file .a named pipe."):
+        image_bytes.pil_rgb(fifo)

@@ -14,7 +14,7 @@ from PIL import Image
 from sdmp_fast.data import make_synthetic_image_folder
 from sdmp_fast.pipelines.base import list_images, make_loader
 from sdmp_fast.pipelines.recipes import byol2, dino
-from sdmp_fast.pipelines.torch_gpu import _Bad, _Encoded, decode_cpu, exif_orientation, read_sample
+from sdmp_fast.pipelines.torch_gpu import _Bad, _Encoded, decode_cpu, exif_orientation, orient, read_sample
 
 N_IMAGES = 18  # 3 classes x 6
 BACKENDS = ("torchvision", "torch-gpu", "memory")
@@ -574,3 +574,58 @@ def test_workers_stuck_holding_the_gil_are_killed_when_the_process_exits(folder,
     for pid in pids:
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
+
+
+def test_orient_turns_images_as_pil_exif_transpose():
+    rng = np.random.default_rng(1)
+    pixels = rng.integers(0, 256, (5, 7, 3), dtype=np.uint8)
+    methods = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+               5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+               8: Image.Transpose.ROTATE_90}  # PIL's ImageOps.exif_transpose table
+    img = torch.from_numpy(pixels).permute(2, 0, 1)
+    assert torch.equal(orient(img, 1), img)
+    for orientation, method in methods.items():
+        want = np.array(Image.fromarray(pixels).transpose(method))
+        assert torch.equal(orient(img, orientation).permute(1, 2, 0), torch.from_numpy(want)), orientation
+
+
+def _segment(marker: int, payload: bytes) -> bytes:
+    return bytes([0xFF, marker]) + (len(payload) + 2).to_bytes(2, "big") + payload
+
+
+def test_exif_after_an_xmp_segment_or_a_fill_byte_still_turns_the_image(tmp_path):
+    """torchvision's apply_exif_orientation reads a first APP1 segment only: a photo with XMP before EXIF came
+    out on its side from torch-gpu, upright from PIL and DALI; a fill byte before a marker hid EXIF from the
+    nvJPEG routing."""
+    rng = np.random.default_rng(0)
+    rgb = rng.integers(0, 256, (30, 20, 3), dtype=np.uint8)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    plain = _jpeg_bytes(rgb, exif=exif)
+    xmp_first = plain[:2] + _segment(0xE1, b"http://ns.adobe.com/xap/1.0/\x00<x:xmpmeta/>") + plain[2:]
+    padded = plain[:2] + b"\xff\xff" + plain[2:]
+    want = decode_cpu(torch.frombuffer(bytearray(plain), dtype=torch.uint8))
+    assert want.shape == (3, 20, 30)
+    for data in (xmp_first, padded):
+        assert exif_orientation(data) == 6
+        got = decode_cpu(torch.frombuffer(bytearray(data), dtype=torch.uint8))
+        assert torch.equal(got, want)
+        path = tmp_path / "photo.jpg"
+        path.write_bytes(data)
+        assert torch.equal(read_sample(str(path), gpu_jpeg=False), want)
+        assert np.array_equal(np.asarray(Image.open(path).transpose(Image.Transpose.ROTATE_270)),
+                              want.permute(1, 2, 0).numpy())  # PIL's decode of the same bytes, turned
+
+
+def test_torch_gpu_refuses_a_decompression_bomb_from_its_header(tmp_path, monkeypatch):
+    """A 1 kB JPEG claiming 60000 x 60000 pixels became a 10.8 GB tensor after 85 s (torchvision.io and nvJPEG
+    have no limit of their own); now it is skipped, as the other backends skip it."""
+    import struct
+
+    monkeypatch.delenv("SDMP_MAX_IMAGE_PIXELS", raising=False)
+    data = bytearray(_jpeg_bytes(np.zeros((8, 8, 3), dtype=np.uint8)))
+    struct.pack_into(">HH", data, data.index(b"\xff\xc0") + 5, 60000, 60000)
+    (tmp_path / "bomb.jpg").write_bytes(bytes(data))
+    for gpu_jpeg in (False, True):
+        got = read_sample(str(tmp_path / "bomb.jpg"), gpu_jpeg)
+        assert isinstance(got, _Bad) and got.reason.startswith("too large (60000 x 60000"), got

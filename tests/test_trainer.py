@@ -1562,3 +1562,26 @@ def test_a_dino_run_from_before_the_predictor_setting_resumes_as_it_is(tmp_path)
     saved = tiny_cfg(tmp_path, method="dino").to_dict()
     del saved["moco_predictor_bn"]
     assert mismatches(saved, tiny_cfg(tmp_path, method="dino")) == []
+
+
+@pytest.mark.timeout(300)
+def test_files_skipped_in_the_runs_last_epoch_are_reported(tmp_path):
+    """The loaders warn of skipped files at the end of an epoch, which a run that stops inside one (or at its
+    last batch, before the loader's next call) never reached: a run's bad files went unmentioned."""
+    import warnings
+
+    from sdmp_fast.data import make_synthetic_image_folder
+
+    data = str(tmp_path / "data")
+    make_synthetic_image_folder(data, num_classes=2, per_class=6, size=(36, 36))
+    for k in range(4):
+        open(os.path.join(data, f"class{k % 2}", f"bad{k}.jpg"), "wb").close()  # 16 files, 2 batches of 8
+    for steps, said in ((2, "epoch 0: skipped 4 undecodable file(s)"), (1, "epoch 0 (unfinished): skipped")):
+        tr = Trainer(tiny_cfg(tmp_path, loader="torchvision", data=data, num_workers=0, steps=steps,
+                              out=str(tmp_path / f"run{steps}")))
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            tr.fit(str(tmp_path / f"run{steps}"))
+        told = [str(w.message) for w in caught if "undecodable" in str(w.message)]
+        assert len(told) == 1 and said in told[0], told
+        assert all(os.path.basename(p) in told[0] for p in tr.loader.log.paths)
