@@ -340,6 +340,15 @@ def test_emulated_dino_unpaired_crop_adds_nothing(emulated, variant, dtype):
         check_dino_unpaired("cpu", dtype, k=520)
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_emulated_dino_cluster_one_block_slice(emulated):
+    # 512 threads (16 warps, more than the 8 rows of a round) with a slice cut down to K rounded up to 256
+    # columns: the threads past it load and store nothing
+    with env(SDMP_DINO_CLUSTER="require", SDMP_KERNELS_POISON=1):
+        check_dino("cpu", torch.float32, 2, 2, 4, 3, 700, True, "loss", seed=7)
+
+
 def test_emulated_dino_cluster_require_names_the_setting(emulated):
     s_clean, s_mixed, t_clean, t_mixed, center, lam = dino_inputs(2, 0, 2, 4, 999, torch.float32, "cpu", False, 0)
     with env(SDMP_DINO_CLUSTER="require"), pytest.raises(RuntimeError, match="SDMP_DINO_CLUSTER=require"):
@@ -365,6 +374,12 @@ def test_emulated_dino_cluster_launch_info(emulated):
         info = cluster_launch_info(s_clean[:, :, :1000].float(), t_clean[:1, :, :1000].float())
     assert (info["blocks"], info["threads"]) == (4, 32)
     assert info["smem_bytes"] == 4 * (2 * 4 * 256 + (2 + 1) * 8 * 6 + 8 * 4 + 16 * 4)
+    # a K one block covers gets a slice of K columns (rounded up to 256): 4 teacher crops at K = 1000 fit in
+    # 61 KB, where the full 4,096-column slice needed 233,216 bytes, past the 232,448 an H100 block may have
+    info = cluster_launch_info(torch.empty(3, 2, 1000, dtype=torch.bfloat16),
+                               torch.empty(4, 2, 1000, dtype=torch.bfloat16))
+    assert (info["blocks"], info["threads"]) == (1, 512)
+    assert info["smem_bytes"] == 4 * (2 * 7 * 1024 + (2 + 16) * 8 * 6 + 8 * 4 + 16 * 4)
     rows = [{"impl": "kernel_graph_cluster_tfold"}, {"impl": "kernel_graph_fused"}, {"impl": "eager"}]
     envs = {"kernel_graph_cluster_tfold": {"SDMP_DINO_CLUSTER": "require", "SDMP_DINO_CLUSTER_TEACHER": "1"},
             "kernel_graph_fused": {"SDMP_DINO_FUSED": "1"}}

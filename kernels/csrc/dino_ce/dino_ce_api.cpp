@@ -220,8 +220,9 @@ std::vector<at::Tensor> dino_fwd(const at::Tensor& s_clean, const std::optional<
   if (cluster != ClusterMode::kOff) SDMP_CHECK_STATUS(dino_cluster_forward(p, stream, &launched));
   TORCH_CHECK(launched || cluster != ClusterMode::kRequire,
               "SDMP_DINO_CLUSTER=require: the cluster forward cannot run here (needs sm_90, K a multiple of ",
-              16 / s_clean.element_size(), " and at most 16 blocks of columns, and a cluster that fits the card); "
-              "unset it or set it to 1 to fall back");
+              16 / s_clean.element_size(), " and at most 16 blocks of columns, shared memory for the targets (at "
+              "most 3 teacher crops where K > 3,840), and a cluster that fits the card); unset it or set it to 1 to "
+              "fall back");
   if (!launched && p.fold_teacher) {
     p.fold_teacher = false;
     run_teacher_stats(in, lse_t, center_mean, stream);

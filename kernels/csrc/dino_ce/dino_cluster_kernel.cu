@@ -2,6 +2,7 @@
 // exchanged over distributed shared memory. Shared device code and the math: dino_ce_device.cuh.
 #include "dino_ce_device.cuh"
 
+#include <algorithm>
 #include <map>
 #include <mutex>
 #include <tuple>
@@ -336,6 +337,10 @@ ClusterLaunch cluster_launch(const DinoParams& p) {
   ClusterLaunch l;
   l.threads = p.cluster_threads > 0 ? p.cluster_threads : kClusterThreads;
   l.kb_cols = static_cast<int64_t>(l.threads) * V * PPT;
+  // A K that one block covers gets a slice of K columns (rounded up to 256, the smallest slice any block size
+  // makes), not of threads x VEC x PPT: the shared memory is sized by the slice, and 4 teacher crops at the full
+  // 4,096 columns need 233,216 bytes, past the 232,448 a block may have (every load and store is guarded by K).
+  l.kb_cols = std::min<int64_t>(l.kb_cols, ceil_div(p.K, int64_t{256}) * 256);
   l.C = ceil_div(p.K, l.kb_cols);
   DinoParams q = p;
   q.kb_cols = l.kb_cols;
