@@ -29,6 +29,7 @@ from sdmp_fast.batch import SDMPBatch
 from sdmp_fast.kernels import mix_views  # fused CUDA kernel on GPU views; the reference (same draws) elsewhere
 from sdmp_fast.mixing import method_ids, draw_mix_params
 
+from .image_bytes import max_pixels
 from .recipes import Recipe, make_recipe
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp", ".JPEG")
@@ -85,9 +86,8 @@ def list_images(data: Union[str, os.PathLike, "ImageList"]) -> ImageList:
     files, labels = [], []
     # folders are read once across classes: a link inside one class folder to another (cat/more_dogs -> ../dog)
     # or to the root would list the same images under two labels. Class folders belong to their class only.
-    walk = _FolderWalk(path, [os.path.join(path, c) for c in classes])
-    for label, cls in enumerate(classes):
-        found = walk.images(os.path.join(path, cls))
+    walk = _FolderWalk(path)
+    for label, found in enumerate(walk.images_by_class([os.path.join(path, c) for c in classes])):
         files += found
         labels += [label] * len(found)
     walk.warn_skipped()
@@ -121,24 +121,38 @@ def _folder_id(path: str) -> Tuple[int, int]:
 
 
 class _FolderWalk:
-    """Walks class folders following links, reading each folder once over the whole tree: a folder reached a
-    second time (a link loop, a second path to it, a link into another class's folder or to the root) is not
-    read again, and is named in one warning (``warn_skipped``)."""
+    """Walks class folders following links, reading each folder once over the whole tree. Real paths first:
+    every class folder's own tree without following links, then the links met there (and class folders that
+    are links), in order, following links from there on. A folder reached a second time (a link loop, a link
+    into another class's folder or to the root, two links to one folder) is not read again; those paths are
+    named in one warning (``warn_skipped``)."""
 
-    def __init__(self, root: str, class_folders: Sequence[str]):
-        self.read = {_folder_id(root): root}  # folder id -> the path it was read (or reserved) under
-        self.classes = {_folder_id(c): c for c in class_folders}  # read only as their own class
+    def __init__(self, root: str):
+        self.read = {_folder_id(root): root}  # folder id -> the path it was read under (the root: never read)
         self.skipped: List[Tuple[str, str]] = []  # (path not read, the path of the same folder)
 
-    def images(self, folder: str) -> List[str]:
-        """Image files under ``folder``, in sorted (root, name) order as ImageFolder's."""
+    def images_by_class(self, class_folders: Sequence[str]) -> List[List[str]]:
+        """Image files of each class folder, each in sorted (root, name) order as ImageFolder's."""
+        found: List[List[Tuple[str, List[str]]]] = [[] for _ in class_folders]
+        links: List[Tuple[int, str]] = []  # (class, path) of links, read after every real folder
+        for k, folder in enumerate(class_folders):
+            if os.path.islink(folder):
+                links.append((k, folder))
+            else:
+                self._walk(folder, found[k], links, k)
+        for k, path in links:
+            self._walk(path, found[k], None, k)
+        return [[os.path.join(root, n) for root, names in sorted(f) for n in names] for f in found]
+
+    def _walk(self, top: str, found, links: Optional[list], k: int) -> None:
+        """Reads ``top``'s tree into ``found``; with ``links`` (real folders only) links are collected there
+        instead of followed."""
         def unreadable(err: OSError):
             raise ValueError(f"data: cannot read the folder {err.filename!r} ({err.strerror})")
 
-        found = []
-        for root, dirs, names in os.walk(folder, followlinks=True, onerror=unreadable):
+        for root, dirs, names in os.walk(top, followlinks=links is None, onerror=unreadable):
             fid = _folder_id(root)
-            first = self.read.get(fid) or (self.classes.get(fid) if root != folder else None)
+            first = self.read.get(fid)
             if first is not None:
                 self.skipped.append((root, first))
                 dirs[:] = []
@@ -146,16 +160,18 @@ class _FolderWalk:
             self.read[fid] = root
             # sorted: which path of a folder reached twice is read does not depend on the listing order
             dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+            if links is not None:
+                linked = [d for d in dirs if os.path.islink(os.path.join(root, d))]
+                links += [(k, os.path.join(root, d)) for d in linked]
+                dirs[:] = [d for d in dirs if d not in linked]
             found.append((root, sorted(n for n in names if _is_image_name(n))))
-        return [os.path.join(root, n) for root, names in sorted(found) for n in names]
 
     def warn_skipped(self) -> None:
         if self.skipped:
             shown = "; ".join(f"{p!r} (the folder {q!r})" for p, q in self.skipped[:3])
             more = f" and {len(self.skipped) - 3} more" if len(self.skipped) > 3 else ""
             warnings.warn(f"data: {len(self.skipped)} folder(s) reached a second time through links are read once, "
-                          f"under their first path or their own class: {shown}{more}", RuntimeWarning,
-                          stacklevel=3)
+                          f"under their real path or first link: {shown}{more}", RuntimeWarning, stacklevel=3)
 
 
 def _resolve(base: str, name: str) -> str:
@@ -211,14 +227,15 @@ def _read_file_list(path: str) -> ImageList:
     if not files:
         raise ValueError(not_a_list if not utf8 else f"data: file list {path!r} names no images")
     # a list written from another folder (find data ... > lists/train.txt) names paths that are not there: said
-    # now, not after an epoch of skipped files. The first few entries only: a stat each, over NFS too.
-    if not any(os.path.exists(f) for f in files[:8]):
-        if not utf8:
-            raise ValueError(not_a_list)
+    # now, not after an epoch of skipped files. 8 entries spread over the list (a stat each, over NFS too): a
+    # list with some files gone is still read (the loaders skip and name them)
+    sample = sorted({k * len(files) // 8 for k in range(8)})
+    if not any(os.path.exists(files[k]) for k in sample):
         first = next(line.strip() for line in lines if line.strip() and not line.strip().startswith("#"))
-        raise ValueError(f"data: file list {path!r}: none of its first {min(len(files), 8)} files exists ({first!r} "
-                         f"is read as {files[0]!r}); relative paths are read from the list's own folder "
-                         f"{base!r}")
+        missing = (f"none of the {len(sample)} files tried exists ({first!r} is read as {files[0]!r}); relative "
+                   f"paths are read from the list's own folder {base!r}")
+        raise ValueError(f"data: file list {path!r}: {missing}" if utf8 else
+                         f"{not_a_list} (it is not UTF-8; read as a list, {missing})")
     n_cls = max(labels) + 1 if max(labels) >= 0 else 0
     return ImageList(tuple(files), tuple(labels), tuple(str(i) for i in range(n_cls)), base)
 
@@ -678,6 +695,7 @@ def make_loader(backend: str, data, recipe: Union[str, Recipe] = "byol2", batch_
     if not isinstance(recipe, Recipe):
         recipe = make_recipe(recipe)
     recipe.validate()
+    max_pixels()  # a bad SDMP_MAX_IMAGE_PIXELS is named now, not as every file "undecodable" later
     batch_size = whole_number("batch_size", batch_size, 1)
     seed = whole_number("seed", seed)
     if recipe.mix.enabled and batch_size % 2:

@@ -29,7 +29,7 @@ from typing import List, Optional, Sequence, Tuple
 import numpy as np
 
 from .base import MAX_WORKERS, list_images, usable_cores
-from .image_bytes import open_image, rgb8
+from .image_bytes import max_pixels, open_image, rgb8
 from .skips import escape_name
 
 FORMATS = ("jpg", "raw", "proportion")
@@ -287,6 +287,7 @@ def _remove_stale_temporaries(out: str) -> None:
 
 def validate_options(src, out, fmt, max_side, jpeg_quality, compress_probability, workers, chunk_size) -> str:
     """Raise ValueError naming the setting, before any work. Returns the absolute output path."""
+    max_pixels()  # SDMP_MAX_IMAGE_PIXELS
     if fmt not in FORMATS:
         raise ValueError(f"--format: expected one of {', '.join(FORMATS)}, got {fmt!r}")
     if not (max_side == 0 or 8 <= max_side <= MAX_STORED_SIDE):

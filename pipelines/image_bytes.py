@@ -76,8 +76,11 @@ def _jpeg_marker(data: bytes, wanted: frozenset) -> int:
     first."""
     i, n = 2, len(data)
     while i + 4 <= n:
-        if data[i] != 0xFF:
-            return -1
+        if data[i] != 0xFF:  # extraneous bytes between segments: libjpeg skips to the next 0xFF (and decodes)
+            i = data.find(b"\xff", i)
+            if i < 0:
+                return -1
+            continue
         marker = data[i + 1]
         if marker in wanted:
             return i
@@ -107,9 +110,18 @@ def image_size(buf, fmt: Optional[str] = None) -> Optional[Tuple[int, int]]:
     if fmt == "jpeg":
         data = bytes(buf)
         i = _jpeg_marker(data, _JPEG_SOF)
-        if i < 0 or i + 9 > len(data):
-            return None
-        return data[i + 7] << 8 | data[i + 8], data[i + 5] << 8 | data[i + 6]
+        if 0 <= i and i + 9 <= len(data):
+            return data[i + 7] << 8 | data[i + 8], data[i + 5] << 8 | data[i + 6]
+        # a layout the walk does not follow: PIL's reading of it, as the decoders may still decode it
+    elif fmt == "webp":
+        size = _webp_size(bytes(buf[:30]))
+        if size:
+            return size
+    elif fmt == "bmp":
+        head = bytes(buf[:26])
+        if len(head) == 26 and int.from_bytes(head[14:18], "little") >= 40:  # BITMAPINFOHEADER or later
+            return (abs(int.from_bytes(head[18:22], "little", signed=True)),
+                    abs(int.from_bytes(head[22:26], "little", signed=True)))
     import io
     import warnings
 
@@ -130,10 +142,27 @@ def image_size(buf, fmt: Optional[str] = None) -> Optional[Tuple[int, int]]:
 _PIL_IMAGE = None  # PIL.Image, imported on first use (a function-level import costs more per file than the check)
 
 
+def _webp_size(head: bytes) -> Optional[Tuple[int, int]]:
+    """Canvas size from a WebP's first chunk (VP8X, VP8L or VP8), None where it is none of them."""
+    if len(head) < 30:
+        return None
+    chunk = head[12:16]
+    if chunk == b"VP8X":
+        return 1 + int.from_bytes(head[24:27], "little"), 1 + int.from_bytes(head[27:30], "little")
+    if chunk == b"VP8L" and head[20] == 0x2F:
+        bits = int.from_bytes(head[21:25], "little")
+        return 1 + (bits & 0x3FFF), 1 + (bits >> 14 & 0x3FFF)
+    if chunk == b"VP8 " and head[23:26] == b"\x9d\x01\x2a":
+        return int.from_bytes(head[26:28], "little") & 0x3FFF, int.from_bytes(head[28:30], "little") & 0x3FFF
+    return None
+
+
 def max_pixels() -> Optional[int]:
     """The most pixels an image may have (None: no limit), the same in every backend: $SDMP_MAX_IMAGE_PIXELS
     (0: no limit), else Pillow's decompression-bomb limit, twice ``PIL.Image.MAX_IMAGE_PIXELS`` (~179 MP by
-    default). Setting the variable sets Pillow's limit to match, so the PIL-decoding backends agree."""
+    default). An environment variable reaches every worker process (fork or spawn); a
+    ``PIL.Image.MAX_IMAGE_PIXELS`` set in Python reaches forked workers only. Raises ValueError for a bad value:
+    ``make_loader``, ``convert`` and ``eval`` call it before reading anything."""
     global _PIL_IMAGE
     if _PIL_IMAGE is None:
         from PIL import Image as _PIL_IMAGE
@@ -146,10 +175,17 @@ def max_pixels() -> Optional[int]:
         except ValueError:
             raise ValueError(f"SDMP_MAX_IMAGE_PIXELS={env!r}: expected a whole number of pixels >= 0 "
                              f"(0: no limit)") from None
-        _PIL_IMAGE.MAX_IMAGE_PIXELS = (limit + 1) // 2 if limit else None  # PIL refuses past twice its value
         return limit or None
     pil = _PIL_IMAGE.MAX_IMAGE_PIXELS
     return None if pil is None else 2 * int(pil)
+
+
+def _allow_in_pil(limit: Optional[int]) -> None:
+    """Raise Pillow's own limit (it refuses past twice MAX_IMAGE_PIXELS when opening) to ``limit`` where that is
+    higher, so an image SDMP_MAX_IMAGE_PIXELS allows opens; never lowered (the size check here refuses first)."""
+    pil = _PIL_IMAGE.MAX_IMAGE_PIXELS
+    if pil is not None and (limit is None or limit > 2 * pil):
+        _PIL_IMAGE.MAX_IMAGE_PIXELS = limit  # its warning starts there too: past it, the check here refuses
 
 
 def too_large(buf, fmt: Optional[str] = None) -> Optional[str]:
@@ -168,12 +204,12 @@ def size_reason(size: Tuple[int, int], limit: Optional[int]) -> Optional[str]:
     w, h = size
     if limit is None or w * h <= limit:
         return None
-    dims = f"{w} x {h} = {_pixels(w * h)}" if h > 1 else _pixels(w)
+    dims = f"{w} x {h} = {_pixels(w * h)}" if h > 1 else _pixels(w)  # (w, 1): a count from Pillow's message
     return f"too large ({dims}, over the limit of {_pixels(limit)}: set SDMP_MAX_IMAGE_PIXELS, 0 for no limit)"
 
 
 def _pixels(n: int) -> str:
-    return f"{n / 1e6:,.0f} MP" if n >= 10**7 else f"{n:,} pixels"
+    return f"{n:,} pixels"
 
 
 def _bomb_pixels(e: Exception) -> Optional[int]:
@@ -207,7 +243,7 @@ def read_file_bytes(path: str) -> bytes:
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
-            raise OSError(0, f"not a regular file ({file_kind(st.st_mode)})", path)
+            raise NotRegularFileError(f"not a regular file ({file_kind(st.st_mode)})")
         size = st.st_size
         data = os.read(fd, size) if size else b""
         if size and len(data) == size:  # the file as it was when asked for its size: no call to find its end
@@ -220,6 +256,13 @@ def read_file_bytes(path: str) -> bytes:
         return b"".join(parts)
     finally:
         os.close(fd)
+
+
+class NotRegularFileError(OSError):
+    """A named pipe, device or folder where a file was expected (reading one blocks or means nothing)."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else "not a regular file"
 
 
 def file_kind(mode: int) -> str:
@@ -249,6 +292,7 @@ def open_image(source):
     if isinstance(source, (str, os.PathLike)) and regular_file_size(source) == 0:
         raise ValueError("zero-byte file")
     limit = max_pixels()
+    _allow_in_pil(limit)
     try:
         im = Image.open(source)
     except Image.DecompressionBombError as e:  # raised by the open itself, past Pillow's limit

@@ -9,6 +9,8 @@ import math
 from dataclasses import dataclass, field, replace
 from typing import Dict, Tuple
 
+import numpy as np
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 # How a crop is resampled to the view size. BYOL, DINO and solo-learn resize their crops bicubically (MoCo v3
@@ -79,13 +81,27 @@ class Recipe:
         return replace(self, mix=replace(self.mix, enabled=False))
 
     def validate(self) -> "Recipe":
-        """Raise ValueError naming the offending setting (cheap: run before any expensive work)."""
+        """Raise ValueError naming the offending setting (cheap: run before any expensive work): types, tuple
+        lengths and finiteness too, as a recipe built by hand or by ``dataclasses.replace`` is not typed-checked
+        otherwise (a NaN jitter or a zero std made NaN / inf views, a 1-tuple scale an unpacking error)."""
         from sdmp_fast.mixing import method_ids
 
+        where = f"recipe {self.name!r}"
+        for name in ("mean", "std"):
+            values = _reals(where, name, getattr(self, name), 3)
+            if name == "std" and min(values) <= 0:
+                raise ValueError(f"{where}: std must be > 0 per channel, got {self.std}")
         for j, v in enumerate(self.views):
             where = f"recipe {self.name!r} view {j}"
-            if not (isinstance(v.size, int) and v.size >= 8):
+            if not (_is_int(v.size) and v.size >= 8):
                 raise ValueError(f"{where}: size must be an integer >= 8, got {v.size!r}")
+            for name in ("scale", "ratio", "blur_sigma"):
+                _reals(where, name, getattr(v, name), 2)
+            for name in ("hflip_p", "jitter_p", "grayscale_p", "blur_p", "solarize_p", "brightness", "contrast",
+                         "saturation", "hue"):
+                _reals(where, name, (getattr(v, name),), 1)
+            if not _is_int(v.count):
+                raise ValueError(f"{where}: count must be an integer >= 0, got {v.count!r}")
             lo, hi = v.scale
             if not (0 < lo <= hi <= 1):
                 raise ValueError(f"{where}: scale must satisfy 0 < min <= max <= 1, got {v.scale}")
@@ -118,6 +134,13 @@ class Recipe:
                 raise ValueError(f"{where}: count must be >= 0, got {v.count}")
         if self.num_views < 1:
             raise ValueError(f"recipe {self.name!r}: no views")
+        where = f"recipe {self.name!r}: mix"
+        for name in ("enabled", "per_batch"):  # "no" would be truthy
+            if not isinstance(getattr(self.mix, name), (bool, np.bool_)):
+                raise ValueError(f"{where}.{name} must be True or False, got {getattr(self.mix, name)!r}")
+        if not isinstance(self.mix.mixed_views, (tuple, list)) or not all(map(_is_int, self.mix.mixed_views)):
+            raise ValueError(f"{where}.mixed_views must be a tuple of view indices, got {self.mix.mixed_views!r}")
+        _reals(where[:-5], "mix.alpha", (self.mix.alpha,), 1)
         if self.mix.enabled:
             method_ids(self.mix.methods)
             if not self.mix.alpha > 0:
@@ -127,6 +150,24 @@ class Recipe:
                 raise ValueError(f"recipe {self.name!r}: mix.mixed_views {bad} out of range for "
                                  f"{self.num_views} views")
         return self
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _reals(where: str, name: str, value, n: int) -> Tuple[float, ...]:
+    """``value`` as n finite real numbers (a tuple or list of n; a bare number where n is 1), else a ValueError
+    naming the setting."""
+    items = value if n > 1 or isinstance(value, (tuple, list)) else (value,)
+    ok = isinstance(items, (tuple, list)) and len(items) == n and all(
+        isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, (bool, np.bool_))
+        and math.isfinite(x) for x in items)
+    if not ok:
+        shown = value[0] if n == 1 and isinstance(value, tuple) and len(value) == 1 else value
+        want = "a finite number" if n == 1 else f"{n} finite numbers"
+        raise ValueError(f"{where}: {name} must be {want}, got {shown!r}")
+    return tuple(float(x) for x in items)
 
 
 def byol2(size: int = 224, mix: bool = True, interpolation: str = "bicubic") -> Recipe:

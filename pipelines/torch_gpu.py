@@ -44,7 +44,12 @@ def exif_orientation(data: bytes) -> int:
     """EXIF orientation (1..8) of a JPEG, 1 when it has none (walks the markers before the image data: the
     first APP1 segment holding EXIF, wherever it is, as PIL; an XMP segment may come first)."""
     i, n = 2, len(data)
-    while i + 4 <= n and data[i] == 0xFF:
+    while i + 4 <= n:
+        if data[i] != 0xFF:  # extraneous bytes between segments: skipped, as libjpeg and PIL skip them
+            i = data.find(b"\xff", i)
+            if i < 0:
+                break
+            continue
         marker = data[i + 1]
         if marker == 0xFF:  # a fill byte before the marker
             i += 1

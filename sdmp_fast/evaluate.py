@@ -289,8 +289,9 @@ def _read_image_folder(root: str, size: int = 64):
     import numpy as np
 
     from sdmp_fast.pipelines.base import list_images
-    from sdmp_fast.pipelines.image_bytes import pil_rgb
+    from sdmp_fast.pipelines.image_bytes import max_pixels, pil_rgb
 
+    max_pixels()  # a bad SDMP_MAX_IMAGE_PIXELS is an error of its own, not "cannot decode" the first image
     lst = list_images(root)
     if not lst.classes:
         raise ValueError(f"data: {root!r} holds unlabeled images (no class folders): k-NN and the linear probe need "

@@ -592,8 +592,61 @@ def test_a_file_list_whose_paths_are_not_there_is_refused_when_read(tmp_path):
     _img(tmp_path / "data" / "a.png")
     (tmp_path / "lists").mkdir()
     (tmp_path / "lists" / "train.txt").write_text("# made by find\ndata/a.png 0\n")
-    with pytest.raises(ValueError, match=r"none of its first 1 files exists \('data/a.png 0' is read as .*lists/data/"
+    with pytest.raises(ValueError, match=r"none of the 1 files tried exists \('data/a.png 0' is read as .*lists/data/"
                                          r"a.png'\); relative paths are read from the list's own folder"):
         list_images(str(tmp_path / "lists" / "train.txt"))
     (tmp_path / "lists" / "train.txt").write_text("../data/a.png 0\n")
     assert list_images(str(tmp_path / "lists" / "train.txt")).labels == (0,)
+    # entries tried across the list: one whose first 8 files are gone is still read (the loaders name them)
+    (tmp_path / "lists" / "train.txt").write_text("".join(f"../data/gone{k}.png\n" for k in range(8)) +
+                                                  "../data/a.png\n" * 100)
+    assert len(list_images(str(tmp_path / "lists" / "train.txt"))) == 108
+
+
+def test_a_hand_built_recipe_is_checked_for_types_lengths_and_finite_values():
+    """A recipe made with dataclasses.replace is no typed input: a zero std or a NaN jitter made inf / NaN views,
+    a 1-tuple scale or a float count failed at the first batch naming nothing, mix.per_batch="no" was truthy."""
+    from dataclasses import replace
+
+    r = byol2(size=64)
+    v = r.views[0]
+    nan, inf = float("nan"), float("inf")
+    for change, message in (
+            (dict(std=(0.0, 0.224, 0.225)), r"std must be > 0 per channel"),
+            (dict(mean=(0.5, 0.5)), r"mean must be 3 finite numbers, got \(0.5, 0.5\)"),
+            (dict(mean=(nan, 0.4, 0.4)), r"mean must be 3 finite numbers"),
+            (dict(views=(replace(v, brightness=nan), v)), r"view 0: brightness must be a finite number, got nan"),
+            (dict(views=(replace(v, count=1.5), v)), r"view 0: count must be an integer >= 0, got 1.5"),
+            (dict(views=(replace(v, count=True), v)), r"view 0: count must be an integer >= 0, got True"),
+            (dict(views=(replace(v, ratio=(0.5, inf)), v)), r"view 0: ratio must be 2 finite numbers"),
+            (dict(views=(replace(v, scale=(0.5,)), v)), r"view 0: scale must be 2 finite numbers, got \(0.5,\)"),
+            (dict(views=(replace(v, blur_sigma=1.0), v)), r"view 0: blur_sigma must be 2 finite numbers, got 1.0"),
+            (dict(views=(replace(v, hflip_p="0.5"), v)), r"view 0: hflip_p must be a finite number, got '0.5'"),
+            (dict(mix=replace(r.mix, per_batch="no")), r"mix.per_batch must be True or False, got 'no'"),
+            (dict(mix=replace(r.mix, mixed_views=(0.0,))), r"mix.mixed_views must be a tuple of view indices"),
+            (dict(mix=replace(r.mix, alpha=inf)), r"mix.alpha must be a finite number, got inf")):
+        with pytest.raises(ValueError, match=r"recipe 'byol2'.*" + message):
+            replace(r, **change).validate()
+        with pytest.raises(ValueError, match=message):  # make_loader checks it before reading anything
+            make_loader("memory", torch.zeros(4, 1, 8, 8, dtype=torch.uint8), replace(r, **change), 2, device="cpu",
+                        shard_id=0, num_shards=1)
+    fixed = replace(r, views=(replace(v, blur_sigma=(1.0, 1.0)), r.views[1]))
+    assert fixed.validate() is fixed  # one sigma: taken, and every backend takes it (DALI's draw refused it)
+
+
+def test_real_paths_win_over_links_whatever_their_order(tmp_path):
+    """cat/borrowed -> ../dog/puppies was walked (cat sorts first) before dog's own tree: the puppies were
+    labelled cat and their real folder named as the duplicate. Real folders are now read first, links after."""
+    tree = tmp_path / "tree"
+    for rel in ("cat/c.jpg", "dog/d.jpg", "dog/puppies/p.jpg", "zeta/z.jpg"):
+        _img(tree / rel)
+    _img(tmp_path / "outside" / "o.jpg")
+    os.symlink("../dog/puppies", tree / "cat" / "borrowed")
+    os.symlink("zeta", tree / "alias")  # a class folder that is a link, sorting before its target
+    os.symlink("../../outside", tree / "dog" / "more")  # a link out of the tree: read, under dog
+    with pytest.warns(RuntimeWarning, match=r"2 folder\(s\) reached a second time .*cat/borrowed' \(the folder "
+                                            r"'.*dog/puppies'\)"):
+        got = list_images(tree)
+    rel = [(os.path.relpath(f, tree), got.classes[y]) for f, y in zip(got.files, got.labels)]
+    assert rel == [("cat/c.jpg", "cat"), ("dog/d.jpg", "dog"), ("dog/more/o.jpg", "dog"),
+                   ("dog/puppies/p.jpg", "dog"), ("zeta/z.jpg", "zeta")]

@@ -548,3 +548,41 @@ def test_a_forked_child_never_tears_down_an_inherited_dali_pipeline(folder, case
     assert returncode == 0, err[-3000:]
     expected = f"epoch {N // 4}" if case == "dataloader" else "child exited 0"
     assert expected in out, out + err[-3000:]
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("blur_p,conditionals,sigma", [(1.0, True, (3.0, 3.0)), (0.5, False, (3.0, 3.0)),
+                                                       (0.5, True, (3.0, 3.0)), (1.0, True, (2.9999, 3.0)),
+                                                       (0.5, False, (2.9999, 3.0))])
+def test_blur_uses_the_recipe_kernel_width_and_takes_a_fixed_sigma(tmp_path, blur_p, conditionals, sigma):
+    """DALI sized its blur window from each sigma (2 ceil(3 sigma) + 1: 19 taps at sigma 3) where every other
+    backend cuts the kernel at the view's blur_kernel_size (BYOL's 10% of the side: 7 taps at 64 px), and a fixed
+    sigma, blur_sigma=(s, s), which validate() takes, failed DALI's uniform draw. Whole-image views of square
+    images (no crop randomness): each sample is either unblurred or blurred as torch's separable 7-tap filter."""
+    import dataclasses
+
+    from PIL import Image
+
+    from sdmp_fast.pipelines import device_ops
+
+    root = tmp_path / "steps"
+    root.mkdir()
+    rng = np.random.default_rng(0)
+    for k in range(8):
+        img = np.zeros((64, 64, 3), dtype=np.uint8)
+        img[:, rng.integers(8, 56):] = 255  # a vertical step edge
+        Image.fromarray(img).save(root / f"{k}.png")
+    plain = dataclasses.replace(byol2(size=64).views[0], scale=(1.0, 1.0), ratio=(1.0, 1.0), hflip_p=0, jitter_p=0,
+                                grayscale_p=0, solarize_p=0, blur_p=0)
+    blurred = dataclasses.replace(plain, blur_p=blur_p, blur_sigma=sigma)
+    recipe = lambda v: dataclasses.replace(byol2(size=64, mix=False), views=(v,), mean=(0.0, 0.0, 0.0),  # noqa: E731
+                                           std=(1.0, 1.0, 1.0))
+    raw = next(iter(dali(str(root), recipe(plain), shuffle=False))).views[0]
+    got = next(iter(dali(str(root), recipe(blurred), shuffle=False, conditionals=conditionals))).views[0]
+    assert device_ops.blur_kernel_size(64, "byol") == 7
+    want = device_ops.gaussian_blur(raw, torch.full((8,), 3.0), 7)
+    err_blur = (got - want).abs().flatten(1).amax(1)
+    err_raw = (got - raw).abs().flatten(1).amax(1)
+    assert torch.all((err_blur < 2e-3) | (err_raw < 2e-3)), (err_blur, err_raw)
+    n_blurred = int((err_blur < 2e-3).sum())
+    assert n_blurred == 8 if blur_p == 1 else 0 < n_blurred < 8

@@ -91,6 +91,10 @@ def _with_size(data: bytes, fmt: str, w: int, h: int) -> bytes:
 def test_image_size_reads_the_header_of_every_format():
     for fmt in ("JPEG", "PNG", "BMP", "TIFF", "WEBP"):
         assert image_bytes.image_size(_encoded(fmt, (33, 21))) == (33, 21), fmt
+    for kw in (dict(lossless=True), dict(), dict(exif=b"Exif\x00\x00II*\x00\x08\x00\x00\x00\x00\x00")):
+        out = io.BytesIO()  # VP8L, VP8 and VP8X (extended) WebP headers, read without PIL
+        Image.new("RGB", (33, 21)).save(out, format="WEBP", **kw)
+        assert image_bytes._webp_size(out.getvalue()[:30]) == (33, 21), (kw, out.getvalue()[12:16])
     out = io.BytesIO()
     exif = Image.Exif()
     exif[0x0112] = 6
@@ -110,7 +114,11 @@ def test_an_image_over_the_pixel_limit_is_refused_from_its_header(tmp_path, monk
     for fmt in ("JPEG", "PNG"):
         bomb = _with_size(_encoded(fmt), fmt, 60000, 60000)
         reason = sniff_image(bomb)
-        assert reason.startswith("too large (60000 x 60000 = 3,600 MP, over the limit of 179 MP"), reason
+        assert reason.startswith("too large (60000 x 60000 = 3,600,000,000 pixels, over the limit of 178,956,970 "
+                                 "pixels"), reason
+        # extraneous bytes between segments (libjpeg and PIL skip them and decode) hid the size from the walk
+        stray = bomb[:20] + b"\x00" + bomb[20:] if fmt == "JPEG" else bomb
+        assert sniff_image(stray) == reason
         assert "SDMP_MAX_IMAGE_PIXELS" in reason
     (tmp_path / "big.png").write_bytes(_encoded("PNG", (40, 30)))
     monkeypatch.setenv("SDMP_MAX_IMAGE_PIXELS", "1000")
@@ -127,6 +135,25 @@ def test_an_image_over_the_pixel_limit_is_refused_from_its_header(tmp_path, monk
     monkeypatch.setenv("SDMP_MAX_IMAGE_PIXELS", "lots")
     with pytest.raises(ValueError, match="SDMP_MAX_IMAGE_PIXELS='lots'"):
         sniff_image(_encoded("JPEG"))
+
+
+def test_the_limit_leaves_pillows_own_alone_unless_it_must_open_more(tmp_path, monkeypatch):
+    """The variable set Pillow's limit for the whole process (its protection off for user code after a 0, lowered
+    after a small value); now Pillow's is only raised, and only where an image the variable allows needs it."""
+    from sdmp_fast.pipelines.base import make_loader
+
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    (tmp_path / "big.png").write_bytes(_encoded("PNG", (50, 40)))  # 2,000 pixels: Pillow refuses past 2,000
+    monkeypatch.setenv("SDMP_MAX_IMAGE_PIXELS", "500")
+    assert "too large" in sniff_image(_encoded("PNG", (50, 40)))
+    assert Image.MAX_IMAGE_PIXELS == 1000  # not lowered
+    (tmp_path / "bigger.png").write_bytes(_encoded("PNG", (60, 50)))
+    monkeypatch.setenv("SDMP_MAX_IMAGE_PIXELS", "5000")
+    assert image_bytes.pil_rgb(str(tmp_path / "bigger.png")).size == (60, 50)  # 3,000 > Pillow's 2,000
+    assert Image.MAX_IMAGE_PIXELS == 5000
+    monkeypatch.setenv("SDMP_MAX_IMAGE_PIXELS", "-3")  # named by make_loader, before anything is read
+    with pytest.raises(ValueError, match=r"SDMP_MAX_IMAGE_PIXELS='-3': expected a whole number of pixels >= 0"):
+        make_loader("torchvision", str(tmp_path), "byol2", 2, device="cpu", shard_id=0, num_shards=1)
 
 
 def test_data_after_the_image_is_not_a_truncation():

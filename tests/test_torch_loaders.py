@@ -604,9 +604,11 @@ def test_exif_after_an_xmp_segment_or_a_fill_byte_still_turns_the_image(tmp_path
     plain = _jpeg_bytes(rgb, exif=exif)
     xmp_first = plain[:2] + _segment(0xE1, b"http://ns.adobe.com/xap/1.0/\x00<x:xmpmeta/>") + plain[2:]
     padded = plain[:2] + b"\xff\xff" + plain[2:]
+    end = 4 + int.from_bytes(plain[4:6], "big")  # after the first segment
+    stray = plain[:end] + b"\x00\x00" + plain[end:]  # extraneous bytes: libjpeg skips them (a warning) and decodes
     want = decode_cpu(torch.frombuffer(bytearray(plain), dtype=torch.uint8))
     assert want.shape == (3, 20, 30)
-    for data in (xmp_first, padded):
+    for data in (xmp_first, padded, stray):
         assert exif_orientation(data) == 6
         got = decode_cpu(torch.frombuffer(bytearray(data), dtype=torch.uint8))
         assert torch.equal(got, want)
