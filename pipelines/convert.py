@@ -144,9 +144,28 @@ def check_images(files: Sequence[str], max_side: int, workers: int, progress: bo
     bar = dict(total=len(files), desc="checking", unit="img", disable=not progress, file=sys.stderr)
     if workers <= 1 or len(files) < 64:
         return [check_image(*w) for w in tqdm(work, **bar)]
-    with ProcessPoolExecutor(max_workers=workers) as pool:
+    with ProcessPoolExecutor(max_workers=workers, initializer=_exit_with_parent, initargs=(os.getpid(),)) as pool:
         return list(tqdm(pool.map(_check_star, work, chunksize=max(1, min(256, len(work) // (8 * workers)))),
                          **bar))
+
+
+def _exit_with_parent(parent: int) -> None:
+    """In a worker process: a thread that ends it once its parent is gone. A SIGTERM or SIGKILL sent to the
+    parent alone (``kill PID``, ``docker stop``, systemd's KillMode=mixed) left the checking workers blocked
+    for ever and the writers converting the whole data set into a temporary nobody would rename."""
+    import threading
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="sdmp-convert-orphan-watch", daemon=True).start()
+
+
+def _writer_worker(work_fn, parent: int, *args) -> None:
+    _exit_with_parent(parent)
+    work_fn(*args)
 
 
 class _ImageDataset:
@@ -210,7 +229,7 @@ def _make_writer(path, fields, page_size, num_workers):
                 allocator = MemoryAllocator(self.fname, self.data_region_start, self.page_size)
                 worker_args = (workqueue, self.metadata_sm, self.metadata_type, self.fields, allocator,
                                done_number, allocations_queue, *extra_worker_args)
-                processes = [Process(target=work_fn, args=worker_args, daemon=True)
+                processes = [Process(target=_writer_worker, args=(work_fn, os.getpid(), *worker_args), daemon=True)
                              for _ in range(self.num_workers)]
                 for p in processes:
                     p.start()
@@ -271,18 +290,35 @@ def _write_failed(e: BaseException, out: str, page_size: int) -> OSError:
                    f"convert: could not write it ({reason}; the writer's traceback is printed above); {kept}", out)
 
 
+def _remove_on_sigterm(paths: Sequence[str]):
+    """While writing: a SIGTERM (``kill PID``, a scheduler) removes ``paths`` (the temporaries) and then ends
+    the process as SIGTERM does (the writers follow within a second: ``_exit_with_parent``). Returns the function
+    that puts the earlier handler back. Only in the main thread (signal handlers live there)."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+
+    def on_term(signum, frame):
+        for p in paths:
+            try:
+                os.remove(p)
+            except OSError:
+                pass
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
+
+    previous = signal.signal(signal.SIGTERM, on_term)
+    return lambda: signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+
+
 def _remove_stale_temporaries(out: str) -> None:
     """``OUT.tmp-<pid>`` files left by a conversion that was killed (SIGKILL, power loss) are removed once
     their process is gone; a live conversion's temporary is left alone."""
-    import glob
+    from sdmp_fast.paths import remove_dead_temporaries
 
-    for path in glob.glob(glob.escape(out) + ".tmp-*") + glob.glob(glob.escape(out) + ".skipped.txt.tmp-*"):
-        try:
-            os.kill(int(path.rsplit("-", 1)[1]), 0)
-        except ProcessLookupError:
-            os.remove(path)
-        except (ValueError, PermissionError):  # not our naming, or another user's live process
-            pass
+    remove_dead_temporaries(out + ".tmp-", out + ".skipped.txt.tmp-")
 
 
 def validate_options(src, out, fmt, max_side, jpeg_quality, compress_probability, workers, chunk_size) -> str:
@@ -354,20 +390,22 @@ def convert(src, out, *, fmt: str = "jpg", max_side: int = 512, jpeg_quality: in
     sidecar = out + ".skipped.txt"
     tmp, sidecar_tmp = f"{out}.tmp-{os.getpid()}", f"{sidecar}.tmp-{os.getpid()}"
     page_size = _page_size(largest)
+    restore = _remove_on_sigterm((tmp, sidecar_tmp))
     try:
         writer = _make_writer(tmp, fields, page_size, min(workers, len(good)))
         writer.progress = progress
         writer.from_indexed_dataset(dataset, chunksize=chunk_size)
-        if skipped:  # written before either file is replaced: the .beton never sits beside another's list
+        if skipped:  # written before either file is replaced
             _write_text(sidecar_tmp, "".join(f"{escape_name(p)}\t{escape_name(r)}\n" for p, r in skipped))
+        if os.path.exists(sidecar):  # gone first: a kill between the two swaps never pairs the new .beton with
+            os.remove(sidecar)       # the earlier conversion's list
         os.replace(tmp, out)
         if skipped:
             os.replace(sidecar_tmp, sidecar)
-        elif os.path.exists(sidecar):
-            os.remove(sidecar)  # the earlier conversion's list: this one skipped nothing
     except (OSError, WriterDied) as e:
         raise _write_failed(e, out, page_size) from None
     finally:
+        restore()
         for t in (tmp, sidecar_tmp):
             if os.path.exists(t):
                 os.remove(t)

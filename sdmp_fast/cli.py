@@ -79,6 +79,9 @@ def main(argv=None) -> int:
     args.command_line = "sdmp-fast " + " ".join(argv)
     try:
         return int(importlib.import_module(args._module).main(args) or 0)
+    except KeyboardInterrupt:  # Ctrl-C: one line and the shell's code for it, not a traceback of wherever it hit
+        print(f"sdmp-fast {args.command}: interrupted", file=sys.stderr)
+        return 130
     except (ValueError, FileNotFoundError) as e:  # configuration / input errors: one clear line, no traceback
         print(f"sdmp-fast {args.command}: error: {e}", file=sys.stderr)
         return 2

@@ -22,6 +22,7 @@ import copy
 import dataclasses
 import json
 import os
+import sys
 import time
 from typing import Dict, List, Optional
 
@@ -227,6 +228,11 @@ def main(argv=None) -> int:
     except ValueError as e:
         ap.error(str(e))
     os.makedirs(args.out, exist_ok=True)
+    # a rerun starts over (each seed's run folder is replaced): the earlier results.json goes first, so a rerun
+    # stopped half-way never leaves results beside run folders that are no longer theirs
+    from sdmp_fast.paths import discard
+
+    discard(os.path.join(args.out, "results.json"))
     t_setup = time.perf_counter()
     xtr, ytr = load_fashion_mnist("train")
     xte, yte = load_fashion_mnist("test")
@@ -266,5 +272,14 @@ def main(argv=None) -> int:
     return 0
 
 
+def run_main() -> int:
+    """``python -m sdmp_fast.demo`` (``make demo``): Ctrl-C is one line and exit code 130, not a traceback."""
+    try:
+        return main()
+    except KeyboardInterrupt:
+        print("sdmp_fast.demo: interrupted", file=sys.stderr)
+        return 130
+
+
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(run_main())

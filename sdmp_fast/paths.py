@@ -57,3 +57,22 @@ def os_error_reason(e: OSError) -> str:
     if e.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
         return "disk full"
     return e.strerror or str(e)
+
+
+def remove_dead_temporaries(*prefixes: str) -> None:
+    """``PREFIX<pid>`` files or folders (``OUT.tmp-<pid>``) left by a process that was killed (SIGKILL, power
+    loss) are removed once that process is gone; a live process's temporary is left alone."""
+    import glob
+    import shutil
+
+    for prefix in prefixes:
+        for path in glob.glob(glob.escape(prefix) + "*"):
+            try:
+                os.kill(int(path[len(prefix):]), 0)
+            except ProcessLookupError:
+                if os.path.isdir(path) and not os.path.islink(path):
+                    shutil.rmtree(path, ignore_errors=True)
+                else:
+                    discard(path)
+            except (ValueError, PermissionError, OverflowError):  # not our naming, or another user's live process
+                pass

@@ -329,3 +329,55 @@ def test_convert_workers_zero_counts_the_cores_this_process_may_use(tmp_path, mo
     with pytest.raises(KeyboardInterrupt):
         convert_mod.convert(str(tmp_path / "d"), str(tmp_path / "x.beton"), progress=False)
     assert seen == [2] and not (tmp_path / "x.beton").exists()
+
+
+_ORPHAN_SCRIPT = r"""
+import os, signal, sys, time
+from concurrent.futures import ProcessPoolExecutor
+from sdmp_fast.pipelines import convert as conv
+
+pool = ProcessPoolExecutor(1, initializer=conv._exit_with_parent, initargs=(os.getpid(),))
+pid = pool.submit(os.getpid).result()
+pool.submit(time.sleep, 600)
+print(pid, flush=True)
+os.kill(os.getpid(), signal.SIGKILL)  # as `kill -9 PID`: no cleanup of any kind
+"""
+
+_SIGTERM_SCRIPT = r"""
+import os, signal, sys
+from sdmp_fast.pipelines import convert as conv
+
+tmp = sys.argv[1]
+open(tmp, "w").close()
+conv._remove_on_sigterm([tmp])
+os.kill(os.getpid(), signal.SIGTERM)
+print("not reached")
+"""
+
+
+@pytest.mark.timeout(120)
+def test_convert_workers_end_with_their_parent_and_a_sigterm_removes_the_temporary(tmp_path):
+    """convert's checking and writing workers outlived a parent killed alone (kill PID, docker stop): blocked for
+    ever, or writing the whole data set into a temporary nobody would rename."""
+    import subprocess
+    import sys
+    import time
+
+    out = subprocess.run([sys.executable, "-c", _ORPHAN_SCRIPT], capture_output=True, text=True, timeout=60)
+    assert out.returncode == -9, out.stderr
+    worker = int(out.stdout.split()[0])
+
+    def alive(pid: int) -> bool:  # a zombie (no init to reap it in some containers) has ended
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+        except OSError:
+            return False
+
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and alive(worker):
+        time.sleep(0.1)
+    assert not alive(worker), "the worker outlived its parent"
+    tmp = str(tmp_path / "x.beton.tmp-1")
+    out = subprocess.run([sys.executable, "-c", _SIGTERM_SCRIPT, tmp], capture_output=True, text=True, timeout=60)
+    assert out.returncode == -15 and "not reached" not in out.stdout and not os.path.exists(tmp), out.stderr

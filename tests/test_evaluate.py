@@ -614,3 +614,15 @@ def test_foreign_checkpoints_are_named_as_such(tiny_run, tmp_path):
     with pytest.raises(ValueError, match=r"the weights in .*other.pt do not fit the backbone it describes "
                                          r"\(vit_tiny_patch16_224\)"):
         load_backbone_for_eval(str(d / "other.pt"))
+
+
+def test_ctrl_c_in_a_command_is_one_line_and_exit_code_130(tmp_path, capsys, monkeypatch):
+    """Ctrl-C in convert, eval, show, make-data printed a 30-70 line traceback of wherever it hit."""
+    from sdmp_fast import cli, plot
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(plot, "main", interrupted)
+    assert cli.main(["plot", str(tmp_path)]) == 130
+    assert capsys.readouterr().err.strip() == "sdmp-fast plot: interrupted"

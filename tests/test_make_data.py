@@ -168,3 +168,36 @@ def test_cli_prints_a_name_that_is_not_utf8_escaped_on_a_strict_stdout(tmp_path)
                         "--classes", "1"], capture_output=True, env=env, timeout=100)
     assert r.returncode == 0, r.stderr
     assert b"set\\udcff" in r.stdout and len(list_images(os.fsdecode(out))) == 2
+
+
+@pytest.mark.timeout(120)
+def test_a_killed_rebuild_never_leaves_part_of_the_old_set_and_its_leftovers_go(tmp_path, monkeypatch):
+    """The old set was deleted in place before the new one moved in: a kill in between left part of it under
+    OUT_DIR without its stamp, which every rerun refused; a killed run's temporary folder was never removed."""
+    import subprocess
+    import sys
+
+    import sdmp_fast.benchmarks.make_data as md
+
+    out = str(tmp_path / "set")
+    make_data(out, num_images=4, classes=2, seed=0, quiet=True)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()  # a pid that has exited
+    os.makedirs(f"{out}.tmp-{dead}/000_x")  # what a killed run leaves
+    real_replace = os.replace
+    calls = []
+
+    def killed_at_the_second_rename(src, dst):
+        calls.append((src, dst))
+        if len(calls) == 2:  # the old set moved aside, the new one not yet in: the process dies here
+            raise KeyboardInterrupt
+        real_replace(src, dst)
+
+    monkeypatch.setattr(md.os, "replace", killed_at_the_second_rename)
+    with pytest.raises(KeyboardInterrupt):
+        make_data(out, num_images=6, classes=2, seed=0, force=True, quiet=True)
+    monkeypatch.setattr(md.os, "replace", real_replace)
+    assert len(list_images(out)) == 4 and os.path.exists(os.path.join(out, STAMP))  # the old set, whole
+    assert sorted(os.listdir(tmp_path)) == ["set"]  # the dead run's temporary and this one's are gone
+    make_data(out, num_images=6, classes=2, seed=0, force=True, quiet=True)
+    assert len(list_images(out)) == 6 and sorted(os.listdir(tmp_path)) == ["set"]

@@ -22,6 +22,8 @@ from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
+from sdmp_fast.paths import remove_dead_temporaries
+
 STAMP = ".sdmp-make-data.json"
 # A machine without scikit-image (a bare GPU box) reads the same photos from PNGs exported where it is
 # installed: lossless, so the rendered set is byte-identical.
@@ -201,7 +203,8 @@ def make_data(out_dir: str, num_images: int = 512, classes: int = 8, seed: int =
                              f"({ {k: stamp.get(k) for k in want} }); pass --force to rebuild it")
 
     photos = load_photos()
-    tmp = f"{out_dir}.tmp-{os.getpid()}"
+    tmp, old = f"{out_dir}.tmp-{os.getpid()}", f"{out_dir}.old-{os.getpid()}"
+    remove_dead_temporaries(f"{out_dir}.tmp-", f"{out_dir}.old-")  # a killed run's (it cannot clean up)
     try:
         shutil.rmtree(tmp, ignore_errors=True)
         names = [f"{c:03d}_{photos[c % len(photos)][0]}" for c in range(classes)]
@@ -217,16 +220,21 @@ def make_data(out_dir: str, num_images: int = 512, classes: int = 8, seed: int =
                 f.write(data)
         with open(os.path.join(tmp, STAMP), "w") as f:
             json.dump({**want, "photos": [p[0] for p in photos], "bytes": total_bytes}, f, indent=1)
-        # Swap into place: a half-written set never sits under the final name.
+        # Swap into place: a half-written set never sits under the final name, and the old set is moved aside
+        # whole before it is deleted (deleted in place, a kill left part of it under OUT_DIR, without its stamp:
+        # a folder every rerun refused)
         if os.path.isdir(out_dir):
-            if os.listdir(out_dir):  # ours, with other settings, and force was given
-                shutil.rmtree(out_dir)
+            if os.listdir(out_dir):  # ours, with other settings (force was given), or damaged
+                os.replace(out_dir, old)
             else:
                 os.rmdir(out_dir)
         os.makedirs(os.path.dirname(out_dir), exist_ok=True)
         os.replace(tmp, out_dir)
+        shutil.rmtree(old, ignore_errors=True)
     except BaseException:  # any failure (a full disk, Ctrl-C, a bad path): no half-built folder left behind
         shutil.rmtree(tmp, ignore_errors=True)
+        if os.path.isdir(old) and not os.path.lexists(out_dir):
+            os.replace(old, out_dir)  # the swap failed half-way: the old set goes back
         raise
     if not quiet:
         print(f"make-data: wrote {num_images} JPEGs in {classes} classes from {len(photos)} photos to {out_dir} "
