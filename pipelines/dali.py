@@ -53,7 +53,7 @@ from sdmp_fast.batch import SDMPBatch, exact_device
 
 from .base import (EpochSampler, SampledLoader, assemble_batch, list_images, loader_threads, make_generator,
                    superseded_pass)
-from .image_bytes import read_encoded
+from .image_bytes import image_format, read_encoded
 from .recipes import Recipe
 from .skips import SkipLog, UndecodableBatchError, settle, short_reason
 
@@ -554,7 +554,8 @@ class DaliLoader(SampledLoader):
             return None
         except RuntimeError as e:
             self._probe = None  # a pipeline that raised is not reused
-            return "DALI decode failed: " + dali_error_reason(e)
+            # the format the bytes claim: DALI's message for a cut BMP / TIFF / WebP names only the sample number
+            return f"DALI decode failed ({image_format(buf) or 'unknown'} data): " + dali_error_reason(e)
 
     def _drain(self) -> None:
         """Finish an epoch the caller stopped early: let DALI return what it holds, then reset it."""

@@ -117,7 +117,13 @@ def main(args) -> int:
     check_writable(image_out_path(args.out, "grid.png"))  # a bad --out fails before any data is read
     loader = make_loader(args.backend, args.data, recipe, args.batch_size, device=device, seed=args.seed,
                          num_workers=args.num_workers, num_shards=1, shard_id=0, **options)
-    batch = next(iter(loader), None)
+    batches = iter(loader)
+    try:
+        batch = next(batches, None)
+    finally:  # its workers shut down now, Ctrl-C included (at exit they were killed, leaving /tmp/pymp-* behind)
+        close = getattr(batches, "close", None)
+        if callable(close):
+            close()
     if batch is None:
         raise ValueError(f"--data: {args.data!r} gave no batch of {args.batch_size} (no file decodes, or fewer "
                          f"decodable images than the batch size)")

@@ -156,6 +156,7 @@ def test_bad_files_are_skipped_named_and_odd_formats_decode(folder, tmp_path):
     assert sorted(loader.skipped) == sorted(bad)
     messages = [str(w.message) for w in caught if "skipped" in str(w.message)]
     assert len(messages) == 1 and all(os.path.basename(p) in messages[0] for p in bad)
+    assert "DALI decode failed (jpeg data)" in messages[0]  # the garbage-scan file: the format DALI was given
     used = [files[i] for b in batches for i in b.indices.tolist()]
     assert len(used) == len(set(used))
     assert not set(used) & set(bad)
