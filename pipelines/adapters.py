@@ -345,7 +345,7 @@ def as_lightly(loader, data=None, with_mix_info: bool = False,
     list to its own folder, or to the deepest folder holding all its files when some lie outside that."""
     base = _base_loader(_check_loader("as_lightly", loader))
     own = _loader_files(base)
-    images = list_images(data) if data is not None else own
+    images = list_images(data, check_files=False) if data is not None else own
     names = None
     if images is not None:
         files = list(images.files)

@@ -58,7 +58,7 @@ class ImageList:
         return h.hexdigest()
 
 
-def list_images(data: Union[str, os.PathLike, "ImageList"]) -> ImageList:
+def list_images(data: Union[str, os.PathLike, "ImageList"], check_files: bool = True) -> ImageList:
     """An ImageFolder tree (root/class/.../img.jpg), a flat folder of images (unlabeled: label -1, what SSL
     data often is), or a text file list ("relative/or/absolute/path label" lines, label optional).
 
@@ -66,7 +66,8 @@ def list_images(data: Union[str, os.PathLike, "ImageList"]) -> ImageList:
     except that hidden entries (".name": .ipynb_checkpoints, macOS "._x.jpg" forks) are skipped and a folder
     reached twice through links is read once. Raises ValueError naming the path when it is missing, unreadable
     or holds no images; warns when images at the top level sit beside class folders (they are not read). Empty
-    class folders are kept as classes (their index stays stable) but hold no samples.
+    class folders are kept as classes (their index stays stable) but hold no samples. ``check_files``: a file
+    list none of 8 entries spread over it exists is refused (``as_lightly`` reads only the names: False).
     """
     if isinstance(data, ImageList):
         return data
@@ -74,7 +75,7 @@ def list_images(data: Union[str, os.PathLike, "ImageList"]) -> ImageList:
     if not os.path.exists(path):
         raise ValueError(f"data: {path!r} does not exist")
     if os.path.isfile(path):
-        return _read_file_list(path)
+        return _read_file_list(path, check_files)
     entries = _listdir(path)
     classes = sorted(d for d in entries if os.path.isdir(os.path.join(path, d)))
     loose = [n for n in entries if _is_image_name(n) and n not in classes]  # a folder "x.jpg" is a class
@@ -187,12 +188,12 @@ def _looks_like_a_label(token: str) -> bool:
     return True
 
 
-def _read_file_list(path: str) -> ImageList:
+def _read_file_list(path: str, check_files: bool = True) -> ImageList:
     if _is_image_name(os.path.basename(path)):  # an image whose bytes happen to decode as text is no file list
         raise ValueError(f"data: {path!r} is an image file, not a folder or a text file list ('path [label]' "
                          f"lines); an image folder is given as its directory")
     base = os.path.dirname(os.path.abspath(path))
-    files, labels = [], []
+    files, labels, names = [], [], []
     try:
         with open(path, "rb") as f:
             raw = f.read()
@@ -223,6 +224,7 @@ def _read_file_list(path: str) -> ImageList:
                 raise ValueError(f"data: file list {path!r}, line {lineno}: label {parts[-1]!r} is not an "
                                  f"integer class index (lines are 'path [label]')") from None
         files.append(_resolve(base, name))
+        names.append(name)
         labels.append(label)
     if not files:
         raise ValueError(not_a_list if not utf8 else f"data: file list {path!r} names no images")
@@ -230,10 +232,9 @@ def _read_file_list(path: str) -> ImageList:
     # now, not after an epoch of skipped files. 8 entries spread over the list (a stat each, over NFS too): a
     # list with some files gone is still read (the loaders skip and name them)
     sample = sorted({k * len(files) // 8 for k in range(8)})
-    if not any(os.path.exists(files[k]) for k in sample):
-        first = next(line.strip() for line in lines if line.strip() and not line.strip().startswith("#"))
-        missing = (f"none of the {len(sample)} files tried exists ({first!r} is read as {files[0]!r}); relative "
-                   f"paths are read from the list's own folder {base!r}")
+    if check_files and not any(os.path.exists(files[k]) for k in sample):
+        missing = (f"none of the {len(sample)} files tried exists ({names[0]!r} is read as {files[0]!r}); "
+                   f"relative paths are read from the list's own folder {base!r}")
         raise ValueError(f"data: file list {path!r}: {missing}" if utf8 else
                          f"{not_a_list} (it is not UTF-8; read as a list, {missing})")
     n_cls = max(labels) + 1 if max(labels) >= 0 else 0

@@ -144,16 +144,21 @@ def check_images(files: Sequence[str], max_side: int, workers: int, progress: bo
     bar = dict(total=len(files), desc="checking", unit="img", disable=not progress, file=sys.stderr)
     if workers <= 1 or len(files) < 64:
         return [check_image(*w) for w in tqdm(work, **bar)]
-    with ProcessPoolExecutor(max_workers=workers, initializer=_exit_with_parent, initargs=(os.getpid(),)) as pool:
+    with ProcessPoolExecutor(max_workers=workers, initializer=_exit_with_parent) as pool:
         return list(tqdm(pool.map(_check_star, work, chunksize=max(1, min(256, len(work) // (8 * workers)))),
                          **bar))
 
 
-def _exit_with_parent(parent: int) -> None:
+def _exit_with_parent() -> None:
     """In a worker process: a thread that ends it once its parent is gone. A SIGTERM or SIGKILL sent to the
     parent alone (``kill PID``, ``docker stop``, systemd's KillMode=mixed) left the checking workers blocked
-    for ever and the writers converting the whole data set into a temporary nobody would rename."""
+    for ever and the writers converting the whole data set into a temporary nobody would rename. The parent is
+    whatever process started this one (convert's, or the fork server's under forkserver, which ends with it)."""
+    import signal
     import threading
+
+    parent = os.getppid()
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not the parent's _sigterm_unwinds, inherited by fork
 
     def watch() -> None:
         while os.getppid() == parent:
@@ -163,8 +168,8 @@ def _exit_with_parent(parent: int) -> None:
     threading.Thread(target=watch, name="sdmp-convert-orphan-watch", daemon=True).start()
 
 
-def _writer_worker(work_fn, parent: int, *args) -> None:
-    _exit_with_parent(parent)
+def _writer_worker(work_fn, *args) -> None:
+    _exit_with_parent()
     work_fn(*args)
 
 
@@ -229,7 +234,7 @@ def _make_writer(path, fields, page_size, num_workers):
                 allocator = MemoryAllocator(self.fname, self.data_region_start, self.page_size)
                 worker_args = (workqueue, self.metadata_sm, self.metadata_type, self.fields, allocator,
                                done_number, allocations_queue, *extra_worker_args)
-                processes = [Process(target=_writer_worker, args=(work_fn, os.getpid(), *worker_args), daemon=True)
+                processes = [Process(target=_writer_worker, args=(work_fn, *worker_args), daemon=True)
                              for _ in range(self.num_workers)]
                 for p in processes:
                     p.start()
@@ -290,10 +295,15 @@ def _write_failed(e: BaseException, out: str, page_size: int) -> OSError:
                    f"convert: could not write it ({reason}; the writer's traceback is printed above); {kept}", out)
 
 
-def _remove_on_sigterm(paths: Sequence[str]):
-    """While writing: a SIGTERM (``kill PID``, a scheduler) removes ``paths`` (the temporaries) and then ends
-    the process as SIGTERM does (the writers follow within a second: ``_exit_with_parent``). Returns the function
-    that puts the earlier handler back. Only in the main thread (signal handlers live there)."""
+class _Terminated(BaseException):
+    """SIGTERM while writing: unwinds convert (the writer stops its processes and frees its shared memory, the
+    temporaries are removed), then the signal is delivered again to the handler that was there before."""
+
+
+def _sigterm_unwinds():
+    """While writing: a SIGTERM (``kill PID``, a scheduler) raises ``_Terminated`` in the main thread. Returns
+    the function that puts the earlier handler back. Elsewhere than in the main thread (signal handlers live
+    there) nothing changes: the writers still end with the process (``_exit_with_parent``)."""
     import signal
     import threading
 
@@ -301,13 +311,7 @@ def _remove_on_sigterm(paths: Sequence[str]):
         return lambda: None
 
     def on_term(signum, frame):
-        for p in paths:
-            try:
-                os.remove(p)
-            except OSError:
-                pass
-        signal.signal(signum, signal.SIG_DFL)
-        os.kill(os.getpid(), signum)
+        raise _Terminated
 
     previous = signal.signal(signal.SIGTERM, on_term)
     return lambda: signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
@@ -390,7 +394,8 @@ def convert(src, out, *, fmt: str = "jpg", max_side: int = 512, jpeg_quality: in
     sidecar = out + ".skipped.txt"
     tmp, sidecar_tmp = f"{out}.tmp-{os.getpid()}", f"{sidecar}.tmp-{os.getpid()}"
     page_size = _page_size(largest)
-    restore = _remove_on_sigterm((tmp, sidecar_tmp))
+    restore = _sigterm_unwinds()
+    terminated = False
     try:
         writer = _make_writer(tmp, fields, page_size, min(workers, len(good)))
         writer.progress = progress
@@ -404,10 +409,17 @@ def convert(src, out, *, fmt: str = "jpg", max_side: int = 512, jpeg_quality: in
             os.replace(sidecar_tmp, sidecar)
     except (OSError, WriterDied) as e:
         raise _write_failed(e, out, page_size) from None
+    except _Terminated:
+        terminated = True
     finally:
         restore()
         for t in (tmp, sidecar_tmp):
             if os.path.exists(t):
                 os.remove(t)
+    if terminated:  # cleaned up: now the signal, to the earlier handler (the default one ends the process)
+        import signal
+
+        os.kill(os.getpid(), signal.SIGTERM)
+        raise SystemExit(128 + signal.SIGTERM)  # a handler that returned: convert did not finish
     return ConvertSummary(out, len(good), len(images.classes), skipped, time.perf_counter() - t0,
                           sidecar if skipped else None)

@@ -6,6 +6,7 @@ branch on the recipe *name*; they interpret the fields.
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass, field, replace
 from typing import Dict, Tuple
 
@@ -93,7 +94,7 @@ class Recipe:
                 raise ValueError(f"{where}: std must be > 0 per channel, got {self.std}")
         for j, v in enumerate(self.views):
             where = f"recipe {self.name!r} view {j}"
-            if not (_is_int(v.size) and v.size >= 8):
+            if not (isinstance(v.size, int) and not isinstance(v.size, bool) and v.size >= 8):
                 raise ValueError(f"{where}: size must be an integer >= 8, got {v.size!r}")
             for name in ("scale", "ratio", "blur_sigma"):
                 _reals(where, name, getattr(v, name), 2)
@@ -135,8 +136,8 @@ class Recipe:
         if self.num_views < 1:
             raise ValueError(f"recipe {self.name!r}: no views")
         where = f"recipe {self.name!r}: mix"
-        for name in ("enabled", "per_batch"):  # "no" would be truthy
-            if not isinstance(getattr(self.mix, name), (bool, np.bool_)):
+        for name in ("enabled", "per_batch"):  # "no" would be truthy; 0 / 1 are taken (make_recipe(mix=1))
+            if not (isinstance(getattr(self.mix, name), (bool, np.bool_)) or getattr(self.mix, name) in (0, 1)):
                 raise ValueError(f"{where}.{name} must be True or False, got {getattr(self.mix, name)!r}")
         if not isinstance(self.mix.mixed_views, (tuple, list)) or not all(map(_is_int, self.mix.mixed_views)):
             raise ValueError(f"{where}.mixed_views must be a tuple of view indices, got {self.mix.mixed_views!r}")
@@ -153,7 +154,8 @@ class Recipe:
 
 
 def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+    """A whole number, numpy's too (a count from np.arange); not a bool."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_))
 
 
 def _reals(where: str, name: str, value, n: int) -> Tuple[float, ...]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import errno
 import importlib
+import os
 import sys
 
 COMMANDS = {
@@ -81,6 +82,8 @@ def main(argv=None) -> int:
         return int(importlib.import_module(args._module).main(args) or 0)
     except KeyboardInterrupt:  # Ctrl-C: one line and the shell's code for it, not a traceback of wherever it hit
         print(f"sdmp-fast {args.command}: interrupted", file=sys.stderr)
+        global _INTERRUPTED
+        _INTERRUPTED = True
         return 130
     except (ValueError, FileNotFoundError) as e:  # configuration / input errors: one clear line, no traceback
         print(f"sdmp-fast {args.command}: error: {e}", file=sys.stderr)
@@ -124,5 +127,26 @@ def _os_error_line(e: OSError) -> str:
     return f"{names}: {e.strerror or e}"
 
 
+_INTERRUPTED = False  # main() ended on Ctrl-C
+
+
+def run() -> int:
+    """The ``sdmp-fast`` console command: ``main()``, and after a Ctrl-C the process ends by SIGINT itself (the
+    one line printed first). A shell stops a loop over commands only for a child killed by SIGINT: an exit code
+    of 130 let ``for x in ...; do sdmp-fast ...; done`` go on to the next one."""
+    code = main()
+    if _INTERRUPTED:
+        die_of_sigint()
+    return code
+
+
+def die_of_sigint() -> None:
+    import signal
+
+    sys.stderr.flush()
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    os.kill(os.getpid(), signal.SIGINT)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run())

@@ -273,11 +273,15 @@ def main(argv=None) -> int:
 
 
 def run_main() -> int:
-    """``python -m sdmp_fast.demo`` (``make demo``): Ctrl-C is one line and exit code 130, not a traceback."""
+    """``python -m sdmp_fast.demo`` (``make demo``): Ctrl-C is one line, not a traceback, and the process then
+    ends by SIGINT, as a shell expects of an interrupted command."""
     try:
         return main()
     except KeyboardInterrupt:
         print("sdmp_fast.demo: interrupted", file=sys.stderr)
+        from sdmp_fast.cli import die_of_sigint
+
+        die_of_sigint()
         return 130
 
 

@@ -1,6 +1,7 @@
 import os
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -592,9 +593,11 @@ def test_a_file_list_whose_paths_are_not_there_is_refused_when_read(tmp_path):
     _img(tmp_path / "data" / "a.png")
     (tmp_path / "lists").mkdir()
     (tmp_path / "lists" / "train.txt").write_text("# made by find\ndata/a.png 0\n")
-    with pytest.raises(ValueError, match=r"none of the 1 files tried exists \('data/a.png 0' is read as .*lists/data/"
+    with pytest.raises(ValueError, match=r"none of the 1 files tried exists \('data/a.png' is read as .*lists/data/"
                                          r"a.png'\); relative paths are read from the list's own folder"):
         list_images(str(tmp_path / "lists" / "train.txt"))
+    # the names alone (as_lightly's data=: a .beton's source list, the images elsewhere) are not checked
+    assert list_images(str(tmp_path / "lists" / "train.txt"), check_files=False).files[0].endswith("lists/data/a.png")
     (tmp_path / "lists" / "train.txt").write_text("../data/a.png 0\n")
     assert list_images(str(tmp_path / "lists" / "train.txt")).labels == (0,)
     # entries tried across the list: one whose first 8 files are gone is still read (the loaders name them)
@@ -632,6 +635,11 @@ def test_a_hand_built_recipe_is_checked_for_types_lengths_and_finite_values():
                         shard_id=0, num_shards=1)
     fixed = replace(r, views=(replace(v, blur_sigma=(1.0, 1.0)), r.views[1]))
     assert fixed.validate() is fixed  # one sigma: taken, and every backend takes it (DALI's draw refused it)
+    # what worked before stays taken: numpy counts and view indices, 0 / 1 for a switch
+    assert make_recipe("byol2", mix=1).mix.enabled == 1
+    assert make_recipe("dino", n_local=np.int64(6), n_local_mixed=3).num_views == 8
+    assert replace(r, views=(replace(v, count=np.int64(2)),),
+                   mix=replace(r.mix, mixed_views=tuple(np.arange(2)))).validate().num_views == 2
 
 
 def test_real_paths_win_over_links_whatever_their_order(tmp_path):

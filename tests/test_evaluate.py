@@ -626,3 +626,18 @@ def test_ctrl_c_in_a_command_is_one_line_and_exit_code_130(tmp_path, capsys, mon
     monkeypatch.setattr(plot, "main", interrupted)
     assert cli.main(["plot", str(tmp_path)]) == 130
     assert capsys.readouterr().err.strip() == "sdmp-fast plot: interrupted"
+
+
+def test_the_console_command_ends_by_sigint_after_ctrl_c(tmp_path):
+    """A shell stops `for x in ...; do sdmp-fast ...; done` only for a child killed by SIGINT: the command
+    prints its one line, then ends by the signal (an exit code of 130 let the loop go on)."""
+    import subprocess
+    import sys
+
+    script = ("import sdmp_fast.plot as p, sdmp_fast.cli as c\n"
+              "def f(a): raise KeyboardInterrupt\n"
+              "p.main = f\n"
+              f"c.sys.argv = ['sdmp-fast', 'plot', {str(tmp_path)!r}]\n"
+              "raise SystemExit(c.run())\n")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert out.returncode == -2 and out.stderr.strip() == "sdmp-fast plot: interrupted", out

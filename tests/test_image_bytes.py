@@ -91,6 +91,14 @@ def _with_size(data: bytes, fmt: str, w: int, h: int) -> bytes:
 def test_image_size_reads_the_header_of_every_format():
     for fmt in ("JPEG", "PNG", "BMP", "TIFF", "WEBP"):
         assert image_bytes.image_size(_encoded(fmt, (33, 21))) == (33, 21), fmt
+    for fmt, kw in (("PPM", {}), ("TIFF", {}), ("TIFF", dict(compression="tiff_deflate"))):
+        out = io.BytesIO()  # read without PIL (78 us a TIFF through Image.open, on DALI's feeding thread)
+        Image.new("RGB", (33, 21)).save(out, format=fmt, **kw)
+        read = image_bytes._tiff_size if fmt == "TIFF" else image_bytes._pnm_size
+        assert read(out.getvalue()) == (33, 21) == image_bytes.image_size(out.getvalue()), fmt
+    assert image_bytes._pnm_size(b"P5\n# made by hand\n 7 5\n255\n") == (7, 5)
+    assert image_bytes._tiff_size(b"MM\x00*\x00\x00\x00\x08\x00\x02" + b"\x01\x00\x00\x03\x00\x00\x00\x01\x00\x21\x00\x00"
+                                  + b"\x01\x01\x00\x04\x00\x00\x00\x01\x00\x00\x00\x15") == (33, 21)  # big-endian
     for kw in (dict(lossless=True), dict(), dict(exif=b"Exif\x00\x00II*\x00\x08\x00\x00\x00\x00\x00")):
         out = io.BytesIO()  # VP8L, VP8 and VP8X (extended) WebP headers, read without PIL
         Image.new("RGB", (33, 21)).save(out, format="WEBP", **kw)
@@ -180,3 +188,25 @@ def test_a_named_pipe_is_refused_not_waited_on(tmp_path):
     assert buf is None and "not a regular file (a named pipe)" in reason
     with pytest.raises(ValueError, match="not a regular file .a named pipe."):
         image_bytes.pil_rgb(fifo)
+
+
+def test_reading_sizes_in_threads_leaves_the_warning_filters_alone():
+    """image_size's PIL fallback ran under warnings.catch_warnings, which is not thread-safe: from torch-gpu's
+    reading threads it could leave an "ignore every warning" filter behind (the skipped-file warnings vanished)."""
+    import threading
+    import warnings
+
+    odd = b"P6\n# no size here\n"  # a PNM header that does not parse: PIL's reading, in every thread
+    before = list(warnings.filters)
+
+    def read():
+        for _ in range(300):
+            image_bytes.image_size(odd)
+            sniff_image(_encoded("TIFF"))
+
+    threads = [threading.Thread(target=read) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert warnings.filters == before
