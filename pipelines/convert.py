@@ -6,8 +6,8 @@ a batch holds). Three guarantees:
 
 - Bad files never cost the conversion: every file is decoded once with PIL before writing (corrupt, truncated,
   zero-byte and non-image files fail here), skipped, counted, named in the printed summary and listed in
-  ``OUT.skipped.txt`` (one "path<TAB>reason" line each; a backslash, tab or line end in either is escaped as in a
-  Python string). Grayscale / palette / CMYK / 16-bit / alpha / EXIF-rotated images are converted to upright
+  ``OUT.skipped.txt`` (a header line, then one "path<TAB>reason" line each; a backslash, tab or line end in
+  either is escaped as in a Python string). Grayscale / palette / CMYK / 16-bit / alpha / EXIF-rotated images are converted to upright
   8-bit RGB.
 - Atomic output: the writer fills ``OUT.tmp-<pid>`` in OUT's directory and ``os.replace``s it at the end, so a
   partial file never sits under the final name and a previous OUT survives a failed run.
@@ -30,7 +30,7 @@ import numpy as np
 
 from .base import MAX_WORKERS, list_images, usable_cores
 from .image_bytes import max_pixels, open_image, rgb8
-from .skips import escape_name
+from .skips import SKIPPED_LIST_HEADER, escape_name
 
 FORMATS = ("jpg", "raw", "proportion")
 DEFAULT_JPEG_QUALITY = 90  # of the stored JPEGs (--jpeg-quality)
@@ -401,7 +401,8 @@ def convert(src, out, *, fmt: str = "jpg", max_side: int = 512, jpeg_quality: in
         writer.progress = progress
         writer.from_indexed_dataset(dataset, chunksize=chunk_size)
         if skipped:  # written before either file is replaced
-            _write_text(sidecar_tmp, "".join(f"{escape_name(p)}\t{escape_name(r)}\n" for p, r in skipped))
+            _write_text(sidecar_tmp, SKIPPED_LIST_HEADER + "\n" +
+                        "".join(f"{escape_name(p)}\t{escape_name(r)}\n" for p, r in skipped))
         if os.path.exists(sidecar):  # gone first: a kill between the two swaps never pairs the new .beton with
             os.remove(sidecar)       # the earlier conversion's list
         os.replace(tmp, out)

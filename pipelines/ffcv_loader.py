@@ -45,7 +45,7 @@ from sdmp_fast.batch import SDMPBatch, exact_device
 from .base import (EpochSampler, SkippingLoader, assemble_batch, loader_threads, make_generator, skip_batch_draws,
                    superseded_pass)
 from .recipes import Recipe, ViewSpec
-from .skips import unescape_name
+from .skips import SKIPPED_LIST_HEADER, unescape_name
 
 REQUIRED_FIELDS = ("image", "label", "index")
 PARKED_MAX = 4
@@ -387,7 +387,10 @@ class FFCVLoader(SkippingLoader):
         # as convert wrote it: any file name (its tabs and line ends escaped); newline="\n": a raw \r in an older
         # list's name is no line end
         with open(sidecar, encoding="utf-8", errors="surrogateescape", newline="\n") as f:
-            return [unescape_name(line.split("\t", 1)[0]) for line in f if line.strip()]
+            lines = f.read().split("\n")
+        escaped = lines[0] == SKIPPED_LIST_HEADER  # else an older list: raw names, one a line
+        names = [line.split("\t", 1)[0] for line in lines[escaped:] if line.strip()]
+        return [unescape_name(n) for n in names] if escaped else names
 
     def _epoch_order(self) -> np.ndarray:
         # One dtype every epoch: numba specialises the compiled pipeline on the index array's type.

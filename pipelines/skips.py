@@ -144,6 +144,11 @@ _ESCAPES = {"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"}
 _UNESCAPES = {v: k for k, v in _ESCAPES.items()}
 
 
+# First line of a .skipped.txt whose names are escaped (``escape_name``); a list without it (written before
+# 2026-11-30) holds raw names, read as they are.
+SKIPPED_LIST_HEADER = "# sdmp-fast convert: skipped files, one 'path<TAB>reason' line each, backslash-escaped"
+
+
 def escape_name(path: str) -> str:
     """``path`` for one field of a "path<TAB>reason" line: backslash, tab and line ends written as \\, \\t, \\n,
     \\r (a file name may hold any of them; a raw one split the line)."""

@@ -77,7 +77,8 @@ def test_convert_reports_bad_files_and_keeps_the_good_ones(beton, folder):
     report = summary.report()
     assert "skipped 3 file(s)" in report and all(p in report for p in bad)
     with open(out + ".skipped.txt") as f:
-        assert {line.split("\t")[0] for line in f} == bad
+        header, *lines = f.read().splitlines()
+    assert header.startswith("# sdmp-fast convert: skipped files") and {ln.split("\t")[0] for ln in lines} == bad
 
     listed = list_images(folder)
     good = [(f, l) for f, l in zip(listed.files, listed.labels) if f not in bad]
@@ -614,13 +615,19 @@ def test_convert_lists_a_skipped_file_whose_name_is_not_utf8(tmp_path):
     want = sorted([os.fsdecode(bad)] + odd)
     assert sorted(p for p, _ in summary.skipped) == want
     raw = open(out + ".skipped.txt", "rb").read()
-    assert raw.startswith(bad + b"\t") and raw.count(b"\n") == 4 and b"bad\\nline.jpg\tValueError" in raw
+    assert raw.split(b"\n")[1].startswith(bad + b"\t") and raw.count(b"\n") == 5
+    assert b"bad\\nline.jpg\tValueError" in raw
     assert len(summary.report().splitlines()) == 2 + 4
     loader = make_loader("ffcv", out, make_recipe("byol2", size=16), 2, device="cpu", shard_id=0, num_shards=1,
                          num_workers=1)
     assert sorted(loader.skipped) == want
     names = adapters.as_lightly(loader, data=str(root)).filenames
     assert len(names) == 6 and not any("bad" in n for n in names)
+    # a list written before names were escaped (no header line) is read as it is: raw names, one a line
+    with open(out + ".skipped.txt", "wb") as f:
+        f.write(b"/data/imgs\\new_set\\x.jpg\tValueError: zero-byte file\n")
+    assert make_loader("ffcv", out, make_recipe("byol2", size=16), 2, device="cpu", shard_id=0, num_shards=1,
+                       num_workers=1).skipped == ["/data/imgs\\new_set\\x.jpg"]
 
 
 @pytest.mark.timeout(150)
