@@ -70,29 +70,31 @@ def _jpeg_ends(buf) -> bool:
     return i >= 0 and data.find(b"\xff\xd9", i) >= 0
 
 
-def _jpeg_marker(data: bytes, wanted: frozenset) -> int:
-    """Offset of the first top-level marker of the JPEG ``data`` in ``wanted``, walking the segment lengths from
-    the start (so markers inside EXIF / XMP segments are not seen); -1 when the walk reaches the scan or the end
-    first."""
+def jpeg_segments(data: bytes):
+    """(offset, marker) of each top-level segment of the JPEG ``data``, up to and including the start of scan or
+    end of image, walking the segment lengths (so markers inside EXIF / XMP segments are not seen). Fill bytes
+    and extraneous bytes between segments are skipped, as libjpeg and PIL skip them."""
     i, n = 2, len(data)
     while i + 4 <= n:
-        if data[i] != 0xFF:  # extraneous bytes between segments: libjpeg skips to the next 0xFF (and decodes)
+        if data[i] != 0xFF:
             i = data.find(b"\xff", i)
             if i < 0:
-                return -1
+                return
             continue
         marker = data[i + 1]
-        if marker in wanted:
-            return i
         if marker == 0xFF:  # fill byte before a marker
             i += 1
-        elif marker == 0xD9 or marker == 0xDA:
-            return -1
-        elif 0xD0 <= marker <= 0xD7 or marker == 0x01:  # standalone markers: no length
-            i += 2
-        else:
-            i += 2 + (data[i + 2] << 8 | data[i + 3])
-    return -1
+            continue
+        yield i, marker
+        if marker == 0xD9 or marker == 0xDA:
+            return
+        i += 2 if 0xD0 <= marker <= 0xD7 or marker == 0x01 else 2 + (data[i + 2] << 8 | data[i + 3])
+
+
+def _jpeg_marker(data: bytes, wanted: frozenset) -> int:
+    """Offset of the first top-level marker of the JPEG ``data`` in ``wanted``; -1 when the walk reaches the
+    scan or the end first."""
+    return next((i for i, marker in jpeg_segments(data) if marker in wanted), -1)
 
 
 # start-of-frame markers (baseline, progressive, lossless, arithmetic...): C0-CF less DHT, JPG and DAC

@@ -32,7 +32,7 @@ from sdmp_fast.batch import SDMPBatch, exact_device
 from .base import (EpochSampler, SkippingLoader, assemble_batch, list_images, make_generator, skip_batch_draws,
                    usable_cores)
 from .device_ops import PackedImages, make_views
-from .image_bytes import pil_rgb, read_file_bytes, too_large
+from .image_bytes import jpeg_segments, pil_rgb, read_file_bytes, too_large
 from .recipes import Recipe
 from .skips import SkipLog, short_reason
 
@@ -43,23 +43,7 @@ _JPEG_END = b"\xff\xd9"
 def exif_orientation(data: bytes) -> int:
     """EXIF orientation (1..8) of a JPEG, 1 when it has none (walks the markers before the image data: the
     first APP1 segment holding EXIF, wherever it is, as PIL; an XMP segment may come first)."""
-    i, n = 2, len(data)
-    while i + 4 <= n:
-        if data[i] != 0xFF:  # extraneous bytes between segments: skipped, as libjpeg and PIL skip them
-            i = data.find(b"\xff", i)
-            if i < 0:
-                break
-            continue
-        marker = data[i + 1]
-        if marker == 0xFF:  # a fill byte before the marker
-            i += 1
-            continue
-        if marker in (0xD9, 0xDA):  # end of image / start of scan: no metadata after this
-            break
-        if 0xD0 <= marker <= 0xD7 or marker == 0x01:  # standalone markers: no length
-            i += 2
-            continue
-        seg_len = int.from_bytes(data[i + 2:i + 4], "big")
+    for i, marker in jpeg_segments(data):
         if marker == 0xE1 and data[i + 4:i + 10] == b"Exif\x00\x00":
             tiff = i + 10
             order = "big" if data[tiff:tiff + 2] == b"MM" else "little"
@@ -70,7 +54,6 @@ def exif_orientation(data: bytes) -> int:
                     value = int.from_bytes(data[entry + 8:entry + 10], order)
                     return value if 1 <= value <= 8 else 1
             return 1
-        i += 2 + seg_len
     return 1
 
 
