@@ -6,7 +6,8 @@ import errno
 import os
 from typing import IO, Callable, Optional
 
-__all__ = ["why_not_creatable", "write_replacing", "discard", "os_error_reason"]
+__all__ = ["why_not_creatable", "write_replacing", "discard", "os_error_reason", "LockHeld", "lock_exclusive",
+           "sibling_lock_path"]
 
 
 def why_not_creatable(path: str) -> Optional[str]:
@@ -76,3 +77,37 @@ def remove_dead_temporaries(*prefixes: str) -> None:
                     discard(path)
             except (ValueError, PermissionError, OverflowError):  # not our naming, or another user's live process
                 pass
+
+
+class LockHeld(Exception):
+    """Another process holds the lock (its path is the message)."""
+
+
+def lock_exclusive(path: str, wait: bool = False) -> IO:
+    """An exclusive lock on ``path`` (created if missing), held while the returned file stays open and released
+    by the OS when the process ends, however it ends (kill -9 included: no stale lock to remove by hand).
+    Raises :class:`LockHeld` when another process holds it (``wait``: blocks until it is free instead), and the
+    OSError of a file that cannot be opened or a file system that takes no locks.
+
+    A POSIX record lock (``lockf``), not ``flock``: an flock belongs to the open file, which forked children
+    share, so DataLoader or writer workers kept it held for seconds after their parent was killed with -9, and a
+    command started again at once was refused. A POSIX lock belongs to the process alone."""
+    import fcntl
+
+    fh = open(path, "a")
+    try:
+        fcntl.lockf(fh, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+    except OSError as e:
+        fh.close()
+        if e.errno in (errno.EACCES, errno.EAGAIN):
+            raise LockHeld(path) from None
+        raise
+    return fh
+
+
+def sibling_lock_path(path: str) -> str:
+    """``DIR/.NAME.lock`` for an output ``DIR/NAME`` that is replaced whole (a .beton, a data folder): the lock
+    cannot live inside what it guards, and a hidden name keeps listings of DIR clean. The file stays: removing
+    it would let a process that waits on it and a newcomer hold two different locks."""
+    head, tail = os.path.split(os.path.abspath(path))
+    return os.path.join(head, f".{tail}.lock")

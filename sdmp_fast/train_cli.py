@@ -211,26 +211,24 @@ def _restore_env(previous: dict) -> None:
 
 
 def _lock_out(out: str):
-    """An exclusive lock on ``out/.lock``: a second run (a resume started while the first still runs) would
-    write the same checkpoints and metrics. Released by the OS when the process ends, however it ends.
+    """An exclusive lock on ``out/.lock`` (:func:`sdmp_fast.paths.lock_exclusive`): a second run (a resume
+    started while the first still runs) would write the same checkpoints and metrics. Released by the OS when
+    the process ends, however it ends."""
+    from sdmp_fast.paths import LockHeld, lock_exclusive
 
-    A POSIX record lock (``lockf``), not ``flock``: an flock belongs to the open file, which forked children
-    share, so DataLoader workers (forked) kept it held for seconds after the trainer was killed with -9, and a
-    resume started at once was refused. A POSIX lock belongs to the process alone."""
-    import errno
-    import fcntl
-
-    fh = open(os.path.join(out, ".lock"), "a")
+    path = os.path.join(out, ".lock")
     try:
-        fcntl.lockf(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return lock_exclusive(path)
+    except LockHeld:
+        raise ValueError(f"out: {out!r} is being written by another sdmp-fast train process (its .lock is "
+                         f"held); wait for it to end or stop it first") from None
     except OSError as e:
-        fh.close()
-        if e.errno in (errno.EACCES, errno.EAGAIN):
-            raise ValueError(f"out: {out!r} is being written by another sdmp-fast train process (its .lock is "
-                             f"held); wait for it to end or stop it first") from None
-        raise ValueError(f"out: cannot lock {os.path.join(out, '.lock')!r} ({e.strerror}): the file system of "
-                         f"--out takes no POSIX locks (NFS without lockd?); choose another --out") from None
-    return fh
+        if os.path.exists(path) and not os.access(path, os.W_OK):
+            raise ValueError(f"out: cannot open {path!r} ({e.strerror}): it belongs to another user's run? "
+                             f"choose another --out") from None
+        raise ValueError(f"out: cannot lock {path!r} ({e.strerror}): the file system of --out takes no POSIX "
+                         f"locks (NFS without lockd?), or this user may not write there; choose another "
+                         f"--out") from None
 
 
 def _same_settings(old_text: str, new: dict) -> bool:
@@ -486,6 +484,8 @@ def _main(cfg, store=None) -> int:
                 _recheck_out(cfg, seen)
             except ValueError as e:
                 problem = str(e)
+            except OSError as e:  # told to every rank, which would otherwise wait for rank 0 at the broadcast
+                problem = f"out: cannot create {cfg.out!r} ({e.strerror})"
         if world > 1:  # every rank stops alike, none waits at a barrier rank 0 never reaches
             box = [problem]
             dist.broadcast_object_list(box, src=0)

@@ -104,6 +104,22 @@ def _ranks(tmp_path, argvs, timeout, **env):
 
 
 @pytest.mark.timeout(120)
+def test_a_lock_file_rank_0_cannot_open_stops_every_rank_with_its_reason(tmp_path):
+    """--out/.lock that rank 0 cannot open (another user's run, here a folder in its place): its OSError escaped
+    the check the ranks share, so rank 0 died with a traceback and rank 1 with gloo's "connection closed by
+    peer" (under NCCL it would have waited for --dist-timeout)."""
+    out = tmp_path / "out"
+    (out / ".lock").mkdir(parents=True)
+    argv = TINY + ["--loader", "synthetic", "--batch-size", "8", "--steps", "2", "--save-every", "0",
+                   "--dist-timeout", "20", "--out", str(out)]
+    codes, texts = _ranks(tmp_path, [argv, argv], 100)
+    assert codes == [2, 2], texts
+    for text in texts:
+        assert f"out: cannot lock {str(out / '.lock')!r}" in text, text[-3000:]
+        assert "Traceback" not in text
+
+
+@pytest.mark.timeout(120)
 def test_ranks_that_find_different_checkpoints_refuse_to_resume(tmp_path):
     """Every rank reads --out itself. Where the ranks do not see the same files (node-local disks, a partial copy)
     rank 0 resumed at its checkpoint's step while rank 1 started afresh: they trained on with different models,
