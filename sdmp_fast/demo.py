@@ -228,10 +228,17 @@ def main(argv=None) -> int:
     except ValueError as e:
         ap.error(str(e))
     os.makedirs(args.out, exist_ok=True)
+    from sdmp_fast.paths import LockHeld, discard, lock_exclusive
+
+    try:  # two demos on one --out deleted and mixed each other's run folders, checkpoints and results
+        lock = lock_exclusive(os.path.join(args.out, ".lock"))  # noqa: F841 - held until this process ends
+    except LockHeld:
+        ap.error(f"--out: {args.out!r} is being written by another demo or sdmp-fast train process (its .lock is "
+                 f"held); wait for it to end or choose another --out")
+    except OSError as e:
+        ap.error(f"--out: cannot lock {os.path.join(args.out, '.lock')!r} ({e.strerror}); choose another --out")
     # a rerun starts over (each seed's run folder is replaced): the earlier results.json goes first, so a rerun
     # stopped half-way never leaves results beside run folders that are no longer theirs
-    from sdmp_fast.paths import discard
-
     discard(os.path.join(args.out, "results.json"))
     t_setup = time.perf_counter()
     xtr, ytr = load_fashion_mnist("train")

@@ -58,3 +58,35 @@ def test_demo_bad_settings_are_one_argparse_line(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "error: batch_size:" in err and "Traceback" not in err, err
     assert not out.exists()
+
+
+def hold_lock_in_another_process(path):
+    """A process that holds ``path``'s lock (paths.lock_exclusive) until killed; returns it once it holds it."""
+    import subprocess
+    import sys
+
+    code = ("import sys, time\nfrom sdmp_fast.paths import lock_exclusive\nfh = lock_exclusive(sys.argv[1])\n"
+            "print('held', flush=True)\ntime.sleep(120)\n")
+    p = subprocess.Popen([sys.executable, "-c", code, str(path)], stdout=subprocess.PIPE, text=True)
+    assert p.stdout.readline().strip() == "held"
+    return p
+
+
+@pytest.mark.timeout(60)
+def test_a_demo_on_an_out_another_demo_is_writing_is_refused_and_deletes_nothing(tmp_path, capsys):
+    """Two demos on one --out: the second deleted the first's run folder and results and trained into them, so
+    one printed the other's losses and results.json mixed the two runs' settings."""
+    out = tmp_path / "d"
+    (out / "run-seed0").mkdir(parents=True)
+    (out / "run-seed0" / "metrics.jsonl").write_text("{}\n")
+    (out / "results.json").write_text("{}")
+    holder = hold_lock_in_another_process(out / ".lock")
+    try:
+        with pytest.raises(SystemExit) as e:
+            demo.main(["--device", "cpu", "--steps", "1", "--batch-size", "16", "--out", str(out)])
+    finally:
+        holder.kill()
+        holder.wait()
+    assert e.value.code == 2
+    assert "is being written by another demo or sdmp-fast train process" in capsys.readouterr().err
+    assert (out / "results.json").read_text() == "{}" and (out / "run-seed0" / "metrics.jsonl").is_file()
