@@ -23,6 +23,11 @@ _cpu_ext = None  # CPU emulation module (tests): serves CPU tensors when set
 _enabled = True
 
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# Launch limits of the kernels (gridDim.y <= 65,535 pairs of partner rows; 32-bit row and in-sample counts):
+# larger inputs run the reference, so code that runs on a CPU does not fail on a GPU (the extension refuses
+# them too, naming the argument, for callers of the raw ops).
+MAX_PAIRED_BATCH = 2 * 65535
+MAX_INT32 = 2**31 - 1
 
 
 def enabled() -> bool:

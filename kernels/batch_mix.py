@@ -43,6 +43,9 @@ def _use_kernel(xs: Sequence[Tensor], *others: Tensor) -> bool:
         return False
     if any(x.dtype != xs[0].dtype or x.shape[0] != xs[0].shape[0] for x in xs):
         return False
+    n = xs[0].shape[0]
+    if n > _ext.MAX_PAIRED_BATCH or any(x[0].numel() > _ext.MAX_INT32 for x in xs if n):
+        return False  # beyond the launch limits
     return xs[0].is_floating_point() and _ext.kernel_ok(*xs)
 
 

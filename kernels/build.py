@@ -171,6 +171,24 @@ def compile_flags(arch_list: Optional[Sequence[str]] = None) -> dict:
                 ldflags=toolkit_libs)
 
 
+def _checkout_tag() -> str:
+    return hashlib.sha1(str(CSRC.resolve()).encode()).hexdigest()[:8]
+
+
+def jit_build_dir(arch_list: List[str]) -> Path:
+    """The JIT cache folder of this copy of the sources (a checkout, or an installed package), this torch and
+    these architectures: two package versions or checkouts sharing one cache keep their own builds instead of
+    rebuilding each other's module on every start, and an edit here rebuilds only what it touched."""
+    return cache_dir() / f"{_torch_tag()}-sm{'_'.join(arch_list)}-{_checkout_tag()}"
+
+
+def emulated_build_dir() -> Path:
+    """The CPU emulation's folder, per copy of the sources: its wrappers #include this copy's .cu files by
+    absolute path, so a shared folder let two checkouts testing at once build one's tests against the other's
+    kernels."""
+    return cache_dir() / f"emulated-{_torch_tag()}-{_checkout_tag()}"
+
+
 def load(verbose: bool = False):
     """The CUDA extension: the one built at install if it matches these sources and this torch, else JIT-built
     (or loaded from the JIT cache); raises on failure."""
@@ -181,7 +199,7 @@ def load(verbose: bool = False):
         return prebuilt
     from torch.utils import cpp_extension
     arch_list = archs()
-    build_dir = cache_dir() / f"{_torch_tag()}-sm{'_'.join(arch_list)}"
+    build_dir = jit_build_dir(arch_list)
     build_dir.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("MAX_JOBS", _max_jobs())
     flags = compile_flags(arch_list)
@@ -277,7 +295,7 @@ def runs_on(built: Sequence[str], capability: Tuple[int, int]) -> bool:
 def load_emulated(verbose: bool = False):
     """Builds the kernels for CPU emulation (host compiler, no CUDA): a module with the same functions."""
     from torch.utils import cpp_extension
-    build_dir = cache_dir() / f"emulated-{_torch_tag()}"
+    build_dir = emulated_build_dir()
     build_dir.mkdir(parents=True, exist_ok=True)
     digest = _sources_digest()
     wrappers = []
@@ -285,7 +303,9 @@ def load_emulated(verbose: bool = False):
         w = build_dir / f"{cu.stem}_emulated.cpp"
         text = f"// generated: {cu.name} for CPU emulation, sources {digest}\n#include \"{cu}\"\n"
         if not w.exists() or w.read_text() != text:
-            w.write_text(text)
+            tmp = w.with_name(f"{w.name}.tmp-{os.getpid()}")  # a concurrent build never reads half a wrapper
+            tmp.write_text(text)
+            os.replace(tmp, w)
         wrappers.append(str(w))
     os.environ.setdefault("MAX_JOBS", _max_jobs())
     return cpp_extension.load(

@@ -220,6 +220,9 @@ def _prepare(student_clean, student_mixed, teacher_clean, teacher_mixed, center,
         return None
     sc, b, k = s_clean.shape
     t = t_clean.shape[0]
+    rows = (sc + (0 if s_mixed is None else s_mixed.shape[0])) * b
+    if b > _ext.MAX_PAIRED_BATCH or rows > _ext.MAX_INT32 or (b + 1) // 2 * -(-k // 256) > _ext.MAX_INT32:
+        return None  # beyond the launch limits (sizes no GPU holds today; the extension counts rows and units in int32)
     if losses.dino_pair_count(sc, 0 if s_mixed is None else s_mixed.shape[0], t) == 0:
         return None  # no pair: let the reference produce its NaN
     # center [1, K] is DINO's own layout (a registered buffer), [K] the mean's: both are read as [K]

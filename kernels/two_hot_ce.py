@@ -103,7 +103,8 @@ def two_hot_ce(logits: Tensor, index_a: Tensor, index_b: Tensor, weight_a: Tenso
 
 
 def _use_kernel(logits: Tensor) -> bool:
-    return logits.dim() == 2 and logits.shape[1] > 0 and _ext.kernel_ok(logits)
+    return (logits.dim() == 2 and logits.shape[1] > 0 and logits.shape[0] <= _ext.MAX_INT32
+            and _ext.kernel_ok(logits))
 
 
 def two_hot_cross_entropy(logits: Tensor, index_a: Tensor, index_b: Tensor, weight_a: Tensor,

@@ -103,6 +103,18 @@ def test_prebuilt_extension_used_only_when_built_from_these_sources(monkeypatch)
     assert module is None and "stale" in why
 
 
+def test_two_copies_of_the_sources_build_in_folders_of_their_own(monkeypatch, tmp_path):
+    # one folder per torch let two checkouts testing at once build one's tests against the other's kernels (its
+    # wrappers #include the .cu files by absolute path), and two installs rebuild each other's CUDA module
+    monkeypatch.setenv("SDMP_KERNELS_CACHE", str(tmp_path / "cache"))
+    here = (build.emulated_build_dir(), build.jit_build_dir(["90"]))
+    assert here == (build.emulated_build_dir(), build.jit_build_dir(["90"]))  # stable for one copy
+    monkeypatch.setattr(build, "CSRC", tmp_path / "other-checkout" / "csrc")
+    there = (build.emulated_build_dir(), build.jit_build_dir(["90"]))
+    assert all(a != b and a.parent == b.parent == tmp_path / "cache" for a, b in zip(here, there))
+    assert build.jit_build_dir(["80", "90"]) != there[1]
+
+
 def test_runs_on_follows_cuda_binary_compatibility():
     assert build.runs_on(["80", "90"], (8, 0)) and build.runs_on(["80", "90"], (8, 9))
     assert build.runs_on(["80"], (9, 0))  # PTX of the highest architecture
@@ -661,12 +673,37 @@ def test_emulated_dino_fwd_without_teacher_mixed_writes_every_output(emulated):
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
-def test_emulated_dino_batch_above_launch_limit_is_an_error(emulated):
-    # the launches put the pairs of partner rows on gridDim.y (<= 65,535): larger batches are refused up front
-    b = 2 * 65535 + 1
-    sc, tc = torch.zeros(2, b, 1), torch.zeros(1, b, 1)
-    with pytest.raises(RuntimeError, match="batch size 131071 above the launch limit 131070"):
-        K.sdmp_dino_terms(sc, None, tc, None, torch.zeros(1), None)
+def test_emulated_batch_above_launch_limit_runs_the_reference(emulated):
+    # the launches put the pairs of partner rows on gridDim.y (<= 65,535): the raw ops refuse larger batches up
+    # front; the public functions run the reference there (it raised, where the CPU ran the same code)
+    b = 2 * 65535 + 2
+    sc, tc = torch.randn(2, b, 1), torch.randn(1, b, 1)
+    with pytest.raises(RuntimeError, match="batch size 131072 above the launch limit 131070"):
+        torch.ops.sdmp_fast.dino_fwd(sc, None, tc, None, torch.zeros(1), None, 0.1, 0.04, 0.5, False, False, False, 4)
+    got = K.sdmp_dino_terms(sc, None, tc, None, torch.zeros(1), None)
+    want = losses.sdmp_dino_terms(sc, None, tc, None, torch.zeros(1), None)
+    assert all(torch.equal(got[name], want[name]) for name in want)
+    x = torch.randn(b, 1, 1, 2)
+    lam, method = torch.rand(b), torch.zeros(b, dtype=torch.long)
+    box = [torch.zeros(b, dtype=torch.long)] * 2 + [torch.ones(b, dtype=torch.long)] * 2
+    with pytest.raises(RuntimeError, match="batch size 131072 above the launch limit 131070"):
+        torch.ops.sdmp_fast.batch_mix([x], lam, method, *[[t] for t in box], True)
+    assert torch.equal(K.apply_mix(x, lam, method, *box), mixing.apply_mix(x, lam, method, *box))
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_emulated_dino_block_cols_above_shared_memory_is_an_error_naming_it(emulated):
+    # 8,192 columns x 2 x (3 + 2) fp32 target rows = 327,680 bytes: more than any card grants one block; the
+    # launch used to fail as CUDA's bare "invalid argument"
+    sc, sm, tc, tm, center, lam = dino_inputs(3, 2, 2, 4, 40, torch.float32, "cpu")
+    with env(SDMP_DINO_BLOCK_COLS="8192"), pytest.raises(RuntimeError, match=r"SDMP_DINO_BLOCK_COLS=8192: with 2 "
+                                                                              r"teacher crop\(s\) .* 5632 columns fit"):
+        K.sdmp_dino_terms(sc, sm, tc, tm, center, lam)
+    with env(SDMP_DINO_BLOCK_COLS="4096"):  # 163,840 bytes: fits an H100 (and what the emulation allows)
+        got = K.sdmp_dino_terms(sc, sm, tc, tm, center, lam)
+    want = losses.sdmp_dino_terms(sc, sm, tc, tm, center, lam)
+    assert all(torch.allclose(got[name], want[name], rtol=1e-5, atol=1e-6) for name in want)
 
 
 @pytest.mark.slow

@@ -72,7 +72,7 @@ std::vector<at::Tensor> batch_mix_views(const std::vector<at::Tensor>& xs, const
     v.cut_w = cut_w[k].data_ptr<int64_t>();
     p.vec_ok = p.vec_ok && vec_aligned(x, v.W) && v.W % vec == 0;
     TORCH_CHECK(x.numel() / std::max<int64_t>(n, 1) < (int64_t{1} << 31), "batch_mix: view ", k,
-                " has more than 2^31 elements per sample");
+                " has 2^31 or more elements per sample");
   }
   SDMP_CHECK_STATUS(batch_mix(p, current_stream(ref)));
   return outs;

@@ -25,6 +25,8 @@ inline Stream current_stream(const at::Tensor&) { return nullptr; }
 struct DeviceGuard {
   explicit DeviceGuard(const at::Tensor&) {}
 };
+// An H100's opt-in limit: what the emulated launches enforce (emulate.h).
+inline int64_t max_dynamic_smem(const at::Tensor&) { return 232448; }
 }  // namespace sdmp
 #else
 #include <c10/cuda/CUDAException.h>
@@ -41,6 +43,12 @@ struct DeviceGuard {
   explicit DeviceGuard(const at::Tensor& t) : guard(t.device()) {}
   c10::cuda::CUDAGuard guard;
 };
+// Dynamic shared memory one block of the tensor's device may request (227 KB on an H100, 163 KB on an A100).
+inline int64_t max_dynamic_smem(const at::Tensor& t) {
+  int optin = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, t.device().index()));
+  return optin;
+}
 }  // namespace sdmp
 #endif
 

@@ -17,6 +17,8 @@
 #include <cstring>
 #include <memory>
 #include <mutex>
+#include <stdexcept>
+#include <string>
 #include <thread>
 #include <vector>
 
@@ -104,6 +106,19 @@ inline T shfl(T v, int src_lane) {
   return out;
 }
 
+// What a real launch on an H100 would refuse ("invalid configuration argument" / "invalid argument"), refused
+// here too, so a CPU test catches a grid or a shared-memory request that only a GPU would reject.
+inline void check_launch(dim3 grid, dim3 block, size_t smem, unsigned cluster_x) {
+  auto refuse = [](const std::string& why) { throw std::runtime_error("emulated launch refused: " + why); };
+  if (grid.x == 0 || grid.y == 0 || grid.z == 0 || grid.x > 2147483647u || grid.y > 65535 || grid.z > 65535)
+    refuse("grid (" + std::to_string(grid.x) + ", " + std::to_string(grid.y) + ", " + std::to_string(grid.z) +
+           ") outside CUDA's limits (x < 2^31, y and z <= 65,535)");
+  if (static_cast<uint64_t>(block.x) * block.y * block.z > 1024 || block.z > 64)
+    refuse("more than 1,024 threads per block");
+  if (smem > 232448) refuse(std::to_string(smem) + " bytes of dynamic shared memory (an H100 grants 232,448)");
+  if (cluster_x > 16) refuse("clusters of more than 16 blocks");
+}
+
 // Clusters of cluster_x consecutive blocks along x (grid.x a multiple of cluster_x): the blocks of a cluster run
 // concurrently, each on its own blockDim threads; clusters run one after another. Kernels launched this way
 // must keep block-local data in dynamic shared memory (function-static __shared__ is one copy here).
@@ -111,6 +126,7 @@ template <typename... KArgs, typename... Args>
 void launch_cluster(dim3 grid, dim3 block, size_t smem, unsigned cluster_x, void (*kernel)(KArgs...), Args... args) {
   const int nthreads = static_cast<int>(block.x * block.y * block.z);
   if (nthreads % 32 != 0 || cluster_x == 0 || grid.x % cluster_x != 0) std::abort();
+  check_launch(grid, block, smem, cluster_x);
   const long nclusters = static_cast<long>(grid.x / cluster_x) * grid.y * grid.z;
   const int cx = static_cast<int>(cluster_x);
   std::vector<std::unique_ptr<Block>> blocks;

@@ -59,6 +59,8 @@ DinoInputs check_inputs(const at::Tensor& s_clean, const std::optional<at::Tenso
   TORCH_CHECK(B >= 1 && K >= 1, "empty batch or prototype dimension");
   // The launches put the pairs of partner rows on gridDim.y (at most 65,535 of them).
   TORCH_CHECK(B <= 2 * 65535, "sdmp_dino_terms: batch size ", B, " above the launch limit 131070");
+  TORCH_CHECK(Sc + (s_mixed.has_value() && s_mixed->defined() ? s_mixed->size(0) : 0) <= INT32_MAX / B,
+              "sdmp_dino_terms: student crops x batch size above 2^31 - 1 rows");
   CHECK_SHAPE(t_clean, T, B, K);
   DinoInputs in;
   read_settings(in);
@@ -122,8 +124,18 @@ DinoInputs check_inputs(const at::Tensor& s_clean, const std::optional<at::Tenso
   p.t_groups_clean = static_cast<int>(ceil_div(T * B, 64));
   p.t_groups_mixed = has_tm ? p.t_groups_clean : 0;
   p.kb_cols = dino_block_cols(p.T, p.block_cols_setting);
-  p.n_kblocks = static_cast<int>(ceil_div(K, p.kb_cols));
-  p.npairs = static_cast<int>((B + 1) / 2);
+  if (p.block_cols_setting > 0) {  // the default always fits (96 KiB); a tuning value may not
+    const int64_t need = static_cast<int64_t>(dino_smem_bytes(p)), limit = max_dynamic_smem(s_clean);
+    TORCH_CHECK(need <= limit, "SDMP_DINO_BLOCK_COLS=", p.block_cols_setting, ": with ", T,
+                " teacher crop(s) a block needs ", need, " bytes of shared memory, above this card's ", limit,
+                "; at most ", limit / (need / p.block_cols_setting) / 256 * 256, " columns fit");
+  }
+  const int64_t kblocks = ceil_div(K, p.kb_cols), npairs = (B + 1) / 2;
+  // The gradient kernels count (pair, column block) units in int32 (int64 there spills registers in the hot loop).
+  TORCH_CHECK(npairs * kblocks <= INT32_MAX, "sdmp_dino_terms: ", npairs, " pairs of rows x ", kblocks,
+              " column blocks of K = ", K, " above 2^31 - 1 units");
+  p.n_kblocks = static_cast<int>(kblocks);
+  p.npairs = static_cast<int>(npairs);
   return in;
 }
 

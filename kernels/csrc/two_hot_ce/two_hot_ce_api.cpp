@@ -18,6 +18,8 @@ TwoHotParams make_params(const at::Tensor& logits, const at::Tensor& index_a, co
   // The column stride matters only where there are two columns to step between.
   TORCH_CHECK(logits.stride(1) == 1 || N <= 1 || n == 0, "logits must have a unit column stride");
   TORCH_CHECK(N > 0, "logits must have at least one column");
+  // One block per row on gridDim.x (at most 2^31 - 1 of them).
+  TORCH_CHECK(n <= INT32_MAX, "logits: at most 2^31 - 1 rows, got ", n);
   for (const at::Tensor* t : {&index_a, &index_b, &weight_a, &weight_b}) {
     CHECK_SAME_DEVICE(*t, logits);
     CHECK_CONTIGUOUS(*t);
