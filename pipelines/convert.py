@@ -28,6 +28,8 @@ from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from sdmp_fast.paths import LockHeld, discard, lock_exclusive, release_removing, sibling_lock_path
+
 from .base import MAX_WORKERS, list_images, usable_cores
 from .image_bytes import max_pixels, open_image, rgb8
 from .skips import SKIPPED_LIST_HEADER, escape_name
@@ -366,6 +368,29 @@ def convert(src, out, *, fmt: str = "jpg", max_side: int = 512, jpeg_quality: in
     """Write ``src`` (ImageFolder root or file list) to the FFCV file ``out``; see the module docstring."""
     out = validate_options(src, out, fmt, max_side, jpeg_quality, compress_probability, workers, chunk_size)
     images = list_images(src)  # ValueError naming src when it is empty
+    lock = _lock_output(out)
+    try:
+        return _convert_locked(images, out, fmt, max_side, jpeg_quality, compress_probability, workers,
+                               chunk_size, progress)
+    finally:
+        release_removing(lock)
+
+
+def _lock_output(out: str):
+    """One convert per output at a time: two wrote the whole set each, and the later of the two swaps could pair
+    one run's .beton with the other's skipped list (or fail on a list the other had just removed)."""
+    try:
+        return lock_exclusive(sibling_lock_path(out))
+    except LockHeld:
+        raise ValueError(f"out: {out!r} is being written by another sdmp-fast convert (its lock "
+                         f"{sibling_lock_path(out)!r} is held); wait for it to end") from None
+    except OSError as e:
+        raise ValueError(f"out: cannot lock {sibling_lock_path(out)!r} ({e.strerror}): the folder of out takes no "
+                         f"POSIX locks (NFS without lockd?) or this user may not write there") from None
+
+
+def _convert_locked(images, out, fmt, max_side, jpeg_quality, compress_probability, workers, chunk_size,
+                    progress) -> ConvertSummary:
     workers = workers or usable_cores()  # a container's CPU set, not the host's cores
     from .ffcv_loader import kept_torch_threads
 
@@ -403,8 +428,8 @@ def convert(src, out, *, fmt: str = "jpg", max_side: int = 512, jpeg_quality: in
         if skipped:  # written before either file is replaced
             _write_text(sidecar_tmp, SKIPPED_LIST_HEADER + "\n" +
                         "".join(f"{escape_name(p)}\t{escape_name(r)}\n" for p, r in skipped))
-        if os.path.exists(sidecar):  # gone first: a kill between the two swaps never pairs the new .beton with
-            os.remove(sidecar)       # the earlier conversion's list
+        discard(sidecar)  # gone first: a kill between the two swaps never pairs the new .beton with the earlier
+        # conversion's list
         os.replace(tmp, out)
         if skipped:
             os.replace(sidecar_tmp, sidecar)

@@ -7,7 +7,7 @@ import os
 from typing import IO, Callable, Optional
 
 __all__ = ["why_not_creatable", "write_replacing", "discard", "os_error_reason", "LockHeld", "lock_exclusive",
-           "sibling_lock_path"]
+           "release_removing", "sibling_lock_path"]
 
 
 def why_not_creatable(path: str) -> Optional[str]:
@@ -94,20 +94,38 @@ def lock_exclusive(path: str, wait: bool = False) -> IO:
     command started again at once was refused. A POSIX lock belongs to the process alone."""
     import fcntl
 
-    fh = open(path, "a")
-    try:
-        fcntl.lockf(fh, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
-    except OSError as e:
+    while True:
+        fh = open(path, "a")
+        try:
+            fcntl.lockf(fh, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except OSError as e:
+            fh.close()
+            if e.errno in (errno.EACCES, errno.EAGAIN):
+                raise LockHeld(path) from None
+            raise
+        # the file may have been removed (release_removing) while this process waited for it: a lock on a
+        # removed file guards nothing, so take the one now at ``path``
+        mine = os.fstat(fh.fileno())
+        try:
+            now = os.stat(path)
+        except FileNotFoundError:
+            now = None
+        if now is not None and (now.st_dev, now.st_ino) == (mine.st_dev, mine.st_ino):
+            return fh
         fh.close()
-        if e.errno in (errno.EACCES, errno.EAGAIN):
-            raise LockHeld(path) from None
-        raise
-    return fh
+
+
+def release_removing(fh: IO) -> None:
+    """Releases a :func:`lock_exclusive` lock and removes its file (a lock beside an output, not inside it):
+    removed while still held, so a process that waits on it finds it gone and locks a new one, never this one
+    after a newcomer created another."""
+    discard(fh.name)
+    fh.close()
 
 
 def sibling_lock_path(path: str) -> str:
     """``DIR/.NAME.lock`` for an output ``DIR/NAME`` that is replaced whole (a .beton, a data folder): the lock
-    cannot live inside what it guards, and a hidden name keeps listings of DIR clean. The file stays: removing
-    it would let a process that waits on it and a newcomer hold two different locks."""
+    cannot live inside what it guards, and a hidden name keeps listings of DIR clean. Removed when released
+    (:func:`release_removing`); one left by a killed process is harmless (the next command takes it)."""
     head, tail = os.path.split(os.path.abspath(path))
     return os.path.join(head, f".{tail}.lock")

@@ -4,6 +4,8 @@ FFCV compiles a numba pipeline per loader (seconds each on 2 cores): one .beton 
 only four loaders are built (two shards of byol2, DINO, FFCV's stock per-view decoders).
 """
 import os
+import subprocess
+import sys
 import warnings
 
 import numpy as np
@@ -132,6 +134,28 @@ def test_convert_removes_a_killed_runs_temporary(folder, tmp_path):
     stale.write_bytes(b"partial")
     conv.convert(folder, str(out), max_side=64, workers=1, progress=False)
     assert not stale.exists() and out.exists()
+
+
+@pytest.mark.timeout(120)
+def test_a_convert_to_an_output_another_convert_is_writing_is_refused(beton, folder, tmp_path):
+    """Two converts to one .beton each wrote the whole set, and the later swap could pair one run's .beton with
+    the other's skipped list. The second is refused at once; the first's files stay as they are."""
+    from test_paths import HOLDER
+
+    out = tmp_path / "data.beton"
+    previous = open(beton[1], "rb").read()
+    out.write_bytes(previous)  # what the other convert is about to replace
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(tmp_path / ".data.beton.lock")],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(ValueError, match="is being written by another sdmp-fast convert"):
+            conv.convert(folder, str(out), max_side=64, workers=1, progress=False)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert out.read_bytes() == previous and sorted(os.listdir(tmp_path)) == [".data.beton.lock",
+                                                                                       "data.beton"]
 
 
 def test_convert_bad_arguments_name_the_path(tmp_path, folder):

@@ -201,3 +201,25 @@ def test_a_killed_rebuild_never_leaves_part_of_the_old_set_and_its_leftovers_go(
     assert sorted(os.listdir(tmp_path)) == ["set"]  # the dead run's temporary and this one's are gone
     make_data(out, num_images=6, classes=2, seed=0, force=True, quiet=True)
     assert len(list_images(out)) == 6 and sorted(os.listdir(tmp_path)) == ["set"]
+
+
+@pytest.mark.timeout(240)
+def test_two_make_data_at_once_with_other_settings_never_both_succeed(tmp_path):
+    """Both checked the (missing) folder's settings at start, then each swapped its set in: both said ready, and
+    the first job's benchmark read the other's images. Now one builds, the other waits for it and then finds a
+    set with other settings (refused without --force)."""
+    import json
+    import subprocess
+    import sys
+
+    out = tmp_path / "set"
+    procs = [subprocess.Popen([sys.executable, "-m", "sdmp_fast.cli", "make-data", str(out), "--num-images", "48",
+                               "--classes", "2", "--seed", str(seed)], stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for seed in (0, 1)]
+    texts = [p.communicate(timeout=200)[0] for p in procs]
+    codes = [p.returncode for p in procs]
+    assert sorted(codes) == [0, 2], texts
+    winner = codes.index(0)
+    assert "holds a set made with other settings" in texts[1 - winner]
+    assert json.loads((out / STAMP).read_text())["seed"] == winner
+    assert len(list_images(str(out)).files) == 48

@@ -13,6 +13,7 @@ a finished OUT_DIR has a stamp file, and running again with the same settings do
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -183,6 +184,31 @@ def make_data(out_dir: str, num_images: int = 512, classes: int = 8, seed: int =
         parent = os.path.dirname(parent)
     if os.path.lexists(parent) and not os.path.isdir(parent):
         raise ValueError(f"make-data: OUT_DIR {out_dir!r} lies under {parent!r}, which is not a folder")
+    # one make-data per OUT_DIR at a time: a second one checked the settings before the first swapped its set in,
+    # then swapped its own over it (other settings, no --force); it waits, then finds the set ready or not
+    os.makedirs(os.path.dirname(out_dir), exist_ok=True)
+    with _exclusive(out_dir, quiet):
+        return _make_data_locked(out_dir, num_images, classes, seed, force, quiet)
+
+
+@contextlib.contextmanager
+def _exclusive(out_dir: str, quiet: bool):
+    from sdmp_fast.paths import LockHeld, lock_exclusive, release_removing, sibling_lock_path
+
+    lock = sibling_lock_path(out_dir)
+    try:
+        fh = lock_exclusive(lock)
+    except LockHeld:
+        if not quiet:
+            print(f"make-data: another make-data is writing {out_dir}; waiting for it", flush=True)
+        fh = lock_exclusive(lock, wait=True)
+    try:
+        yield
+    finally:
+        release_removing(fh)
+
+
+def _make_data_locked(out_dir: str, num_images: int, classes: int, seed: int, force: bool, quiet: bool) -> str:
     want = _settings(num_images, classes, seed)
     stamp = read_stamp(out_dir)
     same = stamp is not None and {k: stamp.get(k) for k in want} == want
