@@ -87,6 +87,15 @@ def test_bench_e2e_names_its_default_file_by_card_and_date(tmp_path, capsys, mon
     doc = json.loads((tmp_path / "bench" / "results" / name).read_text())
     assert [r["device"] for r in doc["records"]] == ["cpu"]
     assert not (tmp_path / "bench" / "results" / "e2e.json").exists()
+    # a second run on that card that day (another node of the same model on a shared checkout, or a rerun)
+    # replaced the first one's file: it now keeps it and takes the next free name
+    first = (tmp_path / "bench" / "results" / name).read_bytes()
+    capsys.readouterr()
+    assert cli.main(["bench", "e2e"] + args) == 0
+    second = tmp_path / "bench" / "results" / name.replace(".json", "-2.json")
+    assert (tmp_path / "bench" / "results" / name).read_bytes() == first
+    assert json.loads(second.read_text())["records"] and f"wrote {os.path.join('bench', 'results', second.name)}" \
+        in capsys.readouterr().out
 
 
 def test_ctrl_c_keeps_the_finished_runs_beside_an_earlier_result(tmp_path, capsys, monkeypatch):

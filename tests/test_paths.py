@@ -45,3 +45,19 @@ def test_a_waiter_on_a_lock_removed_by_its_holder_locks_the_file_now_there(tmp_p
     release_removing(fh)
     assert not os.path.exists(path)
     lock_exclusive(path).close()  # free again
+
+
+def test_a_default_bench_name_is_never_shared_by_two_writers(tmp_path):
+    """Two `bench mixing` runs at once with the default --json both wrote bench/results/mixing-<card>-<day>.json:
+    one run's rows were lost. Each writer now reserves its own name."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from sdmp_fast.benchmarks.common import write_json
+
+    path = str(tmp_path / "mixing-cpu2-20261130.json")
+    with ThreadPoolExecutor(8) as pool:
+        written = list(pool.map(lambda i: write_json(path, {"run": i}, fresh=True), range(8)))
+    assert len(set(written)) == 8 and written.count(path) == 1
+    import json
+    assert sorted(json.load(open(p))["run"] for p in written) == list(range(8))
+    assert write_json(path, {"run": "again"}) == path  # the user's own --json: replaced, as asked

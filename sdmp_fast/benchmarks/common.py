@@ -5,6 +5,7 @@ JSON: {"device": str, "date": str, "command": str, "records": [...]}; each bench
 from __future__ import annotations
 
 import datetime as _dt
+import itertools
 import json
 import os
 import platform
@@ -32,17 +33,21 @@ def device_description() -> str:
     return f"CPU {platform.processor() or platform.machine()} x{os.cpu_count()}, torch {torch.__version__}"
 
 
-def write_results(path: Optional[str], records: List[Dict], command: str, interrupted: bool = False) -> Dict:
-    """Write the shared bench JSON atomically (tmp + rename); returns the document. An interrupted run's rows go
-    beside ``path`` (:func:`interrupted_path`, the document says ``"interrupted": true``): a complete earlier
-    result at ``path`` is never replaced by part of a run."""
+def write_results(path: Optional[str], records: List[Dict], command: str, interrupted: bool = False,
+                  fresh: bool = False) -> Dict:
+    """Write the shared bench JSON atomically (tmp + rename); returns the document, with ``"json"``: the file
+    written (None if none), which is not in the file. An interrupted run's rows go beside ``path``
+    (:func:`interrupted_path`, the document says ``"interrupted": true``): a complete earlier result at ``path``
+    is never replaced by part of a run. ``fresh`` (a default name, not the user's --json): an existing file is
+    kept and the rows go to ``NAME-2.json``, ``NAME-3.json``, ... (two runs on one card model on one day, on two
+    nodes of a shared checkout or one after another, each keep their file)."""
     doc = {"device": device_description(), "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
            "command": command, "records": records}
     if interrupted:  # stopped before any row: nothing worth a file
         doc["interrupted"] = True
         path = interrupted_path(path) if (path and records) else None
-    if path:
-        write_json(path, doc)
+    written = write_json(path, doc, fresh) if path else None
+    doc["json"] = written
     return doc
 
 
@@ -69,9 +74,9 @@ def rows_until_interrupted(parts: Iterable[Callable[[], List[Dict]]]) -> Tuple[L
     return rows, False
 
 
-def report_interrupted(doc: Dict, path: Optional[str], kind: str) -> int:
-    """The closing line of a bench interrupted before it could write ``path`` (its --json), and its exit status."""
-    where = f"wrote them to {interrupted_path(path)}" if (path and doc["records"]) else "nothing written"
+def report_interrupted(doc: Dict, kind: str) -> int:
+    """The closing line of a bench interrupted before it could write its --json, and its exit status."""
+    where = f"wrote them to {doc['json']}" if doc.get("json") else "nothing written"
     print(f"bench {kind}: interrupted with {len(doc['records'])} rows measured; {where} (a complete earlier "
           f"result keeps its own file)", file=sys.stderr)
     return EXIT_INTERRUPTED
@@ -91,12 +96,32 @@ def check_output_path(option: str, path: Optional[str]) -> None:
         raise ValueError(f"{option}: cannot write {path!r}: {problem}")
 
 
-def write_json(path: str, doc: Dict) -> None:
-    """Atomic write (tmp + rename): a reader never sees half a file, an interrupted run leaves the old one."""
+def write_json(path: str, doc: Dict, fresh: bool = False) -> str:
+    """Atomic write (tmp + rename): a reader never sees half a file, an interrupted run leaves the old one.
+    ``fresh``: never replaces a file; the first free name of ``path``, ``STEM-2.EXT``, ``STEM-3.EXT``, ... is
+    taken (created exclusively, so two runs at once never pick the same). Returns the path written."""
     from sdmp_fast.paths import write_replacing
 
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    write_replacing(path, lambda f: json.dump(doc, f, indent=2), "--json (the table printed above)")
+    if fresh:
+        stem, ext = os.path.splitext(path)
+        for i in itertools.count(1):
+            candidate = path if i == 1 else f"{stem}-{i}{ext}"
+            try:
+                os.close(os.open(candidate, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
+            except FileExistsError:
+                continue
+            path = candidate  # reserved: empty until the rename below, which follows at once
+            break
+    try:
+        write_replacing(path, lambda f: json.dump(doc, f, indent=2), "--json (the table printed above)")
+    except BaseException:
+        if fresh:  # no empty file left for a reader to choke on
+            from sdmp_fast.paths import discard
+
+            discard(path)
+        raise
+    return path
 
 
 def cuda_time_ms(fn: Callable[[], object], warmup: int = 5, iters: int = 20) -> float:

@@ -145,7 +145,7 @@ def main(args) -> int:
         except ValueError as e:
             raise ValueError(f"--modes {m}: {e}") from None
     path = args.json
-    if path is None:  # one file per card and day: a later run does not overwrite another machine's numbers
+    if path is None:  # one file per card and day; an existing one is kept (common.write_json's fresh)
         from sdmp_fast.benchmarks.losses import default_json_path
         from sdmp_fast.trainer import resolve_device
 
@@ -170,9 +170,10 @@ def main(args) -> int:
     print_table(records, ["run", "mode", "loader", "method", "sdmp", "arch", "batch_size", "precision",
                           "img_per_s", "step_ms", "ratio_to_synthetic_same_mode", "speedup_vs_synthetic_eager",
                           "peak_mem_gb", "mem_vs_synthetic_eager"])
-    doc = write_results(path, records, getattr(args, "command_line", "sdmp-fast bench e2e"), interrupted)
+    doc = write_results(path, records, getattr(args, "command_line", "sdmp-fast bench e2e"), interrupted,
+                        fresh=args.json is None)
     if interrupted:
-        return report_interrupted(doc, path, "e2e")
-    if path:
-        print(f"wrote {path}")
+        return report_interrupted(doc, "e2e")
+    if doc["json"]:
+        print(f"wrote {doc['json']}")
     return 0

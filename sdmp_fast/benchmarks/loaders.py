@@ -412,6 +412,7 @@ def run(args) -> Dict:
         raise ValueError(f"--batch-size {args.batch_size}: larger than the {len(images)} images of --data "
                          f"{args.data!r}, no batch would fill")
     dtype = DTYPES[args.dtype] if args.dtype != "float32" else None
+    args.json_fresh = args.json is None  # a default name: an earlier file of that name is kept
     args.json = args.json or default_json_path(recipe.name, device)
     check_output_path("--json", args.json)
     check_output_path("--png", args.png)
@@ -441,8 +442,9 @@ def run(args) -> Dict:
                  ratio_vs_torchvision=rate / ref["img_per_s"] if rate and ref else None,
                  ratio_vs_synthetic=rate / synth_rate if rate and synth_rate else None,
                  ratio_vs_solo_learn=rate / solo_rate if rate and solo_rate else None)
-    doc = write_results(args.json, records, getattr(args, "command_line", "sdmp-fast bench loaders"), interrupted)
-    png = None if interrupted else args.png or os.path.splitext(args.json)[0] + ".png"
+    doc = write_results(args.json, records, getattr(args, "command_line", "sdmp-fast bench loaders"), interrupted,
+                        fresh=getattr(args, "json_fresh", False))
+    png = None if interrupted else args.png or os.path.splitext(doc["json"])[0] + ".png"
     try:
         import matplotlib  # noqa: F401  (the [bench] extra; a core install still gets its JSON, not a traceback)
     except ImportError:
@@ -506,7 +508,7 @@ def main(args) -> int:
                   f"{r['beton']['max_side']} ({r['beton']['at_max_side']} of {r['num_images']} images at the cap; "
                   f"the other backends decode the files at their own size)")
     if doc.get("interrupted"):
-        return report_interrupted(doc, args.json, "loaders")
+        return report_interrupted(doc, "loaders")
     busy = oversubscribed(doc["records"])
     if busy:
         print(f"warning: the CPU was oversubscribed while {', '.join(busy)} ran (1-minute load above twice the "
@@ -514,7 +516,7 @@ def main(args) -> int:
               f"intra-op threads (ffcv, torch-gpu, memory on the CPU) then slow down several times more than "
               f"torchvision's worker processes and DALI (OpenMP's spin-waiting; OMP_WAIT_POLICY=PASSIVE in the "
               f"environment helps); compare them on an idle machine", file=sys.stderr)
-    print(f"bench loaders: wrote {args.json}" + (f" and {doc['png']}" if doc["png"] else ""))
+    print(f"bench loaders: wrote {doc['json']}" + (f" and {doc['png']}" if doc["png"] else ""))
     return 0
 
 

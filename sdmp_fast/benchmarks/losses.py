@@ -452,11 +452,12 @@ def main(args) -> int:
     records, interrupted = rows_until_interrupted(functools.partial(op_rows, o) for o in ops)
     for r in records:
         r["copy_gb_per_s"] = copy_gbps
-    doc = write_results(path, records, getattr(args, "command_line", "sdmp-fast bench losses"), interrupted)
+    doc = write_results(path, records, getattr(args, "command_line", "sdmp-fast bench losses"), interrupted,
+                        fresh=args.json is None)
     print_table(records, COLUMNS)
     if interrupted:  # part of a run: not merged into another run's file either
-        return report_interrupted(doc, path, "losses")
-    print(f"wrote {path}")
+        return report_interrupted(doc, "losses")
+    print(f"wrote {doc['json']}")
     if args.merge_into:
         added = merge_variant_rows(args.merge_into, doc)
         print(f"merged {added} variant rows into {args.merge_into}")

@@ -188,9 +188,10 @@ def main(args) -> int:
                                                   for c in cases)
     for r in records:
         r["copy_gb_per_s"] = copy_gbps
-    doc = write_results(path, records, getattr(args, "command_line", "sdmp-fast bench mixing"), interrupted)
+    doc = write_results(path, records, getattr(args, "command_line", "sdmp-fast bench mixing"), interrupted,
+                        fresh=args.json is None)
     print_table(records, COLUMNS)
     if interrupted:
-        return report_interrupted(doc, path, "mixing")
-    print(f"wrote {path}")
+        return report_interrupted(doc, "mixing")
+    print(f"wrote {doc['json']}")
     return 0
