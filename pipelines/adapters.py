@@ -43,6 +43,7 @@ from __future__ import annotations
 import operator
 import os
 import warnings
+import weakref
 from typing import Any, Dict, Iterator, List, Optional, Sequence
 
 import torch
@@ -79,6 +80,24 @@ def _check_loader(who: str, loader):
     return loader
 
 
+class _KeeperMethod:
+    """``keeper.<name>(...)``, holding the keeper weakly. A bound method stored on the wrapper itself (the
+    keeper of its own position) made a reference cycle: a dropped adapter and its loader lived on until the
+    cyclic collector ran, and with them the loader's worker processes, threads, FFCV's compiled pipeline and
+    DALI's device memory (a torchvision loader's collection then stalled 10 s and left its workers' temp dirs)."""
+
+    __slots__ = ("_keeper", "_name")
+
+    def __init__(self, keeper, name: str):
+        self._keeper, self._name = weakref.ref(keeper), name
+
+    def __call__(self, *args, **kwargs):
+        keeper = self._keeper()
+        if keeper is None:
+            raise ReferenceError(f"{self._name.lstrip('_')}: the adapter that kept this loader's position is gone")
+        return getattr(keeper, self._name)(*args, **kwargs)
+
+
 class _Wrapper:
     """What every wrapper of a loader forwards: len, set_epoch and any attribute it does not define itself
     (``.batch_size``, ``.recipe``, ``.mix_info``, ``.skipped`` ...).
@@ -97,6 +116,10 @@ class _Wrapper:
         return len(self.loader)
 
     def set_epoch(self, epoch: int) -> None:
+        if self._position_keeper() is self:  # the position of another epoch is not this one's: state_dict() said
+            self._at = None                   # the last pass's after an early end or a whole pass, which a resume
+            if self._resume is not None and self._resume["epoch"] != epoch:  # then continued, not this epoch
+                self._resume = None
         own = getattr(self.loader, "set_epoch", None)
         if callable(own):
             own(epoch)
@@ -126,8 +149,8 @@ class _Wrapper:
         where the wrapped loader has none)."""
         keeper = self._position_keeper()
         if keeper is not None:
-            self.state_dict = keeper._state
-            self.load_state_dict = keeper._load_state
+            self.state_dict = _KeeperMethod(keeper, "_state")
+            self.load_state_dict = _KeeperMethod(keeper, "_load_state")
 
     def _state(self) -> Dict[str, Any]:
         """``{"epoch", "batches", "num_batches", "shard", "loader"}``: the pass being read (or the position
@@ -374,7 +397,7 @@ class _SamplerView:
     last pass when set_epoch was not called since) when the loader exposes its EpochSampler."""
 
     def __init__(self, owner: "DataLoaderLike"):
-        self._owner = owner
+        self._owner = owner  # made on each access of owner.sampler, never stored there: no reference cycle
 
     def set_epoch(self, epoch: int) -> None:
         self._owner.set_epoch(epoch)
@@ -472,11 +495,14 @@ class DataLoaderLike(_Wrapper):
             raise ValueError("as_dataloader: the loader exposes no batch_size; pass batch_size=")
         size = _setting("dataset_size", dataset_size, _dataset_size(base), "reads a data set of")
         self.dataset = _DatasetView(size if size is not None else len(loader) * self.batch_size)
-        self.sampler = _SamplerView(self)
         sampler = getattr(base, "sampler", None)
         self.drop_last = getattr(base, "drop_last", getattr(sampler, "drop_last", True))
         self.num_workers = getattr(base, "num_workers", 0) or 0
         self.pin_memory = False
+
+    @property
+    def sampler(self) -> _SamplerView:
+        return _SamplerView(self)  # a view made per access: stored on self, it held self (a reference cycle)
 
     def __iter__(self):
         # a generator, as BatchAdapter's: iter(dl) alone begins no pass of the loader (Lightning calls iter() once

@@ -602,3 +602,68 @@ def test_lightly_names_of_a_file_list_outside_its_folder_stay_below_a_common_fol
     _, _, fnames = next(iter(adapters.as_lightly(loader)))
     assert fnames == [os.path.relpath(f, str(tmp_path / "data")) for f in files.files]
     assert all(not n.startswith("..") and "class" in n for n in fnames)
+
+
+ADAPTER_MAKERS = ("as_dino", "as_mocov3", "as_solo_learn", "as_lightly", "as_dataloader")
+
+
+@pytest.mark.parametrize("maker", ADAPTER_MAKERS)
+def test_a_dropped_adapter_frees_its_loader_at_once_without_the_cyclic_collector(maker):
+    """The adapter stored its own bound methods (state_dict, load_state_dict) on itself, and as_dataloader's
+    .sampler held it: a reference cycle, so a dropped adapter kept its loader alive (worker processes, threads,
+    FFCV's compiled pipeline, DALI's device memory) until the cyclic collector ran. Over torchvision workers
+    that collection stalled 10 s per loader and left their temp dirs behind."""
+    import gc
+    import weakref
+
+    images = torch.randint(0, 255, (32, 28, 28), dtype=torch.uint8)
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        loader = make_loader("memory", images, byol2(16), 4, device="cpu")
+        adapter = getattr(adapters, maker)(loader)
+        next(iter(adapter))
+        state = adapter.state_dict()
+        refs = weakref.ref(adapter), weakref.ref(loader)
+        del adapter, loader
+        assert [r() for r in refs] == [None, None]
+    finally:
+        if was:
+            gc.enable()
+    assert state["batches"] == 1
+
+
+def test_state_after_set_epoch_is_the_new_epochs_start_not_the_last_pass():
+    """After a pass ended early (an exception) or a whole pass, set_epoch(e) for the next epoch and a checkpoint
+    before its first batch: state_dict() still gave the last pass's position, so a resume replayed the old
+    epoch's remaining batches (or started at the epoch after the old one) instead of epoch e from its start."""
+    images = torch.randint(0, 255, (32, 28, 28), dtype=torch.uint8)
+
+    def make():
+        return adapters.as_solo_learn(make_loader("memory", images, byol2(16), 4, device="cpu", shard_id=0,
+                                                  num_shards=2))
+
+    a = make()
+    a.set_epoch(0)
+    with pytest.raises(KeyError):
+        for k, _ in enumerate(a):
+            if k == 1:
+                raise KeyError
+    a.set_epoch(3)
+    state = a.state_dict()
+    assert (state["epoch"], state["batches"]) == (3, 0)
+    b = make()
+    b.load_state_dict(state)
+    assert next(iter(b))[0].tolist() == a.loader.sampler.indices(3)[:4].tolist()
+    c = make()
+    c.set_epoch(0)
+    list(c)
+    assert (c.state_dict()["epoch"], c.state_dict()["batches"]) == (0, 4)  # whole: a resume starts epoch 1
+    c.set_epoch(5)
+    assert (c.state_dict()["epoch"], c.state_dict()["batches"]) == (5, 0)
+    d = make()  # a position loaded for epoch 2 stays through set_epoch(2) (Lightning's order), not set_epoch(4)
+    d.load_state_dict(dict(state, epoch=2, batches=1))
+    d.set_epoch(2)
+    assert (d.state_dict()["epoch"], d.state_dict()["batches"]) == (2, 1)
+    d.set_epoch(4)
+    assert (d.state_dict()["epoch"], d.state_dict()["batches"]) == (4, 0)
