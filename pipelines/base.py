@@ -537,6 +537,17 @@ class SampledLoader:
         log = getattr(self, "log", None)
         return log.paths if log is not None else []
 
+    def close(self) -> None:
+        """Release what the loader holds between passes (worker processes, threads, pipelines) now instead of
+        when it is collected; iterating again starts them anew. Every backend has it, so code that closes a
+        loader (an adapter's ``close()``, a ``with`` block) works whichever backend it was given."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
 
 
 def superseded_pass(backend: str) -> RuntimeError:

@@ -98,9 +98,25 @@ def ignore_stop_signals(worker_id: int) -> None:
     def obey_parent_only() -> None:
         while True:
             if signal.sigwaitinfo({signal.SIGTERM}).si_pid == parent:
+                _remove_own_temp_dir()
                 os._exit(0)
 
     threading.Thread(target=obey_parent_only, name="sdmp-worker-sigterm", daemon=True).start()
+
+
+def _remove_own_temp_dir() -> None:
+    """multiprocessing's temporary folder of this worker (``pymp-*``, holding the socket through which it hands
+    batches over), which its exit clean-up would remove: ``os._exit`` skips that clean-up, and every worker
+    stopped this way left one in $TMPDIR."""
+    import shutil
+    from multiprocessing import process
+
+    try:
+        tempdir = process.current_process()._config.get("tempdir")
+    except AttributeError:  # another multiprocessing than CPython 3.8-3.13's
+        return
+    if tempdir:
+        shutil.rmtree(tempdir, ignore_errors=True)
 
 
 def kill_workers_that_ignore_terminate(grace: float = 2.0) -> int:
@@ -224,6 +240,14 @@ class TorchvisionLoader(SkippingLoader):
             # its own generator: each iter() draws the workers' base seed, which from the global RNG would shift
             # the training step's draws (stochastic depth) by one in a resumed run that starts its pass later
             generator=torch.Generator().manual_seed(seed))
+
+    def close(self) -> None:
+        """Stop the persistent worker processes now (a later pass starts new ones); a pass being read ends."""
+        reader = getattr(getattr(self, "_loader", None), "_iterator", None)
+        if reader is not None:
+            self._pass = None  # a pass still held by the caller stops at its next batch (superseded)
+            self._loader._iterator = None
+            reader._shutdown_workers()
 
     def _skips_unread(self) -> bool:
         return self.sampler.drop_last  # without it batch sizes depend on the files: read and drop

@@ -631,3 +631,40 @@ def test_torch_gpu_refuses_a_decompression_bomb_from_its_header(tmp_path, monkey
     for gpu_jpeg in (False, True):
         got = read_sample(str(tmp_path / "bomb.jpg"), gpu_jpeg)
         assert isinstance(got, _Bad) and got.reason.startswith("too large (60000 x 60000"), got
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("backend", ["torchvision", "torch-gpu", "memory"])
+def test_every_loader_closes_and_is_a_context_manager(backend, folder, arrays):
+    """torchvision and memory loaders had no close(): an adapter's close() over them raised AttributeError, and
+    the only way to stop torchvision's persistent workers was to drop every reference to the loader."""
+    from sdmp_fast.pipelines import adapters
+
+    data = arrays if backend == "memory" else folder
+    with make_loader(backend, data, byol2(32), 4, device="cpu", num_workers=2) as loader:
+        next(iter(loader))
+        workers = list(getattr(getattr(loader, "_loader", None), "_iterator", None)._workers) \
+            if backend == "torchvision" else []
+    assert all(not w.is_alive() for w in workers) and len(workers) == (2 if backend == "torchvision" else 0)
+    assert len(list(loader)) == len(loader)  # a later pass starts anew
+    adapter = adapters.as_dino(loader)
+    next(iter(adapter))
+    adapter.close()
+
+
+@pytest.mark.timeout(120)
+def test_a_process_that_exits_with_a_torchvision_loader_alive_leaves_no_temp_dirs(folder, tmp_path):
+    """At exit the workers are stopped by SIGTERM, which they obey with os._exit: that skipped multiprocessing's
+    clean-up, and each worker left its pymp-* folder (with a socket in it) in $TMPDIR, run after run."""
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom sdmp_fast.pipelines.base import make_loader\nfrom sdmp_fast.pipelines.recipes import "
+            "byol2\nloader = make_loader('torchvision', sys.argv[1], byol2(32), 4, device='cpu', num_workers=2)\n"
+            "for batch in loader:\n    pass\nprint('exiting with the loader alive', flush=True)\n")
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    p = subprocess.run([sys.executable, "-c", code, folder], env=dict(os.environ, TMPDIR=str(tmp)),
+                       capture_output=True, text=True, timeout=100)
+    assert p.returncode == 0 and "exiting" in p.stdout, p.stderr[-2000:]
+    assert [n for n in os.listdir(tmp) if n.startswith("pymp-")] == []
