@@ -95,7 +95,7 @@ def mix_views(views: Sequence[Tensor], lam: Tensor, method: Tensor, generator: O
         return mix_views_ref(views, lam, method, generator, method_set, per_sample)
     for v in views:
         check_batch_size(v.shape[0])
-        mixing.check_per_sample(v.shape[0], lam, method)
+        mixing.check_per_sample(v.shape[0], lam, method, v.device)
     boxes, lams = [], []
     for v in views:
         _, _, h, w = v.shape

@@ -27,6 +27,7 @@ torch.compile and under saved-tensor hooks (activation checkpointing, save_on_cp
 from __future__ import annotations
 
 import os
+import warnings
 from typing import Dict, Optional, Sequence, Tuple, Union
 
 import torch
@@ -210,13 +211,20 @@ def _fused_launch() -> Tuple[bool, int]:
 def _prepare(student_clean, student_mixed, teacher_clean, teacher_mixed, center, lam):
     """Stacked, contiguous kernel inputs, or None when the reference must run. Inputs that do not fit raise the
     reference's errors (``losses.check_dino_inputs``) on every route."""
-    s_clean, t_clean = losses._stack(student_clean), losses._stack(teacher_clean)
-    s_mixed, t_mixed = losses._stacked_mixed(student_mixed), losses._stacked_mixed(teacher_mixed)
+    s_clean, t_clean = losses._stack(student_clean, "student_clean"), losses._stack(teacher_clean, "teacher_clean")
+    s_mixed = losses._stacked_mixed(student_mixed, "student_mixed")
+    t_mixed = losses._stacked_mixed(teacher_mixed, "teacher_mixed")
     lam = losses.check_dino_inputs(s_clean, s_mixed, t_clean, t_mixed, center, lam)
     big = [x for x in (s_clean, s_mixed, t_clean, t_mixed) if x is not None]
     if not _ext.kernel_ok(*big, center) or _ext.transformed(*big, center, lam):
         return None
-    if any(x.dtype != s_clean.dtype for x in big) or t_clean.shape[0] > MAX_TEACHER_CROPS:
+    if any(x.dtype != s_clean.dtype for x in big):
+        # the common autocast case of a student in bf16 beside an fp32 EMA teacher: said, not silently slower
+        warnings.warn(f"sdmp_dino_terms: the logits come in {sorted({str(x.dtype) for x in big})}; the fused kernel "
+                      f"takes one dtype, so the PyTorch reference runs (cast the teacher's logits to the "
+                      f"student's {s_clean.dtype}, or run the teacher under the same autocast)", stacklevel=3)
+        return None
+    if t_clean.shape[0] > MAX_TEACHER_CROPS:
         return None
     sc, b, k = s_clean.shape
     t = t_clean.shape[0]

@@ -47,6 +47,8 @@ def _upcast(x: torch.Tensor) -> torch.Tensor:
 def _one_per_row(name: str, t: torch.Tensor, n: int, device: torch.device, single_ok: bool) -> torch.Tensor:
     """``t`` as [n] on ``device`` or a ValueError naming it; with ``single_ok`` a single value (0-dim or [1]) is
     expanded to every row, as :func:`check_moco_inputs` does for lam (metadata only: no host sync)."""
+    if single_ok and not isinstance(t, torch.Tensor):  # a Python number: "a single one", as lam may be
+        t = torch.as_tensor(t, dtype=torch.float32, device=device)
     if single_ok and t.dim() <= 1 and t.numel() == 1:
         t = t.reshape(()).expand(n)
     if tuple(t.shape) != (n,):
@@ -81,7 +83,13 @@ def two_hot_cross_entropy(logits: torch.Tensor, index_a: torch.Tensor, index_b: 
     la = x.gather(1, index_a[:, None]).squeeze(1)
     lb = x.gather(1, index_b[:, None]).squeeze(1)
     wa, wb = weight_a.to(x.dtype), weight_b.to(x.dtype)
-    return (wa + wb) * lse - wa * la - wb * lb
+    return (wa + wb) * lse - _weighted(wa, la) - _weighted(wb, lb)
+
+
+def _weighted(w: torch.Tensor, logit: torch.Tensor) -> torch.Tensor:
+    """w * logit, where a masked (-inf) logit of weight 0 is not read (0 x -inf is NaN): SDMP-MoCo's source term
+    (weights 1, 0) over keys with a masked column stays finite."""
+    return torch.where((w == 0) & (logit == float("-inf")), torch.zeros_like(logit), w * logit)
 
 
 def soft_target_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -102,8 +110,10 @@ def _key_offset(n: int, num_keys: int, rank: int, world_size: int) -> int:
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} out of range for world_size {world_size}")
         return rank
+    hint = (f"; all-gathered keys need world_size={num_keys // n} and this rank" if world_size == 1 and num_keys % n == 0
+            else "")
     raise ValueError(f"keys: expected {n} (local) or {n * world_size} (all-gathered over world_size="
-                     f"{world_size}) rows, got {num_keys}")
+                     f"{world_size}) rows, got {num_keys}{hint}")
 
 
 def check_unpaired_middle(lam: torch.Tensor) -> None:
@@ -131,6 +141,8 @@ def check_moco_inputs(q1, q2m, k1, k2, k1m, lam) -> torch.Tensor:
         if k.dim() != 2 or k.shape[1] != d or k.shape[0] != k1.shape[0]:
             raise ValueError(f"{name}: expected keys [N, {d}] with the N of k1 ({k1.shape[0]}), got "
                              f"{tuple(k.shape)}")
+    if not isinstance(lam, torch.Tensor):  # a single Python number, as DINO's lam may be
+        lam = torch.as_tensor(lam, dtype=torch.float32, device=q1.device)
     if lam.numel() == 1:
         lam = lam.reshape(()).expand(n)
     if tuple(lam.shape) != (n,):
@@ -194,8 +206,15 @@ def dino_center_update(center: torch.Tensor, teacher_logits: torch.Tensor, momen
     return center * momentum + batch_mean * (1 - momentum)
 
 
-def _stack(x: Union[torch.Tensor, Sequence[torch.Tensor]]) -> torch.Tensor:
-    return x if isinstance(x, torch.Tensor) else torch.stack(list(x))
+def _stack(x: Union[torch.Tensor, Sequence[torch.Tensor]], name: str = "crops") -> torch.Tensor:
+    if isinstance(x, torch.Tensor):
+        return x
+    crops = list(x)
+    shapes = {tuple(c.shape) for c in crops}
+    if len(shapes) > 1:  # torch.stack's own error named no argument
+        raise ValueError(f"{name}: every crop's logits must have one shape [B, K], got "
+                         f"{[tuple(c.shape) for c in crops]}")
+    return torch.stack(crops)
 
 
 def check_dino_inputs(s_clean: torch.Tensor, s_mixed: Optional[torch.Tensor], t_clean: torch.Tensor,
@@ -248,8 +267,8 @@ def dino_pair_count(n_clean: int, n_mixed: int, n_teacher: int) -> int:
     return n_teacher * n_clean - min(n_teacher, n_clean) + n_teacher * n_mixed
 
 
-def _stacked_mixed(x) -> Optional[torch.Tensor]:
-    return _stack(x) if x is not None and len(x) > 0 else None
+def _stacked_mixed(x, name: str = "mixed crops") -> Optional[torch.Tensor]:
+    return _stack(x, name) if x is not None and len(x) > 0 else None
 
 
 def _added(total: Optional[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
@@ -279,8 +298,9 @@ def sdmp_dino_terms(student_clean, student_mixed, teacher_clean, teacher_mixed, 
     term takes the whole pair weight (2 * mix_weight).
     Returns {"dino", "mix_source", "mix_teacher", "loss"} with loss = dino + mix_source + mix_teacher.
     """
-    s_clean, t_clean = _stack(student_clean), _stack(teacher_clean)
-    s_mixed, t_mixed = _stacked_mixed(student_mixed), _stacked_mixed(teacher_mixed)
+    s_clean, t_clean = _stack(student_clean, "student_clean"), _stack(teacher_clean, "teacher_clean")
+    s_mixed = _stacked_mixed(student_mixed, "student_mixed")
+    t_mixed = _stacked_mixed(teacher_mixed, "teacher_mixed")
     lam = check_dino_inputs(s_clean, s_mixed, t_clean, t_mixed, center, lam)
     n_teacher = t_clean.shape[0]
     p_t = dino_teacher_probs(t_clean, center, tau_t)  # [T, B, K]

@@ -197,7 +197,7 @@ def mix_view(x: torch.Tensor, lam: torch.Tensor, method: torch.Tensor,
     check_view("mix_view", x)
     n, _, h, w = x.shape
     check_batch_size(n)
-    check_per_sample(n, lam, method)
+    check_per_sample(n, lam, method, x.device)
     (y0, x0, cut_h, cut_w), lam_eff = draw_box(lam, method, h, w, generator)
     return apply_mix(x, lam, method, y0, x0, cut_h, cut_w, method_set), lam_eff
 
@@ -210,11 +210,22 @@ def check_view(where: str, x: torch.Tensor) -> None:
         raise ValueError(f"{where}: expected a view of shape [n, C, H, W], got {tuple(x.shape)}")
 
 
-def check_per_sample(n: int, lam: torch.Tensor, method: torch.Tensor) -> None:
+def check_per_sample(n: int, lam: torch.Tensor, method: torch.Tensor,
+                     device: Optional[torch.device] = None) -> None:
+    """lam and method: one per sample, on the views' ``device`` (draw_mix_params without ``device=`` puts them
+    on the CPU: GPU views then failed deep inside with "Tensor on device cpu is not on the expected device"),
+    lam in [0, 1] and method a known id where reading them costs no sync."""
     for name, t in (("lam", lam), ("method", method)):
         if tuple(t.shape) != (n,):
             raise ValueError(f"{name}: expected one per sample [{n}], got {tuple(t.shape)}")
+        if device is not None and t.device != device:
+            raise ValueError(f"{name}: on {t.device}, the views on {device}: draw it there "
+                             f"(draw_mix_params(..., device=views[0].device)) or move it")
     check_lam_range(lam)
+    if values_checkable(method) and method.numel() and not bool(((method >= MIXUP) & (method <= RESIZEMIX)).all()):
+        bad = sorted(set(method.tolist()) - {MIXUP, CUTMIX, RESIZEMIX})
+        raise ValueError(f"method: ids {bad} are none of MIXUP ({MIXUP}), CUTMIX ({CUTMIX}), RESIZEMIX ({RESIZEMIX}) "
+                         f"(an unknown id was mixed as cutmix)")
 
 
 def values_checkable(t: torch.Tensor) -> bool:
@@ -274,7 +285,7 @@ def mix_view_per_sample(x: torch.Tensor, lam: torch.Tensor, method: torch.Tensor
     check_view("mix_view_per_sample", x)
     n, _, h, w = x.shape
     check_batch_size(n)
-    check_per_sample(n, lam, method)
+    check_per_sample(n, lam, method, x.device)
     (y0, x0, cut_h, cut_w), lam_eff = draw_box(lam, method, h, w, generator)
     out = torch.empty_like(x)
     resize = RESIZEMIX in method_set  # as apply_mix: without it a resizemix id pastes like cutmix
@@ -303,7 +314,9 @@ def mix_views(views: Sequence[torch.Tensor], lam: torch.Tensor, method: torch.Te
     """
     out, lams = [], []
     for v in views:
-        host = per_sample if per_sample is not None else (v.device.type == "cpu" and not v.requires_grad)
+        # not while compiling: the host path reads each sample's method (a data-dependent branch fullgraph refuses)
+        host = per_sample if per_sample is not None else (v.device.type == "cpu" and not v.requires_grad
+                                                          and not torch.compiler.is_compiling())
         if host:
             m, l_eff = mix_view_per_sample(v, lam, method, generator, method_set)
         else:
@@ -326,6 +339,8 @@ def sdmp_mix(views: Sequence[torch.Tensor], alpha: float = 1.0, methods: Sequenc
         views = [views]
     if len(views) == 0:
         raise ValueError("sdmp_mix: no views given")
+    for j, v in enumerate(views):
+        check_view(f"sdmp_mix: view {j}", v)  # named here, not by the internal function that would meet it
     n = views[0].shape[0]
     check_batch_size(n)
     for j, v in enumerate(views):

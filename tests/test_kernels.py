@@ -328,6 +328,50 @@ def test_emulated_dino_cluster_matches_ref(emulated, dtype, case, upstream, thre
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_emulated_masked_two_hot_target_of_weight_zero_is_not_read(emulated, dtype):
+    # 0 x -inf made the kernel's loss NaN (the reference's too) where the row keeps finite entries
+    logits = torch.randn(4, 40, dtype=dtype)
+    logits[:, 7] = float("-inf")
+    own, partner = torch.arange(4), torch.full((4,), 7)
+    got = K.two_hot_cross_entropy(logits, own, partner, torch.ones(4), torch.zeros(4))
+    want = losses.two_hot_cross_entropy(logits, own, partner, torch.ones(4), torch.zeros(4))
+    assert torch.isfinite(got).all() and torch.allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_emulated_dino_with_a_teacher_in_another_dtype_says_the_reference_runs(emulated):
+    # autocast's bf16 student beside an fp32 EMA teacher: the kernel needs one dtype and the reference ran silently
+    sc, sm, tc, tm, center, lam = dino_inputs(3, 2, 2, 4, 64, torch.bfloat16, "cpu", seed=2)
+    with pytest.warns(UserWarning, match=r"takes one dtype, so the PyTorch reference runs"):
+        got = K.sdmp_dino_terms(sc, sm, tc.float(), tm.float(), center, lam)
+    want = losses.sdmp_dino_terms(sc, sm, tc.float(), tm.float(), center, lam)
+    assert all(torch.equal(got[name], want[name]) for name in want)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_emulated_folded_teacher_is_off_under_deterministic_algorithms(emulated):
+    # SDMP_DINO_CLUSTER_TEACHER sums the center statistic with atomics (its order varies on a GPU): under
+    # torch.use_deterministic_algorithms(True) the clusters leave the teacher statistics to the ordered path
+    args = dino_inputs(3, 2, 2, 4, 256, torch.float32, "cpu", seed=5)
+    with env(SDMP_DINO_CLUSTER="require", SDMP_DINO_CLUSTER_THREADS="32", SDMP_DINO_CLUSTER_TEACHER="0"):
+        ordered = K.sdmp_dino_terms_and_center(*args)[1]
+    was = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        with env(SDMP_DINO_CLUSTER="require", SDMP_DINO_CLUSTER_THREADS="32", SDMP_DINO_CLUSTER_TEACHER="1"):
+            deterministic = K.sdmp_dino_terms_and_center(*args)[1]
+    finally:
+        torch.use_deterministic_algorithms(was)
+    with env(SDMP_DINO_CLUSTER="require", SDMP_DINO_CLUSTER_THREADS="32", SDMP_DINO_CLUSTER_TEACHER="1"):
+        folded = K.sdmp_dino_terms_and_center(*args)[1]
+    assert torch.equal(deterministic, ordered) and not torch.equal(folded, ordered)
+
+
+@pytest.mark.slow
 @pytest.mark.timeout(900)
 @pytest.mark.parametrize("chunk,upstream", [(1, "loss"), (3, "mixed"), (2, "scaled")])
 def test_emulated_dino_chunked_matches_ref(emulated, chunk, upstream):

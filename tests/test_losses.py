@@ -290,3 +290,48 @@ def test_the_lam_checks_leave_tracing_and_vmap_alone():
     q = F.normalize(torch.randn(4, 8, generator=g), dim=1)
     out = torch.func.vmap(lambda lam: losses.sdmp_moco_terms(q, q, q, q, q, lam)["mix_source"])(torch.rand(3, 4))
     assert out.shape == (3,)
+
+
+def test_a_python_number_lam_or_weight_is_a_single_one():
+    """A float lam (MoCo) or two-hot weight raised AttributeError ('float' object has no attribute 'numel'),
+    where DINO took one and the docstrings promise 'a single one'."""
+    g = torch.Generator().manual_seed(0)
+    q1, q2m, k1, k2, k1m = (torch.randn(4, 8, generator=g) for _ in range(5))
+    got = losses.sdmp_moco_terms(q1, q2m, k1, k2, k1m, 0.7, 0.2)
+    want = losses.sdmp_moco_terms(q1, q2m, k1, k2, k1m, torch.tensor(0.7), 0.2)
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    logits, idx = torch.randn(4, 6, generator=g), torch.tensor([0, 1, 2, 3])
+    assert torch.equal(losses.two_hot_cross_entropy(logits, idx, idx.flip(0), 0.25, 0.75),
+                       losses.two_hot_cross_entropy(logits, idx, idx.flip(0), torch.tensor(0.25), torch.tensor(0.75)))
+
+
+def test_all_gathered_keys_without_world_size_say_to_pass_it():
+    q = torch.randn(4, 8)
+    keys = torch.randn(8, 8)
+    with pytest.raises(ValueError, match="all-gathered keys need world_size=2 and this rank"):
+        losses.sdmp_moco_terms(q, q, keys, keys, keys, torch.full((4,), 0.5), 0.2)
+
+
+def test_a_masked_two_hot_target_of_weight_zero_is_not_read():
+    """SDMP-MoCo's source term has weights (1, 0) on (own, partner): a masked (-inf) partner key made it
+    0 x -inf = NaN, although the row keeps finite entries and the target never reads that column."""
+    logits = torch.tensor([[2.0, float("-inf"), 0.5], [1.0, 0.0, float("-inf")]], requires_grad=True)
+    own, partner = torch.tensor([0, 0]), torch.tensor([1, 2])
+    loss = losses.two_hot_cross_entropy(logits, own, partner, torch.ones(2), torch.zeros(2))
+    want = -torch.log_softmax(logits.detach(), -1)[:, 0]
+    assert torch.allclose(loss, want)
+    loss.sum().backward()
+    assert torch.isfinite(logits.grad).all()
+    # a masked target that is read (weight > 0) is an infinite loss, as it should be
+    assert torch.isinf(losses.two_hot_cross_entropy(logits.detach(), own, partner, torch.ones(2), torch.ones(2))).all()
+
+
+def test_dino_crops_of_unequal_shape_are_named():
+    """A list of crop logits with different batch sizes failed inside torch.stack, naming no argument."""
+    k = 8
+    with pytest.raises(ValueError, match=r"^student_clean: every crop's logits must have one shape"):
+        sdmp_dino_terms([torch.randn(4, k), torch.randn(4, k), torch.randn(2, k)], None,
+                        [torch.randn(4, k)] * 2, None, torch.zeros(k), None)
+    with pytest.raises(ValueError, match=r"^teacher_mixed: every crop's"):
+        sdmp_dino_terms(torch.randn(3, 4, k), torch.randn(2, 4, k), torch.randn(2, 4, k),
+                        [torch.randn(4, k), torch.randn(4, k + 1)], torch.zeros(k), torch.full((4,), 0.5))

@@ -2,6 +2,7 @@
 import pytest
 import torch
 
+from sdmp_fast import mixing
 from sdmp_fast.mixing import (CUTMIX, MIXUP, RESIZEMIX, draw_mix_params, mix_views, sample_beta, sdmp_mix)
 
 
@@ -180,3 +181,37 @@ def test_reduced_precision_mixup_blends_by_the_exact_lam(dtype, per_sample):
     got = mix_views([y], lam, torch.full((6,), MIXUP), g, per_sample=per_sample)[0][0]
     lam4 = lam[:, None, None, None]
     assert torch.equal(got, (lam4 * y.float() + (1 - lam4) * y.flip(0).float()).to(dtype))
+
+
+def test_mix_views_of_cpu_views_compiles_fullgraph():
+    """On CPU views that need no gradient mix_views took the host per-sample path even under torch.compile, whose
+    per-sample branch on each method is data-dependent: fullgraph=True failed ("Could not guard on
+    data-dependent expression"). Compiling, it takes the vectorised path."""
+    g = torch.Generator().manual_seed(0)
+    views = [torch.randn(4, 3, 8, 8, generator=g)]
+    lam, method = torch.tensor([0.3, 0.6, 0.6, 0.3]), torch.tensor([0, 1, 1, 2])
+
+    @torch.compile(backend="eager", fullgraph=True)
+    def step(v):
+        return mixing.mix_views(v, lam, method)
+
+    out, lams = step(views)
+    assert out[0].shape == views[0].shape and lams[0].shape == (4,)
+
+
+def test_lam_or_method_on_another_device_or_an_unknown_method_is_named():
+    """draw_mix_params without device= gives CPU lam / method: with GPU views the mixing failed deep inside with
+    "Tensor on device cpu is not on the expected device" (meta stands in for the GPU here); an unknown method id
+    was mixed as cutmix."""
+    x = torch.randn(4, 3, 8, 8)
+    lam, method = torch.full((4,), 0.5), torch.zeros(4, dtype=torch.long)
+    for name, bad in (("lam", (lam.to("meta"), method)), ("method", (lam, method.to("meta")))):
+        with pytest.raises(ValueError, match=f"^{name}: on meta, the views on cpu"):
+            mixing.mix_views([x], *bad)
+    with pytest.raises(ValueError, match=r"method: ids \[5\] are none of MIXUP"):
+        mixing.mix_views([x], lam, torch.tensor([0, 5, 5, 0]))
+
+
+def test_sdmp_mix_names_itself_for_integer_views():
+    with pytest.raises(TypeError, match=r"^sdmp_mix: view 1: views must be floating point"):
+        sdmp_mix([torch.randn(4, 3, 8, 8), torch.zeros(4, 3, 8, 8, dtype=torch.uint8)])

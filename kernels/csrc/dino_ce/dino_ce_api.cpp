@@ -1,6 +1,7 @@
 // Fused SDMP-DINO loss: argument checks, workspace allocation (caching allocator) and launches on the current
 // stream. No host synchronisation anywhere: forward and backward are capturable in a CUDA graph.
 #include "../common/api_common.h"
+#include <ATen/Context.h>
 #include "dino_ce.h"
 
 #include <cstdlib>
@@ -201,7 +202,8 @@ std::vector<at::Tensor> dino_fwd(const at::Tensor& s_clean, const std::optional<
   auto f32 = s_clean.options().dtype(at::kFloat);
   const ClusterMode cluster = in.paths.cluster;
   at::Tensor lse_t, center_mean;
-  if (cluster != ClusterMode::kOff && in.paths.fold_teacher) {
+  // the folded center statistic is summed with atomics: not under torch.use_deterministic_algorithms(True)
+  if (cluster != ClusterMode::kOff && in.paths.fold_teacher && !at::globalContext().deterministicAlgorithms()) {
     // the cluster forward computes them (run_teacher_stats below if it cannot run)
     lse_t = new_buffer({2 * static_cast<int64_t>(p.T) * p.B, 2}, f32);
     center_mean = at::zeros({p.K}, f32);  // accumulated by the clusters

@@ -41,7 +41,10 @@ __global__ void __launch_bounds__(kMaxThreads) two_hot_fwd_kernel(TwoHotParams p
     // An out-of-range target gives NaN (validating indices on the host would need a synchronisation).
     const float xa = (a >= 0 && a < p.N) ? round_through<T>(static_cast<float>(x[a]) * sc) : NAN;
     const float xb = (b >= 0 && b < p.N) ? round_through<T>(static_cast<float>(x[b]) * sc) : NAN;
-    p.loss[row] = p.out_scale * ((wa + wb) * lse - wa * xa - wb * xb);
+    // a masked (-inf) target of weight 0 is not read (0 x -inf would be NaN), as the reference
+    const float ta = (wa == 0.f && xa == -INFINITY) ? 0.f : wa * xa;
+    const float tb = (wb == 0.f && xb == -INFINITY) ? 0.f : wb * xb;
+    p.loss[row] = p.out_scale * ((wa + wb) * lse - ta - tb);
     p.lse[row] = lse;
   }
 }
