@@ -366,9 +366,9 @@ def test_emulated_folded_teacher_is_off_under_deterministic_algorithms(emulated)
             deterministic = K.sdmp_dino_terms_and_center(*args)[1]
     finally:
         torch.use_deterministic_algorithms(was)
-    with env(SDMP_DINO_CLUSTER="require", SDMP_DINO_CLUSTER_THREADS="32", SDMP_DINO_CLUSTER_TEACHER="1"):
-        folded = K.sdmp_dino_terms_and_center(*args)[1]
-    assert torch.equal(deterministic, ordered) and not torch.equal(folded, ordered)
+    # bitwise the ordered path's (the folded sum differs from it in its last bits for most inputs, not all: this
+    # test failed without the fix in one of two runs)
+    assert torch.equal(deterministic, ordered)
 
 
 @pytest.mark.slow
