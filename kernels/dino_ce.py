@@ -220,9 +220,12 @@ def _prepare(student_clean, student_mixed, teacher_clean, teacher_mixed, center,
         return None
     if any(x.dtype != s_clean.dtype for x in big):
         # the common autocast case of a student in bf16 beside an fp32 EMA teacher: said, not silently slower
-        warnings.warn(f"sdmp_dino_terms: the logits come in {sorted({str(x.dtype) for x in big})}; the fused kernel "
-                      f"takes one dtype, so the PyTorch reference runs (cast the teacher's logits to the "
-                      f"student's {s_clean.dtype}, or run the teacher under the same autocast)", stacklevel=3)
+        # (not while compiling: dynamo cannot trace warnings.warn under fullgraph)
+        if not torch.compiler.is_compiling():
+            warnings.warn(f"sdmp_dino_terms: the logits come in {sorted({str(x.dtype) for x in big})}; the fused "
+                          f"kernel takes one dtype, so the PyTorch reference runs (cast the teacher's logits to "
+                          f"the student's {s_clean.dtype}, or run the teacher under the same autocast)",
+                          stacklevel=3)
         return None
     if t_clean.shape[0] > MAX_TEACHER_CROPS:
         return None

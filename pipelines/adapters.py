@@ -91,6 +91,9 @@ class _KeeperMethod:
     def __init__(self, keeper, name: str):
         self._keeper, self._name = weakref.ref(keeper), name
 
+    def __reduce__(self):  # pickle (Lightning's ddp_spawn) and deepcopy: the copy's own keeper, held weakly again
+        return _KeeperMethod, (self._keeper(), self._name)
+
     def __call__(self, *args, **kwargs):
         keeper = self._keeper()
         if keeper is None:

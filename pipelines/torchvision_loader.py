@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import atexit
 import os
+import shutil
 import signal
 import threading
 import time
@@ -91,6 +92,7 @@ def ignore_stop_signals(worker_id: int) -> None:
     kills it when the parent exits."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     parent = os.getppid()
+    inherited = _temp_dir()  # a forked worker starts with its parent's: that one is not the worker's to remove
     # blocked before the thread starts: threads made later (this one, OpenMP's) inherit the mask, so SIGTERM
     # only ever reaches the sigwaitinfo below
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
@@ -98,25 +100,24 @@ def ignore_stop_signals(worker_id: int) -> None:
     def obey_parent_only() -> None:
         while True:
             if signal.sigwaitinfo({signal.SIGTERM}).si_pid == parent:
-                _remove_own_temp_dir()
+                own = _temp_dir()
+                if own and own != inherited:
+                    shutil.rmtree(own, ignore_errors=True)
                 os._exit(0)
 
     threading.Thread(target=obey_parent_only, name="sdmp-worker-sigterm", daemon=True).start()
 
 
-def _remove_own_temp_dir() -> None:
-    """multiprocessing's temporary folder of this worker (``pymp-*``, holding the socket through which it hands
-    batches over), which its exit clean-up would remove: ``os._exit`` skips that clean-up, and every worker
-    stopped this way left one in $TMPDIR."""
-    import shutil
+def _temp_dir() -> Optional[str]:
+    """multiprocessing's temporary folder of this process (``pymp-*``, made on first use: a worker's holds the
+    socket through which it hands batches over). A worker stopped by SIGTERM ends with ``os._exit``, which skips
+    the clean-up that removes it: every worker left one in $TMPDIR, run after run, so it removes its own first."""
     from multiprocessing import process
 
     try:
-        tempdir = process.current_process()._config.get("tempdir")
+        return process.current_process()._config.get("tempdir")
     except AttributeError:  # another multiprocessing than CPython 3.8-3.13's
-        return
-    if tempdir:
-        shutil.rmtree(tempdir, ignore_errors=True)
+        return None
 
 
 def kill_workers_that_ignore_terminate(grace: float = 2.0) -> int:

@@ -667,3 +667,20 @@ def test_state_after_set_epoch_is_the_new_epochs_start_not_the_last_pass():
     assert (d.state_dict()["epoch"], d.state_dict()["batches"]) == (2, 1)
     d.set_epoch(4)
     assert (d.state_dict()["epoch"], d.state_dict()["batches"]) == (4, 0)
+
+
+@pytest.mark.parametrize("how", ["deepcopy", "pickle"])
+def test_a_copied_adapter_keeps_its_own_position(how):
+    """state_dict / load_state_dict hold the adapter weakly (no reference cycle): a deepcopy's read the original's
+    position, and pickling (Lightning's ddp_spawn pickles the loaders given to fit) raised "cannot pickle
+    'weakref.ReferenceType'"."""
+    import copy
+    import pickle
+
+    images = torch.randint(0, 255, (32, 28, 28), dtype=torch.uint8)
+    original = adapters.as_solo_learn(make_loader("memory", images, byol2(16), 4, device="cpu"))
+    twin = copy.deepcopy(original) if how == "deepcopy" else pickle.loads(pickle.dumps(original))
+    next(iter(twin))
+    assert (twin.state_dict()["batches"], original.state_dict()["batches"]) == (1, 0)
+    del original
+    assert twin.state_dict()["batches"] == 1

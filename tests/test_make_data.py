@@ -223,3 +223,23 @@ def test_two_make_data_at_once_with_other_settings_never_both_succeed(tmp_path):
     assert "holds a set made with other settings" in texts[1 - winner]
     assert json.loads((out / STAMP).read_text())["seed"] == winner
     assert len(list_images(str(out)).files) == 48
+
+
+def test_a_finished_set_on_a_read_only_file_system_needs_no_lock(tmp_path, monkeypatch, capsys):
+    """The lock beside OUT_DIR was taken before the 'nothing to do' check: a finished set on a read-only mount
+    (a shared benchmark set) failed with 'Read-only file system' where it used to be found complete."""
+    import errno
+
+    from sdmp_fast import paths
+
+    out = str(tmp_path / "set")
+    make_data(out, num_images=4, classes=2, seed=0, quiet=True)
+
+    def read_only(*a, **k):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(paths, "lock_exclusive", read_only)
+    assert make_data(out, num_images=4, classes=2, seed=0, quiet=False) == out
+    assert "nothing to do" in capsys.readouterr().out
+    with pytest.raises(OSError, match="Read-only"):  # building does need it
+        make_data(str(tmp_path / "other"), num_images=4, classes=2, seed=0, quiet=True)

@@ -653,18 +653,22 @@ def test_every_loader_closes_and_is_a_context_manager(backend, folder, arrays):
 
 
 @pytest.mark.timeout(120)
-def test_a_process_that_exits_with_a_torchvision_loader_alive_leaves_no_temp_dirs(folder, tmp_path):
+@pytest.mark.parametrize("parent_has_one", [False, True])
+def test_a_process_that_exits_with_a_torchvision_loader_alive_leaves_no_temp_dirs(folder, tmp_path, parent_has_one):
     """At exit the workers are stopped by SIGTERM, which they obey with os._exit: that skipped multiprocessing's
-    clean-up, and each worker left its pymp-* folder (with a socket in it) in $TMPDIR, run after run."""
+    clean-up, and each worker left its pymp-* folder (with a socket in it) in $TMPDIR, run after run. A worker
+    forked from a parent that had one already starts with the parent's: that one is the parent's to remove."""
     import subprocess
     import sys
 
-    code = ("import sys\nfrom sdmp_fast.pipelines.base import make_loader\nfrom sdmp_fast.pipelines.recipes import "
-            "byol2\nloader = make_loader('torchvision', sys.argv[1], byol2(32), 4, device='cpu', num_workers=2)\n"
+    code = ("import sys, multiprocessing.util\nfrom sdmp_fast.pipelines.base import make_loader\n"
+            "from sdmp_fast.pipelines.recipes import byol2\n"
+            + ("multiprocessing.util.get_temp_dir()\n" if parent_has_one else "") +
+            "loader = make_loader('torchvision', sys.argv[1], byol2(32), 4, device='cpu', num_workers=2)\n"
             "for batch in loader:\n    pass\nprint('exiting with the loader alive', flush=True)\n")
     tmp = tmp_path / "tmp"
     tmp.mkdir()
     p = subprocess.run([sys.executable, "-c", code, folder], env=dict(os.environ, TMPDIR=str(tmp)),
                        capture_output=True, text=True, timeout=100)
-    assert p.returncode == 0 and "exiting" in p.stdout, p.stderr[-2000:]
+    assert p.returncode == 0 and "exiting" in p.stdout and "Traceback" not in p.stderr, p.stderr[-2000:]
     assert [n for n in os.listdir(tmp) if n.startswith("pymp-")] == []

@@ -90,8 +90,17 @@ def beton_for(data: str, images, cache_dir: str, max_side: int, workers: int) ->
     name = os.path.basename(os.path.normpath(data)) or "data"
     path = os.path.join(cache_dir, f"{name}-{_data_key(data, images)}-{max_side}.beton")
     if not os.path.exists(path):
-        print(f"bench loaders: converting {data} to {path} (not timed)")
-        convert(data, path, max_side=max_side, workers=workers, progress=False)  # its default JPEG quality
+        # a bench on another node of a shared checkout may be converting the same set: wait for it, then use its
+        # .beton (convert itself refuses a second writer)
+        from sdmp_fast.paths import lock_exclusive, release_removing, sibling_lock_path
+
+        lock = lock_exclusive(sibling_lock_path(path) + ".bench", wait=True)
+        try:
+            if not os.path.exists(path):
+                print(f"bench loaders: converting {data} to {path} (not timed)")
+                convert(data, path, max_side=max_side, workers=workers, progress=False)  # its default JPEG quality
+        finally:
+            release_removing(lock)
     return path
 
 

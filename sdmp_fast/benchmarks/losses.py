@@ -473,7 +473,7 @@ def merge_variant_rows(main_path: str, extra: Dict) -> int:
     rows = [dict(r, run="separate process", same_run_kernel_graph_ms=_ms(extra, r["op"], "kernel_graph"))
             for r in extra["records"] if r["impl"].startswith("kernel_graph_")]
     if not os.path.exists(main_path):
-        main = dict(extra)
+        main = {k: v for k, v in extra.items() if k != "json"}  # where extra was written: not part of a file
     else:
         main = read_losses_doc(main_path)
         if main.get("device") != extra.get("device"):

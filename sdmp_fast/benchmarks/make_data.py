@@ -186,9 +186,22 @@ def make_data(out_dir: str, num_images: int = 512, classes: int = 8, seed: int =
         raise ValueError(f"make-data: OUT_DIR {out_dir!r} lies under {parent!r}, which is not a folder")
     # one make-data per OUT_DIR at a time: a second one checked the settings before the first swapped its set in,
     # then swapped its own over it (other settings, no --force); it waits, then finds the set ready or not
+    if _complete(out_dir, num_images, classes, seed, quiet):  # a finished set (maybe read-only): no lock needed
+        return out_dir
     os.makedirs(os.path.dirname(out_dir), exist_ok=True)
     with _exclusive(out_dir, quiet):
         return _make_data_locked(out_dir, num_images, classes, seed, force, quiet)
+
+
+def _complete(out_dir: str, num_images: int, classes: int, seed: int, quiet: bool) -> bool:
+    """Whether ``out_dir`` holds the whole set of these settings (then said, unless ``quiet``)."""
+    want = _settings(num_images, classes, seed)
+    stamp = read_stamp(out_dir)
+    if stamp is None or {k: stamp.get(k) for k in want} != want or _damage(out_dir, stamp) is not None:
+        return False
+    if not quiet:
+        print(f"make-data: {out_dir} already holds {num_images} images (seed {seed}); nothing to do")
+    return True
 
 
 @contextlib.contextmanager
@@ -209,15 +222,13 @@ def _exclusive(out_dir: str, quiet: bool):
 
 
 def _make_data_locked(out_dir: str, num_images: int, classes: int, seed: int, force: bool, quiet: bool) -> str:
+    if _complete(out_dir, num_images, classes, seed, quiet):  # built by the make-data this one waited for
+        return out_dir
     want = _settings(num_images, classes, seed)
     stamp = read_stamp(out_dir)
     same = stamp is not None and {k: stamp.get(k) for k in want} == want
     if same:
         damage = _damage(out_dir, stamp)
-        if damage is None:
-            if not quiet:
-                print(f"make-data: {out_dir} already holds {num_images} images (seed {seed}); nothing to do")
-            return out_dir
         if not quiet:  # our own set, with these settings: rebuilt as it was (the images depend on (seed, i) only)
             print(f"make-data: {out_dir}: {damage}; building it again")
     if os.path.isdir(out_dir) and os.listdir(out_dir):
