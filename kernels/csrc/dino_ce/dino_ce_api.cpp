@@ -132,7 +132,7 @@ DinoInputs check_inputs(const at::Tensor& s_clean, const std::optional<at::Tenso
                 "; at most ", limit / (need / p.block_cols_setting) / 256 * 256, " columns fit");
   }
   const int64_t kblocks = ceil_div(K, p.kb_cols), npairs = (B + 1) / 2;
-  // The gradient kernels count (pair, column block) units in int32 (int64 there spills registers in the hot loop).
+  // The gradient kernels count (pair, column block) units in int32: checked here, the hot kernel left as it is.
   TORCH_CHECK(npairs * kblocks <= INT32_MAX, "sdmp_dino_terms: ", npairs, " pairs of rows x ", kblocks,
               " column blocks of K = ", K, " above 2^31 - 1 units");
   p.n_kblocks = static_cast<int>(kblocks);
