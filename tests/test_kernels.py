@@ -366,13 +366,14 @@ def test_emulated_folded_teacher_is_off_under_deterministic_algorithms(emulated)
     tc[1] = torch.tensor([3e7, 1.0, 1.0, -3e7])[:, None]
     args = (sc, sm, tc, tm, center, lam)
     cluster = dict(SDMP_DINO_CLUSTER="require", SDMP_DINO_CLUSTER_THREADS="32")
-    with env(**cluster, SDMP_DINO_CLUSTER_TEACHER="0"):
-        ordered = K.sdmp_dino_terms_and_center(*args)[1]
-    with env(**cluster, SDMP_DINO_CLUSTER_TEACHER="1"):
-        folded = K.sdmp_dino_terms_and_center(*args)[1]
-    was = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True)
+    was = torch.are_deterministic_algorithms_enabled()  # an in-process --deterministic run may have set it
     try:
+        torch.use_deterministic_algorithms(False)
+        with env(**cluster, SDMP_DINO_CLUSTER_TEACHER="0"):
+            ordered = K.sdmp_dino_terms_and_center(*args)[1]
+        with env(**cluster, SDMP_DINO_CLUSTER_TEACHER="1"):
+            folded = K.sdmp_dino_terms_and_center(*args)[1]
+        torch.use_deterministic_algorithms(True)
         with env(**cluster, SDMP_DINO_CLUSTER_TEACHER="1"):
             deterministic = K.sdmp_dino_terms_and_center(*args)[1]
     finally:
