@@ -227,8 +227,12 @@ def main(argv=None) -> int:
                  "warmup_steps": args.warmup_steps})
     except ValueError as e:
         ap.error(str(e))
-    os.makedirs(args.out, exist_ok=True)
-    from sdmp_fast.paths import LockHeld, discard, lock_exclusive
+    from sdmp_fast.paths import LockHeld, discard, lock_exclusive, os_error_reason
+
+    try:
+        os.makedirs(args.out, exist_ok=True)
+    except OSError as e:  # a folder this user may not write (a shared checkout's working directory): one line
+        ap.error(f"--out: cannot create {args.out!r} ({os_error_reason(e)}); choose another --out")
 
     try:  # two demos on one --out deleted and mixed each other's run folders, checkpoints and results
         lock = lock_exclusive(os.path.join(args.out, ".lock"))  # noqa: F841 - held until this process ends

@@ -64,6 +64,8 @@ def _clean(v):
 
 
 class RunLogger:
+    _console_gone = False  # the terminal or pipe of the console closed: nothing more is printed
+
     def __init__(self, out: str, total_steps: int, initial_step: int = 0, enabled: bool = True,
                  progress: bool = True, tensorboard: bool = True, log=print, resumed_record: Optional[Dict] = None):
         self.enabled, self.log = enabled, log
@@ -93,7 +95,7 @@ class RunLogger:
 
     def tick(self, n: int = 1) -> None:
         if self.bar is not None:
-            self.bar.update(n)
+            self._console(self.bar.update, n)
 
     def record(self, rec: Dict) -> None:
         if not self.enabled:
@@ -104,8 +106,8 @@ class RunLogger:
             show = {k: rec[k] for k in ("loss", "img_per_s") if rec.get(k) is not None}
             show.update({k: v for k, v in rec.items() if k.startswith(("source", "mix_", "dino"))
                          and v is not None})
-            self.bar.set_postfix({k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in show.items()},
-                                 refresh=False)
+            self._console(self.bar.set_postfix,
+                          {k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in show.items()}, refresh=False)
         if self.tb is not None:
             for k, v in rec.items():
                 if k != "step" and isinstance(v, (int, float)):
@@ -140,12 +142,22 @@ class RunLogger:
                                   f"the records before it are intact") from e
 
     def write(self, msg: str) -> None:
-        if not self.enabled:
+        if not self.enabled or self._console_gone:
             return
         if self.bar is not None:
-            self.bar.write(msg, file=sys.stderr)
+            self._console(self.bar.write, msg, file=sys.stderr)
         else:
-            self.log(msg)
+            self._console(self.log, msg)
+
+    def _console(self, action, *args, **kwargs) -> None:
+        """A console write, best effort: a closed terminal (EIO) or pipe (`| head`, EPIPE) ends the console, not
+        the run. The run died at its next line, before its checkpoint message, metrics record and export."""
+        try:
+            action(*args, **kwargs)
+        except OSError as e:
+            if e.errno not in (errno.EPIPE, errno.EIO):
+                raise
+            self._console_gone, self.bar = True, None
 
     def close(self) -> None:
         if self.bar is not None:

@@ -457,7 +457,7 @@ def _main(cfg, store=None) -> int:
             "the failed attempt's keys (pytorch/pytorch#135712) and each node counts its restarts apart; launch "
             "torchrun with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 (a new store per attempt) for restarts to resume")
     logger = trainer = None
-    old_handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    old_handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
     try:
         # data a node lacks, a model that does not fit on its GPU, ...: agreed on before DDP's first collective
         trainer = Trainer(cfg, rank=rank, world_size=world, local_rank=local, log=log,
@@ -653,13 +653,17 @@ def _restore_signal_handlers(old) -> None:
 
 
 def _install_signal_handlers(trainer) -> None:
-    """SIGTERM/SIGINT: finish the current step, checkpoint, exit. A second SIGINT raises KeyboardInterrupt."""
+    """SIGTERM/SIGINT: finish the current step, checkpoint, exit. A second SIGINT raises KeyboardInterrupt.
+    SIGHUP (the terminal of a run started without nohup closed) is taken as SIGTERM: its default action ended
+    the run at once, losing every step since the last checkpoint."""
     import threading
 
     if threading.current_thread() is not threading.main_thread():
         return
 
     def handler(signum, frame):
+        if signum == signal.SIGHUP:
+            signum = signal.SIGTERM
         if trainer.stop_signal is not None and signum == signal.SIGINT:
             raise KeyboardInterrupt
         if trainer.stop_signal is not None:  # a second SIGTERM: the step never ended (stuck): stop now
@@ -668,3 +672,4 @@ def _install_signal_handlers(trainer) -> None:
 
     signal.signal(signal.SIGTERM, handler)
     signal.signal(signal.SIGINT, handler)
+    signal.signal(signal.SIGHUP, handler)

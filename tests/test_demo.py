@@ -90,3 +90,14 @@ def test_a_demo_on_an_out_another_demo_is_writing_is_refused_and_deletes_nothing
     assert e.value.code == 2
     assert "is being written by another demo or sdmp-fast train process" in capsys.readouterr().err
     assert (out / "results.json").read_text() == "{}" and (out / "run-seed0" / "metrics.jsonl").is_file()
+
+
+def test_an_out_this_user_cannot_create_is_one_line(tmp_path, capsys):
+    """os.makedirs(--out) had no handler: a PermissionError traceback where every other command says one line."""
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    with pytest.raises(SystemExit) as e:
+        demo.main(["--device", "cpu", "--steps", "1", "--out", str(blocker / "out")])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "--out: cannot create" in err and "Traceback" not in err

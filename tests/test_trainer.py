@@ -769,7 +769,10 @@ def test_sigterm_to_the_process_group_with_loader_workers_still_checkpoints(tmp_
 
 
 @pytest.mark.timeout(180)
-def test_sigterm_checkpoints_and_exits_cleanly(tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP])
+def test_sigterm_checkpoints_and_exits_cleanly(tmp_path, sig):
+    """SIGHUP (the terminal of a run started without nohup closed) is taken as SIGTERM: it ended the run at once,
+    without a checkpoint (every step since the last one lost)."""
     out = tmp_path / "out"
     argv = [sys.executable, "-m", "sdmp_fast.cli", "train"] + TINY + [
         "--loader", "synthetic", "--batch-size", "8", "--steps", "400", "--log-every", "5", "--save-every", "0",
@@ -785,7 +788,7 @@ def test_sigterm_checkpoints_and_exits_cleanly(tmp_path):
     while time.time() < deadline and not (out / "metrics.jsonl").exists():
         time.sleep(0.2)
     time.sleep(0.5)
-    p.send_signal(signal.SIGTERM)
+    p.send_signal(sig)
     text = p.communicate(timeout=120)[0]
     assert p.returncode == 0, text
     assert "stopped by SIGTERM" in text
@@ -1585,3 +1588,35 @@ def test_files_skipped_in_the_runs_last_epoch_are_reported(tmp_path):
         told = [str(w.message) for w in caught if "undecodable" in str(w.message)]
         assert len(told) == 1 and said in told[0], told
         assert all(os.path.basename(p) in told[0] for p in tr.loader.log.paths)
+
+
+def test_a_closed_console_ends_the_printing_not_the_run(tmp_path):
+    """A closed terminal (EIO) or pipe (`train ... | head`, EPIPE) made the run's next console line raise: it died
+    before its checkpoint message, its metrics record and its backbone export."""
+    import errno
+    import json
+
+    from sdmp_fast.runlog import RunLogger
+
+    printed = []
+
+    def console(msg):
+        if printed:
+            raise OSError(errno.EPIPE, "Broken pipe")
+        printed.append(msg)
+
+    logger = RunLogger(str(tmp_path), 10, progress=False, tensorboard=False, log=console)
+    logger.write("starting")
+    logger.write("checkpoint: ...")  # the pipe is gone from here on
+    logger.record({"step": 1, "loss": 1.5})
+    logger.write("done")
+    logger.close()
+    assert printed == ["starting"]
+    assert [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [1]
+
+    def disk_error(msg):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    (tmp_path / "b").mkdir()
+    with pytest.raises(OSError, match="No space"):  # anything else is still an error
+        RunLogger(str(tmp_path / "b"), 10, progress=False, tensorboard=False, log=disk_error).write("x")
