@@ -222,6 +222,12 @@ def check_per_sample(n: int, lam: torch.Tensor, method: torch.Tensor,
             raise ValueError(f"{name}: on {t.device}, the views on {device}: draw it there "
                              f"(draw_mix_params(..., device=views[0].device)) or move it")
     check_lam_range(lam)
+    check_method_ids(method)
+
+
+def check_method_ids(method: torch.Tensor) -> None:
+    """Every id one of MIXUP / CUTMIX / RESIZEMIX where reading them costs no sync (an unknown id was mixed as
+    cutmix)."""
     if values_checkable(method) and method.numel() and not bool(((method >= MIXUP) & (method <= RESIZEMIX)).all()):
         bad = sorted(set(method.tolist()) - {MIXUP, CUTMIX, RESIZEMIX})
         raise ValueError(f"method: ids {bad} are none of MIXUP ({MIXUP}), CUTMIX ({CUTMIX}), RESIZEMIX ({RESIZEMIX}) "
@@ -259,6 +265,7 @@ def check_mix_inputs(where: str, x: torch.Tensor, lam: torch.Tensor, method: tor
             raise ValueError(f"{where}: {name} must be [{n}] on {x.device} (one per sample), got {tuple(t.shape)} "
                              f"on {t.device}")
     check_lam_range(lam)
+    check_method_ids(method)
 
 
 def _resize_into_box(partner: torch.Tensor, cut_h: int, cut_w: int) -> torch.Tensor:

@@ -195,13 +195,22 @@ def make_data(out_dir: str, num_images: int = 512, classes: int = 8, seed: int =
 
 def _complete(out_dir: str, num_images: int, classes: int, seed: int, quiet: bool) -> bool:
     """Whether ``out_dir`` holds the whole set of these settings (then said, unless ``quiet``)."""
-    want = _settings(num_images, classes, seed)
-    stamp = read_stamp(out_dir)
-    if stamp is None or {k: stamp.get(k) for k in want} != want or _damage(out_dir, stamp) is not None:
-        return False
+    _, same, damage = _found(out_dir, _settings(num_images, classes, seed))
+    if same and damage is None:
+        _say_complete(out_dir, num_images, seed, quiet)
+    return same and damage is None
+
+
+def _say_complete(out_dir: str, num_images: int, seed: int, quiet: bool) -> None:
     if not quiet:
         print(f"make-data: {out_dir} already holds {num_images} images (seed {seed}); nothing to do")
-    return True
+
+
+def _found(out_dir: str, want: Dict) -> Tuple[Optional[Dict], bool, Optional[str]]:
+    """(stamp, whether it has the settings ``want``, what is damaged in that set or None)."""
+    stamp = read_stamp(out_dir)
+    same = stamp is not None and {k: stamp.get(k) for k in want} == want
+    return stamp, same, _damage(out_dir, stamp) if same else None
 
 
 @contextlib.contextmanager
@@ -222,13 +231,12 @@ def _exclusive(out_dir: str, quiet: bool):
 
 
 def _make_data_locked(out_dir: str, num_images: int, classes: int, seed: int, force: bool, quiet: bool) -> str:
-    if _complete(out_dir, num_images, classes, seed, quiet):  # built by the make-data this one waited for
-        return out_dir
     want = _settings(num_images, classes, seed)
-    stamp = read_stamp(out_dir)
-    same = stamp is not None and {k: stamp.get(k) for k in want} == want
+    stamp, same, damage = _found(out_dir, want)  # read again under the lock: the make-data waited for built it?
+    if same and damage is None:
+        _say_complete(out_dir, num_images, seed, quiet)
+        return out_dir
     if same:
-        damage = _damage(out_dir, stamp)
         if not quiet:  # our own set, with these settings: rebuilt as it was (the images depend on (seed, i) only)
             print(f"make-data: {out_dir}: {damage}; building it again")
     if os.path.isdir(out_dir) and os.listdir(out_dir):

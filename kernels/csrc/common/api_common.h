@@ -26,7 +26,7 @@ struct DeviceGuard {
   explicit DeviceGuard(const at::Tensor&) {}
 };
 // An H100's opt-in limit: what the emulated launches enforce (emulate.h).
-inline int64_t max_dynamic_smem(const at::Tensor&) { return 232448; }
+inline int64_t max_dynamic_smem(const at::Tensor&) { return static_cast<int64_t>(sdmp_emu::kMaxDynamicSmem); }
 }  // namespace sdmp
 #else
 #include <c10/cuda/CUDAException.h>

@@ -108,6 +108,8 @@ inline T shfl(T v, int src_lane) {
 
 // What a real launch on an H100 would refuse ("invalid configuration argument" / "invalid argument"), refused
 // here too, so a CPU test catches a grid or a shared-memory request that only a GPU would reject.
+constexpr size_t kMaxDynamicSmem = 232448;  // an H100's opt-in limit per block
+
 inline void check_launch(dim3 grid, dim3 block, size_t smem, unsigned cluster_x) {
   auto refuse = [](const std::string& why) { throw std::runtime_error("emulated launch refused: " + why); };
   if (grid.x == 0 || grid.y == 0 || grid.z == 0 || grid.x > 2147483647u || grid.y > 65535 || grid.z > 65535)
@@ -115,7 +117,7 @@ inline void check_launch(dim3 grid, dim3 block, size_t smem, unsigned cluster_x)
            ") outside CUDA's limits (x < 2^31, y and z <= 65,535)");
   if (static_cast<uint64_t>(block.x) * block.y * block.z > 1024 || block.z > 64)
     refuse("more than 1,024 threads per block");
-  if (smem > 232448) refuse(std::to_string(smem) + " bytes of dynamic shared memory (an H100 grants 232,448)");
+  if (smem > kMaxDynamicSmem) refuse(std::to_string(smem) + " bytes of dynamic shared memory (an H100 grants 232,448)");
   if (cluster_x > 16) refuse("clusters of more than 16 blocks");
 }
 

@@ -362,7 +362,7 @@ Status launch_cluster(DinoParams p, Stream stream, bool* launched) {
   const dim3 grid(static_cast<unsigned>(l.C), static_cast<unsigned>(p.npairs)), block(l.threads);
 #ifdef SDMP_EMULATE
   // what cluster_capacity answers on an H100 for a block above its shared memory: not here (the default path)
-  if (l.smem > 232448) return cudaSuccess;
+  if (l.smem > sdmp_emu::kMaxDynamicSmem) return cudaSuccess;
   sdmp_emu::launch_cluster(grid, block, l.smem, static_cast<unsigned>(l.C), l.kernel, p);
 #else
   const void* k = reinterpret_cast<const void*>(l.kernel);
